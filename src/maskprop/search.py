@@ -1,0 +1,183 @@
+"""Search orders over cluster trees (paper Sec. 4.3 and 5.1, Fig. 6b).
+
+A search keeps a frontier of candidate clusters, pops one, and (after annotation) may push its
+two children.  The strategies differ only in the order of pops, so with the same decisions they
+all end at the same leaves (Sec. 5.1); the order decides how fast good clusters are found.
+
+Frontier items are ``(class_id, node)`` pairs so one search can span every class of a campaign.
+Each frontier's state is a plain list of ints, which makes sessions snapshot-able as JSON.
+
+Strategies (``STRATEGIES``):
+
+* ``heuristic`` ("Heuristics only", the paper's choice and the default): always pop the
+  candidate with the highest priority (the cluster score S_j = mean mask score);
+* ``bfs``: breadth-first; ``dfs``: depth-first, children in tree order (a blind path);
+* ``dfs_heuristic``: depth-first, the child with the higher priority first.
+
+The universal threshold cut is not a search (it never splits); see :func:`universal_cut`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from maskprop.errors import MaskpropError
+from maskprop.tree import Tree
+
+Item = tuple[int, int]
+
+
+class Frontier(Protocol):
+    """Candidate clusters waiting to be examined."""
+
+    def push_children(self, parent: Item, children: list[Item]) -> None: ...
+    def push_roots(self, roots: list[Item]) -> None: ...
+    def pop(self) -> Item: ...
+    def __len__(self) -> int: ...
+    def state(self) -> list[int]: ...
+
+
+PriorityTable = Mapping[int, NDArray[np.float64]]
+
+
+class HeuristicFrontier:
+    """Max-priority queue over all candidates (ties: lower class, then lower node id)."""
+
+    def __init__(self, priorities: PriorityTable, state: list[int] | None = None) -> None:
+        self._priorities = priorities
+        self._heap: list[tuple[float, int, int]] = []
+        if state:
+            # Stored as flat (class, node) pairs in heap order: the heap invariant still holds.
+            self._heap = [
+                (-float(priorities[c][j]), c, j)
+                for c, j in zip(state[0::2], state[1::2], strict=True)
+            ]
+
+    def _push(self, item: Item) -> None:
+        c, j = item
+        heapq.heappush(self._heap, (-float(self._priorities[c][j]), c, j))
+
+    def push_roots(self, roots: list[Item]) -> None:
+        for r in roots:
+            self._push(r)
+
+    def push_children(self, parent: Item, children: list[Item]) -> None:
+        for ch in children:
+            self._push(ch)
+
+    def pop(self) -> Item:
+        _, c, j = heapq.heappop(self._heap)
+        return c, j
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def state(self) -> list[int]:
+        return [v for _, c, j in self._heap for v in (c, j)]
+
+
+class BfsFrontier:
+    """First in, first out."""
+
+    def __init__(self, priorities: PriorityTable, state: list[int] | None = None) -> None:
+        self._queue: deque[Item] = deque()
+        if state:
+            self._queue.extend(zip(state[0::2], state[1::2], strict=True))
+
+    def push_roots(self, roots: list[Item]) -> None:
+        self._queue.extend(roots)
+
+    def push_children(self, parent: Item, children: list[Item]) -> None:
+        self._queue.extend(children)
+
+    def pop(self) -> Item:
+        return self._queue.popleft()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def state(self) -> list[int]:
+        return [v for item in self._queue for v in item]
+
+
+class DfsFrontier:
+    """Last in, first out; children in tree order (left popped first)."""
+
+    def __init__(self, priorities: PriorityTable, state: list[int] | None = None) -> None:
+        self._priorities = priorities
+        self._stack: list[Item] = []
+        if state:
+            self._stack.extend(zip(state[0::2], state[1::2], strict=True))
+
+    def push_roots(self, roots: list[Item]) -> None:
+        self._stack.extend(reversed(roots))
+
+    def push_children(self, parent: Item, children: list[Item]) -> None:
+        self._stack.extend(reversed(self._order(children)))
+
+    def _order(self, children: list[Item]) -> list[Item]:
+        return children
+
+    def pop(self) -> Item:
+        return self._stack.pop()
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    def state(self) -> list[int]:
+        return [v for item in self._stack for v in item]
+
+
+class DfsHeuristicFrontier(DfsFrontier):
+    """Depth-first, but the child with the higher priority is explored first."""
+
+    def _order(self, children: list[Item]) -> list[Item]:
+        return sorted(children, key=lambda it: (-float(self._priorities[it[0]][it[1]]), it))
+
+
+FrontierFactory = Callable[[PriorityTable, "list[int] | None"], Frontier]
+
+STRATEGIES: dict[str, FrontierFactory] = {
+    "heuristic": HeuristicFrontier,
+    "bfs": BfsFrontier,
+    "dfs": DfsFrontier,
+    "dfs_heuristic": DfsHeuristicFrontier,
+}
+
+
+def make_frontier(
+    strategy: str, priorities: PriorityTable, state: list[int] | None = None
+) -> Frontier:
+    """The frontier of a named strategy; ``priorities[class_id][node]`` orders heuristics."""
+    try:
+        factory = STRATEGIES[strategy]
+    except KeyError:
+        names = ", ".join(sorted(STRATEGIES))
+        raise MaskpropError(f"unknown search strategy {strategy!r} (choose from {names})") from None
+    return factory(priorities, state)
+
+
+def universal_cut(tree: Tree, n_clusters: int) -> NDArray[np.int64]:
+    """Nodes of the cut of ``tree`` into ``n_clusters`` clusters at one height.
+
+    Equivalent to ``scipy.cluster.hierarchy.fcluster(Z, n_clusters, "maxclust")``: undo the
+    ``n_clusters - 1`` highest merges.  Returns the node ids of the resulting clusters.
+    """
+    n = tree.n_leaves
+    k = int(min(max(n_clusters, 1), n))
+    # Internal nodes in decreasing merge order are n+n-2, ..., so undo the k-1 last merges.
+    undone = set(range(tree.n_nodes - 1, tree.n_nodes - k, -1))
+    nodes: list[int] = []
+    for node in undone:
+        for ch in tree.children(node):
+            if ch not in undone:
+                nodes.append(ch)
+    if not undone:
+        nodes = [tree.root]
+    return np.array(sorted(nodes), dtype=np.int64)

@@ -1,0 +1,486 @@
+"""The annotation session: Algorithm 1 of the paper as a resumable state machine.
+
+A session walks the trees of every class of a campaign.  It hands out verification questions
+(:meth:`AnnotationSession.lease`), consumes answers one at a time in any order
+(:meth:`AnnotationSession.submit`), decides clusters (accept / reject / split, Sec. 4.4-4.5,
+after the score-based selection of Sec. 4.3) and propagates labels to every mask of a decided
+cluster with provenance.  Decisions accumulate in an outbox (:meth:`pop_decisions`) so a service
+can publish them after persisting the state.
+
+The whole state serialises to canonical bytes (:meth:`snapshot`); :meth:`restore` rebuilds a
+session that continues exactly as the original would have, and whose snapshot is byte-identical.
+Trees are not part of the snapshot (they are large and stored once by the clusterer); a checksum
+of each tree is, so a snapshot is never restored over different trees.
+
+Masks are named per class by their leaf index in that class's tree (0..n_c-1).
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import json
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from maskprop.errors import MaskpropError
+from maskprop.params import AnnotationParams
+from maskprop.search import Frontier, make_frontier
+from maskprop.selection import Prior, Selection
+from maskprop.tree import Tree
+from maskprop.verification import Verdict, questions_per_round, target_answers, verdict
+
+_MAGIC = b"MPS1"
+
+
+class LabelSource(IntEnum):
+    """Where a mask's label came from."""
+
+    NONE = 0  # not decided yet
+    PROPAGATED = 1  # from the decision of the cluster holding it
+    VERIFIED = 2  # from a person's answer about this very mask (label reuse)
+
+
+@dataclass(frozen=True)
+class Question:
+    """Ask whether mask ``mask`` of class ``class_id`` is correct, on behalf of ``node``."""
+
+    class_id: int
+    node: int
+    mask: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A person's yes (True) / no (False) to a :class:`Question`."""
+
+    class_id: int
+    node: int
+    mask: int
+    label: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to a cluster.
+
+    outcome : ``accept``, ``reject`` (people said so), ``auto_reject`` (S_j <= K_pr),
+        ``skip`` (a leaf with S_j <= K_pa: nothing to split), ``split`` (people),
+        ``auto_split`` (K_pr < S_j <= K_pa).
+    yes, answered : the answers the decision used (inherited ones included).
+    new_answers : answers people gave for this very cluster.
+    """
+
+    class_id: int
+    node: int
+    outcome: str
+    yes: int
+    answered: int
+    new_answers: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.outcome not in ("split", "auto_split")
+
+
+@dataclass
+class _Open:
+    """A cluster being verified."""
+
+    sample: list[int]  # masks to ask, in sample order
+    leased: int = 0  # sample[:leased] have been handed out
+    outstanding: set[int] = field(default_factory=set)
+    answered: dict[int, bool] = field(default_factory=dict)  # answers the verdict counts
+    new_answers: int = 0
+
+
+def tree_checksum(tree: Tree) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(tree.to_linkage()).tobytes())
+    h.update(np.ascontiguousarray(tree.scores).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _b64(a: NDArray[Any]) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
+
+
+def _unb64(s: str, dtype: type, n: int) -> NDArray[Any]:
+    a = np.frombuffer(base64.b64decode(s), dtype=dtype).copy()
+    if a.shape != (n,):
+        raise MaskpropError("session snapshot is corrupt (array length)")
+    return a
+
+
+class AnnotationSession:
+    """Selecting, annotating and propagating over the trees of a campaign (Algorithm 1).
+
+    Parameters
+    ----------
+    trees : class id -> tree of that class's masks.
+    params : thresholds and rules.
+    selection : K_pr / K_pa for the score-based selection.
+    strategy : search order, a key of :data:`maskprop.search.STRATEGIES`.
+    seed : seeds the sampling of masks to verify.
+    priorities : class id -> float64[2n-1] search priority per node; defaults to S_j.  The
+        simulator passes true cluster quality here for the "oracle" upper bound of Fig. 6b.
+    """
+
+    def __init__(
+        self,
+        trees: Mapping[int, Tree],
+        params: AnnotationParams,
+        selection: Selection,
+        *,
+        strategy: str = "heuristic",
+        seed: int = 0,
+        priorities: Mapping[int, NDArray[np.float64]] | None = None,
+        _restoring: bool = False,
+    ) -> None:
+        if not trees:
+            raise MaskpropError("a session needs at least one class tree")
+        self.params = params
+        self.selection = selection
+        self.strategy = strategy
+        self.seed = seed
+        self._trees = {int(c): trees[c] for c in sorted(trees)}
+        self._scores = {c: t.cluster_scores() for c, t in self._trees.items()}
+        self._priorities = (
+            {int(c): np.asarray(p, dtype=np.float64) for c, p in priorities.items()}
+            if priorities is not None
+            else self._scores
+        )
+        self._rng = np.random.default_rng(seed)
+        self._frontier: Frontier = make_frontier(strategy, self._priorities)
+        self._labels = {c: np.full(t.n_leaves, -1, np.int8) for c, t in self._trees.items()}
+        self._label_node = {c: np.full(t.n_leaves, -1, np.int32) for c, t in self._trees.items()}
+        self._label_source = {c: np.zeros(t.n_leaves, np.int8) for c, t in self._trees.items()}
+        self._answers: dict[int, dict[int, bool]] = {c: {} for c in self._trees}
+        self._answered_pos: dict[int, list[int]] = {c: [] for c in self._trees}
+        self._open: dict[tuple[int, int], _Open] = {}
+        self._outbox: list[Decision] = []
+        self.questions = 0  # answers received from people
+        self.clusters_annotated = 0  # clusters decided with at least one new answer
+        if not _restoring:
+            self._frontier.push_roots([(c, t.root) for c, t in self._trees.items()])
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def trees(self) -> Mapping[int, Tree]:
+        return self._trees
+
+    @property
+    def done(self) -> bool:
+        return not self._open and len(self._frontier) == 0
+
+    def labels(self, class_id: int) -> NDArray[np.int8]:
+        """int8[n_c]: 1 accepted, 0 rejected, -1 undecided (a read-only view)."""
+        v = self._labels[class_id].view()
+        v.flags.writeable = False
+        return v
+
+    def label_provenance(self, class_id: int) -> tuple[NDArray[np.int32], NDArray[np.int8]]:
+        """(node that decided each mask or -1, :class:`LabelSource` of each mask)."""
+        return self._label_node[class_id].copy(), self._label_source[class_id].copy()
+
+    def decision_labels(
+        self, decision: Decision
+    ) -> tuple[NDArray[np.int32], NDArray[np.int8], NDArray[np.int8]]:
+        """Masks a terminal decision labelled, with their labels and sources."""
+        if not decision.terminal:
+            empty = np.zeros(0, np.int8)
+            return np.zeros(0, np.int32), empty, empty
+        masks = self._trees[decision.class_id].leaves(decision.node)
+        return (
+            masks.copy(),
+            self._labels[decision.class_id][masks],
+            self._label_source[decision.class_id][masks],
+        )
+
+    def progress(self) -> dict[int, dict[str, int]]:
+        """Per class: accepted/rejected masks, undecided masks, open clusters."""
+        out: dict[int, dict[str, int]] = {}
+        for c, lab in self._labels.items():
+            out[c] = {
+                "masks": int(lab.shape[0]),
+                "accepted_masks": int((lab == 1).sum()),
+                "rejected_masks": int((lab == 0).sum()),
+                "undecided_masks": int((lab < 0).sum()),
+                "open_clusters": sum(1 for (k, _) in self._open if k == c),
+            }
+        return out
+
+    def pop_decisions(self) -> list[Decision]:
+        """Decisions since the last call, oldest first (the caller publishes them)."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    # ------------------------------------------------------------------ leasing
+    def lease(self, max_questions: int) -> list[Question]:
+        """Up to ``max_questions`` questions, opening clusters in search order as needed."""
+        if max_questions < 1:
+            raise MaskpropError("max_questions must be at least 1")
+        out: list[Question] = []
+        for key in list(self._open):
+            if len(out) >= max_questions:
+                return out
+            self._lease_from(key, self._open[key], max_questions - len(out), out)
+        while len(out) < max_questions and len(self._frontier):
+            key = self._advance()
+            if key is not None:
+                self._lease_from(key, self._open[key], max_questions - len(out), out)
+        return out
+
+    def _lease_from(self, key: tuple[int, int], oc: _Open, limit: int, out: list[Question]) -> None:
+        c, node = key
+        size = int(self._trees[c].size[node])
+        if self.params.sequential == "off":
+            wanted = len(oc.sample) - oc.leased
+        else:
+            # Ask the next batch only once the previous one is answered.
+            if oc.outstanding:
+                return
+            wanted = questions_per_round(len(oc.answered), size, self.params)
+        take = min(wanted, limit, len(oc.sample) - oc.leased)
+        for mask in oc.sample[oc.leased : oc.leased + take]:
+            oc.outstanding.add(mask)
+            out.append(Question(c, node, mask))
+        oc.leased += take
+
+    def expire(self, questions: Iterable[Question]) -> None:
+        """Give leased but unanswered questions back so they are leased again."""
+        for q in questions:
+            oc = self._open.get((q.class_id, q.node))
+            if oc is None or q.mask not in oc.outstanding:
+                continue
+            oc.outstanding.discard(q.mask)
+            # Move it to the first unleased slot so the sample order stays a permutation.
+            i = oc.sample.index(q.mask)
+            oc.sample.pop(i)
+            oc.leased -= 1
+            oc.sample.insert(oc.leased, q.mask)
+
+    def _advance(self) -> tuple[int, int] | None:
+        """Pop one candidate and apply selection; return its key if it now awaits answers."""
+        c, node = self._frontier.pop()
+        tree = self._trees[c]
+        prior = self.selection.decide(float(self._scores[c][node]))
+        if prior is Prior.REJECT:
+            self._finish(c, node, "auto_reject", 0, 0, 0)
+            return None
+        if prior is Prior.SPLIT:
+            if tree.is_leaf(node):
+                self._finish(c, node, "skip", 0, 0, 0)
+            else:
+                self._finish(c, node, "auto_split", 0, 0, 0)
+            return None
+        inherited = self._inherited(c, node) if self.params.reuse_answers else {}
+        size = int(tree.size[node])
+        need = max(target_answers(size, self.params) - len(inherited), 0)
+        oc = _Open(sample=self._sample(c, node, need, inherited), answered=dict(inherited))
+        key = (c, node)
+        self._open[key] = oc
+        if self._try_decide(key, oc):
+            return None
+        return key
+
+    def _inherited(self, c: int, node: int) -> dict[int, bool]:
+        tree = self._trees[c]
+        lo = int(tree.start[node])
+        hi = lo + int(tree.size[node])
+        pos = self._answered_pos[c]
+        answers = self._answers[c]
+        i, j = bisect.bisect_left(pos, lo), bisect.bisect_left(pos, hi)
+        return {int(m): answers[int(m)] for m in tree.order[pos[i:j]]}
+
+    def _sample(self, c: int, node: int, need: int, exclude: Mapping[int, bool]) -> list[int]:
+        if need == 0:
+            return []
+        members = self._trees[c].leaves(node)
+        k = min(members.shape[0], need + len(exclude))
+        picked = members[self._rng.choice(members.shape[0], size=k, replace=False)]
+        return [int(m) for m in picked if int(m) not in exclude][:need]
+
+    # ------------------------------------------------------------------ answers
+    def submit(self, answers: Iterable[Answer]) -> list[Decision]:
+        """Record answers; returns the decisions they completed (also kept in the outbox).
+
+        An answer to a question that was never leased raises :class:`MaskpropError`; a repeated
+        answer to an already answered question is ignored (idempotent).
+        """
+        decided: list[Decision] = []
+        for a in answers:
+            key = (a.class_id, a.node)
+            oc = self._open.get(key)
+            if oc is None or a.mask not in oc.outstanding:
+                if self._already_answered(a):
+                    continue
+                raise MaskpropError(
+                    f"no open question for class {a.class_id}, cluster {a.node}, mask {a.mask}"
+                )
+            oc.outstanding.discard(a.mask)
+            label = bool(a.label)
+            oc.answered[a.mask] = label
+            oc.new_answers += 1
+            self.questions += 1
+            self._record_answer(a.class_id, a.mask, label)
+            before = len(self._outbox)
+            if not oc.outstanding:
+                self._try_decide(key, oc)
+            decided.extend(self._outbox[before:])
+        return decided
+
+    def _already_answered(self, a: Answer) -> bool:
+        return a.class_id in self._answers and a.mask in self._answers[a.class_id]
+
+    def _record_answer(self, c: int, mask: int, label: bool) -> None:
+        answers = self._answers[c]
+        if mask not in answers:
+            pos = int(self._trees[c].start[mask])  # a leaf's start is its depth-first position
+            bisect.insort(self._answered_pos[c], pos)
+        answers[mask] = label
+
+    def _try_decide(self, key: tuple[int, int], oc: _Open) -> bool:
+        c, node = key
+        tree = self._trees[c]
+        size = int(tree.size[node])
+        yes = sum(oc.answered.values())
+        v = verdict(yes, len(oc.answered), size, self.params)
+        if v is Verdict.MORE:
+            if oc.leased < len(oc.sample) or oc.outstanding:
+                return False
+            # Sample exhausted (tiny cluster with reused answers): fall back to the fixed rule.
+            v = verdict(yes, len(oc.answered), len(oc.answered), self.params)
+        del self._open[key]
+        if v is Verdict.SPLIT and tree.is_leaf(node):
+            v = Verdict.REJECT
+        if oc.new_answers:
+            self.clusters_annotated += 1
+        self._finish(c, node, v.value, yes, len(oc.answered), oc.new_answers)
+        return True
+
+    def _finish(
+        self, c: int, node: int, outcome: str, yes: int, answered: int, new_answers: int
+    ) -> None:
+        tree = self._trees[c]
+        d = Decision(c, node, outcome, yes, answered, new_answers)
+        if not d.terminal:
+            left, right = tree.children(node)
+            self._frontier.push_children((c, node), [(c, left), (c, right)])
+        else:
+            masks = tree.leaves(node)
+            if (self._labels[c][masks] >= 0).any():
+                raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
+            self._labels[c][masks] = 1 if outcome == "accept" else 0
+            self._label_node[c][masks] = node
+            self._label_source[c][masks] = LabelSource.PROPAGATED
+            if self.params.reuse_answers:
+                # A person's answer about a mask beats the label propagated to it.
+                for m, label in self._inherited(c, node).items():
+                    self._labels[c][m] = int(label)
+                    self._label_source[c][m] = LabelSource.VERIFIED
+        self._outbox.append(d)
+
+    # ------------------------------------------------------------------ persistence
+    def snapshot(self) -> bytes:
+        """Canonical bytes of the whole state (trees excluded, their checksums included)."""
+        classes = {}
+        for c, tree in self._trees.items():
+            classes[str(c)] = {
+                "checksum": tree_checksum(tree),
+                "labels": _b64(self._labels[c]),
+                "label_node": _b64(self._label_node[c]),
+                "label_source": _b64(self._label_source[c]),
+                "answers": sorted([m, int(v)] for m, v in self._answers[c].items()),
+            }
+        state = {
+            "version": 1,
+            "params": self.params.as_dict(),
+            "selection": [
+                self.selection.prior_reject_threshold,
+                self.selection.prior_accept_threshold,
+            ],
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "rng": self._rng.bit_generator.state,
+            "frontier": self._frontier.state(),
+            "classes": classes,
+            "open": [
+                {
+                    "key": list(key),
+                    "sample": oc.sample,
+                    "leased": oc.leased,
+                    "outstanding": sorted(oc.outstanding),
+                    "answered": sorted([m, int(v)] for m, v in oc.answered.items()),
+                    "new_answers": oc.new_answers,
+                }
+                for key, oc in self._open.items()
+            ],
+            "outbox": [
+                [d.class_id, d.node, d.outcome, d.yes, d.answered, d.new_answers]
+                for d in self._outbox
+            ],
+            "counters": [self.questions, self.clusters_annotated],
+        }
+        body = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+        return _MAGIC + zlib.compress(body, 6)
+
+    @classmethod
+    def restore(
+        cls,
+        blob: bytes,
+        trees: Mapping[int, Tree],
+        *,
+        priorities: Mapping[int, NDArray[np.float64]] | None = None,
+    ) -> AnnotationSession:
+        """Rebuild a session from :meth:`snapshot` bytes and the same trees."""
+        if not blob.startswith(_MAGIC):
+            raise MaskpropError("not a maskprop session snapshot")
+        try:
+            state = json.loads(zlib.decompress(blob[len(_MAGIC) :]))
+        except (zlib.error, ValueError) as exc:
+            raise MaskpropError(f"session snapshot is corrupt: {exc}") from None
+        if state.get("version") != 1:
+            raise MaskpropError(f"unsupported session snapshot version {state.get('version')}")
+        if sorted(state["classes"], key=int) != [str(c) for c in sorted(trees)]:
+            raise MaskpropError("session snapshot and trees cover different classes")
+        k_pr, k_pa = state["selection"]
+        session = cls(
+            trees,
+            AnnotationParams(**state["params"]),
+            Selection(prior_reject_threshold=k_pr, prior_accept_threshold=k_pa),
+            strategy=state["strategy"],
+            seed=state["seed"],
+            priorities=priorities,
+            _restoring=True,
+        )
+        for c, tree in session._trees.items():
+            cs = state["classes"][str(c)]
+            if cs["checksum"] != tree_checksum(tree):
+                raise MaskpropError(f"class {c}: tree differs from the one the snapshot used")
+            n = tree.n_leaves
+            session._labels[c] = _unb64(cs["labels"], np.int8, n)
+            session._label_node[c] = _unb64(cs["label_node"], np.int32, n)
+            session._label_source[c] = _unb64(cs["label_source"], np.int8, n)
+            session._answers[c] = {int(m): bool(v) for m, v in cs["answers"]}
+            session._answered_pos[c] = sorted(int(tree.start[m]) for m in session._answers[c])
+        session._rng.bit_generator.state = state["rng"]
+        session._frontier = make_frontier(state["strategy"], session._priorities, state["frontier"])
+        for o in state["open"]:
+            session._open[(o["key"][0], o["key"][1])] = _Open(
+                sample=list(o["sample"]),
+                leased=o["leased"],
+                outstanding=set(o["outstanding"]),
+                answered={int(m): bool(v) for m, v in o["answered"]},
+                new_answers=o["new_answers"],
+            )
+        session._outbox = [Decision(*d) for d in state["outbox"]]
+        session.questions, session.clusters_annotated = state["counters"]
+        return session
