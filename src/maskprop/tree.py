@@ -22,7 +22,6 @@ the score contribute the same expected squared distance (2 each).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import fastcluster
 import numpy as np
