@@ -8,7 +8,7 @@ from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.search import STRATEGIES, make_frontier, universal_cut
 from maskprop.selection import Selection
-from maskprop.session import Answer, AnnotationSession
+from maskprop.session import AnnotationSession, Answer
 from maskprop.tree import build_tree
 
 

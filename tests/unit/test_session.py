@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
-from maskprop.session import Answer, AnnotationSession, LabelSource, Question
+from maskprop.session import AnnotationSession, Answer, LabelSource, Question
 from maskprop.tree import build_tree
 
 
@@ -49,7 +49,7 @@ def test_propagation_labels_every_mask_exactly_once(params):
     while not session.done:
         session.submit(answer(session.lease(7), ious))
         for d in session.pop_decisions():
-            masks, labels, _ = session.decision_labels(d)
+            masks, _labels, _ = session.decision_labels(d)
             seen[d.class_id][masks] += 1
     for c in trees:
         np.testing.assert_array_equal(seen[c], 1)  # none missing, none twice
@@ -108,7 +108,7 @@ def test_snapshot_restore_round_trips_and_continues_identically(params, stop_aft
 
 
 def test_expired_questions_are_leased_again():
-    trees, ious = make_trees([100], seed=8)
+    trees, _ious = make_trees([100], seed=8)
     s = AnnotationSession(trees, AnnotationParams(), Selection(0.0, 0.0), seed=0)
     first = s.lease(5)
     s.expire(first[:2])
