@@ -113,7 +113,7 @@ def _b64(a: NDArray[Any]) -> str:
 
 
 def _unb64(s: str, dtype: type, n: int) -> NDArray[Any]:
-    a = np.frombuffer(base64.b64decode(s), dtype=dtype).copy()
+    a: NDArray[Any] = np.frombuffer(base64.b64decode(s), dtype=dtype).copy()
     if a.shape != (n,):
         raise MaskpropError("session snapshot is corrupt (array length)")
     return a
@@ -223,8 +223,14 @@ class AnnotationSession:
         return out
 
     # ------------------------------------------------------------------ leasing
-    def lease(self, max_questions: int) -> list[Question]:
-        """Up to ``max_questions`` questions, opening clusters in search order as needed."""
+    def lease(self, max_questions: int, *, max_new_clusters: int | None = None) -> list[Question]:
+        """Up to ``max_questions`` questions, opening clusters in search order as needed.
+
+        Clusters already open are served first.  ``max_new_clusters`` bounds how many candidate
+        clusters this call may open; ``1`` with nothing open reproduces Algorithm 1's strict
+        one-cluster-at-a-time order (the simulator's setting), while a crowd service leaves it
+        unbounded so many workers can answer different clusters at once.
+        """
         if max_questions < 1:
             raise MaskpropError("max_questions must be at least 1")
         out: list[Question] = []
@@ -232,10 +238,14 @@ class AnnotationSession:
             if len(out) >= max_questions:
                 return out
             self._lease_from(key, self._open[key], max_questions - len(out), out)
+        opened = 0
         while len(out) < max_questions and len(self._frontier):
-            key = self._advance()
-            if key is not None:
-                self._lease_from(key, self._open[key], max_questions - len(out), out)
+            if max_new_clusters is not None and opened >= max_new_clusters:
+                break
+            new_key = self._advance()
+            if new_key is not None:
+                opened += 1
+                self._lease_from(new_key, self._open[new_key], max_questions - len(out), out)
         return out
 
     def _lease_from(self, key: tuple[int, int], oc: _Open, limit: int, out: list[Question]) -> None:

@@ -22,6 +22,7 @@ the score contribute the same expected squared distance (2 each).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import fastcluster
 import numpy as np
@@ -107,7 +108,7 @@ class Tree:
         )
 
 
-def from_linkage(z: NDArray[np.float64], scores: NDArray[np.floating]) -> Tree:
+def from_linkage(z: NDArray[np.float64], scores: NDArray[Any]) -> Tree:
     """Build a :class:`Tree` from a scipy/fastcluster linkage matrix.
 
     Parameters
@@ -115,8 +116,8 @@ def from_linkage(z: NDArray[np.float64], scores: NDArray[np.floating]) -> Tree:
     z : float64[n-1, 4], rows ``(child_a, child_b, height, size)`` as scipy writes them.
     scores : float[n], the mask score s of every leaf.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    n = scores.shape[0]
+    leaf_scores: NDArray[np.float64] = np.asarray(scores, dtype=np.float64)
+    n = leaf_scores.shape[0]
     if n < 1:
         raise MaskpropError("a tree needs at least one mask")
     if z.shape != (n - 1, 4):
@@ -159,7 +160,7 @@ def from_linkage(z: NDArray[np.float64], scores: NDArray[np.floating]) -> Tree:
         height=height,
         order=order,
         start=start,
-        scores=scores,
+        scores=leaf_scores,
     )
 
 

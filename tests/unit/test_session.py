@@ -34,7 +34,7 @@ def drive(session, ious, batch, steps=None):
 
 
 PARAMS = [
-    AnnotationParams(),
+    AnnotationParams(reuse_answers=False),
     AnnotationParams(reuse_answers=True),
     AnnotationParams(sequential="curtail", sequential_batch=2),
     AnnotationParams(sequential="beta", reuse_answers=True, reject_action="split"),
@@ -76,7 +76,9 @@ def test_label_reuse_never_asks_a_mask_twice_and_own_answers_win():
 def test_reuse_saves_questions_at_the_same_decisions_on_small_trees():
     trees, ious = make_trees([500], seed=5)
     sel = Selection(0.0, 0.0)
-    plain = drive(AnnotationSession(trees, AnnotationParams(), sel, seed=0), ious, 15)
+    plain = drive(
+        AnnotationSession(trees, AnnotationParams(reuse_answers=False), sel, seed=0), ious, 15
+    )
     reuse = drive(
         AnnotationSession(trees, AnnotationParams(reuse_answers=True), sel, seed=0), ious, 15
     )

@@ -1,0 +1,277 @@
+"""The ``maskprop`` command line.
+
+Every user mistake ends as one ``error: ...`` line on stderr and exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from maskprop import __version__
+from maskprop.errors import MaskpropError
+from maskprop.params import AnnotationParams
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Label instance masks at scale by clustering, verifying a few and propagating.",
+)
+
+
+class Strategy(StrEnum):
+    heuristic = "heuristic"
+    bfs = "bfs"
+    dfs = "dfs"
+    dfs_heuristic = "dfs_heuristic"
+    universal = "universal"
+
+
+class SequentialRule(StrEnum):
+    curtail = "curtail"
+    beta = "beta"
+
+
+class _Bars:
+    """One tqdm bar per stage, created on first report and closed when it completes."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict[str, tqdm[Any]] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self.bars.get(label)
+        if bar is None:
+            bar = tqdm(
+                total=total, desc=f"{label:>14}", leave=True, file=sys.stderr, mininterval=0.5
+            )
+            self.bars[label] = bar
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)  # update() throttles redraws (mininterval)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".maskprop-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise MaskpropError(f"cannot write to output directory {out}: {exc.strerror}") from None
+
+
+def _jsonable(x: Any) -> Any:
+    """Replace NaN/inf (not valid JSON) by null, numpy scalars by Python numbers."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}"
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    cols = ("quantity", "sq", "precision", "questions", "hours", "speedup_vs_manual")
+    names = ("maskprop", "manual", "naive_verification", "lsun")
+    typer.echo(f"{'method':<20}" + "".join(f"{c:>18}" for c in cols))
+    for name in names:
+        row = report[name]
+        typer.echo(f"{name:<20}" + "".join(f"{_fmt(row[c]):>18}" for c in cols))
+    if "ablation" in report:
+        typer.echo("\nlabel reuse / sequential verification (same pool):")
+        acols = ("quantity", "questions", "masks_per_question", "sq", "masks_per_question_vs_paper")
+        typer.echo(f"{'variant':<20}" + "".join(f"{c:>30}" for c in acols))
+        for name, row in report["ablation"].items():
+            typer.echo(f"{name:<20}" + "".join(f"{_fmt(row[c]):>30}" for c in acols))
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Directory for report.json and the PNG plots.")],
+    masks: Annotated[int, typer.Option(help="Masks in the simulated pool.")] = 200_000,
+    classes: Annotated[int, typer.Option(help="Object classes (ADE-like generator).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the pool, sampling and annotators.")] = 0,
+    strategy: Annotated[Strategy, typer.Option(help="How maskprop searches the trees.")] = (
+        Strategy.heuristic
+    ),
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="Ask a few masks at a time and stop early.")
+    ] = False,
+    sequential_rule: Annotated[
+        SequentialRule, typer.Option(help="Stopping rule used with --sequential.")
+    ] = SequentialRule.curtail,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            "--reuse/--no-reuse",
+            help="Reuse ancestors' answers in children (--no-reuse is the paper's rule).",
+        ),
+    ] = True,
+    annotator_error: Annotated[
+        float, typer.Option(help="Probability that a simulated answer is wrong (0-0.5).")
+    ] = 0.0,
+    from_table: Annotated[
+        Path | None,
+        typer.Option(help="CSV of real predictions (class,s,iou,f0..) to fit the pool to."),
+    ] = None,
+    samples_per_cluster: Annotated[int, typer.Option(help="N_s.")] = 15,
+    accept_threshold: Annotated[float, typer.Option(help="K_a.")] = 0.85,
+    iou_threshold: Annotated[float, typer.Option(help="K_iou.")] = 0.75,
+    prior_accept_threshold: Annotated[
+        float | None, typer.Option(help="K_pa; omit with --learn-prior-accept to learn it.")
+    ] = 0.7,
+    learn_prior_accept: Annotated[
+        bool, typer.Option(help="Learn K_pa from held-out data instead of using 0.7.")
+    ] = False,
+    dim: Annotated[int, typer.Option(help="Feature dimension of the ADE-like generator.")] = 32,
+    ablation: Annotated[
+        bool, typer.Option(help="Also compare label reuse and sequential rules.")
+    ] = True,
+    strategy_curves: Annotated[
+        bool, typer.Option(help="Also trace every search strategy (Fig. 6b).")
+    ] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+) -> None:
+    """Simulate the method against manual polygons, naive verification and LSUN (Sec. 5.2)."""
+    from maskprop.simulate.generator import ade_like_pool, fitted_pool, load_prediction_table
+    from maskprop.simulate.runner import simulate as run_simulation
+
+    bars = _Bars(progress)
+    try:
+        if masks < 1:
+            raise MaskpropError("--masks must be a positive number")
+        if classes < 1:
+            raise MaskpropError("--classes must be a positive number")
+        if not 0.0 <= annotator_error <= 0.5:
+            raise MaskpropError("--annotator-error must be between 0 and 0.5")
+        params = AnnotationParams(
+            samples_per_cluster=samples_per_cluster,
+            accept_threshold=accept_threshold,
+            iou_threshold=iou_threshold,
+            prior_accept_threshold=None if learn_prior_accept else prior_accept_threshold,
+            prior_reject_threshold=None,
+            reuse_answers=reuse,
+            sequential=sequential_rule.value if sequential else "off",
+        )
+        _prepare_out(out)
+        started = time.perf_counter()
+        # Held-out clusters with known quality teach the selection (Sec. 4.3): 5% extra masks.
+        heldout_n = max(2_000, masks // 20)
+        if from_table is not None:
+            table = load_prediction_table(from_table)
+            full = fitted_pool(table, masks + heldout_n, seed=seed)
+        else:
+            full = ade_like_pool(masks + heldout_n, classes, seed=seed, dim=dim)
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(len(full))
+        heldout = full.subset(np.sort(perm[:heldout_n]))
+        pool = full.subset(np.sort(perm[heldout_n:]))
+        result = run_simulation(
+            pool,
+            heldout,
+            params,
+            strategy=strategy.value,
+            annotator_error=annotator_error,
+            seed=seed,
+            ablation=ablation,
+            strategy_curves=strategy_curves,
+            progress=bars,
+        )
+        report = result.report
+        report["config"]["generator"] = (
+            f"fitted:{from_table}" if from_table is not None else "ade_like"
+        )
+        report["config"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        _write_outputs(out, result)
+    except MaskpropError as exc:
+        bars.close()
+        _fail(str(exc))
+        return
+    bars.close()
+    _print_summary(report)
+    typer.echo(f"\nwrote {out / 'report.json'} and plots in {report['config']['wall_seconds']} s")
+
+
+def _write_outputs(out: Path, result: Any) -> None:
+    from maskprop import plots
+    from maskprop.selection import Selection
+
+    report = result.report
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    plots.fig8(result.curves, out / "fig8_quantity_quality_vs_hours.png")
+    if result.search_curves:
+        plots.fig6b(result.search_curves, out / "fig6b_search_strategies.png")
+    used = report["config"]["selection_used"]
+    plots.fig4c(
+        result.likelihoods,
+        Selection(used["prior_reject_threshold"], used["prior_accept_threshold"]),
+        out / "fig4c_selection_likelihoods.png",
+    )
+    if "ablation" in report:
+        plots.ablation(report["ablation"], out / "ablation_reuse_sequential.png")
+
+
+@app.command()
+def version() -> None:
+    """Print the maskprop version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Entry point: user errors and unexpected failures end as one line, not a traceback."""
+    try:
+        app(standalone_mode=True)
+    except MaskpropError as exc:  # a library error that escaped a command
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory; try fewer masks per class", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        if os.environ.get("MASKPROP_DEBUG"):
+            raise
+        typer.echo(
+            f"error: internal error ({type(exc).__name__}: {exc}); "
+            "set MASKPROP_DEBUG=1 for the traceback and report it",
+            err=True,
+        )
+        sys.exit(1)

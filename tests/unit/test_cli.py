@@ -1,0 +1,104 @@
+"""The CLI as a user meets it: outputs written, reproducible, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from maskprop.cli import app
+
+SMALL = ["--masks", "3000", "--classes", "6", "--no-progress"]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, ["simulate", *args])
+
+
+def test_simulate_writes_report_and_plots(tmp_path):
+    res = run_cli(*SMALL, "--seed", "1", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    for method in ("maskprop", "manual", "naive_verification", "lsun"):
+        for key in (
+            "quantity",
+            "quality_mean_iou",
+            "sq",
+            "precision",
+            "questions",
+            "clusters_annotated",
+            "hours",
+            "speedup_vs_manual",
+        ):
+            assert key in report[method], (method, key)
+    assert report["config"]["masks"] == 3000
+    assert report["manual"]["speedup_vs_manual"] == pytest.approx(1.0)
+    assert report["maskprop"]["questions"] > 0
+    for png in (
+        "fig8_quantity_quality_vs_hours.png",
+        "fig6b_search_strategies.png",
+        "fig4c_selection_likelihoods.png",
+        "ablation_reuse_sequential.png",
+    ):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulation_is_reproducible_for_a_seed(tmp_path):
+    reports = []
+    for i, seed in enumerate(["4", "4", "5"]):
+        out = tmp_path / str(i)
+        res = run_cli(*SMALL, "--seed", seed, "--no-ablation", "--out", str(out))
+        assert res.exit_code == 0, res.output
+        report = json.loads((out / "report.json").read_text())
+        del report["config"]["wall_seconds"]
+        reports.append(report)
+    assert reports[0] == reports[1]
+    assert reports[0] != reports[2]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--masks", "-5"], "--masks must be a positive number"),
+        (["--classes", "0"], "--classes must be a positive number"),
+        (["--annotator-error", "0.9"], "--annotator-error"),
+        (["--samples-per-cluster", "0"], "samples_per_cluster"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors(tmp_path, args, needle):
+    res = run_cli(*SMALL, *args, "--out", str(tmp_path))
+    assert res.exit_code == 2
+    assert needle in res.output
+    assert "Traceback" not in res.output
+
+
+def test_unknown_strategy_is_rejected(tmp_path):
+    res = run_cli(*SMALL, "--strategy", "best-first", "--out", str(tmp_path))
+    assert res.exit_code != 0
+    assert "best-first" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_unwritable_output_and_malformed_table_through_the_real_entry_point(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    bad_table = tmp_path / "preds.csv"
+    bad_table.write_text("class,s,iou,f0\nchair,0.5,oops,1.0\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for extra in (
+        ["--out", str(blocker / "sub")],
+        ["--out", str(tmp_path / "o"), "--from-table", str(bad_table)],
+        ["--out", str(tmp_path / "o"), "--from-table", str(tmp_path / "missing.csv")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "maskprop", "simulate", *SMALL, *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
