@@ -26,6 +26,7 @@ from typing import Any
 
 import fastcluster
 import numpy as np
+from _fastcluster import linkage_wrap
 from numpy.typing import NDArray
 
 from maskprop.errors import MaskpropError
@@ -230,8 +231,8 @@ def build_tree(
     scores : float[n], mask scores s in [0, 1].
     score_weight : weight of the standardised score against the feature block.
 
-    Memory is ~8 n^2 / 2 bytes for the condensed matrix (fastcluster clusters it in place):
-    ~1.6 GB at 20k masks, ~3.6 GB at 30k.
+    Memory is ~8 n^2 / 2 bytes for the condensed matrix, clustered in place by fastcluster's
+    NN-chain: ~1.6 GB at 20k masks, ~3.6 GB at 30k (scipy's linkage needs about twice that).
 
     Examples
     --------
@@ -247,6 +248,9 @@ def build_tree(
     if n == 1:
         return from_linkage(np.zeros((0, 4)), scores)
     dist = condensed_distances(embed(features, scores, score_weight))
-    z = fastcluster.linkage(dist, method="complete", preserve_input=False)
+    z = np.empty((n - 1, 4), dtype=np.float64)
+    # fastcluster.linkage() starts with np.array(X), a full copy of the n^2/2 matrix even with
+    # preserve_input=False; its C entry point clusters our private matrix in place instead.
+    linkage_wrap(n, dist, z, fastcluster.mthidx["complete"])
     del dist
-    return from_linkage(np.asarray(z, dtype=np.float64), scores)
+    return from_linkage(z, scores)
