@@ -281,6 +281,7 @@ start_kafka() {
     write_kafka_config
     format_kafka_storage
     log "kafka: starting broker on $HOST:$KAFKA_PORT (log: $kafka_log)"
+    # Appends, so a fault test can read earlier runs too.
     # setsid + nohup: the broker outlives the calling shell and its process group (CI steps,
     # test runners). The inner shell writes its own pid, then execs java, so the pid file
     # names the JVM itself.
@@ -289,7 +290,7 @@ start_kafka() {
       java -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
       -Dlog4j2.configurationFile="$kafka_dir/log4j2.properties" \
       -cp "$kafka_libs/*" kafka.Kafka "$kafka_cfg" \
-      </dev/null >"$kafka_log" 2>&1 &
+      </dev/null >>"$kafka_log" 2>&1 &
     for _ in $(seq 50); do [[ -s "$kafka_pid" ]] && break; sleep 0.1; done
   fi
   wait_kafka_ready
