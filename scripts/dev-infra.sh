@@ -112,6 +112,9 @@ start_redis() {
   ensure_redis_installed
   if live_pid "$redis_pid" redis-server >/dev/null; then
     log "redis: already running"
+    # redis-server's process title is "redis-server HOST:PORT"; a port change needs a restart.
+    live_pid "$redis_pid" "redis-server $HOST:$REDIS_PORT" >/dev/null \
+      || die "redis is already running on another port; run 'down' first to change REDIS_PORT"
   else
     port_open "$REDIS_PORT" && die "port $REDIS_PORT is taken by another process (set REDIS_PORT)"
     mkdir -p "$redis_dir"
@@ -273,6 +276,9 @@ start_kafka() {
   local pid
   if pid="$(live_pid "$kafka_pid" kafka.Kafka)"; then
     log "kafka: already running (pid $pid)"
+    # A running broker keeps the ports it started with; fail fast rather than poll the wrong one.
+    grep -qxF "advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT" "$kafka_cfg" \
+      || die "kafka is already running with $(grep '^advertised' "$kafka_cfg"); run 'down' first to change KAFKA_PORT"
     write_log4j
   else
     for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
@@ -281,6 +287,7 @@ start_kafka() {
     write_kafka_config
     format_kafka_storage
     log "kafka: starting broker on $HOST:$KAFKA_PORT (log: $kafka_log)"
+    rm -f "$kafka_pid" # a stale one (after kill -9) would satisfy the wait below
     # Appends, so a fault test can read earlier runs too.
     # setsid + nohup: the broker outlives the calling shell and its process group (CI steps,
     # test runners). The inner shell writes its own pid, then execs java, so the pid file
