@@ -128,7 +128,7 @@ class AnnotationSession:
     params : thresholds and rules.
     selection : K_pr / K_pa for the score-based selection.
     strategy : search order, a key of :data:`maskprop.search.STRATEGIES`.
-    seed : seeds the sampling of masks to verify.
+    seed : seeds the sampling of masks to verify (with the class and node, per cluster).
     priorities : class id -> float64[2n-1] search priority per node; defaults to S_j.  The
         simulator passes true cluster quality here for the "oracle" upper bound of Fig. 6b.
     """
@@ -157,7 +157,6 @@ class AnnotationSession:
             if priorities is not None
             else self._scores
         )
-        self._rng = np.random.default_rng(seed)
         self._frontier: Frontier = make_frontier(strategy, self._priorities)
         self._labels = {c: np.full(t.n_leaves, -1, np.int8) for c, t in self._trees.items()}
         self._label_node = {c: np.full(t.n_leaves, -1, np.int32) for c, t in self._trees.items()}
@@ -315,7 +314,11 @@ class AnnotationSession:
             return []
         members = self._trees[c].leaves(node)
         k = min(members.shape[0], need + len(exclude))
-        picked = members[self._rng.choice(members.shape[0], size=k, replace=False)]
+        # One generator per cluster, seeded by (session seed, class, node): a cluster's sample
+        # does not depend on the order clusters were opened in, so concurrent crowds, lease
+        # sizes and restarts all reach the same labels as a one-at-a-time run.
+        rng = np.random.default_rng([self.seed, c, node])
+        picked = members[rng.choice(members.shape[0], size=k, replace=False)]
         return [int(m) for m in picked if int(m) not in exclude][:need]
 
     # ------------------------------------------------------------------ answers
@@ -411,7 +414,7 @@ class AnnotationSession:
                 "answers": sorted([m, int(v)] for m, v in self._answers[c].items()),
             }
         state = {
-            "version": 1,
+            "version": 2,
             "params": self.params.as_dict(),
             "selection": [
                 self.selection.prior_reject_threshold,
@@ -419,7 +422,6 @@ class AnnotationSession:
             ],
             "strategy": self.strategy,
             "seed": self.seed,
-            "rng": self._rng.bit_generator.state,
             "frontier": self._frontier.state(),
             "classes": classes,
             "open": [
@@ -457,7 +459,7 @@ class AnnotationSession:
             state = json.loads(zlib.decompress(blob[len(_MAGIC) :]))
         except (zlib.error, ValueError) as exc:
             raise MaskpropError(f"session snapshot is corrupt: {exc}") from None
-        if state.get("version") != 1:
+        if state.get("version") != 2:
             raise MaskpropError(f"unsupported session snapshot version {state.get('version')}")
         if sorted(state["classes"], key=int) != [str(c) for c in sorted(trees)]:
             raise MaskpropError("session snapshot and trees cover different classes")
@@ -481,7 +483,6 @@ class AnnotationSession:
             session._label_source[c] = _unb64(cs["label_source"], np.int8, n)
             session._answers[c] = {int(m): bool(v) for m, v in cs["answers"]}
             session._answered_pos[c] = sorted(int(tree.start[m]) for m in session._answers[c])
-        session._rng.bit_generator.state = state["rng"]
         session._frontier = make_frontier(state["strategy"], session._priorities, state["frontier"])
         for o in state["open"]:
             session._open[(o["key"][0], o["key"][1])] = _Open(
