@@ -1,0 +1,1 @@
+"""maskprop service package."""

@@ -1,0 +1,46 @@
+"""Typed settings read from the environment (prefix ``MASKPROP_``) and validated at start-up.
+
+Embedded and distributed modes are one code base: leave ``MASKPROP_KAFKA_BOOTSTRAP`` and
+``MASKPROP_REDIS_URL`` unset for the in-memory bus and the embedded store, set them for a real
+broker and a real Redis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeSettings(BaseSettings):
+    """What every service needs."""
+
+    model_config = SettingsConfigDict(env_prefix="MASKPROP_", extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    kafka_bootstrap: str | None = None
+    redis_url: SecretStr | None = None
+    data_dir: Path = Path("data")
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    kafka_max_poll_records: int = Field(default=50, ge=1)
+    connect_timeout_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_prod(self) -> RuntimeSettings:
+        if self.env == "prod" and (self.kafka_bootstrap is None or self.redis_url is None):
+            raise ValueError(
+                "MASKPROP_ENV=prod needs MASKPROP_KAFKA_BOOTSTRAP and MASKPROP_REDIS_URL: "
+                "the in-memory bus and embedded store lose everything on restart"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        return self.kafka_bootstrap is not None
