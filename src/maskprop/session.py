@@ -167,6 +167,7 @@ class AnnotationSession:
         self._outbox: list[Decision] = []
         self.questions = 0  # answers received from people
         self.clusters_annotated = 0  # clusters decided with at least one new answer
+        self.outcomes: dict[str, int] = {}  # decisions so far, by outcome
         if not _restoring:
             self._frontier.push_roots([(c, t.root) for c, t in self._trees.items()])
 
@@ -215,6 +216,13 @@ class AnnotationSession:
                 "open_clusters": sum(1 for (k, _) in self._open if k == c),
             }
         return out
+
+    def is_answered(self, class_id: int, mask: int) -> bool:
+        """Whether a person already answered about this mask."""
+        return mask in self._answers.get(class_id, {})
+
+    def has_pending_decisions(self) -> bool:
+        return bool(self._outbox)
 
     def pop_decisions(self) -> list[Decision]:
         """Decisions since the last call, oldest first (the caller publishes them)."""
@@ -399,6 +407,7 @@ class AnnotationSession:
                 for m, label in self._inherited(c, node).items():
                     self._labels[c][m] = int(label)
                     self._label_source[c][m] = LabelSource.VERIFIED
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self._outbox.append(d)
 
     # ------------------------------------------------------------------ persistence
@@ -440,6 +449,7 @@ class AnnotationSession:
                 for d in self._outbox
             ],
             "counters": [self.questions, self.clusters_annotated],
+            "outcomes": self.outcomes,
         }
         body = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
         return _MAGIC + zlib.compress(body, 6)
@@ -494,4 +504,5 @@ class AnnotationSession:
             )
         session._outbox = [Decision(*d) for d in state["outbox"]]
         session.questions, session.clusters_annotated = state["counters"]
+        session.outcomes = {str(k): int(v) for k, v in state["outcomes"].items()}
         return session

@@ -1,5 +1,98 @@
-"""Service commands of the ``maskprop`` CLI (registered on :data:`maskprop.cli.app`)."""
+"""Service commands of the ``maskprop`` CLI, registered on :data:`maskprop.cli.app`."""
 
 from __future__ import annotations
 
-from maskprop.cli import app  # noqa: F401  (commands are added below as they are built)
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from maskprop.cli import _Bars, _fail, app
+from maskprop.errors import MaskpropError
+
+export_app = typer.Typer(help="Export a propagated-label dataset.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+class Service(StrEnum):
+    clusterer = "clusterer"
+    search = "search"
+    sink = "sink"
+
+
+@app.command()
+def serve(name: Annotated[Service, typer.Argument(help="Which service to run.")]) -> None:
+    """Run one service as its own process (settings from MASKPROP_* environment variables)."""
+    try:
+        if name is Service.clusterer:
+            from maskprop_clusterer.service import main as service_main
+        elif name is Service.search:
+            from maskprop_search.service import main as service_main
+        else:
+            from maskprop_sink.service import main as service_main
+        service_main()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
+    except ConnectionError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path, typer.Option(help="TOML file: [campaign] [pool] [annotator] [search].")
+    ],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/run"),
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Run the whole pipeline in one process (embedded unless MASKPROP_KAFKA_BOOTSTRAP and
+    MASKPROP_REDIS_URL point at real servers) and check it against the library."""
+    from maskprop_runtime.embedded import RunConfig, run_pipeline
+    from maskprop_runtime.settings import RuntimeSettings
+
+    bars = _Bars(progress)
+    try:
+        cfg = RunConfig.load(config)
+        runtime = RuntimeSettings()
+        report = run_pipeline(cfg, out, runtime, progress=bars)
+    except MaskpropError as exc:
+        bars.close()
+        _fail(str(exc))
+        return
+    except ValidationError as exc:
+        bars.close()
+        first = exc.errors()[0]
+        _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
+        return
+    except ConnectionError as exc:
+        bars.close()
+        _fail(str(exc))
+        return
+    bars.close()
+    typer.echo(json.dumps(report, indent=2))
+    if report["matches_in_process_library"] is False or report["duplicate_labels"]:
+        typer.echo("error: the pipeline's labels differ from the library's", err=True)
+        sys.exit(1)
+
+
+@export_app.command("coco")
+def export_coco_cmd(
+    dataset: Annotated[Path, typer.Option(help="The sink's dataset directory.")],
+    campaign: Annotated[str, typer.Option(help="Campaign name.")],
+    out: Annotated[Path, typer.Option(help="COCO instances JSON to write.")],
+    include_rejected: Annotated[bool, typer.Option(help="Also export rejected masks.")] = False,
+) -> None:
+    """Stream a campaign's accepted labels into one COCO instances file (RLE masks)."""
+    from maskprop_sink.coco import export_coco
+
+    try:
+        summary = export_coco(dataset, campaign, out, accepted_only=not include_rejected)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps(summary))

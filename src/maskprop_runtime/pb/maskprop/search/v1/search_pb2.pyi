@@ -70,12 +70,14 @@ class SubmitAnswersRequest(_message.Message):
     def __init__(self, answers: _Optional[_Iterable[_Union[AnswerItem, _Mapping]]] = ...) -> None: ...
 
 class SubmitAnswersResponse(_message.Message):
-    __slots__ = ("applied", "duplicates")
+    __slots__ = ("applied", "duplicates", "stale")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     applied: int
     duplicates: int
-    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    stale: int
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., stale: _Optional[int] = ...) -> None: ...
 
 class GetProgressRequest(_message.Message):
     __slots__ = ("campaign",)

@@ -1,0 +1,3 @@
+from maskprop_clusterer.service import main
+
+main()

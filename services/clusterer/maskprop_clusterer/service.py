@@ -1,0 +1,185 @@
+"""The clusterer: buffers each class's detected masks, builds the class's complete-linkage
+tree (``maskprop.tree.build_tree``) when the class batch closes, stores it and announces it.
+
+Consumes ``maskprop.masks`` (MaskStreamEvent), produces ``maskprop.trees`` (TreeBuilt).
+State: the tree store directory (batches and trees), written atomically; a redelivered batch
+overwrites its own file, a redelivered "closed" re-announces the same tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import Message
+
+from maskprop.tree import build_tree
+from maskprop_runtime import codec, topics
+from maskprop_runtime.bus import Bus, Record, make_bus
+from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.loop import DedupStore, Emit, EventLoop, InvalidEvent
+from maskprop_runtime.metrics import start_metrics
+from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
+from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
+from maskprop_runtime.server import install_shutdown
+from maskprop_runtime.settings import RuntimeSettings
+from maskprop_runtime.store import make_redis
+from maskprop_runtime.treestore import MaskTable, TreeStore, check_name
+
+log = logging.getLogger(__name__)
+
+MAX_MASK_ID = 128
+
+
+class ClustererSettings(RuntimeSettings):
+    tree_dir: Path | None = None  # default: <data_dir>/trees
+
+    @property
+    def trees(self) -> Path:
+        return self.tree_dir or self.data_dir / "trees"
+
+
+def table_from_event(ev: detector_pb2.MasksDetected) -> MaskTable:
+    """Validate a batch of detected masks and turn it into columns."""
+    dim = ev.feature_dim
+    if dim < 1:
+        raise InvalidEvent("feature_dim must be at least 1")
+    if not ev.masks:
+        raise InvalidEvent("a MasksDetected event needs at least one mask")
+    n = len(ev.masks)
+    feats = np.empty((n, dim), dtype=np.float32)
+    scores = np.empty(n, dtype=np.float32)
+    h = np.empty(n, dtype=np.uint32)
+    w = np.empty(n, dtype=np.uint32)
+    blobs: list[bytes] = []
+    for i, m in enumerate(ev.masks):
+        if not m.mask_id or len(m.mask_id) > MAX_MASK_ID or not m.image_id:
+            raise InvalidEvent(f"mask {i}: mask_id (1-{MAX_MASK_ID} chars) and image_id needed")
+        if not (math.isfinite(m.score) and 0.0 <= m.score <= 1.0):
+            raise InvalidEvent(f"mask {m.mask_id}: score must be in [0, 1]")
+        if m.rle.height == 0 or m.rle.width == 0 or not m.rle.counts:
+            raise InvalidEvent(f"mask {m.mask_id}: empty or malformed RLE")
+        try:
+            feats[i] = codec.unpack_features(m.feature_f16, dim)
+        except ValueError as exc:
+            raise InvalidEvent(f"mask {m.mask_id}: {exc}") from None
+        scores[i] = m.score
+        h[i], w[i] = m.rle.height, m.rle.width
+        blobs.append(m.rle.counts)
+    if not np.isfinite(feats).all():
+        raise InvalidEvent("features must be finite")
+    known = {im.image_id for im in ev.images}
+    missing = {m.image_id for m in ev.masks} - known
+    if missing:
+        raise InvalidEvent(
+            f"masks refer to images not described in the event: {sorted(missing)[:3]}"
+        )
+    return MaskTable(
+        mask_ids=np.array([m.mask_id for m in ev.masks]),
+        image_ids=np.array([m.image_id for m in ev.masks]),
+        scores=scores,
+        features=feats,
+        rle_h=h,
+        rle_w=w,
+        rle_blob=b"".join(blobs),
+        rle_offsets=np.concatenate(([0], np.cumsum([len(b) for b in blobs]))).astype(np.int64),
+        img_ids=np.array([im.image_id for im in ev.images]),
+        img_w=np.array([im.width for im in ev.images], dtype=np.uint32),
+        img_h=np.array([im.height for im in ev.images], dtype=np.uint32),
+        img_files=np.array([im.file_name for im in ev.images]),
+    )
+
+
+class Clusterer:
+    """The handler: a thin adapter from MaskStreamEvent to the tree library."""
+
+    def __init__(self, store: TreeStore) -> None:
+        self.store = store
+
+    def handle(self, msg: Message, record: Record) -> list[Emit]:
+        assert isinstance(msg, detector_pb2.MaskStreamEvent)
+        try:
+            check_name("event_id", msg.event_id)
+        except ValueError as exc:
+            raise InvalidEvent(str(exc)) from None
+        body = msg.WhichOneof("body")
+        if body == "masks":
+            ev = msg.masks
+            self._check_campaign(ev.campaign)
+            self.store.put_batch(ev.campaign, ev.class_id, msg.event_id, table_from_event(ev))
+            return []
+        if body == "closed":
+            return self._close(msg.closed)
+        raise InvalidEvent("MaskStreamEvent carries neither masks nor closed")
+
+    @staticmethod
+    def _check_campaign(campaign: str) -> None:
+        try:
+            check_name("campaign", campaign)
+        except ValueError as exc:
+            raise InvalidEvent(str(exc)) from None
+
+    def _close(self, closed: detector_pb2.ClassBatchClosed) -> list[Emit]:
+        self._check_campaign(closed.campaign)
+        table = self.store.read_batches(closed.campaign, closed.class_id)
+        got = 0 if table is None else len(table)
+        if table is None or got != closed.expected_masks:
+            raise InvalidEvent(
+                f"class {closed.class_id} of {closed.campaign}: {got} masks received, "
+                f"{closed.expected_masks} announced"
+            )
+        tree = build_tree(table.features, table.scores)
+        path, sha = self.store.put_tree(
+            closed.campaign, closed.class_id, closed.class_name, tree, table
+        )
+        log.info(
+            "tree built",
+            extra={"campaign": closed.campaign, "class_id": closed.class_id, "masks": got},
+        )
+        built = clusterer_pb2.TreeBuilt(
+            event_id=f"tree.{closed.campaign}.{closed.class_id}",
+            campaign=closed.campaign,
+            class_id=closed.class_id,
+            class_name=closed.class_name,
+            n_masks=got,
+            tree_uri=str(path),
+            checksum=sha,
+        )
+        return [Emit(topics.TREES, topics.class_key(closed.campaign, closed.class_id), built)]
+
+
+def build_clusterer(settings: ClustererSettings, bus: Bus, redis: object) -> EventLoop:
+    clusterer = Clusterer(TreeStore(settings.trees))
+    return EventLoop(
+        service="clusterer",
+        bus=bus,
+        group="maskprop-clusterer",
+        handlers={topics.MASKS: clusterer.handle},
+        dedup=DedupStore(redis, "clusterer"),
+        max_records=settings.kafka_max_poll_records,
+    )
+
+
+def main() -> None:
+    settings = ClustererSettings()
+    setup_logging("clusterer", settings.log_level, settings.log_json)
+    if not settings.distributed:
+        raise SystemExit(
+            "error: a standalone clusterer needs MASKPROP_KAFKA_BOOTSTRAP and MASKPROP_REDIS_URL "
+            "(use `maskprop run` for the embedded pipeline)"
+        )
+    start_metrics(settings.metrics_port)
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+    redis = make_redis(redis_url, connect_timeout_s=settings.connect_timeout_s)
+    bus = make_bus(
+        settings.kafka_bootstrap,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        connect_timeout_s=settings.connect_timeout_s,
+    )
+    stop = threading.Event()
+    install_shutdown(stop)
+    log.info("clusterer started", extra={"tree_dir": str(settings.trees)})
+    build_clusterer(settings, bus, redis).run(stop)

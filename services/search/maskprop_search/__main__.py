@@ -1,0 +1,3 @@
+from maskprop_search.service import main
+
+main()

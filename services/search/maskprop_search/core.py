@@ -1,0 +1,412 @@
+"""The search service's core: one :class:`maskprop.session.AnnotationSession` per class of a
+campaign, persisted in Redis, driven by gRPC calls, publishing propagated labels.
+
+Redis keys (``{c}`` campaign, ``{k}`` class id):
+
+* ``maskprop:search:{c}:classes``  hash  class id -> JSON (class name, tree path, masks)
+* ``maskprop:search:{c}:{k}:session`` bytes  the session snapshot (its decision outbox included)
+* ``maskprop:search:{c}:{k}:version`` int  bumped on every save (in-process cache check)
+* ``maskprop:search:{c}:{k}:leases``  zset question id -> lease deadline (unix seconds)
+* ``maskprop:search:{c}:{k}:lock``  the per-class lock (several replicas may serve a campaign)
+
+Durability: every change is saved (snapshot + leases in one MULTI) *before* the labels it
+decided are published; labels are published, acknowledged by the broker, then dropped from the
+outbox and saved again.  A crash in between republishes the same events (same event ids) when
+the class is next loaded; the sink keeps one label per mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskprop.errors import MaskpropError
+from maskprop.params import AnnotationParams
+from maskprop.selection import Selection
+from maskprop.session import AnnotationSession, Answer, Decision, LabelSource, Question
+from maskprop.tree import Tree
+from maskprop_runtime import topics
+from maskprop_runtime.bus import Producer, Record
+from maskprop_runtime.loop import Emit, InvalidEvent
+from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
+from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
+from maskprop_runtime.treestore import MaskTable, TreeStore, check_name
+
+log = logging.getLogger(__name__)
+
+#: Labels per LabelsPropagated event: a root-level decision can cover 30k masks, and the
+#: broker's default message.max.bytes is 1 MB.
+LABELS_PER_EVENT = 2000
+
+
+class BadRequest(ValueError):
+    """A caller error, mapped to INVALID_ARGUMENT by the gRPC layer."""
+
+
+@dataclass
+class _Loaded:
+    version: int
+    session: AnnotationSession
+    tree: Tree
+    table: MaskTable
+    class_name: str
+    images: dict[str, int]
+
+
+def question_id(campaign: str, q: Question) -> str:
+    return f"{campaign}:{q.class_id}:{q.node}:{q.mask}"
+
+
+def parse_question_id(qid: str) -> tuple[str, Question]:
+    parts = qid.split(":")
+    if len(parts) != 4:
+        raise BadRequest(f"malformed question_id {qid[:80]!r}")
+    campaign = parts[0]
+    try:
+        check_name("campaign", campaign)
+        class_id, node, mask = (int(x) for x in parts[1:])
+    except ValueError:
+        raise BadRequest(f"malformed question_id {qid[:80]!r}") from None
+    if min(class_id, node, mask) < 0:
+        raise BadRequest(f"malformed question_id {qid[:80]!r}")
+    return campaign, Question(class_id, node, mask)
+
+
+class SearchCore:
+    """Sessions of every class, with their persistence and label publishing."""
+
+    def __init__(
+        self,
+        redis: Any,
+        params: AnnotationParams,
+        selection: Selection,
+        producer: Producer,
+        *,
+        seed: int = 0,
+        strategy: str = "heuristic",
+        lease_seconds: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.r = redis
+        self.params = params
+        self.selection = selection
+        self.producer = producer
+        self.seed = seed
+        self.strategy = strategy
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self._cache: dict[tuple[str, int], _Loaded] = {}
+        self._rr = 0  # round-robin start over classes, so concurrent workers spread out
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def _k(campaign: str, class_id: int, what: str) -> str:
+        return f"maskprop:search:{campaign}:{class_id}:{what}"
+
+    @staticmethod
+    def _classes_key(campaign: str) -> str:
+        return f"maskprop:search:{campaign}:classes"
+
+    def classes(self, campaign: str) -> list[int]:
+        return sorted(int(k) for k in self.r.hkeys(self._classes_key(campaign)))
+
+    # ------------------------------------------------------------------ trees arrive
+    def on_tree_built(self, msg: Any, record: Record | None = None) -> list[Emit]:
+        """Handler for ``maskprop.trees``: open an annotation session for the class."""
+        assert isinstance(msg, clusterer_pb2.TreeBuilt)
+        try:
+            check_name("campaign", msg.campaign)
+        except ValueError as exc:
+            raise InvalidEvent(str(exc)) from None
+        path = Path(msg.tree_uri)
+        if not path.is_file():
+            raise InvalidEvent(f"tree file {msg.tree_uri!r} does not exist")
+        tree, _table, class_name = TreeStore.load_tree(path)
+        if tree.n_leaves != msg.n_masks:
+            raise InvalidEvent(f"tree has {tree.n_leaves} masks, event says {msg.n_masks}")
+        campaign, k = msg.campaign, int(msg.class_id)
+        with self._lock(campaign, k):
+            if self.r.exists(self._k(campaign, k, "session")):
+                return []  # redelivered: the session already exists and may have progressed
+            session = AnnotationSession(
+                {k: tree}, self.params, self.selection, strategy=self.strategy, seed=self.seed
+            )
+            meta = {"class_name": class_name, "tree_uri": str(path), "masks": tree.n_leaves}
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(self._k(campaign, k, "session"), session.snapshot())
+            pipe.incr(self._k(campaign, k, "version"))
+            pipe.hset(self._classes_key(campaign), str(k), json.dumps(meta))
+            pipe.execute()
+        log.info("session opened", extra={"campaign": campaign, "class_id": k})
+        return []
+
+    # ------------------------------------------------------------------ state
+    def _lock(self, campaign: str, class_id: int) -> Any:
+        return self.r.lock(self._k(campaign, class_id, "lock"), timeout=60, blocking_timeout=60)
+
+    def _load(self, campaign: str, class_id: int) -> _Loaded:
+        """The class's session (cached while the stored version is unchanged); call locked."""
+        version = int(self.r.get(self._k(campaign, class_id, "version")) or 0)
+        cached = self._cache.get((campaign, class_id))
+        if cached is not None and cached.version == version:
+            return cached
+        blob = self.r.get(self._k(campaign, class_id, "session"))
+        meta_raw = self.r.hget(self._classes_key(campaign), str(class_id))
+        if blob is None or meta_raw is None:
+            raise BadRequest(f"campaign {campaign!r} has no class {class_id}")
+        meta = json.loads(meta_raw)
+        if cached is not None and cached.tree is not None:
+            tree, table, name = cached.tree, cached.table, cached.class_name
+        else:
+            tree, table, name = TreeStore.load_tree(Path(meta["tree_uri"]))
+        session = AnnotationSession.restore(blob, {class_id: tree})
+        images = {str(i): j for j, i in enumerate(table.img_ids.tolist())}
+        loaded = _Loaded(version, session, tree, table, name, images)
+        self._cache[(campaign, class_id)] = loaded
+        if session.has_pending_decisions():
+            self._publish_outbox(campaign, class_id, loaded)  # left over by a crash
+        return loaded
+
+    def _save(
+        self,
+        campaign: str,
+        class_id: int,
+        loaded: _Loaded,
+        *,
+        add_leases: dict[str, float] | None = None,
+        drop_leases: Iterable[str] = (),
+    ) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._k(campaign, class_id, "session"), loaded.session.snapshot())
+        pipe.incr(self._k(campaign, class_id, "version"))
+        drop = list(drop_leases)
+        if drop:
+            pipe.zrem(self._k(campaign, class_id, "leases"), *drop)
+        if add_leases:
+            pipe.zadd(self._k(campaign, class_id, "leases"), add_leases)
+        loaded.version = int(pipe.execute()[1])
+
+    def _publish_outbox(self, campaign: str, class_id: int, loaded: _Loaded) -> int:
+        """Publish the labels of pending decisions, then drop them from the outbox."""
+        session = loaded.session
+        if not session.has_pending_decisions():
+            return 0
+        sent = 0
+        for d in session.pop_decisions():
+            if d.terminal:
+                for ev in self._label_events(campaign, class_id, loaded, d):
+                    self.producer.send(
+                        topics.LABELS, topics.class_key(campaign, class_id), ev.SerializeToString()
+                    )
+                    sent += 1
+        self.producer.flush()  # acknowledged before the outbox is emptied for good
+        self._save(campaign, class_id, loaded)
+        return sent
+
+    def _label_events(
+        self, campaign: str, class_id: int, loaded: _Loaded, d: Decision
+    ) -> list[search_pb2.LabelsPropagated]:
+        masks, labels, sources = loaded.session.decision_labels(d)
+        table = loaded.table
+        out = []
+        for chunk, lo in enumerate(range(0, masks.shape[0], LABELS_PER_EVENT)):
+            sel = slice(lo, lo + LABELS_PER_EVENT)
+            ev = search_pb2.LabelsPropagated(
+                event_id=f"labels.{campaign}.{class_id}.{d.node}.{chunk}",
+                campaign=campaign,
+                class_id=class_id,
+                class_name=loaded.class_name,
+                node=d.node,
+                outcome=d.outcome,
+                yes=d.yes,
+                answered=d.answered,
+            )
+            seen_images: set[str] = set()
+            for m, lab, src in zip(masks[sel], labels[sel], sources[sel], strict=True):
+                i = int(m)
+                image_id = str(table.image_ids[i])
+                ev.labels.append(
+                    search_pb2.PropagatedLabel(
+                        mask_id=str(table.mask_ids[i]),
+                        image_id=image_id,
+                        accepted=bool(lab == 1),
+                        source=search_pb2.LABEL_SOURCE_VERIFIED
+                        if src == LabelSource.VERIFIED
+                        else search_pb2.LABEL_SOURCE_PROPAGATED,
+                        rle=common_pb2.RleMask(
+                            height=int(table.rle_h[i]),
+                            width=int(table.rle_w[i]),
+                            counts=table.counts(i),
+                        ),
+                        score=float(table.scores[i]),
+                    )
+                )
+                if image_id not in seen_images:
+                    seen_images.add(image_id)
+                    j = loaded.images[image_id]
+                    ev.images.append(
+                        common_pb2.ImageInfo(
+                            image_id=image_id,
+                            width=int(table.img_w[j]),
+                            height=int(table.img_h[j]),
+                            file_name=str(table.img_files[j]),
+                        )
+                    )
+            out.append(ev)
+        return out
+
+    def recover(self) -> int:
+        """At start-up: republish labels a crash left in any outbox.  Returns events sent."""
+        sent = 0
+        for key in self.r.scan_iter(match="maskprop:search:*:classes"):
+            campaign = key.decode().split(":")[2]
+            for k in self.classes(campaign):
+                with self._lock(campaign, k):
+                    self._cache.pop((campaign, k), None)
+                    loaded = self._load(campaign, k)
+                    sent += self._publish_outbox(campaign, k, loaded)
+        return sent
+
+    # ------------------------------------------------------------------ API
+    def lease(
+        self, campaign: str, max_questions: int, owner: str = ""
+    ) -> tuple[list[search_pb2.Question], bool]:
+        """Up to ``max_questions`` questions over the campaign's classes; (questions, done)."""
+        out: list[search_pb2.Question] = []
+        classes = self.classes(campaign)
+        if not classes:
+            return out, False
+        start = self._rr % len(classes)
+        self._rr += 1
+        order = classes[start:] + classes[:start]
+        # Classes with overdue leases first: their questions are already sampled and waiting.
+        now = self.clock()
+        overdue = [
+            k
+            for k in order
+            if self.r.zrangebyscore(self._k(campaign, k, "leases"), "-inf", now, start=0, num=1)
+        ]
+        order = overdue + [k for k in order if k not in overdue]
+        done = True
+        for k in order:
+            if len(out) >= max_questions:
+                done = False  # not checked: unknown, so not done
+                break
+            with self._lock(campaign, k):
+                loaded = self._load(campaign, k)
+                expired = self._expire(campaign, k, loaded)
+                remaining = max_questions - len(out)
+                qs = loaded.session.lease(remaining) if remaining > 0 else []
+                deadline = self.clock() + self.lease_seconds
+                if qs or expired:
+                    self._save(
+                        campaign,
+                        k,
+                        loaded,
+                        add_leases={question_id(campaign, q): deadline for q in qs},
+                        drop_leases=expired,
+                    )
+                self._publish_outbox(campaign, k, loaded)
+                done = done and loaded.session.done
+                for q in qs:
+                    out.append(self._question(campaign, loaded, q, deadline))
+        if out:
+            log.debug("leased", extra={"campaign": campaign, "n": len(out), "owner": owner})
+        return out, done and not out
+
+    def _expire(self, campaign: str, class_id: int, loaded: _Loaded) -> list[str]:
+        """Give overdue leases back to the pool; returns their question ids."""
+        key = self._k(campaign, class_id, "leases")
+        overdue = [q.decode() for q in self.r.zrangebyscore(key, "-inf", self.clock())]
+        if overdue:
+            loaded.session.expire(parse_question_id(q)[1] for q in overdue)
+        return overdue
+
+    def _question(
+        self, campaign: str, loaded: _Loaded, q: Question, deadline: float
+    ) -> search_pb2.Question:
+        t = loaded.table
+        return search_pb2.Question(
+            question_id=question_id(campaign, q),
+            campaign=campaign,
+            class_id=q.class_id,
+            class_name=loaded.class_name,
+            mask_id=str(t.mask_ids[q.mask]),
+            image_id=str(t.image_ids[q.mask]),
+            rle=common_pb2.RleMask(
+                height=int(t.rle_h[q.mask]), width=int(t.rle_w[q.mask]), counts=t.counts(q.mask)
+            ),
+            lease_expires_unix=deadline,
+        )
+
+    def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
+        """Record ``(question_id, is_correct)`` answers; returns (applied, duplicates, stale)."""
+        by_class: dict[tuple[str, int], list[tuple[str, Question, bool]]] = {}
+        for qid, ok in answers:
+            campaign, q = parse_question_id(qid)
+            by_class.setdefault((campaign, q.class_id), []).append((qid, q, bool(ok)))
+        applied = duplicates = stale = 0
+        for (campaign, k), items in sorted(by_class.items()):
+            with self._lock(campaign, k):
+                loaded = self._load(campaign, k)
+                session = loaded.session
+                done_ids = []
+                for qid, q, ok in items:
+                    if session.is_answered(k, q.mask):
+                        duplicates += 1
+                        done_ids.append(qid)
+                        continue
+                    try:
+                        session.submit([Answer(q.class_id, q.node, q.mask, ok)])
+                    except MaskpropError:
+                        stale += 1  # lease expired (or never leased): the answer is not used
+                        continue
+                    applied += 1
+                    done_ids.append(qid)
+                self._save(campaign, k, loaded, drop_leases=done_ids)
+                self._publish_outbox(campaign, k, loaded)
+        return applied, duplicates, stale
+
+    def progress(self, campaign: str) -> search_pb2.GetProgressResponse:
+        resp = search_pb2.GetProgressResponse()
+        total_q = 0
+        done = True
+        classes = self.classes(campaign)
+        for k in classes:
+            with self._lock(campaign, k):
+                loaded = self._load(campaign, k)
+            s = loaded.session
+            p = s.progress()[k]
+            total_q += s.questions
+            done = done and s.done
+            resp.classes.append(
+                search_pb2.ClassProgress(
+                    class_id=k,
+                    class_name=loaded.class_name,
+                    masks=p["masks"],
+                    accepted_masks=p["accepted_masks"],
+                    rejected_masks=p["rejected_masks"],
+                    undecided_masks=p["undecided_masks"],
+                    open_clusters=p["open_clusters"],
+                    questions=s.questions,
+                    clusters_accepted=s.outcomes.get("accept", 0),
+                    clusters_rejected=s.outcomes.get("reject", 0)
+                    + s.outcomes.get("auto_reject", 0),
+                )
+            )
+        resp.questions = total_q
+        resp.done = bool(classes) and done
+        return resp
+
+    def labels(self, campaign: str, class_id: int) -> np.ndarray:
+        """int8[n] labels of a class in tree leaf order (tests, reports)."""
+        with self._lock(campaign, class_id):
+            return self._load(campaign, class_id).session.labels(class_id).copy()

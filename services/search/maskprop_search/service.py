@@ -1,0 +1,111 @@
+"""The search service process: gRPC API + a consumer of ``maskprop.trees``, state in Redis."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Literal
+
+from pydantic import Field
+
+from maskprop.params import AnnotationParams
+from maskprop.selection import Selection
+from maskprop_runtime import topics
+from maskprop_runtime.bus import Bus, Producer, make_bus
+from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.loop import DedupStore, EventLoop
+from maskprop_runtime.metrics import start_metrics
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
+from maskprop_runtime.server import build_server, install_shutdown, serve_until
+from maskprop_runtime.settings import RuntimeSettings
+from maskprop_runtime.store import make_redis
+from maskprop_search.core import SearchCore
+from maskprop_search.grpc_api import SearchServicer
+
+log = logging.getLogger(__name__)
+
+
+class SearchSettings(RuntimeSettings):
+    """The campaign's method parameters (paper defaults) and the service's own settings."""
+
+    seed: int = 0
+    samples_per_cluster: int = Field(default=15, ge=1)
+    accept_threshold: float = 0.85
+    iou_threshold: float = 0.75
+    prior_accept_threshold: float = 0.7
+    prior_reject_threshold: float = 0.0
+    reuse_answers: bool = True
+    sequential: Literal["off", "curtail", "beta"] = "off"
+    strategy: Literal["heuristic", "bfs", "dfs", "dfs_heuristic"] = "heuristic"
+    lease_seconds: float = Field(default=600.0, gt=0)
+
+    def params(self) -> AnnotationParams:
+        return AnnotationParams(
+            samples_per_cluster=self.samples_per_cluster,
+            accept_threshold=self.accept_threshold,
+            iou_threshold=self.iou_threshold,
+            prior_accept_threshold=self.prior_accept_threshold,
+            prior_reject_threshold=self.prior_reject_threshold,
+            reuse_answers=self.reuse_answers,
+            sequential=self.sequential,
+        )
+
+    def selection(self) -> Selection:
+        return Selection(self.prior_reject_threshold, self.prior_accept_threshold)
+
+
+def build_search(
+    settings: SearchSettings, bus: Bus, redis: Any, producer: Producer | None = None
+) -> tuple[SearchCore, EventLoop]:
+    core = SearchCore(
+        redis,
+        settings.params(),
+        settings.selection(),
+        producer or bus.producer(),
+        seed=settings.seed,
+        strategy=settings.strategy,
+        lease_seconds=settings.lease_seconds,
+    )
+    loop = EventLoop(
+        service="search",
+        bus=bus,
+        group="maskprop-search",
+        handlers={topics.TREES: core.on_tree_built},
+        dedup=DedupStore(redis, "search"),
+        max_records=settings.kafka_max_poll_records,
+    )
+    return core, loop
+
+
+def main() -> None:
+    settings = SearchSettings()
+    setup_logging("search", settings.log_level, settings.log_json)
+    if not settings.distributed or settings.redis_url is None:
+        raise SystemExit(
+            "error: a standalone search service needs MASKPROP_KAFKA_BOOTSTRAP and "
+            "MASKPROP_REDIS_URL (use `maskprop run` for the embedded pipeline)"
+        )
+    start_metrics(settings.metrics_port)
+    redis = make_redis(
+        settings.redis_url.get_secret_value(), connect_timeout_s=settings.connect_timeout_s
+    )
+    bus = make_bus(
+        settings.kafka_bootstrap,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        connect_timeout_s=settings.connect_timeout_s,
+    )
+    core, loop = build_search(settings, bus, redis)
+    republished = core.recover()
+    stop = threading.Event()
+    install_shutdown(stop)
+    server, health = build_server(
+        lambda s: search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(core), s),
+        ["maskprop.search.v1.SearchService"],
+    )
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    server.start()
+    log.info("search started", extra={"grpc_port": port, "republished_events": republished})
+    consumer = threading.Thread(target=loop.run, args=(stop,), name="trees-consumer", daemon=True)
+    consumer.start()
+    serve_until(server, health, stop)
+    consumer.join(timeout=15)

@@ -1,0 +1,127 @@
+"""Clusterer + search wired in one process: sessions in (fake) Redis, labels on the bus."""
+
+from collections import Counter
+
+import pytest
+from maskprop_detector.simulated import mask_id
+from maskprop_search.core import BadRequest
+
+from maskprop_runtime import topics
+from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
+from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
+
+
+def labels_on_bus(bus):
+    out = Counter()
+    values = {}
+    for rec in bus.read(topics.LABELS):
+        ev = search_pb2.LabelsPropagated.FromString(rec.value)
+        for lab in ev.labels:
+            out[lab.mask_id] += 1
+            values[lab.mask_id] = int(lab.accepted)
+    return out, values
+
+
+def annotate(w, batch=37, restart_every=None):
+    steps = 0
+    while True:
+        qs, done = w.core.lease(w.campaign, batch)
+        if done:
+            return
+        assert qs
+        w.core.submit((q.question_id, bool(t)) for q, t in zip(qs, w.truth(qs), strict=True))
+        steps += 1
+        if restart_every and steps % restart_every == 0:
+            w.restart_search()
+
+
+def test_trees_open_sessions_and_every_mask_is_labelled_once(wired):
+    wired.publish_pool()
+    wired.settle()
+    assert len(wired.core.classes("c1")) == 4
+    annotate(wired)
+    counts, values = labels_on_bus(wired.bus)
+    assert set(counts) == {mask_id(i) for i in range(len(wired.pool))}
+    assert set(counts.values()) == {1}
+    progress = wired.core.progress("c1")
+    assert progress.done
+    assert sum(c.accepted_masks for c in progress.classes) == sum(values.values())
+
+
+def test_labels_do_not_depend_on_batching_or_restarts(tmp_path, pool):
+    from tests.inprocess.conftest import Wired
+
+    runs = []
+    for i, (batch, restart) in enumerate([(15, None), (200, None), (7, 3)]):
+        w = Wired(tmp_path / str(i), pool)
+        w.publish_pool()
+        w.settle()
+        annotate(w, batch=batch, restart_every=restart)
+        runs.append(labels_on_bus(w.bus)[1])
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_duplicate_stale_and_malformed_answers(wired):
+    wired.publish_pool()
+    wired.settle()
+    qs, _ = wired.core.lease("c1", 5)
+    answers = [(q.question_id, True) for q in qs]
+    assert wired.core.submit(answers)[0] == len(qs)
+    applied, dup, stale = wired.core.submit(answers)
+    assert (applied, dup, stale) == (0, len(qs), 0)
+    with pytest.raises(BadRequest):
+        wired.core.submit([("c1:0:zz:1", True)])
+    with pytest.raises(BadRequest):
+        wired.core.submit([("../etc:0:1:1", True)])
+
+
+def test_expired_leases_go_back_to_the_pool(tmp_path, pool):
+    from tests.inprocess.conftest import Wired
+
+    w = Wired(tmp_path, pool, lease_seconds=0.01)
+    w.publish_pool()
+    w.settle()
+    first, _ = w.core.lease("c1", 10)
+    import time
+
+    time.sleep(0.05)
+    again, _ = w.core.lease("c1", 10)
+    assert {q.mask_id for q in first} & {q.mask_id for q in again}
+    # An answer to the expired lease of a question leased again later is stale, not applied
+    # twice; answering the new lease works.
+    stale_answers = [
+        (q.question_id, True) for q in first if q.question_id not in {a.question_id for a in again}
+    ]
+    if stale_answers:
+        assert w.core.submit(stale_answers)[2] == len(stale_answers)
+
+
+def test_bad_events_are_dead_lettered_and_the_consumer_goes_on(wired):
+    producer = wired.bus.producer()
+    producer.send(topics.MASKS, b"k", b"\xff\x00garbage")
+    bad_rle = detector_pb2.MaskStreamEvent(
+        event_id="masks.c1.0.0",
+        masks=detector_pb2.MasksDetected(
+            campaign="c1",
+            class_id=0,
+            feature_dim=2,
+            masks=[detector_pb2.DetectedMask(mask_id="m1", image_id="i1", score=0.5)],
+            images=[common_pb2.ImageInfo(image_id="i1", width=4, height=4)],
+        ),
+    )
+    producer.send(topics.MASKS, b"k", bad_rle.SerializeToString())
+    traversal = detector_pb2.MaskStreamEvent(
+        event_id="../../x", closed=detector_pb2.ClassBatchClosed(campaign="c1")
+    )
+    producer.send(topics.MASKS, b"k", traversal.SerializeToString())
+    producer.flush()
+    wired.publish_pool()
+    wired.settle()
+    dead = [common_pb2.DeadLetter.FromString(r.value) for r in wired.bus.read(topics.DEADLETTER)]
+    reasons = " | ".join(d.reason for d in dead)
+    assert len(dead) == 3, reasons
+    assert "not a maskprop.detector.v1.MaskStreamEvent" in reasons
+    assert "malformed RLE" in reasons
+    assert "event_id" in reasons
+    assert len(wired.core.classes("c1")) == 4  # the good events still went through
