@@ -28,13 +28,10 @@ class Service(StrEnum):
 def serve(name: Annotated[Service, typer.Argument(help="Which service to run.")]) -> None:
     """Run one service as its own process (settings from MASKPROP_* environment variables)."""
     try:
-        if name is Service.clusterer:
-            from maskprop_clusterer.service import main as service_main
-        elif name is Service.search:
-            from maskprop_search.service import main as service_main
-        else:
-            from maskprop_sink.service import main as service_main
-        service_main()
+        import importlib
+
+        module = importlib.import_module(f"maskprop_{name.value}.service")
+        module.main()
     except ValidationError as exc:
         first = exc.errors()[0]
         _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
