@@ -156,7 +156,11 @@ class KafkaBus:
         session_timeout_ms: int = 10_000,
         connect_timeout_s: float = 120.0,
         partitions: int = PARTITIONS,
+        namespace: str = "",
     ) -> None:
+        # Physical topic names are "<namespace>.<topic>" when a namespace is set, so several
+        # deployments (or test runs) can share one broker; services only see logical names.
+        self.namespace = namespace
         self.bootstrap = bootstrap
         self.session_timeout_ms = session_timeout_ms
         self.connect_timeout_s = connect_timeout_s
@@ -191,7 +195,7 @@ class KafkaBus:
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        missing = [t for t in topics if t not in self._created]
+        missing = [self.physical(t) for t in topics if self.physical(t) not in self._created]
         if not missing:
             return
         admin = self._retry(
@@ -210,6 +214,13 @@ class KafkaBus:
             admin.close()
         self._created.update(missing)
 
+    def physical(self, topic: str) -> str:
+        return f"{self.namespace}.{topic}" if self.namespace else topic
+
+    def logical(self, topic: str) -> str:
+        prefix = f"{self.namespace}."
+        return topic[len(prefix) :] if self.namespace and topic.startswith(prefix) else topic
+
     def producer(self) -> KafkaProducerAdapter:
         from kafka import KafkaProducer
 
@@ -224,7 +235,7 @@ class KafkaBus:
                 retries=2**31 - 1,
             ),
         )
-        return KafkaProducerAdapter(p)
+        return KafkaProducerAdapter(p, self.physical)
 
     def consumer(self, topics: list[str], group: str) -> KafkaConsumerAdapter:
         from kafka import KafkaConsumer
@@ -233,7 +244,7 @@ class KafkaBus:
         c = self._retry(
             "consumer",
             lambda: KafkaConsumer(
-                *topics,
+                *[self.physical(t) for t in topics],
                 bootstrap_servers=self.bootstrap,
                 group_id=group,
                 enable_auto_commit=False,
@@ -245,19 +256,20 @@ class KafkaBus:
                 max_partition_fetch_bytes=16 * 1024 * 1024,
             ),
         )
-        return KafkaConsumerAdapter(c)
+        return KafkaConsumerAdapter(c, self.logical)
 
     def close(self) -> None:
         return None
 
 
 class KafkaProducerAdapter:
-    def __init__(self, producer: Any) -> None:
+    def __init__(self, producer: Any, physical: Any) -> None:
         self._p = producer
+        self._physical = physical
         self._futures: list[Any] = []
 
     def send(self, topic: str, key: bytes, value: bytes) -> None:
-        self._futures.append(self._p.send(topic, key=key, value=value))
+        self._futures.append(self._p.send(self._physical(topic), key=key, value=value))
 
     def flush(self) -> None:
         self._p.flush()
@@ -271,16 +283,20 @@ class KafkaProducerAdapter:
 
 
 class KafkaConsumerAdapter:
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, logical: Any) -> None:
         self._c = consumer
+        self._logical = logical
+        self._physical: dict[str, str] = {}
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        out = [
-            Record(tp.topic, tp.partition, m.offset, m.key or b"", m.value or b"")
-            for tp, msgs in batches.items()
-            for m in msgs
-        ]
+        out: list[Record] = []
+        for tp, msgs in batches.items():
+            name = self._logical(tp.topic)
+            self._physical[name] = tp.topic
+            out.extend(
+                Record(name, tp.partition, m.offset, m.key or b"", m.value or b"") for m in msgs
+            )
         out.sort(key=lambda r: (r.topic, r.partition, r.offset))
         return out
 
@@ -291,7 +307,7 @@ class KafkaConsumerAdapter:
 
         offsets: dict[Any, Any] = {}
         for r in records:
-            tp = TopicPartition(r.topic, r.partition)
+            tp = TopicPartition(self._physical.get(r.topic, r.topic), r.partition)
             nxt = r.offset + 1
             if tp not in offsets or offsets[tp].offset < nxt:
                 offsets[tp] = OffsetAndMetadata(nxt, "", -1)

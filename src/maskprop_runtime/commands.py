@@ -93,3 +93,39 @@ def export_coco_cmd(
         _fail(str(exc))
         return
     typer.echo(json.dumps(summary))
+
+
+@app.command("feed-simulated")
+def feed_simulated(
+    campaign: Annotated[str, typer.Option(help="Campaign name.")],
+    masks: Annotated[int, typer.Option(help="Masks in the simulated pool.")] = 20_000,
+    classes: Annotated[int, typer.Option(help="Object classes.")] = 10,
+    seed: Annotated[int, typer.Option(help="Pool seed.")] = 0,
+    dim: Annotated[int, typer.Option(help="Feature dimension.")] = 32,
+) -> None:
+    """Publish a simulated detector's masks to the real broker (MASKPROP_KAFKA_BOOTSTRAP)."""
+    from maskprop_detector.simulated import pool_events
+
+    from maskprop.simulate.generator import ade_like_pool
+    from maskprop_runtime import topics
+    from maskprop_runtime.bus import make_bus
+    from maskprop_runtime.settings import RuntimeSettings
+    from maskprop_runtime.treestore import check_name
+
+    try:
+        check_name("campaign", campaign)
+        settings = RuntimeSettings()
+        if not settings.distributed:
+            raise MaskpropError("feed-simulated needs MASKPROP_KAFKA_BOOTSTRAP (a real broker)")
+        pool = ade_like_pool(masks, classes, seed=seed, dim=dim)
+        bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
+        producer = bus.producer()
+        n = 0
+        for key, ev in pool_events(pool, campaign):
+            producer.send(topics.MASKS, key, ev.SerializeToString())
+            n += 1
+        producer.close()
+    except (MaskpropError, ValueError, ConnectionError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps({"campaign": campaign, "masks": len(pool), "events": n}))

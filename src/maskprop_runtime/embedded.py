@@ -161,17 +161,7 @@ def run_pipeline(
     pool = ade_like_pool(cfg.masks, cfg.classes, seed=cfg.seed, dim=cfg.dim)
     redis_url = runtime.redis_url.get_secret_value() if runtime.redis_url else None
     redis = make_redis(redis_url, connect_timeout_s=runtime.connect_timeout_s)
-    bus = make_bus(
-        runtime.kafka_bootstrap,
-        **(
-            {
-                "session_timeout_ms": runtime.kafka_session_timeout_ms,
-                "connect_timeout_s": runtime.connect_timeout_s,
-            }
-            if runtime.distributed
-            else {}
-        ),
-    )
+    bus = make_bus(runtime.kafka_bootstrap, **runtime.bus_options())
     common = runtime.model_dump(exclude={"data_dir"})
     clusterer = build_clusterer(ClustererSettings(**common, data_dir=out / "state"), bus, redis)
     search_settings = SearchSettings(**common, data_dir=out / "state", **cfg.search)

@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -56,3 +57,12 @@ def serve_until(
     stop.wait()
     health_servicer.enter_graceful_shutdown()  # probes fail first, so traffic drains
     server.stop(grace_s).wait()
+
+
+def start_health_only(host: str, port: int, service_name: str) -> tuple[grpc.Server, Any]:
+    """For services without a gRPC API (clusterer, sink): grpc.health.v1 alone, so every
+    service is probed the same way on Kubernetes."""
+    server, health_servicer = build_server(lambda _s: None, [service_name], workers=2)
+    server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    return server, health_servicer

@@ -21,6 +21,7 @@ class RuntimeSettings(BaseSettings):
 
     env: Literal["dev", "prod"] = "dev"
     kafka_bootstrap: str | None = None
+    topic_namespace: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,40}$")
     redis_url: SecretStr | None = None
     data_dir: Path = Path("data")
     grpc_host: str = "127.0.0.1"
@@ -44,3 +45,13 @@ class RuntimeSettings(BaseSettings):
     @property
     def distributed(self) -> bool:
         return self.kafka_bootstrap is not None
+
+    def bus_options(self) -> dict[str, object]:
+        """Keyword arguments of :func:`maskprop_runtime.bus.make_bus` for these settings."""
+        if not self.distributed:
+            return {}
+        return {
+            "session_timeout_ms": self.kafka_session_timeout_ms,
+            "connect_timeout_s": self.connect_timeout_s,
+            "namespace": self.topic_namespace,
+        }

@@ -24,7 +24,7 @@ from maskprop_runtime.loop import DedupStore, Emit, EventLoop, InvalidEvent
 from maskprop_runtime.metrics import start_metrics
 from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
-from maskprop_runtime.server import install_shutdown
+from maskprop_runtime.server import install_shutdown, start_health_only
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.store import make_redis
 from maskprop_runtime.treestore import MaskTable, TreeStore, check_name
@@ -174,12 +174,11 @@ def main() -> None:
     start_metrics(settings.metrics_port)
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     redis = make_redis(redis_url, connect_timeout_s=settings.connect_timeout_s)
-    bus = make_bus(
-        settings.kafka_bootstrap,
-        session_timeout_ms=settings.kafka_session_timeout_ms,
-        connect_timeout_s=settings.connect_timeout_s,
-    )
+    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
     stop = threading.Event()
     install_shutdown(stop)
+    server, health = start_health_only(settings.grpc_host, settings.grpc_port, "clusterer")
     log.info("clusterer started", extra={"tree_dir": str(settings.trees)})
     build_clusterer(settings, bus, redis).run(stop)
+    health.enter_graceful_shutdown()
+    server.stop(5).wait()

@@ -89,11 +89,7 @@ def main() -> None:
     redis = make_redis(
         settings.redis_url.get_secret_value(), connect_timeout_s=settings.connect_timeout_s
     )
-    bus = make_bus(
-        settings.kafka_bootstrap,
-        session_timeout_ms=settings.kafka_session_timeout_ms,
-        connect_timeout_s=settings.connect_timeout_s,
-    )
+    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
     core, loop = build_search(settings, bus, redis)
     republished = core.recover()
     stop = threading.Event()

@@ -1,0 +1,3 @@
+from maskprop_detector.service import main
+
+main()

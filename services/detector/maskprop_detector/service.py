@@ -1,0 +1,50 @@
+"""The detector service shell: consumes ``maskprop.images`` (ImageBatch) as consumer group
+``maskprop-detector``.  The model itself (Mask R-CNN with a mask-IoU head, issue #4) is not
+built yet, so every batch is dead-lettered with that reason rather than silently dropped;
+``maskprop feed-simulated`` publishes a simulated detector's masks instead."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from google.protobuf.message import Message
+
+from maskprop_runtime import topics
+from maskprop_runtime.bus import Bus, Record, make_bus
+from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
+from maskprop_runtime.metrics import start_metrics
+from maskprop_runtime.server import install_shutdown, start_health_only
+from maskprop_runtime.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+
+def handle_images(msg: Message, record: Record) -> list[Emit]:
+    raise InvalidEvent("no detector model is configured in this build (see issue #4)")
+
+
+def build_detector(settings: RuntimeSettings, bus: Bus) -> EventLoop:
+    return EventLoop(
+        service="detector",
+        bus=bus,
+        group="maskprop-detector",
+        handlers={topics.IMAGES: handle_images},
+        max_records=settings.kafka_max_poll_records,
+    )
+
+
+def main() -> None:
+    settings = RuntimeSettings()
+    setup_logging("detector", settings.log_level, settings.log_json)
+    if not settings.distributed:
+        raise SystemExit("error: a standalone detector needs MASKPROP_KAFKA_BOOTSTRAP")
+    start_metrics(settings.metrics_port)
+    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
+    stop = threading.Event()
+    install_shutdown(stop)
+    server, health = start_health_only(settings.grpc_host, settings.grpc_port, "detector")
+    build_detector(settings, bus).run(stop)
+    health.enter_graceful_shutdown()
+    server.stop(5).wait()

@@ -1,0 +1,3 @@
+from maskprop_gateway.app import main
+
+main()
