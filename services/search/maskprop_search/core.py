@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,18 @@ class SearchCore:
     def _lock(self, campaign: str, class_id: int) -> Any:
         return self.r.lock(self._k(campaign, class_id, "lock"), timeout=60, blocking_timeout=60)
 
+    @contextmanager
+    def _class(self, campaign: str, class_id: int) -> Iterator[_Loaded]:
+        """Lock a class and load its session.  If anything fails half-way (Redis or Kafka
+        down), the in-memory copy may be ahead of Redis: drop it, so the next call restores
+        the last saved state (whose outbox still holds any unpublished labels)."""
+        with self._lock(campaign, class_id):
+            try:
+                yield self._load(campaign, class_id)
+            except BaseException:
+                self._cache.pop((campaign, class_id), None)
+                raise
+
     def _load(self, campaign: str, class_id: int) -> _Loaded:
         """The class's session (cached while the stored version is unchanged); call locked."""
         version = int(self.r.get(self._k(campaign, class_id, "version")) or 0)
@@ -269,9 +282,8 @@ class SearchCore:
         for key in self.r.scan_iter(match="maskprop:search:*:classes"):
             campaign = key.decode().split(":")[2]
             for k in self.classes(campaign):
-                with self._lock(campaign, k):
-                    self._cache.pop((campaign, k), None)
-                    loaded = self._load(campaign, k)
+                self._cache.pop((campaign, k), None)
+                with self._class(campaign, k) as loaded:
                     sent += self._publish_outbox(campaign, k, loaded)
         return sent
 
@@ -300,8 +312,7 @@ class SearchCore:
             if len(out) >= max_questions:
                 done = False  # not checked: unknown, so not done
                 break
-            with self._lock(campaign, k):
-                loaded = self._load(campaign, k)
+            with self._class(campaign, k) as loaded:
                 expired = self._expire(campaign, k, loaded)
                 remaining = max_questions - len(out)
                 qs = loaded.session.lease(remaining) if remaining > 0 else []
@@ -355,8 +366,7 @@ class SearchCore:
             by_class.setdefault((campaign, q.class_id), []).append((qid, q, bool(ok)))
         applied = duplicates = stale = 0
         for (campaign, k), items in sorted(by_class.items()):
-            with self._lock(campaign, k):
-                loaded = self._load(campaign, k)
+            with self._class(campaign, k) as loaded:
                 session = loaded.session
                 done_ids = []
                 for qid, q, ok in items:
@@ -381,9 +391,8 @@ class SearchCore:
         done = True
         classes = self.classes(campaign)
         for k in classes:
-            with self._lock(campaign, k):
-                loaded = self._load(campaign, k)
-            s = loaded.session
+            with self._class(campaign, k) as loaded:
+                s = loaded.session
             p = s.progress()[k]
             total_q += s.questions
             done = done and s.done
@@ -408,5 +417,5 @@ class SearchCore:
 
     def labels(self, campaign: str, class_id: int) -> np.ndarray:
         """int8[n] labels of a class in tree leaf order (tests, reports)."""
-        with self._lock(campaign, class_id):
-            return self._load(campaign, class_id).session.labels(class_id).copy()
+        with self._class(campaign, class_id) as loaded:
+            return loaded.session.labels(class_id).copy()
