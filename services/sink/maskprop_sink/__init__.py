@@ -1,1 +1,1 @@
-"""maskprop service package."""
+"""maskprop dataset sink: propagated labels -> JSONL shards (exactly once) -> COCO export."""

@@ -1,0 +1,3 @@
+from maskprop_sink.service import main
+
+main()

@@ -1,0 +1,197 @@
+"""The sink: writes the search service's propagated labels as a dataset.
+
+Consumes ``maskprop.labels`` (LabelsPropagated) as group ``maskprop-sink``; produces nothing.
+State: the dataset directory (:mod:`maskprop_sink.dataset`).  Exactly-once comes from the
+writer's ledger, rebuilt from the shards at start, so the loop needs no Redis dedup set; a
+redelivered event or a republished search outbox writes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from pathlib import Path
+
+from google.protobuf.message import Message
+from prometheus_client import Counter
+from pydantic import model_validator
+
+from maskprop_runtime import topics
+from maskprop_runtime.bus import Bus, Record, make_bus
+from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
+from maskprop_runtime.metrics import start_metrics
+from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
+from maskprop_runtime.server import install_shutdown, start_health_only
+from maskprop_runtime.settings import RuntimeSettings
+from maskprop_runtime.treestore import check_name
+from maskprop_sink.dataset import DatasetWriter, UnwritableEvent
+
+log = logging.getLogger(__name__)
+
+SERVICE = "sink"
+GROUP = "maskprop-sink"
+MAX_ID = 128
+
+LABELS_WRITTEN = Counter(
+    "maskprop_sink_labels_written_total", "Label lines appended to the dataset", ["campaign"]
+)
+LABELS_SKIPPED = Counter(
+    "maskprop_sink_labels_skipped_total",
+    "Labels already in the ledger (redelivered or republished)",
+    ["campaign"],
+)
+
+
+class SinkSettings(RuntimeSettings):
+    """``MASKPROP_DATASET_DIR`` (default ``<data_dir>/dataset``) on top of the runtime's."""
+
+    dataset_dir: Path = Path("dataset")
+
+    @model_validator(mode="after")
+    def _default_dataset_dir(self) -> SinkSettings:
+        if "dataset_dir" not in self.model_fields_set:
+            self.dataset_dir = self.data_dir / "dataset"
+        return self
+
+
+def rle_runs(counts: bytes) -> list[int]:
+    """Decode COCO compressed RLE ``counts`` into run lengths (0s first, then 1s, alternating).
+
+    Format (pycocotools maskApi.c ``rleFrString``): each run is 5-bit groups offset by 48,
+    with 0x20 the continuation bit and the last group sign-extended; runs after the third
+    are stored as deltas to the run two before.  Raises ``ValueError`` on malformed counts.
+    """
+    runs: list[int] = []
+    x = k = 0
+    more = False
+    for ch in counts:
+        c = ch - 48
+        if not 0 <= c < 64:
+            raise ValueError("RLE counts hold a byte outside the COCO alphabet")
+        x |= (c & 0x1F) << (5 * k)
+        more = bool(c & 0x20)
+        k += 1
+        if more:
+            continue
+        if c & 0x10:
+            x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            raise ValueError("RLE counts decode to a negative run")
+        runs.append(x)
+        x = k = 0
+    if more:
+        raise ValueError("RLE counts end inside a run")
+    return runs
+
+
+def rle_problem(rle: common_pb2.RleMask) -> str | None:
+    """Why ``rle`` is not a well-formed COCO compressed RLE, or None when it is.
+
+    Checked in Python before pycocotools sees it: pycocotools' decoder trusts the counts and
+    writes past its ``h * w`` buffer when the runs add up to more.
+    """
+    if rle.height == 0 or rle.width == 0:
+        return f"RLE size {rle.height}x{rle.width} is empty"
+    try:
+        runs = rle_runs(rle.counts)
+    except ValueError as exc:
+        return str(exc)
+    total, pixels = sum(runs), rle.height * rle.width
+    if total != pixels:
+        return f"RLE runs cover {total} pixels, size {rle.height}x{rle.width} has {pixels}"
+    return None
+
+
+def validate(event: search_pb2.LabelsPropagated) -> None:
+    """Raise :class:`InvalidEvent` (-> dead letter) for an event the sink cannot write."""
+    try:
+        check_name("campaign", event.campaign)
+    except ValueError as exc:
+        raise InvalidEvent(str(exc)) from None
+    if not event.labels:
+        raise InvalidEvent(f"event {event.event_id!r} carries no labels")
+    for i, lab in enumerate(event.labels):
+        if not lab.mask_id or len(lab.mask_id) > MAX_ID:
+            raise InvalidEvent(f"label {i}: mask_id must be 1-{MAX_ID} characters")
+        if not lab.image_id or len(lab.image_id) > MAX_ID:
+            raise InvalidEvent(f"label {lab.mask_id!r}: image_id must be 1-{MAX_ID} characters")
+        if not math.isfinite(lab.score):
+            raise InvalidEvent(f"label {lab.mask_id!r}: score is not finite")
+        problem = rle_problem(lab.rle)
+        if problem is not None:
+            raise InvalidEvent(f"label {lab.mask_id!r}: {problem}")
+
+
+class Sink:
+    """The handler: a thin adapter from LabelsPropagated to :class:`DatasetWriter`."""
+
+    def __init__(self, writer: DatasetWriter) -> None:
+        self.writer = writer
+
+    def handle(self, msg: Message, record: Record) -> list[Emit]:
+        assert isinstance(msg, search_pb2.LabelsPropagated)
+        validate(msg)
+        try:
+            written = self.writer.write(msg, record.partition)
+        except UnwritableEvent as exc:
+            # The writer checks what needs its ledger (unknown images) before any I/O.
+            raise InvalidEvent(str(exc)) from None
+        LABELS_WRITTEN.labels(msg.campaign).inc(written)
+        LABELS_SKIPPED.labels(msg.campaign).inc(len(msg.labels) - written)
+        log.info(
+            "labels written",
+            extra={
+                "event_id": msg.event_id,
+                "campaign": msg.campaign,
+                "class_id": msg.class_id,
+                "written": written,
+                "skipped": len(msg.labels) - written,
+            },
+        )
+        return []
+
+
+def build_sink(
+    settings: SinkSettings, bus: Bus, *, writer: DatasetWriter | None = None
+) -> EventLoop:
+    """The sink's event loop over ``writer`` (default: a writer on ``settings.dataset_dir``,
+    which locks the directory and rebuilds the ledger from its shards)."""
+    sink = Sink(writer if writer is not None else DatasetWriter(settings.dataset_dir))
+    return EventLoop(
+        service=SERVICE,
+        bus=bus,
+        group=GROUP,
+        handlers={topics.LABELS: sink.handle},
+        dedup=None,  # the dataset's own ledger is the dedup record
+        max_records=settings.kafka_max_poll_records,
+    )
+
+
+def main() -> None:
+    settings = SinkSettings()
+    setup_logging(SERVICE, settings.log_level, settings.log_json)
+    if not settings.distributed:
+        raise SystemExit(
+            "error: a standalone sink needs MASKPROP_KAFKA_BOOTSTRAP (the in-memory bus lives "
+            "inside one process; use `maskprop run` for the embedded pipeline)"
+        )
+    start_metrics(settings.metrics_port)
+    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
+    stop = threading.Event()
+    install_shutdown(stop)
+    # Wait for a previous sink (a pod still draining) to let go of the directory; health
+    # answers only once the lock is held and the ledger rebuilt, so probes see a ready sink.
+    writer = DatasetWriter(settings.dataset_dir, lock_timeout_s=settings.connect_timeout_s)
+    server, health = start_health_only(settings.grpc_host, settings.grpc_port, SERVICE)
+    log.info("sink started", extra={"dataset_dir": str(settings.dataset_dir)})
+    try:
+        build_sink(settings, bus, writer=writer).run(stop)
+    finally:
+        health.enter_graceful_shutdown()
+        server.stop(5).wait()
+        writer.close()
