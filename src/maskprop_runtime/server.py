@@ -66,3 +66,23 @@ def start_health_only(host: str, port: int, service_name: str) -> tuple[grpc.Ser
     server.add_insecure_port(f"{host}:{port}")
     server.start()
     return server, health_servicer
+
+
+def entrypoint(main: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a service's ``main``: configuration and connectivity problems end the process
+    with one clear ``error:`` line (after the retries with backoff have run out)."""
+
+    def wrapped() -> None:
+        from pydantic import ValidationError
+
+        try:
+            main()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "settings"
+            raise SystemExit(f"error: bad setting {where}: {first['msg']}") from None
+        except ConnectionError as exc:
+            raise SystemExit(f"error: {exc}") from None
+
+    wrapped.__doc__ = main.__doc__
+    return wrapped

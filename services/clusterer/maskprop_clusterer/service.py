@@ -24,7 +24,7 @@ from maskprop_runtime.loop import DedupStore, Emit, EventLoop, InvalidEvent
 from maskprop_runtime.metrics import start_metrics
 from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
-from maskprop_runtime.server import install_shutdown, start_health_only
+from maskprop_runtime.server import entrypoint, install_shutdown, start_health_only
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.store import make_redis
 from maskprop_runtime.treestore import MaskTable, TreeStore, check_name
@@ -163,6 +163,7 @@ def build_clusterer(settings: ClustererSettings, bus: Bus, redis: object) -> Eve
     )
 
 
+@entrypoint
 def main() -> None:
     settings = ClustererSettings()
     setup_logging("clusterer", settings.log_level, settings.log_json)

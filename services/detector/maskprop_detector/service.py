@@ -15,7 +15,7 @@ from maskprop_runtime.bus import Bus, Record, make_bus
 from maskprop_runtime.logs import setup_logging
 from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
 from maskprop_runtime.metrics import start_metrics
-from maskprop_runtime.server import install_shutdown, start_health_only
+from maskprop_runtime.server import entrypoint, install_shutdown, start_health_only
 from maskprop_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def build_detector(settings: RuntimeSettings, bus: Bus) -> EventLoop:
     )
 
 
+@entrypoint
 def main() -> None:
     settings = RuntimeSettings()
     setup_logging("detector", settings.log_level, settings.log_json)

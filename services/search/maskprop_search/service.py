@@ -16,7 +16,7 @@ from maskprop_runtime.logs import setup_logging
 from maskprop_runtime.loop import DedupStore, EventLoop
 from maskprop_runtime.metrics import start_metrics
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
-from maskprop_runtime.server import build_server, install_shutdown, serve_until
+from maskprop_runtime.server import build_server, entrypoint, install_shutdown, serve_until
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.store import make_redis
 from maskprop_search.core import SearchCore
@@ -77,6 +77,7 @@ def build_search(
     return core, loop
 
 
+@entrypoint
 def main() -> None:
     settings = SearchSettings()
     setup_logging("search", settings.log_level, settings.log_json)

@@ -24,7 +24,7 @@ from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
 from maskprop_runtime.metrics import start_metrics
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
-from maskprop_runtime.server import install_shutdown, start_health_only
+from maskprop_runtime.server import entrypoint, install_shutdown, start_health_only
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
 from maskprop_sink.dataset import DatasetWriter, UnwritableEvent
@@ -172,6 +172,7 @@ def build_sink(
     )
 
 
+@entrypoint
 def main() -> None:
     settings = SinkSettings()
     setup_logging(SERVICE, settings.log_level, settings.log_json)
