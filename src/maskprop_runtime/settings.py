@@ -26,6 +26,7 @@ class RuntimeSettings(BaseSettings):
     data_dir: Path = Path("data")
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 on Kubernetes, so Prometheus can scrape
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True

@@ -5,8 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
+
+
+def redacted(url: str) -> str:
+    """host:port/db of a Redis URL, never its password."""
+    u = urlsplit(url)
+    return f"{u.hostname}:{u.port or 6379}{u.path or '/0'}"
 
 
 def make_redis(url: str | None, *, connect_timeout_s: float = 120.0) -> Any:
@@ -27,7 +34,7 @@ def make_redis(url: str | None, *, connect_timeout_s: float = 120.0) -> Any:
             client.ping()
             return client
         except redis.exceptions.ConnectionError as exc:
-            where = url.split("@")[-1]  # never log a password
+            where = redacted(url)
             if time.monotonic() > deadline:
                 raise ConnectionError(f"cannot reach Redis at {where}: {exc}") from exc
             log.warning("cannot reach Redis, retrying", extra={"redis": where, "retry_in_s": delay})

@@ -84,11 +84,17 @@ class Deployment:
         self.data = tmp / "data"
         self.logs = tmp / "logs"
         self.logs.mkdir(parents=True)
+        # A Redis database of its own (1-15), emptied first: no state of earlier runs.
+        db = 1 + int(self.tag, 16) % 15
+        redis_url = infra["redis"].rsplit("/", 1)[0] + f"/{db}"
+        import redis as redis_client
+
+        redis_client.Redis.from_url(redis_url).flushdb()
         base = {
             **os.environ,
             "MASKPROP_ENV": "prod",
             "MASKPROP_KAFKA_BOOTSTRAP": infra["kafka"],
-            "MASKPROP_REDIS_URL": infra["redis"],
+            "MASKPROP_REDIS_URL": redis_url,
             "MASKPROP_TOPIC_NAMESPACE": f"it{self.tag}",
             "MASKPROP_DATA_DIR": str(self.data),
             "MASKPROP_KAFKA_SESSION_TIMEOUT_MS": "6000",

@@ -8,6 +8,7 @@ search service and the sink and a restart of the broker.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import grpc
@@ -173,7 +174,11 @@ def test_a_service_that_cannot_reach_redis_says_so(infra, tmp_path):
         "MASKPROP_CONNECT_TIMEOUT_S": "3",
     }
     proc = subprocess.run(
-        ["python", "-m", "maskprop_search"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "maskprop_search"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "cannot reach Redis at 127.0.0.1:1/0" in proc.stderr

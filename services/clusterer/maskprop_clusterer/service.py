@@ -172,7 +172,7 @@ def main() -> None:
             "error: a standalone clusterer needs MASKPROP_KAFKA_BOOTSTRAP and MASKPROP_REDIS_URL "
             "(use `maskprop run` for the embedded pipeline)"
         )
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.metrics_host)
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     redis = make_redis(redis_url, connect_timeout_s=settings.connect_timeout_s)
     bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())

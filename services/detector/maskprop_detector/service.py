@@ -41,7 +41,7 @@ def main() -> None:
     setup_logging("detector", settings.log_level, settings.log_json)
     if not settings.distributed:
         raise SystemExit("error: a standalone detector needs MASKPROP_KAFKA_BOOTSTRAP")
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.metrics_host)
     bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
     stop = threading.Event()
     install_shutdown(stop)

@@ -283,8 +283,15 @@ class SearchCore:
             campaign = key.decode().split(":")[2]
             for k in self.classes(campaign):
                 self._cache.pop((campaign, k), None)
-                with self._class(campaign, k) as loaded:
-                    sent += self._publish_outbox(campaign, k, loaded)
+                try:
+                    with self._class(campaign, k) as loaded:
+                        sent += self._publish_outbox(campaign, k, loaded)
+                except (OSError, BadRequest) as exc:
+                    # One class whose tree file is gone must not keep the service down.
+                    log.error(
+                        "cannot recover class; its labels wait in Redis",
+                        extra={"campaign": campaign, "class_id": k, "error": str(exc)},
+                    )
         return sent
 
     # ------------------------------------------------------------------ API

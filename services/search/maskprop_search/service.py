@@ -86,7 +86,7 @@ def main() -> None:
             "error: a standalone search service needs MASKPROP_KAFKA_BOOTSTRAP and "
             "MASKPROP_REDIS_URL (use `maskprop run` for the embedded pipeline)"
         )
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.metrics_host)
     redis = make_redis(
         settings.redis_url.get_secret_value(), connect_timeout_s=settings.connect_timeout_s
     )

@@ -181,7 +181,7 @@ def main() -> None:
             "error: a standalone sink needs MASKPROP_KAFKA_BOOTSTRAP (the in-memory bus lives "
             "inside one process; use `maskprop run` for the embedded pipeline)"
         )
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.metrics_host)
     bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
     stop = threading.Event()
     install_shutdown(stop)
