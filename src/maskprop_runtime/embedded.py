@@ -162,6 +162,10 @@ def run_pipeline(
     redis_url = runtime.redis_url.get_secret_value() if runtime.redis_url else None
     redis = make_redis(redis_url, connect_timeout_s=runtime.connect_timeout_s)
     bus = make_bus(runtime.kafka_bootstrap, **runtime.bus_options())
+    if redis.exists(f"maskprop:search:{cfg.campaign}:classes"):
+        raise MaskpropError(
+            f"campaign {cfg.campaign!r} already exists in this Redis; choose a new [campaign] name"
+        )
     common = runtime.model_dump(exclude={"data_dir"})
     clusterer = build_clusterer(ClustererSettings(**common, data_dir=out / "state"), bus, redis)
     search_settings = SearchSettings(**common, data_dir=out / "state", **cfg.search)
