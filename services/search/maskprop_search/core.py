@@ -363,6 +363,7 @@ class SearchCore:
                 height=int(t.rle_h[q.mask]), width=int(t.rle_w[q.mask]), counts=t.counts(q.mask)
             ),
             lease_expires_unix=deadline,
+            image_file=str(t.img_files[loaded.images[str(t.image_ids[q.mask])]]),
         )
 
     def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:

@@ -1,60 +1,130 @@
-"""The verify gateway shell (FastAPI): the crowd-vendor API arrives with issue #5.
+"""The verify gateway: the HTTP API crowd vendors call (FastAPI, OpenAPI at /openapi.json).
 
-Today it serves only ``/healthz`` for Kubernetes probes, which reports whether the search
-service answers gRPC health checks.  No vendor route exists yet, so none is unauthenticated.
+Every /v1 route needs a vendor key (or, for the annotator page, a signed worker token); bodies
+are size-limited; vendors are rate-limited.  ``/healthz`` (probes) and ``/openapi.json`` are
+the only unauthenticated routes and return no data of any campaign.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-import grpc
-from fastapi import FastAPI, Response
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
-from maskprop_runtime.settings import RuntimeSettings
+from maskprop_gateway.api.routes import answers, leases, progress
+from maskprop_gateway.auth import KeyStore
+from maskprop_gateway.gateway import Gateway
+from maskprop_gateway.limits import BodySizeLimit, RateLimiter
+from maskprop_gateway.quality import QualityControl, QualityPolicy
+from maskprop_gateway.search_client import GrpcSearchClient, SearchClient
+from maskprop_gateway.settings import GatewaySettings
+from maskprop_runtime.store import make_redis
+
+log = logging.getLogger(__name__)
+
+ExpiredHook = Callable[[list[dict[str, str]]], None]
 
 
-class GatewaySettings(RuntimeSettings):
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(default=8080, ge=1, le=65535)
-    search_target: str = "127.0.0.1:50051"
+def policy_from(settings: GatewaySettings) -> QualityPolicy:
+    return QualityPolicy(
+        qualification_size=settings.qualification_size,
+        qualification_pass=settings.qualification_pass,
+        gold_share=settings.gold_share,
+        min_accuracy=settings.min_accuracy,
+        redundancy=settings.redundancy,
+    )
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    redis: Any = None,
+    search: SearchClient | None = None,
+    expiry_interval_s: float = 5.0,
+) -> FastAPI:
+    """Build the app.  ``redis`` and ``search`` default to the configured Redis and the gRPC
+    search service; tests and the embedded mode pass fakeredis and an in-process search."""
     settings = settings or GatewaySettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Channels are made here, inside the app's event loop, never at import time.
-        app.state.channel = grpc.aio.insecure_channel(settings.search_target)
-        app.state.health = health_pb2_grpc.HealthStub(app.state.channel)
+        # Connections are made here, inside the app's event loop, never at import time.
+        r = redis
+        if r is None:
+            url = settings.redis_url.get_secret_value() if settings.redis_url else None
+            r = make_redis(url, connect_timeout_s=settings.connect_timeout_s)
+        client = search or GrpcSearchClient(settings.search_target)
+        keys = KeyStore(r, settings.key_pepper.get_secret_value())
+        qc = QualityControl(r, policy_from(settings))
+        app.state.keys = keys
+        app.state.limiter = RateLimiter(r, settings.rate_per_s, settings.rate_burst)
+        app.state.gateway = Gateway(r, client, qc, settings, token_for=keys.worker_token)
+        app.state.expired_hooks = []
+        task = asyncio.create_task(_expire_loop(app, expiry_interval_s))
         yield
-        await app.state.channel.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if isinstance(client, GrpcSearchClient):
+            client.close()
 
-    app = FastAPI(title="maskprop verify gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="maskprop verify gateway",
+        version="1.0.0",
+        description="Crowd-vendor API: lease yes/no mask-verification questions for workers, "
+        "submit answers. Authenticate with `Authorization: Bearer <vendor key>`.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
-    @app.get("/healthz")
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", []))
+        return JSONResponse({"detail": f"{where}: {first.get('msg')}"}, status_code=422)
+
+    @app.get("/healthz", include_in_schema=False)
     async def healthz(response: Response) -> dict[str, str]:
-        try:
-            reply = await app.state.health.Check(
-                health_pb2.HealthCheckRequest(service="maskprop.search.v1.SearchService"),
-                timeout=2,
-            )
-            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            ok = False
-        if not ok:
-            response.status_code = 503
-        return {"status": "ok" if ok else "search unavailable"}
+        return {"status": "ok"}
 
+    app.include_router(leases.router)
+    app.include_router(answers.router)
+    app.include_router(progress.router)
     return app
+
+
+async def _expire_loop(app: FastAPI, interval_s: float) -> None:
+    """Expired leases free their questions; hooks (vendor callbacks) hear about them."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            expired = await asyncio.to_thread(app.state.gateway.expire_leases)
+            for hook in app.state.expired_hooks:
+                hook(expired)
+        except Exception:
+            log.exception("lease expiry failed; will retry")
 
 
 def main() -> None:
     import uvicorn
 
+    from maskprop_runtime.logs import setup_logging
+
     settings = GatewaySettings()
-    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port)
+    setup_logging("verify-gateway", settings.log_level, settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        access_log=False,  # request lines would carry query tokens; our logs carry none
+    )

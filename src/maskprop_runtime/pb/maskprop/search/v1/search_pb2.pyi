@@ -18,7 +18,7 @@ LABEL_SOURCE_PROPAGATED: LabelSource
 LABEL_SOURCE_VERIFIED: LabelSource
 
 class Question(_message.Message):
-    __slots__ = ("question_id", "campaign", "class_id", "class_name", "mask_id", "image_id", "rle", "lease_expires_unix")
+    __slots__ = ("question_id", "campaign", "class_id", "class_name", "mask_id", "image_id", "rle", "lease_expires_unix", "image_file")
     QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
     CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
     CLASS_ID_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class Question(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     RLE_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FILE_FIELD_NUMBER: _ClassVar[int]
     question_id: str
     campaign: str
     class_id: int
@@ -35,7 +36,8 @@ class Question(_message.Message):
     image_id: str
     rle: _common_pb2.RleMask
     lease_expires_unix: float
-    def __init__(self, question_id: _Optional[str] = ..., campaign: _Optional[str] = ..., class_id: _Optional[int] = ..., class_name: _Optional[str] = ..., mask_id: _Optional[str] = ..., image_id: _Optional[str] = ..., rle: _Optional[_Union[_common_pb2.RleMask, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ...) -> None: ...
+    image_file: str
+    def __init__(self, question_id: _Optional[str] = ..., campaign: _Optional[str] = ..., class_id: _Optional[int] = ..., class_name: _Optional[str] = ..., mask_id: _Optional[str] = ..., image_id: _Optional[str] = ..., rle: _Optional[_Union[_common_pb2.RleMask, _Mapping]] = ..., lease_expires_unix: _Optional[float] = ..., image_file: _Optional[str] = ...) -> None: ...
 
 class LeaseQuestionsRequest(_message.Message):
     __slots__ = ("campaign", "max_questions", "lease_owner")

@@ -1,0 +1,1 @@
+"""HTTP layer: dependencies and routes; each route calls one Gateway method."""

@@ -1,0 +1,63 @@
+"""Named dependencies of the routes (authentication, rate limits, the gateway itself)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from maskprop_gateway.auth import AuthError, KeyStore, Vendor, WorkerClaims
+from maskprop_gateway.gateway import Gateway
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def get_keys(request: Request) -> KeyStore:
+    return request.app.state.keys
+
+
+def _bearer(authorization: str | None, x_api_key: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def get_vendor(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Vendor:
+    """Every vendor route: a valid key (401 otherwise), then the vendor's rate limit (429)."""
+    try:
+        vendor = request.app.state.keys.verify(_bearer(authorization, x_api_key))
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    wait = request.app.state.limiter.retry_after(vendor.vendor_id)
+    if wait > 0:
+        raise HTTPException(
+            429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))}
+        )
+    return vendor
+
+
+def get_worker(
+    request: Request,
+    x_worker_token: Annotated[str | None, Header()] = None,
+    token: str | None = None,
+) -> WorkerClaims:
+    """The annotator page's routes: a signed worker token (header, or ``token`` query for
+    <img> sources)."""
+    try:
+        return request.app.state.keys.verify_worker(x_worker_token or token)
+    except AuthError as exc:
+        raise HTTPException(401, str(exc)) from None
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+VendorDep = Annotated[Vendor, Depends(get_vendor)]
+WorkerDep = Annotated[WorkerClaims, Depends(get_worker)]

@@ -1,0 +1,398 @@
+"""The gateway's domain logic, free of HTTP: leases of questions for a vendor's worker, answers
+with quality control, aggregation and forwarding to the search service.
+
+Redis keys (prefix ``maskprop:gw:``):
+
+* ``{campaign}:items`` hash question id -> JSON of a search question waiting for votes;
+  ``{campaign}:open`` zset of those ids by arrival (oldest served first);
+* ``item:{qid}:holders`` hash worker -> lease deadline; ``item:{qid}:seen`` set of workers it was
+  ever served to (a worker never sees a question twice);
+* ``lease:{id}`` hash (vendor, worker, campaign, kind, expires, items JSON) and
+  ``lease:{id}:answered`` set: one answer per (lease, question, worker);
+* ``forward`` hash question id -> aggregated label not yet acknowledged by search (retried on
+  every call, so a search outage loses nothing);
+* ``stats:{campaign}`` hash of counters (answers, gold answers).
+
+Questions handed to vendors carry opaque ids (``q_<random>``) so a hidden gold question looks
+exactly like a real one; gold answers never leave this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from maskprop_gateway.auth import WorkerClaims
+from maskprop_gateway.quality import GoldQuestion, QualityControl, QualityError
+from maskprop_gateway.search_client import SearchClient, SearchUnavailable
+from maskprop_gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+P = "maskprop:gw:"
+
+
+class NotFound(Exception):
+    pass
+
+
+class Forbidden(Exception):
+    pass
+
+
+class Gone(Exception):
+    pass
+
+
+class Invalid(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """What a worker may see of a question (real or gold alike)."""
+
+    class_name: str
+    image_file: str
+    rle_h: int
+    rle_w: int
+    rle_counts: bytes
+
+
+class Gateway:
+    def __init__(
+        self,
+        redis: Any,
+        search: SearchClient,
+        qc: QualityControl,
+        settings: GatewaySettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        token_for: Callable[[WorkerClaims], str] | None = None,
+    ) -> None:
+        self.r = redis
+        self.search = search
+        self.qc = qc
+        self.settings = settings
+        self.clock = clock
+        self.token_for = token_for
+
+    # ------------------------------------------------------------------ leases
+    def create_lease(
+        self, vendor_id: str, worker_id: str, campaign: str, max_questions: int
+    ) -> dict[str, Any]:
+        worker = f"{vendor_id}:{worker_id}"
+        state = self.qc.state(worker)
+        if state.suspended:
+            raise Forbidden("worker is suspended")
+        if state.qualification == "failed":
+            raise Forbidden("worker failed the qualification test")
+        # (can_work is exactly "passed and not suspended"; the branches below need the reason)
+        now = self.clock()
+        expires = now + self.settings.lease_ttl_s
+        items: dict[str, dict[str, Any]] = {}
+        if state.qualification != "passed":
+            kind = "qualification"
+            try:
+                gold = self.qc.qualification_questions(campaign, worker)
+            except QualityError as exc:
+                raise Invalid(str(exc)) from None
+            if not gold:
+                raise Invalid(f"campaign {campaign!r} has no gold questions for a qualification")
+            for g in gold:
+                items[self._opaque()] = {"kind": "gold", "ref": g.gold_id, **_gold_view(g)}
+        else:
+            kind = "work"
+            self._flush_forward()
+            real = self._take(campaign, worker, max_questions, expires)
+            for qid, view in real:
+                if self.qc.gold_due(worker):
+                    hidden = self.qc.next_gold(campaign, worker)
+                    if hidden is not None:
+                        items[self._opaque()] = {
+                            "kind": "gold",
+                            "ref": hidden.gold_id,
+                            **_gold_view(hidden),
+                        }
+                items[self._opaque()] = {"kind": "real", "ref": qid, **view}
+        lease_id = "l_" + secrets.token_urlsafe(12)
+        self.r.hset(
+            f"{P}lease:{lease_id}",
+            mapping={
+                "vendor": vendor_id,
+                "worker": worker_id,
+                "campaign": campaign,
+                "kind": kind,
+                "created": now,
+                "expires": expires,
+                "items": json.dumps(items),
+            },
+        )
+        self.r.expire(f"{P}lease:{lease_id}", int(self.settings.lease_ttl_s) + 86_400)
+        self.r.zadd(f"{P}leases", {lease_id: expires})
+        out: dict[str, Any] = {
+            "lease_id": lease_id,
+            "kind": kind,
+            "campaign": campaign,
+            "worker_id": worker_id,
+            "expires_at": expires,
+            "questions": [self._public(lease_id, oid, it) for oid, it in items.items()],
+        }
+        if self.token_for is not None:
+            out["worker_token"] = self.token_for(
+                WorkerClaims(vendor_id, worker_id, campaign, now + self.settings.worker_token_ttl_s)
+            )
+        return out
+
+    @staticmethod
+    def _opaque() -> str:
+        return "q_" + secrets.token_urlsafe(9)
+
+    @staticmethod
+    def _public(lease_id: str, oid: str, it: dict[str, Any]) -> dict[str, Any]:
+        base = f"/v1/leases/{lease_id}/questions/{oid}"
+        return {
+            "question_id": oid,
+            "class_name": it["class_name"],
+            "image_url": f"{base}/image",
+            "overlay_url": f"{base}/overlay",
+            "mask": {"size": [it["rle_h"], it["rle_w"]], "counts": it["rle_counts"]},
+        }
+
+    def _take(
+        self, campaign: str, worker: str, n: int, expires: float
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Up to ``n`` real questions this worker has not seen, topping up from search."""
+        got: list[tuple[str, dict[str, Any]]] = []
+        for attempt in range(2):
+            now = self.clock()
+            for raw in self.r.zrange(f"{P}{campaign}:open", 0, -1):
+                if len(got) >= n:
+                    break
+                qid = raw.decode()
+                if self.r.sismember(f"{P}item:{qid}:seen", worker):
+                    continue
+                holders = {
+                    w.decode(): float(t)
+                    for w, t in self.r.hgetall(f"{P}item:{qid}:holders").items()
+                }
+                active = sum(1 for t in holders.values() if t > now)
+                if active >= self.qc.needs_more_votes(qid):
+                    continue
+                view = self.r.hget(f"{P}{campaign}:items", qid)
+                if view is None:
+                    continue
+                pipe = self.r.pipeline()
+                pipe.sadd(f"{P}item:{qid}:seen", worker)
+                pipe.hset(f"{P}item:{qid}:holders", worker, expires)
+                pipe.execute()
+                got.append((qid, json.loads(view)))
+            if len(got) >= n or attempt == 1:
+                break
+            try:
+                questions, _done = self.search.lease(campaign, max(n - len(got), 1) * 2, "gateway")
+            except SearchUnavailable:
+                break
+            if not questions:
+                break
+            pipe = self.r.pipeline()
+            for q in questions:
+                view = {
+                    "class_name": q.class_name,
+                    "image_file": q.image_file,
+                    "rle_h": q.rle.height,
+                    "rle_w": q.rle.width,
+                    "rle_counts": q.rle.counts.decode("ascii"),
+                }
+                pipe.hsetnx(f"{P}{campaign}:items", q.question_id, json.dumps(view))
+                pipe.zadd(f"{P}{campaign}:open", {q.question_id: now}, nx=True)
+            pipe.execute()
+        return got
+
+    def lease(self, vendor_id: str, lease_id: str) -> dict[str, Any]:
+        """A lease's stored record; only its own vendor may see it (others get NotFound)."""
+        rec = self.r.hgetall(f"{P}lease:{lease_id}")
+        if not rec or rec[b"vendor"].decode() != vendor_id:
+            raise NotFound("no such lease")
+        return {k.decode(): v.decode() for k, v in rec.items()}
+
+    def answered_count(self, lease_id: str) -> int:
+        return int(self.r.scard(f"{P}lease:{lease_id}:answered"))
+
+    def item_view(self, vendor_id: str, lease_id: str, oid: str) -> ItemView:
+        it = json.loads(self.lease(vendor_id, lease_id)["items"]).get(oid)
+        if it is None:
+            raise NotFound("no such question in this lease")
+        return ItemView(
+            it["class_name"], it["image_file"], it["rle_h"], it["rle_w"], it["rle_counts"].encode()
+        )
+
+    # ------------------------------------------------------------------ answers
+    def submit(
+        self,
+        vendor_id: str,
+        lease_id: str,
+        worker_id: str,
+        answers: list[tuple[str, bool, int]],
+    ) -> dict[str, Any]:
+        lease = self.lease(vendor_id, lease_id)
+        if lease["worker"] != worker_id:
+            raise Forbidden("this lease belongs to another worker")
+        if float(lease["expires"]) < self.clock():
+            raise Gone("lease expired; its questions went back to the pool")
+        items = json.loads(lease["items"])
+        unknown = [oid for oid, _, _ in answers if oid not in items]
+        if unknown:
+            raise Invalid(f"questions not in this lease: {unknown[:3]}")
+        worker = f"{vendor_id}:{worker_id}"
+        campaign = lease["campaign"]
+        accepted = duplicates = 0
+        touched: list[str] = []
+        qualification: dict[str, bool] = {}
+        for oid, label, elapsed_ms in answers:
+            if not self.r.sadd(f"{P}lease:{lease_id}:answered", oid):
+                duplicates += 1
+                continue
+            accepted += 1
+            it = items[oid]
+            self.r.hincrby(f"{P}stats:{campaign}", "answers", 1)
+            if lease["kind"] == "qualification":
+                qualification[it["ref"]] = label
+                self.r.hset(f"{P}lease:{lease_id}:qual", it["ref"], "1" if label else "0")
+                self.qc.record_answer_time(worker, elapsed_ms)
+                continue
+            self.qc.record_answer_time(worker, elapsed_ms)
+            if it["kind"] == "gold":
+                self.r.hincrby(f"{P}stats:{campaign}", "gold_answers", 1)
+                self.qc.score_gold(worker, it["ref"], label, elapsed_ms)
+            else:
+                qid = it["ref"]
+                self.qc.add_vote(qid, worker, label)
+                self.r.hdel(f"{P}item:{qid}:holders", worker)
+                touched.append(qid)
+        self.r.expire(f"{P}lease:{lease_id}:answered", int(self.settings.lease_ttl_s) + 86_400)
+        if qualification:
+            try:
+                self._finish_qualification(lease_id, worker, items)
+            except QualityError as exc:
+                raise Invalid(str(exc)) from None
+        state = self.qc.review(worker)
+        for qid in touched:
+            decided = self.qc.aggregate(qid)
+            if decided is not None:
+                self.r.hsetnx(f"{P}forward", qid, "1" if decided else "0")
+        forwarded = self._flush_forward()
+        return {
+            "lease_id": lease_id,
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "forwarded_to_search": forwarded,
+            "worker_status": "suspended" if state.suspended else state.qualification,
+        }
+
+    def _finish_qualification(self, lease_id: str, worker: str, items: dict[str, Any]) -> None:
+        answered = {m.decode() for m in self.r.smembers(f"{P}lease:{lease_id}:answered")}
+        if answered >= set(items):
+            stored = self.r.hgetall(f"{P}lease:{lease_id}:qual")
+            merged = {k.decode(): v == b"1" for k, v in stored.items()}
+            self.qc.submit_qualification(worker, merged)
+
+    def _flush_forward(self) -> int:
+        """Send aggregated labels to search; keep them for the next call if it is down."""
+        pending = self.r.hgetall(f"{P}forward")
+        if not pending:
+            return 0
+        answers = [(k.decode(), v == b"1") for k, v in pending.items()]
+        try:
+            self.search.submit(answers)
+        except SearchUnavailable:
+            log.warning("search unavailable; aggregated answers kept", extra={"n": len(answers)})
+            return 0
+        pipe = self.r.pipeline()
+        for qid, _ in answers:
+            campaign = qid.split(":", 1)[0]
+            pipe.hdel(f"{P}forward", qid)
+            pipe.zrem(f"{P}{campaign}:open", qid)
+            pipe.hdel(f"{P}{campaign}:items", qid)
+        pipe.execute()
+        return len(answers)
+
+    # ------------------------------------------------------------------ expiry, progress
+    def expire_leases(self) -> list[dict[str, str]]:
+        """Leases past their deadline: their unanswered questions are free again.  Returns
+        what expired (for the vendors' "lease.expired" callbacks)."""
+        now = self.clock()
+        out = []
+        for raw in self.r.zrangebyscore(f"{P}leases", "-inf", now):
+            lease_id = raw.decode()
+            self.r.zrem(f"{P}leases", lease_id)
+            rec = self.r.hgetall(f"{P}lease:{lease_id}")
+            if not rec:
+                continue
+            items = json.loads(rec[b"items"])
+            answered = {m.decode() for m in self.r.smembers(f"{P}lease:{lease_id}:answered")}
+            worker = f"{rec[b'vendor'].decode()}:{rec[b'worker'].decode()}"
+            for oid, it in items.items():
+                if it["kind"] == "real" and oid not in answered:
+                    self.r.hdel(f"{P}item:{it['ref']}:holders", worker)
+            out.append(
+                {
+                    "lease_id": lease_id,
+                    "vendor": rec[b"vendor"].decode(),
+                    "worker_id": rec[b"worker"].decode(),
+                    "unanswered": str(len(set(items) - answered)),
+                }
+            )
+        return out
+
+    def progress(self, campaign: str) -> dict[str, Any]:
+        resp = self.search.progress(campaign)
+        stats = {k.decode(): int(v) for k, v in self.r.hgetall(f"{P}stats:{campaign}").items()}
+        sec = self.settings.seconds_per_question
+        classes = []
+        for c in resp.classes:
+            hours = c.questions * sec / 3600.0
+            classes.append(
+                {
+                    "class_id": c.class_id,
+                    "class_name": c.class_name,
+                    "clusters_accepted": c.clusters_accepted,
+                    "clusters_rejected": c.clusters_rejected,
+                    "clusters_open": c.open_clusters,
+                    "masks": c.masks,
+                    "masks_obtained": c.accepted_masks,
+                    "masks_undecided": c.undecided_masks,
+                    "questions_answered": c.questions,
+                    "estimated_hours": hours,
+                    "estimated_cost_usd": hours * self.settings.hourly_wage,
+                }
+            )
+        worker_answers = stats.get("answers", 0)
+        worker_hours = worker_answers * sec / 3600.0
+        return {
+            "campaign": campaign,
+            "done": resp.done,
+            "classes": classes,
+            "worker_answers": worker_answers,
+            "gold_answers": stats.get("gold_answers", 0),
+            "worker_hours": worker_hours,
+            "worker_cost_usd": worker_hours * self.settings.hourly_wage,
+        }
+
+
+def _gold_view(g: GoldQuestion) -> dict[str, Any]:
+    # A gold item's image_id is its file path under the image store root.
+    return {
+        "class_name": g.class_name,
+        "image_file": g.image_id,
+        "rle_h": g.rle_h,
+        "rle_w": g.rle_w,
+        "rle_counts": g.rle_counts.decode("ascii")
+        if isinstance(g.rle_counts, bytes)
+        else str(g.rle_counts),
+    }

@@ -1,0 +1,43 @@
+"""Images served from the gateway's own store (never fetched from a caller's URL) and mask
+overlays rendered from the RLE."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+
+class ImageMissing(Exception):
+    pass
+
+
+def safe_path(root: Path, relative: str) -> Path:
+    """``root / relative`` only if it stays inside ``root`` (no traversal, no absolute)."""
+    base = root.resolve()
+    candidate = (base / relative).resolve()
+    if not candidate.is_relative_to(base) or not candidate.is_file():
+        raise ImageMissing(relative)
+    return candidate
+
+
+def overlay_png(
+    h: int, w: int, counts: bytes, rgba: tuple[int, int, int, int] = (255, 40, 40, 110)
+) -> bytes:
+    """A transparent PNG with the mask filled and its outline drawn, for stacking on the image."""
+    m = mask_utils.decode({"size": [h, w], "counts": counts}).astype(bool)
+    out = np.zeros((h, w, 4), dtype=np.uint8)
+    out[m] = rgba
+    edge = m & ~(
+        np.pad(m, 1)[2:, 1:-1]
+        & np.pad(m, 1)[:-2, 1:-1]
+        & np.pad(m, 1)[1:-1, 2:]
+        & np.pad(m, 1)[1:-1, :-2]
+    )
+    out[edge] = (255, 255, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(out, "RGBA").save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,42 @@
+"""The gateway's typed settings (``MASKPROP_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+
+from maskprop_runtime.settings import RuntimeSettings
+
+DEV_PEPPER = "dev-only-pepper-change-me"
+
+
+class GatewaySettings(RuntimeSettings):
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    search_target: str = "127.0.0.1:50051"
+    # Secret mixed into every stored key hash and signed worker token; required outside dev.
+    key_pepper: SecretStr = SecretStr(DEV_PEPPER)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    rate_per_s: float = Field(default=100.0, gt=0)  # sustained requests per vendor
+    rate_burst: int = Field(default=200, ge=1)
+    lease_ttl_s: float = Field(default=600.0, gt=0)
+    max_lease_questions: int = Field(default=100, ge=1, le=1000)
+    worker_token_ttl_s: float = Field(default=4 * 3600.0, gt=0)
+    image_root: Path = Path("data/images")
+    hourly_wage: float = Field(default=12.0, ge=0)
+    seconds_per_question: float = Field(default=2.0, gt=0)
+    # worker quality control (see quality.QualityPolicy)
+    redundancy: int = Field(default=1, ge=1, le=9)
+    gold_share: float = Field(default=0.05, ge=0, le=0.5)
+    qualification_size: int = Field(default=10, ge=1)
+    qualification_pass: float = Field(default=0.8, gt=0, le=1)
+    min_accuracy: float = Field(default=0.7, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _pepper_outside_dev(self) -> GatewaySettings:
+        if self.env == "prod" and self.key_pepper.get_secret_value() == DEV_PEPPER:
+            raise ValueError("MASKPROP_KEY_PEPPER must be set to a secret in prod")
+        if len(self.key_pepper.get_secret_value()) < 16:
+            raise ValueError("MASKPROP_KEY_PEPPER must be at least 16 characters")
+        return self

@@ -1,0 +1,125 @@
+"""A simulated crowd for the gateway: gold questions made from a labelled pool, and workers
+that are honest, random clickers or too-fast bots.  Used by tests, the benchmark and demos.
+
+Honest workers share per-mask "ambiguity" flips (a mask that fools one honest worker fools
+them all), so any set of honest workers reaches the same labels, which is what lets a run
+with bad workers be compared with an honest-only run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from maskprop_detector.simulated import IMAGE_SIZE, ellipses, render_images
+
+from maskprop.simulate.pool import MaskPool
+from maskprop_gateway.quality import GoldItem
+from maskprop_runtime import codec
+
+
+def simulated_gold(
+    pool: MaskPool,
+    campaign: str,
+    n: int,
+    *,
+    iou_threshold: float = 0.75,
+    image_root: Path | None = None,
+    seed: int = 0,
+) -> list[GoldItem]:
+    """``n`` gold questions from a labelled pool, half correct masks and half wrong ones;
+    their images are written to ``image_root/<campaign>/gold/<gold_id>.png`` when given."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    good = np.flatnonzero(pool.ious >= iou_threshold)
+    bad = np.flatnonzero(pool.ious < iou_threshold)
+    k = min(n // 2, good.size, bad.size)
+    picked = np.concatenate(
+        [rng.choice(good, k, replace=False), rng.choice(bad, n - k, replace=False)]
+    )
+    rng.shuffle(picked)
+    rles = codec.encode_masks(ellipses(picked))
+    images = render_images(pool, picked) if image_root is not None else {}
+    out = []
+    for j, (i, rle) in enumerate(zip(picked.tolist(), rles, strict=True)):
+        gold_id = f"g{seed}-{j:06d}"
+        file_name = f"gold/{gold_id}.png"
+        if image_root is not None:
+            path = image_root / campaign / file_name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img = (
+                images[f"img{i // 4:08d}"]
+                if f"img{i // 4:08d}" in images
+                else np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+            )
+            Image.fromarray(img, "RGB").save(path)
+        out.append(
+            GoldItem(
+                gold_id=gold_id,
+                campaign=campaign,
+                class_name=pool.class_names[int(pool.class_ids[i])],
+                image_id=file_name,
+                rle_h=rle.height,
+                rle_w=rle.width,
+                rle_counts=rle.counts,
+                answer=bool(pool.ious[i] >= iou_threshold),
+            )
+        )
+    return out
+
+
+@dataclass
+class Truth:
+    """What the simulation knows about every mask a worker may be shown, keyed by RLE counts
+    (the only identity a vendor-facing question carries)."""
+
+    answers: dict[str, bool] = field(default_factory=dict)
+    ambiguous: dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        pool: MaskPool,
+        gold: list[GoldItem],
+        *,
+        iou_threshold: float = 0.75,
+        ambiguity: float = 0.0,
+        seed: int = 0,
+    ) -> Truth:
+        rng = np.random.default_rng(seed)
+        t = cls()
+        rles = codec.encode_masks(ellipses(np.arange(len(pool))))
+        flips = rng.random(len(pool)) < ambiguity
+        for i, rle in enumerate(rles):
+            key = rle.counts.decode()
+            t.answers[key] = bool(pool.ious[i] >= iou_threshold)
+            t.ambiguous[key] = bool(flips[i])
+        for g in gold:
+            t.answers[g.rle_counts.decode()] = g.answer
+        return t
+
+
+@dataclass
+class SimWorker:
+    """``kind``: "honest" (answers the truth, fooled by ambiguous masks, ~1.5 s a question),
+    "random" (a coin flip at an honest pace) or "bot" (always "yes" in ~0.2 s)."""
+
+    worker_id: str
+    kind: str
+    seed: int = 0
+    rng: Any = None
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def answer(self, truth: Truth, counts: str) -> tuple[bool, int]:
+        if self.kind == "bot":
+            return True, int(self.rng.integers(120, 260))
+        elapsed = int(self.rng.lognormal(np.log(1500), 0.3))
+        if self.kind == "random":
+            return bool(self.rng.random() < 0.5), elapsed
+        correct = truth.answers[counts]
+        return (not correct) if truth.ambiguous.get(counts, False) else correct, elapsed

@@ -1,0 +1,194 @@
+"""The verify gateway wired to an in-process search service (fakeredis, in-memory bus)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from maskprop_detector.simulated import write_images
+from maskprop_gateway.app import create_app
+from maskprop_gateway.auth import KeyStore
+from maskprop_gateway.quality import QualityControl
+from maskprop_gateway.search_client import LocalSearchClient
+from maskprop_gateway.settings import GatewaySettings
+from maskprop_gateway.simcrowd import SimWorker, Truth, simulated_gold
+
+from maskprop.simulate.generator import ade_like_pool
+from tests.inprocess.conftest import Wired
+
+PEPPER = "test-pepper-0123456789"
+
+
+class Stack:
+    def __init__(self, tmp_path, pool, *, redundancy=1, gold=400, **settings):
+        self.wired = Wired(tmp_path, pool, campaign="gw", lease_seconds=86_400)
+        self.wired.publish_pool()
+        self.wired.settle()
+        self.settings = GatewaySettings(
+            key_pepper=PEPPER,
+            image_root=tmp_path / "images",
+            rate_per_s=settings.pop("rate_per_s", 10_000),
+            rate_burst=settings.pop("rate_burst", 10_000),
+            redundancy=redundancy,
+            **settings,
+        )
+        write_images(pool, tmp_path / "images" / "gw")
+        held = ade_like_pool(2000, 4, seed=99, dim=8)
+        self.gold = simulated_gold(held, "gw", gold, image_root=tmp_path / "images")
+        from maskprop_gateway.app import policy_from
+
+        QualityControl(self.wired.redis, policy_from(self.settings)).import_gold(self.gold)
+        self.truth = Truth.build(pool, self.gold, ambiguity=0.03, seed=5)
+        self.keys = KeyStore(self.wired.redis, PEPPER)
+        self.key = self.keys.create("acme", "Acme Crowd")
+        self.other_key = self.keys.create("rival", "Rival Crowd")
+        self.app = create_app(
+            self.settings,
+            redis=self.wired.redis,
+            search=LocalSearchClient(self.wired.core),
+            expiry_interval_s=0.2,
+        )
+
+    def headers(self, key=None):
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def labels(self):
+        return {c: self.wired.core.labels("gw", c).tolist() for c in self.wired.core.classes("gw")}
+
+
+def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
+    """Workers lease and answer until the campaign is done; returns blocked workers."""
+    blocked: dict[str, str] = {}
+    for _ in range(max_rounds):
+        prog = client.get("/v1/progress", params={"campaign": "gw"}, headers=stack.headers())
+        assert prog.status_code == 200, prog.text
+        if prog.json()["done"]:
+            return blocked
+        worked = False
+        for w in workers:
+            if w.worker_id in blocked:
+                continue
+            r = client.post(
+                "/v1/leases",
+                json={"worker_id": w.worker_id, "campaign": "gw", "max_questions": batch},
+                headers=stack.headers(),
+            )
+            if r.status_code == 403:
+                blocked[w.worker_id] = r.json()["detail"]
+                continue
+            assert r.status_code == 201, r.text
+            lease = r.json()
+            if not lease["questions"]:
+                continue
+            answers = []
+            for q in lease["questions"]:
+                label, elapsed = w.answer(stack.truth, q["mask"]["counts"])
+                answers.append(
+                    {"question_id": q["question_id"], "answer": label, "elapsed_ms": elapsed}
+                )
+            s = client.post(
+                "/v1/answers",
+                json={"lease_id": lease["lease_id"], "worker_id": w.worker_id, "answers": answers},
+                headers=stack.headers(),
+            )
+            assert s.status_code == 200, s.text
+            worked = True
+        if not worked:
+            raise AssertionError(f"no worker could make progress; blocked: {blocked}")
+    raise AssertionError("crowd did not finish")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return ade_like_pool(1200, 3, seed=4, dim=8)
+
+
+def test_mixed_crowd_bad_workers_blocked_and_labels_match_honest_only(tmp_path, pool):
+    honest = [SimWorker(f"h{i}", "honest", seed=i) for i in range(4)]
+    honest_run = Stack(tmp_path / "honest", pool, redundancy=3)
+    with TestClient(honest_run.app) as client:
+        assert run_crowd(client, honest_run, honest) == {}
+    mixed_workers = [
+        *[SimWorker(f"h{i}", "honest", seed=10 + i) for i in range(4)],
+        *[SimWorker(f"r{i}", "random", seed=20 + i) for i in range(2)],
+        *[SimWorker(f"b{i}", "bot", seed=30 + i) for i in range(2)],
+    ]
+    mixed = Stack(tmp_path / "mixed", pool, redundancy=3)
+    with TestClient(mixed.app) as client:
+        blocked = run_crowd(client, mixed, mixed_workers)
+    assert set(blocked) == {"r0", "r1", "b0", "b1"}, blocked
+    assert mixed.labels() == honest_run.labels()
+
+
+def test_security_basics(tmp_path, pool):
+    st = Stack(tmp_path, pool)
+    with TestClient(st.app) as client:
+        body = {"worker_id": "w1", "campaign": "gw", "max_questions": 5}
+        assert client.post("/v1/leases", json=body).status_code == 401
+        bad = {"Authorization": "Bearer mpk_acme_" + "x" * 43}
+        assert client.post("/v1/leases", json=body, headers=bad).status_code == 401
+        lease = client.post("/v1/leases", json=body, headers=st.headers()).json()
+        lid = lease["lease_id"]
+        # another vendor cannot see or answer this lease
+        assert client.get(f"/v1/leases/{lid}", headers=st.headers(st.other_key)).status_code == 404
+        ans = {
+            "lease_id": lid,
+            "worker_id": "w1",
+            "answers": [
+                {"question_id": q["question_id"], "answer": True, "elapsed_ms": 1500}
+                for q in lease["questions"]
+            ],
+        }
+        assert (
+            client.post("/v1/answers", json=ans, headers=st.headers(st.other_key)).status_code
+            == 404
+        )
+        # idempotent replay: applied once, first response replayed
+        h = {**st.headers(), "Idempotency-Key": "k-1"}
+        first = client.post("/v1/answers", json=ans, headers=h)
+        again = client.post("/v1/answers", json=ans, headers=h)
+        assert first.status_code == again.status_code == 200
+        assert again.json() == first.json() and again.headers.get("Idempotent-Replayed") == "true"
+        changed = {**ans, "answers": ans["answers"][:1]}
+        assert client.post("/v1/answers", json=changed, headers=h).status_code == 422
+        # oversized body
+        big = client.post(
+            "/v1/answers",
+            content=b"{" + b" " * (st.settings.max_body_bytes + 10) + b"}",
+            headers={**st.headers(), "Content-Type": "application/json"},
+        )
+        assert big.status_code == 413
+        # gold answers never in any response
+        for g in st.gold[:50]:
+            assert str(g.answer).lower() not in {"true_", "false_"}  # sanity: bools only
+        texts = [client.get(f"/v1/leases/{lid}", headers=st.headers()).text, first.text]
+        assert all('"answer"' not in t for t in texts)
+        assert all(g.gold_id not in "".join(texts) for g in st.gold)
+
+
+def test_rate_limit_says_when_to_retry(tmp_path, pool):
+    st = Stack(tmp_path, pool, rate_per_s=1, rate_burst=2)
+    with TestClient(st.app) as client:
+        codes = [
+            client.get("/v1/progress", params={"campaign": "gw"}, headers=st.headers()).status_code
+            for _ in range(4)
+        ]
+        assert codes[:2] == [200, 200] and 429 in codes[2:]
+        r = client.get("/v1/progress", params={"campaign": "gw"}, headers=st.headers())
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+
+
+def test_images_and_overlays_come_from_the_gateway_store(tmp_path, pool):
+    st = Stack(tmp_path, pool)
+    with TestClient(st.app) as client:
+        q = client.post(
+            "/v1/leases",
+            json={"worker_id": "w9", "campaign": "gw", "max_questions": 2},
+            headers=st.headers(),
+        ).json()["questions"][0]
+        img = client.get(q["image_url"], headers=st.headers())
+        ov = client.get(q["overlay_url"], headers=st.headers())
+        assert img.status_code == ov.status_code == 200
+        assert img.content[:8] == ov.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert client.get(q["image_url"]).status_code == 401
+        assert np.all(np.array([1]))
