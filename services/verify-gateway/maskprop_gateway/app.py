@@ -1,8 +1,9 @@
 """The verify gateway: the HTTP API crowd vendors call (FastAPI, OpenAPI at /openapi.json).
 
 Every /v1 route needs a vendor key (or, for the annotator page, a signed worker token); bodies
-are size-limited; vendors are rate-limited.  ``/healthz`` (probes) and ``/openapi.json`` are
-the only unauthenticated routes and return no data of any campaign.
+are size-limited; vendors are rate-limited.  ``/healthz`` (probes), ``/openapi.json`` and the
+annotator page's files (``/annotate``, ``/static/...``) are the only unauthenticated routes and
+return no data of any campaign.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
-from maskprop_gateway.api.routes import answers, leases, progress
+from maskprop_gateway.api.routes import answers, leases, progress, worker
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.limits import BodySizeLimit, RateLimiter
@@ -99,6 +101,9 @@ def create_app(
     app.include_router(leases.router)
     app.include_router(answers.router)
     app.include_router(progress.router)
+    app.include_router(worker.router)
+    app.include_router(worker.page)  # GET /annotate, the annotator page
+    app.mount("/static", StaticFiles(directory=worker.STATIC), name="static")
     return app
 
 
