@@ -6,6 +6,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh dev
+# Real headless Chromium for the annotator-page test (Debian's build; Playwright drives it).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium"
+  if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+  $apt_get update -qq && $apt_get install -y -qq chromium >/dev/null
+fi
 echo "== ruff"
 .venv/bin/ruff check src services tests benchmarks scripts
 .venv/bin/ruff format --check src services tests benchmarks scripts
