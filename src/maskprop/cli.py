@@ -19,6 +19,7 @@ import typer
 from tqdm import tqdm
 
 from maskprop import __version__
+from maskprop.cli_data import data_app
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 
@@ -28,6 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Label instance masks at scale by clustering, verifying a few and propagating.",
 )
+app.add_typer(data_app, name="data")
 
 
 class Strategy(StrEnum):
