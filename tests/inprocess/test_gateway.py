@@ -192,3 +192,47 @@ def test_images_and_overlays_come_from_the_gateway_store(tmp_path, pool):
         assert img.content[:8] == ov.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert client.get(q["image_url"]).status_code == 401
         assert np.all(np.array([1]))
+
+
+def test_logs_never_carry_keys_tokens_or_gold(tmp_path, pool, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    st = Stack(tmp_path, pool)
+    with TestClient(st.app) as client:
+        workers = [SimWorker("h0", "honest", seed=1), SimWorker("b0", "bot", seed=2)]
+        for w in workers:
+            for _ in range(3):
+                r = client.post(
+                    "/v1/leases",
+                    json={"worker_id": w.worker_id, "campaign": "gw", "max_questions": 20},
+                    headers=st.headers(),
+                )
+                if r.status_code != 201:
+                    break
+                lease = r.json()
+                answers = [
+                    dict(
+                        zip(("answer", "elapsed_ms"), w.answer(st.truth, q["mask"]["counts"])),
+                        question_id=q["question_id"],
+                    )
+                    for q in lease["questions"]
+                ]
+                client.post(
+                    "/v1/answers",
+                    json={
+                        "lease_id": lease["lease_id"],
+                        "worker_id": w.worker_id,
+                        "answers": answers,
+                    },
+                    headers=st.headers(),
+                )
+                token = lease.get("worker_token") or ""
+    text = "\n".join(
+        f"{r.getMessage()} {sorted((k, str(v)) for k, v in vars(r).items())}"
+        for r in caplog.records
+    )
+    assert "answers" in text  # the gateway does log its work
+    assert st.key not in text and st.other_key not in text
+    assert not token or token not in text
+    assert all(g.gold_id not in text for g in st.gold)

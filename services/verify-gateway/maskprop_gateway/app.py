@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from maskprop_gateway import metrics
 from maskprop_gateway.api.routes import answers, leases, progress, worker
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.gateway import Gateway
@@ -86,6 +87,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    app.middleware("http")(metrics.record)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -123,9 +125,11 @@ def main() -> None:
     import uvicorn
 
     from maskprop_runtime.logs import setup_logging
+    from maskprop_runtime.metrics import start_metrics
 
     settings = GatewaySettings()
     setup_logging("verify-gateway", settings.log_level, settings.log_json)
+    start_metrics(settings.metrics_port, settings.metrics_host)
     uvicorn.run(
         create_app(settings),
         host=settings.http_host,

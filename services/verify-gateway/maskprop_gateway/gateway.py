@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from maskprop_gateway.auth import WorkerClaims
+from maskprop_gateway.metrics import ANSWERS, BLOCKED
 from maskprop_gateway.quality import GoldQuestion, QualityControl, QualityError
 from maskprop_gateway.search_client import SearchClient, SearchUnavailable
 from maskprop_gateway.settings import GatewaySettings
@@ -89,8 +90,10 @@ class Gateway:
         worker = f"{vendor_id}:{worker_id}"
         state = self.qc.state(worker)
         if state.suspended:
+            BLOCKED.labels("suspended").inc()
             raise Forbidden("worker is suspended")
         if state.qualification == "failed":
+            BLOCKED.labels("failed_qualification").inc()
             raise Forbidden("worker failed the qualification test")
         # (can_work is exactly "passed and not suspended"; the branches below need the reason)
         now = self.clock()
@@ -287,6 +290,18 @@ class Gateway:
             if decided is not None:
                 self.r.hsetnx(f"{P}forward", qid, "1" if decided else "0")
         forwarded = self._flush_forward()
+        ANSWERS.labels(vendor_id).inc(accepted)
+        log.info(
+            "answers",
+            extra={
+                "vendor": vendor_id,
+                "lease_id": lease_id,
+                "accepted": accepted,
+                "duplicates": duplicates,
+                "forwarded": forwarded,
+                "worker_suspended": state.suspended,
+            },
+        )
         return {
             "lease_id": lease_id,
             "accepted": accepted,
