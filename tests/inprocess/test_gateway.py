@@ -211,13 +211,12 @@ def test_logs_never_carry_keys_tokens_or_gold(tmp_path, pool, caplog):
                 if r.status_code != 201:
                     break
                 lease = r.json()
-                answers = [
-                    dict(
-                        zip(("answer", "elapsed_ms"), w.answer(st.truth, q["mask"]["counts"])),
-                        question_id=q["question_id"],
+                answers = []
+                for q in lease["questions"]:
+                    label, elapsed = w.answer(st.truth, q["mask"]["counts"])
+                    answers.append(
+                        {"question_id": q["question_id"], "answer": label, "elapsed_ms": elapsed}
                     )
-                    for q in lease["questions"]
-                ]
                 client.post(
                     "/v1/answers",
                     json={
