@@ -1,0 +1,537 @@
+"""Sustained answers/s through the verify gateway into search, on the real Redis and broker.
+
+Processes (all on loopback; needs `scripts/dev-infra.sh up`):
+
+1. clusterer + search (``python -m maskprop_clusterer`` / ``maskprop_search``) on a fresh
+   Redis database and a topic namespace of their own; a simulated pool (two identical
+   campaigns) goes in through ``KafkaBus``; the clusterer stops once every tree is built.
+2. the gateway (``python -m maskprop_gateway``: uvicorn, one process) on the same Redis
+   database, talking gRPC to search; vendor and gold questions are created through the Python
+   API before it starts; rate limits out of the way.
+3. a load generator (this file, ``load``): many simulated workers (threads + httpx) each
+   leasing 100 questions and answering them (``elapsed_ms`` 1500: realistic, no real sleep),
+   until the campaign is done or the time runs out.  Qualification and hidden gold are
+   answered right, real questions from the pool's ground truth.
+
+The named baseline, **search gRPC SubmitAnswers directly**, runs first in the same invocation:
+the same workers, the same batch size, the other campaign, LeaseQuestions + SubmitAnswers
+straight to the search service.  Printed: answers/s (overall and sustained: the middle 80 % of
+the answers), p50/p99 latency of the answer requests and per answer, and the gateway's
+overhead ratio.
+
+    source .cache/dev-infra/env && .venv/bin/python benchmarks/bench_gateway.py
+    ... --profile 20   # also py-spy the gateway for 20 s under load (py-spy on PATH)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PEPPER = "bench-pepper-0123456789"
+VENDOR = "bench"
+
+
+# ---------------------------------------------------------------------------- statistics
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(done: list[tuple[float, int, float]], started: float, ended: float) -> dict[str, Any]:
+    """``done``: (finished at, answers in the request, latency s) of every answer request."""
+    done = sorted(done)
+    total = sum(n for _, n, _ in done)
+    out: dict[str, Any] = {
+        "answers": total,
+        "requests": len(done),
+        "seconds": ended - started,
+        "answers_per_s": total / max(ended - started, 1e-9),
+    }
+    # Sustained: between the 10 % and 90 % marks of the answers, past the ramp-up (an open
+    # tree frontier is narrow at first) and the tail (the last clusters wait on few answers).
+    marks, seen = {}, 0
+    for t, n, _ in done:
+        seen += n
+        for q in (0.1, 0.9):
+            if q not in marks and seen >= q * total:
+                marks[q] = (t, seen)
+    if len(marks) == 2 and marks[0.9][0] > marks[0.1][0]:
+        (t0, n0), (t1, n1) = marks[0.1], marks[0.9]
+        out["sustained_answers_per_s"] = (n1 - n0) / (t1 - t0)
+    lat = [dt for _, _, dt in done]
+    per = [dt / n for _, n, dt in done if n]
+    out["p50_ms"], out["p99_ms"] = percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3
+    out["per_answer_p50_ms"] = percentile(per, 50) * 1e3
+    out["per_answer_p99_ms"] = percentile(per, 99) * 1e3
+    return out
+
+
+# ---------------------------------------------------------------------------- load generator
+def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.key}"}
+    deadline = time.monotonic() + args.seconds
+    finished = threading.Event()
+    lock = threading.Lock()
+    done: list[tuple[float, int, float]] = []
+    leases: list[float] = []
+    errors: dict[str, int] = {}
+
+    def worker(i: int) -> None:
+        wid = f"w{i:04d}"
+        with httpx.Client(base_url=args.target, headers=headers, timeout=120) as c:
+            while not finished.is_set() and time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                r = c.post(
+                    "/v1/leases",
+                    json={"worker_id": wid, "campaign": args.campaign, "max_questions": args.batch},
+                )
+                dt_lease = time.perf_counter() - t0
+                if r.status_code != 201:
+                    with lock:
+                        errors[f"lease {r.status_code}"] = (
+                            errors.get(f"lease {r.status_code}", 0) + 1
+                        )
+                    if r.status_code == 403:
+                        return  # suspended or failed qualification: this worker is out
+                    time.sleep(0.2)
+                    continue
+                lease = r.json()
+                with lock:
+                    leases.append(dt_lease)
+                if not lease["questions"]:
+                    p = c.get("/v1/progress", params={"campaign": args.campaign})
+                    if p.status_code == 200 and p.json()["done"]:
+                        finished.set()
+                    time.sleep(0.2)
+                    continue
+                answers = [
+                    {
+                        "question_id": q["question_id"],
+                        "answer": truth.get(q["mask"]["counts"], True),
+                        "elapsed_ms": 1500,
+                    }
+                    for q in lease["questions"]
+                ]
+                t0 = time.perf_counter()
+                s = c.post(
+                    "/v1/answers",
+                    json={"lease_id": lease["lease_id"], "worker_id": wid, "answers": answers},
+                )
+                dt = time.perf_counter() - t0
+                with lock:
+                    if s.status_code == 200:
+                        done.append((time.monotonic(), int(s.json()["accepted"]), dt))
+                    else:
+                        errors[f"answers {s.status_code}"] = (
+                            errors.get(f"answers {s.status_code}", 0) + 1
+                        )
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = summarize(done, started, time.monotonic())
+    out.update(
+        campaign_done=finished.is_set(),
+        lease_p50_ms=percentile(leases, 50) * 1e3,
+        lease_p99_ms=percentile(leases, 99) * 1e3,
+        errors=errors,
+    )
+    return out
+
+
+def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, Any]:
+    import grpc
+
+    from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
+
+    channel = grpc.insecure_channel(args.target)
+    stub = search_pb2_grpc.SearchServiceStub(channel)
+    deadline = time.monotonic() + args.seconds
+    finished = threading.Event()
+    lock = threading.Lock()
+    done: list[tuple[float, int, float]] = []
+    leases: list[float] = []
+
+    def worker(i: int) -> None:
+        while not finished.is_set() and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            resp = stub.LeaseQuestions(
+                search_pb2.LeaseQuestionsRequest(
+                    campaign=args.campaign, max_questions=args.batch, lease_owner=f"w{i}"
+                ),
+                timeout=120,
+            )
+            with lock:
+                leases.append(time.perf_counter() - t0)
+            if resp.campaign_done:
+                finished.set()
+                return
+            if not resp.questions:
+                time.sleep(0.2)
+                continue
+            items = [
+                search_pb2.AnswerItem(
+                    question_id=q.question_id, is_correct=truth.get(q.rle.counts.decode(), True)
+                )
+                for q in resp.questions
+            ]
+            t0 = time.perf_counter()
+            out = stub.SubmitAnswers(search_pb2.SubmitAnswersRequest(answers=items), timeout=120)
+            dt = time.perf_counter() - t0
+            with lock:
+                done.append((time.monotonic(), int(out.applied), dt))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    channel.close()
+    out = summarize(done, started, time.monotonic())
+    out.update(
+        campaign_done=finished.is_set(),
+        lease_p50_ms=percentile(leases, 50) * 1e3,
+        lease_p99_ms=percentile(leases, 99) * 1e3,
+        errors={},
+    )
+    return out
+
+
+def run_load(args: argparse.Namespace) -> None:
+    truth = json.loads(Path(args.truth).read_text())
+    result = (load_gateway if args.mode == "gateway" else load_direct)(args, truth)
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------- orchestration
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """One service process with its log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.log = logs / f"{name}.log"
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(argv, env=env, stdout=f, stderr=f, cwd=ROOT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def tail(self, n: int = 20) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()[-n:]
+        return f"--- {self.name}\n" + "\n".join(lines)
+
+
+def empty_db(base_url: str) -> str:
+    """A Redis database (15 down to 1) that holds nothing: no colleague's or test's state."""
+    import redis
+
+    for db in range(15, 0, -1):
+        url = base_url.rsplit("/", 1)[0] + f"/{db}"
+        if redis.Redis.from_url(url).dbsize() == 0:
+            return url
+    raise SystemExit("error: no empty Redis database (1-15) to run in")
+
+
+def feed(bootstrap: str, namespace: str, pool: Any, campaigns: list[str]) -> dict[str, bool]:
+    """Send the pool once per campaign; returns RLE counts -> correct (IoU >= 0.75)."""
+    from maskprop_detector.simulated import pool_events, pool_index
+
+    from maskprop_runtime import topics
+    from maskprop_runtime.bus import KafkaBus
+
+    producer = KafkaBus(bootstrap, namespace=namespace).producer()
+    truth: dict[str, bool] = {}
+    for n, campaign in enumerate(campaigns):
+        for key, ev in pool_events(pool, campaign, batch_size=500):
+            if n == 0 and ev.HasField("masks"):
+                for m in ev.masks.masks:
+                    truth[m.rle.counts.decode()] = bool(pool.ious[pool_index(m.mask_id)] >= 0.75)
+            producer.send(topics.MASKS, key, ev.SerializeToString())
+    producer.close()
+    return truth
+
+
+def wait_for(cond: Any, timeout: float, what: str, procs: list[Proc]) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            tails = "\n".join(p.tail() for p in procs)
+            raise SystemExit(f"error: timed out waiting for {what}\n{tails}")
+        time.sleep(0.5)
+
+
+def run_loadgen(
+    mode: str, target: str, campaign: str, key: str, truth: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    out = truth.parent / f"{mode}.json"
+    argv = [sys.executable, __file__, "load", "--mode", mode, "--target", target]
+    argv += ["--campaign", campaign, "--key", key, "--truth", str(truth), "--out", str(out)]
+    argv += ["--workers", str(args.workers), "--batch", str(args.batch)]
+    argv += ["--seconds", str(args.seconds)]
+    subprocess.run(argv, check=True, cwd=ROOT, timeout=args.seconds + 300)
+    return dict(json.loads(out.read_text()))
+
+
+def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("py-spy not on PATH: no profile", file=sys.stderr)
+        return None
+    argv = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw"]
+    argv += ["--output", str(out), "--rate", "50", "--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def hotspots(path: Path, package: str, top: int = 12) -> str:
+    """Share of busy samples per innermost frame of ``package`` (file:line): where the time
+    under our code goes, library calls below it included."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if not n.isdigit() or any(w in frames[-1] for w in ("select (", "wait (", "sleep (")):
+            continue  # idle threads
+        total += int(n)
+        ours = [f for f in frames if package in f or "maskprop/" in f]
+        where = ours[-1] if ours else "(outside the service's code)"
+        counts[where] = counts.get(where, 0) + int(n)
+    rows = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    return "\n".join(f"  {100 * n / max(total, 1):5.1f}%  {where}" for where, n in rows)
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    import grpc
+    import httpx
+    import redis as redis_client
+    from maskprop_gateway.auth import KeyStore
+    from maskprop_gateway.quality import QualityControl, QualityPolicy
+    from maskprop_gateway.simcrowd import simulated_gold
+
+    from maskprop.simulate.generator import ade_like_pool
+    from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
+
+    kafka = os.environ.get("KAFKA_BOOTSTRAP") or os.environ.get("MASKPROP_IT_KAFKA")
+    redis_base = os.environ.get("REDIS_URL") or os.environ.get("MASKPROP_IT_REDIS")
+    if not (kafka and redis_base):
+        raise SystemExit("error: run `bash scripts/dev-infra.sh up && source .cache/dev-infra/env`")
+    tag = uuid.uuid4().hex[:8]
+    redis_url = empty_db(redis_base)
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    logs = work / "logs"
+    logs.mkdir()
+    grpc_port, http_port = free_port(), free_port()
+    base = {
+        **os.environ,
+        "MASKPROP_ENV": "prod",
+        "MASKPROP_KAFKA_BOOTSTRAP": kafka,
+        "MASKPROP_REDIS_URL": redis_url,
+        "MASKPROP_TOPIC_NAMESPACE": f"bgw{tag}",
+        "MASKPROP_DATA_DIR": str(work / "data"),
+        "MASKPROP_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "MASKPROP_LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+    }
+    direct, via_gw = f"direct-{tag}", f"gw-{tag}"
+    pool = ade_like_pool(args.masks, args.classes, seed=11, dim=16)
+    print(
+        f"pool: {len(pool)} masks, {args.classes} classes x 2 campaigns; redis db "
+        f"{redis_url.rsplit('/', 1)[1]}; logs {logs}",
+        flush=True,
+    )
+    procs: list[Proc] = []
+    r = redis_client.Redis.from_url(redis_url)
+    try:
+        procs.append(
+            Proc(
+                "clusterer",
+                [sys.executable, "-m", "maskprop_clusterer"],
+                {**base, "MASKPROP_GRPC_PORT": str(free_port())},
+                logs,
+            )
+        )
+        search = Proc(
+            "search",
+            [sys.executable, "-m", "maskprop_search"],
+            {**base, "MASKPROP_GRPC_PORT": str(grpc_port)},
+            logs,
+        )
+        procs.append(search)
+        t0 = time.monotonic()
+        truth = feed(kafka, base["MASKPROP_TOPIC_NAMESPACE"], pool, [direct, via_gw])
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+
+        def opened() -> bool:
+            try:
+                return all(
+                    len(
+                        stub.GetProgress(
+                            search_pb2.GetProgressRequest(campaign=c), timeout=10
+                        ).classes
+                    )
+                    == args.classes
+                    for c in (direct, via_gw)
+                )
+            except grpc.RpcError:
+                return False
+
+        wait_for(opened, 900, "every tree in the search service", procs)
+        channel.close()
+        procs[0].stop()  # the clusterer's work is done: give its core to the run
+        print(f"trees built and loaded in {time.monotonic() - t0:.0f} s", flush=True)
+
+        # Vendor and gold questions through the Python API, before the gateway starts.
+        key = KeyStore(r, PEPPER).create(VENDOR, "Bench Crowd")
+        held = ade_like_pool(2000, 4, seed=99, dim=8)
+        gold = simulated_gold(held, via_gw, args.gold)
+        QualityControl(r, QualityPolicy()).import_gold(gold)
+        truth.update({g.rle_counts.decode(): g.answer for g in gold})
+        truth_file = work / "truth.json"
+        truth_file.write_text(json.dumps(truth))
+
+        gateway = Proc(
+            "gateway",
+            [sys.executable, "-m", "maskprop_gateway"],
+            {
+                **base,
+                "MASKPROP_HTTP_PORT": str(http_port),
+                "MASKPROP_SEARCH_TARGET": f"127.0.0.1:{grpc_port}",
+                "MASKPROP_KEY_PEPPER": PEPPER,
+                "MASKPROP_RATE_PER_S": "1000000",
+                "MASKPROP_RATE_BURST": "1000000",
+            },
+            logs,
+        )
+        procs.append(gateway)
+        target = f"http://127.0.0.1:{http_port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{target}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 60, "the gateway", procs)
+
+        print(f"baseline: {args.workers} workers x {args.batch} answers, gRPC", flush=True)
+        spy = (
+            profile(search.proc.pid, args.profile, work / "search.pyspy") if args.profile else None
+        )
+        base_res = run_loadgen("direct", f"127.0.0.1:{grpc_port}", direct, "", truth_file, args)
+        if spy is not None:
+            spy.wait(args.profile + 30)
+        print(f"gateway : {args.workers} workers x {args.batch} answers, HTTP", flush=True)
+        spy = (
+            profile(gateway.proc.pid, args.profile, work / "gateway.pyspy")
+            if args.profile
+            else None
+        )
+        gw_res = run_loadgen("gateway", target, via_gw, key, truth_file, args)
+        if spy is not None:
+            spy.wait(args.profile + 30)
+        report(base_res, gw_res)
+        for name in ("search", "gateway"):
+            if (work / f"{name}.pyspy").exists():
+                print(
+                    f"\n{name} hotspots (py-spy, {args.profile} s under load): {work / name}.pyspy"
+                )
+                print(hotspots(work / f"{name}.pyspy", f"maskprop_{name}"))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"baseline": base_res, "gateway": gw_res}))
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        r.flushdb()
+        (work / "truth.json").unlink(missing_ok=True)
+        if not args.profile:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
+    print(
+        f"{'':36} {'answers':>8} {'s':>6} {'answers/s':>10} {'sustained/s':>12} "
+        f"{'req p50 ms':>11} {'req p99 ms':>11} {'/answer p50':>12} {'/answer p99':>12} "
+        f"{'lease p50':>10} {'lease p99':>10}"
+    )
+    for name, x in (("search gRPC SubmitAnswers directly", base), ("gateway (HTTP, QC, gRPC)", gw)):
+        print(
+            f"{name:36} {x['answers']:>8} {x['seconds']:>6.1f} {x['answers_per_s']:>10.0f} "
+            f"{x.get('sustained_answers_per_s', 0):>12.0f} {x['p50_ms']:>11.1f} "
+            f"{x['p99_ms']:>11.1f} {x['per_answer_p50_ms']:>12.3f} {x['per_answer_p99_ms']:>12.3f} "
+            f"{x['lease_p50_ms']:>10.1f} {x['lease_p99_ms']:>10.1f}"
+        )
+    if gw["errors"]:
+        print(f"gateway errors: {gw['errors']}")
+    s_base = base.get("sustained_answers_per_s") or base["answers_per_s"]
+    s_gw = gw.get("sustained_answers_per_s") or gw["answers_per_s"]
+    print(
+        f"campaign done: direct {base['campaign_done']}, gateway {gw['campaign_done']}; "
+        f"sustained throughput gateway/direct = {s_gw / s_base:.3f}; "
+        f"answer-request p50 gateway/direct = {gw['p50_ms'] / base['p50_ms']:.1f}x; "
+        f"goal 5000 answers/s through the gateway: {'met' if s_gw >= 5000 else 'NOT met'}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd")
+    load = sub.add_parser("load", help="(internal) the load generator process")
+    load.add_argument("--mode", choices=["gateway", "direct"], required=True)
+    load.add_argument("--target", required=True)
+    load.add_argument("--campaign", required=True)
+    load.add_argument("--key", default="")
+    load.add_argument("--truth", required=True)
+    load.add_argument("--out", required=True)
+    for p in (ap, load):
+        p.add_argument("--workers", type=int, default=32)
+        p.add_argument("--batch", type=int, default=100)
+        p.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--masks", type=int, default=60_000)
+    ap.add_argument("--classes", type=int, default=40)
+    ap.add_argument("--gold", type=int, default=400)
+    ap.add_argument("--profile", type=int, default=0, help="py-spy the gateway for N seconds")
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args()
+    if args.cmd == "load":
+        run_load(args)
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()
