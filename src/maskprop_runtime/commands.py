@@ -182,6 +182,26 @@ def vendor_rotate(vendor_id: Annotated[str, typer.Argument()]) -> None:
     typer.echo(key)
 
 
+@vendor_app.command("webhook")
+def vendor_webhook(
+    vendor_id: Annotated[str, typer.Argument()],
+    url: Annotated[str, typer.Argument(help="https URL that receives signed callbacks")],
+    rotate_secret: Annotated[bool, typer.Option(help="Issue a new signing secret.")] = False,
+) -> None:
+    """Set where a vendor's callbacks (lease.expired, batch.finished) go; prints the signing
+    secret (Standard Webhooks).  Only admins run this: the gateway never takes a URL from an
+    API caller."""
+    from maskprop_gateway.webhooks import set_webhook
+
+    try:
+        _settings, r = _gateway_redis()
+        secret = set_webhook(vendor_id, url, rotate_secret=rotate_secret, redis=r)
+    except (MaskpropError, ValueError, ConnectionError, ValidationError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(secret)
+
+
 @gold_app.command("import")
 def gold_import(
     path: Annotated[

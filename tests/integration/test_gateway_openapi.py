@@ -179,21 +179,7 @@ def test_no_request_gets_a_server_error(findings: list[Finding]) -> None:
 
 # Conformance bugs of the gateway found by this test and reported to its maintainers; new
 # ones fail the test.  Delete an entry once its cause is fixed.
-KNOWN: set[tuple[str, str, int]] = {
-    # Malformed JSON bodies get FastAPI's 400 "There was an error parsing the body", which
-    # the document does not list (the app maps validation errors to 422, not this one).
-    ("POST /v1/leases", "ST103", 400),
-    # ... and here also a malformed Idempotency-Key header (400 from idempotency.py, while
-    # the document declares the header as a free string).
-    ("POST /v1/answers", "ST103", 400),
-    ("POST /v1/worker/lease", "ST103", 400),
-    ("POST /v1/worker/answers", "ST103", 400),
-    # Images and mask overlays are image/png (or jpeg), documented as application/json.
-    ("GET /v1/leases/{lease_id}/questions/{question_id}/image", "ST105", 200),
-    ("GET /v1/leases/{lease_id}/questions/{question_id}/overlay", "ST105", 200),
-    ("GET /v1/worker/leases/{lease_id}/questions/{question_id}/image", "ST105", 200),
-    ("GET /v1/worker/leases/{lease_id}/questions/{question_id}/overlay", "ST105", 200),
-}
+KNOWN: set[tuple[str, str, int]] = set()  # every earlier finding is fixed
 
 
 def test_every_response_conforms_to_the_document(findings: list[Finding]) -> None:

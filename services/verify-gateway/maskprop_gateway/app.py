@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from maskprop_gateway import metrics
+from maskprop_gateway import metrics, webhooks
 from maskprop_gateway.api.routes import answers, leases, progress, worker
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.gateway import Gateway
@@ -70,8 +70,10 @@ def create_app(
         app.state.limiter = RateLimiter(r, settings.rate_per_s, settings.rate_burst)
         app.state.gateway = Gateway(r, client, qc, settings, token_for=keys.worker_token)
         app.state.expired_hooks = []
+        stop_webhooks = webhooks.install(app, r)  # signed vendor callbacks, retried
         task = asyncio.create_task(_expire_loop(app, expiry_interval_s))
         yield
+        await stop_webhooks()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -82,6 +82,8 @@ class Gateway:
         self.settings = settings
         self.clock = clock
         self.token_for = token_for
+        # called with (vendor_id, lease_id) after answers were recorded (vendor callbacks)
+        self.submitted_hooks: list[Callable[[str, str], None]] = []
 
     # ------------------------------------------------------------------ leases
     def create_lease(
@@ -291,6 +293,8 @@ class Gateway:
                 self.r.hsetnx(f"{P}forward", qid, "1" if decided else "0")
         forwarded = self._flush_forward()
         ANSWERS.labels(vendor_id).inc(accepted)
+        for hook in self.submitted_hooks:
+            hook(vendor_id, lease_id)
         log.info(
             "answers",
             extra={

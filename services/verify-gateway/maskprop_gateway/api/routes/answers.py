@@ -19,7 +19,13 @@ def submit_answers(
     vendor: VendorDep,
     gateway: GatewayDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
+            description="Retries with the same key are applied once (first response replayed)",
+        ),
+    ] = None,
 ) -> AnswersOut:
     """Answers of one worker for one lease: one answer per question; with an
     ``Idempotency-Key`` a retried request is applied once and gets the first response."""

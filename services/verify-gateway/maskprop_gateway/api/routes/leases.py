@@ -13,8 +13,13 @@ from maskprop_gateway.images import ImageMissing, overlay_png, safe_path
 from maskprop_gateway.schemas import LEASE, QUESTION, ErrorOut, LeaseOut, LeaseRequest, LeaseStatus
 
 router = APIRouter(prefix="/v1/leases", tags=["leases"])
+# 400: a body that is not JSON at all (FastAPI's parser), 422: JSON that breaks the schema.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 403, 404, 422, 429, 503)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 422, 429, 503)
+}
+PNG: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "The image"},
 }
 _CACHE = {"Cache-Control": "private, max-age=3600"}
 
@@ -47,7 +52,7 @@ def get_lease(lease_id: str, vendor: VendorDep, gateway: GatewayDep) -> LeaseSta
     )
 
 
-@router.get("/{lease_id}/questions/{question_id}/image", responses=ERRORS)
+@router.get("/{lease_id}/questions/{question_id}/image", responses=PNG, response_class=Response)
 def question_image(
     lease_id: str, question_id: str, vendor: VendorDep, gateway: GatewayDep
 ) -> Response:
@@ -55,7 +60,7 @@ def question_image(
     return image_response(gateway, vendor.vendor_id, lease_id, question_id)
 
 
-@router.get("/{lease_id}/questions/{question_id}/overlay", responses=ERRORS)
+@router.get("/{lease_id}/questions/{question_id}/overlay", responses=PNG, response_class=Response)
 def question_overlay(
     lease_id: str, question_id: str, vendor: VendorDep, gateway: GatewayDep
 ) -> Response:

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from maskprop_gateway.api.deps import GatewayDep, WorkerDep
 from maskprop_gateway.api.errors import call
-from maskprop_gateway.api.routes.leases import ERRORS, image_response, overlay_response
+from maskprop_gateway.api.routes.leases import ERRORS, PNG, image_response, overlay_response
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.schemas import LEASE, AnswerIn, AnswersOut, LeaseOut, Strict
@@ -76,7 +76,9 @@ def submit_answers(
     return AnswersOut.model_validate(out)
 
 
-@router.get("/leases/{lease_id}/questions/{question_id}/image", responses=ERRORS)
+@router.get(
+    "/leases/{lease_id}/questions/{question_id}/image", responses=PNG, response_class=Response
+)
 def question_image(
     lease_id: str, question_id: str, claims: WorkerDep, gateway: GatewayDep
 ) -> Response:
@@ -85,7 +87,9 @@ def question_image(
     return image_response(gateway, claims.vendor_id, lease_id, question_id)
 
 
-@router.get("/leases/{lease_id}/questions/{question_id}/overlay", responses=ERRORS)
+@router.get(
+    "/leases/{lease_id}/questions/{question_id}/overlay", responses=PNG, response_class=Response
+)
 def question_overlay(
     lease_id: str, question_id: str, claims: WorkerDep, gateway: GatewayDep
 ) -> Response:
