@@ -172,31 +172,55 @@ class Gateway:
     def _take(
         self, campaign: str, worker: str, n: int, expires: float
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Up to ``n`` real questions this worker has not seen, topping up from search."""
+        """Up to ``n`` real questions this worker has not seen, topping up from search.
+
+        Candidates are checked a chunk at a time with pipelined reads (seen-by, holders, vote
+        count): a lease costs a few round trips, not a few per open question."""
         got: list[tuple[str, dict[str, Any]]] = []
+        redundancy = self.qc.policy.redundancy
         for attempt in range(2):
             now = self.clock()
-            for raw in self.r.zrange(f"{P}{campaign}:open", 0, -1):
-                if len(got) >= n:
+            start = 0
+            chunk = max(4 * n, 64)
+            while len(got) < n:
+                qids = [
+                    q.decode()
+                    for q in self.r.zrange(f"{P}{campaign}:open", start, start + chunk - 1)
+                ]
+                if not qids:
                     break
-                qid = raw.decode()
-                if self.r.sismember(f"{P}item:{qid}:seen", worker):
+                start += chunk
+                pipe = self.r.pipeline(transaction=False)
+                for qid in qids:
+                    pipe.sismember(f"{P}item:{qid}:seen", worker)
+                    pipe.hvals(f"{P}item:{qid}:holders")
+                    pipe.hlen(self.qc._votes_key(qid))
+                replies = pipe.execute()
+                chosen = []
+                for k, qid in enumerate(qids):
+                    seen, holders, votes = replies[3 * k : 3 * k + 3]
+                    if seen:
+                        continue
+                    active = sum(1 for t in holders if float(t) > now)
+                    # raw votes >= redundancy on an open question means some were discounted
+                    # (a suspended voter): only then pay for the exact count.
+                    need = (
+                        redundancy - votes if votes < redundancy else self.qc.needs_more_votes(qid)
+                    )
+                    if active >= need:
+                        continue
+                    chosen.append(qid)
+                    if len(got) + len(chosen) >= n:
+                        break
+                if not chosen:
                     continue
-                holders = {
-                    w.decode(): float(t)
-                    for w, t in self.r.hgetall(f"{P}item:{qid}:holders").items()
-                }
-                active = sum(1 for t in holders.values() if t > now)
-                if active >= self.qc.needs_more_votes(qid):
-                    continue
-                view = self.r.hget(f"{P}{campaign}:items", qid)
-                if view is None:
-                    continue
-                pipe = self.r.pipeline()
-                pipe.sadd(f"{P}item:{qid}:seen", worker)
-                pipe.hset(f"{P}item:{qid}:holders", worker, expires)
-                pipe.execute()
-                got.append((qid, json.loads(view)))
+                pipe = self.r.pipeline(transaction=False)
+                for qid in chosen:
+                    pipe.sadd(f"{P}item:{qid}:seen", worker)
+                    pipe.hset(f"{P}item:{qid}:holders", worker, expires)
+                    pipe.hget(f"{P}{campaign}:items", qid)
+                views = pipe.execute()[2::3]
+                got.extend((qid, json.loads(v)) for qid, v in zip(chosen, views, strict=True) if v)
             if len(got) >= n or attempt == 1:
                 break
             try:
@@ -259,6 +283,7 @@ class Gateway:
         accepted = duplicates = 0
         touched: list[str] = []
         qualification: dict[str, bool] = {}
+        times: list[int] = []
         for oid, label, elapsed_ms in answers:
             if not self.r.sadd(f"{P}lease:{lease_id}:answered", oid):
                 duplicates += 1
@@ -266,12 +291,11 @@ class Gateway:
             accepted += 1
             it = items[oid]
             self.r.hincrby(f"{P}stats:{campaign}", "answers", 1)
+            times.append(elapsed_ms)
             if lease["kind"] == "qualification":
                 qualification[it["ref"]] = label
                 self.r.hset(f"{P}lease:{lease_id}:qual", it["ref"], "1" if label else "0")
-                self.qc.record_answer_time(worker, elapsed_ms)
                 continue
-            self.qc.record_answer_time(worker, elapsed_ms)
             if it["kind"] == "gold":
                 self.r.hincrby(f"{P}stats:{campaign}", "gold_answers", 1)
                 self.qc.score_gold(worker, it["ref"], label, elapsed_ms)
@@ -281,6 +305,7 @@ class Gateway:
                 self.r.hdel(f"{P}item:{qid}:holders", worker)
                 touched.append(qid)
         self.r.expire(f"{P}lease:{lease_id}:answered", int(self.settings.lease_ttl_s) + 86_400)
+        self.qc.record_answer_times(worker, times)
         if qualification:
             try:
                 self._finish_qualification(lease_id, worker, items)

@@ -429,10 +429,17 @@ class QualityControl:
 
     def record_answer_time(self, worker: str, elapsed_ms: int) -> None:
         """Record the time a worker took for one answer (ms, from serving to submission)."""
-        self._check_elapsed(elapsed_ms)
+        self.record_answer_times(worker, [elapsed_ms])
+
+    def record_answer_times(self, worker: str, elapsed_ms: list[int]) -> None:
+        """Record several answer times of one worker in one round trip (a submitted batch)."""
+        if not elapsed_ms:
+            return
+        for e in elapsed_ms:
+            self._check_elapsed(e)
         times = self._worker_key(worker, "times")
         pipe = self.r.pipeline(transaction=True)
-        pipe.lpush(times, elapsed_ms)
+        pipe.lpush(times, *elapsed_ms)
         pipe.ltrim(times, 0, self.policy.window - 1)
         pipe.lrange(times, 0, -1)
         recent = pipe.execute()[2]
@@ -591,6 +598,10 @@ class QualityControl:
         counted, states = self._counted_votes(question_id)
         if len(counted) < self.policy.redundancy:
             return None
+        if len(set(counted.values())) == 1:
+            # Unanimous: every weight is positive, so the weighted vote is that label; skip
+            # building a DataFrame (the common case, and the only one at redundancy 1).
+            return next(iter(counted.values()))
         workers = sorted(counted)
         data = pd.DataFrame(
             {"task": question_id, "worker": workers, "label": [counted[w] for w in workers]}
