@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pycocotools import mask as mask_utils
 
+from maskprop_runtime.files import atomic_file
 from maskprop_sink.dataset import DatasetReader
 
 
@@ -64,68 +63,61 @@ def export_coco(
     classes = reader.categories(campaign)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     image_ids: dict[str, int] = {}
     annotations = skipped = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            info = {
-                "description": f"maskprop campaign {campaign}",
-                "version": "1.0",
-                "year": dt.datetime.now(dt.UTC).year,
-                "date_created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "maskprop": {"campaign": campaign, "accepted_only": accepted_only},
+    # Written through a temporary file and renamed when complete.
+    with atomic_file(out, "w") as f:
+        info = {
+            "description": f"maskprop campaign {campaign}",
+            "version": "1.0",
+            "year": dt.datetime.now(dt.UTC).year,
+            "date_created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "maskprop": {"campaign": campaign, "accepted_only": accepted_only},
+        }
+        categories = [
+            {"id": cid + 1, "name": name or f"class_{cid}", "supercategory": ""}
+            for cid, name in sorted(classes.items())
+        ]
+        f.write(f'{{"info":{_dumps(info)},"licenses":[],"categories":{_dumps(categories)}')
+        f.write(',"images":[')
+        for im in reader.images(campaign):
+            image_ids[im["image_id"]] = len(image_ids) + 1
+            image = {
+                "id": image_ids[im["image_id"]],
+                "width": im["width"],
+                "height": im["height"],
+                "file_name": im["file_name"] or im["image_id"],
+                "maskprop_image_id": im["image_id"],
             }
-            categories = [
-                {"id": cid + 1, "name": name or f"class_{cid}", "supercategory": ""}
-                for cid, name in sorted(classes.items())
-            ]
-            f.write(f'{{"info":{_dumps(info)},"licenses":[],"categories":{_dumps(categories)}')
-            f.write(',"images":[')
-            for im in reader.images(campaign):
-                image_ids[im["image_id"]] = len(image_ids) + 1
-                image = {
-                    "id": image_ids[im["image_id"]],
-                    "width": im["width"],
-                    "height": im["height"],
-                    "file_name": im["file_name"] or im["image_id"],
-                    "maskprop_image_id": im["image_id"],
-                }
-                f.write(("," if len(image_ids) > 1 else "") + _dumps(image))
-            f.write('],"annotations":[')
-            for rec in reader.labels(campaign, accepted_only=accepted_only):
-                image_id = image_ids.get(rec["image_id"])
-                if image_id is None or rec["class_id"] not in classes:
-                    skipped += 1
-                    continue
-                seg = rec["segmentation"]
-                rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
-                annotations += 1
-                ann = {
-                    "id": annotations,
-                    "image_id": image_id,
-                    "category_id": rec["class_id"] + 1,
-                    "segmentation": seg,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": 0,
-                    "score": rec["score"],
-                    "maskprop": {
-                        "mask_id": rec["mask_id"],
-                        "accepted": rec["accepted"],
-                        "source": rec["source"],
-                        "node": rec["node"],
-                        "outcome": rec["outcome"],
-                    },
-                }
-                f.write(("," if annotations > 1 else "") + _dumps(ann))
-            f.write("]}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            f.write(("," if len(image_ids) > 1 else "") + _dumps(image))
+        f.write('],"annotations":[')
+        for rec in reader.labels(campaign, accepted_only=accepted_only):
+            image_id = image_ids.get(rec["image_id"])
+            if image_id is None or rec["class_id"] not in classes:
+                skipped += 1
+                continue
+            seg = rec["segmentation"]
+            rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+            annotations += 1
+            ann = {
+                "id": annotations,
+                "image_id": image_id,
+                "category_id": rec["class_id"] + 1,
+                "segmentation": seg,
+                "area": float(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "iscrowd": 0,
+                "score": rec["score"],
+                "maskprop": {
+                    "mask_id": rec["mask_id"],
+                    "accepted": rec["accepted"],
+                    "source": rec["source"],
+                    "node": rec["node"],
+                    "outcome": rec["outcome"],
+                },
+            }
+            f.write(("," if annotations > 1 else "") + _dumps(ann))
+        f.write("]}\n")
     return {
         "images": len(image_ids),
         "annotations": annotations,
