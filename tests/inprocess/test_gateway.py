@@ -235,3 +235,20 @@ def test_logs_never_carry_keys_tokens_or_gold(tmp_path, pool, caplog):
     assert st.key not in text and st.other_key not in text
     assert not token or token not in text
     assert all(g.gold_id not in text for g in st.gold)
+
+
+def test_worker_routes_share_the_vendor_rate_limit(tmp_path, pool):
+    st = Stack(tmp_path, pool, rate_per_s=1, rate_burst=2)
+    with TestClient(st.app) as client:
+        token = client.post(
+            "/v1/leases",
+            json={"worker_id": "w1", "campaign": "gw", "max_questions": 1},
+            headers=st.headers(),
+        ).json()["worker_token"]
+        codes = [
+            client.post(
+                "/v1/worker/lease", json={"max_questions": 1}, headers={"X-Worker-Token": token}
+            ).status_code
+            for _ in range(3)
+        ]
+        assert 429 in codes

@@ -308,11 +308,10 @@ class SearchCore:
         order = classes[start:] + classes[:start]
         # Classes with overdue leases first: their questions are already sampled and waiting.
         now = self.clock()
-        overdue = [
-            k
-            for k in order
-            if self.r.zrangebyscore(self._k(campaign, k, "leases"), "-inf", now, start=0, num=1)
-        ]
+        pipe = self.r.pipeline(transaction=False)  # one round trip for every class
+        for k in order:
+            pipe.zrangebyscore(self._k(campaign, k, "leases"), "-inf", now, start=0, num=1)
+        overdue = [k for k, hit in zip(order, pipe.execute(), strict=True) if hit]
         order = overdue + [k for k in order if k not in overdue]
         done = True
         for k in order:

@@ -53,9 +53,16 @@ def get_worker(
     """The annotator page's routes: a signed worker token (header, or ``token`` query for
     <img> sources)."""
     try:
-        return request.app.state.keys.verify_worker(x_worker_token or token)
+        claims: WorkerClaims = request.app.state.keys.verify_worker(x_worker_token or token)
     except AuthError as exc:
         raise HTTPException(401, str(exc)) from None
+    # The page's calls count against the vendor's budget too.
+    wait = request.app.state.limiter.retry_after(claims.vendor_id)
+    if wait > 0:
+        raise HTTPException(
+            429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))}
+        )
+    return claims
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
