@@ -212,67 +212,69 @@ class SearchCore:
         session = loaded.session
         if not session.has_pending_decisions():
             return 0
-        sent = 0
-        for d in session.pop_decisions():
-            if d.terminal:
-                for ev in self._label_events(campaign, class_id, loaded, d):
-                    self.producer.send(
-                        topics.LABELS, topics.class_key(campaign, class_id), ev.SerializeToString()
-                    )
-                    sent += 1
+        decisions = [d for d in session.pop_decisions() if d.terminal]
+        events = self._label_events(campaign, class_id, loaded, decisions)
+        for ev in events:
+            self.producer.send(
+                topics.LABELS, topics.class_key(campaign, class_id), ev.SerializeToString()
+            )
         self.producer.flush()  # acknowledged before the outbox is emptied for good
         self._save(campaign, class_id, loaded)
-        return sent
+        return len(events)
 
     def _label_events(
-        self, campaign: str, class_id: int, loaded: _Loaded, d: Decision
+        self, campaign: str, class_id: int, loaded: _Loaded, decisions: list[Decision]
     ) -> list[search_pb2.LabelsPropagated]:
-        masks, labels, sources = loaded.session.decision_labels(d)
+        """The labels of ``decisions`` in events of at most LABELS_PER_EVENT labels."""
         table = loaded.table
-        out = []
-        for chunk, lo in enumerate(range(0, masks.shape[0], LABELS_PER_EVENT)):
-            sel = slice(lo, lo + LABELS_PER_EVENT)
-            ev = search_pb2.LabelsPropagated(
-                event_id=f"labels.{campaign}.{class_id}.{d.node}.{chunk}",
-                campaign=campaign,
-                class_id=class_id,
-                class_name=loaded.class_name,
-                node=d.node,
-                outcome=d.outcome,
-                yes=d.yes,
-                answered=d.answered,
-            )
-            seen_images: set[str] = set()
-            for m, lab, src in zip(masks[sel], labels[sel], sources[sel], strict=True):
-                i = int(m)
-                image_id = str(table.image_ids[i])
-                ev.labels.append(
+        labels: list[search_pb2.PropagatedLabel] = []
+        for d in decisions:
+            masks, values, sources = loaded.session.decision_labels(d)
+            for m, lab, src in zip(masks.tolist(), values.tolist(), sources.tolist(), strict=True):
+                labels.append(
                     search_pb2.PropagatedLabel(
-                        mask_id=str(table.mask_ids[i]),
-                        image_id=image_id,
-                        accepted=bool(lab == 1),
+                        mask_id=str(table.mask_ids[m]),
+                        image_id=str(table.image_ids[m]),
+                        accepted=lab == 1,
                         source=search_pb2.LABEL_SOURCE_VERIFIED
                         if src == LabelSource.VERIFIED
                         else search_pb2.LABEL_SOURCE_PROPAGATED,
                         rle=common_pb2.RleMask(
-                            height=int(table.rle_h[i]),
-                            width=int(table.rle_w[i]),
-                            counts=table.counts(i),
+                            height=int(table.rle_h[m]),
+                            width=int(table.rle_w[m]),
+                            counts=table.counts(m),
                         ),
-                        score=float(table.scores[i]),
+                        score=float(table.scores[m]),
+                        node=d.node,
+                        outcome=d.outcome,
+                        yes=d.yes,
+                        answered=d.answered,
                     )
                 )
-                if image_id not in seen_images:
-                    seen_images.add(image_id)
-                    j = loaded.images[image_id]
-                    ev.images.append(
-                        common_pb2.ImageInfo(
-                            image_id=image_id,
-                            width=int(table.img_w[j]),
-                            height=int(table.img_h[j]),
-                            file_name=str(table.img_files[j]),
-                        )
+        out = []
+        first = decisions[0].node if decisions else 0
+        for chunk, lo in enumerate(range(0, len(labels), LABELS_PER_EVENT)):
+            ev = search_pb2.LabelsPropagated(
+                event_id=f"labels.{campaign}.{class_id}.{first}.{chunk}",
+                campaign=campaign,
+                class_id=class_id,
+                class_name=loaded.class_name,
+                labels=labels[lo : lo + LABELS_PER_EVENT],
+            )
+            seen: set[str] = set()
+            for lab in ev.labels:
+                if lab.image_id in seen:
+                    continue
+                seen.add(lab.image_id)
+                j = loaded.images[lab.image_id]
+                ev.images.append(
+                    common_pb2.ImageInfo(
+                        image_id=lab.image_id,
+                        width=int(table.img_w[j]),
+                        height=int(table.img_h[j]),
+                        file_name=str(table.img_files[j]),
                     )
+                )
             out.append(ev)
         return out
 

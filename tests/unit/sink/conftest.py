@@ -51,10 +51,6 @@ def build_event(
         campaign=campaign,
         class_id=class_id,
         class_name=class_name,
-        node=node,
-        outcome=outcome,
-        yes=3,
-        answered=4,
     )
     out: dict[str, np.ndarray] = {}
     images: set[str] = set()
@@ -70,6 +66,10 @@ def build_event(
             source=source,
             rle=rles[j],
             score=0.5 + 0.01 * i,
+            node=node,
+            outcome=outcome,
+            yes=3,
+            answered=4,
         )
         out[mask_id] = masks[..., j].astype(np.uint8)
         images.add(image_id)
