@@ -478,7 +478,9 @@ def orchestrate(args: argparse.Namespace) -> None:
             p.stop()
         r.flushdb()
         (work / "truth.json").unlink(missing_ok=True)
-        if not args.profile:
+        if args.profile or args.keep:
+            print(f"logs kept in {work / 'logs'}")
+        else:
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -526,6 +528,7 @@ def main() -> None:
     ap.add_argument("--gold", type=int, default=400)
     ap.add_argument("--profile", type=int, default=0, help="py-spy the gateway for N seconds")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the services' logs")
     args = ap.parse_args()
     if args.cmd == "load":
         run_load(args)

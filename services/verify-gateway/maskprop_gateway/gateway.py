@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.metrics import ANSWERS, BLOCKED
 from maskprop_gateway.quality import GoldQuestion, QualityControl, QualityError
@@ -280,42 +282,58 @@ class Gateway:
             raise Invalid(f"questions not in this lease: {unknown[:3]}")
         worker = f"{vendor_id}:{worker_id}"
         campaign = lease["campaign"]
-        accepted = duplicates = 0
-        touched: list[str] = []
-        qualification: dict[str, bool] = {}
-        times: list[int] = []
-        for oid, label, elapsed_ms in answers:
-            if not self.r.sadd(f"{P}lease:{lease_id}:answered", oid):
-                duplicates += 1
-                continue
-            accepted += 1
-            it = items[oid]
-            self.r.hincrby(f"{P}stats:{campaign}", "answers", 1)
-            times.append(elapsed_ms)
-            if lease["kind"] == "qualification":
-                qualification[it["ref"]] = label
-                self.r.hset(f"{P}lease:{lease_id}:qual", it["ref"], "1" if label else "0")
-                continue
-            if it["kind"] == "gold":
-                self.r.hincrby(f"{P}stats:{campaign}", "gold_answers", 1)
-                self.qc.score_gold(worker, it["ref"], label, elapsed_ms)
-            else:
-                qid = it["ref"]
-                self.qc.add_vote(qid, worker, label)
-                self.r.hdel(f"{P}item:{qid}:holders", worker)
-                touched.append(qid)
-        self.r.expire(f"{P}lease:{lease_id}:answered", int(self.settings.lease_ttl_s) + 86_400)
-        self.qc.record_answer_times(worker, times)
+        # One round trip decides which answers are new: one answer per (lease, question).
+        pipe = self.r.pipeline(transaction=False)
+        for oid, _, _ in answers:
+            pipe.sadd(f"{P}lease:{lease_id}:answered", oid)
+        pipe.expire(f"{P}lease:{lease_id}:answered", int(self.settings.lease_ttl_s) + 86_400)
+        fresh = [
+            (oid, label, ms)
+            for (oid, label, ms), new in zip(answers, pipe.execute()[:-1], strict=True)
+            if new
+        ]
+        accepted, duplicates = len(fresh), len(answers) - len(fresh)
+        qualification = {
+            items[oid]["ref"]: label for oid, label, _ in fresh if lease["kind"] == "qualification"
+        }
+        golds = [
+            (items[oid]["ref"], label, ms)
+            for oid, label, ms in fresh
+            if lease["kind"] != "qualification" and items[oid]["kind"] == "gold"
+        ]
+        votes = [
+            (items[oid]["ref"], label)
+            for oid, label, _ in fresh
+            if lease["kind"] != "qualification" and items[oid]["kind"] == "real"
+        ]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(f"{P}stats:{campaign}", "answers", accepted)
+        pipe.hincrby(f"{P}stats:{campaign}", "gold_answers", len(golds))
+        if qualification:
+            pipe.hset(
+                f"{P}lease:{lease_id}:qual",
+                mapping={g: "1" if v else "0" for g, v in qualification.items()},
+            )
+        for qid, _ in votes:
+            pipe.hdel(f"{P}item:{qid}:holders", worker)
+        pipe.execute()
+        self.qc.record_answer_times(worker, [ms for _, _, ms in fresh])
+        for gold_id, label, ms in golds:
+            self.qc.score_gold(worker, gold_id, label, ms)
+        self.qc.add_votes(worker, votes)
         if qualification:
             try:
                 self._finish_qualification(lease_id, worker, items)
             except QualityError as exc:
                 raise Invalid(str(exc)) from None
         state = self.qc.review(worker)
-        for qid in touched:
-            decided = self.qc.aggregate(qid)
-            if decided is not None:
-                self.r.hsetnx(f"{P}forward", qid, "1" if decided else "0")
+        decided = self.qc.aggregate_many([qid for qid, _ in votes]) if votes else {}
+        ready = {qid: "1" if v else "0" for qid, v in decided.items() if v is not None}
+        if ready:
+            pipe = self.r.pipeline(transaction=False)
+            for qid, v in ready.items():
+                pipe.hsetnx(f"{P}forward", qid, v)
+            pipe.execute()
         forwarded = self._flush_forward()
         ANSWERS.labels(vendor_id).inc(accepted)
         for hook in self.submitted_hooks:
@@ -356,6 +374,14 @@ class Gateway:
             self.search.submit(answers)
         except SearchUnavailable:
             log.warning("search unavailable; aggregated answers kept", extra={"n": len(answers)})
+            return 0
+        except grpc.RpcError as exc:
+            # The workers' answers are safe here; a failing forward must not fail their
+            # request.  Kept and retried on the next call.
+            log.error(
+                "search refused aggregated answers; kept for retry",
+                extra={"n": len(answers), "code": str(exc.code()), "details": exc.details()},
+            )
             return 0
         pipe = self.r.pipeline()
         for qid, _ in answers:

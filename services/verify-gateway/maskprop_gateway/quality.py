@@ -545,20 +545,50 @@ class QualityControl:
     def add_vote(self, question_id: str, worker: str, label: bool) -> bool:
         """Record ``worker``'s answer to a real question; returns ``False`` (and changes
         nothing) when the worker already voted on it."""
-        if not isinstance(label, bool):
-            raise QualityError("a vote must be true or false")
-        key = self._votes_key(question_id)
-        added = bool(self.r.hsetnx(key, worker, f"{int(label)}:{self.clock()!r}"))
-        self.r.expire(key, self.policy.vote_ttl_s)
-        return added
+        return self.add_votes(worker, [(question_id, label)])[0]
 
-    def _counted_votes(self, question_id: str) -> tuple[dict[str, bool], dict[str, WorkerState]]:
-        raw = self.r.hgetall(self._votes_key(question_id))
+    def add_votes(self, worker: str, votes: list[tuple[str, bool]]) -> list[bool]:
+        """:meth:`add_vote` for a batch of one worker's votes, in one round trip."""
+        if any(not isinstance(label, bool) for _, label in votes):
+            raise QualityError("a vote must be true or false")
+        now = self.clock()
+        pipe = self.r.pipeline(transaction=False)
+        for qid, label in votes:
+            key = self._votes_key(qid)
+            pipe.hsetnx(key, worker, f"{int(label)}:{now!r}")
+            pipe.expire(key, self.policy.vote_ttl_s)
+        return [bool(x) for x in pipe.execute()[0::2]]
+
+    def aggregate_many(self, question_ids: list[str]) -> dict[str, bool | None]:
+        """:meth:`aggregate` for many questions with two round trips in all."""
+        pipe = self.r.pipeline(transaction=False)
+        for qid in question_ids:
+            pipe.hgetall(self._votes_key(qid))
+        raws = pipe.execute()
+        parsed = [self._parse_votes(raw) for raw in raws]
+        workers = sorted({w for votes in parsed for w in votes})
+        states = self._states(workers, timing=False) if workers else {}
+        return {
+            qid: self._decide(qid, self._count(votes, states), states)
+            for qid, votes in zip(question_ids, parsed, strict=True)
+        }
+
+    @staticmethod
+    def _parse_votes(raw: dict[Any, Any]) -> dict[str, tuple[bool, float]]:
         votes: dict[str, tuple[bool, float]] = {}
         for w, v in raw.items():
             bit, _, cast_at = _s(v).partition(":")
             votes[_s(w)] = (bit == "1", float(cast_at))
+        return votes
+
+    def _counted_votes(self, question_id: str) -> tuple[dict[str, bool], dict[str, WorkerState]]:
+        votes = self._parse_votes(self.r.hgetall(self._votes_key(question_id)))
         states = self._states(sorted(votes), timing=False)
+        return self._count(votes, states), states
+
+    def _count(
+        self, votes: dict[str, tuple[bool, float]], states: dict[str, WorkerState]
+    ) -> dict[str, bool]:
         counted: dict[str, bool] = {}
         for w, (label, at) in votes.items():
             st = states[w]
@@ -570,7 +600,7 @@ class QualityControl:
             ):
                 continue  # cast while the worker was already going wrong, or after
             counted[w] = label
-        return counted, states
+        return counted
 
     def needs_more_votes(self, question_id: str) -> int:
         """Votes still missing before :meth:`aggregate` decides (after discounting)."""
@@ -596,6 +626,11 @@ class QualityControl:
         so a tie never accepts a mask.
         """
         counted, states = self._counted_votes(question_id)
+        return self._decide(question_id, counted, states)
+
+    def _decide(
+        self, question_id: str, counted: dict[str, bool], states: dict[str, WorkerState]
+    ) -> bool | None:
         if len(counted) < self.policy.redundancy:
             return None
         if len(set(counted.values())) == 1:
