@@ -117,8 +117,9 @@ class Gateway:
             kind = "work"
             self._flush_forward()
             real = self._take(campaign, worker, max_questions, expires)
-            for qid, view in real:
-                if self.qc.gold_due(worker):
+            due = self.qc.gold_due_many(worker, len(real))
+            for (qid, view), gold_due in zip(real, due, strict=True):
+                if gold_due:
                     hidden = self.qc.next_gold(campaign, worker)
                     if hidden is not None:
                         items[self._opaque()] = {
@@ -197,11 +198,12 @@ class Gateway:
                     pipe.sismember(f"{P}item:{qid}:seen", worker)
                     pipe.hvals(f"{P}item:{qid}:holders")
                     pipe.hlen(self.qc._votes_key(qid))
+                    pipe.hexists(f"{P}forward", qid)
                 replies = pipe.execute()
                 chosen = []
                 for k, qid in enumerate(qids):
-                    seen, holders, votes = replies[3 * k : 3 * k + 3]
-                    if seen:
+                    seen, holders, votes, decided = replies[4 * k : 4 * k + 4]
+                    if seen or decided:  # decided: waiting to be forwarded to search
                         continue
                     active = sum(1 for t in holders if float(t) > now)
                     # raw votes >= redundancy on an open question means some were discounted

@@ -329,8 +329,17 @@ class QualityControl:
         Call once per served question: it counts them, and the n-th answer is a fixed function
         of (seed, worker, n), true with probability ``gold_share``.
         """
-        n = int(self.r.hincrby(self._worker_key(worker), "served", 1))
-        return self._uniform("due", worker, n) < self.policy.gold_share
+        return self.gold_due_many(worker, 1)[0]
+
+    def gold_due_many(self, worker: str, k: int) -> list[bool]:
+        """:meth:`gold_due` for the next ``k`` served questions, in one round trip."""
+        if k <= 0:
+            return []
+        n = int(self.r.hincrby(self._worker_key(worker), "served", k))
+        return [
+            self._uniform("due", worker, i) < self.policy.gold_share
+            for i in range(n - k + 1, n + 1)
+        ]
 
     # ------------------------------------------------------------------ qualification
     def qualification_questions(self, campaign: str, worker: str) -> list[GoldQuestion]:
