@@ -157,6 +157,11 @@ def run_pipeline(
     """Run the whole pipeline once; writes ``out/dataset``, ``out/annotations.json`` and
     ``out/run_report.json`` and returns the report."""
     started = time.perf_counter()
+    if (out / "dataset" / cfg.campaign).exists():
+        raise MaskpropError(
+            f"{out} already holds a dataset for campaign {cfg.campaign!r}; "
+            "choose another --out or remove it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     pool = ade_like_pool(cfg.masks, cfg.classes, seed=cfg.seed, dim=cfg.dim)
     redis_url = runtime.redis_url.get_secret_value() if runtime.redis_url else None

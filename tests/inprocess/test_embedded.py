@@ -49,3 +49,10 @@ def test_bad_configs_are_clear_errors(tmp_path, text, needle):
 def test_missing_config_file(tmp_path):
     with pytest.raises(MaskpropError, match="does not exist"):
         RunConfig.load(tmp_path / "nope.toml")
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path):
+    cfg = RunConfig(campaign="again", masks=300, classes=2, seed=1, dim=4)
+    run_pipeline(cfg, tmp_path, RuntimeSettings())
+    with pytest.raises(MaskpropError, match="already holds a dataset"):
+        run_pipeline(cfg, tmp_path, RuntimeSettings())
