@@ -325,7 +325,9 @@ class SearchCore:
                 done = False  # not checked: unknown, so not done
                 break
             with self._class(campaign, k) as loaded:
-                expired = self._expire(campaign, k, loaded)
+                # Only classes the pipelined check above found with overdue leases pay for
+                # the expiry query.
+                expired = self._expire(campaign, k, loaded) if k in overdue else []
                 remaining = max_questions - len(out)
                 qs = loaded.session.lease(remaining) if remaining > 0 else []
                 deadline = self.clock() + self.lease_seconds
