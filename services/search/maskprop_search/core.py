@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -105,6 +106,8 @@ class SearchCore:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self._cache: dict[tuple[str, int], _Loaded] = {}
+        self._local_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out
 
     # ------------------------------------------------------------------ keys
@@ -162,12 +165,18 @@ class SearchCore:
         """Lock a class and load its session.  If anything fails half-way (Redis or Kafka
         down), the in-memory copy may be ahead of Redis: drop it, so the next call restores
         the last saved state (whose outbox still holds any unpublished labels)."""
-        with self._lock(campaign, class_id):
+        # Threads of this process queue on a local lock first (woken at once, no polling);
+        # the Redis lock then only arbitrates between replicas, so it is usually free.
+        with self._local_lock(campaign, class_id), self._lock(campaign, class_id):
             try:
                 yield self._load(campaign, class_id)
             except BaseException:
                 self._cache.pop((campaign, class_id), None)
                 raise
+
+    def _local_lock(self, campaign: str, class_id: int) -> threading.Lock:
+        with self._locks_guard:
+            return self._local_locks.setdefault((campaign, class_id), threading.Lock())
 
     def _load(self, campaign: str, class_id: int) -> _Loaded:
         """The class's session (cached while the stored version is unchanged); call locked."""
