@@ -28,6 +28,7 @@ from maskprop_gateway.limits import BodySizeLimit, RateLimiter
 from maskprop_gateway.quality import QualityControl, QualityPolicy
 from maskprop_gateway.search_client import GrpcSearchClient, SearchClient
 from maskprop_gateway.settings import GatewaySettings
+from maskprop_runtime.server import entrypoint
 from maskprop_runtime.store import make_redis
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ async def _expire_loop(app: FastAPI, interval_s: float) -> None:
             log.exception("lease expiry failed; will retry")
 
 
+@entrypoint
 def main() -> None:
     import uvicorn
 
