@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -86,3 +87,41 @@ def entrypoint(main: Callable[[], None]) -> Callable[[], None]:
 
     wrapped.__doc__ = main.__doc__
     return wrapped
+
+
+@dataclass
+class Started:
+    """What every standalone service process starts with."""
+
+    bus: Any
+    redis: Any
+    stop: threading.Event
+
+
+def start_service(settings: Any, name: str, *, needs_redis: bool = True) -> Started:
+    """The start of every service's ``main``, written once: logs, the distributed-mode check,
+    metrics, Redis (retrying with backoff), the bus and SIGTERM handling."""
+    from maskprop_runtime.bus import make_bus
+    from maskprop_runtime.logs import setup_logging
+    from maskprop_runtime.metrics import start_metrics
+    from maskprop_runtime.store import make_redis
+
+    setup_logging(name, settings.log_level, settings.log_json)
+    needed = "MASKPROP_KAFKA_BOOTSTRAP" + (" and MASKPROP_REDIS_URL" if needs_redis else "")
+    if not settings.distributed or (needs_redis and settings.redis_url is None):
+        raise SystemExit(
+            f"error: a standalone {name} needs {needed} "
+            "(use `maskprop run` for the embedded pipeline)"
+        )
+    start_metrics(settings.metrics_port, settings.metrics_host)
+    redis = (
+        make_redis(
+            settings.redis_url.get_secret_value(), connect_timeout_s=settings.connect_timeout_s
+        )
+        if needs_redis
+        else None
+    )
+    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
+    stop = threading.Event()
+    install_shutdown(stop)
+    return Started(bus=bus, redis=redis, stop=stop)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,12 @@ from google.protobuf.message import Message
 
 from maskprop.tree import build_tree
 from maskprop_runtime import codec, topics
-from maskprop_runtime.bus import Bus, Record, make_bus
-from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.bus import Bus, Record
 from maskprop_runtime.loop import DedupStore, Emit, EventLoop, InvalidEvent
-from maskprop_runtime.metrics import start_metrics
 from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
-from maskprop_runtime.server import entrypoint, install_shutdown, start_health_only
+from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
-from maskprop_runtime.store import make_redis
 from maskprop_runtime.treestore import MaskTable, TreeStore, check_name
 
 log = logging.getLogger(__name__)
@@ -166,20 +162,9 @@ def build_clusterer(settings: ClustererSettings, bus: Bus, redis: object) -> Eve
 @entrypoint
 def main() -> None:
     settings = ClustererSettings()
-    setup_logging("clusterer", settings.log_level, settings.log_json)
-    if not settings.distributed:
-        raise SystemExit(
-            "error: a standalone clusterer needs MASKPROP_KAFKA_BOOTSTRAP and MASKPROP_REDIS_URL "
-            "(use `maskprop run` for the embedded pipeline)"
-        )
-    start_metrics(settings.metrics_port, settings.metrics_host)
-    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
-    redis = make_redis(redis_url, connect_timeout_s=settings.connect_timeout_s)
-    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
-    stop = threading.Event()
-    install_shutdown(stop)
+    run = start_service(settings, "clusterer")
     server, health = start_health_only(settings.grpc_host, settings.grpc_port, "clusterer")
     log.info("clusterer started", extra={"tree_dir": str(settings.trees)})
-    build_clusterer(settings, bus, redis).run(stop)
+    build_clusterer(settings, run.bus, run.redis).run(run.stop)
     health.enter_graceful_shutdown()
     server.stop(5).wait()

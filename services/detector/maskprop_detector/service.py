@@ -6,16 +6,13 @@ built yet, so every batch is dead-lettered with that reason rather than silently
 from __future__ import annotations
 
 import logging
-import threading
 
 from google.protobuf.message import Message
 
 from maskprop_runtime import topics
-from maskprop_runtime.bus import Bus, Record, make_bus
-from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.bus import Bus, Record
 from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
-from maskprop_runtime.metrics import start_metrics
-from maskprop_runtime.server import entrypoint, install_shutdown, start_health_only
+from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -38,14 +35,8 @@ def build_detector(settings: RuntimeSettings, bus: Bus) -> EventLoop:
 @entrypoint
 def main() -> None:
     settings = RuntimeSettings()
-    setup_logging("detector", settings.log_level, settings.log_json)
-    if not settings.distributed:
-        raise SystemExit("error: a standalone detector needs MASKPROP_KAFKA_BOOTSTRAP")
-    start_metrics(settings.metrics_port, settings.metrics_host)
-    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
-    stop = threading.Event()
-    install_shutdown(stop)
+    run = start_service(settings, "detector", needs_redis=False)
     server, health = start_health_only(settings.grpc_host, settings.grpc_port, "detector")
-    build_detector(settings, bus).run(stop)
+    build_detector(settings, run.bus).run(run.stop)
     health.enter_graceful_shutdown()
     server.stop(5).wait()

@@ -11,14 +11,11 @@ from pydantic import Field
 from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
 from maskprop_runtime import topics
-from maskprop_runtime.bus import Bus, Producer, make_bus
-from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.bus import Bus, Producer
 from maskprop_runtime.loop import DedupStore, EventLoop
-from maskprop_runtime.metrics import start_metrics
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
-from maskprop_runtime.server import build_server, entrypoint, install_shutdown, serve_until
+from maskprop_runtime.server import build_server, entrypoint, serve_until, start_service
 from maskprop_runtime.settings import RuntimeSettings
-from maskprop_runtime.store import make_redis
 from maskprop_search.core import SearchCore
 from maskprop_search.grpc_api import SearchServicer
 
@@ -80,21 +77,10 @@ def build_search(
 @entrypoint
 def main() -> None:
     settings = SearchSettings()
-    setup_logging("search", settings.log_level, settings.log_json)
-    if not settings.distributed or settings.redis_url is None:
-        raise SystemExit(
-            "error: a standalone search service needs MASKPROP_KAFKA_BOOTSTRAP and "
-            "MASKPROP_REDIS_URL (use `maskprop run` for the embedded pipeline)"
-        )
-    start_metrics(settings.metrics_port, settings.metrics_host)
-    redis = make_redis(
-        settings.redis_url.get_secret_value(), connect_timeout_s=settings.connect_timeout_s
-    )
-    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
-    core, loop = build_search(settings, bus, redis)
+    run = start_service(settings, "search")
+    stop = run.stop
+    core, loop = build_search(settings, run.bus, run.redis)
     republished = core.recover()
-    stop = threading.Event()
-    install_shutdown(stop)
     server, health = build_server(
         lambda s: search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(core), s),
         ["maskprop.search.v1.SearchService"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -18,13 +17,11 @@ from prometheus_client import Counter
 from pydantic import model_validator
 
 from maskprop_runtime import topics
-from maskprop_runtime.bus import Bus, Record, make_bus
-from maskprop_runtime.logs import setup_logging
+from maskprop_runtime.bus import Bus, Record
 from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
-from maskprop_runtime.metrics import start_metrics
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
-from maskprop_runtime.server import entrypoint, install_shutdown, start_health_only
+from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
 from maskprop_sink.dataset import DatasetWriter, UnwritableEvent
@@ -175,16 +172,8 @@ def build_sink(
 @entrypoint
 def main() -> None:
     settings = SinkSettings()
-    setup_logging(SERVICE, settings.log_level, settings.log_json)
-    if not settings.distributed:
-        raise SystemExit(
-            "error: a standalone sink needs MASKPROP_KAFKA_BOOTSTRAP (the in-memory bus lives "
-            "inside one process; use `maskprop run` for the embedded pipeline)"
-        )
-    start_metrics(settings.metrics_port, settings.metrics_host)
-    bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
-    stop = threading.Event()
-    install_shutdown(stop)
+    run = start_service(settings, SERVICE, needs_redis=False)
+    bus, stop = run.bus, run.stop
     # Wait for a previous sink (a pod still draining) to let go of the directory; health
     # answers only once the lock is held and the ledger rebuilt, so probes see a ready sink.
     writer = DatasetWriter(settings.dataset_dir, lock_timeout_s=settings.connect_timeout_s)
