@@ -19,6 +19,7 @@ app.add_typer(export_app, name="export")
 
 
 class Service(StrEnum):
+    detector = "detector"
     clusterer = "clusterer"
     search = "search"
     sink = "sink"

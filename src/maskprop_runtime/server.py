@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from maskprop.errors import MaskpropError
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -82,7 +84,7 @@ def entrypoint(main: Callable[[], None]) -> Callable[[], None]:
             first = exc.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "settings"
             raise SystemExit(f"error: bad setting {where}: {first['msg']}") from None
-        except ConnectionError as exc:
+        except (ConnectionError, MaskpropError) as exc:
             raise SystemExit(f"error: {exc}") from None
 
     wrapped.__doc__ = main.__doc__

@@ -1,42 +1,176 @@
-"""The detector service shell: consumes ``maskprop.images`` (ImageBatch) as consumer group
-``maskprop-detector``.  The model itself (Mask R-CNN with a mask-IoU head, issue #4) is not
-built yet, so every batch is dead-lettered with that reason rather than silently dropped;
-``maskprop feed-simulated`` publishes a simulated detector's masks instead."""
+"""The detector service: consumes ``maskprop.images`` (ImageBatch: image references, never
+pixels) as consumer group ``maskprop-detector``, runs the model (one per process, batched,
+CUDA with mixed precision when present) and produces ``maskprop.masks`` events.
+
+A campaign's batches share one partition (key = campaign), so one detector handles them in
+order.  Each batch's per-class mask counts go to Redis (``maskprop:detector:<campaign>:counts``,
+one field per batch index: a redelivered batch rewrites its own field); the batch that completes
+the set also announces ``closed`` for every class, after its own masks on the same partitions.
+Unreadable images are skipped with a warning (and counted), so one bad file cannot stall a
+campaign; a batch that is malformed as a whole is dead-lettered with the reason.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 from google.protobuf.message import Message
+from pydantic import Field
 
+from maskprop.errors import MaskpropError
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Bus, Record
-from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
+from maskprop_runtime.loop import DedupStore, Emit, EventLoop, InvalidEvent
+from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
+from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
+from maskprop_runtime.treestore import check_name
 
 log = logging.getLogger(__name__)
 
-
-def handle_images(msg: Message, record: Record) -> list[Emit]:
-    raise InvalidEvent("no detector model is configured in this build (see issue #4)")
+MAX_IMAGES_PER_BATCH = 1024
 
 
-def build_detector(settings: RuntimeSettings, bus: Bus) -> EventLoop:
+class DetectorSettings(RuntimeSettings):
+    detector_weights: Path = Path("models/detector.pt")
+    image_root: Path = Path("images")
+    device: str = "auto"
+    detector_batch_size: int = Field(default=16, ge=1, le=256)
+
+
+class DetectorHandler:
+    """ImageBatch -> MasksDetected events (+ ClassBatchClosed after the campaign's last batch)."""
+
+    def __init__(
+        self,
+        model: Any,
+        cfg: Any,
+        redis: Any,
+        *,
+        image_root: Path,
+        device: Any = None,
+        batch_size: int = 16,
+    ) -> None:
+        self.model, self.cfg, self.redis = model, cfg, redis
+        self.image_root = Path(image_root)
+        self.device = device
+        self.batch_size = batch_size
+        self.skipped_images = 0
+
+    def _check(self, msg: detector_pb2.ImageBatch) -> None:
+        try:
+            check_name("campaign", msg.campaign)
+        except ValueError as exc:
+            raise InvalidEvent(str(exc)) from None
+        if not 1 <= len(msg.images) <= MAX_IMAGES_PER_BATCH:
+            raise InvalidEvent(f"an ImageBatch carries 1-{MAX_IMAGES_PER_BATCH} images")
+        if msg.batch_count < 1 or msg.batch_index >= msg.batch_count:
+            raise InvalidEvent("batch_index must be below batch_count (>= 1)")
+        if msg.class_names and tuple(msg.class_names) != tuple(self.cfg.classes):
+            raise InvalidEvent(
+                f"campaign classes {list(msg.class_names)} differ from the model's "
+                f"{list(self.cfg.classes)}"
+            )
+        ids = [ref.image_id for ref in msg.images]
+        if any(not i for i in ids) or len(set(ids)) != len(ids):
+            raise InvalidEvent("image ids must be non-empty and unique within a batch")
+
+    def handle(self, msg: Message, record: Record) -> list[Emit]:
+        from maskprop_detector.data import read_image
+        from maskprop_detector.events import closed_events, masks_events
+        from maskprop_detector.infer import detect
+
+        assert isinstance(msg, detector_pb2.ImageBatch)
+        self._check(msg)
+        pixels = []
+        for ref in msg.images:
+            try:
+                pixels.append((ref, read_image(self.image_root, ref.uri)))
+            except MaskpropError as exc:
+                self.skipped_images += 1
+                log.warning("image skipped", extra={"image_id": ref.image_id, "reason": str(exc)})
+        dets = detect(
+            self.model,
+            self.cfg,
+            ((k, px) for k, (_, px) in enumerate(pixels)),
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+        refs = [ref for ref, _ in pixels]
+        image_ids = [refs[int(k)].image_id for k in dets.image_ids]
+        per_image: dict[str, int] = {}
+        mask_ids = []
+        for img in image_ids:
+            mask_ids.append(f"{img}.{per_image.get(img, 0)}")
+            per_image[img] = per_image.get(img, 0) + 1
+        images = {
+            ref.image_id: common_pb2.ImageInfo(
+                image_id=ref.image_id, width=px.shape[1], height=px.shape[0], file_name=ref.uri
+            )
+            for ref, px in pixels
+        }
+        out = [
+            Emit(topics.MASKS, key, ev)
+            for key, ev in masks_events(
+                campaign=msg.campaign,
+                class_names=self.cfg.classes,
+                class_ids=dets.class_ids,
+                mask_ids=mask_ids,
+                image_ids=image_ids,
+                scores=dets.scores,
+                features=dets.features,
+                rles=dets.rles,
+                images=images,
+                event_prefix=f"masks.{msg.campaign}.{msg.batch_index}",
+            )
+        ]
+        counts = {c: int((dets.class_ids == c).sum()) for c in range(len(self.cfg.classes))}
+        key = f"maskprop:detector:{msg.campaign}:counts"
+        self.redis.hset(key, str(msg.batch_index), json.dumps(counts))
+        if self.redis.hlen(key) >= msg.batch_count:
+            total: dict[int, int] = {}
+            for raw in self.redis.hvals(key):
+                for c, n in json.loads(raw).items():
+                    total[int(c)] = total.get(int(c), 0) + int(n)
+            out += [
+                Emit(topics.MASKS, k, ev)
+                for k, ev in closed_events(msg.campaign, self.cfg.classes, total)
+            ]
+            log.info(
+                "campaign detected", extra={"campaign": msg.campaign, "masks": sum(total.values())}
+            )
+        return out
+
+
+def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoop:
+    """Load the model (clear error when the weights are missing) and wire the handler."""
+    from maskprop_detector.train import load_model, pick_device
+
+    device = pick_device(settings.device)
+    model, cfg = load_model(settings.detector_weights, device)
+    handler = DetectorHandler(
+        model, cfg, redis, image_root=settings.image_root, device=device,
+        batch_size=settings.detector_batch_size,
+    )  # fmt: skip
     return EventLoop(
         service="detector",
         bus=bus,
         group="maskprop-detector",
-        handlers={topics.IMAGES: handle_images},
-        max_records=settings.kafka_max_poll_records,
+        handlers={topics.IMAGES: handler.handle},
+        dedup=DedupStore(redis, "detector"),
+        max_records=1,
     )
 
 
 @entrypoint
 def main() -> None:
-    settings = RuntimeSettings()
-    run = start_service(settings, "detector", needs_redis=False)
+    settings = DetectorSettings()
+    run = start_service(settings, "detector", needs_redis=True)
     server, health = start_health_only(settings.grpc_host, settings.grpc_port, "detector")
-    build_detector(settings, run.bus).run(run.stop)
+    build_detector(settings, run.bus, run.redis).run(run.stop)
     health.enter_graceful_shutdown()
     server.stop(5).wait()

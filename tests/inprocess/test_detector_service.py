@@ -1,0 +1,119 @@
+"""The detector service on the in-memory bus: image references in, masks out, the campaign's
+classes closed after its last batch, trees built by the real clusterer."""
+
+import shutil
+
+import fakeredis
+import pytest
+
+torch = pytest.importorskip("torch", reason="the detector needs torch")
+
+from maskprop_clusterer.service import ClustererSettings, build_clusterer  # noqa: E402
+from maskprop_detector.model import DetectorConfig, build_model  # noqa: E402
+from maskprop_detector.service import DetectorSettings, build_detector  # noqa: E402
+from maskprop_detector.train import save_checkpoint  # noqa: E402
+
+from maskprop.data.synth import synth_scenes  # noqa: E402
+from maskprop_runtime import topics  # noqa: E402
+from maskprop_runtime.bus import InMemoryBus  # noqa: E402
+from maskprop_runtime.loop import run_until_idle  # noqa: E402
+from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2  # noqa: E402
+from maskprop_runtime.pb.maskprop.common.v1 import common_pb2  # noqa: E402
+from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2  # noqa: E402
+
+CLASSES = ("disc", "square")
+
+
+@pytest.fixture
+def stack(tmp_path):
+    torch.set_num_threads(1)
+    synth_scenes(8, tmp_path / "synth", size=64, classes=CLASSES, split={"pool": 1.0})
+    # An untrained model finds masks only with the filters off; the wiring is what is tested.
+    cfg = DetectorConfig(
+        classes=CLASSES, image_size=64, fpn_channels=16, feature_dim=8,
+        score_threshold=0.0, min_box_area=0.0, max_detections=20,
+    )  # fmt: skip
+    save_checkpoint(tmp_path / "w.pt", build_model(cfg), cfg)
+    bus, redis = InMemoryBus(), fakeredis.FakeRedis()
+    settings = DetectorSettings(
+        detector_weights=tmp_path / "w.pt", image_root=tmp_path / "synth/images/pool",
+        device="cpu", detector_batch_size=3,
+    )  # fmt: skip
+    detector = build_detector(settings, bus, redis)
+    clusterer = build_clusterer(ClustererSettings(data_dir=tmp_path / "state"), bus, redis)
+    return bus, detector, clusterer, tmp_path
+
+
+def _batch(index, count, ids, campaign="cam", classes=CLASSES, event=None):
+    return detector_pb2.ImageBatch(
+        event_id=event or f"images.{campaign}.{index}",
+        campaign=campaign,
+        images=[detector_pb2.ImageRef(image_id=f"i{k}", uri=f"{k:06d}.png") for k in ids],
+        batch_index=index,
+        batch_count=count,
+        class_names=list(classes),
+    )
+
+
+def _send(bus, *batches):
+    p = bus.producer()
+    for b in batches:
+        p.send(topics.IMAGES, b.campaign.encode(), b.SerializeToString())
+    p.flush()
+
+
+def _masks(bus):
+    return [detector_pb2.MaskStreamEvent.FromString(r.value) for r in bus.read(topics.MASKS)]
+
+
+def test_batches_become_masks_then_closed_then_trees(stack):
+    bus, detector, clusterer, _ = stack
+    _send(bus, _batch(0, 2, [1, 2, 3, 4]))
+    run_until_idle([detector])
+    first = _masks(bus)
+    assert first and all(e.WhichOneof("body") == "masks" for e in first)
+    _send(bus, _batch(1, 2, [5, 6, 7, 8]), _batch(0, 2, [1, 2, 3, 4], event="images.cam.0.again"))
+    run_until_idle([detector, clusterer])
+    events = _masks(bus)
+    detected = {c: 0 for c in range(len(CLASSES))}
+    closed = {}
+    for e in events:
+        if e.WhichOneof("body") == "masks":
+            assert e.event_id not in closed  # masks of a class never follow its "closed"
+            detected[e.masks.class_id] += len(e.masks.masks)
+            for m in e.masks.masks:
+                assert m.rle.height == 64 and m.rle.width == 64 and 0 <= m.score <= 1
+                assert m.image_id in {f"i{k}" for k in range(1, 9)}
+        else:
+            closed[e.closed.class_id] = e.closed.expected_masks
+    # batch 0 was redelivered under a new id: it rewrote its count, it did not add to it
+    first_counts = {
+        c: sum(len(e.masks.masks) for e in first if e.masks.class_id == c) for c in detected
+    }
+    assert closed == {c: n - first_counts[c] for c, n in detected.items() if n - first_counts[c]}
+    trees = [clusterer_pb2.TreeBuilt.FromString(r.value) for r in bus.read(topics.TREES)]
+    assert {t.class_id for t in trees} == set(closed)
+    assert {t.class_id: t.n_masks for t in trees} == closed
+    assert not bus.read(topics.DEADLETTER)
+
+
+def test_bad_batches_are_dead_lettered_and_bad_images_skipped(stack):
+    bus, detector, _, tmp_path = stack
+    shutil.copy(tmp_path / "synth/images/pool/000001.png", tmp_path / "outside.png")
+    bad_classes = _batch(0, 1, [1], campaign="c2", classes=("disc", "star"))
+    traversal = _batch(0, 1, [1], campaign="c3")
+    traversal.images[0].uri = "../../outside.png"
+    _send(bus, bad_classes, _batch(3, 2, [1], campaign="c4"), traversal)
+    run_until_idle([detector])
+    dead = [common_pb2.DeadLetter.FromString(r.value) for r in bus.read(topics.DEADLETTER)]
+    reasons = " | ".join(d.reason for d in dead)
+    assert len(dead) == 2 and "differ from the model's" in reasons and "batch_index" in reasons
+    # the traversal image was skipped (logged), the batch still completed and closed nothing
+    assert all(e.WhichOneof("body") != "masks" or e.masks.campaign != "c3" for e in _masks(bus))
+
+
+def test_missing_weights_is_one_clear_error(tmp_path):
+    from maskprop.errors import MaskpropError
+
+    with pytest.raises(MaskpropError, match="detector weights not found"):
+        build_detector(DetectorSettings(detector_weights=tmp_path / "none.pt"), InMemoryBus(), None)
