@@ -113,3 +113,60 @@ def ablation(rows: dict[str, dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def demo_rounds(rounds: list[dict[str, Any]], path: Path) -> None:
+    """``maskprop demo``: detector mask AP, accepted masks and SQ per retraining round."""
+    r = [x["round"] for x in rounds]
+    fig, (ax_ap, ax_n, ax_sq) = plt.subplots(1, 3, figsize=(12, 3.8))
+    ax_ap.plot(r, [x["detector_ap"] for x in rounds], "o-k", label="mask AP")
+    ax_ap.plot(r, [x["detector_ap50"] for x in rounds], "s--", color="tab:blue", label="AP50")
+    control = [(x["round"], x.get("detector_ap_control_labelled_only")) for x in rounds]
+    control = [(k, v) for k, v in control if v is not None]
+    if control:
+        ax_ap.plot(*zip(*control, strict=True), "x", color="tab:orange", ms=9,
+                   label="AP, control: labelled set only")  # fmt: skip
+    ax_ap.set(xlabel="round", ylabel="held-out mask AP", title="Detector (retrained each round)")
+    ax_ap.legend()
+    ax_n.bar(r, [x["masks"] for x in rounds], color="tab:green", label="accepted this round")
+    ax_n.plot(r, [x["total_masks"] for x in rounds], "o-k", label="total after de-duplication")
+    ax_n.set(xlabel="round", ylabel="masks", title="Labels obtained")
+    ax_n.legend(loc="lower right")
+    ax_sq.plot(r, [x["sq"] for x in rounds], "o-k", label="SQ")
+    ax_sq.plot(r, [x["precision"] for x in rounds], "s--", color="tab:red", label="precision")
+    ax_sq.set(xlabel="round", ylim=(0, 1), title="Quality of accepted masks")
+    ax_sq.legend()
+    for ax in (ax_ap, ax_n, ax_sq):
+        ax.set_xticks(r)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def demo_fig4(pool: Any, path: Path, min_cluster_size: int = 10) -> None:
+    """Paper Fig. 4 on the real detector: per-mask s vs true IoU, and per-cluster mean S vs
+    mean true IoU over every cluster of >= ``min_cluster_size`` masks of the class trees."""
+    from maskprop.simulate.runner import build_class_trees
+
+    trees = build_class_trees(pool)
+    s_c, iou_c = [], []
+    for c, t in trees.trees.items():
+        idx = trees.index[c]
+        big = np.flatnonzero(t.size >= min_cluster_size)
+        s_c.append((t.subtree_sum(pool.scores[idx].astype(np.float64)) / t.size)[big])
+        iou_c.append((t.subtree_sum(pool.ious[idx].astype(np.float64)) / t.size)[big])
+    fig, (ax_m, ax_c) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax_m.scatter(pool.scores, pool.ious, s=3, alpha=0.3, color="k")
+    r_m = np.corrcoef(pool.scores, pool.ious)[0, 1] if len(pool) > 1 else float("nan")
+    ax_m.set(xlabel="mask score s", ylabel="true IoU", title=f"Per mask (r = {r_m:.2f})")
+    if s_c:
+        xs, ys = np.concatenate(s_c), np.concatenate(iou_c)
+        r_c = np.corrcoef(xs, ys)[0, 1] if xs.size > 1 else float("nan")
+        ax_c.scatter(xs, ys, s=5, alpha=0.4, color="tab:blue")
+        ax_c.set(title=f"Per cluster of >= {min_cluster_size} masks (r = {r_c:.2f})")
+    ax_c.set(xlabel="cluster score S (mean s)", ylabel="mean true IoU")
+    for ax in (ax_m, ax_c):
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

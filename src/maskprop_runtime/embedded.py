@@ -12,22 +12,25 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 from maskprop_clusterer.service import ClustererSettings, build_clusterer
 from maskprop_detector.simulated import mask_id, pool_events, pool_index, wire_pool
 from maskprop_search.service import SearchSettings, build_search
 from maskprop_sink.coco import export_coco
 from maskprop_sink.dataset import DatasetReader
 from maskprop_sink.service import SinkSettings, build_sink
+from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from maskprop.errors import MaskpropError
 from maskprop.metrics import segmentation_quality
+from maskprop.params import AnnotationParams
 from maskprop.session import AnnotationSession, Answer
 from maskprop.simulate.annotator import SimulatedAnnotator
 from maskprop.simulate.generator import ade_like_pool
@@ -151,106 +154,182 @@ def _settle(loops: list[EventLoop], distributed: bool, until: Callable[[], bool]
             raise RuntimeError("pipeline did not settle within 10 minutes")
 
 
-def run_pipeline(
-    cfg: RunConfig, out: Path, runtime: RuntimeSettings, progress: Progress = _quiet
-) -> dict[str, Any]:
-    """Run the whole pipeline once; writes ``out/dataset``, ``out/annotations.json`` and
-    ``out/run_report.json`` and returns the report."""
-    started = time.perf_counter()
-    if (out / "dataset" / cfg.campaign).exists():
+@dataclass
+class CampaignResult:
+    """What one campaign through the services produced (indices are pool indices)."""
+
+    accepted: NDArray[np.int64]
+    sink_labels: dict[str, int]
+    questions: int
+    labels_in_sink: int
+    duplicate_labels: int
+    missing_labels: int
+    classes: int
+    coco: dict[str, Any]
+    search: SearchSettings
+
+
+def run_campaign(
+    pool: MaskPool,
+    events: Iterable[tuple[bytes, Message]],
+    *,
+    campaign: str,
+    out: Path,
+    runtime: RuntimeSettings,
+    search: dict[str, Any],
+    annotator_error: float,
+    seed: int,
+    annotator_batch: int = 64,
+    progress: Progress = _quiet,
+) -> CampaignResult:
+    """Publish ``events`` (the detector's output for ``pool``; mask ids ``mask_id(i)``), let the
+    clusterer and search services build and search the trees, answer their questions with a
+    simulated annotator thresholding the pool's true IoU (``annotator_error`` flips answers),
+    and collect the sink's labels.  Writes ``out/dataset``, ``out/state`` and
+    ``out/annotations.json`` (the sink's COCO export)."""
+    if (out / "dataset" / campaign).exists():
         raise MaskpropError(
-            f"{out} already holds a dataset for campaign {cfg.campaign!r}; "
+            f"{out} already holds a dataset for campaign {campaign!r}; "
             "choose another --out or remove it"
         )
     out.mkdir(parents=True, exist_ok=True)
-    pool = ade_like_pool(cfg.masks, cfg.classes, seed=cfg.seed, dim=cfg.dim)
     redis_url = runtime.redis_url.get_secret_value() if runtime.redis_url else None
     redis = make_redis(redis_url, connect_timeout_s=runtime.connect_timeout_s)
     bus = make_bus(runtime.kafka_bootstrap, **runtime.bus_options())
-    if redis.exists(f"maskprop:search:{cfg.campaign}:classes"):
+    if redis.exists(f"maskprop:search:{campaign}:classes"):
         raise MaskpropError(
-            f"campaign {cfg.campaign!r} already exists in this Redis; choose a new [campaign] name"
+            f"campaign {campaign!r} already exists in this Redis; choose a new [campaign] name"
         )
     common = runtime.model_dump(exclude={"data_dir"})
     clusterer = build_clusterer(ClustererSettings(**common, data_dir=out / "state"), bus, redis)
-    search_settings = SearchSettings(**common, data_dir=out / "state", **cfg.search)
+    search_settings = SearchSettings(**common, data_dir=out / "state", **search)
     core, search_loop = build_search(search_settings, bus, redis)
     sink = build_sink(SinkSettings(**common, dataset_dir=out / "dataset"), bus)
     reader = DatasetReader(out / "dataset")
+    try:
+        producer = bus.producer()
+        batch = list(events)
+        for i, (key, ev) in enumerate(batch):
+            producer.send(topics.MASKS, key, ev.SerializeToString())
+            progress("detected", i + 1, len(batch))
+        producer.flush()
 
-    producer = bus.producer()
-    events = list(pool_events(pool, cfg.campaign))
-    for i, (key, ev) in enumerate(events):
-        producer.send(topics.MASKS, key, ev.SerializeToString())
-        progress("detected", i + 1, len(events))
-    producer.flush()
-
-    n_classes = len({int(c) for c in pool.class_ids})
-    _settle(
-        [clusterer, search_loop],
-        runtime.distributed,
-        lambda: len(core.classes(cfg.campaign)) == n_classes,
-    )
-
-    annotator = SimulatedAnnotator(
-        pool.ious,
-        search_settings.iou_threshold,
-        error_rate=cfg.annotator_error,
-        seed=cfg.seed,
-    )
-    while True:
-        qs, done = core.lease(cfg.campaign, cfg.annotator_batch, owner="simulated-crowd")
-        if done:
-            break
-        if not qs:
-            raise RuntimeError("search has no questions but the campaign is not done")
-        ids = np.array([pool_index(q.mask_id) for q in qs], dtype=np.int64)
-        labels = annotator.answer(ids)
-        core.submit((q.question_id, bool(v)) for q, v in zip(qs, labels, strict=True))
-        sink.step(0.0)
-        decided = sum(
-            p.accepted_masks + p.rejected_masks for p in core.progress(cfg.campaign).classes
+        n_classes = len({int(c) for c in pool.class_ids})
+        _settle(
+            [clusterer, search_loop],
+            runtime.distributed,
+            lambda: len(core.classes(campaign)) == n_classes,
         )
-        progress("annotated", int(decided), len(pool))
-    _settle(
-        [sink],
-        runtime.distributed,
-        lambda: reader.ledger_stats(cfg.campaign)["unique_masks"] >= len(pool),
-    )
-    progress("annotated", len(pool), len(pool))
+        annotator = SimulatedAnnotator(
+            pool.ious, search_settings.iou_threshold, error_rate=annotator_error, seed=seed
+        )
+        while len(pool):
+            qs, done = core.lease(campaign, annotator_batch, owner="simulated-crowd")
+            if done:
+                break
+            if not qs:
+                raise RuntimeError("search has no questions but the campaign is not done")
+            ids = np.array([pool_index(q.mask_id) for q in qs], dtype=np.int64)
+            labels = annotator.answer(ids)
+            core.submit((q.question_id, bool(v)) for q, v in zip(qs, labels, strict=True))
+            sink.step(0.0)
+            decided = sum(
+                p.accepted_masks + p.rejected_masks for p in core.progress(campaign).classes
+            )
+            progress("annotated", int(decided), len(pool))
+        _settle(
+            [sink],
+            runtime.distributed,
+            lambda: reader.ledger_stats(campaign)["unique_masks"] >= len(pool),
+        )
+        progress("annotated", len(pool), len(pool))
+        if not len(pool):  # nothing detected: no trees, no questions, no labels
+            return CampaignResult(
+                np.zeros(0, np.int64), {}, 0, 0, 0, 0, 0, {"annotations": 0}, search_settings
+            )
+        coco = export_coco(out / "dataset", campaign, out / "annotations.json")
+        stats = reader.ledger_stats(campaign)
+        accepted = np.array(
+            [pool_index(r["mask_id"]) for r in reader.labels(campaign, accepted_only=True)],
+            dtype=np.int64,
+        )
+        return CampaignResult(
+            accepted=accepted,
+            sink_labels={r["mask_id"]: int(r["accepted"]) for r in reader.labels(campaign)},
+            questions=int(core.progress(campaign).questions) if len(pool) else 0,
+            labels_in_sink=stats["labels"],
+            duplicate_labels=stats["duplicate_keys"],
+            missing_labels=len(pool) - stats["unique_masks"],
+            classes=n_classes,
+            coco=coco,
+            search=search_settings,
+        )
+    finally:
+        for loop in (clusterer, search_loop, sink):
+            loop.close()
 
-    coco = export_coco(out / "dataset", cfg.campaign, out / "annotations.json")
-    stats = reader.ledger_stats(cfg.campaign)
-    accepted = [pool_index(r["mask_id"]) for r in reader.labels(cfg.campaign, accepted_only=True)]
-    ious = pool.ious[np.array(accepted, dtype=np.int64)].astype(np.float64)
-    prog = core.progress(cfg.campaign)
-    sink_labels = {r["mask_id"]: int(r["accepted"]) for r in reader.labels(cfg.campaign)}
+
+def campaign_metrics(
+    pool: MaskPool, result: CampaignResult, params: AnnotationParams
+) -> dict[str, Any]:
+    """masks, sq, precision, questions, hours, speedup_vs_manual of a campaign's accepted masks
+    against the pool's true IoUs (the paper's Sec. 5.2 measures)."""
+    ious = pool.ious[result.accepted].astype(np.float64)
+    hours = result.questions * params.seconds_per_question / 3600.0
+    manual = len(result.accepted) * params.seconds_per_polygon
+    return {
+        "masks": len(result.accepted),
+        "sq": segmentation_quality(ious),
+        "precision": float((ious >= params.iou_threshold).mean()) if ious.size else None,
+        "questions": result.questions,
+        "hours": hours,
+        "speedup_vs_manual": manual / (result.questions * params.seconds_per_question)
+        if result.questions
+        else None,
+    }
+
+
+def run_pipeline(
+    cfg: RunConfig, out: Path, runtime: RuntimeSettings, progress: Progress = _quiet
+) -> dict[str, Any]:
+    """Run the whole pipeline once on a simulated pool; writes ``out/dataset``,
+    ``out/annotations.json`` and ``out/run_report.json`` and returns the report."""
+    started = time.perf_counter()
+    pool = ade_like_pool(cfg.masks, cfg.classes, seed=cfg.seed, dim=cfg.dim)
+    result = run_campaign(
+        pool,
+        pool_events(pool, cfg.campaign),
+        campaign=cfg.campaign,
+        out=out,
+        runtime=runtime,
+        search=cfg.search,
+        annotator_error=cfg.annotator_error,
+        seed=cfg.seed,
+        annotator_batch=cfg.annotator_batch,
+        progress=progress,
+    )
     if cfg.annotator_error == 0.0:
-        matches: bool | None = sink_labels == reference_labels(wire_pool(pool), search_settings)
+        reference = reference_labels(wire_pool(pool), result.search)
+        matches: bool | None = result.sink_labels == reference
     else:
         matches = None  # the reference uses error-free answers
-    hours = prog.questions * 2.0 / 3600.0
     report = {
         "campaign": cfg.campaign,
         "mode": "distributed" if runtime.distributed else "embedded",
         "masks": len(pool),
-        "classes": n_classes,
-        "labels_in_sink": stats["labels"],
-        "accepted": len(accepted),
-        "duplicate_labels": stats["duplicate_keys"],
-        "missing_labels": len(pool) - stats["unique_masks"],
-        "questions": int(prog.questions),
-        "hours": hours,
-        "sq": segmentation_quality(ious),
-        "precision": float((ious >= search_settings.iou_threshold).mean()) if ious.size else None,
-        "speedup_vs_manual": len(accepted) * 80.0 / (prog.questions * 2.0)
-        if prog.questions
-        else None,
+        "classes": result.classes,
+        "labels_in_sink": result.labels_in_sink,
+        "accepted": len(result.accepted),
+        "duplicate_labels": result.duplicate_labels,
+        "missing_labels": result.missing_labels,
+        **{
+            k: v
+            for k, v in campaign_metrics(pool, result, result.search.params()).items()
+            if k != "masks"
+        },
         "matches_in_process_library": matches,
-        "coco": coco,
+        "coco": result.coco,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "run_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    for loop in (clusterer, search_loop, sink):
-        loop.close()
     return report

@@ -1,0 +1,168 @@
+"""Detector commands of the ``maskprop`` CLI: ``demo`` (the main job), ``detector train`` and
+``detector predict`` (bring your own COCO-format labelled set and image folder)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from maskprop.cli import _Bars, _fail, app
+from maskprop.errors import MaskpropError
+
+detector_app = typer.Typer(help="Train the detector and predict masks.", no_args_is_help=True)
+app.add_typer(detector_app, name="detector")
+
+
+@contextmanager
+def _user_errors(bars: _Bars) -> Iterator[None]:
+    """Bad input, settings or connections end in one ``error:`` line, never a traceback."""
+    try:
+        yield
+    except MaskpropError as exc:
+        bars.close()
+        _fail(str(exc))
+    except ValidationError as exc:
+        bars.close()
+        first = exc.errors()[0]
+        _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
+    except ConnectionError as exc:
+        bars.close()
+        _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        bars.close()
+        _fail(f"{exc.name} is not installed: pip install -e '.[detector]'")
+    finally:
+        bars.close()
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
+    images: Annotated[
+        int, typer.Option(help="Synthetic images (10% train, 80% pool, 10% val).")
+    ] = 2000,
+    rounds: Annotated[int, typer.Option(help="Annotate-and-retrain rounds.")] = 2,
+    train_steps: Annotated[int, typer.Option(help="Training steps in round 1.")] = 300,
+    retrain_steps: Annotated[int, typer.Option(help="Fine-tuning steps in later rounds.")] = 200,
+    annotator_error: Annotated[
+        float, typer.Option(help="Chance that the simulated annotator answers wrongly.")
+    ] = 0.03,
+    seed: Annotated[int, typer.Option(help="Seed of the data, model and crowd.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    propagated_masks: Annotated[
+        bool, typer.Option(help="Train the mask head on propagated masks too (default: boxes).")
+    ] = False,
+    control: Annotated[
+        bool, typer.Option(help="Also fine-tune on the labelled set alone, for comparison.")
+    ] = True,
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """The whole loop on images: synthesise, train, detect, cluster, verify (simulated crowd),
+    propagate, retrain; writes annotations.json, report.json and plots under --out."""
+    from maskprop_runtime.demo import DemoConfig, run_demo
+    from maskprop_runtime.settings import RuntimeSettings
+
+    bars = _Bars(progress)
+    with _user_errors(bars):
+        cfg = DemoConfig(
+            images=images, rounds=rounds, train_steps=train_steps, retrain_steps=retrain_steps,
+            annotator_error=annotator_error, seed=seed, device=device,
+            propagated_masks=propagated_masks, control=control,
+        )  # fmt: skip
+        report = run_demo(cfg, out, RuntimeSettings(), progress=bars)
+        bars.close()
+        keys = ("round", "masks", "sq", "precision", "questions", "hours", "speedup_vs_manual",
+                "detector_ap", "detector_ap_control_labelled_only")  # fmt: skip
+        summary = {
+            "rounds": [{k: r[k] for k in keys} for r in report["rounds"]],
+            "wall_seconds": report["wall_seconds"],
+            "report": str(out / "report.json"),
+            "annotations": report["annotations"],
+        }
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@detector_app.command("train")
+def detector_train(
+    coco: Annotated[Path, typer.Option(help="COCO instances file of the labelled set.")],
+    images: Annotated[Path, typer.Option(help="Folder the file_names are relative to.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write (resumed if it exists).")],
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 400,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    image_size: Annotated[int, typer.Option(help="Resize images to fit this side.")] = 128,
+    feature_dim: Annotated[int, typer.Option(help="d of the mask-attention feature.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Train the detector (from random weights) on a COCO-format labelled set."""
+    bars = _Bars(progress)
+    with _user_errors(bars):
+        from maskprop_detector.data import InstanceDataset, LabelledSet
+        from maskprop_detector.model import DetectorConfig, build_model
+        from maskprop_detector.train import TrainConfig, pick_device, train
+
+        data = LabelledSet.from_coco(coco, images)
+        names = tuple(c["name"] for c in sorted(data.categories, key=lambda c: c["id"]))
+        cfg = DetectorConfig(classes=names, image_size=image_size, feature_dim=feature_dim)
+        losses = train(
+            build_model(cfg), cfg, InstanceDataset(data, names, flip=True),
+            TrainConfig(steps=steps, batch_size=batch_size, lr=lr),
+            checkpoint=out, device=pick_device(device), progress=bars,
+        )  # fmt: skip
+        bars.close()
+        typer.echo(json.dumps({"checkpoint": str(out), "classes": names, "losses": losses}))
+
+
+@detector_app.command("predict")
+def detector_predict(
+    weights: Annotated[Path, typer.Option(help="Checkpoint from `maskprop detector train`.")],
+    coco: Annotated[Path, typer.Option(help="COCO file listing the images (annotations unused).")],
+    images: Annotated[Path, typer.Option(help="Folder the file_names are relative to.")],
+    out: Annotated[Path, typer.Option(help="COCO results JSON to write.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Predict masks on an image set: COCO results (RLE) with s, predicted IoU and feature f;
+    with ground truth in --coco, also prints mask AP."""
+    from maskprop_runtime.files import atomic_file
+
+    bars = _Bars(progress)
+    with _user_errors(bars):
+        from maskprop_detector.data import LabelledSet, read_image
+        from maskprop_detector.infer import detect
+        from maskprop_detector.train import load_model, pick_device
+
+        from maskprop.data.instances import mask_ap
+
+        dev = pick_device(device)
+        model, cfg = load_model(weights, dev)
+        data = LabelledSet.from_coco(coco, images)
+        by_name = {c["name"]: int(c["id"]) for c in data.categories}
+        missing = [n for n in cfg.classes if n not in by_name]
+        if missing:
+            raise MaskpropError(f"{coco} has no category for the model's classes {missing}")
+        dets = detect(
+            model, cfg,
+            ((int(im["id"]), read_image(images, im["file_name"])) for im in data.images),
+            total=len(data.images), device=dev, progress=bars,
+        )  # fmt: skip
+        results = dets.coco_results([by_name[n] for n in cfg.classes])
+        for row, iou, f in zip(results, dets.mask_ious, dets.features, strict=True):
+            row["mask_iou"] = float(iou)
+            row["feature"] = [round(float(v), 5) for v in f]
+        with atomic_file(out, "w") as fh:
+            json.dump(results, fh)
+        bars.close()
+        summary: dict[str, object] = {"masks": len(results), "out": str(out)}
+        if data.annotations:
+            summary["mask_ap"] = mask_ap(
+                data.doc(), dets.coco_results([by_name[n] for n in cfg.classes])
+            )
+        typer.echo(json.dumps(summary))
