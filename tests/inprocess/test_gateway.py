@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from maskprop_detector.simulated import write_images
-from maskprop_gateway.app import create_app
+from maskprop_gateway.app import create_app, policy_from
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.quality import QualityControl
 from maskprop_gateway.search_client import LocalSearchClient
@@ -117,6 +117,35 @@ def test_mixed_crowd_bad_workers_blocked_and_labels_match_honest_only(tmp_path, 
     with TestClient(mixed.app) as client:
         blocked = run_crowd(client, mixed, mixed_workers)
     assert set(blocked) == {"r0", "r1", "b0", "b1"}, blocked
+    assert mixed.labels() == honest_run.labels()
+
+
+def test_workers_who_turn_bad_after_qualifying_are_suspended_and_discounted(tmp_path):
+    """Sleepers pass the qualification honestly, then click at random or answer "yes" in
+    0.2 s: hidden gold and answer times must catch them, and their votes must not change a
+    label.  (A larger pool than the other tests: at ~5 % hidden gold a random clicker needs
+    a dozen gold answers before its accuracy is known.)"""
+    pool = ade_like_pool(3000, 3, seed=4, dim=8)
+    honest = [SimWorker(f"h{i}", "honest", seed=i) for i in range(4)]
+    honest_run = Stack(tmp_path / "honest", pool, redundancy=3)
+    with TestClient(honest_run.app) as client:
+        assert run_crowd(client, honest_run, honest) == {}
+    workers = [
+        *[SimWorker(f"h{i}", "honest", seed=10 + i) for i in range(4)],
+        *[SimWorker(f"r{i}", "random", seed=20 + i, honest_for=20) for i in range(2)],
+        *[SimWorker(f"b{i}", "bot", seed=30 + i, honest_for=20) for i in range(2)],
+    ]
+    mixed = Stack(tmp_path / "mixed", pool, redundancy=3)
+    qc = QualityControl(mixed.wired.redis, policy_from(mixed.settings))
+    with TestClient(mixed.app) as client:
+        blocked = run_crowd(client, mixed, workers)
+    states = {w.worker_id: qc.state(f"acme:{w.worker_id}") for w in workers}  # per vendor
+    assert all(st.qualification == "passed" for st in states.values()), states
+    suspended = {w for w, st in states.items() if st.suspended}
+    assert suspended == {"r0", "r1", "b0", "b1"}, {w: st for w, st in states.items()}
+    assert {states[w].suspension_reason for w in ("b0", "b1")} == {"too_fast"}
+    assert all("accuracy" in (states[w].suspension_reason or "") for w in ("r0", "r1"))
+    assert set(blocked) <= suspended
     assert mixed.labels() == honest_run.labels()
 
 

@@ -43,6 +43,7 @@ def policy_from(settings: GatewaySettings) -> QualityPolicy:
         gold_share=settings.gold_share,
         min_accuracy=settings.min_accuracy,
         redundancy=settings.redundancy,
+        max_redundancy=settings.max_redundancy,
     )
 
 

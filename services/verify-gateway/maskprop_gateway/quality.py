@@ -91,10 +91,20 @@ class QualityPolicy:
     max_fast_share: float = 0.3  # suspended when more of the recent answers are too fast
     discount_window_s: float = 3600  # a suspended worker's votes this close to it are ignored
     redundancy: int = 1  # counted answers per question before aggregation
+    # Dynamic overlap: when the first ``redundancy`` counted answers disagree, more are asked
+    # for, up to this many (default 2 x redundancy - 1), before the weighted vote decides.
+    # Honest workers agree, so a disagreement flags a bad voter who may not be caught yet.
+    max_redundancy: int | None = None
     # Beta prior of the smoothed gold accuracy (reliability): 4 right, 1 wrong -> new workers 0.8.
     prior_correct: float = 4.0
     prior_wrong: float = 1.0
     vote_ttl_s: int = 7 * 24 * 3600  # votes of a question are forgotten this long after the last
+
+    @property
+    def vote_cap(self) -> int:
+        """Counted answers at which a disagreeing question is decided anyway."""
+        cap = 2 * self.redundancy - 1 if self.max_redundancy is None else self.max_redundancy
+        return max(self.redundancy, cap)
 
     def __post_init__(self) -> None:
         shares = ("qualification_pass", "gold_share", "min_accuracy", "max_fast_share")
@@ -614,10 +624,15 @@ class QualityControl:
     def needs_more_votes(self, question_id: str) -> int:
         """Votes still missing before :meth:`aggregate` decides (after discounting)."""
         counted, _ = self._counted_votes(question_id)
-        return max(0, self.policy.redundancy - len(counted))
+        if len(counted) < self.policy.redundancy:
+            return self.policy.redundancy - len(counted)
+        if len(set(counted.values())) <= 1:
+            return 0
+        return max(0, self.policy.vote_cap - len(counted))
 
     def aggregate(self, question_id: str) -> bool | None:
-        """The reliability-weighted answer, or ``None`` until ``redundancy`` counted votes.
+        """The reliability-weighted answer, or ``None`` until ``redundancy`` counted votes
+        agree, or, when they disagree, until ``vote_cap`` counted votes.
 
         Not counted: votes of workers who failed qualification, and votes of suspended workers
         cast at most ``discount_window_s`` before their suspension (or after it).
@@ -646,6 +661,8 @@ class QualityControl:
             # Unanimous: every weight is positive, so the weighted vote is that label; skip
             # building a DataFrame (the common case, and the only one at redundancy 1).
             return next(iter(counted.values()))
+        if len(counted) < self.policy.vote_cap:
+            return None  # a disagreement: ask more workers first (dynamic overlap)
         workers = sorted(counted)
         data = pd.DataFrame(
             {"task": question_id, "worker": workers, "label": [counted[w] for w in workers]}

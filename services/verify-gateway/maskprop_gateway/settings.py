@@ -28,6 +28,8 @@ class GatewaySettings(RuntimeSettings):
     seconds_per_question: float = Field(default=2.0, gt=0)
     # worker quality control (see quality.QualityPolicy)
     redundancy: int = Field(default=1, ge=1, le=9)
+    # answers asked for when the first ``redundancy`` disagree (default 2 x redundancy - 1)
+    max_redundancy: int | None = Field(default=None, ge=1, le=17)
     gold_share: float = Field(default=0.05, ge=0, le=0.5)
     qualification_size: int = Field(default=10, ge=1)
     qualification_pass: float = Field(default=0.8, gt=0, le=1)

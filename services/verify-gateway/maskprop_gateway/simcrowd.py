@@ -105,21 +105,35 @@ class Truth:
 @dataclass
 class SimWorker:
     """``kind``: "honest" (answers the truth, fooled by ambiguous masks, ~1.5 s a question),
-    "random" (a coin flip at an honest pace) or "bot" (always "yes" in ~0.2 s)."""
+    "random" (a coin flip at an honest pace) or "bot" (always "yes" in ~0.2 s).
+
+    ``honest_for``: answer honestly for this many questions first (qualification included),
+    then behave as ``kind``: a worker who passes the qualification and turns bad later, which
+    only gold accuracy and answer times can catch."""
 
     worker_id: str
     kind: str
     seed: int = 0
+    honest_for: int = 0
     rng: Any = None
+    answered: int = 0
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
     def answer(self, truth: Truth, counts: str) -> tuple[bool, int]:
+        self.answered += 1
+        if self.answered <= self.honest_for:
+            return self._honest(truth, counts)
         if self.kind == "bot":
             return True, int(self.rng.integers(120, 260))
         elapsed = int(self.rng.lognormal(np.log(1500), 0.3))
         if self.kind == "random":
             return bool(self.rng.random() < 0.5), elapsed
+        return self._honest(truth, counts, elapsed)
+
+    def _honest(self, truth: Truth, counts: str, elapsed: int | None = None) -> tuple[bool, int]:
+        if elapsed is None:
+            elapsed = int(self.rng.lognormal(np.log(1500), 0.3))
         correct = truth.answers[counts]
         return (not correct) if truth.ambiguous.get(counts, False) else correct, elapsed

@@ -212,9 +212,12 @@ def test_reliability_orders_honest_above_new_above_random():
 # ---------------------------------------------------------------------- votes
 
 
-def trained(redundancy: int = 3) -> tuple[QualityControl, dict[str, bool], Clock]:
-    """Two honest workers and a random clicker with 30 gold answers each, not yet reviewed."""
-    qc, truth, clock = make_qc(40, redundancy=redundancy)
+def trained(
+    redundancy: int = 3, max_redundancy: int | None = 3
+) -> tuple[QualityControl, dict[str, bool], Clock]:
+    """Two honest workers and a random clicker with 30 gold answers each, not yet reviewed.
+    ``max_redundancy`` 3: no dynamic overlap, so the weighted vote decides at 3 votes."""
+    qc, truth, clock = make_qc(40, redundancy=redundancy, max_redundancy=max_redundancy)
     rng = random.Random(5)
     for _ in range(30):
         for w, kind in (("v1:h1", HONEST), ("v1:h2", HONEST), ("v1:r", RANDOM)):
@@ -237,6 +240,21 @@ def test_two_honest_outvote_one_random_and_weights_beat_counts():
     qc.add_vote("q2", "v1:new", True)
     assert qc.state("v1:h1").reliability > 0.85
     assert qc.aggregate("q2") is False
+
+
+def test_disagreement_asks_more_workers_before_the_weighted_vote():
+    qc, _, _ = trained(max_redundancy=None)  # default cap: 2 x 3 - 1 = 5
+    for w in ("v1:h1", "v1:h2", "v1:new"):
+        qc.add_vote("q1", w, True)
+    assert qc.needs_more_votes("q1") == 0 and qc.aggregate("q1") is True  # agreed at 3
+    qc.add_vote("q2", "v1:h1", True)
+    qc.add_vote("q2", "v1:r", False)
+    qc.add_vote("q2", "v1:new", False)
+    assert qc.aggregate("q2") is None and qc.needs_more_votes("q2") == 2  # disagreed at 3
+    qc.add_vote("q2", "v1:h2", True)
+    assert qc.aggregate("q2") is None and qc.needs_more_votes("q2") == 1
+    qc.add_vote("q2", "v1:late", True)
+    assert qc.needs_more_votes("q2") == 0 and qc.aggregate("q2") is True  # 5 votes: weighted
 
 
 def test_duplicate_vote_is_ignored():
