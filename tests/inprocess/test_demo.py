@@ -50,3 +50,30 @@ def test_demo_writes_report_annotations_and_plots(tmp_path):
 def test_demo_rejects_bad_settings(tmp_path, kwargs, needle):
     with pytest.raises(MaskpropError, match=needle):
         run_demo(DemoConfig(**kwargs), tmp_path, RuntimeSettings())
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_demo_resumes_without_retraining_finished_rounds(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = DemoConfig(
+        images=40, train_steps=2, retrain_steps=2, batch_size=4, device="cpu", control=False
+    )
+
+    def kill_in_round_2(label, done, total):
+        if label.startswith("round 2: train") and done >= 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_demo(cfg, tmp_path, RuntimeSettings(), progress=kill_in_round_2)
+    assert (tmp_path / "models/round1.pt").exists() and not (tmp_path / "report.json").exists()
+    round1 = (tmp_path / "models/round1.pt").stat().st_mtime_ns
+    seen = []
+    report = run_demo(cfg, tmp_path, RuntimeSettings(), progress=lambda lb, d, t: seen.append(lb))
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert (tmp_path / "models/round1.pt").stat().st_mtime_ns == round1  # not trained again
+    assert "images" not in seen  # the synthetic scenes were reused, not rendered again
