@@ -136,7 +136,8 @@ def _filter(cfg: DetectorConfig, image_id: int, h: int, w: int, out: dict[str, A
     area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
     masks = (out["masks"][:, 0] > 0.5).cpu().numpy()
     keep = (scores > cfg.score_threshold) & (area >= cfg.min_box_area * h * w)
-    keep &= masks.reshape(len(masks), -1).any(axis=1) if len(masks) else keep
+    if len(masks):
+        keep &= masks.reshape(len(masks), -1).any(axis=1)  # empty masks carry no label
     idx = np.flatnonzero(keep)
     if idx.size == 0:
         return Detections.empty(cfg.feature_dim)
