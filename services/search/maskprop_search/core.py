@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from redis.exceptions import LockError
 
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
@@ -61,6 +63,24 @@ class _Loaded:
     table: MaskTable
     class_name: str
     images: dict[str, int]
+
+
+LOCK_TIMEOUT_S = 60.0
+# KEYS: lock, version; ARGV: token, ttl ms.  The stored version when the lock was free
+# (and is now ours), nil when another holder has it.
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return tonumber(redis.call('get', KEYS[2]) or '0')
+end
+return nil
+"""
+# KEYS: lock; ARGV: token.  Delete the lock only if it is still ours (it may have expired).
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 
 def question_id(campaign: str, q: Question) -> str:
@@ -108,6 +128,9 @@ class SearchCore:
         self._cache: dict[tuple[str, int], _Loaded] = {}
         self._local_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Script objects reload themselves after a Redis restart (NOSCRIPT).
+        self._acquire_script = self.r.register_script(_ACQUIRE)
+        self._release_script = self.r.register_script(_RELEASE)
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out
 
     # ------------------------------------------------------------------ keys
@@ -166,21 +189,42 @@ class SearchCore:
         down), the in-memory copy may be ahead of Redis: drop it, so the next call restores
         the last saved state (whose outbox still holds any unpublished labels)."""
         # Threads of this process queue on a local lock first (woken at once, no polling);
-        # the Redis lock then only arbitrates between replicas, so it is usually free.
-        with self._local_lock(campaign, class_id), self._lock(campaign, class_id):
+        # the Redis lock then only arbitrates between replicas, so it is usually free, and
+        # taking it also reads the session's version: one round trip (redis-py's Lock object
+        # and a separate GET were a third of search's time under load).
+        lock_key = self._k(campaign, class_id, "lock")
+        token = os.urandom(12).hex()
+        with self._local_lock(campaign, class_id):
+            version = self._acquire(lock_key, self._k(campaign, class_id, "version"), token)
             try:
-                yield self._load(campaign, class_id)
+                yield self._load(campaign, class_id, version)
             except BaseException:
                 self._cache.pop((campaign, class_id), None)
                 raise
+            finally:
+                self._release_script(keys=[lock_key], args=[token])
+
+    def _acquire(self, lock_key: str, version_key: str, token: str) -> int:
+        """Take the class's Redis lock (60 s TTL, polled every 5 ms for up to 60 s) and
+        return the session's stored version."""
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            got = self._acquire_script(
+                keys=[lock_key, version_key], args=[token, int(LOCK_TIMEOUT_S * 1000)]
+            )
+            if got is not None:
+                return int(got)
+            if time.monotonic() > deadline:
+                raise LockError(f"could not lock {lock_key} within {LOCK_TIMEOUT_S:.0f} s")
+            time.sleep(0.005)
 
     def _local_lock(self, campaign: str, class_id: int) -> threading.Lock:
         with self._locks_guard:
             return self._local_locks.setdefault((campaign, class_id), threading.Lock())
 
-    def _load(self, campaign: str, class_id: int) -> _Loaded:
-        """The class's session (cached while the stored version is unchanged); call locked."""
-        version = int(self.r.get(self._k(campaign, class_id, "version")) or 0)
+    def _load(self, campaign: str, class_id: int, version: int) -> _Loaded:
+        """The class's session (cached while the stored ``version`` is unchanged); call
+        locked."""
         cached = self._cache.get((campaign, class_id))
         if cached is not None and cached.version == version:
             return cached
