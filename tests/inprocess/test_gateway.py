@@ -281,3 +281,58 @@ def test_worker_routes_share_the_vendor_rate_limit(tmp_path, pool):
             for _ in range(3)
         ]
         assert 429 in codes
+
+
+def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(
+    tmp_path, pool, monkeypatch
+):
+    import maskprop_gateway.gateway as gateway_module
+    from maskprop_gateway.search_client import SearchUnavailable
+
+    class FlakySearch(LocalSearchClient):
+        down = False
+
+        def submit(self, answers):
+            if self.down:
+                raise SearchUnavailable("search is down")
+            return super().submit(answers)
+
+    st = Stack(tmp_path, pool)
+    flaky = FlakySearch(st.wired.core)
+    st.app = create_app(st.settings, redis=st.wired.redis, search=flaky, expiry_interval_s=0.2)
+    worker = SimWorker("h0", "honest", seed=1)
+
+    def lease_and_answer():
+        r = client.post(
+            "/v1/leases",
+            json={"worker_id": "h0", "campaign": "gw", "max_questions": 10},
+            headers=st.headers(),
+        )
+        assert r.status_code == 201, r.text
+        lease = r.json()
+        answers = [
+            {"question_id": q["question_id"], "answer": a, "elapsed_ms": ms}
+            for q in lease["questions"]
+            for a, ms in [worker.answer(st.truth, q["mask"]["counts"])]
+        ]
+        s = client.post(
+            "/v1/answers",
+            json={"lease_id": lease["lease_id"], "worker_id": "h0", "answers": answers},
+            headers=st.headers(),
+        )
+        assert s.status_code == 200, s.text
+        return s.json()
+
+    answered = lambda: st.wired.core.progress("gw").questions  # noqa: E731
+    with TestClient(st.app) as client:
+        lease_and_answer()  # the qualification
+        flaky.down = True
+        before = answered()
+        assert lease_and_answer()["forwarded_to_search"] == 0  # the workers' answers are safe
+        kept = st.wired.redis.hlen("maskprop:gw:forward")
+        assert kept > 0 and answered() == before
+        flaky.down = False
+        monkeypatch.setattr(gateway_module, "FORWARD_RETRY_S", 0.0)
+        lease_and_answer()  # the lease path retries what its own request could not send
+        assert st.wired.redis.hlen("maskprop:gw:forward") == 0
+        assert answered() >= before + kept

@@ -31,13 +31,25 @@ import grpc
 
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.metrics import ANSWERS, BLOCKED
-from maskprop_gateway.quality import GoldQuestion, QualityControl, QualityError
+from maskprop_gateway.quality import GoldQuestion, QualityControl, QualityError, _s
 from maskprop_gateway.search_client import SearchClient, SearchUnavailable
 from maskprop_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
 P = "maskprop:gw:"
+
+
+# A decided answer still in the ``forward`` hash after this long lost its own request's
+# forwarding (search was down or refused it): the lease path retries it.
+FORWARD_RETRY_S = 5.0
+
+
+def _forward_time(value: Any) -> float:
+    """The time a ``forward`` entry (``"<0|1>:<unix s>"``; old entries ``"0"``/``"1"``) was
+    decided; old entries count as stale."""
+    _, _, at = _s(value).partition(":")
+    return float(at) if at else 0.0
 
 
 class NotFound(Exception):
@@ -115,7 +127,7 @@ class Gateway:
                 items[self._opaque()] = {"kind": "gold", "ref": g.gold_id, **_gold_view(g)}
         else:
             kind = "work"
-            self._flush_forward()
+            self._flush_forward(stale_only=True)
             real = self._take(campaign, worker, max_questions, expires)
             due = self.qc.gold_due_many(worker, len(real))
             for (qid, view), gold_due in zip(real, due, strict=True):
@@ -333,10 +345,11 @@ class Gateway:
         ready = {qid: "1" if v else "0" for qid, v in decided.items() if v is not None}
         if ready:
             pipe = self.r.pipeline(transaction=False)
+            now = self.clock()
             for qid, v in ready.items():
-                pipe.hsetnx(f"{P}forward", qid, v)
+                pipe.hsetnx(f"{P}forward", qid, f"{v}:{now!r}")
             pipe.execute()
-        forwarded = self._flush_forward()
+        forwarded = self._flush_forward(list(ready))
         ANSWERS.labels(vendor_id).inc(accepted)
         for hook in self.submitted_hooks:
             hook(vendor_id, lease_id)
@@ -366,12 +379,28 @@ class Gateway:
             merged = {k.decode(): v == b"1" for k, v in stored.items()}
             self.qc.submit_qualification(worker, merged)
 
-    def _flush_forward(self) -> int:
-        """Send aggregated labels to search; keep them for the next call if it is down."""
-        pending = self.r.hgetall(f"{P}forward")
+    def _flush_forward(self, qids: list[str] | None = None, *, stale_only: bool = False) -> int:
+        """Send aggregated labels to search; they stay in the ``forward`` hash until search
+        acknowledged them, so a failed call is retried later.
+
+        A request forwards the ``qids`` it decided itself; with ``stale_only`` (the lease
+        path) only entries older than ``FORWARD_RETRY_S`` are sent, i.e. those whose own
+        request failed to forward them.  Forwarding everything pending from every request made
+        concurrent requests send the same answers to search over and over."""
+        if qids is not None:
+            if not qids:
+                return 0
+            values = self.r.hmget(f"{P}forward", qids)
+            pending = {q: v for q, v in zip(qids, values, strict=True) if v is not None}
+        else:
+            raw = self.r.hgetall(f"{P}forward")
+            pending = {k.decode(): v for k, v in raw.items()}
+        if stale_only:
+            cutoff = self.clock() - FORWARD_RETRY_S
+            pending = {q: v for q, v in pending.items() if _forward_time(v) < cutoff}
         if not pending:
             return 0
-        answers = [(k.decode(), v == b"1") for k, v in pending.items()]
+        answers = [(q, _s(v).startswith("1")) for q, v in pending.items()]
         try:
             self.search.submit(answers)
         except SearchUnavailable:
