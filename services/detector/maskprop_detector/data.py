@@ -23,6 +23,7 @@ from torchvision.ops import masks_to_boxes
 
 from maskprop.data.synth import load_coco_instances
 from maskprop.errors import MaskpropError
+from maskprop_runtime.files import resolve_under
 
 
 @dataclass
@@ -71,9 +72,8 @@ class LabelledSet:
 
 def read_image(root: Path, file_name: str) -> NDArray[np.uint8]:
     """uint8[h, w, 3] RGB of ``root / file_name``; refuses paths that leave ``root``."""
-    base = Path(root).resolve()
-    path = (base / file_name).resolve()
-    if not path.is_relative_to(base):
+    path = resolve_under(root, file_name)
+    if path is None:
         raise MaskpropError(f"image path {file_name!r} leaves the image folder {root}")
     try:
         with Image.open(path) as im:

@@ -9,8 +9,6 @@ to a temporary file and are renamed, so a crash never leaves half a checkpoint.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from torch import Tensor, nn
 
 from maskprop.errors import MaskpropError
 from maskprop_detector.model import DetectorConfig, build_model
+from maskprop_runtime.files import atomic_file
 
 Progress = Callable[[str, int, int], None]
 CHECKPOINT_FORMAT = "maskprop-detector-1"
@@ -59,19 +58,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are read by other processes
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     path: Path,
     model: nn.Module,
@@ -91,7 +77,9 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
         state["rng"] = torch.get_rng_state()
-    _atomic_save(state, Path(path))
+    # Weights are read by other processes (the detector service): 0644, not mkstemp's 0600.
+    with atomic_file(Path(path), permissions=0o644) as f:
+        torch.save(state, f)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

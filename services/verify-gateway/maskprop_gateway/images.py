@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maskprop_runtime.files import resolve_under
+
 
 class ImageMissing(Exception):
     pass
@@ -17,9 +19,8 @@ class ImageMissing(Exception):
 
 def safe_path(root: Path, relative: str) -> Path:
     """``root / relative`` only if it stays inside ``root`` (no traversal, no absolute)."""
-    base = root.resolve()
-    candidate = (base / relative).resolve()
-    if not candidate.is_relative_to(base) or not candidate.is_file():
+    candidate = resolve_under(root, relative)
+    if candidate is None or not candidate.is_file():
         raise ImageMissing(relative)
     return candidate
 
