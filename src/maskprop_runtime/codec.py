@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 from pycocotools import mask as mask_utils
@@ -33,6 +36,16 @@ def encode_masks(masks: NDArray[np.bool_]) -> list[common_pb2.RleMask]:
 def decode_mask(rle: common_pb2.RleMask) -> NDArray[np.uint8]:
     """RleMask -> uint8[h, w]."""
     return mask_utils.decode({"size": [rle.height, rle.width], "counts": rle.counts})
+
+
+def rle_from_coco(rle: Mapping[str, Any]) -> common_pb2.RleMask:
+    """The JSON form of a COCO segmentation (``size``, ASCII ``counts``) -> RleMask."""
+    counts = rle["counts"]
+    return common_pb2.RleMask(
+        height=int(rle["size"][0]),
+        width=int(rle["size"][1]),
+        counts=counts.encode("ascii") if isinstance(counts, str) else bytes(counts),
+    )
 
 
 def rle_to_coco(rle: common_pb2.RleMask) -> dict[str, object]:

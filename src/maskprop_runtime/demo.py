@@ -131,7 +131,7 @@ def run_demo(
     """Run the demo; returns (and writes) the report."""
     import torch
     from maskprop_detector.data import BOX_ONLY, IGNORE, InstanceDataset, LabelledSet, read_image
-    from maskprop_detector.events import closed_events, masks_events
+    from maskprop_detector.events import closed_events, coco_encoder, masks_events
     from maskprop_detector.infer import Detections, detect
     from maskprop_detector.model import DetectorConfig, build_model
     from maskprop_detector.simulated import mask_id
@@ -274,7 +274,7 @@ def run_demo(
         events = masks_events(
             campaign=campaign, class_names=classes, class_ids=pool_dets.class_ids,
             mask_ids=mask_ids, image_ids=image_keys, scores=pool_dets.scores,
-            features=pool_dets.features, rles=pool_dets.rles, images=infos,
+            features=pool_dets.features, encode=coco_encoder(pool_dets.rles), images=infos,
             event_prefix=f"masks.{campaign}",
         )  # fmt: skip
         counts = {c: int((pool_dets.class_ids == c).sum()) for c in range(len(classes))}

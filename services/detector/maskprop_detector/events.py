@@ -1,10 +1,10 @@
 """Detections -> ``maskprop.masks`` events (the wire contract of the services): one
 ``MasksDetected`` per class and chunk, then ``ClassBatchClosed`` with the class's total.
-Used by the detector service and by ``maskprop demo``; no torch here."""
+Used by the detector service, ``maskprop demo`` and the simulated detector; no torch here."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,13 +26,15 @@ def masks_events(
     image_ids: Sequence[str],
     scores: NDArray[np.floating],
     features: NDArray[np.floating],
-    rles: Sequence[Mapping[str, Any]],
+    encode: Callable[[NDArray[np.int64]], Sequence[common_pb2.RleMask]],
     images: Mapping[str, common_pb2.ImageInfo],
     event_prefix: str,
     batch_size: int = 500,
 ) -> Iterator[Event]:
     """``MasksDetected`` events, per class in chunks of ``batch_size`` masks.  Event ids are
-    ``<event_prefix>.<class>.<chunk>``: the same input always makes the same ids (dedup)."""
+    ``<event_prefix>.<class>.<chunk>``: the same input always makes the same ids (dedup).
+    ``encode(indices)`` gives the masks' RLEs a chunk at a time, so a large pool is never
+    rasterised all at once."""
     dim = int(features.shape[1])
     for c, name in enumerate(class_names):
         idx = np.flatnonzero(np.asarray(class_ids) == c)
@@ -41,17 +43,13 @@ def masks_events(
                 campaign=campaign, class_id=c, class_name=name, feature_dim=dim
             )
             seen: set[str] = set()
-            for i in idx[lo : lo + batch_size].tolist():
-                rle = rles[i]
+            part = idx[lo : lo + batch_size]
+            for i, rle in zip(part.tolist(), encode(part), strict=True):
                 ev.masks.append(
                     detector_pb2.DetectedMask(
                         mask_id=mask_ids[i],
                         image_id=image_ids[i],
-                        rle=common_pb2.RleMask(
-                            height=int(rle["size"][0]),
-                            width=int(rle["size"][1]),
-                            counts=str(rle["counts"]).encode("ascii"),
-                        ),
+                        rle=rle,
                         score=float(np.clip(scores[i], 0.0, 1.0)),
                         feature_f16=codec.pack_features(features[i]),
                     )
@@ -63,6 +61,13 @@ def masks_events(
                 topics.class_key(campaign, c),
                 detector_pb2.MaskStreamEvent(event_id=f"{event_prefix}.{c}.{b}", masks=ev),
             )
+
+
+def coco_encoder(
+    rles: Sequence[Mapping[str, Any]],
+) -> Callable[[NDArray[np.int64]], list[common_pb2.RleMask]]:
+    """``encode`` for :func:`masks_events` from COCO RLE dicts (``Detections.rles``)."""
+    return lambda idx: [codec.rle_from_coco(rles[i]) for i in idx.tolist()]
 
 
 def closed_events(

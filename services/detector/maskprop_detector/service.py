@@ -81,7 +81,7 @@ class DetectorHandler:
 
     def handle(self, msg: Message, record: Record) -> list[Emit]:
         from maskprop_detector.data import read_image
-        from maskprop_detector.events import closed_events, masks_events
+        from maskprop_detector.events import closed_events, coco_encoder, masks_events
         from maskprop_detector.infer import detect
 
         assert isinstance(msg, detector_pb2.ImageBatch)
@@ -123,7 +123,7 @@ class DetectorHandler:
                 image_ids=image_ids,
                 scores=dets.scores,
                 features=dets.features,
-                rles=dets.rles,
+                encode=coco_encoder(dets.rles),
                 images=images,
                 event_prefix=f"masks.{msg.campaign}.{msg.batch_index}",
             )

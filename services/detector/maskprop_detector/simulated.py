@@ -12,7 +12,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from maskprop.simulate.pool import MaskPool
-from maskprop_runtime import codec, topics
+from maskprop_detector.events import closed_events, masks_events
+from maskprop_runtime import codec
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
 
@@ -61,45 +62,31 @@ def ellipses(indices: NDArray[np.int64]) -> NDArray[np.bool_]:
 def pool_events(
     pool: MaskPool, campaign: str, *, batch_size: int = 500
 ) -> Iterator[tuple[bytes, detector_pb2.MaskStreamEvent]]:
-    """(key, event) pairs: each class's masks in batches, then its "closed" event."""
-    dim = pool.features.shape[1]
-    for c, name in enumerate(pool.class_names):
-        idx = pool.class_indices(c)
-        if idx.size == 0:
-            continue
-        key = topics.class_key(campaign, c)
-        for b, lo in enumerate(range(0, idx.size, batch_size)):
-            part = idx[lo : lo + batch_size]
-            rles = codec.encode_masks(ellipses(part))
-            ev = detector_pb2.MasksDetected(
-                campaign=campaign, class_id=c, class_name=name, feature_dim=dim
-            )
-            seen: set[str] = set()
-            for i, rle in zip(part.tolist(), rles, strict=True):
-                ev.masks.append(
-                    detector_pb2.DetectedMask(
-                        mask_id=mask_id(i),
-                        image_id=image_id(i),
-                        rle=rle,
-                        score=float(pool.scores[i]),
-                        feature_f16=codec.pack_features(pool.features[i]),
-                    )
-                )
-                if image_id(i) not in seen:
-                    seen.add(image_id(i))
-                    ev.images.append(
-                        common_pb2.ImageInfo(
-                            image_id=image_id(i),
-                            width=IMAGE_SIZE,
-                            height=IMAGE_SIZE,
-                            file_name=f"images/{image_id(i)}.png",
-                        )
-                    )
-            yield key, detector_pb2.MaskStreamEvent(event_id=f"masks.{campaign}.{c}.{b}", masks=ev)
-        closed = detector_pb2.ClassBatchClosed(
-            campaign=campaign, class_id=c, class_name=name, expected_masks=idx.size
+    """(key, event) pairs: every class's masks in batches, then each class's "closed" event
+    (the same events a real detector emits, through the same builder)."""
+    n = len(pool)
+    image_ids = [image_id(i) for i in range(n)]
+    images = {
+        img: common_pb2.ImageInfo(
+            image_id=img, width=IMAGE_SIZE, height=IMAGE_SIZE, file_name=f"images/{img}.png"
         )
-        yield key, detector_pb2.MaskStreamEvent(event_id=f"closed.{campaign}.{c}", closed=closed)
+        for img in dict.fromkeys(image_ids)
+    }
+    yield from masks_events(
+        campaign=campaign,
+        class_names=pool.class_names,
+        class_ids=pool.class_ids,
+        mask_ids=[mask_id(i) for i in range(n)],
+        image_ids=image_ids,
+        scores=pool.scores,
+        features=pool.features,
+        encode=lambda idx: codec.encode_masks(ellipses(idx)),
+        images=images,
+        event_prefix=f"masks.{campaign}",
+        batch_size=batch_size,
+    )
+    counts = np.bincount(pool.class_ids, minlength=len(pool.class_names))
+    yield from closed_events(campaign, pool.class_names, dict(enumerate(counts.tolist())))
 
 
 def wire_pool(pool: MaskPool) -> MaskPool:
