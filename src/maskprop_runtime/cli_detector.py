@@ -4,41 +4,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from maskprop.cli import _Bars, _fail, app
+from maskprop.cli import _Bars, app
 from maskprop.errors import MaskpropError
+from maskprop_runtime.commands import user_errors
 
 detector_app = typer.Typer(help="Train the detector and predict masks.", no_args_is_help=True)
 app.add_typer(detector_app, name="detector")
-
-
-@contextmanager
-def _user_errors(bars: _Bars) -> Iterator[None]:
-    """Bad input, settings or connections end in one ``error:`` line, never a traceback."""
-    try:
-        yield
-    except MaskpropError as exc:
-        bars.close()
-        _fail(str(exc))
-    except ValidationError as exc:
-        bars.close()
-        first = exc.errors()[0]
-        _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
-    except ConnectionError as exc:
-        bars.close()
-        _fail(str(exc))
-    except ModuleNotFoundError as exc:
-        bars.close()
-        _fail(f"{exc.name} is not installed: pip install -e '.[detector]'")
-    finally:
-        bars.close()
 
 
 @app.command()
@@ -69,7 +45,7 @@ def demo(
     from maskprop_runtime.settings import RuntimeSettings
 
     bars = _Bars(progress)
-    with _user_errors(bars):
+    with user_errors(bars):
         cfg = DemoConfig(
             images=images, rounds=rounds, train_steps=train_steps, retrain_steps=retrain_steps,
             annotator_error=annotator_error, seed=seed, device=device,
@@ -103,7 +79,7 @@ def detector_train(
 ) -> None:
     """Train the detector (from random weights) on a COCO-format labelled set."""
     bars = _Bars(progress)
-    with _user_errors(bars):
+    with user_errors(bars):
         from maskprop_detector.data import InstanceDataset, LabelledSet
         from maskprop_detector.model import DetectorConfig, build_model
         from maskprop_detector.train import TrainConfig, pick_device, train
@@ -134,7 +110,7 @@ def detector_predict(
     from maskprop_runtime.files import atomic_file
 
     bars = _Bars(progress)
-    with _user_errors(bars):
+    with user_errors(bars):
         from maskprop_detector.data import LabelledSet, read_image
         from maskprop_detector.infer import detect
         from maskprop_detector.train import load_model, pick_device
@@ -162,7 +138,5 @@ def detector_predict(
         bars.close()
         summary: dict[str, object] = {"masks": len(results), "out": str(out)}
         if data.annotations:
-            summary["mask_ap"] = mask_ap(
-                data.doc(), dets.coco_results([by_name[n] for n in cfg.classes])
-            )
+            summary["mask_ap"] = mask_ap(data.doc(), results)  # extra keys are ignored
         typer.echo(json.dumps(summary))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,19 +27,31 @@ class Service(StrEnum):
     sink = "sink"
 
 
-@app.command()
-def serve(name: Annotated[Service, typer.Argument(help="Which service to run.")]) -> None:
-    """Run one service as its own process (settings from MASKPROP_* environment variables)."""
+@contextmanager
+def user_errors(bars: _Bars | None = None) -> Iterator[None]:
+    """Bad input, settings or connections, or a missing optional package, end a command in
+    one ``error:`` line (exit 2), never a traceback; progress bars are closed first."""
     try:
-        import importlib
-
-        module = importlib.import_module(f"maskprop_{name.value}.service")
-        module.main()
+        yield
+    except (MaskpropError, ConnectionError) as exc:
+        _fail(str(exc))
     except ValidationError as exc:
         first = exc.errors()[0]
         _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
-    except ConnectionError as exc:
-        _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        _fail(f"{exc.name} is not installed: pip install -e '.[detector]'")
+    finally:
+        if bars is not None:
+            bars.close()
+
+
+@app.command()
+def serve(name: Annotated[Service, typer.Argument(help="Which service to run.")]) -> None:
+    """Run one service as its own process (settings from MASKPROP_* environment variables)."""
+    import importlib
+
+    with user_errors():
+        importlib.import_module(f"maskprop_{name.value}.service").main()
 
 
 @app.command()
@@ -54,24 +68,8 @@ def run(
     from maskprop_runtime.settings import RuntimeSettings
 
     bars = _Bars(progress)
-    try:
-        cfg = RunConfig.load(config)
-        runtime = RuntimeSettings()
-        report = run_pipeline(cfg, out, runtime, progress=bars)
-    except MaskpropError as exc:
-        bars.close()
-        _fail(str(exc))
-        return
-    except ValidationError as exc:
-        bars.close()
-        first = exc.errors()[0]
-        _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
-        return
-    except ConnectionError as exc:
-        bars.close()
-        _fail(str(exc))
-        return
-    bars.close()
+    with user_errors(bars):
+        report = run_pipeline(RunConfig.load(config), out, RuntimeSettings(), progress=bars)
     typer.echo(json.dumps(report, indent=2))
     if report["matches_in_process_library"] is False or report["duplicate_labels"]:
         typer.echo("error: the pipeline's labels differ from the library's", err=True)
