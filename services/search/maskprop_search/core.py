@@ -160,7 +160,7 @@ class SearchCore:
         if tree.n_leaves != msg.n_masks:
             raise InvalidEvent(f"tree has {tree.n_leaves} masks, event says {msg.n_masks}")
         campaign, k = msg.campaign, int(msg.class_id)
-        with self._lock(campaign, k):
+        with self._locked(campaign, k):
             if self.r.exists(self._k(campaign, k, "session")):
                 return []  # redelivered: the session already exists and may have progressed
             session = AnnotationSession(
@@ -176,31 +176,32 @@ class SearchCore:
         return []
 
     # ------------------------------------------------------------------ state
-    def _lock(self, campaign: str, class_id: int) -> Any:
-        # Poll every 5 ms: redis-py's default 100 ms sleep made contended calls wait in
-        # 100 ms steps (the lock was a quarter of search's time under 32 workers).
-        return self.r.lock(
-            self._k(campaign, class_id, "lock"), timeout=60, blocking_timeout=60, sleep=0.005
-        )
-
     @contextmanager
     def _class(self, campaign: str, class_id: int) -> Iterator[_Loaded]:
         """Lock a class and load its session.  If anything fails half-way (Redis or Kafka
         down), the in-memory copy may be ahead of Redis: drop it, so the next call restores
         the last saved state (whose outbox still holds any unpublished labels)."""
-        # Threads of this process queue on a local lock first (woken at once, no polling);
-        # the Redis lock then only arbitrates between replicas, so it is usually free, and
-        # taking it also reads the session's version: one round trip (redis-py's Lock object
-        # and a separate GET were a third of search's time under load).
-        lock_key = self._k(campaign, class_id, "lock")
-        token = os.urandom(12).hex()
-        with self._local_lock(campaign, class_id):
-            version = self._acquire(lock_key, self._k(campaign, class_id, "version"), token)
+        with self._locked(campaign, class_id) as version:
             try:
                 yield self._load(campaign, class_id, version)
             except BaseException:
                 self._cache.pop((campaign, class_id), None)
                 raise
+
+    @contextmanager
+    def _locked(self, campaign: str, class_id: int) -> Iterator[int]:
+        """Hold the class's locks; yields the session's stored version.
+
+        Threads of this process queue on a local lock first (woken at once, no polling); the
+        Redis lock then only arbitrates between replicas, so it is usually free, and taking it
+        also reads the version: one round trip (redis-py's Lock object and a separate GET were
+        a third of search's time under load)."""
+        lock_key = self._k(campaign, class_id, "lock")
+        token = os.urandom(12).hex()
+        with self._local_lock(campaign, class_id):
+            version = self._acquire(lock_key, self._k(campaign, class_id, "version"), token)
+            try:
+                yield version
             finally:
                 self._release_script(keys=[lock_key], args=[token])
 
