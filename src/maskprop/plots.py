@@ -143,28 +143,22 @@ def demo_rounds(rounds: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def demo_fig4(pool: Any, path: Path, min_cluster_size: int = 10) -> None:
+def demo_fig4(pool: Any, trees: Any, path: Path, min_cluster_size: int = 10) -> None:
     """Paper Fig. 4 on the real detector: per-mask s vs true IoU, and per-cluster mean S vs
     mean true IoU over every cluster of >= ``min_cluster_size`` masks of the class trees."""
-    from maskprop.simulate.runner import build_class_trees
+    from maskprop.simulate.runner import cluster_points, fig4_correlations
 
-    trees = build_class_trees(pool)
-    s_c, iou_c = [], []
-    for c, t in trees.trees.items():
-        idx = trees.index[c]
-        big = np.flatnonzero(t.size >= min_cluster_size)
-        s_c.append((t.subtree_sum(pool.scores[idx].astype(np.float64)) / t.size)[big])
-        iou_c.append((t.subtree_sum(pool.ious[idx].astype(np.float64)) / t.size)[big])
+    xs, ys = cluster_points(trees, pool, min_cluster_size)
+    r = fig4_correlations(trees, pool)
     fig, (ax_m, ax_c) = plt.subplots(1, 2, figsize=(10, 4.2))
     ax_m.scatter(pool.scores, pool.ious, s=3, alpha=0.3, color="k")
-    r_m = np.corrcoef(pool.scores, pool.ious)[0, 1] if len(pool) > 1 else float("nan")
-    ax_m.set(xlabel="mask score s", ylabel="true IoU", title=f"Per mask (r = {r_m:.2f})")
-    if s_c:
-        xs, ys = np.concatenate(s_c), np.concatenate(iou_c)
-        r_c = np.corrcoef(xs, ys)[0, 1] if xs.size > 1 else float("nan")
-        ax_c.scatter(xs, ys, s=5, alpha=0.4, color="tab:blue")
-        ax_c.set(title=f"Per cluster of >= {min_cluster_size} masks (r = {r_c:.2f})")
+    ax_m.set(xlabel="mask score s", ylabel="true IoU")
+    ax_m.set_title(f"Per mask (r = {r['mask_corr_s_iou']:.2f})")
+    ax_c.scatter(xs, ys, s=5, alpha=0.4, color="tab:blue")
     ax_c.set(xlabel="cluster score S (mean s)", ylabel="mean true IoU")
+    ax_c.set_title(
+        f"Per cluster of >= {min_cluster_size} masks (r = {r['cluster_corr_S_mean_iou']:.2f})"
+    )
     for ax in (ax_m, ax_c):
         ax.set(xlim=(0, 1), ylim=(0, 1))
     fig.tight_layout()

@@ -33,7 +33,7 @@ from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
 from maskprop.simulate.pool import MaskPool
-from maskprop.simulate.runner import learn_selection
+from maskprop.simulate.runner import build_class_trees, fig4_correlations, learn_selection
 from maskprop_runtime.embedded import campaign_metrics, run_campaign
 from maskprop_runtime.files import atomic_file
 from maskprop_runtime.settings import RuntimeSettings
@@ -115,14 +115,13 @@ def _prefixed(progress: Progress, prefix: str) -> Progress:
     return report
 
 
-def _learn(pool: MaskPool, params: AnnotationParams) -> tuple[Selection, dict[str, Any] | None]:
-    """K_pr/K_pa learned on ``pool`` (Sec. 4.2) and its Fig. 4 correlations; the paper's
-    fixed thresholds when the pool is too small to learn from (an untrained detector)."""
+def _learn(pool: MaskPool, params: AnnotationParams) -> Selection:
+    """K_pr/K_pa learned on held-out detections (Sec. 4.2); the paper's fixed thresholds when
+    there are too few to learn from (an untrained detector)."""
     try:
-        selection, _, fig4 = learn_selection(pool, params)
+        return learn_selection(pool, params)[0]
     except (ValueError, MaskpropError):
-        return Selection(0.0, params.prior_accept_threshold or 0.7), None
-    return selection, fig4
+        return Selection(0.0, params.prior_accept_threshold or 0.7)
 
 
 def run_demo(
@@ -171,6 +170,17 @@ def run_demo(
             for a in ls.annotations
         ]
 
+    val_gt, pool_gt = gt(val_set), gt(pool_set)
+    infos = {
+        str(im["id"]): common_pb2.ImageInfo(
+            image_id=str(im["id"]),
+            width=im["width"],
+            height=im["height"],
+            file_name=im["file_name"],
+        )
+        for im in pool_set.images
+    }
+
     def run_detect(model: Any, ls: LabelledSet, label: str) -> Detections:
         def images() -> Any:
             for im in ls.images:
@@ -185,12 +195,11 @@ def run_demo(
             progress=lambda _l, d, t: progress(label, d, t),
         )
 
-    pool_images = {int(im["id"]): im for im in pool_set.images}
     accepted_anns: list[dict[str, Any]] = []  # every round's accepted masks, de-duplicated
     # The last round's detections that got no label: ignore regions when retraining.
     ignore_anns: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
-    fig4_points: dict[str, Any] = {}
+    last: tuple[MaskPool, Any] | None = None  # the last round's pool and trees, for Fig. 4
     model = None
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -246,17 +255,16 @@ def run_demo(
             del twin
         val_pool = _pool(
             val_dets,
-            true_ious(val_dets.image_ids, val_dets.class_ids, val_dets.rles, gt(val_set)),
+            true_ious(val_dets.image_ids, val_dets.class_ids, val_dets.rles, val_gt),
             classes,
         )
-        selection, _ = _learn(val_pool, params)
+        selection = _learn(val_pool, params)
 
         pool_dets = run_detect(model, pool_set, f"round {r}: detect pool")
-        pool_ious = true_ious(
-            pool_dets.image_ids, pool_dets.class_ids, pool_dets.rles, gt(pool_set)
-        )
+        pool_ious = true_ious(pool_dets.image_ids, pool_dets.class_ids, pool_dets.rles, pool_gt)
         pool = _pool(pool_dets, pool_ious, classes)
-        _, fig4 = _learn(pool, params)
+        pool_trees = build_class_trees(pool)
+        fig4 = fig4_correlations(pool_trees, pool) if len(pool) > 1 else None
 
         campaign = f"{cfg.campaign}-r{r}"
         rdir = out / "rounds" / f"r{r}"
@@ -265,12 +273,6 @@ def run_demo(
         n = len(pool_dets)
         mask_ids = [mask_id(i) for i in range(n)]
         image_keys = [str(int(i)) for i in pool_dets.image_ids]
-        infos = {
-            str(k): common_pb2.ImageInfo(
-                image_id=str(k), width=im["width"], height=im["height"], file_name=im["file_name"]
-            )
-            for k, im in pool_images.items()
-        }
         events = masks_events(
             campaign=campaign, class_names=classes, class_ids=pool_dets.class_ids,
             mask_ids=mask_ids, image_ids=image_keys, scores=pool_dets.scores,
@@ -337,13 +339,11 @@ def run_demo(
                 "final_losses": {k: round(v, 4) for k, v in losses.items()},
                 "prior_reject_threshold": selection.prior_reject_threshold,
                 "prior_accept_threshold": selection.prior_accept_threshold,
-                "fig4": None
-                if fig4 is None
-                else {k: fig4[k] for k in ("mask_corr_s_iou", "cluster_corr_S_mean_iou")},
+                "fig4": fig4,
                 "wall_seconds": round(time.perf_counter() - t0, 1),
             }
         )
-        fig4_points[f"round {r}"] = (pool, fig4)
+        last = (pool, pool_trees)
 
     _write_annotations(out / "annotations.json", accepted_anns, pool_set)
     report = {
@@ -360,8 +360,8 @@ def run_demo(
     from maskprop.plots import demo_fig4, demo_rounds
 
     demo_rounds(rounds, out / "rounds.png")
-    last_pool, _ = fig4_points[f"round {cfg.rounds}"]
-    demo_fig4(last_pool, out / "fig4_scores.png")
+    assert last is not None
+    demo_fig4(*last, out / "fig4_scores.png")
     report["plots"] = [str(out / "rounds.png"), str(out / "fig4_scores.png")]
     with atomic_file(out / "report.json") as f:
         f.write((json.dumps(report, indent=2) + "\n").encode())

@@ -83,6 +83,29 @@ def build_class_trees(pool: MaskPool, progress: Progress = _no_progress) -> Clas
     return ClassTrees(trees={c: trees[c] for c in sorted(trees)}, index=index)
 
 
+def cluster_points(
+    trees: ClassTrees, pool: MaskPool, min_cluster_size: int = 10
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Paper Fig. 4, cluster level: (S_j, mean true IoU) of every cluster of at least
+    ``min_cluster_size`` masks, over all class trees."""
+    mean_iou = trees.mean_iou(pool)
+    s, iou = [np.zeros(0)], [np.zeros(0)]
+    for c, t in trees.trees.items():
+        big = np.flatnonzero(t.size >= min_cluster_size)
+        s.append(t.cluster_scores()[big])
+        iou.append(mean_iou[c][big])
+    return np.concatenate(s), np.concatenate(iou)
+
+
+def fig4_correlations(trees: ClassTrees, pool: MaskPool) -> dict[str, float]:
+    """Paper Fig. 4: per-mask corr(s, IoU) and per-cluster corr(S, mean IoU) (clusters of
+    >= 10 masks); the method relies on the second being much the stronger."""
+    return {
+        "mask_corr_s_iou": pearson(pool.scores.astype(np.float64), pool.ious),
+        "cluster_corr_S_mean_iou": pearson(*cluster_points(trees, pool)),
+    }
+
+
 def learn_selection(
     heldout: MaskPool,
     params: AnnotationParams,
@@ -97,7 +120,6 @@ def learn_selection(
     ht = build_class_trees(heldout, progress)
     quality = ht.correct(heldout, params.iou_threshold)
     scores = {c: t.cluster_scores() for c, t in ht.trees.items()}
-    internal = {c: slice(t.n_leaves, t.n_nodes) for c, t in ht.trees.items()}
     # Fit on clusters big enough to be worth a question: singletons and pairs (most nodes of a
     # tree) have Q in {0, 0.5, 1} and would swamp the S -> Q relation of real clusters.
     fit = {c: t.size >= min_cluster_size for c, t in ht.trees.items()}
@@ -116,14 +138,8 @@ def learn_selection(
         else learned.prior_accept_threshold
     )
     k_pr = min(k_pr, k_pa)
-    # Fig. 4: mask-level s vs IoU, and cluster-level S vs mean IoU on clusters of >= 10 masks.
-    mean_iou = ht.mean_iou(heldout)
-    big = [np.flatnonzero(t.size[internal[c]] >= 10) + t.n_leaves for c, t in ht.trees.items()]
-    cs = np.concatenate([scores[c][b] for c, b in zip(ht.trees, big, strict=True)])
-    ci = np.concatenate([mean_iou[c][b] for c, b in zip(ht.trees, big, strict=True)])
     fig4 = {
-        "mask_corr_s_iou": pearson(heldout.scores.astype(np.float64), heldout.ious),
-        "cluster_corr_S_mean_iou": pearson(cs, ci),
+        **fig4_correlations(ht, heldout),
         "learned_prior_reject_threshold": learned.prior_reject_threshold,
         "learned_prior_accept_threshold": learned.prior_accept_threshold,
     }
