@@ -98,16 +98,22 @@ def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
     raise AssertionError("crowd did not finish")
 
 
+def honest_only_labels(tmp_path, pool):
+    """The labels four honest workers reach at redundancy 3: what a mixed crowd must match."""
+    honest = [SimWorker(f"h{i}", "honest", seed=i) for i in range(4)]
+    run = Stack(tmp_path / "honest", pool, redundancy=3)
+    with TestClient(run.app) as client:
+        assert run_crowd(client, run, honest) == {}
+    return run.labels()
+
+
 @pytest.fixture(scope="module")
 def pool():
     return ade_like_pool(1200, 3, seed=4, dim=8)
 
 
 def test_mixed_crowd_bad_workers_blocked_and_labels_match_honest_only(tmp_path, pool):
-    honest = [SimWorker(f"h{i}", "honest", seed=i) for i in range(4)]
-    honest_run = Stack(tmp_path / "honest", pool, redundancy=3)
-    with TestClient(honest_run.app) as client:
-        assert run_crowd(client, honest_run, honest) == {}
+    honest_labels = honest_only_labels(tmp_path, pool)
     mixed_workers = [
         *[SimWorker(f"h{i}", "honest", seed=10 + i) for i in range(4)],
         *[SimWorker(f"r{i}", "random", seed=20 + i) for i in range(2)],
@@ -117,7 +123,7 @@ def test_mixed_crowd_bad_workers_blocked_and_labels_match_honest_only(tmp_path, 
     with TestClient(mixed.app) as client:
         blocked = run_crowd(client, mixed, mixed_workers)
     assert set(blocked) == {"r0", "r1", "b0", "b1"}, blocked
-    assert mixed.labels() == honest_run.labels()
+    assert mixed.labels() == honest_labels
 
 
 def test_workers_who_turn_bad_after_qualifying_are_suspended_and_discounted(tmp_path):
@@ -126,10 +132,7 @@ def test_workers_who_turn_bad_after_qualifying_are_suspended_and_discounted(tmp_
     label.  (A larger pool than the other tests: at ~5 % hidden gold a random clicker needs
     a dozen gold answers before its accuracy is known.)"""
     pool = ade_like_pool(3000, 3, seed=4, dim=8)
-    honest = [SimWorker(f"h{i}", "honest", seed=i) for i in range(4)]
-    honest_run = Stack(tmp_path / "honest", pool, redundancy=3)
-    with TestClient(honest_run.app) as client:
-        assert run_crowd(client, honest_run, honest) == {}
+    honest_labels = honest_only_labels(tmp_path, pool)
     workers = [
         *[SimWorker(f"h{i}", "honest", seed=10 + i) for i in range(4)],
         *[SimWorker(f"r{i}", "random", seed=20 + i, honest_for=20) for i in range(2)],
@@ -146,7 +149,7 @@ def test_workers_who_turn_bad_after_qualifying_are_suspended_and_discounted(tmp_
     assert {states[w].suspension_reason for w in ("b0", "b1")} == {"too_fast"}
     assert all("accuracy" in (states[w].suspension_reason or "") for w in ("r0", "r1"))
     assert set(blocked) <= suspended
-    assert mixed.labels() == honest_run.labels()
+    assert mixed.labels() == honest_labels
 
 
 def test_security_basics(tmp_path, pool):
