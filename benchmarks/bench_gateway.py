@@ -221,7 +221,9 @@ def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, A
 
 def run_load(args: argparse.Namespace) -> None:
     truth = json.loads(Path(args.truth).read_text())
+    t0 = time.process_time()
     result = (load_gateway if args.mode == "gateway" else load_direct)(args, truth)
+    result["loadgen_cpu_s"] = time.process_time() - t0
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -314,6 +316,56 @@ def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None
     argv = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw"]
     argv += ["--output", str(out), "--rate", "50", "--nonblocking"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (and its reaped children) used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    # after the ")": state is field 3; utime, stime, cutime, cstime are fields 14-17
+    return sum(int(x) for x in fields[11:15]) / ticks
+
+
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on 127.0.0.1:``port`` (the broker), from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+class CpuMeter:
+    """CPU seconds each named process spends between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {k: v for k, v in pids.items() if v}
+        self.t0: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.t0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {k: cpu_seconds(p) - self.t0[k] for k, p in self.pids.items()}
 
 
 def hotspots(path: Path, package: str, top: int = 12) -> str:
@@ -448,11 +500,20 @@ def orchestrate(args: argparse.Namespace) -> None:
 
         wait_for(healthy, 60, "the gateway", procs)
 
+        pids = {
+            "search": search.proc.pid,
+            "gateway": gateway.proc.pid,
+            "redis": int(r.info("server")["process_id"]),
+            "broker": listener_pid(int(kafka.rsplit(":", 1)[1])),
+        }
         print(f"baseline: {args.workers} workers x {args.batch} answers, gRPC", flush=True)
+        meter = CpuMeter(pids)
+        meter.start()
         spy = (
             profile(search.proc.pid, args.profile, work / "search.pyspy") if args.profile else None
         )
         base_res = run_loadgen("direct", f"127.0.0.1:{grpc_port}", direct, "", truth_file, args)
+        base_res["cpu_s"] = meter.stop()
         if spy is not None:
             spy.wait(args.profile + 30)
         print(f"gateway : {args.workers} workers x {args.batch} answers, HTTP", flush=True)
@@ -461,7 +522,16 @@ def orchestrate(args: argparse.Namespace) -> None:
             if args.profile
             else None
         )
+        meter.start()
         gw_res = run_loadgen("gateway", target, via_gw, key, truth_file, args)
+        gw_res["cpu_s"] = meter.stop()
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+        for res, c in ((base_res, direct), (gw_res, via_gw)):
+            res["applied_at_search"] = stub.GetProgress(
+                search_pb2.GetProgressRequest(campaign=c), timeout=30
+            ).questions
+        channel.close()
         if spy is not None:
             spy.wait(args.profile + 30)
         report(base_res, gw_res)
@@ -499,6 +569,16 @@ def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
         )
     if gw["errors"]:
         print(f"gateway errors: {gw['errors']}")
+    # Where the two cores went: CPU time per answer of each process (the load generator's is
+    # its own process's, measured by itself).
+    for name, x in (("direct", base), ("gateway", gw)):
+        n = max(x["answers"], 1)
+        cpu = {**x.get("cpu_s", {}), "loadgen": x.get("loadgen_cpu_s", 0.0)}
+        parts = ", ".join(f"{k} {1e6 * v / n:.0f}" for k, v in cpu.items())
+        print(
+            f"{name:8} CPU us per answer: {parts}; total {1e6 * sum(cpu.values()) / n:.0f} "
+            f"(answers given {x['answers']}, applied by search {x.get('applied_at_search', '?')})"
+        )
     s_base = base.get("sustained_answers_per_s") or base["answers_per_s"]
     s_gw = gw.get("sustained_answers_per_s") or gw["answers_per_s"]
     print(
