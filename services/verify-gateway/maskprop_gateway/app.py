@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -113,14 +114,23 @@ def create_app(
     return app
 
 
+#: Seconds between repair sweeps of the question pool (see ``Gateway.sweep``).
+SWEEP_INTERVAL_S = 30.0
+
+
 async def _expire_loop(app: FastAPI, interval_s: float) -> None:
-    """Expired leases free their questions; hooks (vendor callbacks) hear about them."""
+    """Expired leases free their questions; hooks (vendor callbacks) hear about them.  Now and
+    then the question pool is swept for questions left unclaimable."""
+    swept = time.monotonic()
     while True:
         await asyncio.sleep(interval_s)
         try:
             expired = await asyncio.to_thread(app.state.gateway.expire_leases)
             for hook in app.state.expired_hooks:
                 hook(expired)
+            if time.monotonic() - swept >= SWEEP_INTERVAL_S:
+                swept = time.monotonic()
+                await asyncio.to_thread(app.state.gateway.sweep)
         except Exception:
             log.exception("lease expiry failed; will retry")
 

@@ -3,14 +3,12 @@ with quality control, aggregation and forwarding to the search service.
 
 Redis keys (prefix ``maskprop:gw:``):
 
-* ``{campaign}:items`` hash question id -> JSON of a search question waiting for votes;
-  ``{campaign}:open`` zset of those ids by arrival (oldest served first);
-* ``item:{qid}:holders`` hash worker -> lease deadline; ``item:{qid}:seen`` set of workers it was
-  ever served to (a worker never sees a question twice);
+* the question pool (``{campaign}:items``, ``:open``, ``:ready``, ``want``, per-question
+  holders and seen-by): see :mod:`maskprop_gateway.pool`;
 * ``lease:{id}`` hash (vendor, worker, campaign, kind, expires, items JSON) and
   ``lease:{id}:answered`` set: one answer per (lease, question, worker);
-* ``forward`` hash question id -> aggregated label not yet acknowledged by search (retried on
-  every call, so a search outage loses nothing);
+* ``forward`` hash question id -> ``"<0|1>:<decided at>"``, an aggregated label not yet
+  acknowledged by search (retried, so a search outage loses nothing);
 * ``stats:{campaign}`` hash of counters (answers, gold answers).
 
 Questions handed to vendors carry opaque ids (``q_<random>``) so a hidden gold question looks
@@ -31,6 +29,7 @@ import grpc
 
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.metrics import ANSWERS, BLOCKED
+from maskprop_gateway.pool import QuestionPool
 from maskprop_gateway.quality import GoldQuestion, QualityControl, QualityError, _s
 from maskprop_gateway.search_client import SearchClient, SearchUnavailable
 from maskprop_gateway.settings import GatewaySettings
@@ -96,6 +95,7 @@ class Gateway:
         self.settings = settings
         self.clock = clock
         self.token_for = token_for
+        self.pool = QuestionPool(redis)
         # called with (vendor_id, lease_id) after answers were recorded (vendor callbacks)
         self.submitted_hooks: list[Callable[[str, str], None]] = []
 
@@ -187,77 +187,36 @@ class Gateway:
     def _take(
         self, campaign: str, worker: str, n: int, expires: float
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Up to ``n`` real questions this worker has not seen, topping up from search.
-
-        Candidates are checked a chunk at a time with pipelined reads (seen-by, holders, vote
-        count): a lease costs a few round trips, not a few per open question."""
-        got: list[tuple[str, dict[str, Any]]] = []
+        """Up to ``n`` real questions this worker has not seen, claimed atomically (one Lua
+        call), topping up from search when the pool runs short."""
         redundancy = self.qc.policy.redundancy
-        for attempt in range(2):
-            now = self.clock()
-            start = 0
-            chunk = max(4 * n, 64)
-            while len(got) < n:
-                qids = [
-                    q.decode()
-                    for q in self.r.zrange(f"{P}{campaign}:open", start, start + chunk - 1)
-                ]
-                if not qids:
-                    break
-                start += chunk
-                pipe = self.r.pipeline(transaction=False)
-                for qid in qids:
-                    pipe.sismember(f"{P}item:{qid}:seen", worker)
-                    pipe.hvals(f"{P}item:{qid}:holders")
-                    pipe.hlen(self.qc._votes_key(qid))
-                    pipe.hexists(f"{P}forward", qid)
-                replies = pipe.execute()
-                chosen = []
-                for k, qid in enumerate(qids):
-                    seen, holders, votes, decided = replies[4 * k : 4 * k + 4]
-                    if seen or decided:  # decided: waiting to be forwarded to search
-                        continue
-                    active = sum(1 for t in holders if float(t) > now)
-                    # raw votes >= redundancy on an open question means some were discounted
-                    # (a suspended voter): only then pay for the exact count.
-                    need = (
-                        redundancy - votes if votes < redundancy else self.qc.needs_more_votes(qid)
-                    )
-                    if active >= need:
-                        continue
-                    chosen.append(qid)
-                    if len(got) + len(chosen) >= n:
-                        break
-                if not chosen:
-                    continue
-                pipe = self.r.pipeline(transaction=False)
-                for qid in chosen:
-                    pipe.sadd(f"{P}item:{qid}:seen", worker)
-                    pipe.hset(f"{P}item:{qid}:holders", worker, expires)
-                    pipe.hget(f"{P}{campaign}:items", qid)
-                views = pipe.execute()[2::3]
-                got.extend((qid, json.loads(v)) for qid, v in zip(chosen, views, strict=True) if v)
-            if len(got) >= n or attempt == 1:
-                break
+        got = self.pool.claim(campaign, worker, n, expires, self.clock(), redundancy)
+        if len(got) < n:
             try:
-                questions, _done = self.search.lease(campaign, max(n - len(got), 1) * 2, "gateway")
+                questions, _done = self.search.lease(campaign, (n - len(got)) * 2, "gateway")
             except SearchUnavailable:
-                break
-            if not questions:
-                break
-            pipe = self.r.pipeline()
-            for q in questions:
-                view = {
-                    "class_name": q.class_name,
-                    "image_file": q.image_file,
-                    "rle_h": q.rle.height,
-                    "rle_w": q.rle.width,
-                    "rle_counts": q.rle.counts.decode("ascii"),
-                }
-                pipe.hsetnx(f"{P}{campaign}:items", q.question_id, json.dumps(view))
-                pipe.zadd(f"{P}{campaign}:open", {q.question_id: now}, nx=True)
-            pipe.execute()
-        return got
+                questions = []
+            if questions:
+                self.pool.add(
+                    campaign,
+                    {
+                        q.question_id: json.dumps(
+                            {
+                                "class_name": q.class_name,
+                                "image_file": q.image_file,
+                                "rle_h": q.rle.height,
+                                "rle_w": q.rle.width,
+                                "rle_counts": q.rle.counts.decode("ascii"),
+                            }
+                        )
+                        for q in questions
+                    },
+                    self.clock(),
+                )
+                got += self.pool.claim(
+                    campaign, worker, n - len(got), expires, self.clock(), redundancy
+                )
+        return [(qid, json.loads(view)) for qid, view in got]
 
     def lease(self, vendor_id: str, lease_id: str) -> dict[str, Any]:
         """A lease's stored record; only its own vendor may see it (others get NotFound)."""
@@ -328,8 +287,6 @@ class Gateway:
                 f"{P}lease:{lease_id}:qual",
                 mapping={g: "1" if v else "0" for g, v in qualification.items()},
             )
-        for qid, _ in votes:
-            pipe.hdel(f"{P}item:{qid}:holders", worker)
         pipe.execute()
         self.qc.record_answer_times(worker, [ms for _, _, ms in fresh])
         for gold_id, label, ms in golds:
@@ -340,16 +297,15 @@ class Gateway:
                 self._finish_qualification(lease_id, worker, items)
             except QualityError as exc:
                 raise Invalid(str(exc)) from None
-        state = self.qc.review(worker)
-        decided = self.qc.aggregate_many([qid for qid, _ in votes]) if votes else {}
-        ready = {qid: "1" if v else "0" for qid, v in decided.items() if v is not None}
-        if ready:
-            pipe = self.r.pipeline(transaction=False)
-            now = self.clock()
-            for qid, v in ready.items():
-                pipe.hsetnx(f"{P}forward", qid, f"{v}:{now!r}")
-            pipe.execute()
-        forwarded = self._flush_forward(list(ready))
+        state, newly_suspended = self.qc.review_suspends(worker)
+        # Tally after the votes are in and release the worker's hold in the same Redis step,
+        # so no claim sees the slot free before the vote counts.
+        tally = self.qc.tally_many([qid for qid, _ in votes])
+        self.pool.settle(worker, tally, self.clock())
+        ready = [qid for qid, (_, label) in tally.items() if label is not None]
+        if newly_suspended:
+            self.sweep()  # its recent votes no longer count: their questions need others
+        forwarded = self._flush_forward(ready)
         ANSWERS.labels(vendor_id).inc(accepted)
         for hook in self.submitted_hooks:
             hook(vendor_id, lease_id)
@@ -414,13 +370,7 @@ class Gateway:
                 extra={"n": len(answers), "code": str(exc.code()), "details": exc.details()},
             )
             return 0
-        pipe = self.r.pipeline()
-        for qid, _ in answers:
-            campaign = qid.split(":", 1)[0]
-            pipe.hdel(f"{P}forward", qid)
-            pipe.zrem(f"{P}{campaign}:open", qid)
-            pipe.hdel(f"{P}{campaign}:items", qid)
-        pipe.execute()
+        self.pool.done(q for q, _ in answers)
         return len(answers)
 
     # ------------------------------------------------------------------ expiry, progress
@@ -438,9 +388,15 @@ class Gateway:
             items = json.loads(rec[b"items"])
             answered = {m.decode() for m in self.r.smembers(f"{P}lease:{lease_id}:answered")}
             worker = f"{rec[b'vendor'].decode()}:{rec[b'worker'].decode()}"
-            for oid, it in items.items():
-                if it["kind"] == "real" and oid not in answered:
-                    self.r.hdel(f"{P}item:{it['ref']}:holders", worker)
+            self.pool.release(
+                rec[b"campaign"].decode(),
+                worker,
+                [
+                    it["ref"]
+                    for oid, it in items.items()
+                    if it["kind"] == "real" and oid not in answered
+                ],
+            )
             out.append(
                 {
                     "lease_id": lease_id,
@@ -450,6 +406,23 @@ class Gateway:
                 }
             )
         return out
+
+    def sweep(self) -> int:
+        """Re-tally open questions that nobody holds and that are not claimable: a suspended
+        worker's discounted votes leave them short, and a call cut off half-way can leave
+        one out of ``ready``.  Runs when a worker is suspended and now and then from the
+        expiry loop; O(open questions).  Returns the questions re-tallied."""
+        n = 0
+        now = self.clock()
+        decided: list[str] = []
+        for campaign in self.pool.campaigns():
+            for qids in self.pool.unheld(campaign, now):
+                tally = self.qc.tally_many(qids)
+                self.pool.settle("", tally, now)
+                decided += [q for q, (_, label) in tally.items() if label is not None]
+                n += len(qids)
+        self._flush_forward(decided)
+        return n
 
     def progress(self, campaign: str) -> dict[str, Any]:
         resp = self.search.progress(campaign)

@@ -530,9 +530,13 @@ class QualityControl:
         ``min_accuracy`` after ``min_gold`` gold answers, or more than ``max_fast_share`` of
         the answers are too fast after ``min_gold`` answer times.
         """
+        return self.review_suspends(worker)[0]
+
+    def review_suspends(self, worker: str) -> tuple[WorkerState, bool]:
+        """:meth:`review`, and whether this call is the one that suspended the worker."""
         st = self.state(worker)
         if st.suspended:
-            return st
+            return st, False
         p = self.policy
         n_gold = min(st.gold_answers, p.window)  # the rolling window's length
         n_times = self.r.llen(self._worker_key(worker, "times"))
@@ -544,9 +548,10 @@ class QualityControl:
             if st.fast_share > p.max_fast_share:
                 reasons.append("too_fast")
         if not reasons:
-            return st
+            return st, False
         wkey = self._worker_key(worker)
-        if self.r.hsetnx(wkey, "suspended_at", repr(float(self.clock()))):
+        newly = bool(self.r.hsetnx(wkey, "suspended_at", repr(float(self.clock()))))
+        if newly:
             self.r.hset(wkey, "suspended_reason", ",".join(reasons))
             log.warning(
                 "worker suspended",
@@ -558,7 +563,7 @@ class QualityControl:
                     "gold_window": n_gold,
                 },
             )
-        return self.state(worker)
+        return self.state(worker), newly
 
     # ------------------------------------------------------------------ votes
     def add_vote(self, question_id: str, worker: str, label: bool) -> bool:
@@ -580,17 +585,24 @@ class QualityControl:
 
     def aggregate_many(self, question_ids: list[str]) -> dict[str, bool | None]:
         """:meth:`aggregate` for many questions with two round trips in all."""
+        return {qid: label for qid, (_, label) in self.tally_many(question_ids).items()}
+
+    def tally_many(self, question_ids: list[str]) -> dict[str, tuple[int, bool | None]]:
+        """Per question: (:meth:`needs_more_votes`, :meth:`aggregate`), from one read of the
+        votes and one of the voters' states."""
+        if not question_ids:
+            return {}
         pipe = self.r.pipeline(transaction=False)
         for qid in question_ids:
             pipe.hgetall(self._votes_key(qid))
-        raws = pipe.execute()
-        parsed = [self._parse_votes(raw) for raw in raws]
+        parsed = [self._parse_votes(raw) for raw in pipe.execute()]
         workers = sorted({w for votes in parsed for w in votes})
         states = self._states(workers, timing=False) if workers else {}
-        return {
-            qid: self._decide(qid, self._count(votes, states), states)
-            for qid, votes in zip(question_ids, parsed, strict=True)
-        }
+        out: dict[str, tuple[int, bool | None]] = {}
+        for qid, votes in zip(question_ids, parsed, strict=True):
+            counted = self._count(votes, states)
+            out[qid] = (self._missing(counted), self._decide(qid, counted, states))
+        return out
 
     @staticmethod
     def _parse_votes(raw: dict[Any, Any]) -> dict[str, tuple[bool, float]]:
@@ -624,6 +636,9 @@ class QualityControl:
     def needs_more_votes(self, question_id: str) -> int:
         """Votes still missing before :meth:`aggregate` decides (after discounting)."""
         counted, _ = self._counted_votes(question_id)
+        return self._missing(counted)
+
+    def _missing(self, counted: dict[str, bool]) -> int:
         if len(counted) < self.policy.redundancy:
             return self.policy.redundancy - len(counted)
         if len(set(counted.values())) <= 1:

@@ -1,0 +1,227 @@
+"""The gateway's pool of real questions in Redis: which question goes to which worker.
+
+Keys (prefix ``maskprop:gw:``, ``{c}`` campaign, ``{q}`` search question id, which starts with
+the campaign):
+
+* ``campaigns``  set  campaigns that ever had questions here (the repair sweep walks them)
+* ``{c}:items``  hash  question id -> JSON view (class name, image file, RLE)
+* ``{c}:open``  zset  question id -> arrival (unix s): every question not yet forwarded
+* ``{c}:ready``  zset  the subset that may need another worker, same scores; a lease claims
+  from its front (oldest first), so a lease costs O(questions it takes), never O(questions
+  other workers hold)
+* ``want``  hash  question id -> counted votes still missing (absent: the policy's
+  redundancy; ``0``: decided, waiting to be forwarded)
+* ``item:{q}:holders``  hash  worker -> lease deadline; ``item:{q}:seen``  set  workers it was
+  ever served to (a worker never sees a question twice)
+
+A claim is one Lua script: checking that a question still has a free slot and taking the slot
+cannot interleave with another lease (two concurrent leases used to pick the same questions, so
+the crowd answered most questions twice at redundancy 1).  The scripts build their per-question
+keys from the prefix: the gateway needs a standalone Redis (or a cluster with every key on one
+slot), like the rest of the project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+P = "maskprop:gw:"
+
+# KEYS: ready, items, want.  ARGV: prefix, worker, n, expires, now, redundancy.
+# Returns [qid, view, qid, view, ...] for up to n questions this worker never saw, each with a
+# free slot (fewer unexpired holders than votes still wanted); full or gone ones leave `ready`.
+_CLAIM = """
+local ready, items, want = KEYS[1], KEYS[2], KEYS[3]
+local prefix, worker = ARGV[1], ARGV[2]
+local n, expires, now = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local redundancy = tonumber(ARGV[6])
+local out = {}
+local got, start = 0, 0
+local chunk = math.max(4 * n, 64)
+while got < n do
+  local ids = redis.call('zrange', ready, start, start + chunk - 1)
+  if #ids == 0 then break end
+  local removed = 0
+  for _, qid in ipairs(ids) do
+    if got >= n then break end
+    local base = prefix .. 'item:' .. qid
+    if redis.call('sismember', base .. ':seen', worker) == 0 then
+      local w = tonumber(redis.call('hget', want, qid) or redundancy)
+      local active = 0
+      if w > 0 then
+        for _, t in ipairs(redis.call('hvals', base .. ':holders')) do
+          if tonumber(t) > now then active = active + 1 end
+        end
+      end
+      local view = false
+      if active < w then view = redis.call('hget', items, qid) end
+      if view then
+        redis.call('sadd', base .. ':seen', worker)
+        redis.call('hset', base .. ':holders', worker, expires)
+        out[#out + 1] = qid
+        out[#out + 1] = view
+        got = got + 1
+        active = active + 1
+      end
+      if not view or active >= w then
+        redis.call('zrem', ready, qid)
+        removed = removed + 1
+      end
+    end
+  end
+  start = start + #ids - removed
+end
+return out
+"""
+
+# KEYS: ready, open, want, forward.  ARGV: prefix, worker, now, then (qid, missing, label)
+# triples.  After `worker` voted (or a sweep re-tallied): record the votes each question still
+# misses and drop the worker's hold in the same step, so no claim sees a free slot in between.
+# A decided question (missing 0, label "0"/"1") is queued for search in `forward` and leaves
+# `ready`; one still missing votes goes back to `ready` at its arrival score (a claim drops it
+# again if its holders already cover it).
+_SETTLE = """
+local ready, open, want, forward = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix, worker, now = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV, 3 do
+  local qid, w, label = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  redis.call('hdel', prefix .. 'item:' .. qid .. ':holders', worker)
+  local at = redis.call('zscore', open, qid)
+  if at then
+    redis.call('hset', want, qid, w)
+    if w > 0 then
+      redis.call('zadd', ready, at, qid)
+    else
+      redis.call('zrem', ready, qid)
+      if label ~= '' then redis.call('hsetnx', forward, qid, label .. ':' .. now) end
+    end
+  end
+end
+return 0
+"""
+
+# KEYS: ready, open.  ARGV: prefix, worker, qid, qid, ...  A worker's expired lease: its
+# unanswered questions lose that holder and may be claimed again.
+_RELEASE = """
+local ready, open = KEYS[1], KEYS[2]
+for i = 3, #ARGV do
+  local qid = ARGV[i]
+  redis.call('hdel', ARGV[1] .. 'item:' .. qid .. ':holders', ARGV[2])
+  local at = redis.call('zscore', open, qid)
+  if at then redis.call('zadd', ready, at, qid) end
+end
+return 0
+"""
+
+# KEYS: forward, want.  ARGV: prefix, qid, qid, ...  Search acknowledged these labels: the
+# questions leave the pool and their per-question keys go.
+_DONE = """
+local forward, want, prefix = KEYS[1], KEYS[2], ARGV[1]
+for i = 2, #ARGV do
+  local qid = ARGV[i]
+  local c = string.match(qid, '^([^:]+):')
+  redis.call('hdel', forward, qid)
+  redis.call('hdel', want, qid)
+  redis.call('zrem', prefix .. c .. ':open', qid)
+  redis.call('zrem', prefix .. c .. ':ready', qid)
+  redis.call('hdel', prefix .. c .. ':items', qid)
+  redis.call('del', prefix .. 'item:' .. qid .. ':holders', prefix .. 'item:' .. qid .. ':seen')
+end
+return 0
+"""
+
+
+class QuestionPool:
+    """Claims, releases and retires the real questions a gateway hands to workers."""
+
+    def __init__(self, redis: Any) -> None:
+        self.r = redis
+        # Script objects reload themselves after a Redis restart (NOSCRIPT).
+        self._claim = redis.register_script(_CLAIM)
+        self._settle = redis.register_script(_SETTLE)
+        self._release = redis.register_script(_RELEASE)
+        self._done = redis.register_script(_DONE)
+
+    @staticmethod
+    def campaign_of(qid: str) -> str:
+        return qid.split(":", 1)[0]
+
+    def add(self, campaign: str, views: dict[str, str], now: float) -> None:
+        """New questions from search (``views``: question id -> JSON view)."""
+        if not views:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(f"{P}campaigns", campaign)
+        for qid, view in views.items():
+            pipe.hsetnx(f"{P}{campaign}:items", qid, view)
+        arrivals = {qid: now for qid in views}
+        pipe.zadd(f"{P}{campaign}:open", arrivals, nx=True)
+        pipe.zadd(f"{P}{campaign}:ready", arrivals, nx=True)
+        pipe.execute()
+
+    def claim(
+        self, campaign: str, worker: str, n: int, expires: float, now: float, redundancy: int
+    ) -> list[tuple[str, str]]:
+        """Up to ``n`` (question id, JSON view) for ``worker``, atomically held by it."""
+        flat = self._claim(
+            keys=[f"{P}{campaign}:ready", f"{P}{campaign}:items", f"{P}want"],
+            args=[P, worker, n, repr(expires), repr(now), redundancy],
+        )
+        return [(_s(flat[i]), _s(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def settle(self, worker: str, tally: dict[str, tuple[int, bool | None]], now: float) -> None:
+        """After ``worker``'s votes (``""``: a sweep): per question, (votes still missing,
+        decided label or ``None``).  Decided ones are queued in ``forward`` for search."""
+        by_campaign: dict[str, list[Any]] = {}
+        for qid, (missing, label) in tally.items():
+            bit = "" if label is None else ("1" if label else "0")
+            by_campaign.setdefault(self.campaign_of(qid), []).extend((qid, int(missing), bit))
+        for campaign, args in by_campaign.items():
+            self._settle(
+                keys=[f"{P}{campaign}:ready", f"{P}{campaign}:open", f"{P}want", f"{P}forward"],
+                args=[P, worker, repr(now), *args],
+            )
+
+    def release(self, campaign: str, worker: str, qids: Iterable[str]) -> None:
+        """Drop ``worker``'s hold on ``qids`` (an expired lease); they may be claimed again."""
+        qids = list(qids)
+        if qids:
+            self._release(
+                keys=[f"{P}{campaign}:ready", f"{P}{campaign}:open"], args=[P, worker, *qids]
+            )
+
+    def done(self, qids: Iterable[str]) -> None:
+        """Search acknowledged the labels of ``qids``: remove them and their keys."""
+        qids = list(qids)
+        if qids:
+            self._done(keys=[f"{P}forward", f"{P}want"], args=[P, *qids])
+
+    def campaigns(self) -> list[str]:
+        return sorted(_s(c) for c in self.r.smembers(f"{P}campaigns"))
+
+    def unheld(self, campaign: str, now: float, chunk: int = 500) -> Iterable[list[str]]:
+        """Open questions outside ``ready`` with no unexpired holder, a chunk at a time: those
+        a repair sweep re-tallies (a suspended voter's discounted vote, an interrupted call)."""
+        start = 0
+        while True:
+            qids = [_s(q) for q in self.r.zrange(f"{P}{campaign}:open", start, start + chunk - 1)]
+            if not qids:
+                return
+            start += len(qids)
+            pipe = self.r.pipeline(transaction=False)
+            for qid in qids:
+                pipe.zscore(f"{P}{campaign}:ready", qid)
+                pipe.hvals(f"{P}item:{qid}:holders")
+            replies = pipe.execute()
+            out = [
+                qid
+                for k, qid in enumerate(qids)
+                if replies[2 * k] is None and not any(float(t) > now for t in replies[2 * k + 1])
+            ]
+            if out:
+                yield out
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,90 @@
+"""The gateway's question pool (maskprop_gateway.pool): atomic claims over Redis (fakeredis runs
+the same Lua scripts)."""
+
+from __future__ import annotations
+
+import threading
+
+import fakeredis
+from maskprop_gateway.pool import P, QuestionPool
+
+NOW = 1_000_000.0
+C = "c1"
+
+
+def filled(n: int) -> tuple[fakeredis.FakeRedis, QuestionPool, list[str]]:
+    r = fakeredis.FakeRedis()
+    pool = QuestionPool(r)
+    qids = [f"{C}:0:1:{i}" for i in range(n)]
+    pool.add(C, {q: f'{{"i": {i}}}' for i, q in enumerate(qids)}, NOW)
+    return r, pool, qids
+
+
+def test_concurrent_claims_never_hand_a_question_to_two_workers():
+    _, pool, qids = filled(400)
+    got: dict[str, list[str]] = {}
+
+    def lease(w: str) -> None:
+        for _ in range(5):
+            got.setdefault(w, []).extend(
+                q for q, _ in pool.claim(C, w, 10, NOW + 60, NOW, redundancy=1)
+            )
+
+    threads = [threading.Thread(target=lease, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    served = [q for qs in got.values() for q in qs]
+    assert len(served) == len(set(served)) == 400  # every question once, none twice
+    assert set(served) == set(qids)
+
+
+def test_redundancy_serves_distinct_workers_oldest_first():
+    r, pool, qids = filled(3)
+    a = [q for q, _ in pool.claim(C, "a", 2, NOW + 60, NOW, redundancy=2)]
+    assert a == qids[:2]
+    b = [q for q, _ in pool.claim(C, "b", 3, NOW + 60, NOW, redundancy=2)]
+    assert b == qids  # a second slot on the first two, then the third
+    assert [q for q, _ in pool.claim(C, "a", 3, NOW + 60, NOW, redundancy=2)] == [qids[2]]
+    assert pool.claim(C, "c", 3, NOW + 60, NOW, redundancy=2) == []  # all slots held
+    assert r.zcard(f"{P}{C}:ready") == 0
+
+
+def test_expired_holds_and_released_leases_free_the_slot():
+    _, pool, qids = filled(2)
+    pool.claim(C, "a", 2, NOW + 60, NOW, redundancy=1)
+    assert pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1) == []
+    pool.release(C, "a", [qids[1]])  # a's lease expired with qids[1] unanswered
+    assert [q for q, _ in pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1)] == [qids[1]]
+    # a hold past its deadline does not count even before the expiry pass removes it
+    pool.settle("", {qids[0]: (1, None)}, NOW)  # (a sweep re-queues it)
+    later = NOW + 120
+    assert [q for q, _ in pool.claim(C, "c", 2, later + 60, later, redundancy=1)] == [qids[0]]
+    assert pool.claim(C, "a", 2, later + 60, later, redundancy=1) == []  # a saw both already
+
+
+def test_settle_queues_decisions_and_done_forgets_the_question():
+    r, pool, qids = filled(2)
+    pool.claim(C, "a", 2, NOW + 60, NOW, redundancy=1)
+    # a voted on both: the first is decided, the second still misses a vote (disagreement)
+    pool.settle("a", {qids[0]: (0, True), qids[1]: (1, None)}, NOW)
+    assert r.hget(f"{P}forward", qids[0]) == f"1:{NOW!r}".encode()
+    assert r.hget(f"{P}forward", qids[1]) is None
+    assert r.hlen(f"{P}item:{qids[0]}:holders") == 0  # the hold went with the vote
+    assert [q for q, _ in pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1)] == [qids[1]]
+    pool.done([qids[0]])
+    assert r.hget(f"{P}forward", qids[0]) is None
+    assert r.zscore(f"{P}{C}:open", qids[0]) is None
+    assert r.hget(f"{P}{C}:items", qids[0]) is None
+    assert not r.exists(f"{P}item:{qids[0]}:seen", f"{P}item:{qids[0]}:holders")
+    assert r.zscore(f"{P}{C}:open", qids[1]) is not None
+
+
+def test_unheld_lists_what_a_sweep_must_retally():
+    _, pool, qids = filled(3)
+    pool.claim(C, "a", 1, NOW + 60, NOW, redundancy=1)  # qids[0] held
+    pool.claim(C, "b", 1, NOW + 60, NOW, redundancy=1)  # qids[1] held
+    pool.settle("b", {qids[1]: (0, True)}, NOW)  # decided, out of ready, unheld
+    assert [q for chunk in pool.unheld(C, NOW) for q in chunk] == [qids[1]]
+    assert pool.campaigns() == [C]
