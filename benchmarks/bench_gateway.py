@@ -333,7 +333,7 @@ def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None
         print("py-spy not on PATH: no profile", file=sys.stderr)
         return None
     argv = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw"]
-    argv += ["--output", str(out), "--rate", "50", "--nonblocking", "--gil"]
+    argv += ["--output", str(out), "--rate", "200", "--nonblocking", "--gil"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -385,6 +385,13 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         return {k: cpu_seconds(p) - self.t0[k] for k, p in self.pids.items()}
+
+
+def redis_commands(r: Any) -> dict[str, tuple[int, int]]:
+    """Redis calls and CPU microseconds per command since the last CONFIG RESETSTAT (commands
+    inside Lua scripts counted by name, the script calls as evalsha)."""
+    stats = r.info("commandstats")
+    return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in stats.items()}
 
 
 def hotspots(path: Path, package: str, top: int = 12) -> str:
@@ -528,11 +535,14 @@ def orchestrate(args: argparse.Namespace) -> None:
         print(f"baseline: {args.workers} workers x {args.batch} answers, gRPC", flush=True)
         meter = CpuMeter(pids)
         meter.start()
+        r.config_resetstat()
         spy = (
             profile(search.proc.pid, args.profile, work / "search.pyspy") if args.profile else None
         )
         base_res = run_loadgen("direct", f"127.0.0.1:{grpc_port}", direct, "", truth_file, args)
         base_res["cpu_s"] = meter.stop()
+        base_res["redis_commands"] = redis_commands(r)
+        r.config_resetstat()
         if spy is not None:
             spy.wait(args.profile + 30)
         print(f"gateway : {args.workers} workers x {args.batch} answers, HTTP", flush=True)
@@ -544,6 +554,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         meter.start()
         gw_res = run_loadgen("gateway", target, via_gw, key, truth_file, args)
         gw_res["cpu_s"] = meter.stop()
+        gw_res["redis_commands"] = redis_commands(r)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
         for res, c in ((base_res, direct), (gw_res, via_gw)):
@@ -597,6 +608,12 @@ def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
         print(
             f"{name:8} CPU us per answer: {parts}; total {1e6 * sum(cpu.values()) / n:.0f} "
             f"(answers given {x['answers']}, applied by search {x.get('applied_at_search', '?')})"
+        )
+        cmds = sorted(x.get("redis_commands", {}).items(), key=lambda kv: -kv[1][1])
+        calls = sum(c for c, _ in dict(cmds).values())
+        print(
+            f"{'':8} Redis: {calls / n:.1f} commands per answer; by CPU: "
+            + ", ".join(f"{k} {c / n:.2f}x {u / n:.0f}us" for k, (c, u) in cmds[:8])
         )
     s_base = base.get("sustained_answers_per_s") or base["answers_per_s"]
     s_gw = gw.get("sustained_answers_per_s") or gw["answers_per_s"]

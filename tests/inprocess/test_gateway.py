@@ -339,3 +339,26 @@ def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(
         lease_and_answer()  # the lease path retries what its own request could not send
         assert st.wired.redis.hlen("maskprop:gw:forward") == 0
         assert answered() >= before + kept
+
+
+def test_request_metrics_count_route_templates_never_raw_paths(tmp_path, pool):
+    from maskprop_gateway.metrics import REQUESTS
+    from prometheus_client import generate_latest
+
+    st = Stack(tmp_path, pool)
+
+    def count(route: str, status: str) -> float:
+        return REQUESTS.labels("GET", route, status)._value.get()
+
+    route = "/v1/leases/{lease_id}"
+    before_ok, before_404 = count(route, "200"), count(route, "404")
+    with TestClient(st.app) as client:
+        body = {"worker_id": "w1", "campaign": "gw", "max_questions": 2}
+        lid = client.post("/v1/leases", json=body, headers=st.headers()).json()["lease_id"]
+        assert client.get(f"/v1/leases/{lid}", headers=st.headers()).status_code == 200
+        missing = client.get("/v1/leases/l_nosuchlease", headers=st.headers())
+        assert missing.status_code == 404
+    assert count(route, "200") == before_ok + 1
+    assert count(route, "404") == before_404 + 1
+    exposed = generate_latest().decode()
+    assert lid not in exposed and "l_nosuchlease" not in exposed

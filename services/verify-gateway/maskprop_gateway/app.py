@@ -92,7 +92,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.middleware("http")(metrics.record)
+    app.add_middleware(metrics.RequestMetrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)

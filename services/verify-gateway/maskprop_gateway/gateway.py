@@ -104,7 +104,7 @@ class Gateway:
         self, vendor_id: str, worker_id: str, campaign: str, max_questions: int
     ) -> dict[str, Any]:
         worker = f"{vendor_id}:{worker_id}"
-        state = self.qc.state(worker)
+        state = self.qc.standing(worker)
         if state.suspended:
             BLOCKED.labels("suspended").inc()
             raise Forbidden("worker is suspended")
@@ -141,7 +141,8 @@ class Gateway:
                         }
                 items[self._opaque()] = {"kind": "real", "ref": qid, **view}
         lease_id = "l_" + secrets.token_urlsafe(12)
-        self.r.hset(
+        pipe = self.r.pipeline(transaction=True)  # a lease exists with its expiry or not at all
+        pipe.hset(
             f"{P}lease:{lease_id}",
             mapping={
                 "vendor": vendor_id,
@@ -153,8 +154,9 @@ class Gateway:
                 "items": json.dumps(items),
             },
         )
-        self.r.expire(f"{P}lease:{lease_id}", int(self.settings.lease_ttl_s) + 86_400)
-        self.r.zadd(f"{P}leases", {lease_id: expires})
+        pipe.expire(f"{P}lease:{lease_id}", int(self.settings.lease_ttl_s) + 86_400)
+        pipe.zadd(f"{P}leases", {lease_id: expires})
+        pipe.execute()
         out: dict[str, Any] = {
             "lease_id": lease_id,
             "kind": kind,
