@@ -39,6 +39,24 @@ log = logging.getLogger(__name__)
 P = "maskprop:gw:"
 
 
+# KEYS: answered set, stats hash.  ARGV: ttl, then (lease question id, kind g|r|q) pairs.  One
+# answer per (lease, question): which answers are new, counted in the campaign's stats.
+_ANSWERED = """
+local fresh, golds, out = 0, 0, {}
+for i = 2, #ARGV, 2 do
+  local new = redis.call('sadd', KEYS[1], ARGV[i])
+  out[#out + 1] = new
+  if new == 1 then
+    fresh = fresh + 1
+    if ARGV[i + 1] == 'g' then golds = golds + 1 end
+  end
+end
+redis.call('expire', KEYS[1], ARGV[1])
+redis.call('hincrby', KEYS[2], 'answers', fresh)
+redis.call('hincrby', KEYS[2], 'gold_answers', golds)
+return out
+"""
+
 # A decided answer still in the ``forward`` hash after this long lost its own request's
 # forwarding (search was down or refused it): the lease path retries it.
 FORWARD_RETRY_S = 5.0
@@ -96,6 +114,7 @@ class Gateway:
         self.clock = clock
         self.token_for = token_for
         self.pool = QuestionPool(redis)
+        self._answered = redis.register_script(_ANSWERED)
         # called with (vendor_id, lease_id) after answers were recorded (vendor callbacks)
         self.submitted_hooks: list[Callable[[str, str], None]] = []
 
@@ -257,43 +276,33 @@ class Gateway:
             raise Invalid(f"questions not in this lease: {unknown[:3]}")
         worker = f"{vendor_id}:{worker_id}"
         campaign = lease["campaign"]
-        # One round trip decides which answers are new: one answer per (lease, question).
-        pipe = self.r.pipeline(transaction=False)
+        kind = lease["kind"]
+
+        def kind_of(oid: str) -> str:
+            return (
+                "q" if kind == "qualification" else ("g" if items[oid]["kind"] == "gold" else "r")
+            )
+
+        args: list[Any] = [int(self.settings.lease_ttl_s) + 86_400]
         for oid, _, _ in answers:
-            pipe.sadd(f"{P}lease:{lease_id}:answered", oid)
-        pipe.expire(f"{P}lease:{lease_id}:answered", int(self.settings.lease_ttl_s) + 86_400)
-        fresh = [
-            (oid, label, ms)
-            for (oid, label, ms), new in zip(answers, pipe.execute()[:-1], strict=True)
-            if new
-        ]
+            args += (oid, kind_of(oid))
+        new = self._answered(
+            keys=[f"{P}lease:{lease_id}:answered", f"{P}stats:{campaign}"], args=args
+        )
+        fresh = [a for a, n in zip(answers, new, strict=True) if n]
         accepted, duplicates = len(fresh), len(answers) - len(fresh)
-        qualification = {
-            items[oid]["ref"]: label for oid, label, _ in fresh if lease["kind"] == "qualification"
-        }
-        golds = [
-            (items[oid]["ref"], label, ms)
-            for oid, label, ms in fresh
-            if lease["kind"] != "qualification" and items[oid]["kind"] == "gold"
-        ]
-        votes = [
-            (items[oid]["ref"], label)
-            for oid, label, _ in fresh
-            if lease["kind"] != "qualification" and items[oid]["kind"] == "real"
-        ]
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hincrby(f"{P}stats:{campaign}", "answers", accepted)
-        pipe.hincrby(f"{P}stats:{campaign}", "gold_answers", len(golds))
+        qualification = {items[oid]["ref"]: label for oid, label, _ in fresh if kind_of(oid) == "q"}
+        golds = [(items[oid]["ref"], label, ms) for oid, label, ms in fresh if kind_of(oid) == "g"]
+        votes = [(items[oid]["ref"], label) for oid, label, _ in fresh if kind_of(oid) == "r"]
         if qualification:
-            pipe.hset(
+            self.r.hset(
                 f"{P}lease:{lease_id}:qual",
                 mapping={g: "1" if v else "0" for g, v in qualification.items()},
             )
-        pipe.execute()
         self.qc.record_answer_times(worker, [ms for _, _, ms in fresh])
         for gold_id, label, ms in golds:
             self.qc.score_gold(worker, gold_id, label, ms)
-        self.qc.add_votes(worker, votes)
+        cast = self.qc.cast_votes(worker, votes)
         if qualification:
             try:
                 self._finish_qualification(lease_id, worker, items)
@@ -302,7 +311,7 @@ class Gateway:
         state, newly_suspended = self.qc.review_suspends(worker)
         # Tally after the votes are in and release the worker's hold in the same Redis step,
         # so no claim sees the slot free before the vote counts.
-        tally = self.qc.tally_many([qid for qid, _ in votes])
+        tally = self.qc.tally({qid: vs for qid, (_, vs) in cast.items()}, {worker: state})
         self.pool.settle(worker, tally, self.clock())
         ready = [qid for qid, (_, label) in tally.items() if label is not None]
         if newly_suspended:

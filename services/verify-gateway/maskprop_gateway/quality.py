@@ -60,6 +60,21 @@ Qualification = Literal["required", "in_progress", "passed", "failed"]
 #: so crowd-kit's normalisation stays defined when every voter is that bad.
 _MIN_WEIGHT = 1e-3
 
+# ARGV: votes-key prefix, worker, cast at (unix s), ttl, then (question id, 0|1) pairs.
+# Per vote: whether it is new (first vote of the worker wins) and every vote on the question
+# now, as HGETALL's flat list: one round trip for a submitted batch, whatever its size.
+_CAST = """
+local prefix, worker, at, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+for i = 5, #ARGV, 2 do
+  local key = prefix .. ARGV[i]
+  out[#out + 1] = redis.call('hsetnx', key, worker, ARGV[i + 1] .. ':' .. at)
+  redis.call('expire', key, ttl)
+  out[#out + 1] = redis.call('hgetall', key)
+end
+return out
+"""
+
 
 class QualityError(ValueError):
     """A caller error (bad worker request or gateway misuse); routes map it to 4xx."""
@@ -250,6 +265,8 @@ class QualityControl:
         self.policy = policy
         self.clock = clock
         self.seed = seed
+        self._gold_cache: dict[str, list[str]] = {}
+        self._cast = redis.register_script(_CAST)
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -321,10 +338,37 @@ class QualityControl:
             for g in self.r.sdiff(self._campaign_key(campaign), self._worker_key(worker, "seen"))
         )
 
+    #: Random probes into the campaign's gold before :meth:`next_gold` lists the unseen set.
+    GOLD_PROBES = 8
+
+    def _gold_ids(self, campaign: str) -> list[str]:
+        """The campaign's gold ids, sorted; cached while the set's size is unchanged (gold is
+        imported rarely, and a re-import that keeps the size keeps the ids)."""
+        n = int(self.r.scard(self._campaign_key(campaign)))
+        cached = self._gold_cache.get(campaign)
+        if cached is None or len(cached) != n:
+            cached = sorted(_s(g) for g in self.r.smembers(self._campaign_key(campaign)))
+            self._gold_cache[campaign] = cached
+        return cached
+
     def next_gold(self, campaign: str, worker: str) -> GoldQuestion | None:
         """A gold question the worker has never seen (qualification included), or ``None`` when
-        the campaign's gold is exhausted for them."""
+        the campaign's gold is exhausted for them.
+
+        A few seeded random probes first (the n-th draw of a worker is a fixed function of the
+        seed, worker and n), each claimed by SADD to the worker's seen set: O(1) while the
+        worker has seen a minority of the pool.  Then the exact unseen set (O(gold))."""
         seen = self._worker_key(worker, "seen")
+        ids = self._gold_ids(campaign)
+        if ids:
+            draw = int(self.r.hincrby(self._worker_key(worker), "gold_draws", 1))
+            for attempt in range(self.GOLD_PROBES):
+                gold_id = ids[int(self._uniform("gold", worker, draw, attempt) * len(ids))]
+                if self.r.sadd(seen, gold_id):
+                    raw = self.r.hget(self._gold_key(), gold_id)
+                    item = _item_from_json(raw) if raw is not None else None
+                    if item is not None and item.campaign == campaign:  # cache not stale
+                        return item.public_view()
         unseen = self._unseen(campaign, worker)
         while unseen:
             i = int(self._uniform("gold", worker, self.r.scard(seen)) * len(unseen))
@@ -580,15 +624,27 @@ class QualityControl:
 
     def add_votes(self, worker: str, votes: list[tuple[str, bool]]) -> list[bool]:
         """:meth:`add_vote` for a batch of one worker's votes, in one round trip."""
+        return [new for new, _ in self.cast_votes(worker, votes).values()]
+
+    def cast_votes(
+        self, worker: str, votes: list[tuple[str, bool]]
+    ) -> dict[str, tuple[bool, dict[str, tuple[bool, float]]]]:
+        """Record a batch of one worker's votes and read back every vote on those questions,
+        in one Lua call: question id -> (this vote is new, all votes) for :meth:`tally`."""
         if any(not isinstance(label, bool) for _, label in votes):
             raise QualityError("a vote must be true or false")
-        now = self.clock()
-        pipe = self.r.pipeline(transaction=False)
+        if not votes:
+            return {}
+        args: list[Any] = [self._votes_key(""), worker, repr(self.clock()), self.policy.vote_ttl_s]
         for qid, label in votes:
-            key = self._votes_key(qid)
-            pipe.hsetnx(key, worker, f"{int(label)}:{now!r}")
-            pipe.expire(key, self.policy.vote_ttl_s)
-        return [bool(x) for x in pipe.execute()[0::2]]
+            args += (qid, int(label))
+        flat = self._cast(args=args)
+        out: dict[str, tuple[bool, dict[str, tuple[bool, float]]]] = {}
+        for k, (qid, _) in enumerate(votes):
+            pairs = flat[2 * k + 1]
+            raw = {pairs[j]: pairs[j + 1] for j in range(0, len(pairs), 2)}
+            out[qid] = (bool(flat[2 * k]), self._parse_votes(raw))
+        return out
 
     def aggregate_many(self, question_ids: list[str]) -> dict[str, bool | None]:
         """:meth:`aggregate` for many questions with two round trips in all."""
@@ -602,12 +658,26 @@ class QualityControl:
         pipe = self.r.pipeline(transaction=False)
         for qid in question_ids:
             pipe.hgetall(self._votes_key(qid))
-        parsed = [self._parse_votes(raw) for raw in pipe.execute()]
-        workers = sorted({w for votes in parsed for w in votes})
-        states = self._states(workers, timing=False) if workers else {}
+        return self.tally(
+            {
+                qid: self._parse_votes(raw)
+                for qid, raw in zip(question_ids, pipe.execute(), strict=True)
+            }
+        )
+
+    def tally(
+        self,
+        votes: dict[str, dict[str, tuple[bool, float]]],
+        known: dict[str, WorkerState] | None = None,
+    ) -> dict[str, tuple[int, bool | None]]:
+        """:meth:`tally_many` of votes already read (:meth:`cast_votes`); ``known`` states
+        (read after the last review) are not read again."""
+        known = known or {}
+        workers = sorted({w for vs in votes.values() for w in vs} - set(known))
+        states = {**known, **(self._states(workers, timing=False) if workers else {})}
         out: dict[str, tuple[int, bool | None]] = {}
-        for qid, votes in zip(question_ids, parsed, strict=True):
-            counted = self._count(votes, states)
+        for qid, vs in votes.items():
+            counted = self._count(vs, states)
             out[qid] = (self._missing(counted), self._decide(qid, counted, states))
         return out
 

@@ -41,7 +41,10 @@ def simulated_gold(
         [rng.choice(good, k, replace=False), rng.choice(bad, n - k, replace=False)]
     )
     rng.shuffle(picked)
-    rles = codec.encode_masks(ellipses(picked))
+    # Shapes from indices no pool mask has: keyed by RLE, a gold item must not look like pool
+    # mask i (it took over that mask's truth and its ambiguity flip, so honest workers "missed"
+    # gold and answered some pool masks with a gold answer).
+    rles = codec.encode_masks(ellipses(picked + GOLD_SHAPES))
     images = render_images(pool, picked) if image_root is not None else {}
     out = []
     for j, (i, rle) in enumerate(zip(picked.tolist(), rles, strict=True)):
@@ -69,6 +72,10 @@ def simulated_gold(
             )
         )
     return out
+
+
+#: Offset of gold items' shape indices past any simulated pool's.
+GOLD_SHAPES = 1 << 40
 
 
 @dataclass
