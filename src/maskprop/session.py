@@ -9,6 +9,12 @@ can publish them after persisting the state.
 
 The whole state serialises to canonical bytes (:meth:`snapshot`); :meth:`restore` rebuilds a
 session that continues exactly as the original would have, and whose snapshot is byte-identical.
+A service saves it after every call, so it is cheap to write: ``b"MPS3"``, the length of a
+canonical-JSON header (uint32, little-endian), the header (everything but the per-mask
+arrays), then per class ``zlib(labels int8[n] | label_node int32[n] | label_source int8[n])``
+(kept between snapshots until a decision changes it) and ``zlib(answers int8[n])`` (-1 not
+asked, 0 no, 1 yes); the header holds each block's length.  Snapshots of the previous format
+(``b"MPS1"`` + zlib(canonical JSON), version 2) are still restored.
 Trees are not part of the snapshot (they are large and stored once by the clusterer); a checksum
 of each tree is, so a snapshot is never restored over different trees.
 
@@ -21,6 +27,7 @@ import base64
 import bisect
 import hashlib
 import json
+import struct
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +44,9 @@ from maskprop.selection import Prior, Selection
 from maskprop.tree import Tree
 from maskprop.verification import Verdict, questions_per_round, target_answers, verdict
 
-_MAGIC = b"MPS1"
+_MAGIC = b"MPS3"
+_MAGIC_V2 = b"MPS1"  # zlib(canonical JSON), state version 2: restored, no longer written
+_HEADER_LEN = struct.Struct("<I")
 
 
 class LabelSource(IntEnum):
@@ -162,6 +171,11 @@ class AnnotationSession:
         self._label_node = {c: np.full(t.n_leaves, -1, np.int32) for c, t in self._trees.items()}
         self._label_source = {c: np.zeros(t.n_leaves, np.int8) for c, t in self._trees.items()}
         self._answers: dict[int, dict[int, bool]] = {c: {} for c in self._trees}
+        # The same answers as int8[n] (-1 not asked): what the snapshot stores, in no need of
+        # sorting.
+        self._answer_codes = {c: np.full(t.n_leaves, -1, np.int8) for c, t in self._trees.items()}
+        self._label_blocks: dict[int, bytes] = {}  # compressed label arrays, until they change
+        self._params_state = params.as_dict()
         self._answered_pos: dict[int, list[int]] = {c: [] for c in self._trees}
         self._open: dict[tuple[int, int], _Open] = {}
         self._outbox: list[Decision] = []
@@ -368,6 +382,7 @@ class AnnotationSession:
             pos = int(self._trees[c].start[mask])  # a leaf's start is its depth-first position
             bisect.insort(self._answered_pos[c], pos)
         answers[mask] = label
+        self._answer_codes[c][mask] = label
 
     def _try_decide(self, key: tuple[int, int], oc: _Open) -> bool:
         c, node = key
@@ -400,6 +415,7 @@ class AnnotationSession:
             masks = tree.leaves(node)
             if (self._labels[c][masks] >= 0).any():
                 raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
+            self._label_blocks.pop(c, None)
             self._labels[c][masks] = 1 if outcome == "accept" else 0
             self._label_node[c][masks] = node
             self._label_source[c][masks] = LabelSource.PROPAGATED
@@ -419,20 +435,35 @@ class AnnotationSession:
             cached = self._checksums[class_id] = tree_checksum(self._trees[class_id])
         return cached
 
+    def _label_block(self, c: int) -> bytes:
+        block = self._label_blocks.get(c)
+        if block is None:
+            raw = b"".join(
+                (
+                    self._labels[c].tobytes(),
+                    self._label_node[c].astype("<i4", copy=False).tobytes(),
+                    self._label_source[c].tobytes(),
+                )
+            )
+            block = self._label_blocks[c] = zlib.compress(raw, 1)
+        return block
+
     def snapshot(self) -> bytes:
         """Canonical bytes of the whole state (trees excluded, their checksums included)."""
         classes = {}
+        blocks: list[bytes] = []
         for c in self._trees:
+            labels = self._label_block(c)
+            answers = zlib.compress(self._answer_codes[c].tobytes(), 1)
             classes[str(c)] = {
                 "checksum": self._checksum(c),
-                "labels": _b64(self._labels[c]),
-                "label_node": _b64(self._label_node[c]),
-                "label_source": _b64(self._label_source[c]),
-                "answers": sorted([m, int(v)] for m, v in self._answers[c].items()),
+                "labels_bytes": len(labels),
+                "answers_bytes": len(answers),
             }
+            blocks += (labels, answers)
         state = {
-            "version": 2,
-            "params": self.params.as_dict(),
+            "version": 3,
+            "params": self._params_state,
             "selection": [
                 self.selection.prior_reject_threshold,
                 self.selection.prior_accept_threshold,
@@ -459,8 +490,8 @@ class AnnotationSession:
             "counters": [self.questions, self.clusters_annotated],
             "outcomes": self.outcomes,
         }
-        body = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-        return _MAGIC + zlib.compress(body, 1)  # level 1: 3x faster, state is saved often
+        header = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+        return b"".join((_MAGIC, _HEADER_LEN.pack(len(header)), header, *blocks))
 
     @classmethod
     def restore(
@@ -471,13 +502,21 @@ class AnnotationSession:
         priorities: Mapping[int, NDArray[np.float64]] | None = None,
     ) -> AnnotationSession:
         """Rebuild a session from :meth:`snapshot` bytes and the same trees."""
-        if not blob.startswith(_MAGIC):
-            raise MaskpropError("not a maskprop session snapshot")
         try:
-            state = json.loads(zlib.decompress(blob[len(_MAGIC) :]))
-        except (zlib.error, ValueError) as exc:
+            if blob.startswith(_MAGIC):
+                (n,) = _HEADER_LEN.unpack_from(blob, len(_MAGIC))
+                body = len(_MAGIC) + _HEADER_LEN.size
+                state = json.loads(blob[body : body + n])
+                blocks = memoryview(blob)[body + n :]
+                expected = 3
+            elif blob.startswith(_MAGIC_V2):
+                state = json.loads(zlib.decompress(blob[len(_MAGIC_V2) :]))
+                expected = 2
+            else:
+                raise MaskpropError("not a maskprop session snapshot")
+        except (zlib.error, ValueError, struct.error) as exc:
             raise MaskpropError(f"session snapshot is corrupt: {exc}") from None
-        if state.get("version") != 2:
+        if state.get("version") != expected:
             raise MaskpropError(f"unsupported session snapshot version {state.get('version')}")
         if sorted(state["classes"], key=int) != [str(c) for c in sorted(trees)]:
             raise MaskpropError("session snapshot and trees cover different classes")
@@ -496,11 +535,34 @@ class AnnotationSession:
             if cs["checksum"] != session._checksum(c):
                 raise MaskpropError(f"class {c}: tree differs from the one the snapshot used")
             n = tree.n_leaves
-            session._labels[c] = _unb64(cs["labels"], np.int8, n)
-            session._label_node[c] = _unb64(cs["label_node"], np.int32, n)
-            session._label_source[c] = _unb64(cs["label_source"], np.int8, n)
-            session._answers[c] = {int(m): bool(v) for m, v in cs["answers"]}
-            session._answered_pos[c] = sorted(int(tree.start[m]) for m in session._answers[c])
+            if expected == 2:
+                session._labels[c] = _unb64(cs["labels"], np.int8, n)
+                session._label_node[c] = _unb64(cs["label_node"], np.int32, n)
+                session._label_source[c] = _unb64(cs["label_source"], np.int8, n)
+                codes = np.full(n, -1, np.int8)
+                for m, v in cs["answers"]:
+                    codes[int(m)] = int(v)
+            else:
+                n_labels, n_answers = int(cs["labels_bytes"]), int(cs["answers_bytes"])
+                try:
+                    raw = zlib.decompress(blocks[:n_labels])
+                    codes = np.frombuffer(
+                        zlib.decompress(blocks[n_labels : n_labels + n_answers]), np.int8
+                    ).copy()
+                except zlib.error as exc:
+                    raise MaskpropError(f"session snapshot is corrupt: {exc}") from None
+                blocks = blocks[n_labels + n_answers :]
+                if len(raw) != 6 * n or codes.shape != (n,):
+                    raise MaskpropError("session snapshot is corrupt (array length)")
+                session._labels[c] = np.frombuffer(raw, np.int8, n, 0).copy()
+                session._label_node[c] = np.frombuffer(raw, "<i4", n, n).astype(np.int32)
+                session._label_source[c] = np.frombuffer(raw, np.int8, n, 5 * n).copy()
+            asked = np.flatnonzero(codes >= 0)
+            session._answer_codes[c] = codes
+            session._answers[c] = dict(
+                zip(asked.tolist(), (codes[asked] == 1).tolist(), strict=True)
+            )
+            session._answered_pos[c] = np.sort(tree.start[asked]).tolist()
         session._frontier = make_frontier(state["strategy"], session._priorities, state["frontier"])
         for o in state["open"]:
             session._open[(o["key"][0], o["key"][1])] = _Open(
