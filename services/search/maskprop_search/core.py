@@ -442,55 +442,66 @@ class SearchCore:
     def _label_events(
         self, campaign: str, class_id: int, loaded: _Loaded, decisions: list[Decision]
     ) -> list[search_pb2.LabelsPropagated]:
-        """The labels of ``decisions`` in events of at most LABELS_PER_EVENT labels."""
-        table = loaded.table
-        labels: list[search_pb2.PropagatedLabel] = []
-        for d in decisions:
-            masks, values, sources = loaded.session.decision_labels(d)
-            for m, lab, src in zip(masks.tolist(), values.tolist(), sources.tolist(), strict=True):
-                labels.append(
-                    search_pb2.PropagatedLabel(
-                        mask_id=str(table.mask_ids[m]),
-                        image_id=str(table.image_ids[m]),
-                        accepted=lab == 1,
-                        source=search_pb2.LABEL_SOURCE_VERIFIED
-                        if src == LabelSource.VERIFIED
-                        else search_pb2.LABEL_SOURCE_PROPAGATED,
-                        rle=common_pb2.RleMask(
-                            height=int(table.rle_h[m]),
-                            width=int(table.rle_w[m]),
-                            counts=table.counts(m),
-                        ),
-                        score=float(table.scores[m]),
-                        node=d.node,
-                        outcome=d.outcome,
-                        yes=d.yes,
-                        answered=d.answered,
-                    )
-                )
+        """The labels of ``decisions`` in events of at most LABELS_PER_EVENT labels.
+
+        Built column-wise (numpy ``tolist`` per column, then ``labels.add`` with plain Python
+        values): a sweep labels thousands of masks a call, and a message built from numpy
+        scalars and nested constructors cost ~13 us a label, this ~1.5 us."""
+        table, session = loaded.table, loaded.session
+        parts = [session.decision_labels(d) for d in decisions]
+        counts = [p[0].shape[0] for p in parts]
+        if not sum(counts):
+            return []
+        masks = np.concatenate([p[0] for p in parts])
+        accepted = (np.concatenate([p[1] for p in parts]) == 1).tolist()
+        verified = np.concatenate([p[2] for p in parts]) == LabelSource.VERIFIED
+        sources = np.where(
+            verified, search_pb2.LABEL_SOURCE_VERIFIED, search_pb2.LABEL_SOURCE_PROPAGATED
+        ).tolist()
+        which = np.repeat(np.arange(len(decisions)), counts).tolist()
+        mask_ids = table.mask_ids[masks].tolist()
+        image_ids = table.image_ids[masks].tolist()
+        heights = table.rle_h[masks].tolist()
+        widths = table.rle_w[masks].tolist()
+        scores = table.scores[masks].tolist()
+        starts = table.rle_offsets[masks].tolist()
+        ends = table.rle_offsets[masks + 1].tolist()
+        blob = table.rle_blob
         out = []
-        first = decisions[0].node if decisions else 0
-        for chunk, lo in enumerate(range(0, len(labels), LABELS_PER_EVENT)):
+        first = decisions[0].node
+        for chunk, lo in enumerate(range(0, len(mask_ids), LABELS_PER_EVENT)):
+            hi = lo + LABELS_PER_EVENT
             ev = search_pb2.LabelsPropagated(
                 event_id=f"labels.{campaign}.{class_id}.{first}.{chunk}",
                 campaign=campaign,
                 class_id=class_id,
                 class_name=loaded.class_name,
-                labels=labels[lo : lo + LABELS_PER_EVENT],
             )
-            seen: set[str] = set()
-            for lab in ev.labels:
-                if lab.image_id in seen:
-                    continue
-                seen.add(lab.image_id)
-                j = loaded.images[lab.image_id]
-                ev.images.append(
-                    common_pb2.ImageInfo(
-                        image_id=lab.image_id,
-                        width=int(table.img_w[j]),
-                        height=int(table.img_h[j]),
-                        file_name=str(table.img_files[j]),
-                    )
+            labels = ev.labels
+            for i in range(lo, min(hi, len(mask_ids))):
+                d = decisions[which[i]]
+                lab = labels.add(
+                    mask_id=mask_ids[i],
+                    image_id=image_ids[i],
+                    accepted=accepted[i],
+                    source=sources[i],
+                    score=scores[i],
+                    node=d.node,
+                    outcome=d.outcome,
+                    yes=d.yes,
+                    answered=d.answered,
+                )
+                rle = lab.rle
+                rle.height = heights[i]
+                rle.width = widths[i]
+                rle.counts = blob[starts[i] : ends[i]]
+            for image_id in dict.fromkeys(image_ids[lo:hi]):  # first appearance order
+                j = loaded.images[image_id]
+                ev.images.add(
+                    image_id=image_id,
+                    width=int(table.img_w[j]),
+                    height=int(table.img_h[j]),
+                    file_name=str(table.img_files[j]),
                 )
             out.append(ev)
         return out
