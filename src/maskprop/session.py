@@ -161,6 +161,7 @@ class AnnotationSession:
         self.seed = seed
         self._trees = {int(c): trees[c] for c in sorted(trees)}
         self._scores = {c: t.cluster_scores() for c, t in self._trees.items()}
+        self._score_lists = {c: sc.tolist() for c, sc in self._scores.items()}  # fast scalars
         self._priorities = (
             {int(c): np.asarray(p, dtype=np.float64) for c, p in priorities.items()}
             if priorities is not None
@@ -303,12 +304,12 @@ class AnnotationSession:
         """Pop one candidate and apply selection; return its key if it now awaits answers."""
         c, node = self._frontier.pop()
         tree = self._trees[c]
-        prior = self.selection.decide(float(self._scores[c][node]))
+        prior = self.selection.decide(self._score_lists[c][node])
         if prior is Prior.REJECT:
             self._finish(c, node, "auto_reject", 0, 0, 0)
             return None
         if prior is Prior.SPLIT:
-            if tree.is_leaf(node):
+            if node < tree.n_leaves:  # a leaf (scipy numbering)
                 self._finish(c, node, "skip", 0, 0, 0)
             else:
                 self._finish(c, node, "auto_split", 0, 0, 0)
@@ -412,18 +413,33 @@ class AnnotationSession:
             left, right = tree.children(node)
             self._frontier.push_children((c, node), [(c, left), (c, right)])
         else:
-            masks = tree.leaves(node)
-            if (self._labels[c][masks] >= 0).any():
-                raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
+            labels, source = self._labels[c], self._label_source[c]
             self._label_blocks.pop(c, None)
-            self._labels[c][masks] = 1 if outcome == "accept" else 0
-            self._label_node[c][masks] = node
-            self._label_source[c][masks] = LabelSource.PROPAGATED
-            if self.params.reuse_answers:
-                # A person's answer about a mask beats the label propagated to it.
-                for m, label in self._inherited(c, node).items():
-                    self._labels[c][m] = int(label)
-                    self._label_source[c][m] = LabelSource.VERIFIED
+            if node < tree.n_leaves:
+                # A leaf is mask ``node`` alone (most decisions of a sweep): scalar updates,
+                # the same as the general case below.
+                if labels[node] >= 0:
+                    raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
+                own = self._answers[c].get(node) if self.params.reuse_answers else None
+                if own is None:
+                    labels[node] = 1 if outcome == "accept" else 0
+                    source[node] = LabelSource.PROPAGATED
+                else:
+                    labels[node] = int(own)
+                    source[node] = LabelSource.VERIFIED
+                self._label_node[c][node] = node
+            else:
+                masks = tree.leaves(node)
+                if (labels[masks] >= 0).any():
+                    raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
+                labels[masks] = 1 if outcome == "accept" else 0
+                self._label_node[c][masks] = node
+                source[masks] = LabelSource.PROPAGATED
+                if self.params.reuse_answers:
+                    # A person's answer about a mask beats the label propagated to it.
+                    for m, label in self._inherited(c, node).items():
+                        labels[m] = int(label)
+                        source[m] = LabelSource.VERIFIED
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self._outbox.append(d)
 
