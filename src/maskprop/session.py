@@ -237,6 +237,18 @@ class AnnotationSession:
         """Whether a person already answered about this mask."""
         return mask in self._answers.get(class_id, {})
 
+    def has_questions(self) -> bool:
+        """Whether :meth:`lease` might hand out a question now; False means it would return
+        nothing and change nothing (no candidate left, every open cluster waits for the
+        answers it leased)."""
+        if len(self._frontier):
+            return True
+        sequential = self.params.sequential != "off"
+        return any(
+            oc.leased < len(oc.sample) and not (sequential and oc.outstanding)
+            for oc in self._open.values()
+        )
+
     def has_pending_decisions(self) -> bool:
         return bool(self._outbox)
 

@@ -167,3 +167,27 @@ def test_a_corrupt_snapshot_is_a_clear_error():
     for bad in (blob[:-3], blob[:6], blob[:-40] + b"\x00" * 40):
         with pytest.raises(MaskpropError, match="corrupt"):
             AnnotationSession.restore(bad, trees)
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_has_questions_false_means_lease_would_do_nothing(params):
+    """A service skips a class without locking it when ``has_questions()`` is False."""
+    trees, ious = make_trees([120, 40], seed=4)
+    session = AnnotationSession(trees, params, Selection(0.2, 0.55), seed=5)
+    rng = np.random.default_rng(0)
+    held: list[Question] = []
+    checked = 0
+    while not session.done:
+        if not session.has_questions():
+            before = session.snapshot()
+            assert session.lease(5) == []
+            assert session.snapshot() == before
+            checked += 1
+        else:
+            held += session.lease(int(rng.integers(1, 9)))
+        # Answer some of the questions out, keeping others leased for a while.
+        rng.shuffle(held)
+        k = int(rng.integers(0, len(held) + 1))
+        session.submit(answer(held[:k], ious))
+        held = held[k:]
+    assert checked

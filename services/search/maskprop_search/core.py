@@ -541,7 +541,10 @@ class SearchCore:
         pipe = self.r.pipeline(transaction=False)  # one round trip for every class
         for k in order:
             pipe.zrangebyscore(self._k(campaign, k, "leases"), "-inf", now, start=0, num=1)
-        overdue = [k for k, hit in zip(order, pipe.execute(), strict=True) if hit]
+            pipe.get(self._k(campaign, k, "version"))
+        replies = pipe.execute()
+        overdue = [k for k, hit in zip(order, replies[0::2], strict=True) if hit]
+        versions = dict(zip(order, (int(v or 0) for v in replies[1::2]), strict=True))
         order = overdue + [k for k in order if k not in overdue]
         done = True
         events = 0
@@ -549,6 +552,11 @@ class SearchCore:
             if len(out) >= max_questions:
                 done = False  # not checked: unknown, so not done
                 break
+            if k not in overdue:
+                idle_done = self._idle(campaign, k, versions[k])
+                if idle_done is not None:
+                    done = done and idle_done
+                    continue
             with self._class(campaign, k) as held:
                 loaded = held.loaded
                 assert loaded is not None
@@ -571,6 +579,23 @@ class SearchCore:
         if out:
             log.debug("leased", extra={"campaign": campaign, "n": len(out), "owner": owner})
         return out, done and not out
+
+    def _idle(self, campaign: str, class_id: int, version: int) -> bool | None:
+        """Whether the class is done, if this process's copy is current at ``version`` and
+        has no question to hand out (every open cluster waits for answers, no candidate
+        left): then leasing skips it without taking its locks.  None: it must be locked."""
+        cached = self._cache.get((campaign, class_id))
+        if cached is None or cached.version != version:
+            return None
+        local = self._local_lock(campaign, class_id)
+        if not local.acquire(blocking=False):
+            return None  # another thread is changing it
+        try:
+            if cached.version != version or cached.session.has_questions():
+                return None
+            return cached.session.done
+        finally:
+            local.release()
 
     def _expire(self, campaign: str, class_id: int, loaded: _Loaded) -> list[str]:
         """Give overdue leases back to the pool; returns their question ids."""
