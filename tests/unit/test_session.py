@@ -164,7 +164,7 @@ def test_a_corrupt_snapshot_is_a_clear_error():
     s = AnnotationSession(trees, AnnotationParams(), Selection(0.0, 0.0), seed=0)
     s.submit(answer(s.lease(4), ious))
     blob = s.snapshot()
-    for bad in (blob[:-3], blob[:6], blob[:-40] + b"\x00" * 40):
+    for bad in (blob[:-3], blob[:6], blob + b"\x00", blob[:9] + b"\xff" + blob[10:]):
         with pytest.raises(MaskpropError, match="corrupt"):
             AnnotationSession.restore(bad, trees)
 
