@@ -56,6 +56,24 @@ def test_propagation_labels_every_mask_exactly_once(params):
         assert (session.labels(c) >= 0).all()
 
 
+def test_decisions_labels_is_decision_labels_of_each_concatenated():
+    trees, ious = make_trees([300], seed=12)
+    session = AnnotationSession(trees, AnnotationParams(), Selection(0.2, 0.55), seed=3)
+    checked = 0
+    while not session.done:
+        session.submit(answer(session.lease(11), ious))
+        decisions = session.pop_decisions()  # splits included: they label nothing
+        masks, labels, sources, which = session.decisions_labels(decisions)
+        parts = [session.decision_labels(d) for d in decisions]
+        for got, i in zip((masks, labels, sources), range(3), strict=True):
+            want = np.concatenate([p[i] for p in parts]) if parts else got[:0]
+            np.testing.assert_array_equal(got, want)
+        want_which = [i for i, p in enumerate(parts) for _ in range(p[0].shape[0])]
+        np.testing.assert_array_equal(which, want_which)
+        checked += masks.shape[0]
+    assert checked == 300
+
+
 def test_label_reuse_never_asks_a_mask_twice_and_own_answers_win():
     trees, ious = make_trees([400], seed=2)
     session = AnnotationSession(

@@ -447,18 +447,17 @@ class SearchCore:
         Built column-wise (numpy ``tolist`` per column, then ``labels.add`` with plain Python
         values): a sweep labels thousands of masks a call, and a message built from numpy
         scalars and nested constructors cost ~13 us a label, this ~1.5 us."""
-        table, session = loaded.table, loaded.session
-        parts = [session.decision_labels(d) for d in decisions]
-        counts = [p[0].shape[0] for p in parts]
-        if not sum(counts):
+        table = loaded.table
+        masks, values, verified_or_not, which_a = loaded.session.decisions_labels(decisions)
+        if not masks.shape[0]:
             return []
-        masks = np.concatenate([p[0] for p in parts])
-        accepted = (np.concatenate([p[1] for p in parts]) == 1).tolist()
-        verified = np.concatenate([p[2] for p in parts]) == LabelSource.VERIFIED
+        accepted = (values == 1).tolist()
         sources = np.where(
-            verified, search_pb2.LABEL_SOURCE_VERIFIED, search_pb2.LABEL_SOURCE_PROPAGATED
+            verified_or_not == LabelSource.VERIFIED,
+            search_pb2.LABEL_SOURCE_VERIFIED,
+            search_pb2.LABEL_SOURCE_PROPAGATED,
         ).tolist()
-        which = np.repeat(np.arange(len(decisions)), counts).tolist()
+        which = which_a.tolist()
         mask_ids = table.mask_ids[masks].tolist()
         image_ids = table.image_ids[masks].tolist()
         heights = table.rle_h[masks].tolist()
