@@ -250,7 +250,7 @@ class SearchCore:
         path = Path(msg.tree_uri)
         if not path.is_file():
             raise InvalidEvent(f"tree file {msg.tree_uri!r} does not exist")
-        tree, _table, class_name = TreeStore.load_tree(path)
+        tree, table, class_name = TreeStore.load_tree(path)
         if tree.n_leaves != msg.n_masks:
             raise InvalidEvent(f"tree has {tree.n_leaves} masks, event says {msg.n_masks}")
         campaign, k = msg.campaign, int(msg.class_id)
@@ -265,7 +265,10 @@ class SearchCore:
             pipe.set(self._k(campaign, k, "session"), session.snapshot())
             pipe.incr(self._k(campaign, k, "version"))
             pipe.hset(self._classes_key(campaign), str(k), json.dumps(meta))
-            pipe.execute()
+            version = int(pipe.execute()[1])
+            # Questions come next: keep what was just loaded instead of reading it again.
+            images = {str(i): j for j, i in enumerate(table.img_ids.tolist())}
+            self._cache[(campaign, k)] = _Loaded(version, session, tree, table, class_name, images)
         log.info("session opened", extra={"campaign": campaign, "class_id": k})
         return []
 
@@ -572,8 +575,8 @@ class SearchCore:
                         drop_leases=expired,
                     )
                 done = done and loaded.session.done
-                for q in qs:
-                    out.append(self._question(campaign, loaded, q, deadline))
+                if qs:
+                    out += self._questions(campaign, loaded, qs, deadline)
         self._published(events)
         if out:
             log.debug("leased", extra={"campaign": campaign, "n": len(out), "owner": owner})
@@ -604,23 +607,38 @@ class SearchCore:
             loaded.session.expire(parse_question_id(q)[1] for q in overdue)
         return overdue
 
-    def _question(
-        self, campaign: str, loaded: _Loaded, q: Question, deadline: float
-    ) -> search_pb2.Question:
+    def _questions(
+        self, campaign: str, loaded: _Loaded, qs: list[Question], deadline: float
+    ) -> list[search_pb2.Question]:
+        """The wire form of ``qs`` (one class), built column-wise like the label events."""
         t = loaded.table
-        return search_pb2.Question(
-            question_id=question_id(campaign, q),
-            campaign=campaign,
-            class_id=q.class_id,
-            class_name=loaded.class_name,
-            mask_id=str(t.mask_ids[q.mask]),
-            image_id=str(t.image_ids[q.mask]),
-            rle=common_pb2.RleMask(
-                height=int(t.rle_h[q.mask]), width=int(t.rle_w[q.mask]), counts=t.counts(q.mask)
-            ),
-            lease_expires_unix=deadline,
-            image_file=str(t.img_files[loaded.images[str(t.image_ids[q.mask])]]),
-        )
+        masks = np.fromiter((q.mask for q in qs), np.int64, len(qs))
+        image_ids = t.image_ids[masks].tolist()
+        out = []
+        for q, mask_id, image_id, h, w, lo, hi in zip(
+            qs,
+            t.mask_ids[masks].tolist(),
+            image_ids,
+            t.rle_h[masks].tolist(),
+            t.rle_w[masks].tolist(),
+            t.rle_offsets[masks].tolist(),
+            t.rle_offsets[masks + 1].tolist(),
+            strict=True,
+        ):
+            out.append(
+                search_pb2.Question(
+                    question_id=question_id(campaign, q),
+                    campaign=campaign,
+                    class_id=q.class_id,
+                    class_name=loaded.class_name,
+                    mask_id=mask_id,
+                    image_id=image_id,
+                    rle=common_pb2.RleMask(height=h, width=w, counts=t.rle_blob[lo:hi]),
+                    lease_expires_unix=deadline,
+                    image_file=str(t.img_files[loaded.images[image_id]]),
+                )
+            )
+        return out
 
     def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
         """Record ``(question_id, is_correct)`` answers; returns (applied, duplicates, stale)."""
