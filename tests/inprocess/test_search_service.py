@@ -270,3 +270,22 @@ def test_a_save_after_the_class_lock_expired_is_refused(wired):
             wired.core._save(held)
     qs, _ = wired.core.lease("c1", 5)  # the unsaved change was dropped with the cached copy
     assert qs
+
+
+def test_one_relay_publishes_at_a_time(wired):
+    from maskprop_search.core import OUTBOX_KEY, RELAY_LOCK_KEY
+
+    wired.publish_pool()
+    wired.settle()
+    wired.core.publish_inline = False
+    qs, _ = wired.core.lease("c1", 200)
+    wired.core.submit(answers_for(wired, qs))
+    waiting = wired.redis.xlen(OUTBOX_KEY)
+    assert waiting
+    wired.redis.set(RELAY_LOCK_KEY, "another replica", px=10_000)
+    assert wired.core.drain_outbox() == 0  # the other relay publishes them
+    assert wired.redis.xlen(OUTBOX_KEY) == waiting and not wired.bus.read(topics.LABELS)
+    wired.redis.delete(RELAY_LOCK_KEY)  # it died and its lock expired
+    assert wired.core.drain_outbox(batch=3) == waiting
+    assert len(wired.bus.read(topics.LABELS)) == waiting
+    assert not wired.redis.exists(RELAY_LOCK_KEY)

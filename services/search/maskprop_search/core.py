@@ -74,8 +74,9 @@ LOCK_TIMEOUT_S = 60.0
 OUTBOX_KEY = "maskprop:search:outbox"
 RELAY_LOCK_KEY = "maskprop:search:outbox:relay"
 RELAY_LOCK_MS = 10_000  # a relay killed mid-batch delays the outbox this long
-#: Events per broker flush when the relay publishes the outbox.
-RELAY_BATCH = 500
+#: Events per broker flush when the relay publishes the outbox (an event is at most
+#: LABELS_PER_EVENT labels, ~1 MB; sweeps make small ones).
+RELAY_BATCH = 200
 #: Arguments per Lua ``unpack`` (Lua's C stack limit is 8000).
 _UNPACK = 1000
 # KEYS: lock, version; ARGV: token, ttl ms.  The stored version when the lock was free
@@ -129,10 +130,14 @@ if ARGV[2] == '1' then
 end
 return version
 """
-# KEYS: relay lock, outbox; ARGV: token, ttl ms, count.  The oldest ``count`` outbox entries,
-# or nil while another relay holds the lock (one publisher at a time, so replicas do not
-# publish every event twice).
+# KEYS: relay lock, outbox; ARGV: token, ttl ms, count.  The oldest ``count`` outbox entries
+# (taking the relay lock), an empty list when there are none (the lock not taken), or nil
+# while another relay holds the lock (one publisher at a time, so replicas do not publish
+# every event twice).
 _RELAY_TAKE = """
+if redis.call('xlen', KEYS[2]) == 0 then
+  return {}
+end
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then
   return false
@@ -406,9 +411,7 @@ class SearchCore:
         sent = 0
         while True:
             entries = self._relay_take(keys=keys, args=[token, RELAY_LOCK_MS, batch])
-            if not entries:
-                if entries is not None:  # empty, and the relay lock is ours: give it back
-                    self._relay_done(keys=keys, args=[token, _UNPACK])
+            if not entries:  # none left, or another relay is publishing them
                 return sent
             try:
                 for _entry_id, fields in entries:
