@@ -130,6 +130,17 @@ if ARGV[2] == '1' then
 end
 return version
 """
+# KEYS: per class its leases zset and its version; ARGV: now.  Per class (flat): 1 if a lease
+# is overdue, and the stored version.  One command instead of a pipeline of two a class.
+_SURVEY = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local hit = redis.call('zrangebyscore', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 1)
+  out[#out + 1] = #hit
+  out[#out + 1] = tonumber(redis.call('get', KEYS[i + 1]) or '0')
+end
+return out
+"""
 # KEYS: relay lock, outbox; ARGV: token, ttl ms, count.  The oldest ``count`` outbox entries
 # (taking the relay lock), an empty list when there are none (the lock not taken), or nil
 # while another relay holds the lock (one publisher at a time, so replicas do not publish
@@ -226,6 +237,7 @@ class SearchCore:
         self._acquire_script = self.r.register_script(_ACQUIRE)
         self._release_script = self.r.register_script(_RELEASE)
         self._save_script = self.r.register_script(_SAVE)
+        self._survey_script = self.r.register_script(_SURVEY)
         self._relay_take = self.r.register_script(_RELAY_TAKE)
         self._relay_done = self.r.register_script(_RELAY_DONE)
         self.publish_inline = publish_inline
@@ -542,14 +554,12 @@ class SearchCore:
         self._rr += 1
         order = classes[start:] + classes[:start]
         # Classes with overdue leases first: their questions are already sampled and waiting.
-        now = self.clock()
-        pipe = self.r.pipeline(transaction=False)  # one round trip for every class
+        keys: list[str] = []
         for k in order:
-            pipe.zrangebyscore(self._k(campaign, k, "leases"), "-inf", now, start=0, num=1)
-            pipe.get(self._k(campaign, k, "version"))
-        replies = pipe.execute()
+            keys += (self._k(campaign, k, "leases"), self._k(campaign, k, "version"))
+        replies = self._survey_script(keys=keys, args=[self.clock()])  # one round trip
         overdue = [k for k, hit in zip(order, replies[0::2], strict=True) if hit]
-        versions = dict(zip(order, (int(v or 0) for v in replies[1::2]), strict=True))
+        versions = dict(zip(order, (int(v) for v in replies[1::2]), strict=True))
         order = overdue + [k for k in order if k not in overdue]
         done = True
         events = 0
