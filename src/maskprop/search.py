@@ -50,7 +50,10 @@ class HeuristicFrontier:
     """Max-priority queue over all candidates (ties: lower class, then lower node id)."""
 
     def __init__(self, priorities: PriorityTable, state: list[int] | None = None) -> None:
-        self._priorities = priorities
+        # Python floats: indexing a list is several times cheaper than a numpy array.
+        self._priorities = {
+            c: np.asarray(p, dtype=np.float64).tolist() for c, p in priorities.items()
+        }
         self._heap: list[tuple[float, int, int]] = []
         if state:
             # Stored as flat (class, node) pairs in heap order: the heap invariant still holds.
@@ -61,7 +64,7 @@ class HeuristicFrontier:
 
     def _push(self, item: Item) -> None:
         c, j = item
-        heapq.heappush(self._heap, (-float(self._priorities[c][j]), c, j))
+        heapq.heappush(self._heap, (-self._priorities[c][j], c, j))
 
     def push_roots(self, roots: list[Item]) -> None:
         for r in roots:

@@ -6,6 +6,7 @@ import pytest
 from maskprop_detector.simulated import mask_id
 from maskprop_search.core import BadRequest
 
+from maskprop.session import Answer
 from maskprop_runtime import topics
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
@@ -21,6 +22,14 @@ def labels_on_bus(bus):
             out[lab.mask_id] += 1
             values[lab.mask_id] = int(lab.accepted)
     return out, values
+
+
+def events_on_bus(bus):
+    return [search_pb2.LabelsPropagated.FromString(r.value) for r in bus.read(topics.LABELS)]
+
+
+def answers_for(w, qs):
+    return [(q.question_id, bool(t)) for q, t in zip(qs, w.truth(qs), strict=True)]
 
 
 def annotate(w, batch=37, restart_every=None):
@@ -125,3 +134,158 @@ def test_bad_events_are_dead_lettered_and_the_consumer_goes_on(wired):
     assert "malformed RLE" in reasons
     assert "event_id" in reasons
     assert len(wired.core.classes("c1")) == 4  # the good events still went through
+
+
+class BrokerDown:
+    """A producer whose broker never acknowledges (what it was asked to send is kept)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, topic, key, value):
+        self.sent.append((topic, key, value))
+
+    def flush(self):
+        raise ConnectionError("broker down")
+
+    def close(self):
+        pass
+
+
+class CountingProducer:
+    """The in-memory producer, counting flushes (one broker round trip each)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.flushes = 0
+
+    def send(self, topic, key, value):
+        self.inner.send(topic, key, value)
+
+    def flush(self):
+        self.flushes += 1
+        self.inner.flush()
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_crash_between_save_and_publish_republishes_the_same_events(wired):
+    from maskprop_search.core import OUTBOX_KEY
+
+    wired.publish_pool()
+    wired.settle()
+    down = wired.core.producer = BrokerDown()
+    while not down.sent:
+        try:
+            qs, _ = wired.core.lease("c1", 40)
+            wired.core.submit(answers_for(wired, qs))
+        except ConnectionError:
+            pass  # the state (and the labels it decided) is saved; publishing failed
+    assert wired.redis.xlen(OUTBOX_KEY) > 0
+    assert not wired.bus.read(topics.LABELS)
+    wired.restart_search()  # the crash: nothing in memory survives
+    assert wired.core.recover() == wired.redis.xlen(OUTBOX_KEY) + len(wired.bus.read(topics.LABELS))
+    assert wired.redis.xlen(OUTBOX_KEY) == 0
+    republished = [(r.key, r.value) for r in wired.bus.read(topics.LABELS)]
+    # The same events, byte for byte (same event ids), as the failed attempt sent.
+    assert set(republished) == {(k, v) for _t, k, v in down.sent}
+    annotate(wired)
+    counts, _ = labels_on_bus(wired.bus)
+    assert set(counts) == {mask_id(i) for i in range(len(wired.pool))}
+    assert set(counts.values()) == {1}
+
+
+def test_the_relay_publishes_many_classes_in_one_flush(wired):
+    import threading
+    import time
+
+    from maskprop_search.core import OUTBOX_KEY
+    from maskprop_search.service import build_search
+
+    wired.publish_pool()
+    wired.settle()
+    producer = CountingProducer(wired.bus.producer())
+    wired.core, wired.search_loop = build_search(
+        wired.search_settings, wired.bus, wired.redis, producer, relay=True
+    )
+    for _ in range(4):
+        qs, _ = wired.core.lease("c1", 200)
+        wired.core.submit(answers_for(wired, qs))
+    assert not wired.bus.read(topics.LABELS)  # the calls did not wait for the broker
+    waiting = wired.redis.xlen(OUTBOX_KEY)
+    assert wired.core.drain_outbox() == waiting
+    assert producer.flushes == 1
+    events = events_on_bus(wired.bus)
+    assert len(events) == waiting
+    assert len({ev.class_id for ev in events}) > 1
+    assert wired.redis.xlen(OUTBOX_KEY) == 0
+
+    stop = threading.Event()
+    relay = threading.Thread(target=wired.core.run_relay, args=(stop,), daemon=True)
+    relay.start()
+    try:
+        annotate(wired)
+        deadline = time.monotonic() + 30
+        while len(labels_on_bus(wired.bus)[0]) < len(wired.pool) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        relay.join(timeout=10)
+    counts, _ = labels_on_bus(wired.bus)
+    assert set(counts) == {mask_id(i) for i in range(len(wired.pool))}
+    assert set(counts.values()) == {1}
+    assert producer.flushes < len(wired.bus.read(topics.LABELS))
+
+
+def test_decisions_a_previous_version_kept_in_the_snapshot_are_published(wired):
+    """Sessions saved before the outbox stream held unpublished decisions in the snapshot."""
+    wired.publish_pool()
+    wired.settle()
+    with wired.core._class("c1", 0) as held:
+        session = held.loaded.session
+        qs = session.lease(30)
+        session.submit([Answer(q.class_id, q.node, q.mask, True) for q in qs] if qs else [])
+        assert session.has_pending_decisions()
+        # What the previous version saved before publishing: the outbox inside the snapshot.
+        wired.redis.set(wired.core._k("c1", 0, "session"), session.snapshot())
+        wired.redis.incr(wired.core._k("c1", 0, "version"))
+    wired.restart_search()
+    assert wired.core.recover() > 0
+    events = events_on_bus(wired.bus)
+    assert {ev.class_id for ev in events} == {0}
+    with wired.core._class("c1", 0) as held:
+        assert not held.loaded.session.has_pending_decisions()
+
+
+def test_a_save_after_the_class_lock_expired_is_refused(wired):
+    from redis.exceptions import ResponseError
+
+    wired.publish_pool()
+    wired.settle()
+    with pytest.raises(ResponseError, match="LOCKLOST"):
+        with wired.core._class("c1", 1) as held:
+            held.loaded.session.lease(5)
+            wired.redis.delete(wired.core._k("c1", 1, "lock"))  # expired: another may hold it
+            wired.core._save(held)
+    qs, _ = wired.core.lease("c1", 5)  # the unsaved change was dropped with the cached copy
+    assert qs
+
+
+def test_one_relay_publishes_at_a_time(wired):
+    from maskprop_search.core import OUTBOX_KEY, RELAY_LOCK_KEY
+
+    wired.publish_pool()
+    wired.settle()
+    wired.core.publish_inline = False
+    qs, _ = wired.core.lease("c1", 200)
+    wired.core.submit(answers_for(wired, qs))
+    waiting = wired.redis.xlen(OUTBOX_KEY)
+    assert waiting
+    wired.redis.set(RELAY_LOCK_KEY, "another replica", px=10_000)
+    assert wired.core.drain_outbox() == 0  # the other relay publishes them
+    assert wired.redis.xlen(OUTBOX_KEY) == waiting and not wired.bus.read(topics.LABELS)
+    wired.redis.delete(RELAY_LOCK_KEY)  # it died and its lock expired
+    assert wired.core.drain_outbox(batch=3) == waiting
+    assert len(wired.bus.read(topics.LABELS)) == waiting
+    assert not wired.redis.exists(RELAY_LOCK_KEY)

@@ -56,6 +56,24 @@ def test_propagation_labels_every_mask_exactly_once(params):
         assert (session.labels(c) >= 0).all()
 
 
+def test_decisions_labels_is_decision_labels_of_each_concatenated():
+    trees, ious = make_trees([300], seed=12)
+    session = AnnotationSession(trees, AnnotationParams(), Selection(0.2, 0.55), seed=3)
+    checked = 0
+    while not session.done:
+        session.submit(answer(session.lease(11), ious))
+        decisions = session.pop_decisions()  # splits included: they label nothing
+        masks, labels, sources, which = session.decisions_labels(decisions)
+        parts = [session.decision_labels(d) for d in decisions]
+        for got, i in zip((masks, labels, sources), range(3), strict=True):
+            want = np.concatenate([p[i] for p in parts]) if parts else got[:0]
+            np.testing.assert_array_equal(got, want)
+        want_which = [i for i, p in enumerate(parts) for _ in range(p[0].shape[0])]
+        np.testing.assert_array_equal(which, want_which)
+        checked += masks.shape[0]
+    assert checked == 300
+
+
 def test_label_reuse_never_asks_a_mask_twice_and_own_answers_win():
     trees, ious = make_trees([400], seed=2)
     session = AnnotationSession(
@@ -133,3 +151,61 @@ def test_bad_answers_and_snapshots_are_clear_errors():
     with pytest.raises(MaskpropError, match="tree differs"):
         AnnotationSession.restore(s.snapshot(), other)
     assert isinstance(qs[0], Question)
+
+
+def test_a_snapshot_of_the_previous_format_restores_and_continues_the_same():
+    """``fixtures/session_v2.mps``: written by the version-2 format (zlib of canonical JSON)
+    after 6 rounds of 5 answers and 5 more questions leased, decisions still in the outbox."""
+    from pathlib import Path
+
+    trees, ious = make_trees([150, 60], seed=7)
+    params, sel = AnnotationParams(reuse_answers=True), Selection(0.15, 0.5)
+    reference = drive(AnnotationSession(trees, params, sel, seed=11), ious, 5, steps=6)
+    pending = reference.lease(5)
+    blob = (Path(__file__).parent / "fixtures" / "session_v2.mps").read_bytes()
+    assert blob.startswith(b"MPS1")
+    old = AnnotationSession.restore(blob, trees)
+    assert old.snapshot() == reference.snapshot()  # the same state, now in the current format
+    assert [d.node for d in old.pop_decisions()] == [d.node for d in reference.pop_decisions()]
+    for s in (old, reference):
+        s.submit(answer(pending, ious))
+        drive(s, ious, 5)
+    assert old.questions == reference.questions
+    for c in trees:
+        np.testing.assert_array_equal(old.labels(c), reference.labels(c))
+        for a, b in zip(old.label_provenance(c), reference.label_provenance(c), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_corrupt_snapshot_is_a_clear_error():
+    trees, ious = make_trees([50], seed=9)
+    s = AnnotationSession(trees, AnnotationParams(), Selection(0.0, 0.0), seed=0)
+    s.submit(answer(s.lease(4), ious))
+    blob = s.snapshot()
+    for bad in (blob[:-3], blob[:6], blob + b"\x00", blob[:9] + b"\xff" + blob[10:]):
+        with pytest.raises(MaskpropError, match="corrupt"):
+            AnnotationSession.restore(bad, trees)
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_has_questions_false_means_lease_would_do_nothing(params):
+    """A service skips a class without locking it when ``has_questions()`` is False."""
+    trees, ious = make_trees([120, 40], seed=4)
+    session = AnnotationSession(trees, params, Selection(0.2, 0.55), seed=5)
+    rng = np.random.default_rng(0)
+    held: list[Question] = []
+    checked = 0
+    while not session.done:
+        if not session.has_questions():
+            before = session.snapshot()
+            assert session.lease(5) == []
+            assert session.snapshot() == before
+            checked += 1
+        else:
+            held += session.lease(int(rng.integers(1, 9)))
+        # Answer some of the questions out, keeping others leased for a while.
+        rng.shuffle(held)
+        k = int(rng.integers(0, len(held) + 1))
+        session.submit(answer(held[:k], ious))
+        held = held[k:]
+    assert checked

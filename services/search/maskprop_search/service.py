@@ -52,8 +52,15 @@ class SearchSettings(RuntimeSettings):
 
 
 def build_search(
-    settings: SearchSettings, bus: Bus, redis: Any, producer: Producer | None = None
+    settings: SearchSettings,
+    bus: Bus,
+    redis: Any,
+    producer: Producer | None = None,
+    *,
+    relay: bool = False,
 ) -> tuple[SearchCore, EventLoop]:
+    """``relay``: labels are published by a thread running ``core.run_relay`` (the service
+    process) instead of by each API call before it returns (embedded mode)."""
     core = SearchCore(
         redis,
         settings.params(),
@@ -62,6 +69,7 @@ def build_search(
         seed=settings.seed,
         strategy=settings.strategy,
         lease_seconds=settings.lease_seconds,
+        publish_inline=not relay,
     )
     loop = EventLoop(
         service="search",
@@ -79,8 +87,10 @@ def main() -> None:
     settings = SearchSettings()
     run = start_service(settings, "search")
     stop = run.stop
-    core, loop = build_search(settings, run.bus, run.redis)
+    core, loop = build_search(settings, run.bus, run.redis, relay=True)
     republished = core.recover()
+    relay = threading.Thread(target=core.run_relay, args=(stop,), name="label-relay", daemon=True)
+    relay.start()
     server, health = build_server(
         lambda s: search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(core), s),
         ["maskprop.search.v1.SearchService"],
@@ -92,3 +102,8 @@ def main() -> None:
     consumer.start()
     serve_until(server, health, stop)
     consumer.join(timeout=15)
+    relay.join(timeout=15)
+    try:
+        core.drain_outbox()  # what the last calls decided; otherwise the next start sends it
+    except Exception as exc:
+        log.warning("labels left in the outbox at shutdown", extra={"error": str(exc)})
