@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -341,7 +343,10 @@ def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(
         assert kept > 0 and answered() == before
         flaky.down = False
         monkeypatch.setattr(gateway_module, "FORWARD_RETRY_S", 0.0)
-        lease_and_answer()  # the lease path retries what its own request could not send
+        # the expiry loop (every 0.2 s here) retries what its own request could not send
+        deadline = time.monotonic() + 10
+        while st.wired.redis.hlen("maskprop:gw:forward") and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert st.wired.redis.hlen("maskprop:gw:forward") == 0
         assert answered() >= before + kept
 

@@ -119,8 +119,9 @@ SWEEP_INTERVAL_S = 30.0
 
 
 async def _expire_loop(app: FastAPI, interval_s: float) -> None:
-    """Expired leases free their questions; hooks (vendor callbacks) hear about them.  Now and
-    then the question pool is swept for questions left unclaimable."""
+    """Expired leases free their questions; hooks (vendor callbacks) hear about them; decided
+    labels whose forwarding failed are retried.  Now and then the question pool is swept for
+    questions left unclaimable."""
     swept = time.monotonic()
     while True:
         await asyncio.sleep(interval_s)
@@ -128,6 +129,7 @@ async def _expire_loop(app: FastAPI, interval_s: float) -> None:
             expired = await asyncio.to_thread(app.state.gateway.expire_leases)
             for hook in app.state.expired_hooks:
                 hook(expired)
+            await asyncio.to_thread(app.state.gateway.retry_forward)
             if time.monotonic() - swept >= SWEEP_INTERVAL_S:
                 swept = time.monotonic()
                 await asyncio.to_thread(app.state.gateway.sweep)

@@ -58,7 +58,7 @@ return out
 """
 
 # A decided answer still in the ``forward`` hash after this long lost its own request's
-# forwarding (search was down or refused it): the lease path retries it.
+# forwarding (search was down or refused it): the expiry loop retries it (retry_forward).
 FORWARD_RETRY_S = 5.0
 
 
@@ -146,7 +146,6 @@ class Gateway:
                 items[self._opaque()] = {"kind": "gold", "ref": g.gold_id, **_gold_view(g)}
         else:
             kind = "work"
-            self._flush_forward(stale_only=True)
             real = self._take(campaign, worker, max_questions, expires)
             due = self.qc.gold_due_many(worker, len(real))
             for (qid, view), gold_due in zip(real, due, strict=True):
@@ -350,10 +349,10 @@ class Gateway:
         """Send aggregated labels to search; they stay in the ``forward`` hash until search
         acknowledged them, so a failed call is retried later.
 
-        A request forwards the ``qids`` it decided itself; with ``stale_only`` (the lease
-        path) only entries older than ``FORWARD_RETRY_S`` are sent, i.e. those whose own
-        request failed to forward them.  Forwarding everything pending from every request made
-        concurrent requests send the same answers to search over and over."""
+        A request forwards the ``qids`` it decided itself; with ``stale_only``
+        (:meth:`retry_forward`) only entries older than ``FORWARD_RETRY_S`` are sent, i.e.
+        those whose own request failed to forward them.  Forwarding everything pending from
+        every request made concurrent requests send the same answers to search over and over."""
         if qids is not None:
             if not qids:
                 return 0
@@ -385,6 +384,12 @@ class Gateway:
         return len(answers)
 
     # ------------------------------------------------------------------ expiry, progress
+    def retry_forward(self) -> int:
+        """Forward decided labels whose own request could not (search was down or refused
+        them) once they are ``FORWARD_RETRY_S`` old; the expiry loop calls this.  (Every lease
+        used to, reading the whole ``forward`` hash each time.)"""
+        return self._flush_forward(stale_only=True)
+
     def expire_leases(self) -> list[dict[str, str]]:
         """Leases past their deadline: their unanswered questions are free again.  Returns
         what expired (for the vendors' "lease.expired" callbacks)."""

