@@ -380,7 +380,7 @@ class Gateway:
                 extra={"n": len(answers), "code": str(exc.code()), "details": exc.details()},
             )
             return 0
-        self.pool.done(q for q, _ in answers)
+        self.pool.done([q for q, _ in answers], self.qc.votes_prefix)
         return len(answers)
 
     # ------------------------------------------------------------------ expiry, progress

@@ -28,6 +28,9 @@ from typing import Any
 
 P = "maskprop:gw:"
 
+# The scripts batch what they can: one HMGET/ZMSCORE/ZREM/HSET/DEL per batch instead of one
+# call per question (each redis.call from Lua costs ~2 us of Redis's single core).
+
 # KEYS: ready, items, want.  ARGV: prefix, worker, n, expires, now, redundancy.
 # Returns [qid, view, qid, view, ...] for up to n questions this worker never saw, each with a
 # free slot (fewer unexpired holders than votes still wanted); full or gone ones leave `ready`.
@@ -36,27 +39,29 @@ local ready, items, want = KEYS[1], KEYS[2], KEYS[3]
 local prefix, worker = ARGV[1], ARGV[2]
 local n, expires, now = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local redundancy = tonumber(ARGV[6])
-local out = {}
+local out, drop = {}, {}
 local got, start = 0, 0
-local chunk = math.max(4 * n, 64)
+local chunk = math.max(2 * n, 32)
 while got < n do
   local ids = redis.call('zrange', ready, start, start + chunk - 1)
   if #ids == 0 then break end
-  local removed = 0
-  for _, qid in ipairs(ids) do
+  start = start + #ids  -- `drop` leaves `ready` after the loop: ranks do not shift before
+  local wants = redis.call('hmget', want, unpack(ids))
+  local views = redis.call('hmget', items, unpack(ids))
+  for i, qid in ipairs(ids) do
     if got >= n then break end
     local base = prefix .. 'item:' .. qid
     if redis.call('sismember', base .. ':seen', worker) == 0 then
-      local w = tonumber(redis.call('hget', want, qid) or redundancy)
+      local w = redundancy
+      if wants[i] then w = tonumber(wants[i]) end
       local active = 0
       if w > 0 then
         for _, t in ipairs(redis.call('hvals', base .. ':holders')) do
           if tonumber(t) > now then active = active + 1 end
         end
       end
-      local view = false
-      if active < w then view = redis.call('hget', items, qid) end
-      if view then
+      local view = views[i]
+      if view and active < w then
         redis.call('sadd', base .. ':seen', worker)
         redis.call('hset', base .. ':holders', worker, expires)
         out[#out + 1] = qid
@@ -64,14 +69,11 @@ while got < n do
         got = got + 1
         active = active + 1
       end
-      if not view or active >= w then
-        redis.call('zrem', ready, qid)
-        removed = removed + 1
-      end
+      if not view or active >= w then drop[#drop + 1] = qid end
     end
   end
-  start = start + #ids - removed
 end
+if #drop > 0 then redis.call('zrem', ready, unpack(drop)) end
 return out
 """
 
@@ -84,20 +86,30 @@ return out
 _SETTLE = """
 local ready, open, want, forward = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, worker, now = ARGV[1], ARGV[2], ARGV[3]
-for i = 4, #ARGV, 3 do
-  local qid, w, label = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+local qids = {}
+for i = 4, #ARGV, 3 do qids[#qids + 1] = ARGV[i] end
+if #qids == 0 then return 0 end
+local arrived = redis.call('zmscore', open, unpack(qids))
+local wants, back, out = {}, {}, {}
+for k, qid in ipairs(qids) do
+  local w, label = tonumber(ARGV[3 * k + 2]), ARGV[3 * k + 3]
   redis.call('hdel', prefix .. 'item:' .. qid .. ':holders', worker)
-  local at = redis.call('zscore', open, qid)
+  local at = arrived[k]
   if at then
-    redis.call('hset', want, qid, w)
+    wants[#wants + 1] = qid
+    wants[#wants + 1] = w
     if w > 0 then
-      redis.call('zadd', ready, at, qid)
+      back[#back + 1] = at
+      back[#back + 1] = qid
     else
-      redis.call('zrem', ready, qid)
+      out[#out + 1] = qid
       if label ~= '' then redis.call('hsetnx', forward, qid, label .. ':' .. now) end
     end
   end
 end
+if #wants > 0 then redis.call('hset', want, unpack(wants)) end
+if #back > 0 then redis.call('zadd', ready, unpack(back)) end
+if #out > 0 then redis.call('zrem', ready, unpack(out)) end
 return 0
 """
 
@@ -114,22 +126,33 @@ end
 return 0
 """
 
-# KEYS: forward, want.  ARGV: prefix, qid, qid, ...  Search acknowledged these labels: the
-# questions leave the pool and their per-question keys go.
+# KEYS: forward, want, open, ready, items (of one campaign).  ARGV: prefix, votes prefix,
+# qid, qid, ...  Search acknowledged these labels: the questions leave the pool and their
+# per-question keys (holders, seen-by, votes) go.
 _DONE = """
-local forward, want, prefix = KEYS[1], KEYS[2], ARGV[1]
-for i = 2, #ARGV do
+local forward, want, open, ready, items = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix, votes = ARGV[1], ARGV[2]
+local qids, keys = {}, {}
+for i = 3, #ARGV do
   local qid = ARGV[i]
-  local c = string.match(qid, '^([^:]+):')
-  redis.call('hdel', forward, qid)
-  redis.call('hdel', want, qid)
-  redis.call('zrem', prefix .. c .. ':open', qid)
-  redis.call('zrem', prefix .. c .. ':ready', qid)
-  redis.call('hdel', prefix .. c .. ':items', qid)
-  redis.call('del', prefix .. 'item:' .. qid .. ':holders', prefix .. 'item:' .. qid .. ':seen')
+  qids[#qids + 1] = qid
+  keys[#keys + 1] = prefix .. 'item:' .. qid .. ':holders'
+  keys[#keys + 1] = prefix .. 'item:' .. qid .. ':seen'
+  keys[#keys + 1] = votes .. qid
 end
+if #qids == 0 then return 0 end
+redis.call('hdel', forward, unpack(qids))
+redis.call('hdel', want, unpack(qids))
+redis.call('zrem', open, unpack(qids))
+redis.call('zrem', ready, unpack(qids))
+redis.call('hdel', items, unpack(qids))
+redis.call('del', unpack(keys))
 return 0
 """
+
+#: Questions per script call where a script unpacks them into one command's arguments (Lua's
+#: C stack takes a few thousand).
+BATCH = 500
 
 
 class QuestionPool:
@@ -179,10 +202,16 @@ class QuestionPool:
             bit = "" if label is None else ("1" if label else "0")
             by_campaign.setdefault(self.campaign_of(qid), []).extend((qid, int(missing), bit))
         for campaign, args in by_campaign.items():
-            self._settle(
-                keys=[f"{P}{campaign}:ready", f"{P}{campaign}:open", f"{P}want", f"{P}forward"],
-                args=[P, worker, repr(now), *args],
-            )
+            for lo in range(0, len(args), 3 * BATCH):
+                self._settle(
+                    keys=[
+                        f"{P}{campaign}:ready",
+                        f"{P}{campaign}:open",
+                        f"{P}want",
+                        f"{P}forward",
+                    ],
+                    args=[P, worker, repr(now), *args[lo : lo + 3 * BATCH]],
+                )
 
     def release(self, campaign: str, worker: str, qids: Iterable[str]) -> None:
         """Drop ``worker``'s hold on ``qids`` (an expired lease); they may be claimed again."""
@@ -192,11 +221,24 @@ class QuestionPool:
                 keys=[f"{P}{campaign}:ready", f"{P}{campaign}:open"], args=[P, worker, *qids]
             )
 
-    def done(self, qids: Iterable[str]) -> None:
-        """Search acknowledged the labels of ``qids``: remove them and their keys."""
-        qids = list(qids)
-        if qids:
-            self._done(keys=[f"{P}forward", f"{P}want"], args=[P, *qids])
+    def done(self, qids: Iterable[str], votes_prefix: str) -> None:
+        """Search acknowledged the labels of ``qids``: remove them and their keys (the votes
+        under ``votes_prefix`` included)."""
+        by_campaign: dict[str, list[str]] = {}
+        for qid in qids:
+            by_campaign.setdefault(self.campaign_of(qid), []).append(qid)
+        for c, group in by_campaign.items():
+            for lo in range(0, len(group), BATCH):
+                self._done(
+                    keys=[
+                        f"{P}forward",
+                        f"{P}want",
+                        f"{P}{c}:open",
+                        f"{P}{c}:ready",
+                        f"{P}{c}:items",
+                    ],
+                    args=[P, votes_prefix, *group[lo : lo + BATCH]],
+                )
 
     def campaigns(self) -> list[str]:
         return sorted(_s(c) for c in self.r.smembers(f"{P}campaigns"))

@@ -289,6 +289,9 @@ class QualityControl:
     def _votes_key(question_id: str) -> str:
         return f"{PREFIX}votes:{question_id}"
 
+    #: Prefix of the per-question votes keys (the gateway deletes them with the question).
+    votes_prefix = f"{PREFIX}votes:"
+
     def _uniform(self, *parts: object) -> float:
         """A reproducible draw in [0, 1) from the seed and ``parts`` (no shared RNG state, so
         replicas and restarts agree)."""

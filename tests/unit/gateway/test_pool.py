@@ -73,7 +73,9 @@ def test_settle_queues_decisions_and_done_forgets_the_question():
     assert r.hget(f"{P}forward", qids[1]) is None
     assert r.hlen(f"{P}item:{qids[0]}:holders") == 0  # the hold went with the vote
     assert [q for q, _ in pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1)] == [qids[1]]
-    pool.done([qids[0]])
+    r.hset(f"votes:{qids[0]}", "a", "1:0")
+    pool.done([qids[0]], "votes:")
+    assert not r.exists(f"votes:{qids[0]}")
     assert r.hget(f"{P}forward", qids[0]) is None
     assert r.zscore(f"{P}{C}:open", qids[0]) is None
     assert r.hget(f"{P}{C}:items", qids[0]) is None
