@@ -148,15 +148,11 @@ class Gateway:
             kind = "work"
             real = self._take(campaign, worker, max_questions, expires)
             due = self.qc.gold_due_many(worker, len(real))
+            hidden = iter(self.qc.next_golds(campaign, worker, sum(due)))
             for (qid, view), gold_due in zip(real, due, strict=True):
-                if gold_due:
-                    hidden = self.qc.next_gold(campaign, worker)
-                    if hidden is not None:
-                        items[self._opaque()] = {
-                            "kind": "gold",
-                            "ref": hidden.gold_id,
-                            **_gold_view(hidden),
-                        }
+                h = next(hidden, None) if gold_due else None
+                if h is not None:
+                    items[self._opaque()] = {"kind": "gold", "ref": h.gold_id, **_gold_view(h)}
                 items[self._opaque()] = {"kind": "real", "ref": qid, **view}
         lease_id = "l_" + secrets.token_urlsafe(12)
         pipe = self.r.pipeline(transaction=True)  # a lease exists with its expiry or not at all
@@ -299,8 +295,7 @@ class Gateway:
                 mapping={g: "1" if v else "0" for g, v in qualification.items()},
             )
         self.qc.record_answer_times(worker, [ms for _, _, ms in fresh])
-        for gold_id, label, ms in golds:
-            self.qc.score_gold(worker, gold_id, label, ms)
+        self.qc.score_golds(worker, golds)
         cast = self.qc.cast_votes(worker, votes)
         if qualification:
             try:

@@ -356,30 +356,53 @@ class QualityControl:
 
     def next_gold(self, campaign: str, worker: str) -> GoldQuestion | None:
         """A gold question the worker has never seen (qualification included), or ``None`` when
-        the campaign's gold is exhausted for them.
+        the campaign's gold is exhausted for them."""
+        got = self.next_golds(campaign, worker, 1)
+        return got[0] if got else None
 
-        A few seeded random probes first (the n-th draw of a worker is a fixed function of the
-        seed, worker and n), each claimed by SADD to the worker's seen set: O(1) while the
-        worker has seen a minority of the pool.  Then the exact unseen set (O(gold))."""
+    def next_golds(self, campaign: str, worker: str, k: int) -> list[GoldQuestion]:
+        """Up to ``k`` gold questions the worker has never seen (fewer when the campaign's gold
+        is exhausted for them).
+
+        Seeded random probes first (the n-th draw of a worker is a fixed function of the seed,
+        worker and n), each claimed by SADD to the worker's seen set, a few round trips for the
+        whole batch while the worker has seen a minority of the pool; then the exact unseen
+        set (O(gold)) for whatever is still missing."""
+        if k <= 0:
+            return []
         seen = self._worker_key(worker, "seen")
         ids = self._gold_ids(campaign)
+        picked: list[str] = []
         if ids:
-            draw = int(self.r.hincrby(self._worker_key(worker), "gold_draws", 1))
+            last = int(self.r.hincrby(self._worker_key(worker), "gold_draws", k))
+            draws = list(range(last - k + 1, last + 1))
             for attempt in range(self.GOLD_PROBES):
-                gold_id = ids[int(self._uniform("gold", worker, draw, attempt) * len(ids))]
-                if self.r.sadd(seen, gold_id):
-                    raw = self.r.hget(self._gold_key(), gold_id)
-                    item = _item_from_json(raw) if raw is not None else None
-                    if item is not None and item.campaign == campaign:  # cache not stale
-                        return item.public_view()
-        unseen = self._unseen(campaign, worker)
-        while unseen:
+                if not draws:
+                    break
+                cands = [
+                    ids[int(self._uniform("gold", worker, d, attempt) * len(ids))] for d in draws
+                ]
+                pipe = self.r.pipeline(transaction=False)
+                for g in cands:
+                    pipe.sadd(seen, g)
+                claimed = pipe.execute()
+                picked += [g for g, new in zip(cands, claimed, strict=True) if new]
+                draws = [d for d, new in zip(draws, claimed, strict=True) if not new]
+        out = []
+        if picked:
+            for raw in self.r.hmget(self._gold_key(), picked):
+                item = _item_from_json(raw) if raw is not None else None
+                if item is not None and item.campaign == campaign:  # the id cache was not stale
+                    out.append(item.public_view())
+        while len(out) < k:
+            unseen = self._unseen(campaign, worker)
+            if not unseen:
+                break
             i = int(self._uniform("gold", worker, self.r.scard(seen)) * len(unseen))
-            gold_id = unseen.pop(i)
             # SADD is the claim: a concurrent call that took the same item retries another.
-            if self.r.sadd(seen, gold_id):
-                return self._load(gold_id).public_view()
-        return None
+            if self.r.sadd(seen, unseen[i]):
+                out.append(self._load(unseen[i]).public_view())
+        return out
 
     def gold_due(self, worker: str) -> bool:
         """Whether the question about to be served to ``worker`` should be hidden gold.
@@ -472,22 +495,47 @@ class QualityControl:
         retried submission of the same gold item returns the first result and changes nothing.
         Raises :class:`UnknownGold` for an item the worker was never served.
         """
-        if not isinstance(answer, bool):
-            raise QualityError("a gold answer must be true or false")
-        self._check_elapsed(elapsed_ms)
-        if not self.r.sismember(self._worker_key(worker, "seen"), gold_id):
+        return self.score_golds(worker, [(gold_id, answer, elapsed_ms)])[0]
+
+    def score_golds(self, worker: str, answers: list[tuple[str, bool, int]]) -> list[bool]:
+        """:meth:`score_gold` for a submitted batch, in three round trips whatever its size
+        (all checked before any is scored: an unknown item fails the batch unscored)."""
+        for _, answer, elapsed_ms in answers:
+            if not isinstance(answer, bool):
+                raise QualityError("a gold answer must be true or false")
+            self._check_elapsed(elapsed_ms)
+        if not answers:
+            return []
+        ids = [g for g, _, _ in answers]
+        pipe = self.r.pipeline(transaction=False)
+        for g in ids:
+            pipe.sismember(self._worker_key(worker, "seen"), g)
+        pipe.hmget(self._gold_key(), ids)
+        *served, raws = pipe.execute()
+        if not all(served) or any(raw is None for raw in raws):
             raise UnknownGold("gold item not served to this worker")
-        correct = answer == self._load(gold_id).answer
+        correct = [
+            answer == _item_from_json(raw).answer
+            for (_, answer, _), raw in zip(answers, raws, strict=True)
+        ]
         scored = self._worker_key(worker, "scored")
-        if not self.r.hsetnx(scored, gold_id, int(correct)):
-            return bool(int(self.r.hget(scored, gold_id)))
-        window = self._worker_key(worker, "gold")
-        pipe = self.r.pipeline(transaction=True)
-        pipe.lpush(window, int(correct))
-        pipe.ltrim(window, 0, self.policy.window - 1)
-        pipe.hincrby(self._worker_key(worker), "gold_total", 1)
-        pipe.execute()
-        return correct
+        pipe = self.r.pipeline(transaction=False)
+        for g, ok in zip(ids, correct, strict=True):
+            pipe.hsetnx(scored, g, int(ok))
+        fresh = pipe.execute()
+        new = [int(ok) for ok, f in zip(correct, fresh, strict=True) if f]
+        if new:
+            window = self._worker_key(worker, "gold")
+            pipe = self.r.pipeline(transaction=True)
+            pipe.lpush(window, *new)
+            pipe.ltrim(window, 0, self.policy.window - 1)
+            pipe.hincrby(self._worker_key(worker), "gold_total", len(new))
+            pipe.execute()
+        if all(fresh):
+            return correct
+        # a retried item: its first result stands
+        first = self.r.hmget(scored, ids)
+        return [ok if f else bool(int(v)) for ok, f, v in zip(correct, fresh, first, strict=True)]
 
     @staticmethod
     def _check_elapsed(elapsed_ms: int) -> None:
