@@ -30,10 +30,9 @@ def submit_answers(
     """Answers of one worker for one lease: one answer per question; with an
     ``Idempotency-Key`` a retried request is applied once and gets the first response."""
     idem = gateway_idempotency(gateway)
-    payload = body.model_dump()
     with http_errors():
         if idempotency_key is not None:
-            fp = idem.fingerprint(payload)
+            fp = idem.fingerprint(body.model_dump())
             stored = idem.begin(vendor.vendor_id, idempotency_key, fp)
             if stored is not None:
                 response.status_code = stored.status
