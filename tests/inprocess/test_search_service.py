@@ -222,7 +222,10 @@ def test_the_relay_publishes_many_classes_in_one_flush(wired):
     assert wired.redis.xlen(OUTBOX_KEY) == 0
 
     stop = threading.Event()
-    relay = threading.Thread(target=wired.core.run_relay, args=(stop,), daemon=True)
+    # As the service runs it: woken by saves, lingering for more before each flush.
+    relay = threading.Thread(
+        target=wired.core.run_relay, args=(stop,), kwargs={"linger_s": 0.05}, daemon=True
+    )
     relay.start()
     try:
         annotate(wired)
