@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -62,6 +63,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Connections are made here, inside the app's event loop, never at import time.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
         r = redis
         if r is None:
             url = settings.redis_url.get_secret_value() if settings.redis_url else None

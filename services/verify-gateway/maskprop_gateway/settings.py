@@ -18,6 +18,10 @@ class GatewaySettings(RuntimeSettings):
     # Secret mixed into every stored key hash and signed worker token; required outside dev.
     key_pepper: SecretStr = SecretStr(DEV_PEPPER)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Threads running the (blocking) route bodies.  Every route is Python holding the GIL
+    # between short Redis/gRPC waits, so more threads mostly add switching (anyio's default
+    # is 40); scale out with more gateway processes instead.
+    http_threads: int = Field(default=8, ge=1, le=256)
     rate_per_s: float = Field(default=100.0, gt=0)  # sustained requests per vendor
     rate_burst: int = Field(default=200, ge=1)
     lease_ttl_s: float = Field(default=600.0, gt=0)
