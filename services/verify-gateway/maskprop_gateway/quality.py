@@ -266,6 +266,7 @@ class QualityControl:
         self.clock = clock
         self.seed = seed
         self._gold_cache: dict[str, list[str]] = {}
+        self._median_cache: tuple[float, float | None] | None = None
         self._cast = redis.register_script(_CAST)
 
     # ------------------------------------------------------------------ keys
@@ -561,14 +562,27 @@ class QualityControl:
         self.r.hset(self._medians_key(), worker, float(np.median([float(t) for t in recent])))
 
     # ------------------------------------------------------------------ state and review
+    #: Crowds of at least this many workers have their median answer time cached this long.
+    CROWD_MEDIAN_CACHE_FROM = 200
+    CROWD_MEDIAN_TTL_S = 5.0
+
     def _crowd_median_ms(self) -> float | None:
         """Median over workers of each worker's median answer time.
 
         One value per worker, so a prolific bot (it answers many times faster) cannot drag
         the reference time down the way it would in a median over all answers.
         """
+        cached = self._median_cache
+        if cached is not None and time.monotonic() - cached[0] < self.CROWD_MEDIAN_TTL_S:
+            return cached[1]
         values = [float(v) for v in self.r.hvals(self._medians_key())]
-        return float(np.median(values)) if values else None
+        median = float(np.median(values)) if values else None
+        # A large crowd's median moves slowly and costs O(workers) to read: reuse it for a
+        # few seconds.  A small one is read every time (cheap, and it moves fast).
+        self._median_cache = (
+            (time.monotonic(), median) if len(values) >= self.CROWD_MEDIAN_CACHE_FROM else None
+        )
+        return median
 
     def _states(self, workers: list[str], *, timing: bool) -> dict[str, WorkerState]:
         pipe = self.r.pipeline(transaction=False)

@@ -286,3 +286,20 @@ def test_votes_of_a_worker_suspended_after_voting_are_discounted():
     assert qc.review("v1:r").suspended  # accuracy ~0.5
     assert qc.needs_more_votes("q2") == 2  # its q2 vote was 2 h 10 min before: still counted
     assert qc.needs_more_votes("q1") == 0  # ...and so is its q1 vote (2 h before)
+
+
+def test_a_large_crowds_median_time_is_reused_briefly_a_small_ones_never():
+    r = fakeredis.FakeRedis()
+    qc = QualityControl(r, QualityPolicy())
+    key = qc._medians_key()
+    r.hset(key, mapping={f"v:w{i}": 1500.0 for i in range(10)})
+    assert qc._crowd_median_ms() == 1500.0
+    r.hset(key, mapping={f"v:w{i}": 900.0 for i in range(10)})
+    assert qc._crowd_median_ms() == 900.0  # small crowd: read every time
+    n = QualityControl.CROWD_MEDIAN_CACHE_FROM
+    r.hset(key, mapping={f"v:w{i}": 1200.0 for i in range(n)})
+    assert qc._crowd_median_ms() == 1200.0
+    r.hset(key, mapping={f"v:w{i}": 600.0 for i in range(n)})
+    assert qc._crowd_median_ms() == 1200.0  # large crowd: reused within the TTL
+    qc.CROWD_MEDIAN_TTL_S = 0.0
+    assert qc._crowd_median_ms() == 600.0
