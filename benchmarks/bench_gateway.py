@@ -37,6 +37,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -412,13 +415,38 @@ def hotspots(path: Path, package: str, top: int = 12) -> str:
     return "\n".join(f"  {100 * n / max(total, 1):5.1f}%  {where}" for where, n in rows)
 
 
-def orchestrate(args: argparse.Namespace) -> None:
+@dataclass
+class Stack:
+    """Clusterer (stopped once the trees are in) and search processes on an empty Redis
+    database and a topic namespace of their own, with a simulated pool fed per campaign."""
+
+    kafka: str
+    r: Any  # redis client on the stack's database
+    work: Path
+    logs: Path
+    base: dict[str, str]  # environment of the services
+    procs: list[Proc]
+    search: Proc
+    grpc_port: int
+    truth: dict[str, bool]  # RLE counts -> correct
+
+
+@contextmanager
+def search_stack(
+    prefix: str,
+    campaigns: list[str],
+    masks: int,
+    classes: int,
+    *,
+    search_env: dict[str, str] | None = None,
+    db: int = 0,
+    keep: bool = False,
+) -> Iterator[Stack]:
+    """Start the stack, wait until search has every tree, yield it; stop it and empty its
+    Redis database afterwards (``db``: that database, which must be empty; else the first
+    empty one of 15..1)."""
     import grpc
-    import httpx
     import redis as redis_client
-    from maskprop_gateway.auth import KeyStore
-    from maskprop_gateway.quality import QualityControl, QualityPolicy
-    from maskprop_gateway.simcrowd import simulated_gold
 
     from maskprop.simulate.generator import ade_like_pool
     from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
@@ -427,27 +455,30 @@ def orchestrate(args: argparse.Namespace) -> None:
     redis_base = os.environ.get("REDIS_URL") or os.environ.get("MASKPROP_IT_REDIS")
     if not (kafka and redis_base):
         raise SystemExit("error: run `bash scripts/dev-infra.sh up && source .cache/dev-infra/env`")
-    tag = uuid.uuid4().hex[:8]
-    redis_url = empty_db(redis_base)
-    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    if db:
+        redis_url = redis_base.rsplit("/", 1)[0] + f"/{db}"
+        if redis_client.Redis.from_url(redis_url).dbsize():
+            raise SystemExit(f"error: redis db {db} is not empty")
+    else:
+        redis_url = empty_db(redis_base)
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     logs = work / "logs"
     logs.mkdir()
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port = free_port()
     base = {
         **os.environ,
         "MASKPROP_ENV": "prod",
         "MASKPROP_KAFKA_BOOTSTRAP": kafka,
         "MASKPROP_REDIS_URL": redis_url,
-        "MASKPROP_TOPIC_NAMESPACE": f"bgw{tag}",
+        "MASKPROP_TOPIC_NAMESPACE": f"{prefix.replace('-', '')}{uuid.uuid4().hex[:8]}",
         "MASKPROP_DATA_DIR": str(work / "data"),
         "MASKPROP_KAFKA_SESSION_TIMEOUT_MS": "6000",
         "MASKPROP_LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
     }
-    direct, via_gw = f"direct-{tag}", f"gw-{tag}"
-    pool = ade_like_pool(args.masks, args.classes, seed=11, dim=16)
+    pool = ade_like_pool(masks, classes, seed=11, dim=16)
     print(
-        f"pool: {len(pool)} masks, {args.classes} classes x 2 campaigns; redis db "
+        f"pool: {len(pool)} masks, {classes} classes x {len(campaigns)} campaigns; redis db "
         f"{redis_url.rsplit('/', 1)[1]}; logs {logs}",
         flush=True,
     )
@@ -465,12 +496,12 @@ def orchestrate(args: argparse.Namespace) -> None:
         search = Proc(
             "search",
             [sys.executable, "-m", "maskprop_search"],
-            {**base, "MASKPROP_GRPC_PORT": str(grpc_port)},
+            {**base, **(search_env or {}), "MASKPROP_GRPC_PORT": str(grpc_port)},
             logs,
         )
         procs.append(search)
         t0 = time.monotonic()
-        truth = feed(kafka, base["MASKPROP_TOPIC_NAMESPACE"], pool, [direct, via_gw])
+        truth = feed(kafka, base["MASKPROP_TOPIC_NAMESPACE"], pool, campaigns)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
 
@@ -482,8 +513,8 @@ def orchestrate(args: argparse.Namespace) -> None:
                             search_pb2.GetProgressRequest(campaign=c), timeout=10
                         ).classes
                     )
-                    == args.classes
-                    for c in (direct, via_gw)
+                    == classes
+                    for c in campaigns
                 )
             except grpc.RpcError:
                 return False
@@ -492,7 +523,40 @@ def orchestrate(args: argparse.Namespace) -> None:
         channel.close()
         procs[0].stop()  # the clusterer's work is done: give its core to the run
         print(f"trees built and loaded in {time.monotonic() - t0:.0f} s", flush=True)
+        yield Stack(kafka, r, work, logs, base, procs, search, grpc_port, truth)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        r.flushdb()
+        (work / "truth.json").unlink(missing_ok=True)
+        if keep:
+            print(f"logs kept in {logs}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def orchestrate(args: argparse.Namespace) -> None:
+    import grpc
+    import httpx
+    from maskprop_gateway.auth import KeyStore
+    from maskprop_gateway.quality import QualityControl, QualityPolicy
+    from maskprop_gateway.simcrowd import simulated_gold
+
+    from maskprop.simulate.generator import ade_like_pool
+    from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
+
+    tag = uuid.uuid4().hex[:8]
+    direct, via_gw = f"direct-{tag}", f"gw-{tag}"
+    with search_stack(
+        "bench-gateway",
+        [direct, via_gw],
+        args.masks,
+        args.classes,
+        keep=bool(args.profile or args.keep),
+    ) as st:
+        r, work, logs, base, procs = st.r, st.work, st.logs, st.base, st.procs
+        search, grpc_port, truth, kafka = st.search, st.grpc_port, st.truth, st.kafka
+        http_port = free_port()
         # Vendor and gold questions through the Python API, before the gateway starts.
         key = KeyStore(r, PEPPER).create(VENDOR, "Bench Crowd")
         held = ade_like_pool(2000, 4, seed=99, dim=8)
@@ -573,15 +637,6 @@ def orchestrate(args: argparse.Namespace) -> None:
                 print(hotspots(work / f"{name}.pyspy", f"maskprop_{name}"))
         if args.json:
             Path(args.json).write_text(json.dumps({"baseline": base_res, "gateway": gw_res}))
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        r.flushdb()
-        (work / "truth.json").unlink(missing_ok=True)
-        if args.profile or args.keep:
-            print(f"logs kept in {work / 'logs'}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
@@ -625,6 +680,21 @@ def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
     )
 
 
+def common_args(
+    ap: argparse.ArgumentParser, load: argparse.ArgumentParser, *, seconds: float
+) -> None:
+    """Options shared by this benchmark and bench_search_load.py (``load``: the load
+    generator's own parser)."""
+    for p in (ap, load):
+        p.add_argument("--workers", type=int, default=32)
+        p.add_argument("--batch", type=int, default=100)
+        p.add_argument("--seconds", type=float, default=seconds)
+    ap.add_argument("--masks", type=int, default=60_000)
+    ap.add_argument("--classes", type=int, default=40)
+    ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the services' logs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
@@ -635,16 +705,9 @@ def main() -> None:
     load.add_argument("--key", default="")
     load.add_argument("--truth", required=True)
     load.add_argument("--out", required=True)
-    for p in (ap, load):
-        p.add_argument("--workers", type=int, default=32)
-        p.add_argument("--batch", type=int, default=100)
-        p.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--masks", type=int, default=60_000)
-    ap.add_argument("--classes", type=int, default=40)
+    common_args(ap, load, seconds=60.0)
     ap.add_argument("--gold", type=int, default=400)
     ap.add_argument("--profile", type=int, default=0, help="py-spy the gateway for N seconds")
-    ap.add_argument("--json", default="", help="also write the results here")
-    ap.add_argument("--keep", action="store_true", help="keep the services' logs")
     args = ap.parse_args()
     if args.cmd == "load":
         run_load(args)

@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -41,78 +40,25 @@ def sys_seconds(pid: int) -> float:
 
 def orchestrate(args: argparse.Namespace) -> None:
     import grpc
-    import redis as redis_client
 
-    from maskprop.simulate.generator import ade_like_pool
     from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 
-    kafka = os.environ.get("KAFKA_BOOTSTRAP") or os.environ.get("MASKPROP_IT_KAFKA")
-    redis_base = os.environ.get("REDIS_URL") or os.environ.get("MASKPROP_IT_REDIS")
-    if not (kafka and redis_base):
-        raise SystemExit("error: run `bash scripts/dev-infra.sh up && source .cache/dev-infra/env`")
     tag = uuid.uuid4().hex[:8]
-    redis_url = bg.empty_db(redis_base)
-    if args.db:
-        redis_url = redis_base.rsplit("/", 1)[0] + f"/{args.db}"
-        if redis_client.Redis.from_url(redis_url).dbsize():
-            raise SystemExit(f"error: redis db {args.db} is not empty")
-    work = Path(tempfile.mkdtemp(prefix="bench-search-load-"))
-    logs = work / "logs"
-    logs.mkdir()
-    grpc_port = bg.free_port()
-    base = {
-        **os.environ,
-        "MASKPROP_ENV": "prod",
-        "MASKPROP_KAFKA_BOOTSTRAP": kafka,
-        "MASKPROP_REDIS_URL": redis_url,
-        "MASKPROP_TOPIC_NAMESPACE": f"bsl{tag}",
-        "MASKPROP_DATA_DIR": str(work / "data"),
-        "MASKPROP_KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "MASKPROP_LOG_LEVEL": "WARNING",
-        "PYTHONUNBUFFERED": "1",
-    }
     extra = dict(kv.split("=", 1) for kv in args.env)
     campaigns = [f"load{i}-{tag}" for i in range(args.repeat)]
-    pool = ade_like_pool(args.masks, args.classes, seed=11, dim=16)
-    print(
-        f"pool: {len(pool)} masks, {args.classes} classes; redis db "
-        f"{redis_url.rsplit('/', 1)[1]}; extra env {extra or '-'}",
-        flush=True,
-    )
-    procs: list[bg.Proc] = []
-    r = redis_client.Redis.from_url(redis_url)
-    try:
-        procs.append(
-            bg.Proc(
-                "clusterer",
-                [sys.executable, "-m", "maskprop_clusterer"],
-                {**base, "MASKPROP_GRPC_PORT": str(bg.free_port())},
-                logs,
-            )
-        )
-        search = bg.Proc(
-            "search",
-            [sys.executable, "-m", "maskprop_search"],
-            {**base, **extra, "MASKPROP_GRPC_PORT": str(grpc_port)},
-            logs,
-        )
-        procs.append(search)
-        truth = bg.feed(kafka, base["MASKPROP_TOPIC_NAMESPACE"], pool, campaigns)
+    print(f"extra env {extra or '-'}", flush=True)
+    with bg.search_stack(
+        "bench-search-load",
+        campaigns,
+        args.masks,
+        args.classes,
+        search_env=extra,
+        db=args.db,
+        keep=args.keep,
+    ) as st:
+        search, grpc_port, truth, work = st.search, st.grpc_port, st.truth, st.work
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
-
-        def opened() -> bool:
-            try:
-                return all(
-                    len(stub.GetProgress(search_pb2.GetProgressRequest(campaign=c)).classes)
-                    == args.classes
-                    for c in campaigns
-                )
-            except grpc.RpcError:
-                return False
-
-        bg.wait_for(opened, 900, "every tree in the search service", procs)
-        procs[0].stop()
         truth_file = work / "truth.json"
         truth_file.write_text(json.dumps(truth))
         pid = search.proc.pid
@@ -169,14 +115,6 @@ def orchestrate(args: argparse.Namespace) -> None:
         print(f"search process under load: median {per[len(per) // 2]:.0f} us CPU an answer")
         if args.json:
             Path(args.json).write_text(json.dumps({"runs": runs, "idle": idle}))
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        r.flushdb()
-        if args.keep:
-            print(f"logs kept in {logs}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_load(args: argparse.Namespace) -> None:
@@ -193,19 +131,12 @@ def main() -> None:
     load.add_argument("--campaign", required=True)
     load.add_argument("--truth", required=True)
     load.add_argument("--out", required=True)
-    for p in (ap, load):
-        p.add_argument("--workers", type=int, default=32)
-        p.add_argument("--batch", type=int, default=100)
-        p.add_argument("--seconds", type=float, default=600.0)
-    ap.add_argument("--masks", type=int, default=60_000)
-    ap.add_argument("--classes", type=int, default=40)
+    bg.common_args(ap, load, seconds=600.0)
     ap.add_argument("--db", type=int, default=0, help="this Redis db (empty); default: any")
     ap.add_argument("--repeat", type=int, default=3, help="campaigns loaded one after another")
     ap.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU measured")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for search")
     ap.add_argument("--profile", default="", help="py-spy (raw) the search process to here")
-    ap.add_argument("--json", default="", help="also write the results here")
-    ap.add_argument("--keep", action="store_true", help="keep the services' logs")
     args = ap.parse_args()
     if args.cmd == "load":
         run_load(args)
