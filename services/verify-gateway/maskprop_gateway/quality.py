@@ -395,14 +395,13 @@ class QualityControl:
                 item = _item_from_json(raw) if raw is not None else None
                 if item is not None and item.campaign == campaign:  # the id cache was not stale
                     out.append(item.public_view())
-        while len(out) < k:
-            unseen = self._unseen(campaign, worker)
-            if not unseen:
-                break
+        unseen = self._unseen(campaign, worker) if len(out) < k else []
+        while len(out) < k and unseen:
             i = int(self._uniform("gold", worker, self.r.scard(seen)) * len(unseen))
+            gold_id = unseen.pop(i)
             # SADD is the claim: a concurrent call that took the same item retries another.
-            if self.r.sadd(seen, unseen[i]):
-                out.append(self._load(unseen[i]).public_view())
+            if self.r.sadd(seen, gold_id):
+                out.append(self._load(gold_id).public_view())
         return out
 
     def gold_due(self, worker: str) -> bool:
@@ -710,10 +709,6 @@ class QualityControl:
             raw = {pairs[j]: pairs[j + 1] for j in range(0, len(pairs), 2)}
             out[qid] = (bool(flat[2 * k]), self._parse_votes(raw))
         return out
-
-    def aggregate_many(self, question_ids: list[str]) -> dict[str, bool | None]:
-        """:meth:`aggregate` for many questions with two round trips in all."""
-        return {qid: label for qid, (_, label) in self.tally_many(question_ids).items()}
 
     def tally_many(self, question_ids: list[str]) -> dict[str, tuple[int, bool | None]]:
         """Per question: (:meth:`needs_more_votes`, :meth:`aggregate`), from one read of the
