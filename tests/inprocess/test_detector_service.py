@@ -9,17 +9,15 @@ import pytest
 torch = pytest.importorskip("torch", reason="the detector needs torch")
 
 from maskprop_clusterer.service import ClustererSettings, build_clusterer  # noqa: E402
-from maskprop_detector.model import DetectorConfig, build_model  # noqa: E402
 from maskprop_detector.service import DetectorSettings, build_detector  # noqa: E402
-from maskprop_detector.train import save_checkpoint  # noqa: E402
 
-from maskprop.data.synth import synth_scenes  # noqa: E402
 from maskprop_runtime import topics  # noqa: E402
 from maskprop_runtime.bus import InMemoryBus  # noqa: E402
 from maskprop_runtime.loop import run_until_idle  # noqa: E402
 from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2  # noqa: E402
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2  # noqa: E402
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2  # noqa: E402
+from tests.unit.detector.conftest import untrained_pool  # noqa: E402
 
 CLASSES = ("disc", "square")
 
@@ -27,13 +25,7 @@ CLASSES = ("disc", "square")
 @pytest.fixture
 def stack(tmp_path):
     torch.set_num_threads(1)
-    synth_scenes(8, tmp_path / "synth", size=64, classes=CLASSES, split={"pool": 1.0})
-    # An untrained model finds masks only with the filters off; the wiring is what is tested.
-    cfg = DetectorConfig(
-        classes=CLASSES, image_size=64, fpn_channels=16, feature_dim=8,
-        score_threshold=0.0, min_box_area=0.0, max_detections=20,
-    )  # fmt: skip
-    save_checkpoint(tmp_path / "w.pt", build_model(cfg), cfg)
+    untrained_pool(tmp_path, 8, max_detections=20, classes=CLASSES)
     bus, redis = InMemoryBus(), fakeredis.FakeRedis()
     settings = DetectorSettings(
         detector_weights=tmp_path / "w.pt", image_root=tmp_path / "synth/images/pool",

@@ -12,29 +12,20 @@ pytest.importorskip("torch", reason="the detector needs torch")
 
 from maskprop_sink.dataset import DatasetReader
 
-from maskprop.data.synth import synth_scenes
 from maskprop_runtime import topics
 from maskprop_runtime.bus import KafkaBus
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 from tests.integration.conftest import Deployment, Service, free_port, wait_for
 from tests.integration.test_distributed import call, sink_stats
+from tests.unit.detector.conftest import untrained_pool
 
 pytestmark = pytest.mark.integration
 CLASSES = ("disc", "square")
 
 
 def test_detector_process_feeds_the_pipeline(infra, tmp_path):
-    from maskprop_detector.model import DetectorConfig, build_model
-    from maskprop_detector.train import save_checkpoint
-
-    synth_scenes(12, tmp_path / "synth", size=64, classes=CLASSES, split={"pool": 1.0})
-    # Untrained weights with the filters off: the wiring is under test, not the accuracy.
-    cfg = DetectorConfig(
-        classes=CLASSES, image_size=64, fpn_channels=16, feature_dim=8,
-        score_threshold=0.0, min_box_area=0.0, max_detections=10,
-    )  # fmt: skip
-    save_checkpoint(tmp_path / "w.pt", build_model(cfg), cfg)
+    untrained_pool(tmp_path, 12, max_detections=10, classes=CLASSES)
     dep = Deployment(infra, tmp_path)
     detector = Service(
         "maskprop_detector",

@@ -17,6 +17,24 @@ def tiny_cfg():
     return DetectorConfig(classes=("disc", "square"), image_size=64, fpn_channels=16, feature_dim=8)
 
 
+def untrained_pool(root, n_images, max_detections, classes=("disc", "square")):
+    """``n_images`` synthetic 64 px scenes under ``root/synth/images/pool`` and an untrained
+    tiny detector's weights at ``root/w.pt``, with the filters off (an untrained model finds
+    masks only then): for tests of the wiring, not of accuracy."""
+    from maskprop_detector.model import DetectorConfig, build_model
+    from maskprop_detector.train import save_checkpoint
+
+    from maskprop.data.synth import synth_scenes
+
+    synth_scenes(n_images, root / "synth", size=64, classes=classes, split={"pool": 1.0})
+    cfg = DetectorConfig(
+        classes=classes, image_size=64, fpn_channels=16, feature_dim=8,
+        score_threshold=0.0, min_box_area=0.0, max_detections=max_detections,
+    )  # fmt: skip
+    save_checkpoint(root / "w.pt", build_model(cfg), cfg)
+    return root / "w.pt"
+
+
 def scene_batch(n, size=64, classes=("disc", "square")):
     """(images, targets) of rendered synthetic scenes, in torchvision's training format."""
     import numpy as np
