@@ -331,7 +331,7 @@ def run_loadgen(
 
 
 def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None:
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         print("py-spy not on PATH: no profile", file=sys.stderr)
         return None
@@ -340,15 +340,17 @@ def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process (and its reaped children) used so far."""
+def cpu_seconds(pid: int, system: bool = False) -> float:
+    """User + system CPU seconds a process (and its reaped children) used so far; with
+    ``system`` only the kernel's part (syscalls, context switches)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     ticks = os.sysconf("SC_CLK_TCK")
     # after the ")": state is field 3; utime, stime, cutime, cstime are fields 14-17
-    return sum(int(x) for x in fields[11:15]) / ticks
+    picked = (fields[12], fields[14]) if system else fields[11:15]
+    return sum(int(x) for x in picked) / ticks
 
 
 def listener_pid(port: int) -> int | None:
@@ -385,9 +387,20 @@ class CpuMeter:
 
     def start(self) -> None:
         self.t0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        self.s0 = {k: cpu_seconds(p, system=True) for k, p in self.pids.items()}
+        self.w0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
+        self.system = {k: cpu_seconds(p, True) - self.s0[k] for k, p in self.pids.items()}
+        self.wall = time.monotonic() - self.w0
         return {k: cpu_seconds(p) - self.t0[k] for k, p in self.pids.items()}
+
+    def idle(self, seconds: float) -> dict[str, float]:
+        """CPU seconds a second each process uses with no load (pollers, heartbeats): a
+        fixed cost that a longer run spreads over more answers."""
+        self.start()
+        time.sleep(seconds)
+        return {k: v / seconds for k, v in self.stop().items()}
 
 
 def redis_commands(r: Any) -> dict[str, tuple[int, int]]:
@@ -598,6 +611,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         }
         print(f"baseline: {args.workers} workers x {args.batch} answers, gRPC", flush=True)
         meter = CpuMeter(pids)
+        idle = meter.idle(3.0)
         meter.start()
         r.config_resetstat()
         spy = (
@@ -605,20 +619,27 @@ def orchestrate(args: argparse.Namespace) -> None:
         )
         base_res = run_loadgen("direct", f"127.0.0.1:{grpc_port}", direct, "", truth_file, args)
         base_res["cpu_s"] = meter.stop()
+        base_res.update(sys_s=meter.system, wall_s=meter.wall, idle_cpu_per_s=idle)
         base_res["redis_commands"] = redis_commands(r)
+        base_res["redis_in_bytes"] = int(r.info("stats")["total_net_input_bytes"])
         r.config_resetstat()
         if spy is not None:
             spy.wait(args.profile + 30)
         print(f"gateway : {args.workers} workers x {args.batch} answers, HTTP", flush=True)
-        spy = (
-            profile(gateway.proc.pid, args.profile, work / "gateway.pyspy")
+        spies = (
+            [
+                profile(gateway.proc.pid, args.profile, work / "gateway.pyspy"),
+                profile(search.proc.pid, args.profile, work / "search-gw.pyspy"),
+            ]
             if args.profile
-            else None
+            else []
         )
         meter.start()
         gw_res = run_loadgen("gateway", target, via_gw, key, truth_file, args)
         gw_res["cpu_s"] = meter.stop()
+        gw_res.update(sys_s=meter.system, wall_s=meter.wall, idle_cpu_per_s=idle)
         gw_res["redis_commands"] = redis_commands(r)
+        gw_res["redis_in_bytes"] = int(r.info("stats")["total_net_input_bytes"])
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
         for res, c in ((base_res, direct), (gw_res, via_gw)):
@@ -626,15 +647,16 @@ def orchestrate(args: argparse.Namespace) -> None:
                 search_pb2.GetProgressRequest(campaign=c), timeout=30
             ).questions
         channel.close()
-        if spy is not None:
-            spy.wait(args.profile + 30)
+        for spy in spies:
+            if spy is not None:
+                spy.wait(args.profile + 30)
         report(base_res, gw_res)
-        for name in ("search", "gateway"):
+        for name in ("search", "gateway", "search-gw"):
             if (work / f"{name}.pyspy").exists():
                 print(
                     f"\n{name} hotspots (py-spy, {args.profile} s under load): {work / name}.pyspy"
                 )
-                print(hotspots(work / f"{name}.pyspy", f"maskprop_{name}"))
+                print(hotspots(work / f"{name}.pyspy", f"maskprop_{name.split('-')[0]}"))
         if args.json:
             Path(args.json).write_text(json.dumps({"baseline": base_res, "gateway": gw_res}))
 
@@ -663,6 +685,16 @@ def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
         print(
             f"{name:8} CPU us per answer: {parts}; total {1e6 * sum(cpu.values()) / n:.0f} "
             f"(answers given {x['answers']}, applied by search {x.get('applied_at_search', '?')})"
+        )
+        system = x.get("sys_s", {})
+        idle = x.get("idle_cpu_per_s", {})
+        wall = x.get("wall_s", 0.0)
+        print(
+            f"{'':8} of which system (kernel): "
+            + ", ".join(f"{k} {1e6 * v / n:.0f}" for k, v in system.items())
+            + "; idle cost over this run's wall time: "
+            + ", ".join(f"{k} {1e6 * v * wall / n:.0f}" for k, v in idle.items())
+            + f"; into Redis {x.get('redis_in_bytes', 0) / n:.0f} bytes per answer"
         )
         cmds = sorted(x.get("redis_commands", {}).items(), key=lambda kv: -kv[1][1])
         calls = sum(c for c, _ in dict(cmds).values())
