@@ -32,6 +32,9 @@ class Stack:
             rate_per_s=settings.pop("rate_per_s", 10_000),
             rate_burst=settings.pop("rate_burst", 10_000),
             redundancy=redundancy,
+            # inline unless a test asks for the forwarder: labels reach search before the
+            # answer request returns, so tests can check them right away
+            forward_linger_s=settings.pop("forward_linger_s", 0.0),
             **settings,
         )
         write_images(pool, tmp_path / "images" / "gw")
@@ -99,8 +102,12 @@ def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
         # A round without work can be the last one: search's remaining candidate clusters may
         # all be decided without a question (auto-reject / auto-split) while leasing, so the
         # next progress check says done.  Two in a row means the crowd is stuck.
+        # With a forwarder thread, labels reach search up to a linger later: wait for them.
+        linger = stack.settings.forward_linger_s
         idle = 0 if worked else idle + 1
-        if idle >= 2:
+        if idle and linger:
+            time.sleep(2 * linger)
+        if idle >= (2 if not linger else 20):
             raise AssertionError(f"no worker could make progress; blocked: {blocked}")
     raise AssertionError("crowd did not finish")
 
@@ -372,3 +379,32 @@ def test_request_metrics_count_route_templates_never_raw_paths(tmp_path, pool):
     assert count(route, "404") == before_404 + 1
     exposed = generate_latest().decode()
     assert lid not in exposed and "l_nosuchlease" not in exposed
+
+
+def test_forwarder_batches_many_requests_labels_and_reaches_the_same_labels(tmp_path, pool):
+    """With ``forward_linger_s`` > 0 a forwarder thread sends the labels of several answer
+    requests in one search call; the labels equal those of inline forwarding, and nothing
+    stays in ``forward`` once the gateway stopped."""
+
+    class Counting(LocalSearchClient):
+        calls = 0
+
+        def submit(self, answers):
+            Counting.calls += 1
+            return super().submit(answers)
+
+    def run(where, linger):
+        st = Stack(tmp_path / where, pool, forward_linger_s=linger)
+        search = Counting(st.wired.core)
+        st.app = create_app(st.settings, redis=st.wired.redis, search=search)
+        Counting.calls = 0
+        workers = [SimWorker(f"h{i}", "honest", seed=i) for i in range(6)]
+        with TestClient(st.app) as client:
+            assert run_crowd(client, st, workers, batch=10) == {}
+        assert st.wired.redis.hlen("maskprop:gw:forward") == 0
+        return st.labels(), Counting.calls
+
+    inline, inline_calls = run("inline", 0.0)
+    batched, batched_calls = run("batched", 0.2)
+    assert batched == inline
+    assert batched_calls < inline_calls

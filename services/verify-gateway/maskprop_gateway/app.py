@@ -74,6 +74,9 @@ def create_app(
         app.state.keys = keys
         app.state.limiter = RateLimiter(r, settings.rate_per_s, settings.rate_burst)
         app.state.gateway = Gateway(r, client, qc, settings, token_for=keys.worker_token)
+        stop_forwarder = (
+            app.state.gateway.start_forwarder() if settings.forward_linger_s > 0 else None
+        )
         app.state.expired_hooks = []
         stop_webhooks = webhooks.install(app, r)  # signed vendor callbacks, retried
         task = asyncio.create_task(_expire_loop(app, expiry_interval_s))
@@ -82,6 +85,8 @@ def create_app(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if stop_forwarder is not None:
+            await asyncio.to_thread(stop_forwarder)  # sends what requests queued
         if isinstance(client, GrpcSearchClient):
             client.close()
 

@@ -22,6 +22,10 @@ class GatewaySettings(RuntimeSettings):
     # between short Redis/gRPC waits, so more threads mostly add switching (anyio's default
     # is 40); scale out with more gateway processes instead.
     http_threads: int = Field(default=8, ge=1, le=256)
+    # Decided labels wait this long to go to search together (a forwarder thread); 0 sends
+    # each request's labels before it answers (tests, embedded).  Search saves every class a
+    # call touches, so fewer, larger calls cost it less.
+    forward_linger_s: float = Field(default=0.05, ge=0, le=5)
     rate_per_s: float = Field(default=100.0, gt=0)  # sustained requests per vendor
     rate_burst: int = Field(default=200, ge=1)
     lease_ttl_s: float = Field(default=600.0, gt=0)
