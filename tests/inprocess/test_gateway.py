@@ -11,6 +11,7 @@ from maskprop_detector.simulated import write_images
 from maskprop_gateway.app import create_app, policy_from
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.quality import QualityControl
+from maskprop_gateway.schemas import LeaseOut
 from maskprop_gateway.search_client import LocalSearchClient
 from maskprop_gateway.settings import GatewaySettings
 from maskprop_gateway.simcrowd import SimWorker, Truth, simulated_gold
@@ -84,6 +85,7 @@ def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
                 continue
             assert r.status_code == 201, r.text
             lease = r.json()
+            LeaseOut.model_validate(lease)  # the route serializes it itself: hold it to the schema
             if not lease["questions"]:
                 continue
             answers = []
