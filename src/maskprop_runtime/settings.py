@@ -33,6 +33,11 @@ class RuntimeSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     kafka_max_poll_records: int = Field(default=50, ge=1)
     connect_timeout_s: float = Field(default=120.0, gt=0)
+    # Net allocations between young-generation runs of CPython's cyclic garbage collector
+    # (CPython's default is 700).  A service allocates many short-lived objects a request,
+    # almost none in reference cycles; at 700 the collector ran thousands of times a second
+    # under load (see benchmarks/README.md, bench_gateway).  0 keeps CPython's default.
+    gc_threshold: int = Field(default=50_000, ge=0)
 
     @model_validator(mode="after")
     def _refuse_unsafe_prod(self) -> RuntimeSettings:
