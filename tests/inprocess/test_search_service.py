@@ -3,7 +3,7 @@
 from collections import Counter
 
 import pytest
-from maskprop_detector.simulated import mask_id
+from maskprop_detector.simulated import IMAGE_SIZE, mask_id
 from maskprop_search.core import BadRequest
 
 from maskprop.session import Answer
@@ -56,6 +56,12 @@ def test_trees_open_sessions_and_every_mask_is_labelled_once(wired):
     progress = wired.core.progress("c1")
     assert progress.done
     assert sum(c.accepted_masks for c in progress.classes) == sum(values.values())
+    # every event describes exactly the images of its labels, as the detector reported them
+    for ev in events_on_bus(wired.bus):
+        assert [i.image_id for i in ev.images] == list(dict.fromkeys(x.image_id for x in ev.labels))
+        for info in ev.images:
+            expected = (IMAGE_SIZE, IMAGE_SIZE, f"images/{info.image_id}.png")
+            assert (info.width, info.height, info.file_name) == expected
 
 
 def test_labels_do_not_depend_on_batching_or_restarts(tmp_path, pool):
