@@ -217,7 +217,10 @@ class Gateway:
         got = self.pool.claim(campaign, worker, n, expires, self.clock(), redundancy)
         if len(got) < n:
             try:
-                questions, _done = self.search.lease(campaign, (n - len(got)) * 2, "gateway")
+                # twice the shortfall (the next leases find the rest), at most what search
+                # hands out in one call
+                want = min((n - len(got)) * 2, SEARCH_MAX_ANSWERS)
+                questions, _done = self.search.lease(campaign, want, "gateway")
             except SearchUnavailable:
                 questions = []
             if questions:

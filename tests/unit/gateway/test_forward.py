@@ -1,5 +1,6 @@
-"""Forwarding decided labels to search (maskprop_gateway.gateway): a backlog larger than one
-search call is sent in several calls, each acknowledged part removed from ``forward``."""
+"""The gateway's calls to search (maskprop_gateway.gateway): a backlog of decided labels larger
+than one search call is sent in several calls, each acknowledged part removed from ``forward``;
+a lease never asks search for more than one call may carry."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ class RecordingSearch:
         assert 1 <= len(answers) <= SEARCH_MAX_ANSWERS
         self.calls.append(answers)
         return len(answers), 0, 0
+
+    def lease(self, campaign, n, owner):
+        assert 1 <= n <= SEARCH_MAX_ANSWERS  # search refuses larger leases
+        self.leased = n
+        return [], False
 
 
 def gateway(linger: float) -> tuple[fakeredis.FakeRedis, RecordingSearch, Gateway]:
@@ -58,3 +64,9 @@ def test_the_forwarder_sends_what_requests_queued_and_drains_on_stop():
     assert sorted(q for c in search.calls for q, _ in c) == sorted(qids)
     assert len(search.calls) < 15  # batched, at most 1000 a call
     assert r.hlen(f"{P}forward") == 0
+
+
+def test_a_large_lease_asks_search_for_at_most_one_call():
+    _, search, gw = gateway(0.0)
+    assert gw._take("c", "v:w", 900, expires=2e9) == []  # 2 x 900 would be refused
+    assert search.leased == SEARCH_MAX_ANSWERS
