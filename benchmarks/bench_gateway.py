@@ -8,9 +8,10 @@ Processes (all on loopback; needs `scripts/dev-infra.sh up`):
 2. the gateway (``python -m maskprop_gateway``: uvicorn, one process) on the same Redis
    database, talking gRPC to search; vendor and gold questions are created through the Python
    API before it starts; rate limits out of the way.
-3. a load generator (this file, ``load``): many simulated workers (threads + httpx) each
-   leasing 100 questions and answering them (``elapsed_ms`` 1500: realistic, no real sleep),
-   until the campaign is done or the time runs out.  Qualification and hidden gold are
+3. a load generator (this file, ``load``): many simulated workers (asyncio tasks on uvloop,
+   one keep-alive connection each) each leasing 100 questions and answering them
+   (``elapsed_ms`` 1500: realistic, no real sleep), until the campaign is done or the time
+   runs out.  Qualification and hidden gold are
    answered right, real questions from the pool's ground truth.
 
 The named baseline, **search gRPC SubmitAnswers directly**, runs first in the same invocation:
@@ -86,64 +87,80 @@ def summarize(done: list[tuple[float, int, float]], started: float, ended: float
 
 
 # ---------------------------------------------------------------------------- load generator
-def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, Any]:
-    # urllib3 rather than httpx: the load generator shares the two cores with the services,
-    # and httpx cost ~4x more CPU per request.
-    import urllib3
+class _Http:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: the load generator shares the
+    two cores with the services, so it stays lean (httpx cost ~4x the CPU of urllib3 a
+    request, and 32 urllib3 threads contended for the GIL)."""
 
-    http = urllib3.HTTPConnectionPool(
-        args.target.split("//", 1)[1].split(":")[0],
-        int(args.target.rsplit(":", 1)[1]),
-        maxsize=args.workers,
-        block=True,
-        timeout=urllib3.Timeout(total=120),
-        retries=False,
-    )
-    headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+    def __init__(self, host: str, port: int, key: str) -> None:
+        self.host, self.port = host, port
+        self.head = f"Host: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
+        self.reader: Any = None
+        self.writer: Any = None
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        import asyncio
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode() if body is not None else b""
+        extra = f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.head}{extra}\r\n".encode() + data)
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        raw = await self.reader.readexactly(length) if length else b""
+        return status, (json.loads(raw) if raw else None)
+
+
+def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, Any]:
+    import asyncio
+
+    host = args.target.split("//", 1)[1].split(":")[0]
+    port = int(args.target.rsplit(":", 1)[1])
     deadline = time.monotonic() + args.seconds
-    finished = threading.Event()
-    lock = threading.Lock()
     done: list[tuple[float, int, float]] = []
     leases: list[float] = []
     errors: dict[str, int] = {}
-    last_check = [0.0]
+    state = {"finished": False, "last_check": 0.0}
 
-    def post(path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        r = http.request("POST", path, body=json.dumps(body).encode(), headers=headers)
-        return r.status, (json.loads(r.data) if r.data else None)
+    def error(what: str) -> None:
+        errors[what] = errors.get(what, 0) + 1
 
-    def campaign_done() -> bool:
+    async def campaign_done(http: _Http) -> bool:
         # One worker at a time asks, at most once a second: 32 workers polling /v1/progress
         # (every class of the campaign, in search) at the end would load the services.
-        with lock:
-            if time.monotonic() - last_check[0] < 1.0:
-                return False
-            last_check[0] = time.monotonic()
-        r = http.request("GET", f"/v1/progress?campaign={args.campaign}", headers=headers)
-        return r.status == 200 and bool(json.loads(r.data)["done"])
+        if time.monotonic() - state["last_check"] < 1.0:
+            return False
+        state["last_check"] = time.monotonic()
+        status, out = await http.request("GET", f"/v1/progress?campaign={args.campaign}")
+        return status == 200 and bool(out["done"])
 
-    def worker(i: int) -> None:
+    async def worker(i: int) -> None:
         wid = f"w{i:04d}"
-        while not finished.is_set() and time.monotonic() < deadline:
+        http = _Http(host, port, args.key)
+        while not state["finished"] and time.monotonic() < deadline:
             t0 = time.perf_counter()
-            status, lease = post(
+            status, lease = await http.request(
+                "POST",
                 "/v1/leases",
                 {"worker_id": wid, "campaign": args.campaign, "max_questions": args.batch},
             )
             dt_lease = time.perf_counter() - t0
             if status != 201:
-                with lock:
-                    errors[f"lease {status}"] = errors.get(f"lease {status}", 0) + 1
+                error(f"lease {status}")
                 if status == 403:
                     return  # suspended or failed qualification: this worker is out
-                time.sleep(0.2)
+                await asyncio.sleep(0.2)
                 continue
-            with lock:
-                leases.append(dt_lease)
+            leases.append(dt_lease)
             if not lease["questions"]:
-                if campaign_done():
-                    finished.set()
-                time.sleep(0.2)
+                if await campaign_done(http):
+                    state["finished"] = True
+                await asyncio.sleep(0.2)
                 continue
             answers = [
                 {
@@ -154,27 +171,29 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
                 for q in lease["questions"]
             ]
             t0 = time.perf_counter()
-            status, out = post(
+            status, out = await http.request(
+                "POST",
                 "/v1/answers",
                 {"lease_id": lease["lease_id"], "worker_id": wid, "answers": answers},
             )
             dt = time.perf_counter() - t0
-            with lock:
-                if status == 200:
-                    done.append((time.monotonic(), int(out["accepted"]), dt))
-                else:
-                    errors[f"answers {status}"] = errors.get(f"answers {status}", 0) + 1
+            if status == 200:
+                done.append((time.monotonic(), int(out["accepted"]), dt))
+            else:
+                error(f"answers {status}")
+        if http.writer is not None:
+            http.writer.close()
+
+    async def crowd() -> None:
+        await asyncio.gather(*(worker(i) for i in range(args.workers)))
 
     started = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    http.close()
+    import uvloop  # the gateway's event loop too
+
+    uvloop.run(crowd())
     out = summarize(done, started, time.monotonic())
     out.update(
-        campaign_done=finished.is_set(),
+        campaign_done=state["finished"],
         lease_p50_ms=percentile(leases, 50) * 1e3,
         lease_p99_ms=percentile(leases, 99) * 1e3,
         errors=errors,
