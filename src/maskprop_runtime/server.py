@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -101,17 +102,19 @@ class Started:
     stop: threading.Event
 
 
-def tune_gc(settings: Any) -> None:
-    """Collect the young generation every ``settings.gc_threshold`` allocations instead of
-    CPython's 700 (older generations keep their ratios)."""
+def tune_interpreter(settings: Any) -> None:
+    """CPython's pace for a service under load: the young generation collected every
+    ``settings.gc_threshold`` allocations instead of 700 (older generations keep their
+    ratios), the GIL handed over every ``settings.switch_interval_s`` instead of 5 ms."""
     if settings.gc_threshold:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(settings.gc_threshold, older, oldest)
+    sys.setswitchinterval(settings.switch_interval_s)
 
 
 def start_service(settings: Any, name: str, *, needs_redis: bool = True) -> Started:
     """The start of every service's ``main``, written once: logs, the distributed-mode check,
-    the garbage collector's pace, metrics, Redis (retrying with backoff), the bus and SIGTERM
+    the interpreter's pace (GC, GIL), metrics, Redis (retrying with backoff), the bus and SIGTERM
     handling."""
     from maskprop_runtime.bus import make_bus
     from maskprop_runtime.logs import setup_logging
@@ -119,7 +122,7 @@ def start_service(settings: Any, name: str, *, needs_redis: bool = True) -> Star
     from maskprop_runtime.store import make_redis
 
     setup_logging(name, settings.log_level, settings.log_json)
-    tune_gc(settings)
+    tune_interpreter(settings)
     needed = "MASKPROP_KAFKA_BOOTSTRAP" + (" and MASKPROP_REDIS_URL" if needs_redis else "")
     if not settings.distributed or (needs_redis and settings.redis_url is None):
         raise SystemExit(

@@ -30,7 +30,7 @@ from maskprop_gateway.limits import BodySizeLimit, RateLimiter
 from maskprop_gateway.quality import QualityControl, QualityPolicy
 from maskprop_gateway.search_client import GrpcSearchClient, SearchClient
 from maskprop_gateway.settings import GatewaySettings
-from maskprop_runtime.server import entrypoint, tune_gc
+from maskprop_runtime.server import entrypoint, tune_interpreter
 from maskprop_runtime.store import make_redis
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def main() -> None:
 
     settings = GatewaySettings()
     setup_logging("verify-gateway", settings.log_level, settings.log_json)
-    tune_gc(settings)
+    tune_interpreter(settings)
     start_metrics(settings.metrics_port, settings.metrics_host)
     uvicorn.run(
         create_app(settings),
