@@ -73,7 +73,10 @@ class AnswersOut(Strict):
     lease_id: str
     accepted: int
     duplicates: int
-    forwarded_to_search: int
+    forwarded_to_search: int = Field(
+        description="Labels this request decided, sent to search (by the gateway's forwarder "
+        "within MASKPROP_FORWARD_LINGER_S, default 50 ms; retried until search has them)"
+    )
     worker_status: str
 
 
