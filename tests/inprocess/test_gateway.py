@@ -114,6 +114,29 @@ def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
     raise AssertionError("crowd did not finish")
 
 
+def one_round(client, stack, worker, batch):
+    """``worker`` leases ``batch`` questions and answers them; returns the answer response."""
+    r = client.post(
+        "/v1/leases",
+        json={"worker_id": worker.worker_id, "campaign": "gw", "max_questions": batch},
+        headers=stack.headers(),
+    )
+    assert r.status_code == 201, r.text
+    lease = r.json()
+    answers = [
+        {"question_id": q["question_id"], "answer": a, "elapsed_ms": ms}
+        for q in lease["questions"]
+        for a, ms in [worker.answer(stack.truth, q["mask"]["counts"])]
+    ]
+    s = client.post(
+        "/v1/answers",
+        json={"lease_id": lease["lease_id"], "worker_id": worker.worker_id, "answers": answers},
+        headers=stack.headers(),
+    )
+    assert s.status_code == 200, s.text
+    return lease, s.json()
+
+
 def honest_only_labels(tmp_path, pool):
     """The labels four honest workers reach at redundancy 3: what a mixed crowd must match."""
     honest = [SimWorker(f"h{i}", "honest", seed=i) for i in range(4)]
@@ -321,33 +344,13 @@ def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(
     st.app = create_app(st.settings, redis=st.wired.redis, search=flaky, expiry_interval_s=0.2)
     worker = SimWorker("h0", "honest", seed=1)
 
-    def lease_and_answer():
-        r = client.post(
-            "/v1/leases",
-            json={"worker_id": "h0", "campaign": "gw", "max_questions": 10},
-            headers=st.headers(),
-        )
-        assert r.status_code == 201, r.text
-        lease = r.json()
-        answers = [
-            {"question_id": q["question_id"], "answer": a, "elapsed_ms": ms}
-            for q in lease["questions"]
-            for a, ms in [worker.answer(st.truth, q["mask"]["counts"])]
-        ]
-        s = client.post(
-            "/v1/answers",
-            json={"lease_id": lease["lease_id"], "worker_id": "h0", "answers": answers},
-            headers=st.headers(),
-        )
-        assert s.status_code == 200, s.text
-        return s.json()
-
     answered = lambda: st.wired.core.progress("gw").questions  # noqa: E731
     with TestClient(st.app) as client:
-        lease_and_answer()  # the qualification
+        one_round(client, st, worker, 10)  # the qualification
         flaky.down = True
         before = answered()
-        assert lease_and_answer()["forwarded_to_search"] == 0  # the workers' answers are safe
+        _, out = one_round(client, st, worker, 10)
+        assert out["forwarded_to_search"] == 0  # the workers' answers are safe
         kept = st.wired.redis.hlen("maskprop:gw:forward")
         assert kept > 0 and answered() == before
         flaky.down = False
@@ -410,3 +413,12 @@ def test_forwarder_batches_many_requests_labels_and_reaches_the_same_labels(tmp_
     batched, batched_calls = run("batched", 0.2)
     assert batched == inline
     assert batched_calls < inline_calls
+
+
+def test_a_lease_carries_at_most_max_lease_questions(tmp_path, pool):
+    st = Stack(tmp_path, pool, max_lease_questions=7, gold_share=0.0)
+    worker = SimWorker("h0", "honest", seed=1)
+    with TestClient(st.app) as client:
+        one_round(client, st, worker, 50)  # the qualification
+        lease, _ = one_round(client, st, worker, 50)
+        assert len(lease["questions"]) == 7

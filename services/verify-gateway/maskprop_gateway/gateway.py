@@ -131,6 +131,10 @@ class Gateway:
     def create_lease(
         self, vendor_id: str, worker_id: str, campaign: str, max_questions: int
     ) -> dict[str, Any]:
+        """A lease of up to ``max_questions`` real questions (capped by the
+        ``max_lease_questions`` setting; hidden gold comes on top), or a worker's
+        qualification test first."""
+        max_questions = min(max_questions, self.settings.max_lease_questions)
         worker = f"{vendor_id}:{worker_id}"
         state = self.qc.standing(worker)
         if state.suspended:

@@ -29,6 +29,7 @@ class GatewaySettings(RuntimeSettings):
     rate_per_s: float = Field(default=100.0, gt=0)  # sustained requests per vendor
     rate_burst: int = Field(default=200, ge=1)
     lease_ttl_s: float = Field(default=600.0, gt=0)
+    # Real questions a lease carries at most, whatever a vendor asks for (gold comes on top).
     max_lease_questions: int = Field(default=100, ge=1, le=1000)
     worker_token_ttl_s: float = Field(default=4 * 3600.0, gt=0)
     image_root: Path = Path("data/images")
