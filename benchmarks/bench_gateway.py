@@ -740,6 +740,8 @@ def common_args(
 ) -> None:
     """Options shared by this benchmark and bench_search_load.py (``load``: the load
     generator's own parser)."""
+    for name in ("--target", "--campaign", "--truth", "--out"):
+        load.add_argument(name, required=True)
     for p in (ap, load):
         p.add_argument("--workers", type=int, default=32)
         p.add_argument("--batch", type=int, default=100)
@@ -755,16 +757,17 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd")
     load = sub.add_parser("load", help="(internal) the load generator process")
     load.add_argument("--mode", choices=["gateway", "direct"], required=True)
-    load.add_argument("--target", required=True)
-    load.add_argument("--campaign", required=True)
     load.add_argument("--key", default="")
-    load.add_argument("--truth", required=True)
-    load.add_argument("--out", required=True)
     # 150k masks: the gateway phase of a 60k campaign lasts ~5 s, mostly ramp-up and tail,
     # so its "sustained" rate was not one.
     common_args(ap, load, seconds=60.0, masks=150_000)
     ap.add_argument("--gold", type=int, default=400)
-    ap.add_argument("--profile", type=int, default=0, help="py-spy the gateway for N seconds")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="py-spy search under the baseline, then gateway and search, N seconds each",
+    )
     args = ap.parse_args()
     if args.cmd == "load":
         run_load(args)
