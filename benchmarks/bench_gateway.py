@@ -78,6 +78,12 @@ def summarize(done: list[tuple[float, int, float]], started: float, ended: float
     if len(marks) == 2 and marks[0.9][0] > marks[0.1][0]:
         (t0, n0), (t1, n1) = marks[0.1], marks[0.9]
         out["sustained_answers_per_s"] = (n1 - n0) / (t1 - t0)
+    # Answers a half-second from the start: where the ramp-up, the steady state and the tail
+    # of the campaign are.
+    series: dict[int, int] = {}
+    for t, n, _ in done:
+        series[int((t - started) * 2)] = series.get(int((t - started) * 2), 0) + n
+    out["series"] = [series.get(i, 0) for i in range(max(series, default=-1) + 1)]
     lat = [dt for _, _, dt in done]
     per = [dt / n for _, n, dt in done if n]
     out["p50_ms"], out["p99_ms"] = percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3
@@ -124,6 +130,7 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
     deadline = time.monotonic() + args.seconds
     done: list[tuple[float, int, float]] = []
     leases: list[float] = []
+    sizes: list[int] = []  # questions per lease
     errors: dict[str, int] = {}
     state = {"finished": False, "last_check": 0.0}
 
@@ -157,6 +164,7 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
                 await asyncio.sleep(0.2)
                 continue
             leases.append(dt_lease)
+            sizes.append(len(lease["questions"]))
             if not lease["questions"]:
                 if await campaign_done(http):
                     state["finished"] = True
@@ -196,6 +204,7 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
         campaign_done=state["finished"],
         lease_p50_ms=percentile(leases, 50) * 1e3,
         lease_p99_ms=percentile(leases, 99) * 1e3,
+        lease_sizes=sizes,
         errors=errors,
     )
     return out
@@ -213,6 +222,7 @@ def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, A
     lock = threading.Lock()
     done: list[tuple[float, int, float]] = []
     leases: list[float] = []
+    sizes: list[int] = []
 
     def worker(i: int) -> None:
         while not finished.is_set() and time.monotonic() < deadline:
@@ -225,6 +235,7 @@ def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, A
             )
             with lock:
                 leases.append(time.perf_counter() - t0)
+                sizes.append(len(resp.questions))
             if resp.campaign_done:
                 finished.set()
                 return
@@ -255,6 +266,7 @@ def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, A
         campaign_done=finished.is_set(),
         lease_p50_ms=percentile(leases, 50) * 1e3,
         lease_p99_ms=percentile(leases, 99) * 1e3,
+        lease_sizes=sizes,
         errors={},
     )
     return out
@@ -429,6 +441,19 @@ def redis_commands(r: Any) -> dict[str, tuple[int, int]]:
     return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in stats.items()}
 
 
+def search_calls(port: int) -> dict[str, int]:
+    """gRPC calls the search service served so far, by method (its Prometheus endpoint)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    out = {}
+    for line in text.decode().splitlines():
+        if line.startswith("maskprop_rpc_seconds_count{"):
+            method = line.split('method="', 1)[1].split('"', 1)[0]
+            out[method] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def hotspots(path: Path, package: str, top: int = 12) -> str:
     """Share of busy samples per innermost frame of ``package`` (file:line): where the time
     under our code goes, library calls below it included."""
@@ -460,6 +485,7 @@ class Stack:
     procs: list[Proc]
     search: Proc
     grpc_port: int
+    metrics_port: int  # search's Prometheus endpoint
     truth: dict[str, bool]  # RLE counts -> correct
 
 
@@ -496,7 +522,7 @@ def search_stack(
     work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     logs = work / "logs"
     logs.mkdir()
-    grpc_port = free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     base = {
         **os.environ,
         "MASKPROP_ENV": "prod",
@@ -528,7 +554,12 @@ def search_stack(
         search = Proc(
             "search",
             [sys.executable, "-m", "maskprop_search"],
-            {**base, **(search_env or {}), "MASKPROP_GRPC_PORT": str(grpc_port)},
+            {
+                **base,
+                **(search_env or {}),
+                "MASKPROP_GRPC_PORT": str(grpc_port),
+                "MASKPROP_METRICS_PORT": str(metrics_port),
+            },
             logs,
         )
         procs.append(search)
@@ -555,7 +586,7 @@ def search_stack(
         channel.close()
         procs[0].stop()  # the clusterer's work is done: give its core to the run
         print(f"trees built and loaded in {time.monotonic() - t0:.0f} s", flush=True)
-        yield Stack(kafka, r, work, logs, base, procs, search, grpc_port, truth)
+        yield Stack(kafka, r, work, logs, base, procs, search, grpc_port, metrics_port, truth)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -633,6 +664,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         idle = meter.idle(3.0)
         meter.start()
         r.config_resetstat()
+        calls0 = search_calls(st.metrics_port)
         spy = (
             profile(search.proc.pid, args.profile, work / "search.pyspy") if args.profile else None
         )
@@ -641,6 +673,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         base_res.update(sys_s=meter.system, wall_s=meter.wall, idle_cpu_per_s=idle)
         base_res["redis_commands"] = redis_commands(r)
         base_res["redis_in_bytes"] = int(r.info("stats")["total_net_input_bytes"])
+        calls1 = search_calls(st.metrics_port)
+        base_res["search_calls"] = {k: v - calls0.get(k, 0) for k, v in calls1.items()}
         r.config_resetstat()
         if spy is not None:
             spy.wait(args.profile + 30)
@@ -659,6 +693,9 @@ def orchestrate(args: argparse.Namespace) -> None:
         gw_res.update(sys_s=meter.system, wall_s=meter.wall, idle_cpu_per_s=idle)
         gw_res["redis_commands"] = redis_commands(r)
         gw_res["redis_in_bytes"] = int(r.info("stats")["total_net_input_bytes"])
+        gw_res["search_calls"] = {
+            k: v - calls1.get(k, 0) for k, v in search_calls(st.metrics_port).items()
+        }
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
         for res, c in ((base_res, direct), (gw_res, via_gw)):
@@ -715,6 +752,16 @@ def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
             + ", ".join(f"{k} {1e6 * v * wall / n:.0f}" for k, v in idle.items())
             + f"; into Redis {x.get('redis_in_bytes', 0) / n:.0f} bytes per answer"
         )
+        sizes, calls = x.get("lease_sizes", []), x.get("search_calls", {})
+        applied = x.get("applied_at_search", 0) or 0
+        print(
+            f"{'':8} leases {len(sizes)} ({sizes.count(0)} empty, "
+            f"{sum(sizes) / max(len(sizes), 1):.0f} questions on average); search served "
+            f"{calls.get('LeaseQuestions', 0)} LeaseQuestions and "
+            f"{calls.get('SubmitAnswers', 0)} SubmitAnswers calls "
+            f"({applied / max(calls.get('SubmitAnswers', 0), 1):.0f} answers a call)"
+        )
+        print(f"{'':8} answers per 0.5 s: {x.get('series', [])}")
         cmds = sorted(x.get("redis_commands", {}).items(), key=lambda kv: -kv[1][1])
         calls = sum(c for c, _ in dict(cmds).values())
         print(

@@ -4,6 +4,15 @@ Every /v1 route needs a vendor key (or, for the annotator page, a signed worker 
 are size-limited; vendors are rate-limited.  ``/healthz`` (probes), ``/openapi.json`` and the
 annotator page's files (``/annotate``, ``/static/...``) are the only unauthenticated routes and
 return no data of any campaign.
+
+Threads: the hot routes (leases, answers, lease status) and the dependencies run on the event
+loop although their Redis calls are synchronous.  Each call blocks the loop for one round trip
+(~0.1 ms on loopback), which costs less than what it avoids: with route bodies on 8 worker
+threads, the GIL changed hands around every Redis call, and under 32 concurrent workers the
+same requests took ~30 % more CPU (bench_gateway.py).  Calls into search (tens of ms) stay off
+the loop: the forwarder thread sends decided labels, leases top up the question pool from a
+thread (one search call at a time per campaign), and progress, images and overlays run in
+worker threads (``MASKPROP_HTTP_THREADS``).  More throughput: more gateway processes.
 """
 
 from __future__ import annotations

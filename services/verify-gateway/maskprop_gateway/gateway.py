@@ -17,13 +17,15 @@ exactly like a real one; gold answers never leave this module.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,14 +128,31 @@ class Gateway:
         self._queued: list[str] = []
         self._queued_lock = threading.Lock()
         self._queued_signal = threading.Event()
+        # Top-ups from search, one at a time per campaign: the thread calling search holds
+        # the campaign's lock; the event loop's leases share one task (create_lease_on_loop).
+        self._refill_locks: dict[str, threading.Lock] = {}
+        self._refill_tasks: dict[str, asyncio.Task[int]] = {}
+        self._in_flight = 0  # labels the forwarder is sending now
+        # Leases waiting on the event loop for new questions (create_lease_on_loop), woken
+        # by the forwarder thread through the loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._arrivals: dict[str, asyncio.Event] = {}
 
     # ------------------------------------------------------------------ leases
     def create_lease(
-        self, vendor_id: str, worker_id: str, campaign: str, max_questions: int
+        self,
+        vendor_id: str,
+        worker_id: str,
+        campaign: str,
+        max_questions: int,
+        *,
+        refill: bool = True,
     ) -> dict[str, Any]:
         """A lease of up to ``max_questions`` real questions (capped by the
         ``max_lease_questions`` setting; hidden gold comes on top), or a worker's
-        qualification test first."""
+        qualification test first.  With ``refill`` a pool too short for it is topped up from
+        search first (blocking on that call); without, the lease gets what the pool holds
+        (:meth:`create_lease_on_loop` tops up before, off the event loop)."""
         max_questions = min(max_questions, self.settings.max_lease_questions)
         worker = f"{vendor_id}:{worker_id}"
         state = self.qc.standing(worker)
@@ -160,7 +179,7 @@ class Gateway:
                 items[next(ids)] = {"kind": "gold", "ref": g.gold_id, **_gold_view(g)}
         else:
             kind = "work"
-            real = self._take(campaign, worker, max_questions, expires)
+            real = self._take(campaign, worker, max_questions, expires, refill)
             due = self.qc.gold_due_many(worker, len(real))
             golds = self.qc.next_golds(campaign, worker, sum(due))
             hidden, ids = iter(golds), _opaque_ids(len(real) + len(golds))
@@ -211,42 +230,113 @@ class Gateway:
             "mask": {"size": [it["rle_h"], it["rle_w"]], "counts": it["rle_counts"]},
         }
 
+    async def create_lease_on_loop(
+        self, vendor_id: str, worker_id: str, campaign: str, max_questions: int
+    ) -> dict[str, Any]:
+        """:meth:`create_lease` for a caller on the event loop.  Its Redis round trips run on
+        the loop; topping up from search (tens of ms) runs in a thread, one call at a time per
+        campaign whose result every lease waiting for it shares, and starts early, when the
+        pool falls below ``refill_questions``, so leases seldom wait for it."""
+        n = min(max_questions, self.settings.max_lease_questions)
+        ready = self.pool.ready_count(campaign)
+        if ready < self.settings.refill_questions:
+            task = self._refill_tasks.get(campaign)
+            if task is None or task.done():
+                want = max(2 * (n - ready), self.settings.refill_questions)
+                task = asyncio.create_task(self._refill_off_loop(campaign, want))
+                self._refill_tasks[campaign] = task
+            if ready < n:
+                # shielded: a client that goes away must not cancel the others' top-up
+                await asyncio.shield(task)
+                ready = self.pool.ready_count(campaign)
+        # Nothing to hand out, but answers are on their way to search and may open new
+        # clusters (the forwarder tops up once search has them): wait for those a little
+        # rather than send the worker away empty-handed to poll again.
+        self._loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.lease_wait_s
+        while ready == 0 and self.forwarding() and (left := deadline - time.monotonic()) > 0:
+            arrival = self._arrivals.setdefault(campaign, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrival.wait(), left)
+            ready = self.pool.ready_count(campaign)
+        return self.create_lease(vendor_id, worker_id, campaign, max_questions, refill=False)
+
+    def _announce(self, campaigns: Iterable[str]) -> None:
+        """From the forwarder thread: search has new answers of ``campaigns`` and the pool
+        was topped up; leases waiting on the event loop look again."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def wake() -> None:
+            for campaign in campaigns:
+                arrival = self._arrivals.pop(campaign, None)
+                if arrival is not None:
+                    arrival.set()
+
+        loop.call_soon_threadsafe(wake)
+
+    async def _refill_off_loop(self, campaign: str, want: int) -> int:
+        try:
+            return await asyncio.to_thread(self.refill, campaign, want)
+        except Exception:  # a lease gets what the pool holds; the next one tries again
+            log.exception("topping up questions from search failed", extra={"campaign": campaign})
+            return 0
+
     def _take(
-        self, campaign: str, worker: str, n: int, expires: float
+        self, campaign: str, worker: str, n: int, expires: float, refill: bool = True
     ) -> list[tuple[str, dict[str, Any]]]:
         """Up to ``n`` real questions this worker has not seen, claimed atomically (one Lua
-        call), topping up from search when the pool runs short."""
+        call); with ``refill``, topping up from search when the pool runs short."""
         redundancy = self.qc.policy.redundancy
         got = self.pool.claim(campaign, worker, n, expires, self.clock(), redundancy)
-        if len(got) < n:
+        if refill and len(got) < n and self.refill(campaign, 2 * (n - len(got))):
+            got += self.pool.claim(
+                campaign, worker, n - len(got), expires, self.clock(), redundancy
+            )
+        return [(qid, json.loads(view)) for qid, view in got]
+
+    def refill(self, campaign: str, want: int, *, fresh: bool = False) -> int:
+        """Lease up to ``want`` questions (at least ``refill_questions``, at most what one
+        search call carries) from search into the pool; returns how many arrived.
+
+        One call at a time per campaign: a thread that finds another one asking waits for
+        it and returns -1 (the pool has whatever it brought), or with ``fresh`` (search's
+        state changed since that call began) then asks itself.  32 workers' leases each
+        asking search for their own shortfall made ~3x as many search calls, each returning
+        a few dozen questions, and search pays per call for every class it locks and saves."""
+        with self._queued_lock:
+            lock = self._refill_locks.setdefault(campaign, threading.Lock())
+        if not lock.acquire(blocking=False):
+            if not fresh:
+                with lock:
+                    return -1
+            lock.acquire()
+        try:
+            want = min(max(want, self.settings.refill_questions), SEARCH_MAX_ANSWERS)
             try:
-                # twice the shortfall (the next leases find the rest), at most what search
-                # hands out in one call
-                want = min((n - len(got)) * 2, SEARCH_MAX_ANSWERS)
                 questions, _done = self.search.lease(campaign, want, "gateway")
             except SearchUnavailable:
-                questions = []
-            if questions:
-                self.pool.add(
-                    campaign,
-                    {
-                        q.question_id: json.dumps(
-                            {
-                                "class_name": q.class_name,
-                                "image_file": q.image_file,
-                                "rle_h": q.rle.height,
-                                "rle_w": q.rle.width,
-                                "rle_counts": q.rle.counts.decode("ascii"),
-                            }
-                        )
-                        for q in questions
-                    },
-                    self.clock(),
-                )
-                got += self.pool.claim(
-                    campaign, worker, n - len(got), expires, self.clock(), redundancy
-                )
-        return [(qid, json.loads(view)) for qid, view in got]
+                return 0
+            self.pool.add(
+                campaign,
+                {
+                    q.question_id: json.dumps(
+                        {
+                            "class_name": q.class_name,
+                            "image_file": q.image_file,
+                            "rle_h": q.rle.height,
+                            "rle_w": q.rle.width,
+                            "rle_counts": q.rle.counts.decode("ascii"),
+                        }
+                    )
+                    for q in questions
+                },
+                self.clock(),
+            )
+            return len(questions)
+        finally:
+            lock.release()
 
     def lease(self, vendor_id: str, lease_id: str) -> dict[str, Any]:
         """A lease's stored record; only its own vendor may see it (others get NotFound)."""
@@ -396,13 +486,28 @@ class Gateway:
             self._queued_signal.clear()
             with self._queued_lock:
                 qids, self._queued = self._queued, []
-            if qids:
-                try:
+                self._in_flight = len(qids)
+            campaigns = {QuestionPool.campaign_of(q) for q in qids}
+            try:
+                if qids:
                     self._flush_forward(qids)
-                except Exception:  # Redis down: the labels wait in ``forward``
-                    log.exception("forwarding labels failed; retried later")
+                    # Search just applied these answers, which may open new clusters: top
+                    # up now, before leases find the pool dry (they would wait for it).
+                    for campaign in campaigns:
+                        if self.pool.ready_count(campaign) < self.settings.refill_questions:
+                            self.refill(campaign, self.settings.refill_questions, fresh=True)
+            except Exception:  # Redis down: the labels wait in ``forward``
+                log.exception("forwarding labels failed; retried later")
+            finally:
+                self._in_flight = 0
+                self._announce(campaigns)
             if stopping:
                 return
+
+    def forwarding(self) -> bool:
+        """Whether this process has decided labels on their way to search (queued for the
+        forwarder or being sent): answers that may open new questions any moment."""
+        return bool(self._queued or self._in_flight)
 
     def _flush_forward(self, qids: list[str] | None = None, *, stale_only: bool = False) -> int:
         """Send aggregated labels to search; they stay in the ``forward`` hash until search

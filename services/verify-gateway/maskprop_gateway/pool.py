@@ -184,6 +184,10 @@ class QuestionPool:
         pipe.zadd(f"{P}{campaign}:ready", arrivals, nx=True)
         pipe.execute()
 
+    def ready_count(self, campaign: str) -> int:
+        """Questions of ``campaign`` that may need another worker (claimable, seen-by aside)."""
+        return int(self.r.zcard(f"{P}{campaign}:ready"))
+
     def claim(
         self, campaign: str, worker: str, n: int, expires: float, now: float, redundancy: int
     ) -> list[tuple[str, str]]:

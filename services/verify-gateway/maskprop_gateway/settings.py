@@ -18,14 +18,22 @@ class GatewaySettings(RuntimeSettings):
     # Secret mixed into every stored key hash and signed worker token; required outside dev.
     key_pepper: SecretStr = SecretStr(DEV_PEPPER)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
-    # Threads running the (blocking) route bodies.  Every route is Python holding the GIL
-    # between short Redis/gRPC waits, so more threads mostly add switching (anyio's default
-    # is 40); scale out with more gateway processes instead.
+    # Threads running the routes that call search or do heavier work (progress, images,
+    # overlays); the hot routes run on the event loop (see app.py).  Every route is Python
+    # holding the GIL between short waits, so more threads mostly add switching (anyio's
+    # default is 40); scale out with more gateway processes instead.
     http_threads: int = Field(default=8, ge=1, le=256)
     # Decided labels wait this long to go to search together (a forwarder thread); 0 sends
     # each request's labels before it answers (tests, embedded).  Search saves every class a
     # call touches, so fewer, larger calls cost it less.
     forward_linger_s: float = Field(default=0.05, ge=0, le=5)
+    # Questions asked of search per top-up of the gateway's pool (one call at a time per
+    # campaign; a top-up starts once fewer are ready).  Search pays per call for every class
+    # it touches, so a few large calls cost it less than many small ones.
+    refill_questions: int = Field(default=500, ge=1, le=1000)
+    # A lease that finds no question while answers are on their way to search waits up to
+    # this long for the clusters they open (0: answer at once, possibly empty).
+    lease_wait_s: float = Field(default=1.0, ge=0, le=30)
     rate_per_s: float = Field(default=100.0, gt=0)  # sustained requests per vendor
     rate_burst: int = Field(default=200, ge=1)
     lease_ttl_s: float = Field(default=600.0, gt=0)

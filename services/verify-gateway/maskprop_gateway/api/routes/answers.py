@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/answers", tags=["answers"])
 
 
 @router.post("", response_model=AnswersOut, responses={**ERRORS, 409: {}, 410: {}})
-def submit_answers(
+async def submit_answers(
     body: AnswersRequest,
     vendor: VendorDep,
     gateway: GatewayDep,

@@ -25,14 +25,13 @@ _CACHE = {"Cache-Control": "private, max-age=3600"}
 
 
 @router.post("", status_code=201, response_model=LeaseOut, responses=ERRORS)
-def create_lease(body: LeaseRequest, vendor: VendorDep, gateway: GatewayDep) -> Response:
+async def create_lease(body: LeaseRequest, vendor: VendorDep, gateway: GatewayDep) -> Response:
     """Lease questions for one of the vendor's workers.  A new worker first gets a
     qualification lease; hidden gold questions are mixed into work leases."""
-    out = call(
-        lambda: gateway.create_lease(
+    with http_errors():
+        out = await gateway.create_lease_on_loop(
             vendor.vendor_id, body.worker_id, body.campaign, body.max_questions
         )
-    )
     # Serialized here, not validated against LeaseOut by FastAPI: the gateway builds every
     # field from checked parts, and a model instance per question was the largest single
     # cost of the hottest route (LeaseOut stays the documented schema; tests hold the
@@ -43,7 +42,7 @@ def create_lease(body: LeaseRequest, vendor: VendorDep, gateway: GatewayDep) -> 
 
 
 @router.get("/{lease_id}", response_model=LeaseStatus, responses=ERRORS)
-def get_lease(lease_id: str, vendor: VendorDep, gateway: GatewayDep) -> LeaseStatus:
+async def get_lease(lease_id: str, vendor: VendorDep, gateway: GatewayDep) -> LeaseStatus:
     """A lease of this vendor (another vendor's lease is 404)."""
     _check(LEASE, lease_id)
     rec = call(lambda: gateway.lease(vendor.vendor_id, lease_id))

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from pydantic import Field
 
 from maskprop_gateway.api.deps import GatewayDep, WorkerDep
-from maskprop_gateway.api.errors import call
+from maskprop_gateway.api.errors import call, http_errors
 from maskprop_gateway.api.routes.leases import ERRORS, PNG, image_response, overlay_response
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.gateway import Gateway
@@ -43,13 +43,14 @@ class WorkerAnswersRequest(Strict):
 
 
 @router.post("/lease", status_code=201, response_model=LeaseOut, responses=ERRORS)
-def create_lease(body: WorkerLeaseRequest, claims: WorkerDep, gateway: GatewayDep) -> LeaseOut:
+async def create_lease(
+    body: WorkerLeaseRequest, claims: WorkerDep, gateway: GatewayDep
+) -> LeaseOut:
     """Lease questions for the token's worker and campaign (a qualification lease first)."""
-    out = call(
-        lambda: gateway.create_lease(
+    with http_errors():
+        out = await gateway.create_lease_on_loop(
             claims.vendor_id, claims.worker_id, claims.campaign, body.max_questions
         )
-    )
     # The page already holds a token; minting a fresh one here would let a worker outlive
     # the expiry its vendor chose.  Image URLs point at the token-authenticated routes.
     out["worker_token"] = None
@@ -60,7 +61,7 @@ def create_lease(body: WorkerLeaseRequest, claims: WorkerDep, gateway: GatewayDe
 
 
 @router.post("/answers", response_model=AnswersOut, responses={**ERRORS, 410: {}})
-def submit_answers(
+async def submit_answers(
     body: WorkerAnswersRequest, claims: WorkerDep, gateway: GatewayDep
 ) -> AnswersOut:
     """Answers of the token's worker for one of its leases (one answer per question; a

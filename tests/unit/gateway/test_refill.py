@@ -1,0 +1,181 @@
+"""How the gateway tops up its question pool from search (maskprop_gateway.gateway): one search
+call at a time per campaign, large calls, early top-ups, and leases on the event loop that wait
+for the questions answers in flight open instead of coming back empty."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import fakeredis
+from maskprop_gateway.gateway import SEARCH_MAX_ANSWERS, Gateway
+from maskprop_gateway.quality import QualityControl, QualityPolicy
+from maskprop_gateway.settings import GatewaySettings
+
+from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
+
+CAMPAIGN = "c"
+
+
+def question(i: int) -> search_pb2.Question:
+    return search_pb2.Question(
+        question_id=f"{CAMPAIGN}:0:{i}:{i}",
+        campaign=CAMPAIGN,
+        class_name="cat",
+        image_file=f"img{i}.png",
+        rle=common_pb2.RleMask(height=4, width=4, counts=b"0g0"),
+    )
+
+
+class SlowSearch:
+    """Hands out ``available`` questions, each call taking ``delay`` seconds."""
+
+    def __init__(self, available: int, delay: float = 0.0) -> None:
+        self.next = 0
+        self.available = available
+        self.delay = delay
+        self.leases: list[int] = []
+        self.submits: list[list[tuple[str, bool]]] = []
+        self.lock = threading.Lock()
+
+    def lease(self, campaign, n, owner):
+        assert 1 <= n <= SEARCH_MAX_ANSWERS
+        time.sleep(self.delay)
+        with self.lock:
+            self.leases.append(n)
+            k = min(n, self.available)
+            out = [question(self.next + i) for i in range(k)]
+            self.next += k
+            self.available -= k
+        return out, False
+
+    def submit(self, answers):
+        self.submits.append(list(answers))
+        return len(self.submits[-1]), 0, 0
+
+
+def gateway(search: SlowSearch, **settings) -> Gateway:
+    r = fakeredis.FakeRedis()
+    gs = GatewaySettings(key_pepper="p" * 20, **settings)
+    # no qualification and no hidden gold: every lease is real work
+    qc = QualityControl(r, QualityPolicy(qualification_size=0, gold_share=0.0))
+    return Gateway(r, search, qc, gs)
+
+
+def real(lease: dict) -> int:
+    return len(lease["questions"])
+
+
+def test_concurrent_short_leases_share_one_search_call():
+    search = SlowSearch(available=5000, delay=0.2)
+    gw = gateway(search, refill_questions=500)
+    leases: list[dict] = []
+
+    def one(w: int) -> None:
+        leases.append(gw.create_lease("v", f"w{w}", CAMPAIGN, 100))
+
+    threads = [threading.Thread(target=one, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    # One call for the four leases (it asks for the batch size, not each shortfall)...
+    assert search.leases == [500]
+    # ...and every lease is served from it; no question is handed out twice.
+    assert sorted(real(x) for x in leases) == [100] * 4
+    served = [q["mask"]["counts"] for x in leases for q in x["questions"]]
+    assert len(served) == 400
+
+
+def test_a_top_up_asks_for_at_least_the_batch_and_at_most_one_call():
+    search = SlowSearch(available=10_000)
+    gw = gateway(search, refill_questions=300)
+    gw.create_lease("v", "w1", CAMPAIGN, 10)
+    assert search.leases == [300]  # 2 x 10 would mean a search call every few leases
+    gw.refill(CAMPAIGN, 5000)
+    assert search.leases[-1] == SEARCH_MAX_ANSWERS
+
+
+def test_a_lease_on_the_loop_tops_up_off_the_loop_and_early():
+    search = SlowSearch(available=10_000, delay=0.05)
+    gw = gateway(search, refill_questions=250)
+
+    async def main() -> list[int]:
+        sizes = []
+        for w in range(4):
+            sizes.append(real(await gw.create_lease_on_loop("v", f"w{w}", CAMPAIGN, 100)))
+            await asyncio.sleep(0.1)  # the early top-up started by the last lease lands
+        return sizes
+
+    assert asyncio.run(main()) == [100] * 4
+    # 250 questions a call, started as soon as fewer than 250 are ready: only the first lease
+    # had to wait for one; the second and fourth started one and took what was ready.
+    assert search.leases == [250, 250, 250]
+
+
+def test_an_empty_lease_waits_for_the_questions_answers_in_flight_open():
+    search = SlowSearch(available=0)
+    gw = gateway(search, lease_wait_s=5.0)
+
+    async def main() -> tuple[int, float]:
+        gw._in_flight = 3  # the forwarder is sending three answers to search
+        loop = asyncio.get_running_loop()
+
+        def forwarder_done() -> None:
+            time.sleep(0.3)
+            search.available = 40  # the answers opened new clusters
+            gw.refill(CAMPAIGN, 1, fresh=True)
+            gw._in_flight = 0
+            gw._announce([CAMPAIGN])
+
+        t0 = time.monotonic()
+        waiting = loop.run_in_executor(None, forwarder_done)
+        lease = await gw.create_lease_on_loop("v", "w1", CAMPAIGN, 100)
+        await waiting
+        return real(lease), time.monotonic() - t0
+
+    n, waited = asyncio.run(main())
+    assert n == 40
+    assert 0.25 < waited < 3.0  # woken by the forwarder, not by the 5 s limit
+
+
+def test_with_nothing_in_flight_an_empty_lease_answers_at_once():
+    search = SlowSearch(available=0)
+    gw = gateway(search, lease_wait_s=5.0)
+
+    async def main() -> tuple[int, float]:
+        t0 = time.monotonic()
+        lease = await gw.create_lease_on_loop("v", "w1", CAMPAIGN, 100)
+        return real(lease), time.monotonic() - t0
+
+    n, waited = asyncio.run(main())
+    assert n == 0 and waited < 1.0  # nothing can open new questions: no point waiting
+
+
+def test_the_forwarder_tops_up_once_search_has_the_answers():
+    search = SlowSearch(available=1000)
+    gw = gateway(search, forward_linger_s=0.01, refill_questions=200)
+    lease = gw.create_lease("v", "w1", CAMPAIGN, 50)
+    assert search.leases == [200]
+    stop = threading.Event()
+    thread = threading.Thread(target=gw.run_forwarder, args=(stop,))
+    thread.start()
+    try:
+        gw.submit(
+            "v",
+            lease["lease_id"],
+            "w1",
+            [(q["question_id"], True, 1500) for q in lease["questions"]],
+        )
+        deadline = time.monotonic() + 5
+        while len(search.leases) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert [len(c) for c in search.submits] == [50]
+    # 150 were left ready, fewer than a batch: the forwarder asked search right after it
+    # delivered the answers, which may have opened new clusters
+    assert search.leases == [200, 200]
