@@ -275,8 +275,8 @@ def test_a_save_after_the_class_lock_expired_is_refused(wired):
     with pytest.raises(ResponseError, match="LOCKLOST"):
         with wired.core._class("c1", 1) as held:
             held.loaded.session.lease(5)
+            held.changed = True  # saved when the block ends
             wired.redis.delete(wired.core._k("c1", 1, "lock"))  # expired: another may hold it
-            wired.core._save(held)
     qs, _ = wired.core.lease("c1", 5)  # the unsaved change was dropped with the cached copy
     assert qs
 
@@ -298,3 +298,42 @@ def test_one_relay_publishes_at_a_time(wired):
     assert wired.core.drain_outbox(batch=3) == waiting
     assert len(wired.bus.read(topics.LABELS)) == waiting
     assert not wired.redis.exists(RELAY_LOCK_KEY)
+
+
+def test_a_call_locks_and_saves_all_its_classes_in_one_round_trip_each(wired):
+    wired.publish_pool()
+    wired.settle()
+    core = wired.core
+    calls = {"acquire": 0, "save": 0}
+    for name in calls:
+        script = getattr(core, f"_{name}_script")
+
+        def counted(*a, _script=script, _name=name, **k):
+            calls[_name] += 1
+            return _script(*a, **k)
+
+        setattr(core, f"_{name}_script", counted)
+    qs, _ = core.lease("c1", 400)
+    assert len({q.class_id for q in qs}) > 1
+    core.submit(answers_for(wired, qs))
+    assert calls == {"acquire": 2, "save": 2}  # one each for the lease and for the answers
+
+
+def test_a_call_saves_all_its_classes_or_none(wired):
+    from redis.exceptions import ResponseError
+
+    wired.publish_pool()
+    wired.settle()
+    versions = [wired.core._k("c1", k, "version") for k in (0, 1)]
+    before = [int(wired.redis.get(v)) for v in versions]
+    with pytest.raises(ResponseError, match="LOCKLOST"):
+        with wired.core._classes("c1", [0, 1]) as batch:
+            for held in batch.held.values():
+                assert held.loaded.session.lease(5)
+                held.changed = True
+            wired.redis.delete(wired.core._k("c1", 1, "lock"))  # expired: another may hold it
+    assert [int(wired.redis.get(v)) for v in versions] == before  # class 0 not saved either
+    assert not wired.redis.exists(wired.core._k("c1", 0, "lock"))  # and its lock released
+    # Both unsaved changes were dropped with the cached copies: the questions come again.
+    qs, _ = wired.core.lease("c1", 1000)
+    assert {0, 1} <= {q.class_id for q in qs}

@@ -28,8 +28,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,56 +94,77 @@ RELAY_LOCK_MS = 10_000  # a relay killed mid-batch delays the outbox this long
 RELAY_BATCH = 200
 #: Arguments per Lua ``unpack`` (Lua's C stack limit is 8000).
 _UNPACK = 1000
-# KEYS: lock, version; ARGV: token, ttl ms.  The stored version when the lock was free
-# (and is now ours), nil when another holder has it.
+# KEYS: (lock, version) of each class; ARGV: token, ttl ms.  All the classes' locks or none:
+# the stored version of each (the locks now ours), nil while another holder has any of them.
 _ACQUIRE = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return tonumber(redis.call('get', KEYS[2]) or '0')
+for i = 1, #KEYS, 2 do
+  if redis.call('exists', KEYS[i]) == 1 then return false end
 end
-return nil
+local out = {}
+for i = 1, #KEYS, 2 do
+  redis.call('set', KEYS[i], ARGV[1], 'PX', ARGV[2])
+  out[#out + 1] = tonumber(redis.call('get', KEYS[i + 1]) or '0')
+end
+return out
 """
-# KEYS: lock; ARGV: token.  Delete the lock only if it is still ours (it may have expired).
+# KEYS: locks; ARGV: token.  Delete the locks that are still ours (one may have expired).
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
+for i = 1, #KEYS do
+  if redis.call('get', KEYS[i]) == ARGV[1] then redis.call('del', KEYS[i]) end
 end
 return 0
 """
-# KEYS: lock, session, version, leases, outbox.  ARGV: token, release (1/0), snapshot, n_drop,
-# n_add, n_events, then the dropped question ids, the added (deadline, question id) pairs and
-# the (Kafka key, event) pairs.  One atomic round trip: the state and the labels it decided
-# are saved together (the outbox), and the lock is released.  Refused when the lock is no
-# longer ours (it expired and another replica may have saved since).
+# KEYS: the outbox, then (lock, session, version, leases) of each class saved, then the locks
+# of classes only released.  ARGV: token, release (1/0), unpack chunk, classes saved, then per
+# class saved: snapshot, n_drop, n_add, n_events, the dropped question ids, the added
+# (deadline, question id) pairs and the (Kafka key, event) pairs.  One atomic round trip for
+# every class a call touched: the states and the labels they decided are saved together (the
+# outbox), and the locks are released.  Refused, writing nothing, when any lock is no longer
+# ours (it expired and another replica may have saved since).  Returns the new versions.
 _SAVE = """
-if redis.call('get', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('LOCKLOST class lock expired before the save')
+local token, chunk, m = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
+for k = 0, m - 1 do
+  if redis.call('get', KEYS[2 + 4 * k]) ~= token then
+    return redis.error_reply('LOCKLOST class lock expired before the save')
+  end
 end
-redis.call('set', KEYS[2], ARGV[3])
-local version = redis.call('incr', KEYS[3])
-local n_drop, n_add, n_events = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local chunk = tonumber(ARGV[7])
-local i = 8
-local last = i + n_drop - 1
-while i <= last do
-  local j = math.min(i + chunk - 1, last)
-  redis.call('zrem', KEYS[4], unpack(ARGV, i, j))
-  i = j + 1
+for i = 2 + 4 * m, #KEYS do
+  if redis.call('get', KEYS[i]) ~= token then
+    return redis.error_reply('LOCKLOST class lock expired before the save')
+  end
 end
-last = i + 2 * n_add - 1
-while i <= last do
-  local j = math.min(i + 2 * chunk - 1, last)
-  redis.call('zadd', KEYS[4], unpack(ARGV, i, j))
-  i = j + 1
-end
-last = i + 2 * n_events - 1
-while i <= last do
-  redis.call('xadd', KEYS[5], '*', 'k', ARGV[i], 'v', ARGV[i + 1])
-  i = i + 2
+local versions = {}
+local i = 5
+for k = 0, m - 1 do
+  local leases = KEYS[5 + 4 * k]
+  redis.call('set', KEYS[3 + 4 * k], ARGV[i])
+  versions[#versions + 1] = redis.call('incr', KEYS[4 + 4 * k])
+  local n_drop, n_add = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local n_events = tonumber(ARGV[i + 3])
+  i = i + 4
+  local last = i + n_drop - 1
+  while i <= last do
+    local j = math.min(i + chunk - 1, last)
+    redis.call('zrem', leases, unpack(ARGV, i, j))
+    i = j + 1
+  end
+  last = i + 2 * n_add - 1
+  while i <= last do
+    local j = math.min(i + 2 * chunk - 1, last)
+    redis.call('zadd', leases, unpack(ARGV, i, j))
+    i = j + 1
+  end
+  last = i + 2 * n_events - 1
+  while i <= last do
+    redis.call('xadd', KEYS[1], '*', 'k', ARGV[i], 'v', ARGV[i + 1])
+    i = i + 2
+  end
 end
 if ARGV[2] == '1' then
-  redis.call('del', KEYS[1])
+  for k = 0, m - 1 do redis.call('del', KEYS[2 + 4 * k]) end
+  for j = 2 + 4 * m, #KEYS do redis.call('del', KEYS[j]) end
 end
-return version
+return versions
 """
 # KEYS: per class its leases zset and its version; ARGV: now.  Per class (flat): 1 if a lease
 # is overdue, and the stored version.  One command instead of a pipeline of two a class.
@@ -190,7 +211,8 @@ return 0
 
 @dataclass
 class _Held:
-    """A class locked by this caller: the lock's token, the stored version, the session."""
+    """A class locked by this caller: the lock's token, the stored version, the session, and
+    what to save with it when the call ends (``changed``: the session itself)."""
 
     campaign: str
     class_id: int
@@ -198,6 +220,18 @@ class _Held:
     version: int
     loaded: _Loaded | None = None
     released: bool = False
+    changed: bool = False
+    add_leases: dict[str, float] = field(default_factory=dict)
+    drop_leases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """The classes of one campaign a call holds (class id -> :class:`_Held`), and the label
+    events their save put in the outbox (set when the batch ends)."""
+
+    held: dict[int, _Held]
+    events: int = 0
 
 
 def question_id(campaign: str, q: Question) -> str:
@@ -286,7 +320,7 @@ class SearchCore:
         if tree.n_leaves != msg.n_masks:
             raise InvalidEvent(f"tree has {tree.n_leaves} masks, event says {msg.n_masks}")
         campaign, k = msg.campaign, int(msg.class_id)
-        with self._locked(campaign, k):
+        with self._classes(campaign, [k], load=False):
             if self.r.exists(self._k(campaign, k, "session")):
                 return []  # redelivered: the session already exists and may have progressed
             session = AnnotationSession(
@@ -307,50 +341,69 @@ class SearchCore:
 
     # ------------------------------------------------------------------ state
     @contextmanager
-    def _class(self, campaign: str, class_id: int) -> Iterator[_Held]:
-        """Lock a class and load its session (``held.loaded``).  If anything fails half-way
-        (Redis down, the lock lost), the in-memory copy may be ahead of Redis: drop it, so the
-        next call restores the last saved state."""
-        with self._locked(campaign, class_id) as held:
+    def _classes(
+        self, campaign: str, class_ids: Iterable[int], *, load: bool = True
+    ) -> Iterator[_Batch]:
+        """Lock classes of a campaign and load their sessions (``held.loaded``); when the
+        block ends, save the classes marked ``changed`` (with their lease changes and the
+        label events of their new decisions) and release every lock, in one round trip.
+
+        Threads of this process queue on local locks first (taken in class order, so two
+        calls never wait on each other crosswise; woken at once, no polling); the Redis locks
+        then only arbitrate between replicas, so they are usually free, and taking them reads
+        the versions too: one round trip for all the classes a call touches, and one to save
+        them (two a class made search spend ~a third of its time in redis-py round trips).
+        If anything fails half-way (Redis down, a lock lost), the in-memory copies may be
+        ahead of Redis: they are dropped, so the next call restores the last saved state."""
+        ids = sorted(set(class_ids))
+        token = os.urandom(12).hex()
+        with ExitStack() as stack:
+            for k in ids:
+                stack.enter_context(self._local_lock(campaign, k))
+            versions = self._acquire(campaign, ids, token) if ids else []
+            batch = _Batch(
+                {k: _Held(campaign, k, token, v) for k, v in zip(ids, versions, strict=True)}
+            )
             try:
-                held.loaded = self._load(held)
-                yield held
+                if load:
+                    for held in batch.held.values():
+                        held.loaded = self._load(held)
+                yield batch
+                batch.events = self._save(batch)
             except BaseException:
-                self._cache.pop((campaign, class_id), None)
+                for k in ids:
+                    self._cache.pop((campaign, k), None)
+                unreleased = [h for h in batch.held.values() if not h.released]
+                if unreleased:
+                    with suppress(Exception):  # Redis down: the locks expire by themselves
+                        self._release_script(
+                            keys=[self._k(campaign, h.class_id, "lock") for h in unreleased],
+                            args=[token],
+                        )
                 raise
 
     @contextmanager
-    def _locked(self, campaign: str, class_id: int) -> Iterator[_Held]:
-        """Hold the class's locks; ``held.version`` is the session's stored version.
+    def _class(self, campaign: str, class_id: int) -> Iterator[_Held]:
+        """:meth:`_classes` of one class."""
+        with self._classes(campaign, [class_id]) as batch:
+            yield batch.held[class_id]
 
-        Threads of this process queue on a local lock first (woken at once, no polling); the
-        Redis lock then only arbitrates between replicas, so it is usually free, and taking it
-        also reads the version: one round trip (redis-py's Lock object and a separate GET were
-        a third of search's time under load).  :meth:`_save` releases the Redis lock in its
-        own round trip; otherwise it is released here."""
-        lock_key = self._k(campaign, class_id, "lock")
-        token = os.urandom(12).hex()
-        with self._local_lock(campaign, class_id):
-            version = self._acquire(lock_key, self._k(campaign, class_id, "version"), token)
-            held = _Held(campaign, class_id, token, version)
-            try:
-                yield held
-            finally:
-                if not held.released:
-                    self._release_script(keys=[lock_key], args=[token])
-
-    def _acquire(self, lock_key: str, version_key: str, token: str) -> int:
-        """Take the class's Redis lock (60 s TTL, polled every 5 ms for up to 60 s) and
-        return the session's stored version."""
+    def _acquire(self, campaign: str, class_ids: list[int], token: str) -> list[int]:
+        """Take the classes' Redis locks (60 s TTL; all or none, polled every 5 ms for up to
+        60 s) and return the sessions' stored versions."""
+        keys: list[str] = []
+        for k in class_ids:
+            keys += (self._k(campaign, k, "lock"), self._k(campaign, k, "version"))
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while True:
-            got = self._acquire_script(
-                keys=[lock_key, version_key], args=[token, int(LOCK_TIMEOUT_S * 1000)]
-            )
+            got = self._acquire_script(keys=keys, args=[token, int(LOCK_TIMEOUT_S * 1000)])
             if got is not None:
-                return int(got)
+                return [int(v) for v in got]
             if time.monotonic() > deadline:
-                raise LockError(f"could not lock {lock_key} within {LOCK_TIMEOUT_S:.0f} s")
+                raise LockError(
+                    f"could not lock classes {class_ids} of {campaign!r} "
+                    f"within {LOCK_TIMEOUT_S:.0f} s"
+                )
             time.sleep(0.005)
 
     def _local_lock(self, campaign: str, class_id: int) -> threading.Lock:
@@ -377,56 +430,61 @@ class SearchCore:
         self._cache[(campaign, class_id)] = loaded
         if session.has_pending_decisions():
             # Saved by a version that kept decisions in the snapshot until the broker acked:
-            # move them to the outbox stream.
-            held.loaded = loaded
-            self._save(held, release=False)
+            # saved with the batch, they move to the outbox stream.
+            held.changed = True
         return loaded
 
-    def _save(
-        self,
-        held: _Held,
-        *,
-        add_leases: dict[str, float] | None = None,
-        drop_leases: Iterable[str] = (),
-        release: bool = True,
-    ) -> int:
-        """Save the session, its lease changes and the label events of its new decisions in
-        one round trip, releasing the class lock unless ``release`` is False.  Returns the
-        number of events added to the outbox."""
-        loaded = held.loaded
-        assert loaded is not None
-        campaign, class_id = held.campaign, held.class_id
-        decisions = [d for d in loaded.session.pop_decisions() if d.terminal]
-        events = self._label_events(campaign, class_id, loaded, decisions) if decisions else []
-        drop = list(drop_leases)
-        add = add_leases or {}
-        args: list[Any] = [
-            held.token,
-            1 if release else 0,
-            loaded.session.snapshot(),
-            len(drop),
-            len(add),
-            len(events),
-            _UNPACK,
-            *drop,
-        ]
-        for qid, deadline in add.items():
-            args += (deadline, qid)
-        key = topics.class_key(campaign, class_id)
-        for ev in events:
-            args += (key, ev.SerializeToString())
-        keys = [
-            self._k(campaign, class_id, "lock"),
-            self._k(campaign, class_id, "session"),
-            self._k(campaign, class_id, "version"),
-            self._k(campaign, class_id, "leases"),
-            OUTBOX_KEY,
-        ]
-        loaded.version = held.version = int(self._save_script(keys=keys, args=args))
-        held.released = held.released or release
+    def _save(self, batch: _Batch, *, release: bool = True) -> int:
+        """Save the batch's changed classes (sessions, lease changes, the label events of
+        their new decisions) and release its locks unless ``release`` is False, in one round
+        trip.  Returns the number of events added to the outbox."""
+        held = [h for h in batch.held.values() if not h.released]
+        changed = [h for h in held if h.changed]
+        if not held or (not changed and not release):
+            return 0
+        campaign = held[0].campaign
+        keys: list[str] = [OUTBOX_KEY]
+        args: list[Any] = [held[0].token, 1 if release else 0, _UNPACK, len(changed)]
+        events = 0
+        for h in changed:
+            loaded = h.loaded
+            assert loaded is not None
+            k = h.class_id
+            decisions = [d for d in loaded.session.pop_decisions() if d.terminal]
+            evs = self._label_events(campaign, k, loaded, decisions) if decisions else []
+            keys += (
+                self._k(campaign, k, "lock"),
+                self._k(campaign, k, "session"),
+                self._k(campaign, k, "version"),
+                self._k(campaign, k, "leases"),
+            )
+            args += (
+                loaded.session.snapshot(),
+                len(h.drop_leases),
+                len(h.add_leases),
+                len(evs),
+                *h.drop_leases,
+            )
+            for qid, deadline in h.add_leases.items():
+                args += (deadline, qid)
+            key = topics.class_key(campaign, k)
+            for ev in evs:
+                args += (key, ev.SerializeToString())
+            events += len(evs)
+        if release:
+            keys += [self._k(campaign, h.class_id, "lock") for h in held if not h.changed]
+        versions = self._save_script(keys=keys, args=args)
+        for h, version in zip(changed, versions, strict=True):
+            assert h.loaded is not None
+            h.loaded.version = h.version = int(version)
+            h.changed = False
+            h.add_leases, h.drop_leases = {}, []
+        if release:
+            for h in held:
+                h.released = True
         if events and not self.publish_inline:
             self._outbox_signal.set()
-        return len(events)
+        return events
 
     # ------------------------------------------------------------------ the outbox relay
     def drain_outbox(self, batch: int = RELAY_BATCH) -> int:
@@ -576,35 +634,35 @@ class SearchCore:
         versions = dict(zip(order, (int(v) for v in replies[1::2]), strict=True))
         order = overdue + [k for k in order if k not in overdue]
         done = True
-        events = 0
+        busy = []  # classes to lock: overdue leases, or possibly questions to hand out
         for k in order:
-            if len(out) >= max_questions:
-                done = False  # not checked: unknown, so not done
-                break
             if k not in overdue:
                 idle_done = self._idle(campaign, k, versions[k])
                 if idle_done is not None:
                     done = done and idle_done
                     continue
-            with self._class(campaign, k) as held:
+            busy.append(k)
+        deadline = self.clock() + self.lease_seconds
+        with self._classes(campaign, busy) as batch:
+            for k in busy:
+                if len(out) >= max_questions:
+                    done = False  # not checked: unknown, so not done
+                    break
+                held = batch.held[k]
                 loaded = held.loaded
                 assert loaded is not None
-                # Only classes the pipelined check above found with overdue leases pay for
-                # the expiry query.
+                # Only classes the survey above found with overdue leases pay for the
+                # expiry query.
                 expired = self._expire(campaign, k, loaded) if k in overdue else []
-                remaining = max_questions - len(out)
-                qs = loaded.session.lease(remaining) if remaining > 0 else []
-                deadline = self.clock() + self.lease_seconds
+                qs = loaded.session.lease(max_questions - len(out))
                 if qs or expired or loaded.session.has_pending_decisions():
-                    events += self._save(
-                        held,
-                        add_leases={question_id(campaign, q): deadline for q in qs},
-                        drop_leases=expired,
-                    )
+                    held.changed = True
+                    held.add_leases = {question_id(campaign, q): deadline for q in qs}
+                    held.drop_leases = expired
                 done = done and loaded.session.done
                 if qs:
                     out += self._questions(campaign, loaded, qs, deadline)
-        self._published(events)
+        self._published(batch.events)
         if out:
             log.debug("leased", extra={"campaign": campaign, "n": len(out), "owner": owner})
         return out, done and not out
@@ -673,29 +731,32 @@ class SearchCore:
 
     def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
         """Record ``(question_id, is_correct)`` answers; returns (applied, duplicates, stale)."""
-        by_class: dict[tuple[str, int], list[tuple[str, Question, bool]]] = {}
+        by_campaign: dict[str, dict[int, list[tuple[str, Question, bool]]]] = {}
         for qid, ok in answers:
             campaign, q = parse_question_id(qid)
-            by_class.setdefault((campaign, q.class_id), []).append((qid, q, bool(ok)))
+            by_class = by_campaign.setdefault(campaign, {})
+            by_class.setdefault(q.class_id, []).append((qid, q, bool(ok)))
         applied = duplicates = stale = events = 0
-        for (campaign, k), items in sorted(by_class.items()):
-            with self._class(campaign, k) as held:
-                assert held.loaded is not None
-                session = held.loaded.session
-                done_ids = []
-                for qid, q, ok in items:
-                    if session.is_answered(k, q.mask):
-                        duplicates += 1
-                        done_ids.append(qid)
-                        continue
-                    try:
-                        session.submit([Answer(q.class_id, q.node, q.mask, ok)])
-                    except MaskpropError:
-                        stale += 1  # lease expired (or never leased): the answer is not used
-                        continue
-                    applied += 1
-                    done_ids.append(qid)
-                events += self._save(held, drop_leases=done_ids)
+        for campaign, by_class in sorted(by_campaign.items()):
+            with self._classes(campaign, by_class) as batch:
+                for k, items in sorted(by_class.items()):
+                    held = batch.held[k]
+                    assert held.loaded is not None
+                    session = held.loaded.session
+                    for qid, q, ok in items:
+                        if session.is_answered(k, q.mask):
+                            duplicates += 1
+                            held.drop_leases.append(qid)
+                            continue
+                        try:
+                            session.submit([Answer(q.class_id, q.node, q.mask, ok)])
+                        except MaskpropError:
+                            stale += 1  # lease expired (or never leased): the answer is unused
+                            continue
+                        applied += 1
+                        held.drop_leases.append(qid)
+                    held.changed = True
+            events += batch.events
         self._published(events)
         return applied, duplicates, stale
 
@@ -704,18 +765,19 @@ class SearchCore:
         total_q = 0
         done = True
         classes = self.classes(campaign)
+        with self._classes(campaign, classes) as batch:  # one round trip to lock them all
+            loaded = {k: h.loaded for k, h in batch.held.items()}
         for k in classes:
-            with self._class(campaign, k) as held:
-                loaded = held.loaded
-                assert loaded is not None
-                s = loaded.session
+            lk = loaded[k]
+            assert lk is not None
+            s = lk.session
             p = s.progress()[k]
             total_q += s.questions
             done = done and s.done
             resp.classes.append(
                 search_pb2.ClassProgress(
                     class_id=k,
-                    class_name=loaded.class_name,
+                    class_name=lk.class_name,
                     masks=p["masks"],
                     accepted_masks=p["accepted_masks"],
                     rejected_masks=p["rejected_masks"],
