@@ -71,8 +71,9 @@ class HeuristicFrontier:
             self._push(r)
 
     def push_children(self, parent: Item, children: list[Item]) -> None:
-        for ch in children:
-            self._push(ch)
+        heap, priorities = self._heap, self._priorities  # the sweep's inner loop
+        for c, j in children:
+            heapq.heappush(heap, (-priorities[c][j], c, j))
 
     def pop(self) -> Item:
         _, c, j = heapq.heappop(self._heap)

@@ -32,6 +32,10 @@ class Prior(Enum):
     ASK = "ask"
 
 
+#: :meth:`Selection.decide_many` codes of :class:`Prior`.
+PRIOR_REJECT, PRIOR_SPLIT, PRIOR_ASK = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class Selection:
     """Thresholds K_pr (``prior_reject_threshold``) and K_pa (``prior_accept_threshold``)."""
@@ -49,6 +53,19 @@ class Selection:
         if cluster_score <= self.prior_accept_threshold:
             return Prior.SPLIT
         return Prior.ASK
+
+    def decide_many(self, cluster_scores: NDArray[np.floating]) -> NDArray[np.int8]:
+        """:meth:`decide` of every score at once, as codes ``PRIOR_REJECT`` (0),
+        ``PRIOR_SPLIT`` (1) and ``PRIOR_ASK`` (2): int8[n].
+
+        >>> Selection(0.2, 0.6).decide_many(np.array([0.1, 0.2, 0.5, 0.6, 0.9])).tolist()
+        [0, 0, 1, 1, 2]
+        """
+        s = np.asarray(cluster_scores, dtype=np.float64)
+        codes = np.full(s.shape, PRIOR_ASK, np.int8)
+        codes[s <= self.prior_accept_threshold] = PRIOR_SPLIT
+        codes[s <= self.prior_reject_threshold] = PRIOR_REJECT
+        return codes
 
 
 @dataclass(frozen=True)

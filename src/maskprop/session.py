@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,7 +41,7 @@ from numpy.typing import NDArray
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.search import Frontier, make_frontier
-from maskprop.selection import Prior, Selection
+from maskprop.selection import PRIOR_REJECT, PRIOR_SPLIT, Selection
 from maskprop.tree import Tree
 from maskprop.verification import Verdict, questions_per_round, target_answers, verdict
 
@@ -77,8 +77,14 @@ class Answer:
     label: bool
 
 
-@dataclass(frozen=True)
-class Decision:
+# Plain ints for scalar writes into int8 arrays (an IntEnum converts several times slower).
+_PROPAGATED, _VERIFIED = int(LabelSource.PROPAGATED), int(LabelSource.VERIFIED)
+
+#: Outcomes that label nothing: the cluster's children become candidates instead.
+SPLITS = frozenset({"split", "auto_split"})
+
+
+class Decision(NamedTuple):
     """What happened to a cluster.
 
     outcome : ``accept``, ``reject`` (people said so), ``auto_reject`` (S_j <= K_pr),
@@ -86,6 +92,9 @@ class Decision:
         ``auto_split`` (K_pr < S_j <= K_pa).
     yes, answered : the answers the decision used (inherited ones included).
     new_answers : answers people gave for this very cluster.
+
+    A named tuple rather than a dataclass: a sweep makes one per visited node (~5 per answer),
+    and a frozen dataclass cost ~4x as much to build.
     """
 
     class_id: int
@@ -97,7 +106,7 @@ class Decision:
 
     @property
     def terminal(self) -> bool:
-        return self.outcome not in ("split", "auto_split")
+        return self.outcome not in SPLITS
 
 
 @dataclass
@@ -162,7 +171,12 @@ class AnnotationSession:
         self.seed = seed
         self._trees = {int(c): trees[c] for c in sorted(trees)}
         self._scores = {c: t.cluster_scores() for c, t in self._trees.items()}
-        self._score_lists = {c: sc.tolist() for c, sc in self._scores.items()}  # fast scalars
+        # Per node as plain Python lists: the sweep reads them once per visited node, and a
+        # numpy scalar read (or Selection.decide) cost several times a list lookup.
+        self._priors = {c: selection.decide_many(sc).tolist() for c, sc in self._scores.items()}
+        self._reuse = params.reuse_answers
+        self._left = {c: t.left.tolist() for c, t in self._trees.items()}
+        self._right = {c: t.right.tolist() for c, t in self._trees.items()}
         self._priorities = (
             {int(c): np.asarray(p, dtype=np.float64) for c, p in priorities.items()}
             if priorities is not None
@@ -235,7 +249,7 @@ class AnnotationSession:
             raise MaskpropError("decisions_labels takes decisions of one class")
         tree = self._trees[c]
         nodes = np.fromiter((d.node for d in decisions), np.int64, len(decisions))
-        terminal = np.fromiter((d.terminal for d in decisions), bool, len(decisions))
+        terminal = np.fromiter((d.outcome not in SPLITS for d in decisions), bool, len(decisions))
         sizes = np.where(terminal, tree.size[nodes], 0).astype(np.int64)
         which = np.repeat(np.arange(len(decisions)), sizes)
         # Position of every mask in ``tree.order``: its cluster's start plus its rank in it.
@@ -338,17 +352,17 @@ class AnnotationSession:
     def _advance(self) -> tuple[int, int] | None:
         """Pop one candidate and apply selection; return its key if it now awaits answers."""
         c, node = self._frontier.pop()
-        tree = self._trees[c]
-        prior = self.selection.decide(self._score_lists[c][node])
-        if prior is Prior.REJECT:
+        prior = self._priors[c][node]
+        if prior == PRIOR_REJECT:
             self._finish(c, node, "auto_reject", 0, 0, 0)
             return None
-        if prior is Prior.SPLIT:
-            if node < tree.n_leaves:  # a leaf (scipy numbering)
+        if prior == PRIOR_SPLIT:
+            if self._left[c][node] < 0:  # a leaf
                 self._finish(c, node, "skip", 0, 0, 0)
             else:
                 self._finish(c, node, "auto_split", 0, 0, 0)
             return None
+        tree = self._trees[c]
         inherited = self._inherited(c, node) if self.params.reuse_answers else {}
         size = int(tree.size[node])
         need = max(target_answers(size, self.params) - len(inherited), 0)
@@ -442,25 +456,26 @@ class AnnotationSession:
     def _finish(
         self, c: int, node: int, outcome: str, yes: int, answered: int, new_answers: int
     ) -> None:
-        tree = self._trees[c]
         d = Decision(c, node, outcome, yes, answered, new_answers)
-        if not d.terminal:
-            left, right = tree.children(node)
-            self._frontier.push_children((c, node), [(c, left), (c, right)])
+        if outcome in SPLITS:
+            self._frontier.push_children(
+                (c, node), [(c, self._left[c][node]), (c, self._right[c][node])]
+            )
         else:
+            tree = self._trees[c]
             labels, source = self._labels[c], self._label_source[c]
-            if node < tree.n_leaves:
+            if self._left[c][node] < 0:
                 # A leaf is mask ``node`` alone (most decisions of a sweep): scalar updates,
                 # the same as the general case below.
                 if labels[node] >= 0:
                     raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
-                own = self._answers[c].get(node) if self.params.reuse_answers else None
+                own = self._answers[c].get(node) if self._reuse else None
                 if own is None:
                     labels[node] = 1 if outcome == "accept" else 0
-                    source[node] = LabelSource.PROPAGATED
+                    source[node] = _PROPAGATED
                 else:
-                    labels[node] = int(own)
-                    source[node] = LabelSource.VERIFIED
+                    labels[node] = 1 if own else 0
+                    source[node] = _VERIFIED
                 self._label_node[c][node] = node
             else:
                 masks = tree.leaves(node)

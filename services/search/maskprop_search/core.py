@@ -39,7 +39,14 @@ from redis.exceptions import LockError
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
-from maskprop.session import AnnotationSession, Answer, Decision, LabelSource, Question
+from maskprop.session import (
+    SPLITS,
+    AnnotationSession,
+    Answer,
+    Decision,
+    LabelSource,
+    Question,
+)
 from maskprop.tree import Tree
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Producer, Record
@@ -450,7 +457,7 @@ class SearchCore:
             loaded = h.loaded
             assert loaded is not None
             k = h.class_id
-            decisions = [d for d in loaded.session.pop_decisions() if d.terminal]
+            decisions = [d for d in loaded.session.pop_decisions() if d.outcome not in SPLITS]
             evs = self._label_events(campaign, k, loaded, decisions) if decisions else []
             keys += (
                 self._k(campaign, k, "lock"),
