@@ -5,8 +5,12 @@ Redis keys (prefix ``maskprop:gw:``):
 
 * the question pool (``{campaign}:items``, ``:open``, ``:ready``, ``want``, per-question
   holders and seen-by): see :mod:`maskprop_gateway.pool`;
-* ``lease:{id}`` hash (vendor, worker, campaign, kind, expires, items JSON) and
-  ``lease:{id}:answered`` set: one answer per (lease, question, worker);
+* ``lease:{id}`` hash (vendor, worker, campaign, kind, created, expires, ``n`` questions,
+  ``refs``: JSON opaque id -> [kind, gold or question id], kind ``q`` qualification, ``g``
+  hidden gold, ``r`` real), ``lease:{id}:views`` hash opaque id -> view
+  (:mod:`maskprop_gateway.views`; read only by the image and overlay routes) and
+  ``lease:{id}:answered`` set: one answer per (lease, question, worker).  Records of the
+  previous version (``items``: JSON opaque id -> kind, ref and view) are still read;
 * ``forward`` hash question id -> ``"<0|1>:<decided at>"``, an aggregated label not yet
   acknowledged by search (retried, so a search outage loses nothing);
 * ``stats:{campaign}`` hash of counters (answers, gold answers).
@@ -26,17 +30,18 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from maskprop_gateway import views
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.metrics import ANSWERS, BLOCKED
 from maskprop_gateway.pool import QuestionPool
 from maskprop_gateway.quality import GoldQuestion, QualityControl, QualityError, _s
 from maskprop_gateway.search_client import SearchClient, SearchUnavailable
 from maskprop_gateway.settings import GatewaySettings
+from maskprop_gateway.views import ItemView, LeaseOffer
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +96,6 @@ class Invalid(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class ItemView:
-    """What a worker may see of a question (real or gold alike)."""
-
-    class_name: str
-    image_file: str
-    rle_h: int
-    rle_w: int
-    rle_counts: bytes
-
-
 class Gateway:
     def __init__(
         self,
@@ -147,7 +141,7 @@ class Gateway:
         max_questions: int,
         *,
         refill: bool = True,
-    ) -> dict[str, Any]:
+    ) -> LeaseOffer:
         """A lease of up to ``max_questions`` real questions (capped by the
         ``max_lease_questions`` setting; hidden gold comes on top), or a worker's
         qualification test first.  With ``refill`` a pool too short for it is topped up from
@@ -165,7 +159,10 @@ class Gateway:
         # (can_work is exactly "passed and not suspended"; the branches below need the reason)
         now = self.clock()
         expires = now + self.settings.lease_ttl_s
-        items: dict[str, dict[str, Any]] = {}
+        # opaque id -> (kind: "q" qualification, "g" hidden gold, "r" real; gold or question
+        # id), and opaque id -> view, in serving order
+        refs: dict[str, tuple[str, str]] = {}
+        shown: dict[str, str] = {}
         if state.qualification != "passed":
             kind = "qualification"
             try:
@@ -176,7 +173,8 @@ class Gateway:
                 raise Invalid(f"campaign {campaign!r} has no gold questions for a qualification")
             ids = _opaque_ids(len(gold))
             for g in gold:
-                items[next(ids)] = {"kind": "gold", "ref": g.gold_id, **_gold_view(g)}
+                oid = next(ids)
+                refs[oid], shown[oid] = ("q", g.gold_id), _gold_view(g)
         else:
             kind = "work"
             real = self._take(campaign, worker, max_questions, expires, refill)
@@ -186,12 +184,15 @@ class Gateway:
             for (qid, view), gold_due in zip(real, due, strict=True):
                 h = next(hidden, None) if gold_due else None
                 if h is not None:
-                    items[next(ids)] = {"kind": "gold", "ref": h.gold_id, **_gold_view(h)}
-                items[next(ids)] = {"kind": "real", "ref": qid, **view}
+                    oid = next(ids)
+                    refs[oid], shown[oid] = ("g", h.gold_id), _gold_view(h)
+                oid = next(ids)
+                refs[oid], shown[oid] = ("r", qid), view
         lease_id = "l_" + secrets.token_urlsafe(12)
+        key, ttl = f"{P}lease:{lease_id}", int(self.settings.lease_ttl_s) + 86_400
         pipe = self.r.pipeline(transaction=True)  # a lease exists with its expiry or not at all
         pipe.hset(
-            f"{P}lease:{lease_id}",
+            key,
             mapping={
                 "vendor": vendor_id,
                 "worker": worker_id,
@@ -199,40 +200,26 @@ class Gateway:
                 "kind": kind,
                 "created": now,
                 "expires": expires,
-                "items": json.dumps(items),
+                "n": len(refs),
+                "refs": json.dumps(refs, separators=(",", ":")),
             },
         )
-        pipe.expire(f"{P}lease:{lease_id}", int(self.settings.lease_ttl_s) + 86_400)
+        pipe.expire(key, ttl)
+        if shown:
+            pipe.hset(f"{key}:views", mapping=shown)
+            pipe.expire(f"{key}:views", ttl)
         pipe.zadd(f"{P}leases", {lease_id: expires})
         pipe.execute()
-        out: dict[str, Any] = {
-            "lease_id": lease_id,
-            "kind": kind,
-            "campaign": campaign,
-            "worker_id": worker_id,
-            "expires_at": expires,
-            "questions": [self._public(lease_id, oid, it) for oid, it in items.items()],
-        }
+        token = None
         if self.token_for is not None:
-            out["worker_token"] = self.token_for(
+            token = self.token_for(
                 WorkerClaims(vendor_id, worker_id, campaign, now + self.settings.worker_token_ttl_s)
             )
-        return out
-
-    @staticmethod
-    def _public(lease_id: str, oid: str, it: dict[str, Any]) -> dict[str, Any]:
-        base = f"/v1/leases/{lease_id}/questions/{oid}"
-        return {
-            "question_id": oid,
-            "class_name": it["class_name"],
-            "image_url": f"{base}/image",
-            "overlay_url": f"{base}/overlay",
-            "mask": {"size": [it["rle_h"], it["rle_w"]], "counts": it["rle_counts"]},
-        }
+        return LeaseOffer(lease_id, kind, campaign, worker_id, expires, list(shown.items()), token)
 
     async def create_lease_on_loop(
         self, vendor_id: str, worker_id: str, campaign: str, max_questions: int
-    ) -> dict[str, Any]:
+    ) -> LeaseOffer:
         """:meth:`create_lease` for a caller on the event loop.  Its Redis round trips run on
         the loop; topping up from search (tens of ms) runs in a thread, one call at a time per
         campaign whose result every lease waiting for it shares, and starts early, when the
@@ -285,16 +272,17 @@ class Gateway:
 
     def _take(
         self, campaign: str, worker: str, n: int, expires: float, refill: bool = True
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """Up to ``n`` real questions this worker has not seen, claimed atomically (one Lua
-        call); with ``refill``, topping up from search when the pool runs short."""
+    ) -> list[tuple[str, str]]:
+        """Up to ``n`` real questions (question id, view) this worker has not seen, claimed
+        atomically (one Lua call); with ``refill``, topping up from search when the pool runs
+        short."""
         redundancy = self.qc.policy.redundancy
         got = self.pool.claim(campaign, worker, n, expires, self.clock(), redundancy)
         if refill and len(got) < n and self.refill(campaign, 2 * (n - len(got))):
             got += self.pool.claim(
                 campaign, worker, n - len(got), expires, self.clock(), redundancy
             )
-        return [(qid, json.loads(view)) for qid, view in got]
+        return got
 
     def refill(self, campaign: str, want: int, *, fresh: bool = False) -> int:
         """Lease up to ``want`` questions (at least ``refill_questions``, at most what one
@@ -321,14 +309,12 @@ class Gateway:
             self.pool.add(
                 campaign,
                 {
-                    q.question_id: json.dumps(
-                        {
-                            "class_name": q.class_name,
-                            "image_file": q.image_file,
-                            "rle_h": q.rle.height,
-                            "rle_w": q.rle.width,
-                            "rle_counts": q.rle.counts.decode("ascii"),
-                        }
+                    q.question_id: views.render(
+                        q.class_name,
+                        q.image_file,
+                        q.rle.height,
+                        q.rle.width,
+                        q.rle.counts.decode("ascii"),
                     )
                     for q in questions
                 },
@@ -339,17 +325,33 @@ class Gateway:
             lock.release()
 
     def lease(self, vendor_id: str, lease_id: str) -> dict[str, Any]:
-        """A lease's stored record; only its own vendor may see it (others get NotFound)."""
-        rec = self.r.hgetall(f"{P}lease:{lease_id}")
-        if not rec or rec[b"vendor"].decode() != vendor_id:
+        """A lease's stored record (without its views); only its own vendor may see it
+        (others get NotFound).  ``refs``: opaque id -> (kind, gold or question id)."""
+        fields = ("vendor", "worker", "campaign", "kind", "expires", "created", "refs", "items")
+        values = self.r.hmget(f"{P}lease:{lease_id}", fields)
+        rec = {k: _s(v) for k, v in zip(fields, values, strict=True) if v is not None}
+        if rec.get("vendor") != vendor_id:
             raise NotFound("no such lease")
-        return {k.decode(): v.decode() for k, v in rec.items()}
+        out: dict[str, Any] = dict(rec)
+        if "refs" in rec:
+            out["refs"] = json.loads(rec["refs"])
+        else:  # a record of the previous version: full items
+            codes = {"gold": "q" if rec["kind"] == "qualification" else "g", "real": "r"}
+            items = json.loads(rec.pop("items", "{}"))
+            out["refs"] = {o: [codes[it["kind"]], it["ref"]] for o, it in items.items()}
+            out.pop("items", None)
+        return out
 
     def answered_count(self, lease_id: str) -> int:
         return int(self.r.scard(f"{P}lease:{lease_id}:answered"))
 
     def item_view(self, vendor_id: str, lease_id: str, oid: str) -> ItemView:
-        it = json.loads(self.lease(vendor_id, lease_id)["items"]).get(oid)
+        self.lease(vendor_id, lease_id)  # the vendor's own lease, or NotFound
+        view = self.r.hget(f"{P}lease:{lease_id}:views", oid)
+        if view is not None:
+            return views.parse(_s(view))
+        # a record of the previous version keeps the views in its items
+        it = json.loads(_s(self.r.hget(f"{P}lease:{lease_id}", "items") or b"{}")).get(oid)
         if it is None:
             raise NotFound("no such question in this lease")
         return ItemView(
@@ -369,30 +371,32 @@ class Gateway:
             raise Forbidden("this lease belongs to another worker")
         if float(lease["expires"]) < self.clock():
             raise Gone("lease expired; its questions went back to the pool")
-        items = json.loads(lease["items"])
-        unknown = [oid for oid, _, _ in answers if oid not in items]
+        refs: dict[str, list[str]] = lease["refs"]
+        unknown = [oid for oid, _, _ in answers if oid not in refs]
         if unknown:
             raise Invalid(f"questions not in this lease: {unknown[:3]}")
         worker = f"{vendor_id}:{worker_id}"
         campaign = lease["campaign"]
-        kind = lease["kind"]
-
-        def kind_of(oid: str) -> str:
-            return (
-                "q" if kind == "qualification" else ("g" if items[oid]["kind"] == "gold" else "r")
-            )
 
         args: list[Any] = [int(self.settings.lease_ttl_s) + 86_400]
         for oid, _, _ in answers:
-            args += (oid, kind_of(oid))
+            args += (oid, refs[oid][0])
         new = self._answered(
             keys=[f"{P}lease:{lease_id}:answered", f"{P}stats:{campaign}"], args=args
         )
         fresh = [a for a, n in zip(answers, new, strict=True) if n]
         accepted, duplicates = len(fresh), len(answers) - len(fresh)
-        qualification = {items[oid]["ref"]: label for oid, label, _ in fresh if kind_of(oid) == "q"}
-        golds = [(items[oid]["ref"], label, ms) for oid, label, ms in fresh if kind_of(oid) == "g"]
-        votes = [(items[oid]["ref"], label) for oid, label, _ in fresh if kind_of(oid) == "r"]
+        qualification: dict[str, bool] = {}
+        golds: list[tuple[str, bool, int]] = []
+        votes: list[tuple[str, bool]] = []
+        for oid, label, ms in fresh:
+            code, ref = refs[oid]
+            if code == "r":
+                votes.append((ref, label))
+            elif code == "g":
+                golds.append((ref, label, ms))
+            else:
+                qualification[ref] = label
         if qualification:
             self.r.hset(
                 f"{P}lease:{lease_id}:qual",
@@ -403,7 +407,7 @@ class Gateway:
         cast = self.qc.cast_votes(worker, votes)
         if qualification:
             try:
-                self._finish_qualification(lease_id, worker, items)
+                self._finish_qualification(lease_id, worker, refs)
             except QualityError as exc:
                 raise Invalid(str(exc)) from None
         state, newly_suspended = self.qc.review_suspends(worker)
@@ -437,9 +441,9 @@ class Gateway:
             "worker_status": "suspended" if state.suspended else state.qualification,
         }
 
-    def _finish_qualification(self, lease_id: str, worker: str, items: dict[str, Any]) -> None:
+    def _finish_qualification(self, lease_id: str, worker: str, refs: dict[str, Any]) -> None:
         answered = {m.decode() for m in self.r.smembers(f"{P}lease:{lease_id}:answered")}
-        if answered >= set(items):
+        if answered >= set(refs):
             stored = self.r.hgetall(f"{P}lease:{lease_id}:qual")
             merged = {k.decode(): v == b"1" for k, v in stored.items()}
             self.qc.submit_qualification(worker, merged)
@@ -566,27 +570,23 @@ class Gateway:
         for raw in self.r.zrangebyscore(f"{P}leases", "-inf", now):
             lease_id = raw.decode()
             self.r.zrem(f"{P}leases", lease_id)
-            rec = self.r.hgetall(f"{P}lease:{lease_id}")
-            if not rec:
+            vendor = self.r.hget(f"{P}lease:{lease_id}", "vendor")
+            if vendor is None:
                 continue
-            items = json.loads(rec[b"items"])
+            rec = self.lease(_s(vendor), lease_id)
+            refs = rec["refs"]
             answered = {m.decode() for m in self.r.smembers(f"{P}lease:{lease_id}:answered")}
-            worker = f"{rec[b'vendor'].decode()}:{rec[b'worker'].decode()}"
             self.pool.release(
-                rec[b"campaign"].decode(),
-                worker,
-                [
-                    it["ref"]
-                    for oid, it in items.items()
-                    if it["kind"] == "real" and oid not in answered
-                ],
+                rec["campaign"],
+                f"{rec['vendor']}:{rec['worker']}",
+                [ref for oid, (code, ref) in refs.items() if code == "r" and oid not in answered],
             )
             out.append(
                 {
                     "lease_id": lease_id,
-                    "vendor": rec[b"vendor"].decode(),
-                    "worker_id": rec[b"worker"].decode(),
-                    "unanswered": str(len(set(items) - answered)),
+                    "vendor": rec["vendor"],
+                    "worker_id": rec["worker"],
+                    "unanswered": str(len(set(refs) - answered)),
                 }
             )
         return out
@@ -651,14 +651,7 @@ def _opaque_ids(n: int) -> Iterator[str]:
         yield "q_" + base64.urlsafe_b64encode(raw[i : i + 9]).decode()
 
 
-def _gold_view(g: GoldQuestion) -> dict[str, Any]:
+def _gold_view(g: GoldQuestion) -> str:
     # A gold item's image_id is its file path under the image store root.
-    return {
-        "class_name": g.class_name,
-        "image_file": g.image_id,
-        "rle_h": g.rle_h,
-        "rle_w": g.rle_w,
-        "rle_counts": g.rle_counts.decode("ascii")
-        if isinstance(g.rle_counts, bytes)
-        else str(g.rle_counts),
-    }
+    counts = g.rle_counts.decode("ascii") if isinstance(g.rle_counts, bytes) else str(g.rle_counts)
+    return views.render(g.class_name, g.image_id, g.rle_h, g.rle_w, counts)

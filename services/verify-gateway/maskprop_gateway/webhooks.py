@@ -370,7 +370,7 @@ class Webhooks:
             if self._config(vendor_id) is None:
                 return
             rec = self.leases.lease(vendor_id, lease_id)
-            total = len(json.loads(rec["items"]))
+            total = len(rec["refs"])
             if self.leases.answered_count(lease_id) < total:
                 return
             if not self.r.set(f"{P}webhooks:sent:{lease_id}", 1, nx=True, ex=DEAD_TTL_S):

@@ -12,6 +12,7 @@ import fakeredis
 from maskprop_gateway.gateway import SEARCH_MAX_ANSWERS, Gateway
 from maskprop_gateway.quality import QualityControl, QualityPolicy
 from maskprop_gateway.settings import GatewaySettings
+from maskprop_gateway.views import LeaseOffer
 
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
@@ -64,8 +65,8 @@ def gateway(search: SlowSearch, **settings) -> Gateway:
     return Gateway(r, search, qc, gs)
 
 
-def real(lease: dict) -> int:
-    return len(lease["questions"])
+def real(lease: LeaseOffer) -> int:
+    return len(lease.questions)
 
 
 def test_concurrent_short_leases_share_one_search_call():
@@ -85,7 +86,7 @@ def test_concurrent_short_leases_share_one_search_call():
     assert search.leases == [500]
     # ...and every lease is served from it; no question is handed out twice.
     assert sorted(real(x) for x in leases) == [100] * 4
-    served = [q["mask"]["counts"] for x in leases for q in x["questions"]]
+    served = {q["question_id"] for x in leases for q in x.to_dict()["questions"]}
     assert len(served) == 400
 
 
@@ -157,7 +158,7 @@ def test_with_nothing_in_flight_an_empty_lease_answers_at_once():
 def test_the_forwarder_tops_up_once_search_has_the_answers():
     search = SlowSearch(available=1000)
     gw = gateway(search, forward_linger_s=0.01, refill_questions=200)
-    lease = gw.create_lease("v", "w1", CAMPAIGN, 50)
+    lease = gw.create_lease("v", "w1", CAMPAIGN, 50).to_dict()
     assert search.leases == [200]
     stop = threading.Event()
     thread = threading.Thread(target=gw.run_forwarder, args=(stop,))

@@ -100,8 +100,8 @@ class Leases:
         self.answered = 0
 
     def lease(self, vendor_id: str, lease_id: str) -> dict[str, Any]:
-        items: dict[str, dict[str, str]] = {f"q_{i}": {} for i in range(3)}
-        return {"worker": "w1", "campaign": "c1", "kind": "work", "items": json.dumps(items)}
+        refs = {f"q_{i}": ["r", f"c1:0:{i}:{i}"] for i in range(3)}
+        return {"worker": "w1", "campaign": "c1", "kind": "work", "refs": refs}
 
     def answered_count(self, lease_id: str) -> int:
         return self.answered

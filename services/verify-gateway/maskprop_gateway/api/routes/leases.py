@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -29,16 +28,14 @@ async def create_lease(body: LeaseRequest, vendor: VendorDep, gateway: GatewayDe
     """Lease questions for one of the vendor's workers.  A new worker first gets a
     qualification lease; hidden gold questions are mixed into work leases."""
     with http_errors():
-        out = await gateway.create_lease_on_loop(
+        offer = await gateway.create_lease_on_loop(
             vendor.vendor_id, body.worker_id, body.campaign, body.max_questions
         )
-    # Serialized here, not validated against LeaseOut by FastAPI: the gateway builds every
-    # field from checked parts, and a model instance per question was the largest single
-    # cost of the hottest route (LeaseOut stays the documented schema; tests hold the
-    # body to it).
-    return Response(
-        json.dumps(out, separators=(",", ":")), status_code=201, media_type="application/json"
-    )
+    # Serialized by the gateway, not validated against LeaseOut by FastAPI: it builds every
+    # field from checked parts, views rendered once (maskprop_gateway.views), and a model
+    # instance per question was the largest single cost of the hottest route (LeaseOut stays
+    # the documented schema; tests hold the body to it).
+    return Response(offer.to_json(), status_code=201, media_type="application/json")
 
 
 @router.get("/{lease_id}", response_model=LeaseStatus, responses=ERRORS)
@@ -52,7 +49,7 @@ async def get_lease(lease_id: str, vendor: VendorDep, gateway: GatewayDep) -> Le
         campaign=rec["campaign"],
         worker_id=rec["worker"],
         expires_at=float(rec["expires"]),
-        questions=len(json.loads(rec["items"])),
+        questions=int(rec.get("n", len(rec["refs"]))),
         answered=gateway.answered_count(lease_id),
     )
 

@@ -45,19 +45,18 @@ class WorkerAnswersRequest(Strict):
 @router.post("/lease", status_code=201, response_model=LeaseOut, responses=ERRORS)
 async def create_lease(
     body: WorkerLeaseRequest, claims: WorkerDep, gateway: GatewayDep
-) -> LeaseOut:
+) -> Response:
     """Lease questions for the token's worker and campaign (a qualification lease first)."""
     with http_errors():
-        out = await gateway.create_lease_on_loop(
+        offer = await gateway.create_lease_on_loop(
             claims.vendor_id, claims.worker_id, claims.campaign, body.max_questions
         )
     # The page already holds a token; minting a fresh one here would let a worker outlive
     # the expiry its vendor chose.  Image URLs point at the token-authenticated routes.
-    out["worker_token"] = None
-    for q in out["questions"]:
-        for url in ("image_url", "overlay_url"):
-            q[url] = q[url].replace("/v1/leases/", "/v1/worker/leases/", 1)
-    return LeaseOut.model_validate(out)
+    offer.worker_token = None
+    return Response(
+        offer.to_json("/v1/worker/leases"), status_code=201, media_type="application/json"
+    )
 
 
 @router.post("/answers", response_model=AnswersOut, responses={**ERRORS, 410: {}})
