@@ -58,17 +58,17 @@ class LabelSource(IntEnum):
     VERIFIED = 2  # from a person's answer about this very mask (label reuse)
 
 
-@dataclass(frozen=True)
-class Question:
-    """Ask whether mask ``mask`` of class ``class_id`` is correct, on behalf of ``node``."""
+class Question(NamedTuple):
+    """Ask whether mask ``mask`` of class ``class_id`` is correct, on behalf of ``node``.
+    (Named tuples, like :class:`Answer` and :class:`Decision`: services build one per answer
+    and a frozen dataclass cost ~4x as much to build.)"""
 
     class_id: int
     node: int
     mask: int
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """A person's yes (True) / no (False) to a :class:`Question`."""
 
     class_id: int
@@ -93,8 +93,7 @@ class Decision(NamedTuple):
     yes, answered : the answers the decision used (inherited ones included).
     new_answers : answers people gave for this very cluster.
 
-    A named tuple rather than a dataclass: a sweep makes one per visited node (~5 per answer),
-    and a frozen dataclass cost ~4x as much to build.
+    A sweep makes one per visited node (~5 per answer).
     """
 
     class_id: int

@@ -245,17 +245,21 @@ def question_id(campaign: str, q: Question) -> str:
     return f"{campaign}:{q.class_id}:{q.node}:{q.mask}"
 
 
-def parse_question_id(qid: str) -> tuple[str, Question]:
+def parse_question_id(qid: str, known: set[str] | None = None) -> tuple[str, Question]:
+    """``known``: campaign names already checked (a call's answers share one or two)."""
     parts = qid.split(":")
     if len(parts) != 4:
         raise BadRequest(f"malformed question_id {qid[:80]!r}")
     campaign = parts[0]
     try:
-        check_name("campaign", campaign)
-        class_id, node, mask = (int(x) for x in parts[1:])
+        if known is None or campaign not in known:
+            check_name("campaign", campaign)
+            if known is not None:
+                known.add(campaign)
+        class_id, node, mask = int(parts[1]), int(parts[2]), int(parts[3])
     except ValueError:
         raise BadRequest(f"malformed question_id {qid[:80]!r}") from None
-    if min(class_id, node, mask) < 0:
+    if class_id < 0 or node < 0 or mask < 0:
         raise BadRequest(f"malformed question_id {qid[:80]!r}")
     return campaign, Question(class_id, node, mask)
 
@@ -739,8 +743,9 @@ class SearchCore:
     def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
         """Record ``(question_id, is_correct)`` answers; returns (applied, duplicates, stale)."""
         by_campaign: dict[str, dict[int, list[tuple[str, Question, bool]]]] = {}
+        known: set[str] = set()
         for qid, ok in answers:
-            campaign, q = parse_question_id(qid)
+            campaign, q = parse_question_id(qid, known)
             by_class = by_campaign.setdefault(campaign, {})
             by_class.setdefault(q.class_id, []).append((qid, q, bool(ok)))
         applied = duplicates = stale = events = 0
@@ -750,18 +755,19 @@ class SearchCore:
                     held = batch.held[k]
                     assert held.loaded is not None
                     session = held.loaded.session
+                    drop = held.drop_leases
                     for qid, q, ok in items:
                         if session.is_answered(k, q.mask):
                             duplicates += 1
-                            held.drop_leases.append(qid)
+                            drop.append(qid)
                             continue
                         try:
-                            session.submit([Answer(q.class_id, q.node, q.mask, ok)])
+                            session.submit((Answer(k, q.node, q.mask, ok),))
                         except MaskpropError:
                             stale += 1  # lease expired (or never leased): the answer is unused
                             continue
                         applied += 1
-                        held.drop_leases.append(qid)
+                        drop.append(qid)
                     held.changed = True
             events += batch.events
         self._published(events)
