@@ -131,6 +131,7 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
     done: list[tuple[float, int, float]] = []
     leases: list[float] = []
     sizes: list[int] = []  # questions per lease
+    empty_at: list[float] = []  # when leases came back empty (s from the start)
     errors: dict[str, int] = {}
     state = {"finished": False, "last_check": 0.0}
 
@@ -165,6 +166,8 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
                 continue
             leases.append(dt_lease)
             sizes.append(len(lease["questions"]))
+            if not lease["questions"]:
+                empty_at.append(time.monotonic() - started)
             if not lease["questions"]:
                 if await campaign_done(http):
                     state["finished"] = True
@@ -205,6 +208,7 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
         lease_p50_ms=percentile(leases, 50) * 1e3,
         lease_p99_ms=percentile(leases, 99) * 1e3,
         lease_sizes=sizes,
+        empty_series=[sum(int(t * 2) == i for t in empty_at) for i in range(len(out["series"]))],
         errors=errors,
     )
     return out
@@ -762,6 +766,8 @@ def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
             f"({applied / max(calls.get('SubmitAnswers', 0), 1):.0f} answers a call)"
         )
         print(f"{'':8} answers per 0.5 s: {x.get('series', [])}")
+        if "empty_series" in x:
+            print(f"{'':8} empty leases per 0.5 s: {x['empty_series']}")
         cmds = sorted(x.get("redis_commands", {}).items(), key=lambda kv: -kv[1][1])
         calls = sum(c for c, _ in dict(cmds).values())
         print(

@@ -90,6 +90,7 @@ def create_app(
         stop_webhooks = webhooks.install(app, r)  # signed vendor callbacks, retried
         task = asyncio.create_task(_expire_loop(app, expiry_interval_s))
         yield
+        await app.state.gateway.drain_refills()
         await stop_webhooks()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

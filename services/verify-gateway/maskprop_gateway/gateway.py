@@ -252,7 +252,7 @@ class Gateway:
         """From the forwarder thread: search has new answers of ``campaigns`` and the pool
         was topped up; leases waiting on the event loop look again."""
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None:
             return
 
         def wake() -> None:
@@ -261,7 +261,13 @@ class Gateway:
                 if arrival is not None:
                     arrival.set()
 
-        loop.call_soon_threadsafe(wake)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            loop.call_soon_threadsafe(wake)
+
+    async def drain_refills(self) -> None:
+        """At shutdown: let the top-ups in flight finish (their questions are in the pool)."""
+        await asyncio.gather(*self._refill_tasks.values(), return_exceptions=True)
+        self._refill_tasks.clear()
 
     async def _refill_off_loop(self, campaign: str, want: int) -> int:
         try:
