@@ -445,17 +445,17 @@ class SearchCore:
             held.changed = True
         return loaded
 
-    def _save(self, batch: _Batch, *, release: bool = True) -> int:
+    def _save(self, batch: _Batch) -> int:
         """Save the batch's changed classes (sessions, lease changes, the label events of
-        their new decisions) and release its locks unless ``release`` is False, in one round
-        trip.  Returns the number of events added to the outbox."""
+        their new decisions) and release all its locks, in one round trip.  Returns the
+        number of events added to the outbox."""
         held = [h for h in batch.held.values() if not h.released]
         changed = [h for h in held if h.changed]
-        if not held or (not changed and not release):
+        if not held:
             return 0
         campaign = held[0].campaign
         keys: list[str] = [OUTBOX_KEY]
-        args: list[Any] = [held[0].token, 1 if release else 0, _UNPACK, len(changed)]
+        args: list[Any] = [held[0].token, 1, _UNPACK, len(changed)]
         events = 0
         for h in changed:
             loaded = h.loaded
@@ -482,17 +482,15 @@ class SearchCore:
             for ev in evs:
                 args += (key, ev.SerializeToString())
             events += len(evs)
-        if release:
-            keys += [self._k(campaign, h.class_id, "lock") for h in held if not h.changed]
+        keys += [self._k(campaign, h.class_id, "lock") for h in held if not h.changed]
         versions = self._save_script(keys=keys, args=args)
         for h, version in zip(changed, versions, strict=True):
             assert h.loaded is not None
             h.loaded.version = h.version = int(version)
             h.changed = False
             h.add_leases, h.drop_leases = {}, []
-        if release:
-            for h in held:
-                h.released = True
+        for h in held:
+            h.released = True
         if events and not self.publish_inline:
             self._outbox_signal.set()
         return events

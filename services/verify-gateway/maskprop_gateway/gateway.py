@@ -5,8 +5,8 @@ Redis keys (prefix ``maskprop:gw:``):
 
 * the question pool (``{campaign}:items``, ``:open``, ``:ready``, ``want``, per-question
   holders and seen-by): see :mod:`maskprop_gateway.pool`;
-* ``lease:{id}`` hash (vendor, worker, campaign, kind, created, expires, ``n`` questions,
-  ``refs``: JSON opaque id -> [kind, gold or question id], kind ``q`` qualification, ``g``
+* ``lease:{id}`` hash (vendor, worker, campaign, kind, created, expires, ``refs``: JSON
+  opaque id -> [kind, gold or question id], kind ``q`` qualification, ``g``
   hidden gold, ``r`` real), ``lease:{id}:views`` hash opaque id -> view
   (:mod:`maskprop_gateway.views`; read only by the image and overlay routes) and
   ``lease:{id}:answered`` set: one answer per (lease, question, worker).  Records of the
@@ -200,7 +200,6 @@ class Gateway:
                 "kind": kind,
                 "created": now,
                 "expires": expires,
-                "n": len(refs),
                 "refs": json.dumps(refs, separators=(",", ":")),
             },
         )

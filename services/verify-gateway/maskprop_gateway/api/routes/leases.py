@@ -49,7 +49,7 @@ async def get_lease(lease_id: str, vendor: VendorDep, gateway: GatewayDep) -> Le
         campaign=rec["campaign"],
         worker_id=rec["worker"],
         expires_at=float(rec["expires"]),
-        questions=int(rec.get("n", len(rec["refs"]))),
+        questions=len(rec["refs"]),
         answered=gateway.answered_count(lease_id),
     )
 
