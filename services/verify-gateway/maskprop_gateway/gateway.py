@@ -132,6 +132,12 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrivals: dict[str, asyncio.Event] = {}
 
+    @property
+    def record_ttl_s(self) -> int:
+        """Seconds a lease's record lives from its creation (``lease_retention_s`` after its
+        deadline)."""
+        return int(self.settings.lease_ttl_s + self.settings.lease_retention_s) + 1
+
     # ------------------------------------------------------------------ leases
     def create_lease(
         self,
@@ -189,7 +195,7 @@ class Gateway:
                 oid = next(ids)
                 refs[oid], shown[oid] = ("r", qid), view
         lease_id = "l_" + secrets.token_urlsafe(12)
-        key, ttl = f"{P}lease:{lease_id}", int(self.settings.lease_ttl_s) + 86_400
+        key, ttl = f"{P}lease:{lease_id}", self.record_ttl_s
         pipe = self.r.pipeline(transaction=True)  # a lease exists with its expiry or not at all
         pipe.hset(
             key,
@@ -204,9 +210,9 @@ class Gateway:
             },
         )
         pipe.expire(key, ttl)
-        if shown:
+        if shown:  # for the image and overlay routes, during the lease only
             pipe.hset(f"{key}:views", mapping=shown)
-            pipe.expire(f"{key}:views", ttl)
+            pipe.expire(f"{key}:views", int(self.settings.lease_ttl_s) + 60)
         pipe.zadd(f"{P}leases", {lease_id: expires})
         pipe.execute()
         token = None
@@ -383,7 +389,7 @@ class Gateway:
         worker = f"{vendor_id}:{worker_id}"
         campaign = lease["campaign"]
 
-        args: list[Any] = [int(self.settings.lease_ttl_s) + 86_400]
+        args: list[Any] = [self.record_ttl_s]
         for oid, _, _ in answers:
             args += (oid, refs[oid][0])
         new = self._answered(

@@ -37,6 +37,11 @@ class GatewaySettings(RuntimeSettings):
     rate_per_s: float = Field(default=100.0, gt=0)  # sustained requests per vendor
     rate_burst: int = Field(default=200, ge=1)
     lease_ttl_s: float = Field(default=600.0, gt=0)
+    # How long a lease's record (its questions' refs, which were answered) outlives its
+    # deadline: status queries and late answers (410) until then, 404 after.  At 5,000
+    # answers/s each hour of it holds ~2 GB of Redis (it was a day: ~50 GB).  The questions'
+    # views are only kept for the lease's own life.
+    lease_retention_s: float = Field(default=3600.0, ge=0)
     # Real questions a lease carries at most, whatever a vendor asks for (gold comes on top).
     max_lease_questions: int = Field(default=100, ge=1, le=1000)
     worker_token_ttl_s: float = Field(default=4 * 3600.0, gt=0)

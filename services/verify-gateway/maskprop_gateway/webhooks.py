@@ -285,8 +285,11 @@ class Webhooks:
         batch: int = 32,
         threads: int = 8,
         config_ttl_s: float = 5.0,
+        sent_ttl_s: float = DEAD_TTL_S,
         post_fn: Callable[..., int] = post,
     ) -> None:
+        """``sent_ttl_s``: how long a lease's batch.finished marker is kept (as long as the
+        lease's record, which a late submit needs to be told apart)."""
         self.r = redis
         self.store = WebhookStore(redis)
         self.leases = leases
@@ -297,6 +300,7 @@ class Webhooks:
         self.batch = batch
         self.threads = threads
         self.config_ttl_s = config_ttl_s
+        self.sent_ttl_s = int(sent_ttl_s)
         self.post_fn = post_fn
         self._claim = redis.register_script(_CLAIM)
         self._configs: dict[str, tuple[float, WebhookConfig | None]] = {}
@@ -373,7 +377,7 @@ class Webhooks:
             total = len(rec["refs"])
             if self.leases.answered_count(lease_id) < total:
                 return
-            if not self.r.set(f"{P}webhooks:sent:{lease_id}", 1, nx=True, ex=DEAD_TTL_S):
+            if not self.r.set(f"{P}webhooks:sent:{lease_id}", 1, nx=True, ex=self.sent_ttl_s):
                 return
             self.enqueue(
                 vendor_id,
@@ -512,6 +516,8 @@ def install(
     offers ``submitted_hooks``, to finished ones; start the delivery task.  Returns the
     coroutine function that stops it.  ``options`` go to :class:`Webhooks`."""
     gateway = getattr(app.state, "gateway", None)
+    if gateway is not None and hasattr(gateway, "record_ttl_s"):
+        options.setdefault("sent_ttl_s", gateway.record_ttl_s)
     hooks = Webhooks(redis, leases=gateway, **options)
     app.state.webhooks = hooks
     app.state.expired_hooks.append(hooks.on_expired)

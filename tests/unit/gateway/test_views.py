@@ -71,3 +71,21 @@ def test_a_lease_recorded_by_the_previous_version_is_still_served_and_answered()
     out = gw.submit("v", "l_old", "w1", [("q_old", True, 1500)])
     assert out["accepted"] == 1 and out["forwarded_to_search"] == 1
     assert search.answers == [(qid, True)]
+
+
+def test_a_lease_record_outlives_its_deadline_by_the_retention_and_its_views_do_not():
+    r = fakeredis.FakeRedis()
+    qc = QualityControl(r, QualityPolicy(qualification_size=0, gold_share=0.0))
+    settings = GatewaySettings(
+        key_pepper="p" * 20, forward_linger_s=0, lease_ttl_s=600, lease_retention_s=3600
+    )
+    gw = Gateway(r, OneQuestion(), qc, settings)
+    gw.pool.add("c", {"c:0:5:5": views.render("cat", "i.png", 4, 4, "0g0")}, 1.0)
+    offer = gw.create_lease("v", "w1", "c", 10, refill=False)
+    assert len(offer.questions) == 1
+    gw.submit("v", offer.lease_id, "w1", [(offer.questions[0][0], True, 1500)])
+    key = f"{P}lease:{offer.lease_id}"
+    # ~4.2k s, not a day: at 5,000 answers/s every hour of records holds ~2 GB of Redis
+    assert 600 + 3600 - 5 <= r.ttl(key) <= 600 + 3600 + 1
+    assert 600 + 3600 - 5 <= r.ttl(f"{key}:answered") <= 600 + 3600 + 1
+    assert 600 <= r.ttl(f"{key}:views") <= 660  # images and overlays: during the lease only
