@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from maskprop.errors import MaskpropError
-from maskprop.selection import Prior, Selection, fit_likelihoods
+from maskprop.selection import (
+    PRIOR_ASK,
+    PRIOR_REJECT,
+    PRIOR_SPLIT,
+    Prior,
+    Selection,
+    fit_likelihoods,
+)
 
 
 def test_decide_follows_thresholds():
@@ -30,3 +39,14 @@ def test_inconsistent_thresholds_refused():
         Selection(0.8, 0.7)
     with pytest.raises(MaskpropError):
         fit_likelihoods(np.array([0.5]), np.array([1.0]), 0.85)
+
+
+@given(
+    st.lists(st.floats(-0.5, 1.5, allow_nan=False), min_size=1, max_size=50),
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0),
+)
+def test_decide_many_codes_what_decide_says(scores, a, b):
+    sel = Selection(prior_reject_threshold=min(a, b), prior_accept_threshold=max(a, b))
+    code = {Prior.REJECT: PRIOR_REJECT, Prior.SPLIT: PRIOR_SPLIT, Prior.ASK: PRIOR_ASK}
+    assert sel.decide_many(np.array(scores)).tolist() == [code[sel.decide(s)] for s in scores]
