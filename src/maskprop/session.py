@@ -173,7 +173,6 @@ class AnnotationSession:
         # Per node as plain Python lists: the sweep reads them once per visited node, and a
         # numpy scalar read (or Selection.decide) cost several times a list lookup.
         self._priors = {c: selection.decide_many(sc).tolist() for c, sc in self._scores.items()}
-        self._reuse = params.reuse_answers
         self._left = {c: t.left.tolist() for c, t in self._trees.items()}
         self._right = {c: t.right.tolist() for c, t in self._trees.items()}
         self._priorities = (
@@ -248,7 +247,7 @@ class AnnotationSession:
             raise MaskpropError("decisions_labels takes decisions of one class")
         tree = self._trees[c]
         nodes = np.fromiter((d.node for d in decisions), np.int64, len(decisions))
-        terminal = np.fromiter((d.outcome not in SPLITS for d in decisions), bool, len(decisions))
+        terminal = np.fromiter((d.terminal for d in decisions), bool, len(decisions))
         sizes = np.where(terminal, tree.size[nodes], 0).astype(np.int64)
         which = np.repeat(np.arange(len(decisions)), sizes)
         # Position of every mask in ``tree.order``: its cluster's start plus its rank in it.
@@ -456,7 +455,7 @@ class AnnotationSession:
         self, c: int, node: int, outcome: str, yes: int, answered: int, new_answers: int
     ) -> None:
         d = Decision(c, node, outcome, yes, answered, new_answers)
-        if outcome in SPLITS:
+        if not d.terminal:
             self._frontier.push_children(
                 (c, node), [(c, self._left[c][node]), (c, self._right[c][node])]
             )
@@ -468,7 +467,7 @@ class AnnotationSession:
                 # the same as the general case below.
                 if labels[node] >= 0:
                     raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
-                own = self._answers[c].get(node) if self._reuse else None
+                own = self._answers[c].get(node) if self.params.reuse_answers else None
                 if own is None:
                     labels[node] = 1 if outcome == "accept" else 0
                     source[node] = _PROPAGATED

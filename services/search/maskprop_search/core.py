@@ -40,7 +40,6 @@ from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
 from maskprop.session import (
-    SPLITS,
     AnnotationSession,
     Answer,
     Decision,
@@ -122,14 +121,14 @@ end
 return 0
 """
 # KEYS: the outbox, then (lock, session, version, leases) of each class saved, then the locks
-# of classes only released.  ARGV: token, release (1/0), unpack chunk, classes saved, then per
+# of classes only released.  ARGV: token, unpack chunk, classes saved, then per
 # class saved: snapshot, n_drop, n_add, n_events, the dropped question ids, the added
 # (deadline, question id) pairs and the (Kafka key, event) pairs.  One atomic round trip for
 # every class a call touched: the states and the labels they decided are saved together (the
 # outbox), and the locks are released.  Refused, writing nothing, when any lock is no longer
 # ours (it expired and another replica may have saved since).  Returns the new versions.
 _SAVE = """
-local token, chunk, m = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
+local token, chunk, m = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for k = 0, m - 1 do
   if redis.call('get', KEYS[2 + 4 * k]) ~= token then
     return redis.error_reply('LOCKLOST class lock expired before the save')
@@ -141,7 +140,7 @@ for i = 2 + 4 * m, #KEYS do
   end
 end
 local versions = {}
-local i = 5
+local i = 4
 for k = 0, m - 1 do
   local leases = KEYS[5 + 4 * k]
   redis.call('set', KEYS[3 + 4 * k], ARGV[i])
@@ -167,10 +166,8 @@ for k = 0, m - 1 do
     i = i + 2
   end
 end
-if ARGV[2] == '1' then
-  for k = 0, m - 1 do redis.call('del', KEYS[2 + 4 * k]) end
-  for j = 2 + 4 * m, #KEYS do redis.call('del', KEYS[j]) end
-end
+for k = 0, m - 1 do redis.call('del', KEYS[2 + 4 * k]) end
+for j = 2 + 4 * m, #KEYS do redis.call('del', KEYS[j]) end
 return versions
 """
 # KEYS: per class its leases zset and its version; ARGV: now.  Per class (flat): 1 if a lease
@@ -226,7 +223,6 @@ class _Held:
     token: str
     version: int
     loaded: _Loaded | None = None
-    released: bool = False
     changed: bool = False
     add_leases: dict[str, float] = field(default_factory=dict)
     drop_leases: list[str] = field(default_factory=list)
@@ -384,12 +380,10 @@ class SearchCore:
             except BaseException:
                 for k in ids:
                     self._cache.pop((campaign, k), None)
-                unreleased = [h for h in batch.held.values() if not h.released]
-                if unreleased:
+                if ids:  # the save releases them; it failed or never ran
                     with suppress(Exception):  # Redis down: the locks expire by themselves
                         self._release_script(
-                            keys=[self._k(campaign, h.class_id, "lock") for h in unreleased],
-                            args=[token],
+                            keys=[self._k(campaign, k, "lock") for k in ids], args=[token]
                         )
                 raise
 
@@ -449,19 +443,19 @@ class SearchCore:
         """Save the batch's changed classes (sessions, lease changes, the label events of
         their new decisions) and release all its locks, in one round trip.  Returns the
         number of events added to the outbox."""
-        held = [h for h in batch.held.values() if not h.released]
+        held = list(batch.held.values())
         changed = [h for h in held if h.changed]
         if not held:
             return 0
         campaign = held[0].campaign
         keys: list[str] = [OUTBOX_KEY]
-        args: list[Any] = [held[0].token, 1, _UNPACK, len(changed)]
+        args: list[Any] = [held[0].token, _UNPACK, len(changed)]
         events = 0
         for h in changed:
             loaded = h.loaded
             assert loaded is not None
             k = h.class_id
-            decisions = [d for d in loaded.session.pop_decisions() if d.outcome not in SPLITS]
+            decisions = [d for d in loaded.session.pop_decisions() if d.terminal]
             evs = self._label_events(campaign, k, loaded, decisions) if decisions else []
             keys += (
                 self._k(campaign, k, "lock"),
@@ -487,10 +481,6 @@ class SearchCore:
         for h, version in zip(changed, versions, strict=True):
             assert h.loaded is not None
             h.loaded.version = h.version = int(version)
-            h.changed = False
-            h.add_leases, h.drop_leases = {}, []
-        for h in held:
-            h.released = True
         if events and not self.publish_inline:
             self._outbox_signal.set()
         return events
