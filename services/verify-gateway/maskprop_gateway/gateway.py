@@ -234,8 +234,8 @@ class Gateway:
         if ready < self.settings.refill_questions:
             task = self._refill_tasks.get(campaign)
             if task is None or task.done():
-                want = max(2 * (n - ready), self.settings.refill_questions)
-                task = asyncio.create_task(self._refill_off_loop(campaign, want))
+                # refill asks for at least refill_questions
+                task = asyncio.create_task(self._refill_off_loop(campaign, 2 * (n - ready)))
                 self._refill_tasks[campaign] = task
             if ready < n:
                 # shielded: a client that goes away must not cancel the others' top-up
@@ -338,20 +338,27 @@ class Gateway:
     def lease(self, vendor_id: str, lease_id: str) -> dict[str, Any]:
         """A lease's stored record (without its views); only its own vendor may see it
         (others get NotFound).  ``refs``: opaque id -> (kind, gold or question id)."""
+        rec = self._record(lease_id)
+        if rec is None or rec["vendor"] != vendor_id:
+            raise NotFound("no such lease")
+        return rec
+
+    def _record(self, lease_id: str) -> dict[str, Any] | None:
+        """A lease's stored record, whoever's it is (None once gone)."""
         fields = ("vendor", "worker", "campaign", "kind", "expires", "created", "refs", "items")
         values = self.r.hmget(f"{P}lease:{lease_id}", fields)
-        rec = {k: _s(v) for k, v in zip(fields, values, strict=True) if v is not None}
-        if rec.get("vendor") != vendor_id:
-            raise NotFound("no such lease")
-        out: dict[str, Any] = dict(rec)
+        rec: dict[str, Any] = {
+            k: _s(v) for k, v in zip(fields, values, strict=True) if v is not None
+        }
+        if "vendor" not in rec:
+            return None
         if "refs" in rec:
-            out["refs"] = json.loads(rec["refs"])
+            rec["refs"] = json.loads(rec["refs"])
         else:  # a record of the previous version: full items
             codes = {"gold": "q" if rec["kind"] == "qualification" else "g", "real": "r"}
             items = json.loads(rec.pop("items", "{}"))
-            out["refs"] = {o: [codes[it["kind"]], it["ref"]] for o, it in items.items()}
-            out.pop("items", None)
-        return out
+            rec["refs"] = {o: [codes[it["kind"]], it["ref"]] for o, it in items.items()}
+        return rec
 
     def answered_count(self, lease_id: str) -> int:
         return int(self.r.scard(f"{P}lease:{lease_id}:answered"))
@@ -581,10 +588,9 @@ class Gateway:
         for raw in self.r.zrangebyscore(f"{P}leases", "-inf", now):
             lease_id = raw.decode()
             self.r.zrem(f"{P}leases", lease_id)
-            vendor = self.r.hget(f"{P}lease:{lease_id}", "vendor")
-            if vendor is None:
+            rec = self._record(lease_id)
+            if rec is None:
                 continue
-            rec = self.lease(_s(vendor), lease_id)
             refs = rec["refs"]
             answered = {m.decode() for m in self.r.smembers(f"{P}lease:{lease_id}:answered")}
             self.pool.release(
