@@ -327,8 +327,9 @@ def empty_db(base_url: str) -> str:
 
 def feed(bootstrap: str, namespace: str, pool: Any, campaigns: list[str]) -> dict[str, bool]:
     """Send the pool once per campaign; returns RLE counts -> correct (IoU >= 0.75)."""
-    from maskprop_detector.simulated import pool_events, pool_index
+    from maskprop_detector.simulated import pool_events
 
+    from maskprop.simulate.scenes import pool_index
     from maskprop_runtime import topics
     from maskprop_runtime.bus import KafkaBus
 

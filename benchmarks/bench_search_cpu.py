@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 from maskprop_clusterer.service import ClustererSettings, build_clusterer
-from maskprop_detector.simulated import pool_events, pool_index
+from maskprop_detector.simulated import pool_events
 from maskprop_search.service import SearchSettings, build_search
 
 from maskprop.session import AnnotationSession, Answer
 from maskprop.simulate.generator import ade_like_pool
+from maskprop.simulate.scenes import pool_index
 from maskprop.tree import build_tree
 from maskprop_runtime import topics
 from maskprop_runtime.bus import InMemoryBus

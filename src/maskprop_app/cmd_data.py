@@ -1,8 +1,5 @@
-"""``maskprop data ...``: datasets for the detector (issue #4).
-
-Mounted on the main app by :mod:`maskprop.cli`.  ``_Bars`` and ``_fail`` are imported inside
-the command because :mod:`maskprop.cli` imports this module at its top.
-"""
+"""``maskprop data ...``: datasets for the detector (issue #4); added to the root by
+:mod:`maskprop_app.cli`."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ from typing import Annotated
 import typer
 
 from maskprop.errors import MaskpropError
+from maskprop_app.console import Bars, fail
 
 data_app = typer.Typer(
     add_completion=False,
@@ -36,18 +34,16 @@ def synth(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
     """Render synthetic scenes with exact instance masks as COCO train/pool/val splits."""
-    from maskprop.cli import _Bars, _fail
     from maskprop.data.synth import synth_scenes
 
-    bars = _Bars(progress)
+    bars = Bars(progress)
     try:
         summary = synth_scenes(
             images, out, seed=seed, size=size, max_objects=max_objects, progress=bars
         )
     except MaskpropError as exc:
         bars.close()
-        _fail(str(exc))
-        return
+        fail(str(exc))
     bars.close()
     typer.echo(f"{'split':<8}{'images':>8}{'instances':>11}  annotations")
     for name, part in summary["splits"].items():

@@ -1,5 +1,7 @@
 """Detector commands of the ``maskprop`` CLI: ``demo`` (the main job), ``detector train`` and
-``detector predict`` (bring your own COCO-format labelled set and image folder)."""
+``detector predict`` (bring your own COCO-format labelled set and image folder).  The detector
+service's modules (torch) are imported inside the commands, so the rest of the CLI starts
+without torch."""
 
 from __future__ import annotations
 
@@ -9,15 +11,12 @@ from typing import Annotated
 
 import typer
 
-from maskprop.cli import _Bars, app
 from maskprop.errors import MaskpropError
-from maskprop_runtime.commands import user_errors
+from maskprop_app.console import Bars, user_errors
 
 detector_app = typer.Typer(help="Train the detector and predict masks.", no_args_is_help=True)
-app.add_typer(detector_app, name="detector")
 
 
-@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
     images: Annotated[
@@ -41,10 +40,10 @@ def demo(
 ) -> None:
     """The whole loop on images: synthesise, train, detect, cluster, verify (simulated crowd),
     propagate, retrain; writes annotations.json, report.json and plots under --out."""
-    from maskprop_runtime.demo import DemoConfig, run_demo
+    from maskprop_app.demo import DemoConfig, run_demo
     from maskprop_runtime.settings import RuntimeSettings
 
-    bars = _Bars(progress)
+    bars = Bars(progress)
     with user_errors(bars):
         cfg = DemoConfig(
             images=images, rounds=rounds, train_steps=train_steps, retrain_steps=retrain_steps,
@@ -78,7 +77,7 @@ def detector_train(
     progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Train the detector (from random weights) on a COCO-format labelled set."""
-    bars = _Bars(progress)
+    bars = Bars(progress)
     with user_errors(bars):
         from maskprop_detector.data import InstanceDataset, LabelledSet
         from maskprop_detector.model import DetectorConfig, build_model
@@ -109,7 +108,7 @@ def detector_predict(
     with ground truth in --coco, also prints mask AP."""
     from maskprop_runtime.files import atomic_file
 
-    bars = _Bars(progress)
+    bars = Bars(progress)
     with user_errors(bars):
         from maskprop_detector.data import LabelledSet, read_image
         from maskprop_detector.infer import detect

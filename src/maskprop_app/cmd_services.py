@@ -1,23 +1,21 @@
-"""Service commands of the ``maskprop`` CLI, registered on :data:`maskprop.cli.app`."""
+"""Service commands of the ``maskprop`` CLI: ``serve`` one service, ``run`` the whole pipeline
+in one process, ``export coco`` a campaign and ``feed-simulated`` a real broker."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from maskprop.cli import _Bars, _fail, app
 from maskprop.errors import MaskpropError
+from maskprop_app.console import Bars, fail, user_errors
 
 export_app = typer.Typer(help="Export a propagated-label dataset.", no_args_is_help=True)
-app.add_typer(export_app, name="export")
 
 
 class Service(StrEnum):
@@ -27,34 +25,32 @@ class Service(StrEnum):
     sink = "sink"
 
 
-@contextmanager
-def user_errors(bars: _Bars | None = None) -> Iterator[None]:
-    """Bad input, settings or connections, or a missing optional package, end a command in
-    one ``error:`` line (exit 2), never a traceback; progress bars are closed first."""
-    try:
-        yield
-    except (MaskpropError, ConnectionError) as exc:
-        _fail(str(exc))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"bad setting {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
-    except ModuleNotFoundError as exc:
-        _fail(f"{exc.name} is not installed: pip install -e '.[detector]'")
-    finally:
-        if bars is not None:
-            bars.close()
+def service_main(name: Service) -> Callable[[], None]:
+    """The process entry point of one service.  Imported on demand: the detector pulls in
+    torch, and a command that serves one service needs no other's imports."""
+    if name is Service.detector:
+        from maskprop_detector.service import main as detector_main
+
+        return detector_main
+    if name is Service.clusterer:
+        from maskprop_clusterer.service import main as clusterer_main
+
+        return clusterer_main
+    if name is Service.search:
+        from maskprop_search.service import main as search_main
+
+        return search_main
+    from maskprop_sink.service import main as sink_main
+
+    return sink_main
 
 
-@app.command()
 def serve(name: Annotated[Service, typer.Argument(help="Which service to run.")]) -> None:
     """Run one service as its own process (settings from MASKPROP_* environment variables)."""
-    import importlib
-
     with user_errors():
-        importlib.import_module(f"maskprop_{name.value}.service").main()
+        service_main(name)()
 
 
-@app.command()
 def run(
     config: Annotated[
         Path, typer.Option(help="TOML file: [campaign] [pool] [annotator] [search].")
@@ -64,10 +60,10 @@ def run(
 ) -> None:
     """Run the whole pipeline in one process (embedded unless MASKPROP_KAFKA_BOOTSTRAP and
     MASKPROP_REDIS_URL point at real servers) and check it against the library."""
-    from maskprop_runtime.embedded import RunConfig, run_pipeline
+    from maskprop_app.embedded import RunConfig, run_pipeline
     from maskprop_runtime.settings import RuntimeSettings
 
-    bars = _Bars(progress)
+    bars = Bars(progress)
     with user_errors(bars):
         report = run_pipeline(RunConfig.load(config), out, RuntimeSettings(), progress=bars)
     typer.echo(json.dumps(report, indent=2))
@@ -89,12 +85,10 @@ def export_coco_cmd(
     try:
         summary = export_coco(dataset, campaign, out, accepted_only=not include_rejected)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     typer.echo(json.dumps(summary))
 
 
-@app.command("feed-simulated")
 def feed_simulated(
     campaign: Annotated[str, typer.Option(help="Campaign name.")],
     masks: Annotated[int, typer.Option(help="Masks in the simulated pool.")] = 20_000,
@@ -125,101 +119,5 @@ def feed_simulated(
             n += 1
         producer.close()
     except (MaskpropError, ValueError, ConnectionError) as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     typer.echo(json.dumps({"campaign": campaign, "masks": len(pool), "events": n}))
-
-
-vendor_app = typer.Typer(help="Crowd vendors of the verify gateway.", no_args_is_help=True)
-app.add_typer(vendor_app, name="vendor")
-gold_app = typer.Typer(help="Hidden gold questions of the verify gateway.", no_args_is_help=True)
-app.add_typer(gold_app, name="gold")
-
-
-def _gateway_redis() -> tuple[Any, Any]:
-    from maskprop_gateway.settings import GatewaySettings
-
-    from maskprop_runtime.store import make_redis
-
-    settings = GatewaySettings()
-    if settings.redis_url is None:
-        raise MaskpropError("set MASKPROP_REDIS_URL to the gateway's Redis")
-    return settings, make_redis(settings.redis_url.get_secret_value(), connect_timeout_s=10)
-
-
-@vendor_app.command("create")
-def vendor_create(
-    vendor_id: Annotated[str, typer.Argument(help="Short id: a-z 0-9 -")],
-    name: Annotated[str, typer.Option(help="Display name.")] = "",
-) -> None:
-    """Register a vendor and print its API key once (only a hash is stored)."""
-    from maskprop_gateway.auth import KeyStore
-
-    try:
-        settings, r = _gateway_redis()
-        key = KeyStore(r, settings.key_pepper.get_secret_value()).create(
-            vendor_id, name or vendor_id
-        )
-    except (MaskpropError, ValueError, ConnectionError, ValidationError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(key)
-    typer.echo("store this key now: it cannot be shown again (rotate it if lost)", err=True)
-
-
-@vendor_app.command("rotate")
-def vendor_rotate(vendor_id: Annotated[str, typer.Argument()]) -> None:
-    """Replace a vendor's key; the old key stops working at once."""
-    from maskprop_gateway.auth import KeyStore
-
-    try:
-        settings, r = _gateway_redis()
-        key = KeyStore(r, settings.key_pepper.get_secret_value()).rotate(vendor_id)
-    except (MaskpropError, ValueError, ConnectionError, ValidationError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(key)
-
-
-@vendor_app.command("webhook")
-def vendor_webhook(
-    vendor_id: Annotated[str, typer.Argument()],
-    url: Annotated[str, typer.Argument(help="https URL that receives signed callbacks")],
-    rotate_secret: Annotated[bool, typer.Option(help="Issue a new signing secret.")] = False,
-) -> None:
-    """Set where a vendor's callbacks (lease.expired, batch.finished) go; prints the signing
-    secret (Standard Webhooks).  Only admins run this: the gateway never takes a URL from an
-    API caller."""
-    from maskprop_gateway.webhooks import set_webhook
-
-    try:
-        _settings, r = _gateway_redis()
-        secret = set_webhook(vendor_id, url, rotate_secret=rotate_secret, redis=r)
-    except (MaskpropError, ValueError, ConnectionError, ValidationError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(secret)
-
-
-@gold_app.command("import")
-def gold_import(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            help="JSONL: gold_id, campaign, class_name, image, mask {size, counts}, answer"
-        ),
-    ],
-) -> None:
-    """Load hidden gold questions (their answers never leave the gateway)."""
-    from maskprop_gateway.app import policy_from
-    from maskprop_gateway.goldfile import read_gold
-    from maskprop_gateway.quality import QualityControl
-
-    try:
-        settings, r = _gateway_redis()
-        items = read_gold(path)
-        n = QualityControl(r, policy_from(settings)).import_gold(items)
-    except (MaskpropError, ValueError, OSError, ValidationError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(json.dumps({"imported": n}))

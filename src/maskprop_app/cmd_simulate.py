@@ -1,14 +1,10 @@
-"""The ``maskprop`` command line.
-
-Every user mistake ends as one ``error: ...`` line on stderr and exit status 2; no tracebacks.
-"""
+"""``maskprop simulate``: the method against manual polygons, naive verification and LSUN on
+a simulated pool (paper Sec. 5.2); writes report.json and the figures."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -16,20 +12,10 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from tqdm import tqdm
 
-from maskprop import __version__
-from maskprop.cli_data import data_app
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Label instance masks at scale by clustering, verifying a few and propagating.",
-)
-app.add_typer(data_app, name="data")
+from maskprop_app.console import Bars, fail
 
 
 class Strategy(StrEnum):
@@ -43,38 +29,6 @@ class Strategy(StrEnum):
 class SequentialRule(StrEnum):
     curtail = "curtail"
     beta = "beta"
-
-
-class _Bars:
-    """One tqdm bar per stage, created on first report and closed when it completes."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bars: dict[str, tqdm[Any]] = {}
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        bar = self.bars.get(label)
-        if bar is None:
-            bar = tqdm(
-                total=total, desc=f"{label:>14}", leave=True, file=sys.stderr, mininterval=0.5
-            )
-            self.bars[label] = bar
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)  # update() throttles redraws (mininterval)
-        if done >= total:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 def _prepare_out(out: Path) -> None:
@@ -123,7 +77,6 @@ def _print_summary(report: dict[str, Any]) -> None:
             typer.echo(f"{name:<20}" + "".join(f"{_fmt(row[c]):>30}" for c in acols))
 
 
-@app.command()
 def simulate(
     out: Annotated[Path, typer.Option(help="Directory for report.json and the PNG plots.")],
     masks: Annotated[int, typer.Option(help="Masks in the simulated pool.")] = 200_000,
@@ -174,7 +127,7 @@ def simulate(
     from maskprop.simulate.generator import ade_like_pool, fitted_pool, load_prediction_table
     from maskprop.simulate.runner import simulate as run_simulation
 
-    bars = _Bars(progress)
+    bars = Bars(progress)
     try:
         if masks < 1:
             raise MaskpropError("--masks must be a positive number")
@@ -223,16 +176,15 @@ def simulate(
         _write_outputs(out, result)
     except MaskpropError as exc:
         bars.close()
-        _fail(str(exc))
-        return
+        fail(str(exc))
     bars.close()
     _print_summary(report)
     typer.echo(f"\nwrote {out / 'report.json'} and plots in {report['config']['wall_seconds']} s")
 
 
 def _write_outputs(out: Path, result: Any) -> None:
-    from maskprop import plots
     from maskprop.selection import Selection
+    from maskprop_app import plots
 
     report = result.report
     (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
@@ -247,33 +199,3 @@ def _write_outputs(out: Path, result: Any) -> None:
     )
     if "ablation" in report:
         plots.ablation(report["ablation"], out / "ablation_reuse_sequential.png")
-
-
-@app.command()
-def version() -> None:
-    """Print the maskprop version."""
-    typer.echo(__version__)
-
-
-def main() -> None:
-    """Entry point: user errors and unexpected failures end as one line, not a traceback."""
-    try:
-        app(standalone_mode=True)
-    except MaskpropError as exc:  # a library error that escaped a command
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except MemoryError:
-        typer.echo("error: out of memory; try fewer masks per class", err=True)
-        sys.exit(1)
-    except Exception as exc:
-        if os.environ.get("MASKPROP_DEBUG"):
-            raise
-        typer.echo(
-            f"error: internal error ({type(exc).__name__}: {exc}); "
-            "set MASKPROP_DEBUG=1 for the traceback and report it",
-            err=True,
-        )
-        sys.exit(1)

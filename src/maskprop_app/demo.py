@@ -34,7 +34,8 @@ from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
 from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.runner import build_class_trees, fig4_correlations, learn_selection
-from maskprop_runtime.embedded import campaign_metrics, run_campaign
+from maskprop.simulate.scenes import mask_id
+from maskprop_app.embedded import campaign_metrics, run_campaign
 from maskprop_runtime.files import atomic_file
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
@@ -133,7 +134,6 @@ def run_demo(
     from maskprop_detector.events import closed_events, coco_encoder, masks_events
     from maskprop_detector.infer import Detections, detect
     from maskprop_detector.model import DetectorConfig, build_model
-    from maskprop_detector.simulated import mask_id
     from maskprop_detector.train import TrainConfig, load_model, pick_device, train
 
     from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
@@ -357,7 +357,7 @@ def run_demo(
         "annotations": str(out / "annotations.json"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    from maskprop.plots import demo_fig4, demo_rounds
+    from maskprop_app.plots import demo_fig4, demo_rounds
 
     demo_rounds(rounds, out / "rounds.png")
     assert last is not None

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import Message
 from maskprop_clusterer.service import ClustererSettings, build_clusterer
-from maskprop_detector.simulated import mask_id, pool_events, pool_index, wire_pool
+from maskprop_detector.simulated import pool_events, wire_pool
 from maskprop_search.service import SearchSettings, build_search
 from maskprop_sink.coco import export_coco
 from maskprop_sink.dataset import DatasetReader
@@ -29,12 +29,18 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from maskprop.errors import MaskpropError
-from maskprop.metrics import segmentation_quality
+from maskprop.metrics import (
+    human_hours,
+    human_seconds,
+    segmentation_quality,
+    speedup_vs_manual,
+)
 from maskprop.params import AnnotationParams
 from maskprop.session import AnnotationSession, Answer
 from maskprop.simulate.annotator import SimulatedAnnotator
 from maskprop.simulate.generator import ade_like_pool
 from maskprop.simulate.pool import MaskPool
+from maskprop.simulate.scenes import mask_id, pool_index
 from maskprop.tree import build_tree
 from maskprop_runtime import topics
 from maskprop_runtime.bus import make_bus
@@ -196,14 +202,15 @@ def run_campaign(
     redis_url = runtime.redis_url.get_secret_value() if runtime.redis_url else None
     redis = make_redis(redis_url, connect_timeout_s=runtime.connect_timeout_s)
     bus = make_bus(runtime.kafka_bootstrap, **runtime.bus_options())
-    if redis.exists(f"maskprop:search:{campaign}:classes"):
+    common = runtime.model_dump(exclude={"data_dir"})
+    search_settings = SearchSettings(**common, data_dir=out / "state", **search)
+    core, search_loop = build_search(search_settings, bus, redis)
+    if core.campaign_exists(campaign):
+        search_loop.close()
         raise MaskpropError(
             f"campaign {campaign!r} already exists in this Redis; choose a new [campaign] name"
         )
-    common = runtime.model_dump(exclude={"data_dir"})
     clusterer = build_clusterer(ClustererSettings(**common, data_dir=out / "state"), bus, redis)
-    search_settings = SearchSettings(**common, data_dir=out / "state", **search)
-    core, search_loop = build_search(search_settings, bus, redis)
     sink = build_sink(SinkSettings(**common, dataset_dir=out / "dataset"), bus)
     reader = DatasetReader(out / "dataset")
     try:
@@ -275,17 +282,16 @@ def campaign_metrics(
     """masks, sq, precision, questions, hours, speedup_vs_manual of a campaign's accepted masks
     against the pool's true IoUs (the paper's Sec. 5.2 measures)."""
     ious = pool.ious[result.accepted].astype(np.float64)
-    hours = result.questions * params.seconds_per_question / 3600.0
-    manual = len(result.accepted) * params.seconds_per_polygon
+    seconds = human_seconds(result.questions, params.seconds_per_question)
     return {
         "masks": len(result.accepted),
         "sq": segmentation_quality(ious),
         "precision": float((ious >= params.iou_threshold).mean()) if ious.size else None,
         "questions": result.questions,
-        "hours": hours,
-        "speedup_vs_manual": manual / (result.questions * params.seconds_per_question)
-        if result.questions
-        else None,
+        "hours": human_hours(result.questions, params.seconds_per_question),
+        "speedup_vs_manual": speedup_vs_manual(
+            len(result.accepted), seconds, params.seconds_per_polygon
+        ),
     }
 
 

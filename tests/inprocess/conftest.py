@@ -46,7 +46,7 @@ class Wired:
         self.core, self.search_loop = build_search(self.search_settings, self.bus, self.redis)
 
     def truth(self, qs):
-        from maskprop_detector.simulated import pool_index
+        from maskprop.simulate.scenes import pool_index
 
         ids = np.array([pool_index(q.mask_id) for q in qs], dtype=np.int64)
         return self.pool.ious[ids] >= self.search_settings.iou_threshold

@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 pytest.importorskip("torch", reason="the demo needs torch")
 
 from maskprop.errors import MaskpropError
-from maskprop_runtime.demo import DemoConfig, run_demo
+from maskprop_app.demo import DemoConfig, run_demo
 from maskprop_runtime.settings import RuntimeSettings
 
 ROUND_KEYS = {"masks", "sq", "precision", "questions", "hours", "speedup_vs_manual", "detector_ap"}

@@ -7,7 +7,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from maskprop.errors import MaskpropError
-from maskprop_runtime.embedded import RunConfig, run_pipeline
+from maskprop_app.embedded import RunConfig, run_pipeline
 from maskprop_runtime.settings import RuntimeSettings
 
 

@@ -3,10 +3,10 @@
 from collections import Counter
 
 import pytest
-from maskprop_detector.simulated import IMAGE_SIZE, mask_id
 from maskprop_search.core import BadRequest
 
 from maskprop.session import Answer
+from maskprop.simulate.scenes import IMAGE_SIZE, mask_id
 from maskprop_runtime import topics
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2

@@ -14,14 +14,15 @@ import time
 
 import grpc
 import pytest
-from maskprop_detector.simulated import pool_events, pool_index, wire_pool
+from maskprop_detector.simulated import pool_events, wire_pool
 from maskprop_search.service import SearchSettings
 from maskprop_sink.dataset import DatasetReader
 
 from maskprop.simulate.generator import ade_like_pool
+from maskprop.simulate.scenes import pool_index
+from maskprop_app.embedded import reference_labels
 from maskprop_runtime import topics
 from maskprop_runtime.bus import KafkaBus
-from maskprop_runtime.embedded import reference_labels
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 from tests.integration.conftest import ROOT, Deployment, wait_for
 
@@ -189,7 +190,7 @@ def test_a_service_that_cannot_reach_redis_says_so(infra, tmp_path):
 def test_embedded_and_distributed_modes_give_identical_outputs(infra, tmp_path):
     from maskprop_sink.dataset import DatasetReader
 
-    from maskprop_runtime.embedded import RunConfig, run_pipeline
+    from maskprop_app.embedded import RunConfig, run_pipeline
     from maskprop_runtime.settings import RuntimeSettings
 
     dep = Deployment(infra, tmp_path / "d")  # for its namespace and flushed Redis database

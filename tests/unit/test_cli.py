@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from maskprop.cli import app
+from maskprop_app.cli import app
 
 SMALL = ["--masks", "3000", "--classes", "6", "--no-progress"]
 

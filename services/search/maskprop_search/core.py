@@ -312,6 +312,10 @@ class SearchCore:
     def classes(self, campaign: str) -> list[int]:
         return sorted(int(k) for k in self.r.hkeys(self._classes_key(campaign)))
 
+    def campaign_exists(self, campaign: str) -> bool:
+        """Whether any class of ``campaign`` has reached search (one EXISTS)."""
+        return bool(self.r.exists(self._classes_key(campaign)))
+
     # ------------------------------------------------------------------ trees arrive
     def on_tree_built(self, msg: Any, record: Record | None = None) -> list[Emit]:
         """Handler for ``maskprop.trees``: open an annotation session for the class."""

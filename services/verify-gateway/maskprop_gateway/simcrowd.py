@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from maskprop_detector.simulated import IMAGE_SIZE, ellipses, render_images
 
 from maskprop.simulate.pool import MaskPool
+from maskprop.simulate.scenes import IMAGE_SIZE, ellipses, render_images
 from maskprop_gateway.quality import GoldItem
 from maskprop_runtime import codec
 

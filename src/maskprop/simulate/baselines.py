@@ -4,8 +4,9 @@ LSUN's classifier-based auto-labelling [61] adapted to masks.
 
 Every method returns a ``MethodResult`` whose curve charges ``params.seconds_per_question``
 per yes/no question and ``params.seconds_per_polygon`` per polygon, like the paper's Fig. 8
-(2 s and 80 s), so its last point equals ``MethodResult.human_seconds``.  The annotator's own
-simulated response times stay available on ``SimulatedAnnotator.seconds_spent``.
+(2 s and 80 s), so its last point equals :func:`maskprop.metrics.human_seconds` of its result.
+The annotator's own simulated response times stay available on
+``SimulatedAnnotator.seconds_spent``.
 """
 
 from __future__ import annotations

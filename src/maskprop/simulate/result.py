@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from maskprop.metrics import SECONDS_PER_HOUR
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -47,9 +49,6 @@ class MethodResult:
         default_factory=lambda: np.zeros(0, dtype=np.int64)
     )
 
-    def human_seconds(self, seconds_per_question: float, seconds_per_polygon: float) -> float:
-        return self.questions * seconds_per_question + self.polygons * seconds_per_polygon
-
 
 def sample_curve(
     seconds: NDArray[np.float64],
@@ -77,7 +76,7 @@ def sample_curve(
         mean_iou = np.where(quantity[at] > 0, iou_sum[at] / np.maximum(quantity[at], 1), np.nan)
     cl = clusters[at] if clusters is not None else np.zeros(at.shape[0], dtype=np.int64)
     return Curve(
-        hours=seconds[at] / 3600.0,
+        hours=seconds[at] / SECONDS_PER_HOUR,
         quantity=quantity[at].astype(np.int64),
         mean_iou=mean_iou,
         clusters=cl.astype(np.int64),

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
-from maskprop.cli_data import data_app
+from maskprop_app.cmd_data import data_app
 from maskprop.data import DEFAULT_CLASSES, load_coco_instances, render_scene, synth_scenes
 from maskprop.data.synth import MIN_VISIBLE_FRACTION, min_visible_area
 from maskprop.errors import MaskpropError

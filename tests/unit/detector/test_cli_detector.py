@@ -6,9 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from maskprop.cli import app
 from maskprop.data.synth import synth_scenes
-from maskprop_runtime import cli_detector  # noqa: F401  (registers the commands)
+from maskprop_app.cli import app
 
 
 def invoke(*args):
