@@ -102,3 +102,35 @@ def test_unwritable_output_and_malformed_table_through_the_real_entry_point(tmp_
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_python_m_maskprop_and_the_console_script_show_the_same_commands():
+    from importlib.metadata import entry_points
+
+    import typer.main
+
+    (script,) = entry_points(group="console_scripts", name="maskprop")
+    assert script.value == "maskprop_app.cli:main"  # the app `python -m maskprop` runs
+    names = set(typer.main.get_command(app).commands)
+    assert {"simulate", "data", "demo", "detector", "serve", "run", "export"} <= names
+    proc = subprocess.run(
+        [sys.executable, "-m", "maskprop", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    shown = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("│ ")}
+    assert names <= shown
+
+
+@pytest.mark.parametrize("name", ["detector", "clusterer", "search", "sink"])
+def test_serve_picks_each_service_main(name):
+    import importlib
+
+    from maskprop_app.cmd_services import Service, service_main
+
+    if name == "detector":
+        pytest.importorskip("torch")
+    assert service_main(Service(name)) is importlib.import_module(f"maskprop_{name}.service").main
