@@ -1,11 +1,12 @@
 """Clusterer + search wired in one process: sessions in (fake) Redis, labels on the bus."""
 
+import time
 from collections import Counter
 
 import pytest
-from maskprop_search.core import BadRequest
+from maskprop_search.store import class_key
+from maskprop_search.wire import BadRequest
 
-from maskprop.session import Answer
 from maskprop.simulate.scenes import IMAGE_SIZE, mask_id
 from maskprop_runtime import topics
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
@@ -177,7 +178,7 @@ class CountingProducer:
 
 
 def test_a_crash_between_save_and_publish_republishes_the_same_events(wired):
-    from maskprop_search.core import OUTBOX_KEY
+    from maskprop_search.store import OUTBOX_KEY
 
     wired.publish_pool()
     wired.settle()
@@ -206,8 +207,8 @@ def test_the_relay_publishes_many_classes_in_one_flush(wired):
     import threading
     import time
 
-    from maskprop_search.core import OUTBOX_KEY
     from maskprop_search.service import build_search
+    from maskprop_search.store import OUTBOX_KEY
 
     wired.publish_pool()
     wired.settle()
@@ -247,43 +248,24 @@ def test_the_relay_publishes_many_classes_in_one_flush(wired):
     assert producer.flushes < len(wired.bus.read(topics.LABELS))
 
 
-def test_decisions_a_previous_version_kept_in_the_snapshot_are_published(wired):
-    """Sessions saved before the outbox stream held unpublished decisions in the snapshot."""
-    wired.publish_pool()
-    wired.settle()
-    with wired.core._class("c1", 0) as held:
-        session = held.loaded.session
-        qs = session.lease(30)
-        session.submit([Answer(q.class_id, q.node, q.mask, True) for q in qs] if qs else [])
-        assert session.has_pending_decisions()
-        # What the previous version saved before publishing: the outbox inside the snapshot.
-        wired.redis.set(wired.core._k("c1", 0, "session"), session.snapshot())
-        wired.redis.incr(wired.core._k("c1", 0, "version"))
-    wired.restart_search()
-    assert wired.core.recover() > 0
-    events = events_on_bus(wired.bus)
-    assert {ev.class_id for ev in events} == {0}
-    with wired.core._class("c1", 0) as held:
-        assert not held.loaded.session.has_pending_decisions()
-
-
 def test_a_save_after_the_class_lock_expired_is_refused(wired):
     from redis.exceptions import ResponseError
 
     wired.publish_pool()
     wired.settle()
     with pytest.raises(ResponseError, match="LOCKLOST"):
-        with wired.core._class("c1", 1) as held:
+        with wired.core.store.locked_class("c1", 1) as held:
             held.loaded.session.lease(5)
             held.changed = True  # saved when the block ends
-            wired.redis.delete(wired.core._k("c1", 1, "lock"))  # expired: another may hold it
+            wired.redis.delete(class_key("c1", 1, "lock"))  # expired: another may hold it
     qs, _ = wired.core.lease("c1", 5)  # the unsaved change was dropped with the cached copy
     assert qs
 
 
 def test_one_relay_publishes_at_a_time(wired):
-    from maskprop_search.core import OUTBOX_KEY, RELAY_LOCK_KEY
+    from maskprop_search.store import OUTBOX_KEY
 
+    relay_lock = wired.core.outbox.lock_key
     wired.publish_pool()
     wired.settle()
     wired.core.publish_inline = False
@@ -291,13 +273,13 @@ def test_one_relay_publishes_at_a_time(wired):
     wired.core.submit(answers_for(wired, qs))
     waiting = wired.redis.xlen(OUTBOX_KEY)
     assert waiting
-    wired.redis.set(RELAY_LOCK_KEY, "another replica", px=10_000)
+    wired.redis.set(relay_lock, "another replica", px=10_000)
     assert wired.core.drain_outbox() == 0  # the other relay publishes them
     assert wired.redis.xlen(OUTBOX_KEY) == waiting and not wired.bus.read(topics.LABELS)
-    wired.redis.delete(RELAY_LOCK_KEY)  # it died and its lock expired
+    wired.redis.delete(relay_lock)  # it died and its lock expired
     assert wired.core.drain_outbox(batch=3) == waiting
     assert len(wired.bus.read(topics.LABELS)) == waiting
-    assert not wired.redis.exists(RELAY_LOCK_KEY)
+    assert not wired.redis.exists(relay_lock)
 
 
 def test_a_call_locks_and_saves_all_its_classes_in_one_round_trip_each(wired):
@@ -306,13 +288,13 @@ def test_a_call_locks_and_saves_all_its_classes_in_one_round_trip_each(wired):
     core = wired.core
     calls = {"acquire": 0, "save": 0}
     for name in calls:
-        script = getattr(core, f"_{name}_script")
+        script = getattr(core.store, f"_{name}_script")
 
         def counted(*a, _script=script, _name=name, **k):
             calls[_name] += 1
             return _script(*a, **k)
 
-        setattr(core, f"_{name}_script", counted)
+        setattr(core.store, f"_{name}_script", counted)
     qs, _ = core.lease("c1", 400)
     assert len({q.class_id for q in qs}) > 1
     core.submit(answers_for(wired, qs))
@@ -324,16 +306,55 @@ def test_a_call_saves_all_its_classes_or_none(wired):
 
     wired.publish_pool()
     wired.settle()
-    versions = [wired.core._k("c1", k, "version") for k in (0, 1)]
+    versions = [class_key("c1", k, "version") for k in (0, 1)]
     before = [int(wired.redis.get(v)) for v in versions]
     with pytest.raises(ResponseError, match="LOCKLOST"):
-        with wired.core._classes("c1", [0, 1]) as batch:
+        with wired.core.store.locked("c1", [0, 1]) as batch:
             for held in batch.held.values():
                 assert held.loaded.session.lease(5)
                 held.changed = True
-            wired.redis.delete(wired.core._k("c1", 1, "lock"))  # expired: another may hold it
+            wired.redis.delete(class_key("c1", 1, "lock"))  # expired: another may hold it
     assert [int(wired.redis.get(v)) for v in versions] == before  # class 0 not saved either
-    assert not wired.redis.exists(wired.core._k("c1", 0, "lock"))  # and its lock released
+    assert not wired.redis.exists(class_key("c1", 0, "lock"))  # and its lock released
     # Both unsaved changes were dropped with the cached copies: the questions come again.
     qs, _ = wired.core.lease("c1", 1000)
     assert {0, 1} <= {q.class_id for q in qs}
+
+
+def test_progress_takes_no_class_lock(wired):
+    """Another replica holding a class's lock does not delay progress, warm or cold."""
+    wired.publish_pool()
+    wired.settle()
+    qs, _ = wired.core.lease("c1", 300)
+    wired.core.submit(answers_for(wired, qs))
+    expected = wired.core.progress("c1")
+    assert expected.questions > 0
+    wired.redis.set(class_key("c1", 1, "lock"), "another replica", px=60_000)
+    started = time.monotonic()
+    assert wired.core.progress("c1") == expected  # this process's copies are current
+    wired.restart_search()
+    assert wired.core.progress("c1") == expected  # no copies: read from the snapshots
+    assert time.monotonic() - started < 5.0  # never waited for the lock (60 s timeout)
+    assert wired.redis.get(class_key("c1", 1, "lock")) == b"another replica"
+
+
+def test_progress_reads_snapshots_only_of_classes_without_a_current_copy(wired):
+    wired.publish_pool()
+    wired.settle()
+    core = wired.core
+    reads = []
+    script = core.store._read_script
+
+    def counted(keys, args):
+        reads.append(list(args))
+        return script(keys=keys, args=args)
+
+    core.store._read_script = counted
+    qs, _ = core.lease("c1", 50)
+    core.submit(answers_for(wired, qs))
+    first = core.progress("c1")
+    assert len(reads) == 1 and -1 not in reads[0]  # every copy cached: versions only
+    wired.restart_search()
+    wired.core.store._read_script = counted  # the same script on the same Redis
+    assert wired.core.progress("c1") == first
+    assert reads[1] == [-1] * len(wired.core.classes("c1"))

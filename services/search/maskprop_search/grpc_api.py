@@ -11,7 +11,8 @@ import grpc
 from maskprop_runtime.metrics import RPC_SECONDS
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 from maskprop_runtime.treestore import check_name
-from maskprop_search.core import BadRequest, SearchCore
+from maskprop_search.core import SearchCore
+from maskprop_search.wire import BadRequest
 
 log = logging.getLogger(__name__)
 
