@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from maskprop.errors import MaskpropError
+from maskprop.files import atomic_file
 from maskprop_detector.model import DetectorConfig, build_model
-from maskprop_runtime.files import atomic_file
 
 Progress = Callable[[str, int, int], None]
 CHECKPOINT_FORMAT = "maskprop-detector-1"

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from maskprop.files import atomic_file
 from maskprop_runtime import codec
-from maskprop_runtime.files import atomic_file
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.treestore import check_name
 
