@@ -1,12 +1,14 @@
-"""Datasets for the detector (issue #4): synthetic scenes with exact instance masks, and COCO
-instance files (the same format users bring their own labelled sets in)."""
+"""Masks and datasets for the detector (issue #4): ``masks`` (the one table of predicted
+masks), ``coco`` (the COCO format: RLE codec, read, validate, write), ``synth`` (synthetic
+scenes with exact instance masks) and ``instances`` (true IoU, mask AP, de-duplication)."""
 
+from maskprop.data.coco import load_coco_instances
+from maskprop.data.masks import MaskTable
 from maskprop.data.synth import (
     DEFAULT_CLASSES,
     DEFAULT_SPLIT,
     SHAPES,
     Scene,
-    load_coco_instances,
     render_scene,
     synth_scenes,
 )
@@ -15,6 +17,7 @@ __all__ = [
     "DEFAULT_CLASSES",
     "DEFAULT_SPLIT",
     "SHAPES",
+    "MaskTable",
     "Scene",
     "load_coco_instances",
     "render_scene",

@@ -18,18 +18,14 @@ Image ids are global (1..n, split blocks in the order of ``split``), so scene ``
 ``render_scene(seed, image_id - 1, ...)`` whatever ``n`` is: tests and the demo's simulated
 annotator can re-render any scene's ground truth.
 
-``load_coco_instances`` reads and validates a COCO instances file, the way users bring their
-own labelled sets; it lives here until a second COCO reader earns a module of its own.
+This module renders only: COCO encoding, reading and writing are :mod:`maskprop.data.coco`'s.
 """
 
 from __future__ import annotations
 
 import colorsys
-import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -39,8 +35,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
+from maskprop.data.coco import encode_masks, instance, write_coco
 from maskprop.errors import MaskpropError
 
 __all__ = [
@@ -48,7 +44,6 @@ __all__ = [
     "DEFAULT_SPLIT",
     "SHAPES",
     "Scene",
-    "load_coco_instances",
     "min_visible_area",
     "render_scene",
     "synth_scenes",
@@ -346,38 +341,16 @@ def _prepare(out: Path, splits: list[str]) -> None:
         raise MaskpropError(f"cannot write to output directory {out}: {exc.strerror}") from None
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    """Temp file + rename: a reader never sees half a document."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, separators=(",", ":"), allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _annotations(scene: Scene, image_id: int, first_id: int) -> list[dict[str, Any]]:
-    if len(scene.class_ids) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(scene.visible.transpose(1, 2, 0).astype(np.uint8)))
-    areas = mask_utils.area(rles)
-    boxes = mask_utils.toBbox(rles)
+    size = scene.visible.shape[1:]
     return [
-        {
-            "id": first_id + k,
-            "image_id": image_id,
-            "category_id": int(scene.class_ids[k]) + 1,
-            "segmentation": {
-                "size": [int(v) for v in rle["size"]],
-                "counts": rle["counts"].decode("ascii"),
-            },
-            "area": float(areas[k]),
-            "bbox": [float(v) for v in boxes[k]],
-            "iscrowd": 0,
-        }
-        for k, rle in enumerate(rles)
+        instance(
+            first_id + k,
+            image_id,
+            int(scene.class_ids[k]) + 1,
+            {"size": list(size), "counts": counts},
+        )
+        for k, counts in enumerate(encode_masks(scene.visible))
     ]
 
 
@@ -470,22 +443,18 @@ def synth_scenes(
             if progress is not None:
                 progress("images", image_id, n_images)
             image_id += 1
-        doc = {
-            "info": {
+        ann_path = out / "annotations" / f"{name}.json"
+        write_coco(
+            ann_path,
+            info={
                 "description": f"maskprop synthetic scenes, split {name}",
                 "version": "1.0",
                 "maskprop": {"seed": seed, "size": size, "max_objects": max_objects},
             },
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        ann_path = out / "annotations" / f"{name}.json"
-        try:
-            _write_json(ann_path, doc)
-        except OSError as exc:
-            raise MaskpropError(f"cannot write {ann_path}: {exc}") from None
+            images=images,
+            annotations=annotations,
+            categories=categories,
+        )
         summary["splits"][name] = {
             "images": count,
             "instances": len(annotations),
@@ -497,206 +466,3 @@ def synth_scenes(
         for cls_name, c in per_class.items():
             summary["per_class"][cls_name] += c
     return summary
-
-
-# --- reading user-supplied COCO instance files ----------------------------------------------
-
-
-def _rle_runs(counts: str) -> NDArray[np.int64] | None:
-    """Run lengths of a compressed COCO RLE string, or None when it is malformed.
-
-    pycocotools does not check these strings (a bad one decodes to garbage), so this is a
-    vectorised port of ``rleFrString`` (maskApi.c): 6 bits a character offset by 48, 5 value
-    bits plus a continuation bit, sign from bit 4 of the last character, and runs from the
-    fourth on stored as differences to the run two before.
-    """
-    try:
-        raw = counts.encode("ascii")
-    except UnicodeEncodeError:
-        return None
-    c = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
-    if c.size == 0 or (c < 0).any() or (c > 63).any():
-        return None
-    more = (c & 0x20) != 0
-    if more[-1]:
-        return None
-    ends = np.flatnonzero(~more)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    lengths = ends - starts + 1
-    if lengths.max() > 8:  # 40 bits: far beyond any image's pixel count
-        return None
-    k = np.arange(c.size) - np.repeat(starts, lengths)
-    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)
-    negative = (c[ends] & 0x10) != 0
-    x = np.where(negative, x - (np.int64(1) << (5 * lengths)), x)
-    runs = x.copy()
-    runs[1::2] = np.cumsum(x[1::2])
-    runs[2::2] = np.cumsum(x[2::2])
-    return runs
-
-
-def _segmentation_rle(seg: Any, height: int, width: int, where: str) -> dict[str, Any]:
-    """Validate a COCO segmentation and return it as compressed RLE with ASCII counts."""
-    if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if (
-            not isinstance(size, list)
-            or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
-        ):
-            raise MaskpropError(f"{where}: RLE 'size' must be [height, width]")
-        if size != [height, width]:
-            raise MaskpropError(
-                f"{where}: RLE size {size} does not match its image ({height}x{width})"
-            )
-        if isinstance(counts, str):
-            runs = _rle_runs(counts)
-            if runs is None or (runs < 0).any() or int(runs.sum()) != height * width:
-                raise MaskpropError(f"{where}: RLE counts do not decode to {height}x{width} pixels")
-            return {"size": size, "counts": counts}
-        if isinstance(counts, list):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-                raise MaskpropError(f"{where}: uncompressed RLE counts must be integers >= 0")
-            if sum(counts) != height * width:
-                raise MaskpropError(
-                    f"{where}: RLE counts sum to {sum(counts)}, not {height}x{width}"
-                )
-            rle = mask_utils.frPyObjects(seg, height, width)
-            return {"size": size, "counts": rle["counts"].decode("ascii")}
-        raise MaskpropError(f"{where}: RLE 'counts' must be a string or a list of integers")
-    if isinstance(seg, list):
-        if not seg:
-            raise MaskpropError(f"{where}: polygon segmentation is empty")
-        for poly in seg:
-            if (
-                not isinstance(poly, list)
-                or len(poly) < 6
-                or len(poly) % 2
-                or not all(
-                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in poly
-                )
-            ):
-                raise MaskpropError(
-                    f"{where}: each polygon must be a list of x, y numbers (at least 3 points)"
-                )
-        merged = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        return {"size": [height, width], "counts": merged["counts"].decode("ascii")}
-    raise MaskpropError(f"{where}: segmentation must be an RLE object or a list of polygons")
-
-
-def _int_id(obj: dict[str, Any], key: str, where: str) -> int:
-    value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise MaskpropError(f"{where}: '{key}' must be an integer")
-    return value
-
-
-def load_coco_instances(
-    path: Path,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read and validate a COCO instances file; return ``(images, annotations, categories)``.
-
-    Checks: the document has ``images``, ``annotations`` and ``categories`` lists; image ids
-    are unique integers with positive ``width``/``height`` and a ``file_name``; category ids
-    are unique integers with a ``name``; every annotation has a unique id, points to a known
-    image and category, and has a well-formed segmentation (compressed or uncompressed RLE of
-    the image's size, or polygons of at least 3 points).
-
-    Annotations come back normalised for the detector: ``segmentation`` as compressed RLE with
-    ASCII counts, ``area`` and ``bbox`` filled in from the mask where missing, ``iscrowd``
-    defaulting to 0.  Images and categories come back as read.
-
-    Raises
-    ------
-    MaskpropError : one line naming the file, the offending entry and what is wrong.
-    """
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise MaskpropError(f"COCO file not found: {path}") from None
-    except OSError as exc:
-        raise MaskpropError(f"cannot read COCO file {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MaskpropError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise MaskpropError(f"{path}: a COCO file is a JSON object")
-    for key in ("images", "annotations", "categories"):
-        if key not in doc:
-            raise MaskpropError(f"{path}: missing key '{key}'")
-        if not isinstance(doc[key], list):
-            raise MaskpropError(f"{path}: '{key}' must be a list")
-
-    images: dict[int, dict[str, Any]] = {}
-    for i, img in enumerate(doc["images"]):
-        where = f"{path}: images[{i}]"
-        if not isinstance(img, dict):
-            raise MaskpropError(f"{where}: must be an object")
-        image_id = _int_id(img, "id", where)
-        if image_id in images:
-            raise MaskpropError(f"{where}: duplicate image id {image_id}")
-        for key in ("width", "height"):
-            v = img.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise MaskpropError(f"{where}: '{key}' must be a positive integer")
-        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-            raise MaskpropError(f"{where}: 'file_name' must be a non-empty string")
-        images[image_id] = img
-
-    category_ids: set[int] = set()
-    for i, cat in enumerate(doc["categories"]):
-        where = f"{path}: categories[{i}]"
-        if not isinstance(cat, dict):
-            raise MaskpropError(f"{where}: must be an object")
-        cat_id = _int_id(cat, "id", where)
-        if cat_id in category_ids:
-            raise MaskpropError(f"{where}: duplicate category id {cat_id}")
-        if not isinstance(cat.get("name"), str):
-            raise MaskpropError(f"{where}: 'name' must be a string")
-        category_ids.add(cat_id)
-
-    annotations: list[dict[str, Any]] = []
-    ann_ids: set[int] = set()
-    for i, ann in enumerate(doc["annotations"]):
-        where = f"{path}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise MaskpropError(f"{where}: must be an object")
-        ann_id = _int_id(ann, "id", where)
-        where = f"{path}: annotation {ann_id} (annotations[{i}])"
-        if ann_id in ann_ids:
-            raise MaskpropError(f"{where}: duplicate annotation id")
-        ann_ids.add(ann_id)
-        image_id = _int_id(ann, "image_id", where)
-        if image_id not in images:
-            raise MaskpropError(f"{where}: image_id {image_id} is not in 'images'")
-        category_id = _int_id(ann, "category_id", where)
-        if category_id not in category_ids:
-            raise MaskpropError(f"{where}: category_id {category_id} is not in 'categories'")
-        if "segmentation" not in ann:
-            raise MaskpropError(f"{where}: missing 'segmentation'")
-        img = images[image_id]
-        rle = _segmentation_rle(ann["segmentation"], img["height"], img["width"], where)
-        iscrowd = ann.get("iscrowd", 0)
-        if isinstance(iscrowd, bool) or iscrowd not in (0, 1):
-            raise MaskpropError(f"{where}: 'iscrowd' must be 0 or 1")
-        bbox = ann.get("bbox")
-        if bbox is not None and (
-            not isinstance(bbox, list)
-            or len(bbox) != 4
-            or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
-            or bbox[2] < 0
-            or bbox[3] < 0
-        ):
-            raise MaskpropError(f"{where}: 'bbox' must be [x, y, width, height]")
-        coded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        normalised = dict(ann)
-        normalised["segmentation"] = rle
-        normalised["iscrowd"] = int(iscrowd)
-        if "area" not in ann:
-            normalised["area"] = float(mask_utils.area(coded))
-        if bbox is None:
-            normalised["bbox"] = [float(v) for v in mask_utils.toBbox(coded)]
-        annotations.append(normalised)
-    return list(images.values()), annotations, list(doc["categories"])

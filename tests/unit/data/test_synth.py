@@ -1,4 +1,4 @@
-"""Synthetic scenes (issue #4, item 2): exact visible masks as COCO, and the COCO reader."""
+"""Synthetic scenes (issue #4, item 2): exact visible masks as COCO."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
-from maskprop_app.cmd_data import data_app
-from maskprop.data import DEFAULT_CLASSES, load_coco_instances, render_scene, synth_scenes
+from maskprop.data import DEFAULT_CLASSES, render_scene, synth_scenes
 from maskprop.data.synth import MIN_VISIBLE_FRACTION, min_visible_area
 from maskprop.errors import MaskpropError
+from maskprop_app.cmd_data import data_app
 
 SIZE = 48
 N = 12
@@ -187,99 +187,3 @@ def test_cli_writes_the_dataset_and_reports_errors_in_one_line(tmp_path):
     res = runner.invoke(data_app, ["synth", "--images", "0", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert res.output.strip().startswith("error:") and "Traceback" not in res.output
-
-
-# --- load_coco_instances -------------------------------------------------------------------
-
-
-def _doc() -> dict[str, Any]:
-    square = np.zeros((4, 5, 1), dtype=np.uint8, order="F")
-    square[1:3, 1:4] = 1
-    counts = mask_utils.encode(square)[0]["counts"].decode("ascii")
-    return {
-        "images": [{"id": 7, "width": 5, "height": 4, "file_name": "a.png"}],
-        "categories": [{"id": 1, "name": "disc"}],
-        "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 1,
-             "segmentation": {"size": [4, 5], "counts": counts}},
-            {"id": 2, "image_id": 7, "category_id": 1,
-             "segmentation": [[0.0, 0.0, 3.0, 0.0, 3.0, 2.0, 0.0, 2.0]], "iscrowd": 0},
-            {"id": 3, "image_id": 7, "category_id": 1, "iscrowd": 1,
-             "segmentation": {"size": [4, 5], "counts": [5, 6, 9]}},
-        ],
-    }  # fmt: skip
-
-
-def _write(tmp_path: Path, doc: Any) -> Path:
-    path = tmp_path / "ann.json"
-    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    return path
-
-
-def test_load_coco_instances_normalises_to_rle_with_area_and_bbox(tmp_path, dataset):
-    images, anns, cats = load_coco_instances(_write(tmp_path, _doc()))
-    assert [i["id"] for i in images] == [7] and cats == [{"id": 1, "name": "disc"}]
-    assert [a["area"] for a in anns] == [6.0, mask_utils.area(_rle(anns[1])), 6.0]
-    assert anns[0]["bbox"] == [1.0, 1.0, 3.0, 2.0]
-    assert all(isinstance(a["segmentation"]["counts"], str) for a in anns)
-    assert anns[2]["iscrowd"] == 1 and anns[0]["iscrowd"] == 0
-    out, summary = dataset
-    _, anns, _ = load_coco_instances(out / "annotations" / "pool.json")
-    assert len(anns) == summary["splits"]["pool"]["instances"]
-
-
-def _rle(ann: dict[str, Any]) -> dict[str, Any]:
-    return {**ann["segmentation"], "counts": ann["segmentation"]["counts"].encode()}
-
-
-def _broken(mutate: Any) -> dict[str, Any]:
-    doc = _doc()
-    mutate(doc)
-    return doc
-
-
-@pytest.mark.parametrize(
-    ("doc", "needle"),
-    [
-        ("{not json", "not valid JSON"),
-        ([], "JSON object"),
-        (_broken(lambda d: d.pop("categories")), "missing key 'categories'"),
-        (_broken(lambda d: d["images"][0].pop("width")), "'width'"),
-        (_broken(lambda d: d["images"].append(dict(d["images"][0]))), "duplicate image id 7"),
-        (_broken(lambda d: d["annotations"][0].update(image_id=8)), "image_id 8 is not in"),
-        (_broken(lambda d: d["annotations"][0].update(category_id=2)), "category_id 2"),
-        (_broken(lambda d: d["annotations"][1].update(id=1)), "duplicate annotation id"),
-        (_broken(lambda d: d["annotations"][0].pop("segmentation")), "missing 'segmentation'"),
-        (
-            _broken(lambda d: d["annotations"][0]["segmentation"].update(counts="0")),
-            "do not decode to 4x5",
-        ),
-        (
-            _broken(lambda d: d["annotations"][0]["segmentation"].update(counts="5~~")),
-            "do not decode",
-        ),
-        (
-            _broken(lambda d: d["annotations"][0]["segmentation"].update(size=[5, 4])),
-            "does not match its image",
-        ),
-        (
-            _broken(lambda d: d["annotations"][2]["segmentation"].update(counts=[5, 6])),
-            "sum to 11",
-        ),
-        (_broken(lambda d: d["annotations"][1].update(segmentation=[[1, 2, 3]])), "polygon"),
-        (_broken(lambda d: d["annotations"][1].update(segmentation=[])), "empty"),
-        (_broken(lambda d: d["annotations"][1].update(segmentation="x")), "segmentation must"),
-        (_broken(lambda d: d["annotations"][1].update(bbox=[0, 0, -1, 2])), "'bbox'"),
-        (_broken(lambda d: d["annotations"][1].update(iscrowd=2)), "'iscrowd'"),
-    ],
-)
-def test_load_coco_instances_rejects_broken_files(tmp_path, doc, needle):
-    path = _write(tmp_path, doc)
-    with pytest.raises(MaskpropError, match=needle) as info:
-        load_coco_instances(path)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
-
-
-def test_load_coco_instances_missing_file(tmp_path):
-    with pytest.raises(MaskpropError, match="not found"):
-        load_coco_instances(tmp_path / "nope.json")
