@@ -1,14 +1,12 @@
-"""Wire encodings: features as packed float16, masks as COCO compressed RLE."""
+"""Wire encodings: features as packed float16, masks as COCO compressed RLE (the codec is
+:mod:`maskprop.data.coco`; this module only maps it to the protos)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 from numpy.typing import NDArray
-from pycocotools import mask as mask_utils
 
+from maskprop.data import coco
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 
 
@@ -25,27 +23,12 @@ def unpack_features(data: bytes, dim: int) -> NDArray[np.float32]:
 
 
 def encode_masks(masks: NDArray[np.bool_]) -> list[common_pb2.RleMask]:
-    """bool[h, w, n] -> one RleMask per mask (pycocotools wants Fortran-ordered uint8)."""
-    rles = mask_utils.encode(np.asfortranarray(masks.astype(np.uint8)))
+    """bool[h, w, n] -> one RleMask per mask (:func:`maskprop.data.coco.encode_masks`)."""
+    h, w = int(masks.shape[0]), int(masks.shape[1])
     return [
-        common_pb2.RleMask(height=r["size"][0], width=r["size"][1], counts=r["counts"])
-        for r in rles
+        common_pb2.RleMask(height=h, width=w, counts=counts)
+        for counts in coco.encode_masks(np.moveaxis(masks, -1, 0))
     ]
-
-
-def decode_mask(rle: common_pb2.RleMask) -> NDArray[np.uint8]:
-    """RleMask -> uint8[h, w]."""
-    return mask_utils.decode({"size": [rle.height, rle.width], "counts": rle.counts})
-
-
-def rle_from_coco(rle: Mapping[str, Any]) -> common_pb2.RleMask:
-    """The JSON form of a COCO segmentation (``size``, ASCII ``counts``) -> RleMask."""
-    counts = rle["counts"]
-    return common_pb2.RleMask(
-        height=int(rle["size"][0]),
-        width=int(rle["size"][1]),
-        counts=counts.encode("ascii") if isinstance(counts, str) else bytes(counts),
-    )
 
 
 def rle_to_coco(rle: common_pb2.RleMask) -> dict[str, object]:

@@ -1,19 +1,22 @@
 """Where the clusterer keeps incoming masks and the trees it builds, and where the search
 service reads them: a directory (a mounted volume on Kubernetes).  Files are npz written
-atomically (temp file + rename) and read with ``allow_pickle=False``."""
+atomically (temp file + rename) and read with ``allow_pickle=False``; each holds a
+:class:`~maskprop.data.masks.MaskTable` (its ``masks_format`` names the one format read, any
+other is refused with :class:`StoreFormatError`), a tree file also the tree and class name."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
+from maskprop.data.masks import MaskTable
+from maskprop.errors import MaskpropError
+from maskprop.files import atomic_file
 from maskprop.tree import Tree
-from maskprop_runtime.files import atomic_file
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -23,105 +26,6 @@ def check_name(kind: str, value: str) -> str:
     if not _SAFE.match(value) or value in (".", ".."):
         raise ValueError(f"{kind} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
-
-
-@dataclass(frozen=True)
-class MaskTable:
-    """The masks of one class, in tree leaf order (sorted by mask id).
-
-    mask_ids, image_ids : str[n]; scores : float32[n]; features : float32[n, d];
-    rle_h, rle_w : uint32[n]; rle_counts : the COCO counts of mask i are
-    ``rle_blob[rle_offsets[i]:rle_offsets[i + 1]]``; images : image_id, width, height,
-    file_name columns of the images the masks refer to.
-    """
-
-    mask_ids: NDArray[np.str_]
-    image_ids: NDArray[np.str_]
-    scores: NDArray[np.float32]
-    features: NDArray[np.float32]
-    rle_h: NDArray[np.uint32]
-    rle_w: NDArray[np.uint32]
-    rle_blob: bytes
-    rle_offsets: NDArray[np.int64]
-    img_ids: NDArray[np.str_]
-    img_w: NDArray[np.uint32]
-    img_h: NDArray[np.uint32]
-    img_files: NDArray[np.str_]
-
-    def __len__(self) -> int:
-        return int(self.mask_ids.shape[0])
-
-    def counts(self, i: int) -> bytes:
-        return self.rle_blob[int(self.rle_offsets[i]) : int(self.rle_offsets[i + 1])]
-
-    def to_arrays(self) -> dict[str, NDArray[np.generic]]:
-        return {
-            "mask_ids": self.mask_ids,
-            "image_ids": self.image_ids,
-            "scores": self.scores,
-            "features": self.features,
-            "rle_h": self.rle_h,
-            "rle_w": self.rle_w,
-            "rle_blob": np.frombuffer(self.rle_blob, dtype=np.uint8),
-            "rle_offsets": self.rle_offsets,
-            "img_ids": self.img_ids,
-            "img_w": self.img_w,
-            "img_h": self.img_h,
-            "img_files": self.img_files,
-        }
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, NDArray[np.generic]]) -> MaskTable:
-        return cls(
-            mask_ids=np.asarray(a["mask_ids"]),
-            image_ids=np.asarray(a["image_ids"]),
-            scores=np.asarray(a["scores"], dtype=np.float32),
-            features=np.asarray(a["features"], dtype=np.float32),
-            rle_h=np.asarray(a["rle_h"], dtype=np.uint32),
-            rle_w=np.asarray(a["rle_w"], dtype=np.uint32),
-            rle_blob=np.asarray(a["rle_blob"], dtype=np.uint8).tobytes(),
-            rle_offsets=np.asarray(a["rle_offsets"], dtype=np.int64),
-            img_ids=np.asarray(a["img_ids"]),
-            img_w=np.asarray(a["img_w"], dtype=np.uint32),
-            img_h=np.asarray(a["img_h"], dtype=np.uint32),
-            img_files=np.asarray(a["img_files"]),
-        )
-
-    @classmethod
-    def concat(cls, parts: list[MaskTable]) -> MaskTable:
-        """Merge batches, drop repeated mask ids, sort by mask id (a stable leaf order)."""
-        mask_ids = np.concatenate([p.mask_ids for p in parts])
-        _, first = np.unique(mask_ids, return_index=True)  # sorted unique ids
-        blob = b"".join(p.rle_blob for p in parts)
-        starts = np.concatenate(
-            [p.rle_offsets[:-1] + off for p, off in zip(parts, _offsets(parts), strict=True)]
-        )
-        lengths = np.concatenate([np.diff(p.rle_offsets) for p in parts])
-        pieces = [blob[s : s + n] for s, n in zip(starts[first], lengths[first], strict=True)]
-        img_ids = np.concatenate([p.img_ids for p in parts])
-        _, img_first = np.unique(img_ids, return_index=True)
-        return cls(
-            mask_ids=mask_ids[first],
-            image_ids=np.concatenate([p.image_ids for p in parts])[first],
-            scores=np.concatenate([p.scores for p in parts])[first],
-            features=np.concatenate([p.features for p in parts])[first],
-            rle_h=np.concatenate([p.rle_h for p in parts])[first],
-            rle_w=np.concatenate([p.rle_w for p in parts])[first],
-            rle_blob=b"".join(pieces),
-            rle_offsets=np.concatenate(([0], np.cumsum([len(x) for x in pieces]))).astype(np.int64),
-            img_ids=img_ids[img_first],
-            img_w=np.concatenate([p.img_w for p in parts])[img_first],
-            img_h=np.concatenate([p.img_h for p in parts])[img_first],
-            img_files=np.concatenate([p.img_files for p in parts])[img_first],
-        )
-
-
-def _offsets(parts: list[MaskTable]) -> list[int]:
-    out, acc = [], 0
-    for p in parts:
-        out.append(acc)
-        acc += len(p.rle_blob)
-    return out
 
 
 def _atomic_savez(path: Path, arrays: dict[str, NDArray[np.generic]]) -> str:
@@ -150,11 +54,7 @@ class TreeStore:
         files = sorted(folder.glob("*.npz")) if folder.exists() else []
         if not files:
             return None
-        parts = []
-        for f in files:
-            with np.load(f, allow_pickle=False) as z:
-                parts.append(MaskTable.from_arrays(dict(z)))
-        return MaskTable.concat(parts)
+        return MaskTable.concat([_read_table(f)[0] for f in files]).by_mask_id()
 
     def tree_path(self, campaign: str, class_id: int) -> Path:
         return self._class_dir(campaign, class_id) / "tree.npz"
@@ -173,7 +73,22 @@ class TreeStore:
 
     @staticmethod
     def load_tree(path: Path) -> tuple[Tree, MaskTable, str]:
-        with np.load(path, allow_pickle=False) as z:
-            a = dict(z)
+        """``(tree, masks in leaf order, class name)`` of a tree file; :class:`StoreFormatError`
+        for a file of another format."""
+        table, a = _read_table(path)
         tree = Tree.from_arrays({"linkage": a["tree_linkage"], "scores": a["tree_scores"]})
-        return tree, MaskTable.from_arrays(a), str(a["class_name"])
+        return tree, table, str(a["class_name"])
+
+
+class StoreFormatError(MaskpropError):
+    """A store file of another format (an older release wrote it): rebuild the campaign's
+    trees; nothing reads previous formats."""
+
+
+def _read_table(path: Path) -> tuple[MaskTable, dict[str, NDArray[np.generic]]]:
+    with np.load(path, allow_pickle=False) as z:
+        a = dict(z)
+    try:
+        return MaskTable.from_arrays(a), a
+    except (MaskpropError, KeyError) as exc:
+        raise StoreFormatError(f"{path}: not a tree store file of this release ({exc})") from None

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import Message
 
+from maskprop.data import coco
+from maskprop.data.masks import MaskTable, pack_counts
 from maskprop.tree import build_tree
 from maskprop_runtime import codec, topics
 from maskprop_runtime.bus import Bus, Record
@@ -23,7 +25,7 @@ from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
-from maskprop_runtime.treestore import MaskTable, TreeStore, check_name
+from maskprop_runtime.treestore import StoreFormatError, TreeStore, check_name
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ class ClustererSettings(RuntimeSettings):
 
 
 def table_from_event(ev: detector_pb2.MasksDetected) -> MaskTable:
-    """Validate a batch of detected masks and turn it into columns."""
+    """Validate a batch of detected masks and turn it into columns (boxes: the masks' extents;
+    the predicted IoU is not on the wire)."""
     dim = ev.feature_dim
     if dim < 1:
         raise InvalidEvent("feature_dim must be at least 1")
@@ -56,8 +59,9 @@ def table_from_event(ev: detector_pb2.MasksDetected) -> MaskTable:
             raise InvalidEvent(f"mask {i}: mask_id (1-{MAX_MASK_ID} chars) and image_id needed")
         if not (math.isfinite(m.score) and 0.0 <= m.score <= 1.0):
             raise InvalidEvent(f"mask {m.mask_id}: score must be in [0, 1]")
-        if m.rle.height == 0 or m.rle.width == 0 or not m.rle.counts:
-            raise InvalidEvent(f"mask {m.mask_id}: empty or malformed RLE")
+        problem = coco.rle_problem(m.rle.height, m.rle.width, m.rle.counts)
+        if problem is not None:
+            raise InvalidEvent(f"mask {m.mask_id}: malformed RLE: {problem}")
         try:
             feats[i] = codec.unpack_features(m.feature_f16, dim)
         except ValueError as exc:
@@ -73,15 +77,19 @@ def table_from_event(ev: detector_pb2.MasksDetected) -> MaskTable:
         raise InvalidEvent(
             f"masks refer to images not described in the event: {sorted(missing)[:3]}"
         )
+    blob, offsets = pack_counts(blobs)
     return MaskTable(
         mask_ids=np.array([m.mask_id for m in ev.masks]),
         image_ids=np.array([m.image_id for m in ev.masks]),
+        class_ids=np.full(n, ev.class_id, dtype=np.int32),
         scores=scores,
         features=feats,
+        boxes=coco.boxes_xyxy(h.tolist(), w.tolist(), blobs),
+        mask_ious=np.full(n, np.nan, dtype=np.float32),
         rle_h=h,
         rle_w=w,
-        rle_blob=b"".join(blobs),
-        rle_offsets=np.concatenate(([0], np.cumsum([len(b) for b in blobs]))).astype(np.int64),
+        rle_blob=blob,
+        rle_offsets=offsets,
         img_ids=np.array([im.image_id for im in ev.images]),
         img_w=np.array([im.width for im in ev.images], dtype=np.uint32),
         img_h=np.array([im.height for im in ev.images], dtype=np.uint32),
@@ -120,7 +128,10 @@ class Clusterer:
 
     def _close(self, closed: detector_pb2.ClassBatchClosed) -> list[Emit]:
         self._check_campaign(closed.campaign)
-        table = self.store.read_batches(closed.campaign, closed.class_id)
+        try:
+            table = self.store.read_batches(closed.campaign, closed.class_id)
+        except StoreFormatError as exc:
+            raise InvalidEvent(str(exc)) from None
         got = 0 if table is None else len(table)
         if table is None or got != closed.expected_masks:
             raise InvalidEvent(

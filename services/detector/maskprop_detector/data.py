@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
-from pycocotools import mask as mask_utils
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
-from maskprop.data.synth import load_coco_instances
+from maskprop.data import coco
 from maskprop.errors import MaskpropError
 from maskprop_runtime.files import resolve_under
 
@@ -38,7 +37,7 @@ class LabelledSet:
 
     @classmethod
     def from_coco(cls, path: Path, image_root: Path) -> LabelledSet:
-        images, anns, cats = load_coco_instances(path)
+        images, anns, cats = coco.load_coco_instances(path)
         return cls(images, anns, cats, Path(image_root))
 
     def __post_init__(self) -> None:
@@ -133,11 +132,9 @@ class InstanceDataset(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]
         ignore = [a for a in anns if a.get(IGNORE)]
         anns = [a for a in anns if not a.get(IGNORE)]
         if anns:
-            rles = [
-                {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
-                for a in anns
-            ]
-            masks = torch.from_numpy(mask_utils.decode(rles).transpose(2, 0, 1).copy())
+            # Validated when the set was loaded: each RLE is of its image's size.
+            decoded = [coco.decode_rle(h, w, a["segmentation"]["counts"]) for a in anns]
+            masks = torch.from_numpy(np.stack(decoded).astype(np.uint8))
             keep = masks.flatten(1).any(dim=1).bool()
             masks = masks[keep]
             labels = torch.tensor(

@@ -1,15 +1,15 @@
-"""Detections -> ``maskprop.masks`` events (the wire contract of the services): one
+"""Masks -> ``maskprop.masks`` events (the wire contract of the services): one
 ``MasksDetected`` per class and chunk, then ``ClassBatchClosed`` with the class's total.
 Used by the detector service, ``maskprop demo`` and the simulated detector; no torch here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from maskprop.data.masks import MaskTable
 from maskprop_runtime import codec, topics
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
@@ -63,11 +63,15 @@ def masks_events(
             )
 
 
-def coco_encoder(
-    rles: Sequence[Mapping[str, Any]],
-) -> Callable[[NDArray[np.int64]], list[common_pb2.RleMask]]:
-    """``encode`` for :func:`masks_events` from COCO RLE dicts (``Detections.rles``)."""
-    return lambda idx: [codec.rle_from_coco(rles[i]) for i in idx.tolist()]
+def table_encoder(table: MaskTable) -> Callable[[NDArray[np.int64]], list[common_pb2.RleMask]]:
+    """``encode`` for :func:`masks_events` from a mask table (the detector's output): the
+    stored counts, never re-encoded."""
+    return lambda idx: [
+        common_pb2.RleMask(
+            height=int(table.rle_h[i]), width=int(table.rle_w[i]), counts=table.counts(i)
+        )
+        for i in idx.tolist()
+    ]
 
 
 def closed_events(

@@ -81,7 +81,7 @@ class DetectorHandler:
 
     def handle(self, msg: Message, record: Record) -> list[Emit]:
         from maskprop_detector.data import read_image
-        from maskprop_detector.events import closed_events, coco_encoder, masks_events
+        from maskprop_detector.events import closed_events, masks_events, table_encoder
         from maskprop_detector.infer import detect
 
         assert isinstance(msg, detector_pb2.ImageBatch)
@@ -96,17 +96,10 @@ class DetectorHandler:
         dets = detect(
             self.model,
             self.cfg,
-            ((k, px) for k, (_, px) in enumerate(pixels)),
+            ((ref.image_id, px) for ref, px in pixels),
             batch_size=self.batch_size,
             device=self.device,
         )
-        refs = [ref for ref, _ in pixels]
-        image_ids = [refs[int(k)].image_id for k in dets.image_ids]
-        per_image: dict[str, int] = {}
-        mask_ids = []
-        for img in image_ids:
-            mask_ids.append(f"{img}.{per_image.get(img, 0)}")
-            per_image[img] = per_image.get(img, 0) + 1
         images = {
             ref.image_id: common_pb2.ImageInfo(
                 image_id=ref.image_id, width=px.shape[1], height=px.shape[0], file_name=ref.uri
@@ -119,11 +112,11 @@ class DetectorHandler:
                 campaign=msg.campaign,
                 class_names=self.cfg.classes,
                 class_ids=dets.class_ids,
-                mask_ids=mask_ids,
-                image_ids=image_ids,
+                mask_ids=dets.mask_ids.tolist(),
+                image_ids=dets.image_ids.tolist(),
                 scores=dets.scores,
                 features=dets.features,
-                encode=coco_encoder(dets.rles),
+                encode=table_encoder(dets),
                 images=images,
                 event_prefix=f"masks.{msg.campaign}.{msg.batch_index}",
             )

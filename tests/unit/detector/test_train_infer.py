@@ -124,7 +124,7 @@ def test_detect_filters_and_encodes_rle(synth):
     assert set(dets.image_ids.tolist()) <= {i for i, _ in items}
     assert dets.features.shape == (len(dets), 8)
     assert ((dets.scores > 0) & (dets.scores <= 1)).all()
-    for rle in dets.rles[:20]:
+    for rle in dets.rles()[:20]:
         m = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
         assert m.shape == (64, 64) and m.any()
         json.dumps(rle)  # ASCII counts: JSON-ready
