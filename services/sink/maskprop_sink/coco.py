@@ -1,26 +1,20 @@
 """Export a campaign's dataset as one COCO instances JSON, streamed.
 
 A COCO document for millions of masks does not fit in memory when built as one object (a peer
-project's 11 GB file with 16M masks ran out of it), so it is written piece by piece: the header,
-the categories and images (small), then one annotation at a time straight from the shards.
-Only the image id map (string -> int) is held in memory.
+project's 11 GB file with 16M masks ran out of it), so :func:`maskprop.data.coco.write_coco`
+writes it piece by piece: the header, the categories and images (small), then one annotation
+at a time straight from the shards.  Only the image id map (string -> int) is held in memory.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pycocotools import mask as mask_utils
-
-from maskprop_runtime.files import atomic_file
+from maskprop.data.coco import instance, write_coco
 from maskprop_sink.dataset import DatasetReader
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
 def export_coco(
@@ -61,66 +55,60 @@ def export_coco(
     if campaign not in reader.campaigns():
         raise FileNotFoundError(f"no dataset for campaign {campaign!r} under {dataset_root}")
     classes = reader.categories(campaign)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_ids: dict[str, int] = {}
-    annotations = skipped = 0
-    # Written through a temporary file and renamed when complete.
-    with atomic_file(out, "w") as f:
-        info = {
-            "description": f"maskprop campaign {campaign}",
-            "version": "1.0",
-            "year": dt.datetime.now(dt.UTC).year,
-            "date_created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "maskprop": {"campaign": campaign, "accepted_only": accepted_only},
-        }
-        categories = [
-            {"id": cid + 1, "name": name or f"class_{cid}", "supercategory": ""}
-            for cid, name in sorted(classes.items())
-        ]
-        f.write(f'{{"info":{_dumps(info)},"licenses":[],"categories":{_dumps(categories)}')
-        f.write(',"images":[')
+    image_ids: dict[str, int] = {}  # maskprop image id -> COCO id, filled as images stream
+    skipped = 0
+
+    def images() -> Iterator[dict[str, Any]]:
         for im in reader.images(campaign):
             image_ids[im["image_id"]] = len(image_ids) + 1
-            image = {
+            yield {
                 "id": image_ids[im["image_id"]],
                 "width": im["width"],
                 "height": im["height"],
                 "file_name": im["file_name"] or im["image_id"],
                 "maskprop_image_id": im["image_id"],
             }
-            f.write(("," if len(image_ids) > 1 else "") + _dumps(image))
-        f.write('],"annotations":[')
+
+    def annotations() -> Iterator[dict[str, Any]]:
+        # Runs after images() is exhausted (the writer streams images first).
+        nonlocal skipped
+        n = 0
         for rec in reader.labels(campaign, accepted_only=accepted_only):
             image_id = image_ids.get(rec["image_id"])
             if image_id is None or rec["class_id"] not in classes:
                 skipped += 1
                 continue
-            seg = rec["segmentation"]
-            rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
-            annotations += 1
-            ann = {
-                "id": annotations,
-                "image_id": image_id,
-                "category_id": rec["class_id"] + 1,
-                "segmentation": seg,
-                "area": float(mask_utils.area(rle)),
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "iscrowd": 0,
-                "score": rec["score"],
-                "maskprop": {
+            n += 1
+            yield instance(
+                n,
+                image_id,
+                rec["class_id"] + 1,
+                rec["segmentation"],
+                score=rec["score"],
+                maskprop={
                     "mask_id": rec["mask_id"],
                     "accepted": rec["accepted"],
                     "source": rec["source"],
                     "node": rec["node"],
                     "outcome": rec["outcome"],
                 },
-            }
-            f.write(("," if annotations > 1 else "") + _dumps(ann))
-        f.write("]}\n")
-    return {
-        "images": len(image_ids),
-        "annotations": annotations,
-        "categories": len(categories),
-        "skipped_late": skipped,
-    }
+            )
+
+    now = dt.datetime.now(dt.UTC)
+    written = write_coco(
+        Path(out),
+        info={
+            "description": f"maskprop campaign {campaign}",
+            "version": "1.0",
+            "year": now.year,
+            "date_created": now.isoformat(timespec="seconds"),
+            "maskprop": {"campaign": campaign, "accepted_only": accepted_only},
+        },
+        categories=[
+            {"id": cid + 1, "name": name or f"class_{cid}", "supercategory": ""}
+            for cid, name in sorted(classes.items())
+        ],
+        images=images(),
+        annotations=annotations(),
+    )
+    return {**written, "skipped_late": skipped}

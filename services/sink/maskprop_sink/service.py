@@ -16,10 +16,10 @@ from google.protobuf.message import Message
 from prometheus_client import Counter
 from pydantic import model_validator
 
+from maskprop.data import coco
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Bus, Record
 from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
-from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
@@ -54,56 +54,6 @@ class SinkSettings(RuntimeSettings):
         return self
 
 
-def rle_runs(counts: bytes) -> list[int]:
-    """Decode COCO compressed RLE ``counts`` into run lengths (0s first, then 1s, alternating).
-
-    Format (pycocotools maskApi.c ``rleFrString``): each run is 5-bit groups offset by 48,
-    with 0x20 the continuation bit and the last group sign-extended; runs after the third
-    are stored as deltas to the run two before.  Raises ``ValueError`` on malformed counts.
-    """
-    runs: list[int] = []
-    x = k = 0
-    more = False
-    for ch in counts:
-        c = ch - 48
-        if not 0 <= c < 64:
-            raise ValueError("RLE counts hold a byte outside the COCO alphabet")
-        x |= (c & 0x1F) << (5 * k)
-        more = bool(c & 0x20)
-        k += 1
-        if more:
-            continue
-        if c & 0x10:
-            x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        if x < 0:
-            raise ValueError("RLE counts decode to a negative run")
-        runs.append(x)
-        x = k = 0
-    if more:
-        raise ValueError("RLE counts end inside a run")
-    return runs
-
-
-def rle_problem(rle: common_pb2.RleMask) -> str | None:
-    """Why ``rle`` is not a well-formed COCO compressed RLE, or None when it is.
-
-    Checked in Python before pycocotools sees it: pycocotools' decoder trusts the counts and
-    writes past its ``h * w`` buffer when the runs add up to more.
-    """
-    if rle.height == 0 or rle.width == 0:
-        return f"RLE size {rle.height}x{rle.width} is empty"
-    try:
-        runs = rle_runs(rle.counts)
-    except ValueError as exc:
-        return str(exc)
-    total, pixels = sum(runs), rle.height * rle.width
-    if total != pixels:
-        return f"RLE runs cover {total} pixels, size {rle.height}x{rle.width} has {pixels}"
-    return None
-
-
 def validate(event: search_pb2.LabelsPropagated) -> None:
     """Raise :class:`InvalidEvent` (-> dead letter) for an event the sink cannot write."""
     try:
@@ -119,7 +69,9 @@ def validate(event: search_pb2.LabelsPropagated) -> None:
             raise InvalidEvent(f"label {lab.mask_id!r}: image_id must be 1-{MAX_ID} characters")
         if not math.isfinite(lab.score):
             raise InvalidEvent(f"label {lab.mask_id!r}: score is not finite")
-        problem = rle_problem(lab.rle)
+        # Checked before anything decodes it: pycocotools trusts the counts and writes past
+        # its h * w buffer when the runs add up to more.
+        problem = coco.rle_problem(lab.rle.height, lab.rle.width, lab.rle.counts)
         if problem is not None:
             raise InvalidEvent(f"label {lab.mask_id!r}: {problem}")
 

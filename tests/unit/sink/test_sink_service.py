@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 from maskprop_sink.dataset import DatasetReader, DatasetWriter
-from maskprop_sink.service import Sink, SinkSettings, build_sink, rle_problem, rle_runs
+from maskprop_sink.service import Sink, SinkSettings, build_sink
 
+from maskprop.data import coco
 from maskprop_runtime import codec, topics
 from maskprop_runtime.bus import InMemoryBus, Record
 from maskprop_runtime.loop import InvalidEvent, run_until_idle
@@ -151,6 +152,14 @@ def test_handler_refuses_unwritable_events_with_a_reason(tmp_path, make_event, b
             Sink(writer).handle(ev, _record())
         assert Sink(writer).handle(make_event(n=2).event, _record()) == []
     assert DatasetReader(tmp_path).ledger_stats("demo")["labels"] == 2
+
+
+def rle_runs(counts):
+    return coco.counts_to_runs(counts).tolist()
+
+
+def rle_problem(rle):
+    return coco.rle_problem(rle.height, rle.width, rle.counts)
 
 
 def test_rle_runs_match_the_masks():
