@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from maskprop_gateway import keys
+
 _VENDOR = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _KEY = re.compile(r"^mpk_([a-z0-9][a-z0-9-]{0,31})_([A-Za-z0-9_-]{43})$")
 WORKER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -49,7 +51,7 @@ def _unb64(text: str) -> bytes:
 
 
 class KeyStore:
-    """Vendors and their hashed keys in Redis (``maskprop:gw:vendor:<id>``)."""
+    """Vendors and their hashed keys in Redis (:func:`maskprop_gateway.keys.vendor`)."""
 
     def __init__(self, redis: Any, pepper: str) -> None:
         self.r = redis
@@ -63,20 +65,18 @@ class KeyStore:
         if not _VENDOR.match(vendor_id):
             raise ValueError("vendor id: 1-32 of a-z 0-9 -, starting with a letter or digit")
         key = f"mpk_{vendor_id}_{secrets.token_urlsafe(32)}"
-        created = self.r.hsetnx(f"maskprop:gw:vendor:{vendor_id}", "key_hash", self._hash(key))
+        created = self.r.hsetnx(keys.vendor(vendor_id), "key_hash", self._hash(key))
         if not created:
             raise ValueError(f"vendor {vendor_id!r} exists; rotate its key instead")
-        self.r.hset(
-            f"maskprop:gw:vendor:{vendor_id}", mapping={"name": name, "created": time.time()}
-        )
+        self.r.hset(keys.vendor(vendor_id), mapping={"name": name, "created": time.time()})
         return key
 
     def rotate(self, vendor_id: str) -> str:
         """A new key for an existing vendor; the old one stops working at once."""
-        if not self.r.exists(f"maskprop:gw:vendor:{vendor_id}"):
+        if not self.r.exists(keys.vendor(vendor_id)):
             raise ValueError(f"no vendor {vendor_id!r}")
         key = f"mpk_{vendor_id}_{secrets.token_urlsafe(32)}"
-        self.r.hset(f"maskprop:gw:vendor:{vendor_id}", "key_hash", self._hash(key))
+        self.r.hset(keys.vendor(vendor_id), "key_hash", self._hash(key))
         return key
 
     def verify(self, key: str | None) -> Vendor:
@@ -84,7 +84,7 @@ class KeyStore:
         if not m:
             raise AuthError("missing or malformed API key")
         vendor_id = m.group(1)
-        stored = self.r.hmget(f"maskprop:gw:vendor:{vendor_id}", ["key_hash", "name"])
+        stored = self.r.hmget(keys.vendor(vendor_id), ["key_hash", "name"])
         if stored[0] is None or not hmac.compare_digest(stored[0].decode(), self._hash(key or "")):
             raise AuthError("invalid API key")
         return Vendor(vendor_id=vendor_id, name=(stored[1] or b"").decode())

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from maskprop_gateway import keys
+
 _KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 TTL_S = 24 * 3600
 
@@ -39,7 +41,7 @@ class IdempotencyStore:
     def _k(self, vendor_id: str, key: str) -> str:
         if not _KEY.match(key):
             raise IdempotencyConflict(400, "Idempotency-Key: 1-128 of A-Z a-z 0-9 _ . : -")
-        return f"maskprop:gw:idem:{vendor_id}:{key}"
+        return keys.idempotency(vendor_id, key)
 
     def begin(self, vendor_id: str, key: str, fingerprint: str) -> Stored | None:
         """None: go ahead (the key is now held).  Stored: replay it."""

@@ -8,6 +8,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from maskprop_gateway import keys
+
 
 class BodyTooLarge(Exception):
     pass
@@ -89,7 +91,5 @@ class RateLimiter:
     def retry_after(self, vendor_id: str, now: float | None = None) -> float:
         """0 when the request may go ahead, else seconds to wait."""
         now = time.time() if now is None else now
-        wait = self._script(
-            keys=[f"maskprop:gw:rate:{vendor_id}"], args=[self.rate, self.burst, now]
-        )
+        wait = self._script(keys=[keys.rate(vendor_id)], args=[self.rate, self.burst, now])
         return float(wait.decode() if isinstance(wait, bytes) else wait)

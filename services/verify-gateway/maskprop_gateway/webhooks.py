@@ -12,7 +12,7 @@ Wire format (https://www.standardwebhooks.com): headers ``webhook-id``, ``webhoo
 body ``{"type": ..., "timestamp": <ISO 8601>, "data": {...}}``.  A vendor verifies it with
 ``standardwebhooks.Webhook(secret).verify(body, headers)``.
 
-Redis keys (prefix ``maskprop:gw:``):
+Redis keys (built in :mod:`maskprop_gateway.keys`):
 
 * ``webhook:{vendor}`` hash: url, secret (``whsec_<base64>``; it must be kept in clear to sign);
 * ``webhooks:queue`` zset message id -> due time (a claimed message is pushed ``CLAIM_S`` ahead,
@@ -45,11 +45,12 @@ from urllib.parse import urlsplit
 
 from standardwebhooks import Webhook
 
+from maskprop_gateway import keys
+
 log = logging.getLogger(__name__)
 
-P = "maskprop:gw:"
-QUEUE = f"{P}webhooks:queue"
-DEAD = f"{P}webhooks:dead"
+QUEUE = keys.WEBHOOK_QUEUE
+DEAD = keys.WEBHOOK_DEAD
 
 # Seconds to wait after the 1st, 2nd, ... failed attempt; after the last one, give up.
 RETRY_SCHEDULE_S: tuple[float, ...] = (5.0, 30.0, 120.0, 600.0, 3600.0)
@@ -57,7 +58,6 @@ CLAIM_S = 120.0  # > the slowest batch of deliveries (TIMEOUT_S x batch / thread
 TIMEOUT_S = 10.0
 DEAD_TTL_S = 30 * 86_400
 EVENTS = ("lease.expired", "batch.finished")
-_VENDOR_KEY = P + "vendor:{}"  # maskprop_gateway.auth.KeyStore's record of a vendor
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # Names that resolve to the cluster or the host itself, never to a vendor.
 _INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".svc", ".cluster.local", ".lan")
@@ -204,7 +204,7 @@ def post(
 
 # ---------------------------------------------------------------------------- configuration
 class WebhookStore:
-    """Per-vendor endpoint and signing secret (``maskprop:gw:webhook:<vendor>``)."""
+    """Per-vendor endpoint and signing secret (:func:`maskprop_gateway.keys.webhook`)."""
 
     def __init__(self, redis: Any) -> None:
         self.r = redis
@@ -220,9 +220,9 @@ class WebhookStore:
         """Point a vendor's callbacks at ``url``; returns the signing secret (a new one the
         first time or with ``rotate_secret``, else the one the vendor already has)."""
         validate_url(url, allow_http_loopback=allow_http_loopback)
-        if not self.r.exists(_VENDOR_KEY.format(vendor_id)):
+        if not self.r.exists(keys.vendor(vendor_id)):
             raise WebhookError(f"no vendor {vendor_id!r}")
-        key = f"{P}webhook:{vendor_id}"
+        key = keys.webhook(vendor_id)
         if not rotate_secret:
             self.r.hsetnx(key, "secret", new_secret())
         else:
@@ -231,13 +231,13 @@ class WebhookStore:
         return str(self.r.hget(key, "secret").decode())
 
     def get(self, vendor_id: str) -> WebhookConfig | None:
-        url, secret = self.r.hmget(f"{P}webhook:{vendor_id}", ["url", "secret"])
+        url, secret = self.r.hmget(keys.webhook(vendor_id), ["url", "secret"])
         if url is None or secret is None:
             return None
         return WebhookConfig(vendor_id, url.decode(), secret.decode())
 
     def remove(self, vendor_id: str) -> bool:
-        return bool(self.r.delete(f"{P}webhook:{vendor_id}"))
+        return bool(self.r.delete(keys.webhook(vendor_id)))
 
 
 def set_webhook(
@@ -335,7 +335,7 @@ class Webhooks:
         )
         pipe = self.r.pipeline()
         pipe.hset(
-            f"{P}webhooks:msg:{message_id}",
+            keys.webhook_message(message_id),
             mapping={
                 "vendor": vendor_id,
                 "type": event_type,
@@ -377,7 +377,7 @@ class Webhooks:
             total = len(rec["refs"])
             if self.leases.answered_count(lease_id) < total:
                 return
-            if not self.r.set(f"{P}webhooks:sent:{lease_id}", 1, nx=True, ex=self.sent_ttl_s):
+            if not self.r.set(keys.webhook_sent(lease_id), 1, nx=True, ex=self.sent_ttl_s):
                 return
             self.enqueue(
                 vendor_id,
@@ -406,7 +406,7 @@ class Webhooks:
         }
 
     def _attempt(self, message_id: str) -> Attempt | None:
-        rec = self.r.hgetall(f"{P}webhooks:msg:{message_id}")
+        rec = self.r.hgetall(keys.webhook_message(message_id))
         if not rec:
             self.r.zrem(QUEUE, message_id)
             return None
@@ -433,7 +433,7 @@ class Webhooks:
     def _record(
         self, message_id: str, vendor_id: str, status: int, error: str, *, final: bool
     ) -> Attempt:
-        key = f"{P}webhooks:msg:{message_id}"
+        key = keys.webhook_message(message_id)
         now = self.clock()
         if not error:
             pipe = self.r.pipeline()
@@ -485,7 +485,7 @@ class Webhooks:
         out = []
         for raw in self.r.zrevrange(DEAD, 0, limit - 1):
             message_id = raw.decode()
-            rec = self.r.hgetall(f"{P}webhooks:msg:{message_id}")
+            rec = self.r.hgetall(keys.webhook_message(message_id))
             if rec:
                 fields = {k.decode(): v.decode() for k, v in rec.items() if k != b"body"}
                 out.append({"id": message_id, **fields})

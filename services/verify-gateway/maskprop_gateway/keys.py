@@ -1,0 +1,163 @@
+"""The verify gateway's whole Redis key schema: every key it reads or writes is built here.
+
+The prefix ``maskprop:gw:`` is declared once (:data:`PREFIX`).  Lua scripts that build
+per-question keys themselves receive the prefix of those keys from here (:data:`ITEM`,
+:data:`VOTES`) and append ``<question id>:holders`` / ``<question id>:seen`` / ``<question
+id>`` exactly as :func:`holders`, :func:`seen` and :func:`votes` do.  The gateway needs a
+standalone Redis (or a cluster with every key on one slot), like the rest of the project.
+
+Each key has one owner module, which defines its layout; "also written by" lists the
+explicit cross-module writes (all inside one atomic script, for the reason given).
+
+======================================  =====  ===============  ===============================
+key (after the prefix)                  type   owner            also written by
+======================================  =====  ===============  ===============================
+``vendor:{vendor}``                     hash   auth.KeyStore    (webhooks only checks it exists)
+``rate:{vendor}``                       hash   limits           -
+``idem:{vendor}:{key}``                 str    idempotency      -
+``lease:{id}``                          hash   leases           -
+``lease:{id}:views``                    hash   leases           -
+``lease:{id}:answered``                 set    leases           -
+``lease:{id}:qual``                     hash   leases           -
+``leases``                              zset   leases           -
+``stats:{campaign}``                    hash   leases           -
+``campaigns``                           set    pool             -
+``{campaign}:items``                    hash   pool             -
+``{campaign}:open``                     zset   pool             -
+``{campaign}:ready``                    zset   pool             -
+``want``                                hash   pool             -
+``item:{q}:holders``                    hash   pool             -
+``item:{q}:seen``                       set    pool             -
+``outbox:labels``                       stream forwarder        pool's settle script appends a
+                                                                decided label in the step that
+                                                                decides it (once per question)
+``qc:gold``                             hash   quality          -
+``qc:campaign:{campaign}:gold``         set    quality          -
+``qc:worker:{worker}[:{what}]``         mixed  quality          -
+``qc:medians``                          hash   quality          -
+``qc:votes:{q}``                        hash   quality          pool's done script deletes it
+                                                                with the question's other keys
+``webhook:{vendor}``                    hash   webhooks         -
+``webhooks:queue`` / ``webhooks:dead``  zset   webhooks         -
+``webhooks:msg:{id}``                   hash   webhooks         -
+``webhooks:sent:{lease}``               str    webhooks         -
+======================================  =====  ===============  ===============================
+
+``{q}`` is a search question id (it starts with its campaign: ``<campaign>:...``); ``{worker}``
+is ``"<vendor>:<worker>"``.  The modules' docstrings say what the values hold.
+"""
+
+from __future__ import annotations
+
+#: Every gateway key starts with this.
+PREFIX = "maskprop:gw:"
+
+
+# ---------------------------------------------------------------- vendors (auth, limits, ...)
+def vendor(vendor_id: str) -> str:
+    return f"{PREFIX}vendor:{vendor_id}"
+
+
+def rate(vendor_id: str) -> str:
+    return f"{PREFIX}rate:{vendor_id}"
+
+
+def idempotency(vendor_id: str, key: str) -> str:
+    return f"{PREFIX}idem:{vendor_id}:{key}"
+
+
+# ---------------------------------------------------------------- leases
+#: zset lease id -> deadline (unix s): the expiry index.
+LEASES = PREFIX + "leases"
+
+
+def lease(lease_id: str) -> str:
+    return f"{PREFIX}lease:{lease_id}"
+
+
+def lease_views(lease_id: str) -> str:
+    return f"{PREFIX}lease:{lease_id}:views"
+
+
+def lease_answered(lease_id: str) -> str:
+    return f"{PREFIX}lease:{lease_id}:answered"
+
+
+def lease_qualification(lease_id: str) -> str:
+    return f"{PREFIX}lease:{lease_id}:qual"
+
+
+def stats(campaign: str) -> str:
+    return f"{PREFIX}stats:{campaign}"
+
+
+# ---------------------------------------------------------------- question pool
+CAMPAIGNS = PREFIX + "campaigns"
+WANT = PREFIX + "want"
+#: Prefix of the per-question pool keys (the pool's Lua scripts append ``{q}:holders``...).
+ITEM = PREFIX + "item:"
+
+
+def items(campaign: str) -> str:
+    return f"{PREFIX}{campaign}:items"
+
+
+def open_questions(campaign: str) -> str:
+    return f"{PREFIX}{campaign}:open"
+
+
+def ready(campaign: str) -> str:
+    return f"{PREFIX}{campaign}:ready"
+
+
+def holders(qid: str) -> str:
+    return f"{ITEM}{qid}:holders"
+
+
+def seen(qid: str) -> str:
+    return f"{ITEM}{qid}:seen"
+
+
+# ---------------------------------------------------------------- forwarding
+#: Stream of decided labels on their way to search (a maskprop_runtime.outbox.Outbox):
+#: entry ``k`` question id, ``v`` ``"0"``/``"1"``.
+LABEL_OUTBOX = PREFIX + "outbox:labels"
+
+
+# ---------------------------------------------------------------- quality control
+QC = PREFIX + "qc:"
+GOLD = QC + "gold"
+MEDIANS = QC + "medians"
+#: Prefix of the per-question vote hashes (the votes and done scripts append ``{q}``).
+VOTES = QC + "votes:"
+
+
+def campaign_gold(campaign: str) -> str:
+    return f"{QC}campaign:{campaign}:gold"
+
+
+def worker(worker_id: str, what: str = "") -> str:
+    """``qc:worker:{worker}`` (a hash), or its ``:{what}`` companion (seen, scored, gold,
+    times)."""
+    return f"{QC}worker:{worker_id}" + (f":{what}" if what else "")
+
+
+def votes(qid: str) -> str:
+    return VOTES + qid
+
+
+# ---------------------------------------------------------------- webhooks
+WEBHOOK_QUEUE = PREFIX + "webhooks:queue"
+WEBHOOK_DEAD = PREFIX + "webhooks:dead"
+
+
+def webhook(vendor_id: str) -> str:
+    return f"{PREFIX}webhook:{vendor_id}"
+
+
+def webhook_message(message_id: str) -> str:
+    return f"{PREFIX}webhooks:msg:{message_id}"
+
+
+def webhook_sent(lease_id: str) -> str:
+    return f"{PREFIX}webhooks:sent:{lease_id}"
