@@ -607,7 +607,8 @@ def orchestrate(args: argparse.Namespace) -> None:
     import grpc
     import httpx
     from maskprop_gateway.auth import KeyStore
-    from maskprop_gateway.quality import QualityControl, QualityPolicy
+    from maskprop_gateway.qc_rules import QualityPolicy
+    from maskprop_gateway.quality import QualityControl
     from maskprop_gateway.simcrowd import simulated_gold
 
     from maskprop.simulate.generator import ade_like_pool

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from maskprop_gateway.quality import GoldItem
+from maskprop_gateway.qc_rules import GoldItem
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

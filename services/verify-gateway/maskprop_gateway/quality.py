@@ -1,31 +1,33 @@
-"""Worker quality control for the crowd-vendor gateway: qualification, hidden gold, answer-time
-checks, suspension and the reliability-weighted vote over redundant answers.
+"""Worker quality control's storage for the crowd-vendor gateway: the gold pool, per-worker
+records and the votes on real questions, in Redis.  The rules it applies (vote weights, the
+weighted tally with dynamic redundancy, gold scoring, suspension, qualification) are pure
+functions in :mod:`maskprop_gateway.qc_rules`.
 
-Conventions (NOTES.md, "Conventions users expect"; Toloka and CVAT honeypots): a qualification
-test of gold questions before real work; hidden gold mixed into real work at ``gold_share``
-(5-10 % in small pools); a worker is "too fast" below about half the crowd's median answer time;
-colluding workers share answers to small, repeating gold sets, so a worker never sees the same
-gold item twice and the gold pool must be large and look like real questions.
-
-Aggregation uses crowd-kit's ``MajorityVote`` with per-worker skills (see :meth:`aggregate`).
-
-Redis keys (prefix ``maskprop:gw:qc:``; ``{w}`` worker id such as ``"<vendor>:<worker>"``,
+Redis keys (:mod:`maskprop_gateway.keys`; ``{w}`` worker id such as ``"<vendor>:<worker>"``,
 ``{c}`` campaign, ``{q}`` question id):
 
-* ``gold``  hash  gold id -> JSON of a :class:`GoldItem` (the only place answers live)
-* ``campaign:{c}:gold``  set  gold ids of a campaign
-* ``worker:{w}``  hash  ``qual_ids`` (JSON list), ``qual_result`` (passed/failed, written once),
-  ``qual_correct``, ``served`` (questions served, drives :meth:`gold_due`), ``gold_total``,
-  ``suspended_at`` (unix s, written once: suspension is sticky), ``suspended_reason``
-* ``worker:{w}:seen``  set  gold ids ever shown to the worker (qualification included)
-* ``worker:{w}:scored``  hash  gold id -> 1/0, so a retried gold submission counts once
-* ``worker:{w}:gold``  list  rolling 1/0 correctness of the last ``window`` gold answers
-* ``worker:{w}:times``  list  the last ``window`` answer times (ms), real and gold
-* ``medians``  hash  worker -> median of their recent answer times (ms)
-* ``votes:{q}``  hash  worker -> ``"<0|1>:<unix s>"`` (first vote wins; expires after
-  ``vote_ttl_s``)
+* ``qc:gold``  hash  gold id -> JSON of a :class:`GoldItem` (the only place answers live)
+* ``qc:campaign:{c}:gold``  set  gold ids of a campaign
+* ``qc:worker:{w}``  hash  ``qual_ids`` (JSON list), ``qual_result`` (passed/failed, written
+  once), ``qual_correct``, ``served`` (questions served, drives hidden gold), ``gold_draws``,
+  ``gold_total``, ``suspended_at`` (unix s, written once: suspension is sticky),
+  ``suspended_reason``
+* ``qc:worker:{w}:seen``  set  gold ids ever shown to the worker (qualification included)
+* ``qc:worker:{w}:scored``  hash  gold id -> 1/0, so a retried gold submission counts once
+* ``qc:worker:{w}:gold``  list  rolling 1/0 correctness of the last ``window`` gold answers
+* ``qc:worker:{w}:times``  list  the last ``window`` answer times (ms), real and gold
+* ``qc:medians``  hash  worker -> median of their recent answer times (ms)
+* ``qc:votes:{q}``  hash  worker -> ``"<0|1>:<unix s>"`` (first vote wins; expires after
+  ``vote_ttl_s``; the question pool deletes it once search has the question's label)
 
-Gold answers never leave this module: :meth:`QualityControl.next_gold` and
+Call order in the gateway: :meth:`QualityControl.qualification_questions` ->
+:meth:`~QualityControl.submit_qualification`; then per lease :meth:`~QualityControl.gold_due_many`
+picks hidden gold (:meth:`~QualityControl.next_golds`) among the real work; per answer batch
+:meth:`~QualityControl.record_answer_times` (every answer), :meth:`~QualityControl.score_golds`
+(gold), :meth:`~QualityControl.cast_votes` (real), :meth:`~QualityControl.review_suspends`, then
+:meth:`~QualityControl.tally` of the votes cast.
+
+Gold answers never leave this module: :meth:`QualityControl.next_golds` and
 :meth:`QualityControl.qualification_questions` return :class:`GoldQuestion` (no answer), no
 :class:`WorkerState` field depends on a single gold item, ``GoldItem``'s repr hides the answer,
 and log records name neither gold ids nor answers.  The gateway must still keep gold ids
@@ -36,29 +38,19 @@ whether a gold answer was right, or the gold is no longer hidden.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import pandas as pd
-from crowdkit.aggregation import MajorityVote
+
+from maskprop_gateway import keys, qc_rules
+from maskprop_gateway.qc_rules import GoldItem, GoldQuestion, QualityPolicy, WorkerState
 
 log = logging.getLogger(__name__)
-
-PREFIX = "maskprop:gw:qc:"
-
-Qualification = Literal["required", "in_progress", "passed", "failed"]
-
-#: Vote weight floor: workers at or below chance weigh (almost) nothing, but never exactly zero,
-#: so crowd-kit's normalisation stays defined when every voter is that bad.
-_MIN_WEIGHT = 1e-3
 
 # ARGV: votes-key prefix, worker, cast at (unix s), ttl, then (question id, 0|1) pairs.
 # Per vote: whether it is new (first vote of the worker wins) and every vote on the question
@@ -92,127 +84,6 @@ class QualificationError(QualityError):
     """Qualification called out of order (none in progress, already decided, answers missing)."""
 
 
-@dataclass(frozen=True)
-class QualityPolicy:
-    """Thresholds of worker quality control (all shares in [0, 1], times in seconds)."""
-
-    qualification_size: int = 10
-    qualification_pass: float = 0.8
-    gold_share: float = 0.05  # share of served questions that are hidden gold
-    window: int = 50  # rolling gold answers (and answer times) per worker
-    min_gold: int = 8  # gold answers (answer times) before accuracy (speed) can suspend
-    min_accuracy: float = 0.7
-    fast_fraction: float = 0.5  # "too fast" = below fast_fraction x crowd median answer time
-    max_fast_share: float = 0.3  # suspended when more of the recent answers are too fast
-    discount_window_s: float = 3600  # a suspended worker's votes this close to it are ignored
-    redundancy: int = 1  # counted answers per question before aggregation
-    # Dynamic overlap: when the first ``redundancy`` counted answers disagree, more are asked
-    # for, up to this many (default 2 x redundancy - 1), before the weighted vote decides.
-    # Honest workers agree, so a disagreement flags a bad voter who may not be caught yet.
-    max_redundancy: int | None = None
-    # Beta prior of the smoothed gold accuracy (reliability): 4 right, 1 wrong -> new workers 0.8.
-    prior_correct: float = 4.0
-    prior_wrong: float = 1.0
-    vote_ttl_s: int = 7 * 24 * 3600  # votes of a question are forgotten this long after the last
-
-    @property
-    def vote_cap(self) -> int:
-        """Counted answers at which a disagreeing question is decided anyway."""
-        cap = 2 * self.redundancy - 1 if self.max_redundancy is None else self.max_redundancy
-        return max(self.redundancy, cap)
-
-    def __post_init__(self) -> None:
-        shares = ("qualification_pass", "gold_share", "min_accuracy", "max_fast_share")
-        for name in shares:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.qualification_size < 0:
-            raise ValueError("qualification_size must be >= 0")
-        if not 1 <= self.min_gold <= self.window:
-            raise ValueError("need 1 <= min_gold <= window")
-        if self.fast_fraction <= 0 or self.discount_window_s < 0 or self.vote_ttl_s <= 0:
-            raise ValueError("fast_fraction and vote_ttl_s must be > 0, discount_window_s >= 0")
-        if self.redundancy < 1:
-            raise ValueError("redundancy must be >= 1")
-        if self.prior_correct <= 0 or self.prior_wrong <= 0:
-            raise ValueError("the Beta prior needs prior_correct > 0 and prior_wrong > 0")
-
-
-@dataclass(frozen=True)
-class GoldQuestion:
-    """A gold item as a worker may see it: everything but the answer.
-
-    ``gold_id`` is for the gateway only (to score the answer); never show it to the worker.
-    """
-
-    gold_id: str
-    campaign: str
-    class_name: str
-    image_id: str
-    rle_h: int
-    rle_w: int
-    rle_counts: bytes
-
-
-@dataclass(frozen=True)
-class GoldItem:
-    """A question with a known answer (``True``: the mask is a correct ``class_name`` instance).
-
-    The mask is a COCO RLE (``rle_h`` x ``rle_w``, compressed ``rle_counts``), like real work, so
-    gold cannot be told apart.  ``answer`` is hidden from ``repr`` so a logged item leaks nothing.
-    """
-
-    gold_id: str
-    campaign: str
-    class_name: str
-    image_id: str
-    rle_h: int
-    rle_w: int
-    rle_counts: bytes
-    answer: bool = field(repr=False)
-
-    def public_view(self) -> GoldQuestion:
-        return GoldQuestion(
-            self.gold_id,
-            self.campaign,
-            self.class_name,
-            self.image_id,
-            self.rle_h,
-            self.rle_w,
-            self.rle_counts,
-        )
-
-
-@dataclass(frozen=True)
-class WorkerState:
-    """What quality control knows about one worker.
-
-    ``gold_accuracy`` and ``fast_share`` are over the rolling ``window`` (``None`` before any
-    gold answer / answer time); ``reliability`` is the Beta-smoothed gold accuracy in (0, 1).
-    """
-
-    worker: str
-    qualification: Qualification
-    gold_answers: int
-    gold_accuracy: float | None
-    fast_share: float | None
-    suspended: bool
-    reliability: float
-    suspended_at: float | None = None  # unix seconds
-    suspension_reason: str | None = None  # comma-separated: "accuracy", "too_fast"
-    recent_times: int = 0  # answer times in the rolling window (0 when not read)
-
-    @property
-    def can_work(self) -> bool:
-        """Qualified and not suspended: may be served real questions (and hidden gold)."""
-        return self.qualification == "passed" and not self.suspended
-
-
-def _vote_weight(reliability: float) -> float:
-    """Log-odds of a worker's reliability, floored at ``_MIN_WEIGHT`` (see ``aggregate``)."""
-    return max(_MIN_WEIGHT, math.log(reliability / (1.0 - reliability)))
-
-
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -240,17 +111,12 @@ def _item_from_json(raw: Any) -> GoldItem:
 
 
 class QualityControl:
-    """Worker quality control over Redis (see the module docstring for the keys).
+    """Worker quality control over Redis (see the module docstring for the keys and the call
+    order).
 
     ``redis`` is a ``redis.Redis``-compatible client (fakeredis in tests), bytes or decoded
-    responses; ``clock`` gives unix seconds; ``seed`` makes gold draws and :meth:`gold_due`
+    responses; ``clock`` gives unix seconds; ``seed`` makes gold draws and hidden-gold slots
     reproducible per worker.
-
-    Call order in the gateway: :meth:`qualification_questions` -> :meth:`submit_qualification`;
-    then for each served question :meth:`gold_due` picks gold (:meth:`next_gold`) or real work;
-    every answer's time goes to :meth:`record_answer_time`, then a gold answer to
-    :meth:`score_gold`, a real one to :meth:`add_vote`; :meth:`review` after each answer;
-    :meth:`aggregate` / :meth:`needs_more_votes` per question.
     """
 
     def __init__(
@@ -269,37 +135,6 @@ class QualityControl:
         self._median_cache: tuple[float, float | None] | None = None
         self._cast = redis.register_script(_CAST)
 
-    # ------------------------------------------------------------------ keys
-    @staticmethod
-    def _gold_key() -> str:
-        return PREFIX + "gold"
-
-    @staticmethod
-    def _campaign_key(campaign: str) -> str:
-        return f"{PREFIX}campaign:{campaign}:gold"
-
-    @staticmethod
-    def _worker_key(worker: str, what: str = "") -> str:
-        return f"{PREFIX}worker:{worker}" + (f":{what}" if what else "")
-
-    @staticmethod
-    def _medians_key() -> str:
-        return PREFIX + "medians"
-
-    @staticmethod
-    def _votes_key(question_id: str) -> str:
-        return f"{PREFIX}votes:{question_id}"
-
-    #: Prefix of the per-question votes keys (the gateway deletes them with the question).
-    votes_prefix = f"{PREFIX}votes:"
-
-    def _uniform(self, *parts: object) -> float:
-        """A reproducible draw in [0, 1) from the seed and ``parts`` (no shared RNG state, so
-        replicas and restarts agree)."""
-        text = ":".join(str(p) for p in (self.seed, *parts)).encode()
-        digest = hashlib.blake2b(text, digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2.0**64
-
     # ------------------------------------------------------------------ gold pool
     def import_gold(self, items: Iterable[GoldItem]) -> int:
         """Store gold items; returns how many ids are new (re-importing an id replaces it)."""
@@ -313,28 +148,22 @@ class QualityControl:
         if not by_id:
             return 0
         ids = list(by_id)
-        old = self.r.hmget(self._gold_key(), ids)
+        old = self.r.hmget(keys.GOLD, ids)
         pipe = self.r.pipeline(transaction=True)
         for gid, raw in zip(ids, old, strict=True):
             item = by_id[gid]
             if raw is not None:
                 previous = json.loads(raw)["campaign"]
                 if previous != item.campaign:
-                    pipe.srem(self._campaign_key(previous), gid)
-            pipe.hset(self._gold_key(), gid, _item_to_json(item))
-            pipe.sadd(self._campaign_key(item.campaign), gid)
+                    pipe.srem(keys.campaign_gold(previous), gid)
+            pipe.hset(keys.GOLD, gid, _item_to_json(item))
+            pipe.sadd(keys.campaign_gold(item.campaign), gid)
         pipe.execute()
         return sum(raw is None for raw in old)
 
-    def gold_count(self, campaign: str) -> int:
-        return int(self.r.scard(self._campaign_key(campaign)))
-
-    def _load(self, gold_id: str) -> GoldItem:
-        return self._load_many([gold_id])[0]
-
     def _load_many(self, gold_ids: list[str]) -> list[GoldItem]:
         """Gold items by id, in one round trip (a qualification test reads ten)."""
-        raws = self.r.hmget(self._gold_key(), gold_ids) if gold_ids else []
+        raws = self.r.hmget(keys.GOLD, gold_ids) if gold_ids else []
         if any(raw is None for raw in raws):
             raise UnknownGold("unknown gold item")
         return [_item_from_json(raw) for raw in raws]
@@ -342,28 +171,21 @@ class QualityControl:
     def _unseen(self, campaign: str, worker: str) -> list[str]:
         # O(gold in the campaign) per call; sorted so the seeded pick is reproducible.
         return sorted(
-            _s(g)
-            for g in self.r.sdiff(self._campaign_key(campaign), self._worker_key(worker, "seen"))
+            _s(g) for g in self.r.sdiff(keys.campaign_gold(campaign), keys.worker(worker, "seen"))
         )
 
-    #: Random probes into the campaign's gold before :meth:`next_gold` lists the unseen set.
+    #: Random probes into the campaign's gold before :meth:`next_golds` lists the unseen set.
     GOLD_PROBES = 8
 
     def _gold_ids(self, campaign: str) -> list[str]:
         """The campaign's gold ids, sorted; cached while the set's size is unchanged (gold is
         imported rarely, and a re-import that keeps the size keeps the ids)."""
-        n = int(self.r.scard(self._campaign_key(campaign)))
+        n = int(self.r.scard(keys.campaign_gold(campaign)))
         cached = self._gold_cache.get(campaign)
         if cached is None or len(cached) != n:
-            cached = sorted(_s(g) for g in self.r.smembers(self._campaign_key(campaign)))
+            cached = sorted(_s(g) for g in self.r.smembers(keys.campaign_gold(campaign)))
             self._gold_cache[campaign] = cached
         return cached
-
-    def next_gold(self, campaign: str, worker: str) -> GoldQuestion | None:
-        """A gold question the worker has never seen (qualification included), or ``None`` when
-        the campaign's gold is exhausted for them."""
-        got = self.next_golds(campaign, worker, 1)
-        return got[0] if got else None
 
     def next_golds(self, campaign: str, worker: str, k: int) -> list[GoldQuestion]:
         """Up to ``k`` gold questions the worker has never seen (fewer when the campaign's gold
@@ -375,17 +197,18 @@ class QualityControl:
         set (O(gold)) for whatever is still missing."""
         if k <= 0:
             return []
-        seen = self._worker_key(worker, "seen")
+        seen = keys.worker(worker, "seen")
         ids = self._gold_ids(campaign)
         picked: list[str] = []
         if ids:
-            last = int(self.r.hincrby(self._worker_key(worker), "gold_draws", k))
+            last = int(self.r.hincrby(keys.worker(worker), "gold_draws", k))
             draws = list(range(last - k + 1, last + 1))
             for attempt in range(self.GOLD_PROBES):
                 if not draws:
                     break
                 cands = [
-                    ids[int(self._uniform("gold", worker, d, attempt) * len(ids))] for d in draws
+                    ids[int(qc_rules.uniform(self.seed, "gold", worker, d, attempt) * len(ids))]
+                    for d in draws
                 ]
                 pipe = self.r.pipeline(transaction=False)
                 for g in cands:
@@ -395,38 +218,30 @@ class QualityControl:
                 draws = [d for d, new in zip(draws, claimed, strict=True) if not new]
         out = []
         if picked:
-            for raw in self.r.hmget(self._gold_key(), picked):
+            for raw in self.r.hmget(keys.GOLD, picked):
                 item = _item_from_json(raw) if raw is not None else None
                 if item is not None and item.campaign == campaign:  # the id cache was not stale
                     out.append(item.public_view())
         unseen = self._unseen(campaign, worker) if len(out) < k else []
         while len(out) < k and unseen:
-            i = int(self._uniform("gold", worker, self.r.scard(seen)) * len(unseen))
+            i = int(qc_rules.uniform(self.seed, "gold", worker, self.r.scard(seen)) * len(unseen))
             gold_id = unseen.pop(i)
             # SADD is the claim: a concurrent call that took the same item retries another.
             if self.r.sadd(seen, gold_id):
-                out.append(self._load(gold_id).public_view())
+                out.append(self._load_many([gold_id])[0].public_view())
         return out
 
-    def gold_due(self, worker: str) -> bool:
-        """Whether the question about to be served to ``worker`` should be hidden gold.
-
-        Call once per served question: it counts them, and the n-th answer is a fixed function
-        of (seed, worker, n), true with probability ``gold_share``.
-        """
-        return self.gold_due_many(worker, 1)[0]
-
     def gold_due_many(self, worker: str, k: int) -> list[bool]:
-        """:meth:`gold_due` for the next ``k`` served questions, in one round trip."""
+        """Whether each of the next ``k`` questions served to ``worker`` is hidden gold
+        (:func:`qc_rules.gold_due`), in one round trip: it counts them, so call it once per
+        served batch."""
         if k <= 0:
             return []
-        n = int(self.r.hincrby(self._worker_key(worker), "served", k))
-        return [
-            self._uniform("due", worker, i) < self.policy.gold_share
-            for i in range(n - k + 1, n + 1)
-        ]
+        n = int(self.r.hincrby(keys.worker(worker), "served", k))
+        return qc_rules.gold_due(self.seed, worker, range(n - k + 1, n + 1), self.policy.gold_share)
 
     # ------------------------------------------------------------------ qualification
+
     def qualification_questions(self, campaign: str, worker: str) -> list[GoldQuestion]:
         """Draw ``qualification_size`` unseen gold questions and mark the worker in progress;
         while in progress, the same questions again.  Raises :class:`QualificationError` once
@@ -434,7 +249,7 @@ class QualityControl:
         size = self.policy.qualification_size
         if size == 0:
             return []
-        wkey = self._worker_key(worker)
+        wkey = keys.worker(worker)
         ids_raw, result = self.r.hmget(wkey, ["qual_ids", "qual_result"])
         if result is not None:
             raise QualificationError(f"qualification already {_s(result)}")
@@ -444,11 +259,11 @@ class QualityControl:
                 raise NotEnoughGold(
                     f"campaign {campaign!r} has {len(unseen)} unseen gold items, need {size}"
                 )
-            rng = random.Random(int(self._uniform("qualification", worker) * 2**53))
+            rng = random.Random(int(qc_rules.uniform(self.seed, "qualification", worker) * 2**53))
             ids = rng.sample(unseen, size)
             # HSETNX: of two concurrent first calls, one set wins and both return it.
             if self.r.hsetnx(wkey, "qual_ids", json.dumps(ids)):
-                self.r.sadd(self._worker_key(worker, "seen"), *ids)
+                self.r.sadd(keys.worker(worker, "seen"), *ids)
             else:
                 ids_raw = self.r.hget(wkey, "qual_ids")
         if ids_raw is not None:
@@ -458,11 +273,11 @@ class QualityControl:
     def submit_qualification(self, worker: str, answers: dict[str, bool]) -> WorkerState:
         """Score the qualification test: every drawn question answered, nothing else.
 
-        ``passed`` when the share right is >= ``qualification_pass``, else ``failed``; the
-        result is written once (a retried submission returns it unchanged), so failed workers
-        stay failed and never get real questions.
+        ``passed`` or ``failed`` by :func:`qc_rules.qualification_outcome`; the result is
+        written once (a retried submission returns it unchanged), so failed workers stay
+        failed and never get real questions.
         """
-        wkey = self._worker_key(worker)
+        wkey = keys.worker(worker)
         ids_raw, result = self.r.hmget(wkey, ["qual_ids", "qual_result"])
         if result is not None:
             return self.state(worker)
@@ -478,9 +293,9 @@ class QualityControl:
             )
         if not all(isinstance(a, bool) for a in answers.values()):
             raise QualificationError("qualification answers must be true or false")
-        correct = sum(answers[g.gold_id] == g.answer for g in self._load_many(ids))
-        passed = correct >= self.policy.qualification_pass * len(ids) - 1e-9
-        outcome = "passed" if passed else "failed"
+        outcome, correct = qc_rules.qualification_outcome(
+            answers, self._load_many(ids), self.policy
+        )
         if self.r.hsetnx(wkey, "qual_result", outcome):
             self.r.hset(wkey, "qual_correct", correct)
             log.info(
@@ -490,20 +305,17 @@ class QualityControl:
         return self.state(worker)
 
     # ------------------------------------------------------------------ answers and times
-    def score_gold(self, worker: str, gold_id: str, answer: bool, elapsed_ms: int) -> bool:
-        """Whether ``answer`` matches gold item ``gold_id`` served to ``worker``.
-
-        Updates the rolling gold window.  ``elapsed_ms`` is validated but not recorded here:
-        the gateway calls :meth:`record_answer_time` for every answer, gold included, and
-        recording it twice would weigh gold answers double in the speed check.  Idempotent: a
-        retried submission of the same gold item returns the first result and changes nothing.
-        Raises :class:`UnknownGold` for an item the worker was never served.
-        """
-        return self.score_golds(worker, [(gold_id, answer, elapsed_ms)])[0]
 
     def score_golds(self, worker: str, answers: list[tuple[str, bool, int]]) -> list[bool]:
-        """:meth:`score_gold` for a submitted batch, in three round trips whatever its size
-        (all checked before any is scored: an unknown item fails the batch unscored)."""
+        """Score a submitted batch of ``worker``'s gold answers (gold id, answer, elapsed ms):
+        whether each matches its gold item, in three round trips whatever the batch's size.
+
+        Updates the rolling gold window.  ``elapsed_ms`` is validated but not recorded here:
+        the gateway records every answer's time (:meth:`record_answer_times`), gold included,
+        and recording it twice would weigh gold answers double in the speed check.
+        Idempotent: a retried gold item returns its first result and changes nothing.  All are
+        checked before any is scored: an item never served to the worker raises
+        :class:`UnknownGold` and leaves the batch unscored."""
         for _, answer, elapsed_ms in answers:
             if not isinstance(answer, bool):
                 raise QualityError("a gold answer must be true or false")
@@ -513,27 +325,26 @@ class QualityControl:
         ids = [g for g, _, _ in answers]
         pipe = self.r.pipeline(transaction=False)
         for g in ids:
-            pipe.sismember(self._worker_key(worker, "seen"), g)
-        pipe.hmget(self._gold_key(), ids)
+            pipe.sismember(keys.worker(worker, "seen"), g)
+        pipe.hmget(keys.GOLD, ids)
         *served, raws = pipe.execute()
         if not all(served) or any(raw is None for raw in raws):
             raise UnknownGold("gold item not served to this worker")
-        correct = [
-            answer == _item_from_json(raw).answer
-            for (_, answer, _), raw in zip(answers, raws, strict=True)
-        ]
-        scored = self._worker_key(worker, "scored")
+        correct = qc_rules.gold_correct(
+            [answer for _, answer, _ in answers], [_item_from_json(raw) for raw in raws]
+        )
+        scored = keys.worker(worker, "scored")
         pipe = self.r.pipeline(transaction=False)
         for g, ok in zip(ids, correct, strict=True):
             pipe.hsetnx(scored, g, int(ok))
         fresh = pipe.execute()
         new = [int(ok) for ok, f in zip(correct, fresh, strict=True) if f]
         if new:
-            window = self._worker_key(worker, "gold")
+            window = keys.worker(worker, "gold")
             pipe = self.r.pipeline(transaction=True)
             pipe.lpush(window, *new)
             pipe.ltrim(window, 0, self.policy.window - 1)
-            pipe.hincrby(self._worker_key(worker), "gold_total", len(new))
+            pipe.hincrby(keys.worker(worker), "gold_total", len(new))
             pipe.execute()
         if all(fresh):
             return correct
@@ -546,23 +357,19 @@ class QualityControl:
         if isinstance(elapsed_ms, bool) or not isinstance(elapsed_ms, int) or elapsed_ms < 0:
             raise QualityError("elapsed_ms must be an int >= 0")
 
-    def record_answer_time(self, worker: str, elapsed_ms: int) -> None:
-        """Record the time a worker took for one answer (ms, from serving to submission)."""
-        self.record_answer_times(worker, [elapsed_ms])
-
     def record_answer_times(self, worker: str, elapsed_ms: list[int]) -> None:
         """Record several answer times of one worker in one round trip (a submitted batch)."""
         if not elapsed_ms:
             return
         for e in elapsed_ms:
             self._check_elapsed(e)
-        times = self._worker_key(worker, "times")
+        times = keys.worker(worker, "times")
         pipe = self.r.pipeline(transaction=True)
         pipe.lpush(times, *elapsed_ms)
         pipe.ltrim(times, 0, self.policy.window - 1)
         pipe.lrange(times, 0, -1)
         recent = pipe.execute()[2]
-        self.r.hset(self._medians_key(), worker, float(np.median([float(t) for t in recent])))
+        self.r.hset(keys.MEDIANS, worker, float(np.median([float(t) for t in recent])))
 
     # ------------------------------------------------------------------ state and review
     #: Crowds of at least this many workers have their median answer time cached this long.
@@ -578,7 +385,7 @@ class QualityControl:
         cached = self._median_cache
         if cached is not None and time.monotonic() - cached[0] < self.CROWD_MEDIAN_TTL_S:
             return cached[1]
-        values = [float(v) for v in self.r.hvals(self._medians_key())]
+        values = [float(v) for v in self.r.hvals(keys.MEDIANS)]
         median = float(np.median(values)) if values else None
         # A large crowd's median moves slowly and costs O(workers) to read: reuse it for a
         # few seconds.  A small one is read every time (cheap, and it moves fast).
@@ -588,46 +395,22 @@ class QualityControl:
         return median
 
     def _states(self, workers: list[str], *, timing: bool) -> dict[str, WorkerState]:
+        """The workers' states (:func:`qc_rules.worker_state`) in one round trip; without
+        ``timing`` no answer times and no crowd median are read (``fast_share`` is None)."""
         pipe = self.r.pipeline(transaction=False)
         for w in workers:
-            pipe.hgetall(self._worker_key(w))
-            pipe.lrange(self._worker_key(w, "gold"), 0, -1)
+            pipe.hgetall(keys.worker(w))
+            pipe.lrange(keys.worker(w, "gold"), 0, -1)
             if timing:
-                pipe.lrange(self._worker_key(w, "times"), 0, -1)
+                pipe.lrange(keys.worker(w, "times"), 0, -1)
         replies = iter(pipe.execute())
         median = self._crowd_median_ms() if timing else None
-        p = self.policy
         out: dict[str, WorkerState] = {}
         for w in workers:
-            h = {_s(k): _s(v) for k, v in next(replies).items()}
+            record = {_s(k): _s(v) for k, v in next(replies).items()}
             window = [int(x) for x in next(replies)]
             times = [float(x) for x in next(replies)] if timing else []
-            if "qual_result" in h:
-                qualification: Qualification = (
-                    "passed" if h["qual_result"] == "passed" else "failed"
-                )
-            elif "qual_ids" in h:
-                qualification = "in_progress"
-            else:
-                qualification = "passed" if p.qualification_size == 0 else "required"
-            right = sum(window)
-            fast_share = None
-            if times and median is not None:
-                fast_share = sum(t < p.fast_fraction * median for t in times) / len(times)
-            suspended_at = float(h["suspended_at"]) if "suspended_at" in h else None
-            out[w] = WorkerState(
-                worker=w,
-                qualification=qualification,
-                gold_answers=int(h.get("gold_total", 0)),
-                gold_accuracy=right / len(window) if window else None,
-                fast_share=fast_share,
-                suspended=suspended_at is not None,
-                reliability=(right + p.prior_correct)
-                / (len(window) + p.prior_correct + p.prior_wrong),
-                suspended_at=suspended_at,
-                suspension_reason=h.get("suspended_reason"),
-                recent_times=len(times),
-            )
+            out[w] = qc_rules.worker_state(w, record, window, times, median, self.policy)
         return out
 
     def state(self, worker: str) -> WorkerState:
@@ -638,37 +421,17 @@ class QualityControl:
         and suspension, at a fraction of the cost (no answer times, no crowd median)."""
         return self._states([worker], timing=False)[worker]
 
-    def can_work(self, worker: str) -> bool:
-        """Qualified and not suspended (see :attr:`WorkerState.can_work`)."""
-        return self.standing(worker).can_work
-
-    def review(self, worker: str) -> WorkerState:
-        """Apply the suspension rules and return the worker's state.
-
-        Suspended (for good) when, over the rolling window, gold accuracy is below
-        ``min_accuracy`` after ``min_gold`` gold answers, or more than ``max_fast_share`` of
-        the answers are too fast after ``min_gold`` answer times.
-        """
-        return self.review_suspends(worker)[0]
-
     def review_suspends(self, worker: str) -> tuple[WorkerState, bool]:
-        """:meth:`review`, and whether this call is the one that suspended the worker."""
+        """Apply the suspension rules (:func:`qc_rules.suspension_reasons`): the worker's state
+        after them, and whether this call is the one that suspended it.  Suspension is for
+        good (``suspended_at`` is written once)."""
         st = self.state(worker)
         if st.suspended:
             return st, False
-        p = self.policy
-        n_gold = min(st.gold_answers, p.window)  # the rolling window's length
-        n_times = st.recent_times
-        reasons = []
-        if n_gold >= p.min_gold and st.gold_accuracy is not None:
-            if st.gold_accuracy < p.min_accuracy:
-                reasons.append("accuracy")
-        if n_times >= p.min_gold and st.fast_share is not None:
-            if st.fast_share > p.max_fast_share:
-                reasons.append("too_fast")
+        reasons = qc_rules.suspension_reasons(st, self.policy)
         if not reasons:
             return st, False
-        wkey = self._worker_key(worker)
+        wkey = keys.worker(worker)
         newly = bool(self.r.hsetnx(wkey, "suspended_at", repr(float(self.clock()))))
         if newly:
             self.r.hset(wkey, "suspended_reason", ",".join(reasons))
@@ -679,20 +442,12 @@ class QualityControl:
                     "reason": ",".join(reasons),
                     "gold_accuracy": st.gold_accuracy,
                     "fast_share": st.fast_share,
-                    "gold_window": n_gold,
+                    "gold_window": min(st.gold_answers, self.policy.window),
                 },
             )
         return self.state(worker), newly
 
     # ------------------------------------------------------------------ votes
-    def add_vote(self, question_id: str, worker: str, label: bool) -> bool:
-        """Record ``worker``'s answer to a real question; returns ``False`` (and changes
-        nothing) when the worker already voted on it."""
-        return self.add_votes(worker, [(question_id, label)])[0]
-
-    def add_votes(self, worker: str, votes: list[tuple[str, bool]]) -> list[bool]:
-        """:meth:`add_vote` for a batch of one worker's votes, in one round trip."""
-        return [new for new, _ in self.cast_votes(worker, votes).values()]
 
     def cast_votes(
         self, worker: str, votes: list[tuple[str, bool]]
@@ -703,7 +458,7 @@ class QualityControl:
             raise QualityError("a vote must be true or false")
         if not votes:
             return {}
-        args: list[Any] = [self._votes_key(""), worker, repr(self.clock()), self.policy.vote_ttl_s]
+        args: list[Any] = [keys.VOTES, worker, repr(self.clock()), self.policy.vote_ttl_s]
         for qid, label in votes:
             args += (qid, int(label))
         flat = self._cast(args=args)
@@ -715,13 +470,13 @@ class QualityControl:
         return out
 
     def tally_many(self, question_ids: list[str]) -> dict[str, tuple[int, bool | None]]:
-        """Per question: (:meth:`needs_more_votes`, :meth:`aggregate`), from one read of the
-        votes and one of the voters' states."""
+        """:meth:`tally` of the votes stored on ``question_ids``, from one read of the votes and
+        one of the voters' states (the repair sweep)."""
         if not question_ids:
             return {}
         pipe = self.r.pipeline(transaction=False)
         for qid in question_ids:
-            pipe.hgetall(self._votes_key(qid))
+            pipe.hgetall(keys.votes(qid))
         return self.tally(
             {
                 qid: self._parse_votes(raw)
@@ -734,15 +489,21 @@ class QualityControl:
         votes: dict[str, dict[str, tuple[bool, float]]],
         known: dict[str, WorkerState] | None = None,
     ) -> dict[str, tuple[int, bool | None]]:
-        """:meth:`tally_many` of votes already read (:meth:`cast_votes`); ``known`` states
-        (read after the last review) are not read again."""
+        """Per question of ``votes`` (question id -> worker -> (label, cast at unix s), as
+        :meth:`cast_votes` read them): (counted votes still missing, decided label or None),
+        by :func:`qc_rules.missing_votes` and :func:`qc_rules.decide`.  ``known`` states (read
+        after the last review) are not read again."""
         known = known or {}
         workers = sorted({w for vs in votes.values() for w in vs} - set(known))
         states = {**known, **(self._states(workers, timing=False) if workers else {})}
         out: dict[str, tuple[int, bool | None]] = {}
+        p = self.policy
         for qid, vs in votes.items():
-            counted = self._count(vs, states)
-            out[qid] = (self._missing(counted), self._decide(qid, counted, states))
+            counted = qc_rules.counted_votes(vs, states, p)
+            out[qid] = (
+                qc_rules.missing_votes(counted, p),
+                qc_rules.decide(qid, counted, states, p),
+            )
         return out
 
     @staticmethod
@@ -752,77 +513,3 @@ class QualityControl:
             bit, _, cast_at = _s(v).partition(":")
             votes[_s(w)] = (bit == "1", float(cast_at))
         return votes
-
-    def _counted_votes(self, question_id: str) -> tuple[dict[str, bool], dict[str, WorkerState]]:
-        votes = self._parse_votes(self.r.hgetall(self._votes_key(question_id)))
-        states = self._states(sorted(votes), timing=False)
-        return self._count(votes, states), states
-
-    def _count(
-        self, votes: dict[str, tuple[bool, float]], states: dict[str, WorkerState]
-    ) -> dict[str, bool]:
-        counted: dict[str, bool] = {}
-        for w, (label, at) in votes.items():
-            st = states[w]
-            if st.qualification == "failed":
-                continue
-            if (
-                st.suspended_at is not None
-                and at >= st.suspended_at - self.policy.discount_window_s
-            ):
-                continue  # cast while the worker was already going wrong, or after
-            counted[w] = label
-        return counted
-
-    def needs_more_votes(self, question_id: str) -> int:
-        """Votes still missing before :meth:`aggregate` decides (after discounting)."""
-        counted, _ = self._counted_votes(question_id)
-        return self._missing(counted)
-
-    def _missing(self, counted: dict[str, bool]) -> int:
-        if len(counted) < self.policy.redundancy:
-            return self.policy.redundancy - len(counted)
-        if len(set(counted.values())) <= 1:
-            return 0
-        return max(0, self.policy.vote_cap - len(counted))
-
-    def aggregate(self, question_id: str) -> bool | None:
-        """The reliability-weighted answer, or ``None`` until ``redundancy`` counted votes
-        agree, or, when they disagree, until ``vote_cap`` counted votes.
-
-        Not counted: votes of workers who failed qualification, and votes of suspended workers
-        cast at most ``discount_window_s`` before their suspension (or after it).
-
-        The decision is crowd-kit's ``MajorityVote`` with skills = the log-odds
-        ``log(r / (1 - r))`` of each worker's reliability ``r`` (Beta-smoothed gold accuracy),
-        floored at ``1e-3``.  Log-odds are the optimal weights of a weighted majority for
-        independent binary voters of known accuracy (Nitzan & Paroush 1982): a 50 % clicker
-        weighs ~0, so one reliable worker outvotes two random ones, which raw accuracies
-        (0.95 vs 0.5 + 0.5) would not.  Gold-based skills rather than skills learnt from
-        agreement (Wawa, Dawid-Skene, GLAD): the gateway decides one question at a time with
-        2-5 votes, too little agreement data to learn skills from, while gold measures each
-        worker directly (crowd-kit's ``GoldMajorityVote`` does the same with unsmoothed gold
-        accuracy).  Exact ties go to ``False`` (crowd-kit's ``idxmax`` takes the first label),
-        so a tie never accepts a mask.
-        """
-        counted, states = self._counted_votes(question_id)
-        return self._decide(question_id, counted, states)
-
-    def _decide(
-        self, question_id: str, counted: dict[str, bool], states: dict[str, WorkerState]
-    ) -> bool | None:
-        if len(counted) < self.policy.redundancy:
-            return None
-        if len(set(counted.values())) == 1:
-            # Unanimous: every weight is positive, so the weighted vote is that label; skip
-            # building a DataFrame (the common case, and the only one at redundancy 1).
-            return next(iter(counted.values()))
-        if len(counted) < self.policy.vote_cap:
-            return None  # a disagreement: ask more workers first (dynamic overlap)
-        workers = sorted(counted)
-        data = pd.DataFrame(
-            {"task": question_id, "worker": workers, "label": [counted[w] for w in workers]}
-        )
-        skills = pd.Series({w: _vote_weight(states[w].reliability) for w in workers})
-        labels = MajorityVote().fit_predict(data, skills)
-        return bool(labels.loc[question_id])

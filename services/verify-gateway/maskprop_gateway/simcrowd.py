@@ -16,7 +16,7 @@ import numpy as np
 
 from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.scenes import IMAGE_SIZE, ellipses, render_images
-from maskprop_gateway.quality import GoldItem
+from maskprop_gateway.qc_rules import GoldItem
 from maskprop_runtime import codec
 
 

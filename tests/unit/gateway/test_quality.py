@@ -1,4 +1,6 @@
-"""Worker quality control (maskprop_gateway.quality) over fakeredis, with a simulated crowd."""
+"""Worker quality control (maskprop_gateway.quality) over fakeredis, with a simulated crowd,
+through the calls the gateway makes (next_golds, record_answer_times, score_golds,
+review_suspends, cast_votes, tally)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from typing import Any
 
 import fakeredis
 import pytest
+from maskprop_gateway import keys
+from maskprop_gateway.qc_rules import GoldItem, GoldQuestion, QualityPolicy, WorkerState
 from maskprop_gateway.quality import (
-    GoldItem,
     NotEnoughGold,
     QualificationError,
     QualityControl,
-    QualityPolicy,
     UnknownGold,
 )
 
@@ -46,6 +48,40 @@ def make_qc(n_gold: int, **policy: Any) -> tuple[QualityControl, dict[str, bool]
     return qc, {g.gold_id: g.answer for g in items}, clock
 
 
+def next_gold(qc: QualityControl, campaign: str, worker: str) -> GoldQuestion | None:
+    got = qc.next_golds(campaign, worker, 1)
+    return got[0] if got else None
+
+
+def score_gold(qc: QualityControl, worker: str, gold_id: str, answer: bool, ms: int) -> bool:
+    return qc.score_golds(worker, [(gold_id, answer, ms)])[0]
+
+
+def review(qc: QualityControl, worker: str) -> WorkerState:
+    return qc.review_suspends(worker)[0]
+
+
+def can_work(qc: QualityControl, worker: str) -> bool:
+    return qc.standing(worker).can_work
+
+
+def gold_count(qc: QualityControl, campaign: str) -> int:
+    return int(qc.r.scard(keys.campaign_gold(campaign)))
+
+
+def vote(qc: QualityControl, question_id: str, worker: str, label: bool) -> bool:
+    """Cast one vote as the gateway does; whether it is the worker's first on the question."""
+    return qc.cast_votes(worker, [(question_id, label)])[question_id][0]
+
+
+def needs_more_votes(qc: QualityControl, question_id: str) -> int:
+    return qc.tally_many([question_id])[question_id][0]
+
+
+def aggregate(qc: QualityControl, question_id: str) -> bool | None:
+    return qc.tally_many([question_id])[question_id][1]
+
+
 def answer_gold(
     qc: QualityControl,
     truth: dict[str, bool],
@@ -56,7 +92,7 @@ def answer_gold(
     ms: Callable[[random.Random], float],
     always: bool | None = None,
 ) -> None:
-    g = qc.next_gold(CAMPAIGN, worker)
+    g = next_gold(qc, CAMPAIGN, worker)
     assert g is not None
     right = truth[g.gold_id]
     if always is not None:
@@ -64,8 +100,8 @@ def answer_gold(
     else:
         ans = right if rng.random() < accuracy else not right
     elapsed_ms = int(ms(rng))
-    qc.record_answer_time(worker, elapsed_ms)  # every answer, gold included (as the gateway)
-    qc.score_gold(worker, g.gold_id, ans, elapsed_ms)
+    qc.record_answer_times(worker, [elapsed_ms])  # every answer, gold included (as the gateway)
+    qc.score_golds(worker, [(g.gold_id, ans, elapsed_ms)])
 
 
 HONEST: dict[str, Any] = {"accuracy": 0.95, "ms": lambda rng: rng.gauss(1500, 200)}
@@ -84,7 +120,7 @@ def run_crowd(
             if qc.state(worker).suspended:
                 continue
             answer_gold(qc, truth, worker, rng, **kind)
-            qc.review(worker)
+            review(qc, worker)
 
 
 # ---------------------------------------------------------------------- gold pool
@@ -94,27 +130,27 @@ def test_import_is_idempotent_and_counts_per_campaign():
     qc, _, _ = make_qc(12)
     assert qc.import_gold(make_gold(12)) == 0
     assert qc.import_gold(make_gold(3, campaign="c2")) == 3
-    assert qc.gold_count(CAMPAIGN) == 12 and qc.gold_count("c2") == 3
+    assert gold_count(qc, CAMPAIGN) == 12 and gold_count(qc, "c2") == 3
 
 
 def test_gold_never_repeats_to_a_worker_and_runs_out():
     qc, _, _ = make_qc(20)
-    served = [qc.next_gold(CAMPAIGN, "v1:w1") for _ in range(20)]
+    served = [next_gold(qc, CAMPAIGN, "v1:w1") for _ in range(20)]
     ids = [g.gold_id for g in served if g is not None]
     assert len(set(ids)) == 20
-    assert qc.next_gold(CAMPAIGN, "v1:w1") is None
-    assert qc.next_gold(CAMPAIGN, "v1:w2") is not None  # another worker has their own pool
+    assert next_gold(qc, CAMPAIGN, "v1:w1") is None
+    assert next_gold(qc, CAMPAIGN, "v1:w2") is not None  # another worker has their own pool
     with pytest.raises(UnknownGold):
-        qc.score_gold("v1:w3", ids[0], True, 1000)  # never served to w3
+        score_gold(qc, "v1:w3", ids[0], True, 1000)  # never served to w3
 
 
 def test_gold_due_rate_and_determinism():
     qc, _, _ = make_qc(1)
-    draws = [qc.gold_due("v1:w1") for _ in range(2000)]
+    draws = [d for _ in range(20) for d in qc.gold_due_many("v1:w1", 100)]
     assert 0.035 <= sum(draws) / 2000 <= 0.065  # gold_share 0.05, sd ~0.005
     again = QualityControl(fakeredis.FakeRedis(), QualityPolicy(), seed=7)
-    assert [again.gold_due("v1:w1") for _ in range(2000)] == draws
-    assert [again.gold_due("v1:w2") for _ in range(2000)] != draws
+    assert again.gold_due_many("v1:w1", 2000) == draws
+    assert again.gold_due_many("v1:w2", 2000) != draws
 
 
 def test_gold_answers_never_leave_the_module(caplog):
@@ -124,7 +160,7 @@ def test_gold_answers_never_leave_the_module(caplog):
     questions = qc.qualification_questions(CAMPAIGN, "v1:w1")
     assert questions and not any(hasattr(q, "answer") for q in questions)
     qc.submit_qualification("v1:w1", {q.gold_id: truth[q.gold_id] for q in questions})
-    g = qc.next_gold(CAMPAIGN, "v1:w1")
+    g = next_gold(qc, CAMPAIGN, "v1:w1")
     assert g is not None and not hasattr(g, "answer")
     run_crowd(qc, truth, {"v1:bot": BOT, "v1:ok": HONEST}, rounds=12)
     assert qc.state("v1:bot").suspended
@@ -153,7 +189,7 @@ def test_qualification_pass_fail_and_failed_stays_failed():
     for q in qs[:2]:
         answers[q.gold_id] = not answers[q.gold_id]  # 8/10 = qualification_pass
     st = qc.submit_qualification("v1:good", answers)
-    assert st.qualification == "passed" and st.can_work and qc.can_work("v1:good")
+    assert st.qualification == "passed" and st.can_work and can_work(qc, "v1:good")
 
     qs = qc.qualification_questions(CAMPAIGN, "v1:bad")
     answers = {q.gold_id: truth[q.gold_id] for q in qs}
@@ -164,9 +200,9 @@ def test_qualification_pass_fail_and_failed_stays_failed():
     assert qc.submit_qualification("v1:bad", perfect).qualification == "failed"  # no retake
     with pytest.raises(QualificationError):
         qc.qualification_questions(CAMPAIGN, "v1:bad")
-    assert not qc.can_work("v1:bad")
+    assert not can_work(qc, "v1:bad")
     # Qualification items are never served again as hidden gold.
-    rest = {g.gold_id for _ in range(40) if (g := qc.next_gold(CAMPAIGN, "v1:bad"))}
+    rest = {g.gold_id for _ in range(40) if (g := next_gold(qc, CAMPAIGN, "v1:bad"))}
     assert len(rest) == 30 and rest.isdisjoint(q.gold_id for q in qs)
 
 
@@ -198,7 +234,7 @@ def test_suspension_of_random_clicker_bot_and_fast_worker_but_not_honest_crowd()
     # Sticky: a suspended worker who then answers well stays suspended.
     for _ in range(20):
         answer_gold(qc, truth, "v1:random", random.Random(0), accuracy=1.0, ms=lambda r: 1500)
-    assert qc.review("v1:random").suspended
+    assert review(qc, "v1:random").suspended
 
 
 def test_reliability_orders_honest_above_new_above_random():
@@ -227,71 +263,71 @@ def trained(
 
 def test_two_honest_outvote_one_random_and_weights_beat_counts():
     qc, _, _ = trained()
-    qc.add_vote("q1", "v1:h1", True)
-    assert qc.aggregate("q1") is None and qc.needs_more_votes("q1") == 2
-    qc.add_vote("q1", "v1:r", False)
-    qc.add_vote("q1", "v1:h2", True)
-    assert qc.needs_more_votes("q1") == 0
-    assert qc.aggregate("q1") is True
+    vote(qc, "q1", "v1:h1", True)
+    assert aggregate(qc, "q1") is None and needs_more_votes(qc, "q1") == 2
+    vote(qc, "q1", "v1:r", False)
+    vote(qc, "q1", "v1:h2", True)
+    assert needs_more_votes(qc, "q1") == 0
+    assert aggregate(qc, "q1") is True
     # One reliable worker against a ~50% clicker and a newcomer (prior 0.8): a plain majority
     # says yes; log-odds weights (~2.5 vs ~0.2 + 1.4) side with the reliable worker.
-    qc.add_vote("q2", "v1:h1", False)
-    qc.add_vote("q2", "v1:r", True)
-    qc.add_vote("q2", "v1:new", True)
+    vote(qc, "q2", "v1:h1", False)
+    vote(qc, "q2", "v1:r", True)
+    vote(qc, "q2", "v1:new", True)
     assert qc.state("v1:h1").reliability > 0.85
-    assert qc.aggregate("q2") is False
+    assert aggregate(qc, "q2") is False
 
 
 def test_disagreement_asks_more_workers_before_the_weighted_vote():
     qc, _, _ = trained(max_redundancy=None)  # default cap: 2 x 3 - 1 = 5
     for w in ("v1:h1", "v1:h2", "v1:new"):
-        qc.add_vote("q1", w, True)
-    assert qc.needs_more_votes("q1") == 0 and qc.aggregate("q1") is True  # agreed at 3
-    qc.add_vote("q2", "v1:h1", True)
-    qc.add_vote("q2", "v1:r", False)
-    qc.add_vote("q2", "v1:new", False)
-    assert qc.aggregate("q2") is None and qc.needs_more_votes("q2") == 2  # disagreed at 3
-    qc.add_vote("q2", "v1:h2", True)
-    assert qc.aggregate("q2") is None and qc.needs_more_votes("q2") == 1
-    qc.add_vote("q2", "v1:late", True)
-    assert qc.needs_more_votes("q2") == 0 and qc.aggregate("q2") is True  # 5 votes: weighted
+        vote(qc, "q1", w, True)
+    assert needs_more_votes(qc, "q1") == 0 and aggregate(qc, "q1") is True  # agreed at 3
+    vote(qc, "q2", "v1:h1", True)
+    vote(qc, "q2", "v1:r", False)
+    vote(qc, "q2", "v1:new", False)
+    assert aggregate(qc, "q2") is None and needs_more_votes(qc, "q2") == 2  # disagreed at 3
+    vote(qc, "q2", "v1:h2", True)
+    assert aggregate(qc, "q2") is None and needs_more_votes(qc, "q2") == 1
+    vote(qc, "q2", "v1:late", True)
+    assert needs_more_votes(qc, "q2") == 0 and aggregate(qc, "q2") is True  # 5 votes: weighted
 
 
 def test_duplicate_vote_is_ignored():
     qc, _, _ = trained()
-    assert qc.add_vote("q1", "v1:h1", True) is True
-    assert qc.add_vote("q1", "v1:h1", False) is False
-    assert qc.needs_more_votes("q1") == 2
-    qc.add_vote("q1", "v1:h2", True)
-    qc.add_vote("q1", "v1:r", False)
-    assert qc.aggregate("q1") is True
+    assert vote(qc, "q1", "v1:h1", True) is True
+    assert vote(qc, "q1", "v1:h1", False) is False
+    assert needs_more_votes(qc, "q1") == 2
+    vote(qc, "q1", "v1:h2", True)
+    vote(qc, "q1", "v1:r", False)
+    assert aggregate(qc, "q1") is True
 
 
 def test_votes_of_a_worker_suspended_after_voting_are_discounted():
     qc, truth, clock = trained()
     rng = random.Random(1)
-    qc.add_vote("q1", "v1:h1", True)
-    qc.add_vote("q1", "v1:h2", True)
-    qc.add_vote("q1", "v3:late", False)  # looks fine when voting (no gold yet)
-    qc.add_vote("q2", "v1:r", True)  # cast long before the clicker's suspension
-    assert qc.needs_more_votes("q1") == 0 and qc.aggregate("q1") is True
+    vote(qc, "q1", "v1:h1", True)
+    vote(qc, "q1", "v1:h2", True)
+    vote(qc, "q1", "v3:late", False)  # looks fine when voting (no gold yet)
+    vote(qc, "q2", "v1:r", True)  # cast long before the clicker's suspension
+    assert needs_more_votes(qc, "q1") == 0 and aggregate(qc, "q1") is True
     clock.t += 600
     for _ in range(10):
         answer_gold(qc, truth, "v3:late", rng, accuracy=0.0, ms=lambda r: 1500)
-    assert qc.review("v3:late").suspended
-    assert qc.needs_more_votes("q1") == 1 and qc.aggregate("q1") is None
-    qc.add_vote("q1", "v1:r", False)
-    assert qc.needs_more_votes("q1") == 0 and qc.aggregate("q1") is True
+    assert review(qc, "v3:late").suspended
+    assert needs_more_votes(qc, "q1") == 1 and aggregate(qc, "q1") is None
+    vote(qc, "q1", "v1:r", False)
+    assert needs_more_votes(qc, "q1") == 0 and aggregate(qc, "q1") is True
     clock.t += 2 * 3600
-    assert qc.review("v1:r").suspended  # accuracy ~0.5
-    assert qc.needs_more_votes("q2") == 2  # its q2 vote was 2 h 10 min before: still counted
-    assert qc.needs_more_votes("q1") == 0  # ...and so is its q1 vote (2 h before)
+    assert review(qc, "v1:r").suspended  # accuracy ~0.5
+    assert needs_more_votes(qc, "q2") == 2  # its q2 vote was 2 h 10 min before: still counted
+    assert needs_more_votes(qc, "q1") == 0  # ...and so is its q1 vote (2 h before)
 
 
 def test_a_large_crowds_median_time_is_reused_briefly_a_small_ones_never():
     r = fakeredis.FakeRedis()
     qc = QualityControl(r, QualityPolicy())
-    key = qc._medians_key()
+    key = keys.MEDIANS
     r.hset(key, mapping={f"v:w{i}": 1500.0 for i in range(10)})
     assert qc._crowd_median_ms() == 1500.0
     r.hset(key, mapping={f"v:w{i}": 900.0 for i in range(10)})
