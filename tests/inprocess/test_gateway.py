@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from maskprop_detector.simulated import write_images
+from maskprop_gateway import keys
 from maskprop_gateway.app import create_app, policy_from
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.quality import QualityControl
@@ -60,6 +61,11 @@ class Stack:
 
     def labels(self):
         return {c: self.wired.core.labels("gw", c).tolist() for c in self.wired.core.classes("gw")}
+
+
+def pending(stack) -> int:
+    """Decided labels not yet acknowledged by search (the gateway's label outbox)."""
+    return int(stack.wired.redis.xlen(keys.LABEL_OUTBOX))
 
 
 def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
@@ -325,10 +331,7 @@ def test_worker_routes_share_the_vendor_rate_limit(tmp_path, pool):
         assert 429 in codes
 
 
-def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(
-    tmp_path, pool, monkeypatch
-):
-    import maskprop_gateway.gateway as gateway_module
+def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(tmp_path, pool):
     from maskprop_gateway.search_client import SearchUnavailable
 
     class FlakySearch(LocalSearchClient):
@@ -351,15 +354,14 @@ def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(
         before = answered()
         _, out = one_round(client, st, worker, 10)
         assert out["forwarded_to_search"] == 0  # the workers' answers are safe
-        kept = st.wired.redis.hlen("maskprop:gw:forward")
+        kept = pending(st)
         assert kept > 0 and answered() == before
         flaky.down = False
-        monkeypatch.setattr(gateway_module, "FORWARD_RETRY_S", 0.0)
         # the expiry loop (every 0.2 s here) retries what its own request could not send
         deadline = time.monotonic() + 10
-        while st.wired.redis.hlen("maskprop:gw:forward") and time.monotonic() < deadline:
+        while pending(st) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert st.wired.redis.hlen("maskprop:gw:forward") == 0
+        assert pending(st) == 0
         assert answered() >= before + kept
 
 
@@ -389,7 +391,7 @@ def test_request_metrics_count_route_templates_never_raw_paths(tmp_path, pool):
 def test_forwarder_batches_many_requests_labels_and_reaches_the_same_labels(tmp_path, pool):
     """With ``forward_linger_s`` > 0 a forwarder thread sends the labels of several answer
     requests in one search call; the labels equal those of inline forwarding, and nothing
-    stays in ``forward`` once the gateway stopped."""
+    stays in the label outbox once the gateway stopped."""
 
     class Counting(LocalSearchClient):
         calls = 0
@@ -406,7 +408,7 @@ def test_forwarder_batches_many_requests_labels_and_reaches_the_same_labels(tmp_
         workers = [SimWorker(f"h{i}", "honest", seed=i) for i in range(6)]
         with TestClient(st.app) as client:
             assert run_crowd(client, st, workers, batch=10) == {}
-        assert st.wired.redis.hlen("maskprop:gw:forward") == 0
+        assert pending(st) == 0
         return st.labels(), Counting.calls
 
     inline, inline_calls = run("inline", 0.0)

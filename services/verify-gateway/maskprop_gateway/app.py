@@ -36,7 +36,8 @@ from maskprop_gateway.api.routes import answers, leases, progress, worker
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.limits import BodySizeLimit, RateLimiter
-from maskprop_gateway.quality import QualityControl, QualityPolicy
+from maskprop_gateway.qc_rules import QualityPolicy
+from maskprop_gateway.quality import QualityControl
 from maskprop_gateway.search_client import GrpcSearchClient, SearchClient
 from maskprop_gateway.settings import GatewaySettings
 from maskprop_runtime.server import entrypoint, tune_interpreter
@@ -136,9 +137,10 @@ SWEEP_INTERVAL_S = 30.0
 
 
 async def _expire_loop(app: FastAPI, interval_s: float) -> None:
-    """Expired leases free their questions; hooks (vendor callbacks) hear about them; decided
-    labels whose forwarding failed are retried.  Now and then the question pool is swept for
-    questions left unclaimable."""
+    """Expired leases free their questions; hooks (vendor callbacks) hear about them; with
+    inline forwarding, decided labels whose sending failed are retried (the forwarder's relay
+    thread retries by itself).  Now and then the question pool is swept for questions left
+    unclaimable."""
     swept = time.monotonic()
     while True:
         await asyncio.sleep(interval_s)

@@ -1,24 +1,30 @@
 """The gateway's pool of real questions in Redis: which question goes to which worker.
 
-Keys (prefix ``maskprop:gw:``, ``{c}`` campaign, ``{q}`` search question id, which starts with
-the campaign):
+Keys (:mod:`maskprop_gateway.keys`; ``{c}`` campaign, ``{q}`` search question id, which starts
+with the campaign):
 
 * ``campaigns``  set  campaigns that ever had questions here (the repair sweep walks them)
 * ``{c}:items``  hash  question id -> JSON view (class name, image file, RLE)
-* ``{c}:open``  zset  question id -> arrival (unix s): every question not yet forwarded
+* ``{c}:open``  zset  question id -> arrival (unix s): every question search has not yet
+  acknowledged a label for
 * ``{c}:ready``  zset  the subset that may need another worker, same scores; a lease claims
   from its front (oldest first), so a lease costs O(questions it takes), never O(questions
   other workers hold)
 * ``want``  hash  question id -> counted votes still missing (absent: the policy's
-  redundancy; ``0``: decided, waiting to be forwarded)
+  redundancy; ``0``: decided, its label on its way to search)
 * ``item:{q}:holders``  hash  worker -> lease deadline; ``item:{q}:seen``  set  workers it was
   ever served to (a worker never sees a question twice)
+
+Two writes outside the pool's keys, each in the script that makes it necessary (listed in
+:mod:`maskprop_gateway.keys`): :meth:`QuestionPool.settle` appends a decided label to the label
+outbox (``outbox:labels``, the forwarder's) in the same step that decides it, so a crash cannot
+lose or repeat it; :meth:`QuestionPool.done` deletes the question's votes (quality control's
+``qc:votes:{q}``) with its other keys.
 
 A claim is one Lua script: checking that a question still has a free slot and taking the slot
 cannot interleave with another lease (two concurrent leases used to pick the same questions, so
 the crowd answered most questions twice at redundancy 1).  The scripts build their per-question
-keys from the prefix: the gateway needs a standalone Redis (or a cluster with every key on one
-slot), like the rest of the project.
+keys from the prefixes :data:`keys.ITEM` and :data:`keys.VOTES`.
 """
 
 from __future__ import annotations
@@ -26,12 +32,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-P = "maskprop:gw:"
+from maskprop_gateway import keys
 
 # The scripts batch what they can: one HMGET/ZMSCORE/ZREM/HSET/DEL per batch instead of one
 # call per question (each redis.call from Lua costs ~2 us of Redis's single core).
 
-# KEYS: ready, items, want.  ARGV: prefix, worker, n, expires, now, redundancy.
+# KEYS: ready, items, want.  ARGV: item prefix, worker, n, expires, now, redundancy.
 # Returns [qid, view, qid, view, ...] for up to n questions this worker never saw, each with a
 # free slot (fewer unexpired holders than votes still wanted); full or gone ones leave `ready`.
 _CLAIM = """
@@ -50,7 +56,7 @@ while got < n do
   local views = redis.call('hmget', items, unpack(ids))
   for i, qid in ipairs(ids) do
     if got >= n then break end
-    local base = prefix .. 'item:' .. qid
+    local base = prefix .. qid
     if redis.call('sismember', base .. ':seen', worker) == 0 then
       local w = redundancy
       if wants[i] then w = tonumber(wants[i]) end
@@ -77,23 +83,25 @@ if #drop > 0 then redis.call('zrem', ready, unpack(drop)) end
 return out
 """
 
-# KEYS: ready, open, want, forward.  ARGV: prefix, worker, now, then (qid, missing, label)
+# KEYS: ready, open, want, label outbox.  ARGV: item prefix, worker, then (qid, missing, label)
 # triples.  After `worker` voted (or a sweep re-tallied): record the votes each question still
 # misses and drop the worker's hold in the same step, so no claim sees a free slot in between.
-# A decided question (missing 0, label "0"/"1") is queued for search in `forward` and leaves
-# `ready`; one still missing votes goes back to `ready` at its arrival score (a claim drops it
-# again if its holders already cover it).
+# A question decided now (missing 0, label "0"/"1", its `want` not already 0) has its label
+# appended to the outbox for search, once: a second settle of a decided question appends
+# nothing.  Decided questions leave `ready`; one still missing votes goes back to `ready` at its
+# arrival score (a claim drops it again if its holders already cover it).
 _SETTLE = """
-local ready, open, want, forward = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local prefix, worker, now = ARGV[1], ARGV[2], ARGV[3]
+local ready, open, want, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix, worker = ARGV[1], ARGV[2]
 local qids = {}
-for i = 4, #ARGV, 3 do qids[#qids + 1] = ARGV[i] end
+for i = 3, #ARGV, 3 do qids[#qids + 1] = ARGV[i] end
 if #qids == 0 then return 0 end
 local arrived = redis.call('zmscore', open, unpack(qids))
+local before = redis.call('hmget', want, unpack(qids))
 local wants, back, out = {}, {}, {}
 for k, qid in ipairs(qids) do
-  local w, label = tonumber(ARGV[3 * k + 2]), ARGV[3 * k + 3]
-  redis.call('hdel', prefix .. 'item:' .. qid .. ':holders', worker)
+  local w, label = tonumber(ARGV[3 * k + 1]), ARGV[3 * k + 2]
+  redis.call('hdel', prefix .. qid .. ':holders', worker)
   local at = arrived[k]
   if at then
     wants[#wants + 1] = qid
@@ -103,7 +111,9 @@ for k, qid in ipairs(qids) do
       back[#back + 1] = qid
     else
       out[#out + 1] = qid
-      if label ~= '' then redis.call('hsetnx', forward, qid, label .. ':' .. now) end
+      if label ~= '' and before[k] ~= '0' then
+        redis.call('xadd', outbox, '*', 'k', qid, 'v', label)
+      end
     end
   end
 end
@@ -113,35 +123,34 @@ if #out > 0 then redis.call('zrem', ready, unpack(out)) end
 return 0
 """
 
-# KEYS: ready, open.  ARGV: prefix, worker, qid, qid, ...  A worker's expired lease: its
+# KEYS: ready, open.  ARGV: item prefix, worker, qid, qid, ...  A worker's expired lease: its
 # unanswered questions lose that holder and may be claimed again.
 _RELEASE = """
 local ready, open = KEYS[1], KEYS[2]
 for i = 3, #ARGV do
   local qid = ARGV[i]
-  redis.call('hdel', ARGV[1] .. 'item:' .. qid .. ':holders', ARGV[2])
+  redis.call('hdel', ARGV[1] .. qid .. ':holders', ARGV[2])
   local at = redis.call('zscore', open, qid)
   if at then redis.call('zadd', ready, at, qid) end
 end
 return 0
 """
 
-# KEYS: forward, want, open, ready, items (of one campaign).  ARGV: prefix, votes prefix,
-# qid, qid, ...  Search acknowledged these labels: the questions leave the pool and their
+# KEYS: want, open, ready, items (of one campaign).  ARGV: item prefix, votes prefix, qid,
+# qid, ...  Search acknowledged these labels: the questions leave the pool and their
 # per-question keys (holders, seen-by, votes) go.
 _DONE = """
-local forward, want, open, ready, items = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local want, open, ready, items = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, votes = ARGV[1], ARGV[2]
 local qids, keys = {}, {}
 for i = 3, #ARGV do
   local qid = ARGV[i]
   qids[#qids + 1] = qid
-  keys[#keys + 1] = prefix .. 'item:' .. qid .. ':holders'
-  keys[#keys + 1] = prefix .. 'item:' .. qid .. ':seen'
+  keys[#keys + 1] = prefix .. qid .. ':holders'
+  keys[#keys + 1] = prefix .. qid .. ':seen'
   keys[#keys + 1] = votes .. qid
 end
 if #qids == 0 then return 0 end
-redis.call('hdel', forward, unpack(qids))
 redis.call('hdel', want, unpack(qids))
 redis.call('zrem', open, unpack(qids))
 redis.call('zrem', ready, unpack(qids))
@@ -156,10 +165,15 @@ BATCH = 500
 
 
 class QuestionPool:
-    """Claims, releases and retires the real questions a gateway hands to workers."""
+    """Claims, releases and retires the real questions a gateway hands to workers.
 
-    def __init__(self, redis: Any) -> None:
+    ``outbox_key``: the stream :meth:`settle` appends decided labels to (entry ``k`` question
+    id, ``v`` ``"0"``/``"1"``; :data:`keys.LABEL_OUTBOX`, relayed by
+    :mod:`maskprop_gateway.forwarder`)."""
+
+    def __init__(self, redis: Any, *, outbox_key: str = keys.LABEL_OUTBOX) -> None:
         self.r = redis
+        self.outbox_key = outbox_key
         # Script objects reload themselves after a Redis restart (NOSCRIPT).
         self._claim = redis.register_script(_CLAIM)
         self._settle = redis.register_script(_SETTLE)
@@ -175,32 +189,33 @@ class QuestionPool:
         if not views:
             return
         pipe = self.r.pipeline(transaction=True)
-        pipe.sadd(f"{P}campaigns", campaign)
+        pipe.sadd(keys.CAMPAIGNS, campaign)
         # One HSET for all (search sends the same view for a question id, so overwriting is
         # harmless; an HSETNX per question was 8 % of the gateway's CPU under load).
-        pipe.hset(f"{P}{campaign}:items", mapping=views)
+        pipe.hset(keys.items(campaign), mapping=views)
         arrivals = {qid: now for qid in views}
-        pipe.zadd(f"{P}{campaign}:open", arrivals, nx=True)
-        pipe.zadd(f"{P}{campaign}:ready", arrivals, nx=True)
+        pipe.zadd(keys.open_questions(campaign), arrivals, nx=True)
+        pipe.zadd(keys.ready(campaign), arrivals, nx=True)
         pipe.execute()
 
     def ready_count(self, campaign: str) -> int:
         """Questions of ``campaign`` that may need another worker (claimable, seen-by aside)."""
-        return int(self.r.zcard(f"{P}{campaign}:ready"))
+        return int(self.r.zcard(keys.ready(campaign)))
 
     def claim(
         self, campaign: str, worker: str, n: int, expires: float, now: float, redundancy: int
     ) -> list[tuple[str, str]]:
         """Up to ``n`` (question id, JSON view) for ``worker``, atomically held by it."""
         flat = self._claim(
-            keys=[f"{P}{campaign}:ready", f"{P}{campaign}:items", f"{P}want"],
-            args=[P, worker, n, repr(expires), repr(now), redundancy],
+            keys=[keys.ready(campaign), keys.items(campaign), keys.WANT],
+            args=[keys.ITEM, worker, n, repr(expires), repr(now), redundancy],
         )
         return [(_s(flat[i]), _s(flat[i + 1])) for i in range(0, len(flat), 2)]
 
-    def settle(self, worker: str, tally: dict[str, tuple[int, bool | None]], now: float) -> None:
+    def settle(self, worker: str, tally: dict[str, tuple[int, bool | None]]) -> None:
         """After ``worker``'s votes (``""``: a sweep): per question, (votes still missing,
-        decided label or ``None``).  Decided ones are queued in ``forward`` for search."""
+        decided label or ``None``).  A question decided now has its label appended to the
+        outbox in the same step (once per question, however often it is settled)."""
         by_campaign: dict[str, list[Any]] = {}
         for qid, (missing, label) in tally.items():
             bit = "" if label is None else ("1" if label else "0")
@@ -209,12 +224,12 @@ class QuestionPool:
             for lo in range(0, len(args), 3 * BATCH):
                 self._settle(
                     keys=[
-                        f"{P}{campaign}:ready",
-                        f"{P}{campaign}:open",
-                        f"{P}want",
-                        f"{P}forward",
+                        keys.ready(campaign),
+                        keys.open_questions(campaign),
+                        keys.WANT,
+                        self.outbox_key,
                     ],
-                    args=[P, worker, repr(now), *args[lo : lo + 3 * BATCH]],
+                    args=[keys.ITEM, worker, *args[lo : lo + 3 * BATCH]],
                 )
 
     def release(self, campaign: str, worker: str, qids: Iterable[str]) -> None:
@@ -222,12 +237,13 @@ class QuestionPool:
         qids = list(qids)
         if qids:
             self._release(
-                keys=[f"{P}{campaign}:ready", f"{P}{campaign}:open"], args=[P, worker, *qids]
+                keys=[keys.ready(campaign), keys.open_questions(campaign)],
+                args=[keys.ITEM, worker, *qids],
             )
 
-    def done(self, qids: Iterable[str], votes_prefix: str) -> None:
-        """Search acknowledged the labels of ``qids``: remove them and their keys (the votes
-        under ``votes_prefix`` included)."""
+    def done(self, qids: Iterable[str]) -> None:
+        """Search acknowledged the labels of ``qids``: remove them and their keys (their
+        votes included)."""
         by_campaign: dict[str, list[str]] = {}
         for qid in qids:
             by_campaign.setdefault(self.campaign_of(qid), []).append(qid)
@@ -235,31 +251,31 @@ class QuestionPool:
             for lo in range(0, len(group), BATCH):
                 self._done(
                     keys=[
-                        f"{P}forward",
-                        f"{P}want",
-                        f"{P}{c}:open",
-                        f"{P}{c}:ready",
-                        f"{P}{c}:items",
+                        keys.WANT,
+                        keys.open_questions(c),
+                        keys.ready(c),
+                        keys.items(c),
                     ],
-                    args=[P, votes_prefix, *group[lo : lo + BATCH]],
+                    args=[keys.ITEM, keys.VOTES, *group[lo : lo + BATCH]],
                 )
 
     def campaigns(self) -> list[str]:
-        return sorted(_s(c) for c in self.r.smembers(f"{P}campaigns"))
+        return sorted(_s(c) for c in self.r.smembers(keys.CAMPAIGNS))
 
     def unheld(self, campaign: str, now: float, chunk: int = 500) -> Iterable[list[str]]:
         """Open questions outside ``ready`` with no unexpired holder, a chunk at a time: those
         a repair sweep re-tallies (a suspended voter's discounted vote, an interrupted call)."""
         start = 0
+        open_key, ready_key = keys.open_questions(campaign), keys.ready(campaign)
         while True:
-            qids = [_s(q) for q in self.r.zrange(f"{P}{campaign}:open", start, start + chunk - 1)]
+            qids = [_s(q) for q in self.r.zrange(open_key, start, start + chunk - 1)]
             if not qids:
                 return
             start += len(qids)
             pipe = self.r.pipeline(transaction=False)
             for qid in qids:
-                pipe.zscore(f"{P}{campaign}:ready", qid)
-                pipe.hvals(f"{P}item:{qid}:holders")
+                pipe.zscore(ready_key, qid)
+                pipe.hvals(keys.holders(qid))
             replies = pipe.execute()
             out = [
                 qid

@@ -1,16 +1,18 @@
-"""The gateway's calls to search (maskprop_gateway.gateway): a backlog of decided labels larger
-than one search call is sent in several calls, each acknowledged part removed from ``forward``;
-a lease never asks search for more than one call may carry."""
+"""The gateway's calls to search (maskprop_gateway.forwarder): a backlog of decided labels larger
+than one search call is sent in several calls, each acknowledged part removed from the label
+outbox; a lease never asks search for more than one call may carry."""
 
 from __future__ import annotations
 
-import threading
-
 import fakeredis
+from maskprop_gateway import keys, views
 from maskprop_gateway.app import policy_from
-from maskprop_gateway.gateway import SEARCH_MAX_ANSWERS, Gateway, P
+from maskprop_gateway.gateway import Gateway
+from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
+from maskprop_gateway.search_client import SearchUnavailable
 from maskprop_gateway.settings import GatewaySettings
+from maskprop_gateway.topups import SEARCH_MAX_ANSWERS
 
 
 class RecordingSearch:
@@ -39,34 +41,60 @@ def gateway(linger: float) -> tuple[fakeredis.FakeRedis, RecordingSearch, Gatewa
 
 
 def test_a_stale_backlog_over_one_call_is_sent_in_chunks():
-    r, search, gw = gateway(0.0)
+    _, search, gw = gateway(0.0)
     n = 2 * SEARCH_MAX_ANSWERS + 345  # e.g. what piled up while search was down
-    r.hset(f"{P}forward", mapping={f"c:0:{i}:{i}": f"{i % 2}:0" for i in range(n)})
-    assert gw.retry_forward() == n
+    gw.forwarder.outbox.append((f"c:0:{i}:{i}", f"{i % 2}") for i in range(n))
+    assert gw.forwarder.retry() == n
     assert [len(c) for c in search.calls] == [SEARCH_MAX_ANSWERS, SEARCH_MAX_ANSWERS, 345]
     sent = dict(a for c in search.calls for a in c)
     assert sent == {f"c:0:{i}:{i}": bool(i % 2) for i in range(n)}
-    assert r.hlen(f"{P}forward") == 0
+    assert gw.forwarder.outbox.pending() == 0
 
 
 def test_the_forwarder_sends_what_requests_queued_and_drains_on_stop():
-    r, search, gw = gateway(0.05)
-    stop = threading.Event()
-    thread = threading.Thread(target=gw.run_forwarder, args=(stop,))
-    thread.start()
+    _, search, gw = gateway(0.05)
+    halt = gw.start_forwarder()
     qids = [f"c:1:{i}:{i}" for i in range(1500)]
-    r.hset(f"{P}forward", mapping={q: "1:0" for q in qids})
     for lo in range(0, 1500, 100):  # fifteen requests' labels
-        assert gw._forward(qids[lo : lo + 100]) == 100
-    stop.set()
-    thread.join(10)
-    assert not thread.is_alive()
+        gw.forwarder.outbox.append((q, "1") for q in qids[lo : lo + 100])
+        assert gw.forwarder.forward(100) == 100
+    halt()
     assert sorted(q for c in search.calls for q, _ in c) == sorted(qids)
     assert len(search.calls) < 15  # batched, at most 1000 a call
-    assert r.hlen(f"{P}forward") == 0
+    assert gw.forwarder.outbox.pending() == 0
 
 
 def test_a_large_lease_asks_search_for_at_most_one_call():
     _, search, gw = gateway(0.0)
     assert gw._take("c", "v:w", 900, expires=2e9) == []  # 2 x 900 would be refused
     assert search.leased == SEARCH_MAX_ANSWERS
+
+
+class Down(RecordingSearch):
+    down = True
+
+    def submit(self, answers):
+        if self.down:
+            raise SearchUnavailable("search is down")
+        return super().submit(answers)
+
+
+def test_inline_a_request_sends_its_labels_and_a_failed_send_is_retried():
+    r = fakeredis.FakeRedis()
+    settings = GatewaySettings(key_pepper="p" * 20, forward_linger_s=0)
+    qc = QualityControl(r, QualityPolicy(qualification_size=0, gold_share=0.0))
+    search = Down()
+    gw = Gateway(r, search, qc, settings)
+    qids = ["c:0:1:1", "c:0:2:2"]
+    gw.pool.add("c", {q: views.render("cat", "i.png", 4, 4, "0g0") for q in qids}, 1.0)
+    offer = gw.create_lease("v", "w1", "c", 1, refill=False)
+    out = gw.submit("v", offer.lease_id, "w1", [(offer.questions[0][0], True, 1500)])
+    assert out["forwarded_to_search"] == 0 and gw.forwarder.outbox.pending() == 1
+    search.down = False
+    offer = gw.create_lease("v", "w2", "c", 1, refill=False)
+    out = gw.submit("v", offer.lease_id, "w2", [(offer.questions[0][0], False, 1500)])
+    # the next request's send carries the label the first one could not send
+    assert out["forwarded_to_search"] == 2 and gw.forwarder.outbox.pending() == 0
+    assert search.calls == [[(qids[0], True), (qids[1], False)]]
+    assert gw.retry_forward() == 0  # nothing left to retry
+    assert gw.pool.ready_count("c") == 0 and not r.exists(keys.open_questions("c"))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 
 import fakeredis
-from maskprop_gateway.pool import P, QuestionPool
+from maskprop_gateway import keys
+from maskprop_gateway.pool import QuestionPool
 
 NOW = 1_000_000.0
 C = "c1"
@@ -48,7 +49,7 @@ def test_redundancy_serves_distinct_workers_oldest_first():
     assert b == qids  # a second slot on the first two, then the third
     assert [q for q, _ in pool.claim(C, "a", 3, NOW + 60, NOW, redundancy=2)] == [qids[2]]
     assert pool.claim(C, "c", 3, NOW + 60, NOW, redundancy=2) == []  # all slots held
-    assert r.zcard(f"{P}{C}:ready") == 0
+    assert r.zcard(keys.ready(C)) == 0
 
 
 def test_expired_holds_and_released_leases_free_the_slot():
@@ -58,35 +59,51 @@ def test_expired_holds_and_released_leases_free_the_slot():
     pool.release(C, "a", [qids[1]])  # a's lease expired with qids[1] unanswered
     assert [q for q, _ in pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1)] == [qids[1]]
     # a hold past its deadline does not count even before the expiry pass removes it
-    pool.settle("", {qids[0]: (1, None)}, NOW)  # (a sweep re-queues it)
+    pool.settle("", {qids[0]: (1, None)})  # (a sweep re-queues it)
     later = NOW + 120
     assert [q for q, _ in pool.claim(C, "c", 2, later + 60, later, redundancy=1)] == [qids[0]]
     assert pool.claim(C, "a", 2, later + 60, later, redundancy=1) == []  # a saw both already
+
+
+def outbox(r: fakeredis.FakeRedis) -> dict[str, str]:
+    """The labels queued for search: question id -> "0"/"1"."""
+    return {f[b"k"].decode(): f[b"v"].decode() for _, f in r.xrange(keys.LABEL_OUTBOX)}
 
 
 def test_settle_queues_decisions_and_done_forgets_the_question():
     r, pool, qids = filled(2)
     pool.claim(C, "a", 2, NOW + 60, NOW, redundancy=1)
     # a voted on both: the first is decided, the second still misses a vote (disagreement)
-    pool.settle("a", {qids[0]: (0, True), qids[1]: (1, None)}, NOW)
-    assert r.hget(f"{P}forward", qids[0]) == f"1:{NOW!r}".encode()
-    assert r.hget(f"{P}forward", qids[1]) is None
-    assert r.hlen(f"{P}item:{qids[0]}:holders") == 0  # the hold went with the vote
+    pool.settle("a", {qids[0]: (0, True), qids[1]: (1, None)})
+    assert outbox(r).get(qids[0]) == "1"
+    assert outbox(r).get(qids[1]) is None
+    assert r.hlen(keys.holders(qids[0])) == 0  # the hold went with the vote
     assert [q for q, _ in pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1)] == [qids[1]]
-    r.hset(f"votes:{qids[0]}", "a", "1:0")
-    pool.done([qids[0]], "votes:")
-    assert not r.exists(f"votes:{qids[0]}")
-    assert r.hget(f"{P}forward", qids[0]) is None
-    assert r.zscore(f"{P}{C}:open", qids[0]) is None
-    assert r.hget(f"{P}{C}:items", qids[0]) is None
-    assert not r.exists(f"{P}item:{qids[0]}:seen", f"{P}item:{qids[0]}:holders")
-    assert r.zscore(f"{P}{C}:open", qids[1]) is not None
+    r.hset(keys.votes(qids[0]), "a", "1:0")
+    pool.done([qids[0]])
+    assert not r.exists(keys.votes(qids[0]))
+    assert r.hget(keys.WANT, qids[0]) is None
+    assert r.zscore(keys.open_questions(C), qids[0]) is None
+    assert r.hget(keys.items(C), qids[0]) is None
+    assert not r.exists(keys.seen(qids[0]), keys.holders(qids[0]))
+    assert r.zscore(keys.open_questions(C), qids[1]) is not None
+
+
+def test_a_decided_question_is_queued_for_search_once():
+    r, pool, qids = filled(1)
+    pool.claim(C, "a", 1, NOW + 60, NOW, redundancy=1)
+    pool.settle("a", {qids[0]: (0, True)})
+    pool.settle("", {qids[0]: (0, True)})  # a sweep re-tallies it before search has it
+    assert r.xlen(keys.LABEL_OUTBOX) == 1
+    pool.done(qids)
+    pool.settle("", {qids[0]: (0, False)})  # acknowledged: no longer in the pool
+    assert r.xlen(keys.LABEL_OUTBOX) == 1
 
 
 def test_unheld_lists_what_a_sweep_must_retally():
     _, pool, qids = filled(3)
     pool.claim(C, "a", 1, NOW + 60, NOW, redundancy=1)  # qids[0] held
     pool.claim(C, "b", 1, NOW + 60, NOW, redundancy=1)  # qids[1] held
-    pool.settle("b", {qids[1]: (0, True)}, NOW)  # decided, out of ready, unheld
+    pool.settle("b", {qids[1]: (0, True)})  # decided, out of ready, unheld
     assert [q for chunk in pool.unheld(C, NOW) for q in chunk] == [qids[1]]
     assert pool.campaigns() == [C]

@@ -1,4 +1,4 @@
-"""How the gateway tops up its question pool from search (maskprop_gateway.gateway): one search
+"""How the gateway tops up its question pool from search (maskprop_gateway.topups): one search
 call at a time per campaign, large calls, early top-ups, and leases on the event loop that wait
 for the questions answers in flight open instead of coming back empty."""
 
@@ -9,9 +9,11 @@ import threading
 import time
 
 import fakeredis
-from maskprop_gateway.gateway import SEARCH_MAX_ANSWERS, Gateway
-from maskprop_gateway.quality import QualityControl, QualityPolicy
+from maskprop_gateway.gateway import Gateway
+from maskprop_gateway.qc_rules import QualityPolicy
+from maskprop_gateway.quality import QualityControl
 from maskprop_gateway.settings import GatewaySettings
+from maskprop_gateway.topups import SEARCH_MAX_ANSWERS
 from maskprop_gateway.views import LeaseOffer
 
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
@@ -95,7 +97,7 @@ def test_a_top_up_asks_for_at_least_the_batch_and_at_most_one_call():
     gw = gateway(search, refill_questions=300)
     gw.create_lease("v", "w1", CAMPAIGN, 10)
     assert search.leases == [300]  # 2 x 10 would mean a search call every few leases
-    gw.refill(CAMPAIGN, 5000)
+    gw.topups.refill(CAMPAIGN, 5000)
     assert search.leases[-1] == SEARCH_MAX_ANSWERS
 
 
@@ -121,15 +123,15 @@ def test_an_empty_lease_waits_for_the_questions_answers_in_flight_open():
     gw = gateway(search, lease_wait_s=5.0)
 
     async def main() -> tuple[int, float]:
-        gw._in_flight = 3  # the forwarder is sending three answers to search
+        gw.forwarder._in_flight = 3  # the forwarder is sending three answers to search
         loop = asyncio.get_running_loop()
 
         def forwarder_done() -> None:
             time.sleep(0.3)
             search.available = 40  # the answers opened new clusters
-            gw.refill(CAMPAIGN, 1, fresh=True)
-            gw._in_flight = 0
-            gw._announce([CAMPAIGN])
+            gw.topups.refill(CAMPAIGN, 1, fresh=True)
+            gw.forwarder._in_flight = 0
+            gw.topups.announce([CAMPAIGN])
 
         t0 = time.monotonic()
         waiting = loop.run_in_executor(None, forwarder_done)
@@ -160,9 +162,7 @@ def test_the_forwarder_tops_up_once_search_has_the_answers():
     gw = gateway(search, forward_linger_s=0.01, refill_questions=200)
     lease = gw.create_lease("v", "w1", CAMPAIGN, 50).to_dict()
     assert search.leases == [200]
-    stop = threading.Event()
-    thread = threading.Thread(target=gw.run_forwarder, args=(stop,))
-    thread.start()
+    halt = gw.start_forwarder()
     try:
         gw.submit(
             "v",
@@ -174,8 +174,7 @@ def test_the_forwarder_tops_up_once_search_has_the_answers():
         while len(search.leases) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        stop.set()
-        thread.join(10)
+        halt()
     assert [len(c) for c in search.submits] == [50]
     # 150 were left ready, fewer than a batch: the forwarder asked search right after it
     # delivered the answers, which may have opened new clusters

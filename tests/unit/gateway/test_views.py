@@ -1,15 +1,15 @@
-"""Question views rendered to JSON once (maskprop_gateway.views), and lease records of the
-previous version (full items) still served and answered."""
+"""Question views rendered to JSON once (maskprop_gateway.views), and how long lease records
+and their views live."""
 
 from __future__ import annotations
 
 import doctest
-import json
 
 import fakeredis
-from maskprop_gateway import views
-from maskprop_gateway.gateway import Gateway, P
-from maskprop_gateway.quality import QualityControl, QualityPolicy
+from maskprop_gateway import keys, views
+from maskprop_gateway.gateway import Gateway
+from maskprop_gateway.qc_rules import QualityPolicy
+from maskprop_gateway.quality import QualityControl
 from maskprop_gateway.schemas import LeaseOut
 from maskprop_gateway.settings import GatewaySettings
 
@@ -45,34 +45,6 @@ class OneQuestion:
         return len(self.answers), 0, 0
 
 
-def test_a_lease_recorded_by_the_previous_version_is_still_served_and_answered():
-    r = fakeredis.FakeRedis()
-    search = OneQuestion()
-    qc = QualityControl(r, QualityPolicy(qualification_size=0, gold_share=0.0))
-    gw = Gateway(r, search, qc, GatewaySettings(key_pepper="p" * 20, forward_linger_s=0))
-    qid = "c:0:5:5"
-    view = {"class_name": "cat", "image_file": "i.png", "rle_h": 4, "rle_w": 4}
-    items = {"q_old": {"kind": "real", "ref": qid, **view, "rle_counts": "0g0"}}
-    r.hset(
-        f"{P}lease:l_old",
-        mapping={
-            "vendor": "v",
-            "worker": "w1",
-            "campaign": "c",
-            "kind": "work",
-            "created": 1.0,
-            "expires": 4e9,
-            "items": json.dumps(items),
-        },
-    )
-    gw.pool.add("c", {qid: views.render("cat", "i.png", 4, 4, "0g0")}, 1.0)
-    assert gw.pool.claim("c", "v:w1", 1, 4e9, 1.0, 1)
-    assert gw.item_view("v", "l_old", "q_old") == views.ItemView("cat", "i.png", 4, 4, b"0g0")
-    out = gw.submit("v", "l_old", "w1", [("q_old", True, 1500)])
-    assert out["accepted"] == 1 and out["forwarded_to_search"] == 1
-    assert search.answers == [(qid, True)]
-
-
 def test_a_lease_record_outlives_its_deadline_by_the_retention_and_its_views_do_not():
     r = fakeredis.FakeRedis()
     qc = QualityControl(r, QualityPolicy(qualification_size=0, gold_share=0.0))
@@ -84,8 +56,9 @@ def test_a_lease_record_outlives_its_deadline_by_the_retention_and_its_views_do_
     offer = gw.create_lease("v", "w1", "c", 10, refill=False)
     assert len(offer.questions) == 1
     gw.submit("v", offer.lease_id, "w1", [(offer.questions[0][0], True, 1500)])
-    key = f"{P}lease:{offer.lease_id}"
+    key = keys.lease(offer.lease_id)
     # ~4.2k s, not a day: at 5,000 answers/s every hour of records holds ~2 GB of Redis
     assert 600 + 3600 - 5 <= r.ttl(key) <= 600 + 3600 + 1
-    assert 600 + 3600 - 5 <= r.ttl(f"{key}:answered") <= 600 + 3600 + 1
-    assert 600 <= r.ttl(f"{key}:views") <= 660  # images and overlays: during the lease only
+    assert 600 + 3600 - 5 <= r.ttl(keys.lease_answered(offer.lease_id)) <= 600 + 3600 + 1
+    # images and overlays: during the lease only
+    assert 600 <= r.ttl(keys.lease_views(offer.lease_id)) <= 660

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from fastapi import HTTPException
 
-from maskprop_gateway.gateway import Forbidden, Gone, Invalid, NotFound
+from maskprop_gateway.errors import Forbidden, Gone, Invalid, NotFound
 from maskprop_gateway.idempotency import IdempotencyConflict
 from maskprop_gateway.search_client import SearchUnavailable
 

@@ -1,0 +1,198 @@
+"""Leases in Redis: which questions a worker was handed, under which opaque ids, until when,
+and which it answered.
+
+Keys (:mod:`maskprop_gateway.keys`):
+
+* ``lease:{id}`` hash: vendor, worker, campaign, kind (``work``/``qualification``), created
+  and expires (unix s), ``refs``: JSON opaque id -> [code, gold or question id], code ``q``
+  qualification gold, ``g`` hidden gold, ``r`` real question;
+* ``lease:{id}:views`` hash opaque id -> view (:mod:`maskprop_gateway.views`), for the image
+  and overlay routes during the lease only;
+* ``lease:{id}:answered`` set of opaque ids: one answer per (lease, question);
+* ``lease:{id}:qual`` hash gold id -> ``"1"``/``"0"``: a qualification lease's answers so far;
+* ``leases`` zset lease id -> deadline: the expiry index;
+* ``stats:{campaign}`` hash of counters (``answers``, ``gold_answers``).
+
+Questions handed to vendors carry opaque ids (``q_<random>``) so a hidden gold question looks
+exactly like a real one; the refs (gold ids) never leave the gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+from maskprop_gateway import keys, views
+from maskprop_gateway.errors import NotFound
+from maskprop_gateway.qc_rules import GoldQuestion
+from maskprop_gateway.views import ItemView
+
+# KEYS: answered set, stats hash.  ARGV: ttl, then (lease question id, kind g|r|q) pairs.  One
+# answer per (lease, question): which answers are new, counted in the campaign's stats.
+_ANSWERED = """
+local fresh, golds, out = 0, 0, {}
+for i = 2, #ARGV, 2 do
+  local new = redis.call('sadd', KEYS[1], ARGV[i])
+  out[#out + 1] = new
+  if new == 1 then
+    fresh = fresh + 1
+    if ARGV[i + 1] == 'g' then golds = golds + 1 end
+  end
+end
+redis.call('expire', KEYS[1], ARGV[1])
+redis.call('hincrby', KEYS[2], 'answers', fresh)
+redis.call('hincrby', KEYS[2], 'gold_answers', golds)
+return out
+"""
+
+_FIELDS = ("vendor", "worker", "campaign", "kind", "expires", "created", "refs")
+
+
+class Leases:
+    """Lease records: written once at creation, read by every later call on the lease.
+
+    ``lease_ttl_s``: seconds a lease runs; ``retention_s``: how long its record outlives its
+    deadline (status queries and late answers get 410 until then, 404 after)."""
+
+    def __init__(self, redis: Any, *, lease_ttl_s: float, retention_s: float) -> None:
+        self.r = redis
+        self.lease_ttl_s = lease_ttl_s
+        self.retention_s = retention_s
+        self._answered = redis.register_script(_ANSWERED)
+
+    @property
+    def record_ttl_s(self) -> int:
+        """Seconds a lease's record lives from its creation (``retention_s`` after its
+        deadline)."""
+        return int(self.lease_ttl_s + self.retention_s) + 1
+
+    def create(
+        self,
+        vendor_id: str,
+        worker_id: str,
+        campaign: str,
+        kind: str,
+        refs: dict[str, tuple[str, str]],
+        shown: dict[str, str],
+        now: float,
+        expires: float,
+    ) -> str:
+        """Record a new lease of ``refs`` (opaque id -> (code, gold or question id)) showing
+        ``shown`` (opaque id -> view), created ``now`` and running until ``expires`` (unix s);
+        returns its id."""
+        lease_id = "l_" + secrets.token_urlsafe(12)
+        key, ttl = keys.lease(lease_id), self.record_ttl_s
+        pipe = self.r.pipeline(transaction=True)  # a lease exists with its expiry or not at all
+        pipe.hset(
+            key,
+            mapping={
+                "vendor": vendor_id,
+                "worker": worker_id,
+                "campaign": campaign,
+                "kind": kind,
+                "created": now,
+                "expires": expires,
+                "refs": json.dumps(refs, separators=(",", ":")),
+            },
+        )
+        pipe.expire(key, ttl)
+        if shown:  # for the image and overlay routes, during the lease only
+            views_key = keys.lease_views(lease_id)
+            pipe.hset(views_key, mapping=shown)
+            pipe.expire(views_key, int(self.lease_ttl_s) + 60)
+        pipe.zadd(keys.LEASES, {lease_id: expires})
+        pipe.execute()
+        return lease_id
+
+    def get(self, vendor_id: str, lease_id: str) -> dict[str, Any]:
+        """A lease's stored record (without its views); only its own vendor may see it
+        (others get NotFound).  ``refs``: opaque id -> (code, gold or question id)."""
+        rec = self.record(lease_id)
+        if rec is None or rec["vendor"] != vendor_id:
+            raise NotFound("no such lease")
+        return rec
+
+    def record(self, lease_id: str) -> dict[str, Any] | None:
+        """A lease's stored record, whoever's it is (None once gone)."""
+        values = self.r.hmget(keys.lease(lease_id), _FIELDS)
+        rec: dict[str, Any] = {
+            k: _s(v) for k, v in zip(_FIELDS, values, strict=True) if v is not None
+        }
+        if "vendor" not in rec:
+            return None
+        rec["refs"] = json.loads(rec["refs"])
+        return rec
+
+    def answered(self, lease_id: str) -> set[str]:
+        """Opaque ids of the lease's questions answered so far."""
+        return {_s(m) for m in self.r.smembers(keys.lease_answered(lease_id))}
+
+    def answered_count(self, lease_id: str) -> int:
+        return int(self.r.scard(keys.lease_answered(lease_id)))
+
+    def view(self, lease_id: str, oid: str) -> ItemView:
+        """What the worker was shown as question ``oid`` (during the lease only)."""
+        view = self.r.hget(keys.lease_views(lease_id), oid)
+        if view is None:
+            raise NotFound("no such question in this lease")
+        return views.parse(_s(view))
+
+    def mark_answered(
+        self, lease_id: str, campaign: str, answered: list[tuple[str, str]]
+    ) -> list[int]:
+        """Record answers to ``answered`` (opaque id, code) in one call: per answer 1 if it is
+        the first to that question of the lease, else 0; new ones are counted in the
+        campaign's stats."""
+        args: list[Any] = [self.record_ttl_s]
+        for oid, code in answered:
+            args += (oid, code)
+        return list(
+            self._answered(keys=[keys.lease_answered(lease_id), keys.stats(campaign)], args=args)
+        )
+
+    def add_qualification_answers(self, lease_id: str, answers: dict[str, bool]) -> None:
+        """Keep a qualification lease's answers (gold id -> answer) until all are in."""
+        self.r.hset(
+            keys.lease_qualification(lease_id),
+            mapping={g: "1" if v else "0" for g, v in answers.items()},
+        )
+
+    def qualification_answers(self, lease_id: str) -> dict[str, bool]:
+        stored = self.r.hgetall(keys.lease_qualification(lease_id))
+        return {_s(k): v == b"1" for k, v in stored.items()}
+
+    def take_expired(self, now: float) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Leases past their deadline at ``now``, each taken out of the expiry index: (lease
+        id, record) of those whose record still exists."""
+        for raw in self.r.zrangebyscore(keys.LEASES, "-inf", now):
+            lease_id = _s(raw)
+            self.r.zrem(keys.LEASES, lease_id)
+            rec = self.record(lease_id)
+            if rec is not None:
+                yield lease_id, rec
+
+    def stats(self, campaign: str) -> dict[str, int]:
+        """The campaign's answer counters (``answers``, ``gold_answers``)."""
+        return {_s(k): int(v) for k, v in self.r.hgetall(keys.stats(campaign)).items()}
+
+
+def opaque_ids(n: int) -> Iterator[str]:
+    """``n`` random question ids (``q_`` + 72 bits, URL-safe): a lease's from one read of the
+    OS's random source (one syscall per id was ~1 % of the gateway's CPU)."""
+    raw = secrets.token_bytes(9 * n)
+    for i in range(0, 9 * n, 9):
+        yield "q_" + base64.urlsafe_b64encode(raw[i : i + 9]).decode()
+
+
+def gold_view(g: GoldQuestion) -> str:
+    """A gold question's view, indistinguishable from a real question's."""
+    # A gold item's image_id is its file path under the image store root.
+    counts = g.rle_counts.decode("ascii") if isinstance(g.rle_counts, bytes) else str(g.rle_counts)
+    return views.render(g.class_name, g.image_id, g.rle_h, g.rle_w, counts)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
