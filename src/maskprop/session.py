@@ -14,8 +14,8 @@ canonical-JSON header (uint32, little-endian), the header (everything but the pe
 arrays), then per class in class order the raw arrays ``labels int8[n] | label_node
 int32[n] (little-endian) | label_source int8[n] | answers int8[n]`` (-1 not asked, 0 no,
 1 yes): 7 bytes a mask, not compressed (zlib cost ~100 us a save for 1,500 masks, more than
-all the rest of the snapshot).  Snapshots of the previous format (``b"MPS1"`` +
-zlib(canonical JSON), version 2) are still restored.
+all the rest of the snapshot).  Any other format (the magic names it) is refused with a
+:class:`MaskpropError`.
 Trees are not part of the snapshot (they are large and stored once by the clusterer); a checksum
 of each tree is, so a snapshot is never restored over different trees.
 
@@ -24,16 +24,14 @@ Masks are named per class by their leaf index in that class's tree (0..n_c-1).
 
 from __future__ import annotations
 
-import base64
 import bisect
 import hashlib
 import json
 import struct
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,7 +44,6 @@ from maskprop.tree import Tree
 from maskprop.verification import Verdict, questions_per_round, target_answers, verdict
 
 _MAGIC = b"MPS3"
-_MAGIC_V2 = b"MPS1"  # zlib(canonical JSON), state version 2: restored, no longer written
 _HEADER_LEN = struct.Struct("<I")
 
 
@@ -124,17 +121,6 @@ def tree_checksum(tree: Tree) -> str:
     h.update(np.ascontiguousarray(tree.to_linkage()).tobytes())
     h.update(np.ascontiguousarray(tree.scores).tobytes())
     return h.hexdigest()[:16]
-
-
-def _b64(a: NDArray[Any]) -> str:
-    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
-
-
-def _unb64(s: str, dtype: type, n: int) -> NDArray[Any]:
-    a: NDArray[Any] = np.frombuffer(base64.b64decode(s), dtype=dtype).copy()
-    if a.shape != (n,):
-        raise MaskpropError("session snapshot is corrupt (array length)")
-    return a
 
 
 class AnnotationSession:
@@ -551,23 +537,21 @@ class AnnotationSession:
         priorities: Mapping[int, NDArray[np.float64]] | None = None,
     ) -> AnnotationSession:
         """Rebuild a session from :meth:`snapshot` bytes and the same trees."""
+        if not blob.startswith(_MAGIC):
+            raise MaskpropError(
+                f"unsupported session snapshot format {bytes(blob[: len(_MAGIC)])!r}: "
+                f"this version reads {_MAGIC!r} snapshots only"
+            )
         try:
-            if blob.startswith(_MAGIC):
-                (n,) = _HEADER_LEN.unpack_from(blob, len(_MAGIC))
-                body = len(_MAGIC) + _HEADER_LEN.size
-                state = json.loads(blob[body : body + n])
-                arrays = memoryview(blob)[body + n :]
-                if len(arrays) != 7 * sum(t.n_leaves for t in trees.values()):
-                    raise MaskpropError("session snapshot is corrupt (array length)")
-                expected = 3
-            elif blob.startswith(_MAGIC_V2):
-                state = json.loads(zlib.decompress(blob[len(_MAGIC_V2) :]))
-                expected = 2
-            else:
-                raise MaskpropError("not a maskprop session snapshot")
-        except (zlib.error, ValueError, struct.error) as exc:
+            (n,) = _HEADER_LEN.unpack_from(blob, len(_MAGIC))
+            body = len(_MAGIC) + _HEADER_LEN.size
+            state = json.loads(blob[body : body + n])
+        except (ValueError, struct.error) as exc:
             raise MaskpropError(f"session snapshot is corrupt: {exc}") from None
-        if state.get("version") != expected:
+        arrays = memoryview(blob)[body + n :]
+        if len(arrays) != 7 * sum(t.n_leaves for t in trees.values()):
+            raise MaskpropError("session snapshot is corrupt (array length)")
+        if state.get("version") != 3:
             raise MaskpropError(f"unsupported session snapshot version {state.get('version')}")
         if sorted(state["classes"], key=int) != [str(c) for c in sorted(trees)]:
             raise MaskpropError("session snapshot and trees cover different classes")
@@ -586,19 +570,11 @@ class AnnotationSession:
             if cs["checksum"] != session._checksum(c):
                 raise MaskpropError(f"class {c}: tree differs from the one the snapshot used")
             n = tree.n_leaves
-            if expected == 2:
-                session._labels[c] = _unb64(cs["labels"], np.int8, n)
-                session._label_node[c] = _unb64(cs["label_node"], np.int32, n)
-                session._label_source[c] = _unb64(cs["label_source"], np.int8, n)
-                codes = np.full(n, -1, np.int8)
-                for m, v in cs["answers"]:
-                    codes[int(m)] = int(v)
-            else:
-                raw, arrays = arrays[: 7 * n], arrays[7 * n :]
-                session._labels[c] = np.frombuffer(raw, np.int8, n, 0).copy()
-                session._label_node[c] = np.frombuffer(raw, "<i4", n, n).astype(np.int32)
-                session._label_source[c] = np.frombuffer(raw, np.int8, n, 5 * n).copy()
-                codes = np.frombuffer(raw, np.int8, n, 6 * n).copy()
+            raw, arrays = arrays[: 7 * n], arrays[7 * n :]
+            session._labels[c] = np.frombuffer(raw, np.int8, n, 0).copy()
+            session._label_node[c] = np.frombuffer(raw, "<i4", n, n).astype(np.int32)
+            session._label_source[c] = np.frombuffer(raw, np.int8, n, 5 * n).copy()
+            codes = np.frombuffer(raw, np.int8, n, 6 * n).copy()
             asked = np.flatnonzero(codes >= 0)
             session._answer_codes[c] = codes
             session._answers[c] = dict(

@@ -153,28 +153,17 @@ def test_bad_answers_and_snapshots_are_clear_errors():
     assert isinstance(qs[0], Question)
 
 
-def test_a_snapshot_of_the_previous_format_restores_and_continues_the_same():
-    """``fixtures/session_v2.mps``: written by the version-2 format (zlib of canonical JSON)
-    after 6 rounds of 5 answers and 5 more questions leased, decisions still in the outbox."""
-    from pathlib import Path
+def test_a_snapshot_of_another_format_is_refused_naming_the_format():
+    """Only the current format restores; format 2 (``b"MPS1"`` + zlib(JSON)) no longer does."""
+    import json
+    import zlib
 
-    trees, ious = make_trees([150, 60], seed=7)
-    params, sel = AnnotationParams(reuse_answers=True), Selection(0.15, 0.5)
-    reference = drive(AnnotationSession(trees, params, sel, seed=11), ious, 5, steps=6)
-    pending = reference.lease(5)
-    blob = (Path(__file__).parent / "fixtures" / "session_v2.mps").read_bytes()
-    assert blob.startswith(b"MPS1")
-    old = AnnotationSession.restore(blob, trees)
-    assert old.snapshot() == reference.snapshot()  # the same state, now in the current format
-    assert [d.node for d in old.pop_decisions()] == [d.node for d in reference.pop_decisions()]
-    for s in (old, reference):
-        s.submit(answer(pending, ious))
-        drive(s, ious, 5)
-    assert old.questions == reference.questions
-    for c in trees:
-        np.testing.assert_array_equal(old.labels(c), reference.labels(c))
-        for a, b in zip(old.label_provenance(c), reference.label_provenance(c), strict=True):
-            np.testing.assert_array_equal(a, b)
+    trees, _ious = make_trees([50], seed=9)
+    old = b"MPS1" + zlib.compress(json.dumps({"version": 2}).encode())
+    with pytest.raises(MaskpropError, match=r"unsupported session snapshot format b'MPS1'"):
+        AnnotationSession.restore(old, trees)
+    with pytest.raises(MaskpropError, match=r"format b'garb'.*b'MPS3'"):
+        AnnotationSession.restore(b"garbage", trees)
 
 
 def test_a_corrupt_snapshot_is_a_clear_error():
