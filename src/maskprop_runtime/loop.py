@@ -44,19 +44,36 @@ class InvalidEvent(ValueError):
     """The event is well-formed protobuf but cannot be processed; park it with this reason."""
 
 
-class DedupStore:
-    """Event ids already handled by a service (a Redis set; embedded mode uses fakeredis)."""
+#: Seconds a dedup record lives (7 days): far beyond any redelivery window (a consumer
+#: group's uncommitted offsets come back within minutes; Kafka keeps topics ~7 days by default).
+DEDUP_TTL_S = 7 * 24 * 3600
 
-    def __init__(self, redis: object, service: str) -> None:
+
+class DedupStore:
+    """Event ids already handled by a service (embedded mode uses fakeredis).
+
+    One Redis key per event id, ``maskprop:dedup:{service}:{event_id}``, that expires after
+    ``ttl_s`` seconds: a record lives long enough to catch any redelivery and then frees its
+    memory (one set that never expired grew by every event ever handled).  :meth:`seen` is one
+    EXISTS; :meth:`mark` writes a poll batch's ids in one round trip."""
+
+    def __init__(self, redis: object, service: str, *, ttl_s: float = DEDUP_TTL_S) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self._r = redis
-        self._key = f"maskprop:dedup:{service}"
+        self._prefix = f"maskprop:dedup:{service}:"
+        self._ttl_s = max(1, round(ttl_s))
 
     def seen(self, event_id: str) -> bool:
-        return bool(self._r.sismember(self._key, event_id))  # type: ignore[attr-defined]
+        return bool(self._r.exists(self._prefix + event_id))  # type: ignore[attr-defined]
 
     def mark(self, event_ids: list[str]) -> None:
-        if event_ids:
-            self._r.sadd(self._key, *event_ids)  # type: ignore[attr-defined]
+        if not event_ids:
+            return
+        pipe = self._r.pipeline(transaction=False)  # type: ignore[attr-defined]
+        for event_id in event_ids:
+            pipe.set(self._prefix + event_id, b"1", ex=self._ttl_s)
+        pipe.execute()
 
 
 class EventLoop:

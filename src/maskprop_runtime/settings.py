@@ -33,6 +33,9 @@ class RuntimeSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     kafka_max_poll_records: int = Field(default=50, ge=1)
     connect_timeout_s: float = Field(default=120.0, gt=0)
+    # Seconds a consumer remembers an event id it handled (maskprop_runtime.loop.DedupStore):
+    # well beyond any redelivery window; default 7 days.
+    dedup_ttl_s: float = Field(default=7 * 24 * 3600, ge=1)
     # Net allocations between young-generation runs of CPython's cyclic garbage collector
     # (CPython's default is 700).  A service allocates many short-lived objects a request,
     # almost none in reference cycles; at 700 the collector ran thousands of times a second

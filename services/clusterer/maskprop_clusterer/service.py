@@ -165,7 +165,7 @@ def build_clusterer(settings: ClustererSettings, bus: Bus, redis: object) -> Eve
         bus=bus,
         group="maskprop-clusterer",
         handlers={topics.MASKS: clusterer.handle},
-        dedup=DedupStore(redis, "clusterer"),
+        dedup=DedupStore(redis, "clusterer", ttl_s=settings.dedup_ttl_s),
         max_records=settings.kafka_max_poll_records,
     )
 

@@ -154,7 +154,7 @@ def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoo
         bus=bus,
         group="maskprop-detector",
         handlers={topics.IMAGES: handler.handle},
-        dedup=DedupStore(redis, "detector"),
+        dedup=DedupStore(redis, "detector", ttl_s=settings.dedup_ttl_s),
         max_records=1,
     )
 

@@ -83,7 +83,7 @@ def build_search(
         bus=bus,
         group="maskprop-search",
         handlers={topics.TREES: core.on_tree_built},
-        dedup=DedupStore(redis, "search"),
+        dedup=DedupStore(redis, "search", ttl_s=settings.dedup_ttl_s),
         max_records=settings.kafka_max_poll_records,
     )
     return core, loop
