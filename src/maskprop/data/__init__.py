@@ -2,8 +2,6 @@
 masks), ``coco`` (the COCO format: RLE codec, read, validate, write), ``synth`` (synthetic
 scenes with exact instance masks) and ``instances`` (true IoU, mask AP, de-duplication)."""
 
-from maskprop.data.coco import load_coco_instances
-from maskprop.data.masks import MaskTable
 from maskprop.data.synth import (
     DEFAULT_CLASSES,
     DEFAULT_SPLIT,
@@ -17,9 +15,7 @@ __all__ = [
     "DEFAULT_CLASSES",
     "DEFAULT_SPLIT",
     "SHAPES",
-    "MaskTable",
     "Scene",
-    "load_coco_instances",
     "render_scene",
     "synth_scenes",
 ]

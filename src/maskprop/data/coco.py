@@ -49,6 +49,7 @@ __all__ = [
     "rle_problem",
     "runs_to_counts",
     "runs_to_mask",
+    "to_pycoco",
     "validate_instances",
     "write_coco",
     "write_coco_results",
@@ -190,6 +191,12 @@ def _coded(height: int, width: int, counts: bytes | str) -> dict[str, Any]:
         "size": [int(height), int(width)],
         "counts": counts.encode("ascii") if isinstance(counts, str) else bytes(counts),
     }
+
+
+def to_pycoco(rle: Mapping[str, Any]) -> dict[str, Any]:
+    """A COCO segmentation ``{"size", "counts"}`` (counts str or bytes) in the form pycocotools'
+    ``area``/``toBbox``/``iou`` take (counts bytes)."""
+    return _coded(rle["size"][0], rle["size"][1], rle["counts"])
 
 
 def boxes_xyxy(

@@ -18,17 +18,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskprop.data.coco import to_pycoco
+
 __all__ = ["deduplicate", "mask_ap", "true_ious"]
 
 Rle = Mapping[str, Any]
-
-
-def _coded(rle: Rle) -> dict[str, Any]:
-    counts = rle["counts"]
-    return {
-        "size": list(rle["size"]),
-        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
-    }
 
 
 def true_ious(
@@ -46,7 +40,7 @@ def true_ious(
     by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for g in gt:
         by_key.setdefault((int(g["image_id"]), int(g["class_id"])), []).append(
-            _coded(g["segmentation"])
+            to_pycoco(g["segmentation"])
         )
     out = np.zeros(len(pred_rles), dtype=np.float32)
     order: dict[tuple[int, int], list[int]] = {}
@@ -58,7 +52,7 @@ def true_ious(
         targets = by_key.get(key)
         if not targets:
             continue
-        preds = [_coded(pred_rles[i]) for i in idx]
+        preds = [to_pycoco(pred_rles[i]) for i in idx]
         iou = np.asarray(mask_utils.iou(preds, targets, [0] * len(targets)), dtype=np.float64)
         out[idx] = iou.reshape(len(preds), len(targets)).max(axis=1)
     return out
@@ -75,7 +69,7 @@ def deduplicate(annotations: Sequence[Mapping[str, Any]], iou_threshold: float =
     seen: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for i, ann in enumerate(annotations):
         key = (int(ann["image_id"]), int(ann["category_id"]))
-        rle = _coded(ann["segmentation"])
+        rle = to_pycoco(ann["segmentation"])
         earlier = seen.setdefault(key, [])
         if earlier:
             iou = np.asarray(mask_utils.iou([rle], earlier, [0] * len(earlier))).ravel()
