@@ -144,5 +144,12 @@ class Forwarder:
 
     def forwarding(self) -> bool:
         """Whether this process has decided labels on their way to search (not yet taken by
-        its relay, or being sent): answers that may open new questions any moment."""
-        return bool(self._queued or self._in_flight)
+        its relay, or being sent): answers that may open new questions any moment.  Read by
+        leases that find the pool empty; no Redis read unless this process queued labels its
+        relay has not taken (another replica's relay may have sent them: then the outbox is
+        empty and they are no longer on their way)."""
+        if self._in_flight:
+            return True
+        if self._queued and not self.outbox.pending():
+            self._queued = 0
+        return bool(self._queued)

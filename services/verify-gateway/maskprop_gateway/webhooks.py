@@ -12,6 +12,13 @@ Wire format (https://www.standardwebhooks.com): headers ``webhook-id``, ``webhoo
 body ``{"type": ..., "timestamp": <ISO 8601>, "data": {...}}``.  A vendor verifies it with
 ``standardwebhooks.Webhook(secret).verify(body, headers)``.
 
+Why not the runtime's :class:`~maskprop_runtime.outbox.Outbox` (the gateway's decided labels
+use it): the outbox hands out its oldest entries in order and a failed batch blocks the queue
+until it goes through, which fits one broker that is either up or down.  Webhooks go to many
+vendors' endpoints, each failing on its own: a message needs its own due time and retry
+schedule (one vendor's dead endpoint must not hold up another's callbacks) and a dead-letter
+record after the last attempt, hence a zset of due times and a claim script.
+
 Redis keys (built in :mod:`maskprop_gateway.keys`):
 
 * ``webhook:{vendor}`` hash: url, secret (``whsec_<base64>``; it must be kept in clear to sign);
