@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from maskprop.data.instances import deduplicate, mask_ap, true_ious
 from maskprop.data.synth import DEFAULT_CLASSES, synth_scenes
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
+from maskprop.progress import Progress, no_progress
 from maskprop.selection import Selection
 from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.runner import build_class_trees, fig4_correlations, learn_selection
@@ -39,12 +39,6 @@ from maskprop_app.embedded import campaign_metrics, run_campaign
 from maskprop_runtime.files import atomic_file
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
-
-Progress = Callable[[str, int, int], None]
-
-
-def _quiet(label: str, done: int, total: int) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -126,7 +120,7 @@ def _learn(pool: MaskPool, params: AnnotationParams) -> Selection:
 
 
 def run_demo(
-    cfg: DemoConfig, out: Path, runtime: RuntimeSettings, progress: Progress = _quiet
+    cfg: DemoConfig, out: Path, runtime: RuntimeSettings, progress: Progress = no_progress
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes) the report."""
     import torch

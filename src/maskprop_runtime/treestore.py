@@ -17,6 +17,7 @@ from maskprop.data.masks import MaskTable
 from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
 from maskprop.tree import Tree
+from maskprop_runtime.loop import InvalidEvent
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -80,9 +81,11 @@ class TreeStore:
         return tree, table, str(a["class_name"])
 
 
-class StoreFormatError(MaskpropError):
+class StoreFormatError(InvalidEvent, MaskpropError):
     """A store file of another format (an older release wrote it): rebuild the campaign's
-    trees; nothing reads previous formats."""
+    trees; nothing reads previous formats.  An :class:`InvalidEvent`, so an event handler that
+    meets one (the clusterer closing a class, search opening a tree) parks its event with this
+    reason."""
 
 
 def _read_table(path: Path) -> tuple[MaskTable, dict[str, NDArray[np.generic]]]:

@@ -25,7 +25,7 @@ from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
-from maskprop_runtime.treestore import StoreFormatError, TreeStore, check_name
+from maskprop_runtime.treestore import TreeStore, check_name
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ class Clusterer:
 
     def _close(self, closed: detector_pb2.ClassBatchClosed) -> list[Emit]:
         self._check_campaign(closed.campaign)
-        try:
-            table = self.store.read_batches(closed.campaign, closed.class_id)
-        except StoreFormatError as exc:
-            raise InvalidEvent(str(exc)) from None
+        table = self.store.read_batches(closed.campaign, closed.class_id)
         got = 0 if table is None else len(table)
         if table is None or got != closed.expected_masks:
             raise InvalidEvent(
