@@ -36,6 +36,7 @@ from maskprop.metrics import (
     speedup_vs_manual,
 )
 from maskprop.params import AnnotationParams
+from maskprop.progress import Progress, no_progress
 from maskprop.session import AnnotationSession, Answer
 from maskprop.simulate.annotator import SimulatedAnnotator
 from maskprop.simulate.generator import ade_like_pool
@@ -48,12 +49,6 @@ from maskprop_runtime.loop import EventLoop
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.store import make_redis
 from maskprop_runtime.treestore import check_name
-
-Progress = Callable[[str, int, int], None]
-
-
-def _quiet(label: str, done: int, total: int) -> None:
-    return None
 
 
 @dataclass
@@ -186,7 +181,7 @@ def run_campaign(
     annotator_error: float,
     seed: int,
     annotator_batch: int = 64,
-    progress: Progress = _quiet,
+    progress: Progress = no_progress,
 ) -> CampaignResult:
     """Publish ``events`` (the detector's output for ``pool``; mask ids ``mask_id(i)``), let the
     clusterer and search services build and search the trees, answer their questions with a
@@ -296,7 +291,7 @@ def campaign_metrics(
 
 
 def run_pipeline(
-    cfg: RunConfig, out: Path, runtime: RuntimeSettings, progress: Progress = _quiet
+    cfg: RunConfig, out: Path, runtime: RuntimeSettings, progress: Progress = no_progress
 ) -> dict[str, Any]:
     """Run the whole pipeline once on a simulated pool; writes ``out/dataset``,
     ``out/annotations.json`` and ``out/run_report.json`` and returns the report."""

@@ -7,7 +7,6 @@ through an optional ``progress(label, done, total)`` callback so the CLI can dra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,6 +15,7 @@ from numpy.typing import NDArray
 
 from maskprop.metrics import pearson, summarize
 from maskprop.params import AnnotationParams
+from maskprop.progress import Progress, no_progress
 from maskprop.search import make_frontier, universal_cut
 from maskprop.selection import Likelihoods, Selection, fit_likelihoods
 from maskprop.session import AnnotationSession, Answer
@@ -24,8 +24,6 @@ from maskprop.simulate.baselines import lsun, manual_polygons, naive_verificatio
 from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.result import Curve, MethodResult, sample_curve
 from maskprop.tree import Tree, build_tree
-
-Progress = Callable[[str, int, int], None]
 
 #: Fig. 6b strategies: the library's searches plus the oracle upper bound (true mean IoU as
 #: priority, the paper's dashed lines) and the universal threshold cut.
@@ -40,10 +38,6 @@ ABLATION: dict[str, dict[str, object]] = {
     "reuse_curtail": {"reuse_answers": True, "sequential": "curtail"},
     "reuse_beta": {"reuse_answers": True, "sequential": "beta"},
 }
-
-
-def _no_progress(label: str, done: int, total: int) -> None:
-    return None
 
 
 @dataclass
@@ -68,7 +62,7 @@ class ClassTrees:
         }
 
 
-def build_class_trees(pool: MaskPool, progress: Progress = _no_progress) -> ClassTrees:
+def build_class_trees(pool: MaskPool, progress: Progress = no_progress) -> ClassTrees:
     """One complete-linkage tree per class (largest first, so progress is honest)."""
     classes = [c for c in range(len(pool.class_names)) if (pool.class_ids == c).any()]
     index = {c: pool.class_indices(c) for c in classes}
@@ -109,7 +103,7 @@ def fig4_correlations(trees: ClassTrees, pool: MaskPool) -> dict[str, float]:
 def learn_selection(
     heldout: MaskPool,
     params: AnnotationParams,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
     min_cluster_size: int = 10,
 ) -> tuple[Selection, Likelihoods, dict[str, float]]:
     """Fit P_h / P_l on every cluster of held-out trees and derive (K_pr, K_pa).
@@ -162,7 +156,7 @@ def run_maskprop(
     strategy: str = "heuristic",
     seed: int = 0,
     name: str = "maskprop",
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> SessionRun:
     """Run Algorithm 1 over every class with a simulated annotator answering."""
     priorities = ct.mean_iou(pool) if strategy == "oracle" else None
@@ -343,7 +337,7 @@ def simulate(
     seed: int = 0,
     ablation: bool = True,
     strategy_curves: bool = True,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> SimulationOutput:
     """Run ours and the baselines on ``pool``; thresholds are learned on ``heldout``."""
     selection, lik, fig4 = learn_selection(heldout, params)
