@@ -209,7 +209,7 @@ class Gateway:
         campaign = lease["campaign"]
 
         new = self.leases.mark_answered(
-            lease_id, campaign, [(oid, refs[oid][0]) for oid, _, _ in answers]
+            lease_id, campaign, ((oid, refs[oid][0]) for oid, _, _ in answers)
         )
         fresh = [a for a, n in zip(answers, new, strict=True) if n]
         accepted, duplicates = len(fresh), len(answers) - len(fresh)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from maskprop_gateway import keys, views
@@ -141,7 +141,7 @@ class Leases:
         return views.parse(_s(view))
 
     def mark_answered(
-        self, lease_id: str, campaign: str, answered: list[tuple[str, str]]
+        self, lease_id: str, campaign: str, answered: Iterable[tuple[str, str]]
     ) -> list[int]:
         """Record answers to ``answered`` (opaque id, code) in one call: per answer 1 if it is
         the first to that question of the lease, else 0; new ones are counted in the
@@ -149,9 +149,10 @@ class Leases:
         args: list[Any] = [self.record_ttl_s]
         for oid, code in answered:
             args += (oid, code)
-        return list(
-            self._answered(keys=[keys.lease_answered(lease_id), keys.stats(campaign)], args=args)
+        new: list[int] = self._answered(
+            keys=[keys.lease_answered(lease_id), keys.stats(campaign)], args=args
         )
+        return new
 
     def add_qualification_answers(self, lease_id: str, answers: dict[str, bool]) -> None:
         """Keep a qualification lease's answers (gold id -> answer) until all are in."""
