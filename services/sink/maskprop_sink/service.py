@@ -12,6 +12,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 from google.protobuf.message import Message
 from prometheus_client import Counter
 from pydantic import model_validator
@@ -69,11 +70,16 @@ def validate(event: search_pb2.LabelsPropagated) -> None:
             raise InvalidEvent(f"label {lab.mask_id!r}: image_id must be 1-{MAX_ID} characters")
         if not math.isfinite(lab.score):
             raise InvalidEvent(f"label {lab.mask_id!r}: score is not finite")
-        # Checked before anything decodes it: pycocotools trusts the counts and writes past
-        # its h * w buffer when the runs add up to more.
+    # Checked before anything decodes them (pycocotools trusts the counts and writes past its
+    # h * w buffer when the runs add up to more), all labels in one vectorised pass.
+    rles = [lab.rle for lab in event.labels]
+    ok = coco.well_formed(
+        [r.height for r in rles], [r.width for r in rles], [r.counts for r in rles]
+    )
+    if not ok.all():
+        lab = event.labels[int(np.argmin(ok))]
         problem = coco.rle_problem(lab.rle.height, lab.rle.width, lab.rle.counts)
-        if problem is not None:
-            raise InvalidEvent(f"label {lab.mask_id!r}: {problem}")
+        raise InvalidEvent(f"label {lab.mask_id!r}: {problem}")
 
 
 class Sink:

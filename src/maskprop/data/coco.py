@@ -51,6 +51,7 @@ __all__ = [
     "runs_to_mask",
     "to_pycoco",
     "validate_instances",
+    "well_formed",
     "write_coco",
     "write_coco_results",
 ]
@@ -168,6 +169,73 @@ def rle_problem(height: int, width: int, counts: bytes | str) -> str | None:
     if total != pixels:
         return f"RLE runs cover {total} pixels, size {height}x{width} has {pixels}"
     return None
+
+
+def well_formed(
+    heights: Sequence[int] | NDArray[np.integer],
+    widths: Sequence[int] | NDArray[np.integer],
+    counts: Sequence[bytes | str],
+) -> NDArray[np.bool_]:
+    """bool[n]: whether each ``(heights[i], widths[i], counts[i])`` is a well-formed compressed
+    RLE covering its ``h * w`` pixels, i.e. ``rle_problem(...) is None``, for all n masks in
+    one vectorised pass (a per-mask call costs ~50 us of numpy overhead; this costs ~0.1 us a
+    byte for the whole batch).  Name a failing one's problem with :func:`rle_problem`.
+    """
+    n = len(counts)
+    h = np.asarray(heights, dtype=np.int64).reshape(n)
+    w = np.asarray(widths, dtype=np.int64).reshape(n)
+    ok = (h > 0) & (w > 0)
+    raw: list[bytes] = []
+    for i, item in enumerate(counts):
+        if isinstance(item, str):
+            try:
+                item = item.encode("ascii")
+            except UnicodeEncodeError:
+                ok[i], item = False, b""
+        raw.append(bytes(item))
+    lengths = np.fromiter(map(len, raw), dtype=np.int64, count=n)
+    c = np.frombuffer(b"".join(raw), dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return ok & (h * w == 0)
+
+    def flag(owners: NDArray[np.int64]) -> None:
+        ok[np.unique(owners)] = False
+
+    owner = np.repeat(np.arange(n), lengths)  # the mask each byte belongs to
+    outside = (c < 0) | (c > 63)
+    flag(owner[outside])
+    c = np.where(outside, 0, c)
+    more = (c & 0x20) != 0
+    nonempty = lengths > 0
+    last_byte = (np.cumsum(lengths) - 1)[nonempty]
+    flag(np.flatnonzero(nonempty)[more[last_byte]])  # ends inside a run
+    # Every mask's last byte ends a run, so no run spans two masks.
+    ends_run = ~more
+    ends_run[last_byte] = True
+    ends = np.flatnonzero(ends_run)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    groups = ends - starts + 1
+    run_owner = owner[ends]
+    flag(run_owner[groups > _MAX_GROUPS])
+    groups = np.minimum(groups, _MAX_GROUPS)  # bounded shifts; those masks are flagged already
+    k = np.minimum(np.arange(c.size) - np.repeat(starts, ends - starts + 1), _MAX_GROUPS - 1)
+    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)
+    x = np.where((c[ends] & 0x10) != 0, x - (np.int64(1) << (5 * groups)), x)
+    # Run j of a mask, j >= 3, is stored as the difference to run j - 2: two chains per mask
+    # (odd j from 1, even j from 2), each a segmented cumulative sum.
+    runs_per_mask = np.bincount(run_owner, minlength=n)
+    first_run = np.cumsum(runs_per_mask) - runs_per_mask
+    j = np.arange(x.size) - np.repeat(first_run, runs_per_mask)
+    odd, even = (j % 2) == 1, ((j % 2) == 0) & (j >= 2)
+    runs = x.copy()
+    for chain in (odd, even):
+        cum = np.cumsum(np.where(chain, x, 0))
+        before = np.concatenate(([0], cum))[first_run]  # the chain's sum before each mask
+        runs = np.where(chain, cum - np.repeat(before, runs_per_mask), runs)
+    flag(run_owner[runs < 0])
+    cum = np.concatenate(([0], np.cumsum(runs)))
+    total = cum[first_run + runs_per_mask] - cum[first_run]
+    return ok & (total == h * w)
 
 
 def decode_rle(height: int, width: int, counts: bytes | str) -> NDArray[np.bool_]:

@@ -239,3 +239,39 @@ def test_an_unwritable_coco_file_is_a_clear_error_and_leaves_nothing(tmp_path):
     with pytest.raises(MaskpropError, match="No space left"):
         coco.write_coco(tmp_path / "x.json", images=failing(), annotations=[], categories=[])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+def _corrupt(counts: bytes, edit: tuple[int, int, int]) -> bytes:
+    kind, where, byte = edit
+    if kind == 0 or not counts:
+        return counts + bytes([byte])
+    i = where % len(counts)
+    if kind == 1:
+        return counts[:i] + bytes([byte]) + counts[i + 1 :]
+    return counts[:i]
+
+
+# (append, replace or cut, where, which byte): the ways a string breaks in transit.
+edits = (st.integers(0, 2), st.integers(0, 99), st.integers(40, 130))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(masks, st.none() | st.tuples(*edits), st.integers(-1, 1)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_well_formed_checks_a_batch_exactly_as_rle_problem_checks_each(items):
+    heights, widths, counts = [], [], []
+    for mask, edit, dh in items:
+        c = _pycoco_counts(mask)
+        heights.append(mask.shape[0] + dh)
+        widths.append(mask.shape[1])
+        counts.append(c if edit is None else _corrupt(c, edit))
+    expected = [
+        coco.rle_problem(h, w, c) is None for h, w, c in zip(heights, widths, counts, strict=True)
+    ]
+    assert coco.well_formed(heights, widths, counts).tolist() == expected
+    assert coco.well_formed([], [], []).tolist() == []
