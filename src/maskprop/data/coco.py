@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -377,6 +377,25 @@ def _int_id(obj: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _entries(
+    doc: Mapping[str, Any], key: str, source: str
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(where, id, entry)`` of each object of ``doc[key]``; :class:`MaskpropError` for an
+    entry that is not an object, lacks an integer ``id`` or repeats one.  ``where`` names the
+    entry for error messages."""
+    noun = {"images": "image", "categories": "category", "annotations": "annotation"}[key]
+    seen: set[int] = set()
+    for i, entry in enumerate(doc[key]):
+        where = f"{source}: {key}[{i}]"
+        if not isinstance(entry, dict):
+            raise MaskpropError(f"{where}: must be an object")
+        entry_id = _int_id(entry, "id", where)
+        if entry_id in seen:
+            raise MaskpropError(f"{where}: duplicate {noun} id {entry_id}")
+        seen.add(entry_id)
+        yield where, entry_id, entry
+
+
 def validate_instances(
     doc: Mapping[str, Any], source: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -403,13 +422,7 @@ def validate_instances(
             raise MaskpropError(f"{source}: '{key}' must be a list")
 
     images: dict[int, dict[str, Any]] = {}
-    for i, img in enumerate(doc["images"]):
-        where = f"{source}: images[{i}]"
-        if not isinstance(img, dict):
-            raise MaskpropError(f"{where}: must be an object")
-        image_id = _int_id(img, "id", where)
-        if image_id in images:
-            raise MaskpropError(f"{where}: duplicate image id {image_id}")
+    for where, image_id, img in _entries(doc, "images", source):
         for key in ("width", "height"):
             v = img.get(key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -419,28 +432,14 @@ def validate_instances(
         images[image_id] = img
 
     category_ids: set[int] = set()
-    for i, cat in enumerate(doc["categories"]):
-        where = f"{source}: categories[{i}]"
-        if not isinstance(cat, dict):
-            raise MaskpropError(f"{where}: must be an object")
-        cat_id = _int_id(cat, "id", where)
-        if cat_id in category_ids:
-            raise MaskpropError(f"{where}: duplicate category id {cat_id}")
+    for where, cat_id, cat in _entries(doc, "categories", source):
         if not isinstance(cat.get("name"), str):
             raise MaskpropError(f"{where}: 'name' must be a string")
         category_ids.add(cat_id)
 
     annotations: list[dict[str, Any]] = []
-    ann_ids: set[int] = set()
-    for i, ann in enumerate(doc["annotations"]):
-        where = f"{source}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise MaskpropError(f"{where}: must be an object")
-        ann_id = _int_id(ann, "id", where)
-        where = f"{source}: annotation {ann_id} (annotations[{i}])"
-        if ann_id in ann_ids:
-            raise MaskpropError(f"{where}: duplicate annotation id")
-        ann_ids.add(ann_id)
+    for where, ann_id, ann in _entries(doc, "annotations", source):
+        where = f"{where} (annotation {ann_id})"
         image_id = _int_id(ann, "image_id", where)
         if image_id not in images:
             raise MaskpropError(f"{where}: image_id {image_id} is not in 'images'")
