@@ -106,14 +106,13 @@ def detector_predict(
 ) -> None:
     """Predict masks on an image set: COCO results (RLE) with s, predicted IoU and feature f;
     with ground truth in --coco, also prints mask AP."""
-    from maskprop_runtime.files import atomic_file
-
     bars = Bars(progress)
     with user_errors(bars):
         from maskprop_detector.data import LabelledSet, read_image
         from maskprop_detector.infer import detect
         from maskprop_detector.train import load_model, pick_device
 
+        from maskprop.data.coco import write_coco_results
         from maskprop.data.instances import mask_ap
 
         dev = pick_device(device)
@@ -132,8 +131,7 @@ def detector_predict(
         for row, iou, f in zip(results, dets.mask_ious, dets.features, strict=True):
             row["mask_iou"] = float(iou)
             row["feature"] = [round(float(v), 5) for v in f]
-        with atomic_file(out, "w") as fh:
-            json.dump(results, fh)
+        write_coco_results(out, results)
         bars.close()
         summary: dict[str, object] = {"masks": len(results), "out": str(out)}
         if data.annotations:

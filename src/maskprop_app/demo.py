@@ -26,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from maskprop.data.coco import instance, write_coco
 from maskprop.data.instances import deduplicate, mask_ap, true_ious
+from maskprop.data.masks import MaskTable
 from maskprop.data.synth import DEFAULT_CLASSES, synth_scenes
 from maskprop.errors import MaskpropError
+from maskprop.files import atomic_file
 from maskprop.params import AnnotationParams
 from maskprop.progress import Progress, no_progress
 from maskprop.selection import Selection
@@ -36,7 +39,6 @@ from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.runner import build_class_trees, fig4_correlations, learn_selection
 from maskprop.simulate.scenes import mask_id
 from maskprop_app.embedded import campaign_metrics, run_campaign
-from maskprop_runtime.files import atomic_file
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
 
@@ -125,8 +127,8 @@ def run_demo(
     """Run the demo; returns (and writes) the report."""
     import torch
     from maskprop_detector.data import BOX_ONLY, IGNORE, InstanceDataset, LabelledSet, read_image
-    from maskprop_detector.events import closed_events, coco_encoder, masks_events
-    from maskprop_detector.infer import Detections, detect
+    from maskprop_detector.events import closed_events, masks_events, table_encoder
+    from maskprop_detector.infer import detect
     from maskprop_detector.model import DetectorConfig, build_model
     from maskprop_detector.train import TrainConfig, load_model, pick_device, train
 
@@ -175,7 +177,7 @@ def run_demo(
         for im in pool_set.images
     }
 
-    def run_detect(model: Any, ls: LabelledSet, label: str) -> Detections:
+    def run_detect(model: Any, ls: LabelledSet, label: str) -> MaskTable:
         def images() -> Any:
             for im in ls.images:
                 yield int(im["id"]), read_image(ls.image_root, im["file_name"])
@@ -249,13 +251,13 @@ def run_demo(
             del twin
         val_pool = _pool(
             val_dets,
-            true_ious(val_dets.image_ids, val_dets.class_ids, val_dets.rles, val_gt),
+            true_ious(val_dets.image_ids, val_dets.class_ids, val_dets.rles(), val_gt),
             classes,
         )
         selection = _learn(val_pool, params)
 
         pool_dets = run_detect(model, pool_set, f"round {r}: detect pool")
-        pool_ious = true_ious(pool_dets.image_ids, pool_dets.class_ids, pool_dets.rles, pool_gt)
+        pool_ious = true_ious(pool_dets.image_ids, pool_dets.class_ids, pool_dets.rles(), pool_gt)
         pool = _pool(pool_dets, pool_ious, classes)
         pool_trees = build_class_trees(pool)
         fig4 = fig4_correlations(pool_trees, pool) if len(pool) > 1 else None
@@ -270,7 +272,7 @@ def run_demo(
         events = masks_events(
             campaign=campaign, class_names=classes, class_ids=pool_dets.class_ids,
             mask_ids=mask_ids, image_ids=image_keys, scores=pool_dets.scores,
-            features=pool_dets.features, encode=coco_encoder(pool_dets.rles), images=infos,
+            features=pool_dets.features, encode=table_encoder(pool_dets), images=infos,
             event_prefix=f"masks.{campaign}",
         )  # fmt: skip
         counts = {c: int((pool_dets.class_ids == c).sum()) for c in range(len(classes))}
@@ -295,7 +297,7 @@ def run_demo(
             {
                 "image_id": int(pool_dets.image_ids[i]),
                 "category_id": category_ids[int(pool_dets.class_ids[i])],
-                "segmentation": pool_dets.rles[i],
+                "segmentation": pool_dets.rle(i),
                 "score": float(pool_dets.scores[i]),
                 "iscrowd": 0,
                 "maskprop_round": r,
@@ -364,29 +366,16 @@ def run_demo(
 
 def _write_annotations(path: Path, anns: list[dict[str, Any]], pool_set: Any) -> None:
     """COCO instances of the accepted masks, against the pool's images and categories."""
-    from pycocotools import mask as mask_utils
-
-    annotations = []
-    for k, a in enumerate(anns, start=1):
-        coded = {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
-        annotations.append(
-            {
-                "id": k,
-                "image_id": a["image_id"],
-                "category_id": a["category_id"],
-                "segmentation": a["segmentation"],
-                "area": float(mask_utils.area(coded)),
-                "bbox": [float(v) for v in mask_utils.toBbox(coded)],
-                "iscrowd": 0,
-                "score": a["score"],
-                "maskprop_round": a["maskprop_round"],
-            }
-        )
-    doc = {
-        "info": {"description": "maskprop demo: masks accepted by verification + propagation"},
-        "images": pool_set.images,
-        "annotations": annotations,
-        "categories": pool_set.categories,
-    }
-    with atomic_file(path) as f:
-        f.write(json.dumps(doc, separators=(",", ":")).encode())
+    write_coco(
+        path,
+        info={"description": "maskprop demo: masks accepted by verification + propagation"},
+        images=pool_set.images,
+        annotations=(
+            instance(
+                k, a["image_id"], a["category_id"], a["segmentation"],
+                score=a["score"], maskprop_round=a["maskprop_round"],
+            )
+            for k, a in enumerate(anns, start=1)
+        ),
+        categories=pool_set.categories,
+    )  # fmt: skip
