@@ -6,7 +6,7 @@ and a box covering at least ``min_box_area`` of the image (the paper's box-area 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -16,14 +16,9 @@ from torch import nn
 
 from maskprop.data import coco
 from maskprop.data.masks import MaskTable, pack_counts
+from maskprop.progress import Progress, no_progress
 from maskprop_detector.data import to_tensor
 from maskprop_detector.model import DetectorConfig
-
-Progress = Callable[[str, int, int], None]
-
-
-def _quiet(label: str, done: int, total: int) -> None:
-    return None
 
 
 @torch.inference_mode()
@@ -35,7 +30,7 @@ def detect(
     total: int | None = None,
     batch_size: int = 16,
     device: torch.device | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = no_progress,
 ) -> MaskTable:
     """Run ``model`` over ``(image_id, uint8[h, w, 3])`` pairs in batches.
 

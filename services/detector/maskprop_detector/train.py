@@ -9,7 +9,6 @@ to a temporary file and are renamed, so a crash never leaves half a checkpoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,10 @@ from torch import Tensor, nn
 
 from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
+from maskprop.progress import Progress, no_progress
 from maskprop_detector.model import DetectorConfig, build_model
 
-Progress = Callable[[str, int, int], None]
 CHECKPOINT_FORMAT = "maskprop-detector-1"
-
-
-def _quiet(label: str, done: int, total: int) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -125,7 +120,7 @@ def train(
     *,
     checkpoint: Path | None = None,
     device: torch.device | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = no_progress,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``tcfg.steps`` steps; returns the mean of each loss over the
     last 20 steps.  With ``checkpoint``, state is saved every ``checkpoint_every`` steps and a

@@ -26,7 +26,7 @@ from __future__ import annotations
 import colorsys
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 
 from maskprop.data.coco import encode_masks, instance, write_coco
 from maskprop.errors import MaskpropError
+from maskprop.progress import Progress
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -48,8 +49,6 @@ __all__ = [
     "render_scene",
     "synth_scenes",
 ]
-
-Progress = Callable[[str, int, int], None]
 
 DEFAULT_CLASSES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring", "cross")
 # The paper trains on a small labelled set, predicts on the unlabelled pool and reports mask AP
