@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from maskprop.data import coco
 from maskprop_runtime.files import resolve_under
 
 
@@ -29,7 +29,7 @@ def overlay_png(
     h: int, w: int, counts: bytes, rgba: tuple[int, int, int, int] = (255, 40, 40, 110)
 ) -> bytes:
     """A transparent PNG with the mask filled and its outline drawn, for stacking on the image."""
-    m = mask_utils.decode({"size": [h, w], "counts": counts}).astype(bool)
+    m = coco.decode_rle(h, w, counts)
     out = np.zeros((h, w, 4), dtype=np.uint8)
     out[m] = rgba
     edge = m & ~(
