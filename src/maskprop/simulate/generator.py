@@ -26,6 +26,9 @@ from maskprop.simulate.pool import MaskPool
 
 __all__ = [
     "ADE_THING_CLASSES",
+    "ADE_TRAIN_IMAGES",
+    "ade_class_sizes",
+    "ade_like_class",
     "ade_like_pool",
     "ade_like_pool_with_components",
     "fitted_pool",
@@ -54,6 +57,37 @@ ADE_THING_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 _MIN_CLASS_SIZE = 10
+# Shape of the class sizes at the paper's scale: the number of ADE20K training images (of
+# 20,210) in which each of the 100 thing classes appears, the "Train" column of the SceneParsing
+# benchmark's objectInfo150.csv (CSAILVision/sceneparsing; the class names there are WordNet
+# synonym lists, matched here to ADE_THING_CLASSES by their first word).  The paper predicts
+# masks on Places with a detector trained on ADE20K, so Places' classes keep ADE20K's relative
+# frequencies, scaled by the image ratio (~10M Places images / 20k ADE20K images, ~500x):
+# ``ade_class_sizes`` scales this shape to the requested pool.  At 100M masks it gives
+# 7.0M masks to the largest class and 53k to the smallest (door and barrel); these are image
+# counts, so classes with several instances per image (chair, book) are if anything
+# under-represented in the head.
+ADE_TRAIN_IMAGES: dict[str, int] = {
+    "person": 5075, "windowpane": 4688, "chair": 3261, "car": 3164, "painting": 3296,
+    "lamp": 3089, "cabinet": 2874, "light": 2510, "cushion": 1453, "table": 4269, "door": 6666,
+    "box": 1440, "book": 1112, "flower": 1309, "curtain": 2149, "bottle": 965, "pot": 1193,
+    "signboard": 2650, "sconce": 1020, "streetlight": 1989, "pole": 1003, "vase": 1282,
+    "shelf": 1516, "pillow": 930, "armchair": 1172, "bed": 1906, "sofa": 1191, "desk": 698,
+    "seat": 1292, "mirror": 1847, "bench": 659, "plate": 570, "glass": 504, "basket": 622,
+    "fence": 1386, "railing": 804, "column": 800, "bag": 531, "towel": 492, "sink": 1181,
+    "clock": 775, "stool": 465, "bicycle": 347, "truck": 440, "boat": 304, "bus": 248,
+    "van": 557, "tray": 453, "chandelier": 583, "coffee table": 792, "wardrobe": 380,
+    "chest of drawers": 549, "counter": 367, "countertop": 331, "bookcase": 275, "toilet": 395,
+    "bathtub": 404, "refrigerator": 402, "stove": 531, "oven": 435, "microwave": 319,
+    "dishwasher": 246, "washer": 77, "hood": 268, "fireplace": 468, "stairs": 880, "step": 266,
+    "case": 172, "pool table": 198, "screen door": 139, "palm": 369, "kitchen island": 144,
+    "computer": 265, "monitor": 217, "screen": 108, "television receiver": 618,
+    "swivel chair": 324, "arcade machine": 68, "awning": 533, "booth": 71, "airplane": 135,
+    "apparel": 178, "bannister": 452, "ottoman": 307, "ship": 52, "fountain": 99,
+    "plaything": 340, "barrel": 50, "minibike": 282, "ball": 136, "food": 116,
+    "trade name": 418, "animal": 97, "sculpture": 285, "traffic light": 528, "ashcan": 671,
+    "fan": 397, "bulletin board": 206, "radiator": 178, "flag": 421,
+}  # fmt: skip
 # Zipf exponent of class sizes: ~1 gives ADE20K's "a few thousand down to a few hundred"
 # instances per class (Sec. 5.2) over 100 classes.
 _ZIPF_EXPONENT = 1.0
@@ -66,6 +100,8 @@ _IOU_LOW, _IOU_SPAN = 0.08, 0.90
 # Same idea for s: kept predictions have s > 0.2.
 _SCORE_LOW, _SCORE_SPAN = 0.2, 0.8
 _LOGIT_EPS = 1e-4
+# Rows of features generated at once (float32 blocks of ~4 MB at d = 32).
+_FEATURE_BLOCK = 32768
 
 
 def zipf_class_sizes(
@@ -115,6 +151,15 @@ def zipf_class_sizes(
             f"{min_class_size}..{max_class_size} masks each"
         )
     weights = np.arange(1, n_classes + 1, dtype=np.float64) ** -exponent
+    return _sizes_from_weights(n_masks, weights, max_class_size, min_class_size)
+
+
+def _sizes_from_weights(
+    n_masks: int, weights: NDArray[np.float64], max_class_size: int, min_class_size: int
+) -> NDArray[np.int64]:
+    """``min_class_size`` each plus the rest in proportion to ``weights``, capped at
+    ``max_class_size`` (the excess water-filled to the others), largest-remainder rounding."""
+    n_classes = weights.size
     room = max_class_size - min_class_size
     remaining = float(n_masks - n_classes * min_class_size)
     share = np.zeros(n_classes)
@@ -135,6 +180,47 @@ def zipf_class_sizes(
     return extra + min_class_size
 
 
+def ade_class_sizes(
+    n_masks: int, n_classes: int, min_class_size: int = _MIN_CLASS_SIZE
+) -> NDArray[np.int64]:
+    """Class sizes shaped like ADE20K's thing classes (``ADE_TRAIN_IMAGES``), summing exactly
+    to ``n_masks``.
+
+    Class ``k`` (0-based) gets the share of the k-th most frequent ADE20K class; for another
+    number of classes than 100 the sorted log-frequencies are interpolated over rank, so the
+    head-to-tail ratio (~130x) stays the same.  Every class gets at least ``min_class_size``;
+    rounding is by largest remainder.
+
+    Parameters
+    ----------
+    n_masks : total masks, at least ``n_classes * min_class_size``.
+    n_classes : number of classes, at least 1.
+    min_class_size : floor on any class.
+
+    Returns
+    -------
+    int64[n_classes], non-increasing, summing to ``n_masks``.
+
+    Examples
+    --------
+    >>> sizes = ade_class_sizes(100_000_000, 100)
+    >>> int(sizes.sum()), int(sizes[0]), int(sizes[-1])
+    (100000000, 7039828, 52814)
+    """
+    if n_classes < 1:
+        raise MaskpropError(f"n_classes must be at least 1, got {n_classes}")
+    if n_masks < n_classes * min_class_size:
+        raise MaskpropError(
+            f"cannot split {n_masks} masks into {n_classes} classes of at least "
+            f"{min_class_size} masks each"
+        )
+    shape = np.log(np.sort(np.array(list(ADE_TRAIN_IMAGES.values()), dtype=np.float64))[::-1])
+    rank = np.linspace(0.0, 1.0, n_classes) if n_classes > 1 else np.zeros(1)
+    weights = np.exp(np.interp(rank, np.linspace(0.0, 1.0, shape.size), shape))
+    # Any cap at or above n_masks never binds: water filling reduces to proportional shares.
+    return _sizes_from_weights(n_masks, weights, n_masks, min_class_size)
+
+
 def _sigmoid(x: NDArray[np.float64]) -> NDArray[np.float64]:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -148,6 +234,103 @@ def _class_names(n_classes: int) -> tuple[str, ...]:
     if n_classes <= len(ADE_THING_CLASSES):
         return ADE_THING_CLASSES[:n_classes]
     return tuple(f"class_{k:03d}" for k in range(n_classes))
+
+
+def _class_rng(seed: int, class_id: int) -> np.random.Generator:
+    """The random stream of one class: independent of every other class, of the class count
+    and of the worker that generates it."""
+    return np.random.default_rng(np.random.SeedSequence([seed, class_id]))
+
+
+def ade_like_class(
+    class_id: int, n_masks: int, seed: int, dim: int = 32
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32], NDArray[np.int64]]:
+    """The masks of one class of the ADE-like pool, generated on their own.
+
+    Every class draws from its own stream (``seed`` and ``class_id``), so a class is the same
+    whichever other classes exist, in whatever process it is generated, and a pool of any size
+    is produced one class at a time without holding the others.  Arrays are float32; float64
+    temporaries are of n entries, never n x d.
+
+    Within the class, masks come from latent appearance groups (about one per 150 masks, 2 to
+    300) of long-tailed sizes hanging under a few super-groups; each group has a latent quality
+    level and mask IoUs are Beta draws around it (pure-good, impure and pure-bad groups); the
+    score s follows the group's quality closely but the mask's own IoU only weakly (paper Fig.
+    4a/b); features are group centres plus per-mask noise and a weak direction encoding the
+    mask's own IoU.  The constants were set against what the paper shows of its detector,
+    never against the method's results (see ``ade_like_pool_with_components``).
+
+    Returns
+    -------
+    features float32[n, dim], scores float32[n], ious float32[n], component int64[n] (the
+    latent group, 0-based within the class; for checking the generator only).
+    """
+    if n_masks < 1:
+        raise MaskpropError(f"a class needs at least 1 mask, got {n_masks}")
+    if dim < 1:
+        raise MaskpropError(f"dim must be at least 1, got {dim}")
+    rng = _class_rng(seed, class_id)
+    n_comp = int(np.clip(round(n_masks / _MASKS_PER_COMPONENT), _MIN_COMPONENTS, _MAX_COMPONENTS))
+    n_super = math.ceil(math.sqrt(n_comp))
+    comp_super = np.floor(rng.random(n_comp) * n_super).astype(np.int64)
+
+    # Long-tailed component sizes: lognormal weights, each mask picks a component.
+    weight = rng.lognormal(0.0, 1.0, n_comp)
+    upper = np.cumsum(weight) / weight.sum()
+    upper[-1] = 1.0
+    component = np.searchsorted(upper, rng.random(n_masks), side="right")
+    np.minimum(component, n_comp - 1, out=component)
+
+    # Quality: class difficulty + super-group + component (the paper's Fig. 4 calibration:
+    # at 200k masks / 100 classes ~46% of masks reach IoU 0.75, per-mask corr(s, IoU) ~0.44,
+    # per-group corr ~0.9, groups with Q >= 0.85 mostly have mean s > 0.7).
+    class_logit = rng.normal(1.0, 0.6)
+    super_logit = rng.normal(0.0, 0.7, n_super)
+    comp_logit = class_logit + super_logit[comp_super] + rng.normal(0.0, 0.8, n_comp)
+    level = _sigmoid(comp_logit)
+    concentration = np.exp(rng.normal(math.log(10.0), 0.35, n_comp))
+    draw = rng.beta((level * concentration)[component], ((1.0 - level) * concentration)[component])
+    ious = _IOU_LOW + _IOU_SPAN * draw
+
+    # Score: s = class confidence x predicted IoU (Sec. 4.1): a per-component term following
+    # the component's quality, a per-class bias, a small pull towards the mask's own IoU and
+    # large per-mask noise (weak per-mask, strong per-cluster correlation).
+    own = _logit(draw) - comp_logit[component]
+    del draw
+    score_logit = (
+        -0.4
+        + 0.9 * comp_logit[component]
+        + rng.normal(0.0, 0.25)
+        + rng.normal(0.0, 0.3, n_comp)[component]
+        + 0.15 * own
+        + rng.normal(0.0, 1.8, n_masks)
+    )
+    del own
+    scores = (_SCORE_LOW + _SCORE_SPAN * _sigmoid(score_logit)).astype(np.float32)
+    del score_logit
+
+    # Features: component centres around super-group centres around a class centre,
+    # isotropic per-mask noise of a per-component width, and a weak per-class direction along
+    # which the mask's own IoU moves it.  Filled in float32 blocks of rows.
+    class_centre = rng.normal(0.0, 3.0, dim)
+    super_centre = class_centre + rng.normal(0.0, 1.0, (n_super, dim))
+    comp_centre = (super_centre[comp_super] + rng.normal(0.0, 0.7, (n_comp, dim))).astype(
+        np.float32
+    )
+    width = (0.8 * np.exp(rng.normal(0.0, 0.25, n_comp))).astype(np.float32)
+    direction = rng.normal(size=dim)
+    direction = (direction / np.linalg.norm(direction)).astype(np.float32)
+    shift = (0.8 * (ious - ious.mean())).astype(np.float32)
+    features = np.empty((n_masks, dim), dtype=np.float32)
+    for lo in range(0, n_masks, _FEATURE_BLOCK):
+        hi = min(lo + _FEATURE_BLOCK, n_masks)
+        comp = component[lo:hi]
+        block = rng.standard_normal((hi - lo, dim), dtype=np.float32)
+        block *= width[comp, None]
+        block += comp_centre[comp]
+        block += shift[lo:hi, None] * direction
+        features[lo:hi] = block
+    return features, scores, ious.astype(np.float32), component.astype(np.int64)
 
 
 def ade_like_pool_with_components(
@@ -168,87 +351,17 @@ def ade_like_pool_with_components(
     if dim < 1:
         raise MaskpropError(f"dim must be at least 1, got {dim}")
     sizes = zipf_class_sizes(n_masks, n_classes, max_class_size)
-    rng = np.random.default_rng(seed)
-    class_ids = np.repeat(np.arange(n_classes), sizes)
-
-    # Appearance groups.  Components of a class hang under a few super-groups (viewpoint,
-    # context), as real appearance spaces are hierarchical; that is what makes a HAC tree over
-    # mask features meaningful above the leaves.
-    n_comp = np.clip(np.rint(sizes / _MASKS_PER_COMPONENT), _MIN_COMPONENTS, _MAX_COMPONENTS)
-    n_comp = n_comp.astype(np.int64)
-    comp_class = np.repeat(np.arange(n_classes), n_comp)
-    n_super = np.ceil(np.sqrt(n_comp)).astype(np.int64)
-    super_offset = np.concatenate([[0], np.cumsum(n_super)[:-1]])
-    comp_super = super_offset[comp_class] + np.floor(
-        rng.random(comp_class.size) * n_super[comp_class]
-    ).astype(np.int64)
-    super_class = np.repeat(np.arange(n_classes), n_super)
-
-    # Long-tailed component sizes: lognormal weights, then each mask picks a component of its
-    # class.  Offsetting the per-class cumulative weights by the class id lets one searchsorted
-    # assign every mask at once.
-    weight = rng.lognormal(0.0, 1.0, comp_class.size)
-    class_total = np.bincount(comp_class, weights=weight, minlength=n_classes)
-    cum = np.cumsum(weight)
-    before = np.concatenate([[0.0], np.cumsum(class_total)[:-1]])
-    upper = comp_class + (cum - before[comp_class]) / class_total[comp_class]
-    last = np.cumsum(n_comp) - 1
-    upper[last] = np.arange(1, n_classes + 1)  # exact class boundaries despite rounding
-    component = np.searchsorted(upper, class_ids + rng.random(class_ids.size), side="right")
-    component = np.minimum(component, last[class_ids])
-
-    # Quality.  A component's latent level mixes class difficulty, its super-group and itself,
-    # so some components are nearly all correct, some nearly all wrong and many are mixed.
-    # The constants here and in the score were set against what the paper shows of its
-    # detector, never against the method's results: at 200k masks / 100 classes about 46% of
-    # masks reach IoU 0.75, per-mask corr(s, IoU) is about 0.44 (Fig. 4a), per-group corr of
-    # mean s and mean IoU about 0.9 (Fig. 4b), and groups with Q >= 0.85 mostly have mean
-    # s > 0.7, the paper's K_pa (Fig. 4c).
-    class_logit = rng.normal(1.0, 0.6, n_classes)
-    super_logit = rng.normal(0.0, 0.7, super_class.size)
-    comp_logit = (
-        class_logit[comp_class] + super_logit[comp_super] + rng.normal(0.0, 0.8, comp_class.size)
-    )
-    level = _sigmoid(comp_logit)
-    concentration = np.exp(rng.normal(math.log(10.0), 0.35, comp_class.size))
-    draw = rng.beta((level * concentration)[component], ((1.0 - level) * concentration)[component])
-    ious = _IOU_LOW + _IOU_SPAN * draw
-
-    # Score.  s = class confidence x predicted IoU in the paper (Sec. 4.1): a per-component term
-    # that follows the component's quality (plus its own calibration error), a per-class bias,
-    # a small pull towards the mask's own IoU (the IoU head sees the mask) and large per-mask
-    # noise.  That gives Fig. 4: weak per-mask, strong per-cluster correlation.
-    own = _logit(draw) - comp_logit[component]
-    score_logit = (
-        -0.4
-        + 0.9 * comp_logit[component]
-        + rng.normal(0.0, 0.25, n_classes)[class_ids]
-        + rng.normal(0.0, 0.3, comp_class.size)[component]
-        + 0.15 * own
-        + rng.normal(0.0, 1.8, n_masks)
-    )
-    scores = _SCORE_LOW + _SCORE_SPAN * _sigmoid(score_logit)
-
-    # Features.  Component centres around super-group centres around a class centre, isotropic
-    # per-mask noise of a per-component width, and a weak direction per class along which the
-    # mask's own IoU moves it (mask-attention features carry some quality information).
-    class_centre = rng.normal(0.0, 3.0, (n_classes, dim))
-    super_centre = class_centre[super_class] + rng.normal(0.0, 1.0, (super_class.size, dim))
-    comp_centre = super_centre[comp_super] + rng.normal(0.0, 0.7, (comp_class.size, dim))
-    width = 0.8 * np.exp(rng.normal(0.0, 0.25, comp_class.size))
-    direction = rng.normal(size=(n_classes, dim))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    features = comp_centre[component] + width[component, None] * rng.standard_normal((n_masks, dim))
-    features += 0.8 * (ious - ious.mean())[:, None] * direction[class_ids]
-
+    parts = [ade_like_class(c, int(size), seed, dim) for c, size in enumerate(sizes)]
+    offsets = np.cumsum([0] + [int(p[3].max()) + 1 for p in parts[:-1]])
     pool = MaskPool(
-        features=features.astype(np.float32),
-        scores=scores.astype(np.float32),
-        ious=ious.astype(np.float32),
-        class_ids=class_ids.astype(np.int32),
+        features=np.concatenate([p[0] for p in parts]),
+        scores=np.concatenate([p[1] for p in parts]),
+        ious=np.concatenate([p[2] for p in parts]),
+        class_ids=np.repeat(np.arange(n_classes, dtype=np.int32), sizes),
         class_names=_class_names(n_classes),
     )
-    return pool, component.astype(np.int64)
+    components = np.concatenate([p[3] + off for p, off in zip(parts, offsets, strict=True)])
+    return pool, components
 
 
 def ade_like_pool(
