@@ -21,6 +21,10 @@ the score contribute the same expected squared distance (2 each).
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,15 +146,11 @@ def from_linkage(z: NDArray[np.float64], scores: NDArray[Any]) -> Tree:
         height[internal] = z[:, 2]
         if (parent[:-1] < 0).any():
             raise MaskpropError("linkage matrix does not describe a tree (a node has no parent)")
-        # Bottom-up: children always precede their parent in id order.
-        for node in range(n, n_nodes):
-            size[node] = size[left[node]] + size[right[node]]
-    start = np.zeros(n_nodes, dtype=np.int64)
-    # Top-down: parents have larger ids, so a descending loop visits a parent first.
-    for node in range(n_nodes - 1, n - 1, -1):
-        lc, rc = left[node], right[node]
-        start[lc] = start[node]
-        start[rc] = start[node] + size[lc]
+        # Sizes come from Z (scipy writes them); check them in one vectorised pass.
+        size[internal] = z[:, 3].astype(np.int64)
+        if (size[internal] != size[a] + size[b]).any():
+            raise MaskpropError("linkage matrix sizes do not match its merges")
+    start = _starts(left, right, parent, size, n)
     order = np.empty(n, dtype=np.int32)
     order[start[:n]] = np.arange(n, dtype=np.int32)
     return Tree(
@@ -163,6 +163,36 @@ def from_linkage(z: NDArray[np.float64], scores: NDArray[Any]) -> Tree:
         start=start,
         scores=leaf_scores,
     )
+
+
+def _starts(
+    left: NDArray[np.int32],
+    right: NDArray[np.int32],
+    parent: NDArray[np.int32],
+    size: NDArray[np.int64],
+    n: int,
+) -> NDArray[np.int64]:
+    """``start`` for every node, by pointer jumping (no Python loop over nodes).
+
+    ``start[j]`` is the sum, over the edges on the path root -> j that go to a right child, of
+    the size of that edge's left sibling.  Each round adds the partial sum of a node's current
+    ancestor and jumps to that ancestor's ancestor, so ``ceil(log2(depth))`` vectorised rounds
+    suffice (17 for a 100k-deep caterpillar), and only unfinished nodes are touched.
+    """
+    n_nodes = left.shape[0]
+    acc = np.zeros(n_nodes, dtype=np.int64)
+    if n_nodes == 1:
+        return acc
+    internal = np.arange(n, n_nodes)
+    acc[right[internal]] = size[left[internal]]
+    anc = parent.astype(np.int64)
+    active = np.flatnonzero(anc >= 0)
+    while active.size:
+        up = anc[active]
+        acc[active] += acc[up]
+        anc[active] = anc[up]
+        active = active[anc[active] >= 0]
+    return acc
 
 
 def embed(
@@ -217,22 +247,340 @@ def condensed_distances(x: NDArray[np.float64]) -> NDArray[np.float64]:
     return out
 
 
+#: ``method="auto"`` builds the exact tree up to this many masks, the two-level one above it.
+#: At 20k exact linkage needs ~1.6 GB and ~10 s; the two-level tree's quality at 20k is in the
+#: module docstring.
+AUTO_EXACT_MAX = 20_000
+
+#: Target mean block size of the two-level tree.  Blocks are split until none exceeds
+#: ``2 * block_size``; exact linkage costs ~O(block^2) per block, so ~O(n * block) in all.
+DEFAULT_BLOCK_SIZE = 1000
+
+#: The block-level linkage holds a condensed matrix over blocks: at most this many blocks
+#: (8 * 8192^2 / 2 B = 268 MB); above ``n = MAX_BLOCKS * block_size`` blocks grow instead.
+MAX_BLOCKS = 8192
+
+#: Farthest-first representatives per block for the inter-block distance.
+DEFAULT_REPRESENTATIVES = 8
+
+#: Fraction of available memory a build may plan to use before it refuses.
+_MEMORY_FRACTION = 0.8
+
+
+def _available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _check_memory(need: int, what: str) -> None:
+    have = _available_bytes()
+    if need > _MEMORY_FRACTION * have:
+        raise MaskpropError(
+            f"{what} needs about {need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB of "
+            "memory is available"
+        )
+
+
+def _check_features(features: NDArray[Any], scores: NDArray[np.float64]) -> None:
+    """One clear error for shapes, non-finite values and duplicate feature vectors."""
+    if features.ndim != 2 or scores.shape != (features.shape[0],):
+        raise MaskpropError(
+            f"features must be [n, d] and scores [n], got {features.shape} and {scores.shape}"
+        )
+    if not np.isfinite(scores).all():
+        raise MaskpropError("scores must be finite (found NaN or inf)")
+    n = features.shape[0]
+    chunk = 1 << 18
+    h = np.empty(n, dtype=np.float64)
+    proj = np.random.default_rng(12345).normal(size=features.shape[1])
+    for lo in range(0, n, chunk):
+        block = np.asarray(features[lo : lo + chunk], dtype=np.float64)
+        if not np.isfinite(block).all():
+            bad = lo + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise MaskpropError(f"features must be finite (mask {bad} has NaN or inf)")
+        h[lo : lo + chunk] = block @ proj
+    # Equal rows have equal projections; only rows sharing a projection are compared exactly.
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    same = np.flatnonzero(hs[1:] == hs[:-1])
+    if same.size:
+        a, b = order[same], order[same + 1]
+        equal = (np.asarray(features[a]) == np.asarray(features[b])).all(axis=1)
+        if equal.any():
+            k = int(np.flatnonzero(equal)[0])
+            i, j = sorted((int(a[k]), int(b[k])))
+            raise MaskpropError(
+                f"{int(equal.sum())} masks have the same feature vector as another "
+                f"(e.g. masks {i} and {j}): deduplicate the class first"
+            )
+
+
+def _embed32(
+    features: NDArray[Any], scores: NDArray[np.float64], score_weight: float
+) -> NDArray[np.float32]:
+    """:func:`embed` in float32, computed in chunks (no float64 copy of the whole class)."""
+    n, d = features.shape
+    chunk = 1 << 18
+    total = np.zeros(d)
+    total_sq = np.zeros(d)
+    for lo in range(0, n, chunk):
+        block = np.asarray(features[lo : lo + chunk], dtype=np.float64)
+        total += block.sum(axis=0)
+        total_sq += np.einsum("ij,ij->j", block, block)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+    std[std == 0] = 1.0
+    s_std = scores.std() or 1.0
+    out = np.empty((n, d + 1), dtype=np.float32)
+    scale = std * np.sqrt(d)
+    for lo in range(0, n, chunk):
+        block = np.asarray(features[lo : lo + chunk], dtype=np.float64)
+        out[lo : lo + chunk, :d] = (block - mean) / scale
+    out[:, d] = score_weight * (scores - scores.mean()) / s_std
+    return out
+
+
+def _split_off(x: NDArray[np.float32], idx: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Labels 0/1 splitting ``x[idx]`` at the median of its widest dimension (a fallback when
+    k-means leaves a block whole)."""
+    sub = x[idx]
+    dim = int(np.argmax(sub.max(axis=0) - sub.min(axis=0)))
+    col = sub[:, dim]
+    rank = np.argsort(col, kind="stable")
+    lab = np.zeros(idx.shape[0], dtype=np.int64)
+    lab[rank[idx.shape[0] // 2 :]] = 1
+    return lab
+
+
+def _partition(
+    x: NDArray[np.float32], block_size: int, seed: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Blocks of at most ``2 * block_size`` masks by recursive k-means (faiss).
+
+    Returns ``perm`` (masks grouped by block) and ``bounds`` (block ``j`` is
+    ``perm[bounds[j] : bounds[j + 1]]``).  Each split uses at most 64 centroids, so a 10M
+    class is two or three k-means levels deep, each pass O(n * 64 * d).
+    """
+    import faiss
+
+    n, d = x.shape
+    limit = 2 * block_size
+    done: list[NDArray[np.int64]] = []
+    work: list[NDArray[np.int64] | None] = [None]  # None: the whole class, without a copy
+    while work:
+        idx = work.pop()
+        m = n if idx is None else idx.shape[0]
+        if m <= limit:
+            done.append(np.arange(n, dtype=np.int64) if idx is None else idx)
+            continue
+        sub = x if idx is None else np.ascontiguousarray(x[idx])
+        k = int(min(64, -(-m // block_size)))
+        km = faiss.Kmeans(d, k, niter=12, seed=seed, max_points_per_centroid=128)
+        km.train(sub)
+        _, lab2 = km.index.search(sub, 1)
+        lab = lab2[:, 0].astype(np.int64)
+        del sub, lab2
+        if np.bincount(lab, minlength=k).max() == m:
+            lab = _split_off(x, np.arange(n, dtype=np.int64) if idx is None else idx)
+        grouping = np.argsort(lab, kind="stable")
+        cuts = np.cumsum(np.bincount(lab))[:-1]
+        members = grouping if idx is None else idx[grouping]
+        work.extend(part for part in np.split(members, cuts) if part.size)
+    perm = np.concatenate(done)
+    bounds = np.concatenate(([0], np.cumsum([b.shape[0] for b in done]))).astype(np.int64)
+    return perm, bounds
+
+
+def _farthest_first(x: NDArray[np.float64], r: int) -> NDArray[np.float64]:
+    """``r`` rows of ``x`` chosen farthest-first (starting from the row farthest from the
+    mean); fewer when the block has fewer rows."""
+    m = x.shape[0]
+    if m <= r:
+        return x
+    chosen = [int(np.argmax(((x - x.mean(axis=0)) ** 2).sum(axis=1)))]
+    dmin = ((x - x[chosen[0]]) ** 2).sum(axis=1)
+    for _ in range(r - 1):
+        nxt = int(np.argmax(dmin))
+        chosen.append(nxt)
+        np.minimum(dmin, ((x - x[nxt]) ** 2).sum(axis=1), out=dmin)
+    return x[chosen]
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def _link_blocks(
+    lo: int, hi: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Exact complete linkage of blocks ``lo..hi-1`` of the shared sorted embedding.
+
+    Returns the blocks' local linkage rows (concatenated), each block's root height and its
+    farthest-first representatives (float64[(hi - lo) * r, k], padded by repeating a row).
+    """
+    x: NDArray[np.float32] = _SHARED["x"]
+    bounds: NDArray[np.int64] = _SHARED["bounds"]
+    r: int = _SHARED["r"]
+    zs = []
+    roots = np.zeros(hi - lo)
+    reps = np.empty(((hi - lo) * r, x.shape[1]))
+    method = fastcluster.mthidx["complete"]
+    for j in range(lo, hi):
+        block = x[bounds[j] : bounds[j + 1]].astype(np.float64)
+        m = block.shape[0]
+        rep = _farthest_first(block, r)
+        reps[(j - lo) * r : (j - lo + 1) * r] = rep[np.arange(r) % rep.shape[0]]
+        if m > 1:
+            z = np.empty((m - 1, 4), dtype=np.float64)
+            linkage_wrap(m, condensed_distances(block), z, method)
+            zs.append(z)
+            roots[j - lo] = z[-1, 2]
+    zcat = np.concatenate(zs) if zs else np.zeros((0, 4))
+    return zcat, roots, reps
+
+
+def _block_distances(
+    reps: NDArray[np.float64], roots: NDArray[np.float64], r: int
+) -> NDArray[np.float64]:
+    """Condensed inter-block dissimilarity: ``max(D_rep(A, B), h_A, h_B)`` where ``D_rep`` is
+    the largest distance between the blocks' representatives and ``h`` a block's diameter
+    (its exact root height); the ``h`` terms keep every merge height >= its children's."""
+    k = roots.shape[0]
+    out = np.empty(k * (k - 1) // 2, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", reps, reps)
+    rows = max(1, (1 << 22) // max(1, k * r * r))
+    pos = 0
+    for lo in range(0, k - 1, rows):
+        hi = min(lo + rows, k - 1)
+        a = reps[lo * r : hi * r]
+        b = reps[lo * r :]
+        d2 = sq[lo * r : hi * r, None] + sq[None, lo * r :] - 2.0 * (a @ b.T)
+        dmax = np.sqrt(np.maximum(d2, 0.0)).reshape(hi - lo, r, k - lo, r).max(axis=(1, 3))
+        for t in range(hi - lo):
+            row = lo + t
+            vals = np.maximum(dmax[t, t + 1 :], roots[row + 1 :])
+            length = k - row - 1
+            out[pos : pos + length] = np.maximum(vals, roots[row])
+            pos += length
+    return out
+
+
+def _build_two_level(
+    features: NDArray[Any],
+    scores: NDArray[np.float64],
+    score_weight: float,
+    block_size: int,
+    representatives: int,
+    workers: int,
+    seed: int,
+) -> Tree:
+    n = scores.shape[0]
+    d = features.shape[1]
+    block_size = max(block_size, -(-n // MAX_BLOCKS))
+    # Embedding (f32) twice (sorted copy), perm/labels, ~5 linkage-sized int64/float64 arrays.
+    _check_memory(n * ((d + 1) * 4 * 2 + 8 * 3 + 32 * 5) + 4 * MAX_BLOCKS**2, "this tree")
+    x = _embed32(features, scores, score_weight)
+    perm, bounds = _partition(x, block_size, seed)
+    xs = x[perm]
+    del x
+    k = bounds.shape[0] - 1
+    r = representatives
+    _SHARED.update(x=xs, bounds=bounds, r=r)
+    try:
+        chunks = np.linspace(0, k, min(k, 4 * max(1, workers)) + 1).astype(int)
+        spans = [(int(a), int(b)) for a, b in itertools.pairwise(chunks) if b > a]
+        if workers > 1 and len(spans) > 1:
+            ctx = mp.get_context("fork")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+                parts = list(ex.map(_link_blocks, *zip(*spans, strict=True)))
+        else:
+            parts = [_link_blocks(a, b) for a, b in spans]
+    finally:
+        _SHARED.clear()
+    del xs
+    zloc = np.concatenate([p[0] for p in parts])
+    roots = np.concatenate([p[1] for p in parts])
+    reps = np.concatenate([p[2] for p in parts])
+    del parts
+    m = np.diff(bounds)
+    # Raw numbering: every block's merges in block order, then the block-level merges.
+    ioff = np.concatenate(([0], np.cumsum(m - 1)))  # first raw merge of each block
+    row_block = np.repeat(np.arange(k), m - 1)
+    m_row = m[row_block]
+    off_row = bounds[:-1][row_block]
+    ioff_row = ioff[:-1][row_block]
+    z = np.empty((n - 1, 4), dtype=np.float64)
+    for col in (0, 1):
+        c = zloc[:, col].astype(np.int64)
+        leaf = c < m_row
+        z[: n - k, col] = np.where(
+            leaf, perm[off_row + np.where(leaf, c, 0)], n + ioff_row + (c - m_row)
+        )
+    z[: n - k, 2:] = zloc[:, 2:]
+    del zloc, row_block, m_row, off_row, ioff_row
+    root_raw = np.where(m == 1, perm[bounds[:-1]], n + ioff[:-1] + m - 2)
+    if k > 1:
+        _check_memory(8 * k * k, "the block-level linkage")
+        dist = _block_distances(reps, roots, r)
+        zb = np.empty((k - 1, 4), dtype=np.float64)
+        linkage_wrap(k, dist, zb, fastcluster.mthidx["complete"])
+        del dist
+        bsize = np.concatenate((m, np.zeros(k - 1, dtype=np.int64)))
+        kids = zb[:, :2].astype(np.int64)
+        for t in range(k - 1):  # a loop over blocks, not masks (k <= MAX_BLOCKS)
+            bsize[k + t] = bsize[kids[t, 0]] + bsize[kids[t, 1]]
+        for col in (0, 1):
+            c = kids[:, col]
+            z[n - k :, col] = np.where(c < k, root_raw[np.minimum(c, k - 1)], n + (n - k) + c - k)
+        z[n - k :, 2] = zb[:, 2]
+        z[n - k :, 3] = bsize[k:]
+    # Sort merges by height as scipy does (stable: heights never decrease towards the root,
+    # so every child still precedes its parent) and renumber the internal nodes.
+    rank = np.empty(n - 1, dtype=np.int64)
+    order = np.argsort(z[:, 2], kind="stable")
+    rank[order] = np.arange(n - 1)
+    z = z[order]
+    for col in (0, 1):
+        c = z[:, col].astype(np.int64)
+        internal = c >= n
+        c[internal] = n + rank[c[internal] - n]
+        z[:, col] = c
+    return from_linkage(z, scores)
+
+
 def build_tree(
     features: NDArray[np.floating],
     scores: NDArray[np.floating],
     *,
     score_weight: float = 1.0,
+    method: str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    representatives: int = DEFAULT_REPRESENTATIVES,
+    workers: int | None = None,
+    seed: int = 0,
 ) -> Tree:
-    """Complete-linkage tree of one class's masks (exact; paper Sec. 4.2).
+    """Complete-linkage tree of one class's masks (paper Sec. 4.2).
 
     Parameters
     ----------
     features : float[n, d], mask features f.
     scores : float[n], mask scores s in [0, 1].
     score_weight : weight of the standardised score against the feature block.
+    method : ``"exact"`` (complete linkage over all masks, the reference), ``"two_level"``
+        (module docstring) or ``"auto"``: exact up to :data:`AUTO_EXACT_MAX` masks.
+    block_size, representatives, seed : the two-level tree's target block size, farthest-first
+        representatives per block and k-means seed.
+    workers : processes for the per-block linkage (two-level only); default ``os.cpu_count()``.
 
-    Memory is ~8 n^2 / 2 bytes for the condensed matrix, clustered in place by fastcluster's
-    NN-chain: ~1.6 GB at 20k masks, ~3.6 GB at 30k (scipy's linkage needs about twice that).
+    Exact memory is ~8 n^2 / 2 bytes for the condensed matrix, clustered in place by
+    fastcluster's NN-chain: ~1.6 GB at 20k masks, ~3.6 GB at 30k (scipy's linkage needs about
+    twice that); a size that does not fit in available memory is refused before allocating.
 
     Examples
     --------
@@ -241,16 +589,40 @@ def build_tree(
     >>> sorted(t.leaves(t.root).tolist()), t.size[t.root]
     ([0, 1, 2], np.int64(3))
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    n = scores.shape[0]
+    if method not in ("auto", "exact", "two_level"):
+        raise MaskpropError(f"unknown tree method {method!r} (auto, exact or two_level)")
+    if score_weight < 0:
+        raise MaskpropError("score_weight must not be negative")
+    if block_size < 2 or representatives < 1:
+        raise MaskpropError("block_size must be >= 2 and representatives >= 1")
+    s64: NDArray[np.float64] = np.asarray(scores, dtype=np.float64)
+    features = np.asarray(features)
+    n = s64.shape[0]
     if n == 0:
         raise MaskpropError("cannot build a tree over zero masks")
+    _check_features(features, s64)
     if n == 1:
-        return from_linkage(np.zeros((0, 4)), scores)
-    dist = condensed_distances(embed(features, scores, score_weight))
+        return from_linkage(np.zeros((0, 4)), s64)
+    if method == "auto":
+        method = "exact" if n <= AUTO_EXACT_MAX else "two_level"
+    if method == "two_level" and n > 2 * block_size:
+        return _build_two_level(
+            features,
+            s64,
+            score_weight,
+            block_size,
+            representatives,
+            workers if workers is not None else (os.cpu_count() or 1),
+            seed,
+        )
+    _check_memory(
+        8 * (n * (n - 1) // 2) + 8 * n * (features.shape[1] + 1) + 64 * n,
+        f"exact complete linkage over {n} masks (use method='two_level')",
+    )
+    dist = condensed_distances(embed(features, s64, score_weight))
     z = np.empty((n - 1, 4), dtype=np.float64)
     # fastcluster.linkage() starts with np.array(X), a full copy of the n^2/2 matrix even with
     # preserve_input=False; its C entry point clusters our private matrix in place instead.
     linkage_wrap(n, dist, z, fastcluster.mthidx["complete"])
     del dist
-    return from_linkage(z, scores)
+    return from_linkage(z, s64)

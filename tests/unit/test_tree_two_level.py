@@ -1,0 +1,161 @@
+"""The scalable (two-level) tree: same array format, exact inside blocks, bad input refused."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.cluster.hierarchy import fcluster, is_isomorphic, is_monotonic, is_valid_linkage
+
+import maskprop.tree as tree_mod
+from maskprop.errors import MaskpropError
+from maskprop.tree import Tree, build_tree, from_linkage
+
+
+def clusters_of(z: np.ndarray, n: int) -> set[frozenset[int]]:
+    members: dict[int, frozenset[int]] = {i: frozenset([i]) for i in range(n)}
+    out = set()
+    for i, (a, b, _, _) in enumerate(z):
+        members[n + i] = members[int(a)] | members[int(b)]
+        out.add(members[n + i])
+    return out
+
+
+def assert_full_binary_tree(t: Tree, n: int) -> None:
+    z = t.to_linkage()
+    assert t.n_nodes == 2 * n - 1 and t.n_leaves == n
+    assert sorted(t.leaves(t.root).tolist()) == list(range(n))
+    if n == 1:
+        return
+    assert is_valid_linkage(z) and is_monotonic(z)
+    internal = np.arange(n, 2 * n - 1)
+    assert (t.left[internal] < internal).all() and (t.right[internal] < internal).all()
+    assert (t.parent[t.left[internal]] == internal).all()
+    assert (t.parent[t.right[internal]] == internal).all()
+    np.testing.assert_array_equal(
+        t.size[internal], t.size[t.left[internal]] + t.size[t.right[internal]]
+    )
+    # Leaves of a node are its left child's leaves followed by its right child's.
+    np.testing.assert_array_equal(t.start[t.left[internal]], t.start[internal])
+    np.testing.assert_array_equal(
+        t.start[t.right[internal]], t.start[internal] + t.size[t.left[internal]]
+    )
+
+
+def test_two_level_equals_exact_when_the_class_fits_one_block():
+    rng = np.random.default_rng(0)
+    f, s = rng.normal(size=(180, 5)), rng.uniform(size=180)
+    exact = build_tree(f, s, method="exact").to_linkage()
+    two = build_tree(f, s, method="two_level", block_size=100).to_linkage()
+    assert clusters_of(two, 180) == clusters_of(exact, 180)
+    for k in (2, 5, 20, 60):
+        assert is_isomorphic(
+            fcluster(exact, k, criterion="maxclust"), fcluster(two, k, criterion="maxclust")
+        )
+
+
+@given(
+    n=st.integers(min_value=1, max_value=130),
+    block_size=st.integers(min_value=2, max_value=24),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+@settings(max_examples=60, deadline=None)
+def test_every_two_level_tree_is_a_full_binary_tree(n, block_size, seed):
+    # Sizes straddle block boundaries: n around 1x, 2x, 3x ... block_size.
+    rng = np.random.default_rng(seed)
+    f = rng.normal(size=(n, 3))
+    s = rng.uniform(size=n)
+    t = build_tree(f, s, method="two_level", block_size=block_size, representatives=3, workers=1)
+    assert_full_binary_tree(t, n)
+    np.testing.assert_allclose(t.cluster_scores()[t.root], s.mean())
+
+
+def test_parallel_blocks_give_the_same_tree():
+    rng = np.random.default_rng(2)
+    f, s = rng.normal(size=(900, 6)), rng.uniform(size=900)
+    one = build_tree(f, s, method="two_level", block_size=40, workers=1).to_linkage()
+    two = build_tree(f, s, method="two_level", block_size=40, workers=2).to_linkage()
+    np.testing.assert_array_equal(one, two)
+    assert_full_binary_tree(build_tree(f, s, method="two_level", block_size=40, workers=2), 900)
+
+
+def test_auto_is_exact_below_the_documented_size():
+    rng = np.random.default_rng(3)
+    f, s = rng.normal(size=(300, 4)), rng.uniform(size=300)
+    auto = build_tree(f, s, block_size=20).to_linkage()
+    exact = build_tree(f, s, method="exact").to_linkage()
+    assert 300 <= tree_mod.AUTO_EXACT_MAX
+    np.testing.assert_array_equal(auto, exact)
+
+
+def loop_from_linkage_starts(z: np.ndarray, n: int) -> np.ndarray:
+    """The reference: sizes and starts by Python loops, as the module did before."""
+    size = np.ones(2 * n - 1, dtype=np.int64)
+    for i, (a, b, _, _) in enumerate(z):
+        size[n + i] = size[int(a)] + size[int(b)]
+    start = np.zeros(2 * n - 1, dtype=np.int64)
+    for node in range(2 * n - 2, n - 1, -1):
+        a, b = int(z[node - n, 0]), int(z[node - n, 1])
+        start[a] = start[node]
+        start[b] = start[node] + size[a]
+    return start
+
+
+@given(st.integers(min_value=2, max_value=300), st.integers(min_value=0, max_value=10_000))
+@settings(max_examples=40, deadline=None)
+def test_vectorised_from_linkage_matches_the_loop(n, seed):
+    rng = np.random.default_rng(seed)
+    # A random tree: repeatedly merge two random roots.
+    roots = list(range(n))
+    z = np.zeros((n - 1, 4))
+    size = [1] * n
+    for i in range(n - 1):
+        a, b = rng.choice(len(roots), 2, replace=False)
+        ra, rb = roots[a], roots[b]
+        z[i] = (ra, rb, i, size[ra] + size[rb])
+        size.append(size[ra] + size[rb])
+        roots = [r for k, r in enumerate(roots) if k not in (a, b)] + [n + i]
+    t = from_linkage(z, rng.uniform(size=n))
+    np.testing.assert_array_equal(t.start, loop_from_linkage_starts(z, n))
+    assert_full_binary_tree(t, n)
+
+
+def test_from_linkage_refuses_wrong_sizes():
+    z = np.array([[0.0, 1.0, 1.0, 3.0]])
+    with pytest.raises(MaskpropError, match="sizes"):
+        from_linkage(z, np.zeros(2))
+
+
+@pytest.mark.parametrize("method", ["exact", "two_level"])
+def test_bad_inputs_are_one_clear_error(method):
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(50, 3))
+    s = rng.uniform(size=50)
+    dup = f.copy()
+    dup[17] = dup[3]
+    with pytest.raises(MaskpropError, match="masks 3 and 17"):
+        build_tree(dup, s, method=method, block_size=10)
+    nan = f.copy()
+    nan[9, 1] = np.nan
+    with pytest.raises(MaskpropError, match="mask 9"):
+        build_tree(nan, s, method=method, block_size=10)
+    with pytest.raises(MaskpropError, match="scores"):
+        build_tree(f, np.r_[s[:-1], np.inf], method=method, block_size=10)
+    with pytest.raises(MaskpropError, match=r"\[n, d\]"):
+        build_tree(f[:, 0], s, method=method)
+    with pytest.raises(MaskpropError, match="unknown tree method"):
+        build_tree(f, s, method="single")
+
+
+def test_a_class_too_large_for_memory_is_refused_before_allocating(monkeypatch):
+    monkeypatch.setattr(tree_mod, "_available_bytes", lambda: 10_000)
+    rng = np.random.default_rng(5)
+    f, s = rng.normal(size=(400, 3)), rng.uniform(size=400)
+    with pytest.raises(MaskpropError, match="GiB"):
+        build_tree(f, s, method="exact")
+    with pytest.raises(MaskpropError, match="GiB"):
+        build_tree(f, s, method="two_level", block_size=20)
+
+
+def test_a_class_of_one_mask_is_a_single_leaf():
+    t = build_tree(np.ones((1, 3)), np.array([0.4]), method="two_level")
+    assert t.n_nodes == 1 and t.leaves(t.root).tolist() == [0]
