@@ -612,7 +612,7 @@ def build_tree(
             score_weight,
             block_size,
             representatives,
-            workers if workers is not None else (os.cpu_count() or 1),
+            workers if workers is not None else len(os.sched_getaffinity(0)),
             seed,
         )
     _check_memory(
