@@ -19,13 +19,24 @@ from maskprop.files import atomic_file
 from maskprop.tree import Tree
 from maskprop_runtime.loop import InvalidEvent
 
-_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: The one rule for campaign names and event ids (they become path parts): 1-64 characters
+#: of A-Z a-z 0-9 _ . - and not "." or "..".  A plain regular expression (no look-ahead) so
+#: the gateway's OpenAPI document can state it and its request models check it unchanged.
+NAME_PATTERN = (
+    r"^(?:[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}"
+    r"|\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,62}"
+    r"|\.\.[A-Za-z0-9_.-]{1,62})$"
+)
+_SAFE = re.compile(NAME_PATTERN)
 
 
 def check_name(kind: str, value: str) -> str:
-    """Campaign names and event ids become path parts: allow a safe alphabet only."""
+    """Campaign names and event ids become path parts: allow a safe alphabet only
+    (:data:`NAME_PATTERN`)."""
     if not _SAFE.match(value) or value in (".", ".."):
-        raise ValueError(f"{kind} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        raise ValueError(
+            f"{kind} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . - (not . or ..)"
+        )
     return value
 
 

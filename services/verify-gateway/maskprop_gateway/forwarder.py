@@ -29,7 +29,12 @@ import grpc
 
 from maskprop_gateway import keys
 from maskprop_gateway.pool import QuestionPool
-from maskprop_gateway.search_client import SearchClient, SearchUnavailable
+from maskprop_gateway.search_client import (
+    SearchClient,
+    SearchNotFound,
+    SearchRejected,
+    SearchUnavailable,
+)
 from maskprop_gateway.topups import SEARCH_MAX_ANSWERS, TopUps
 from maskprop_runtime.outbox import Outbox
 
@@ -79,13 +84,13 @@ class Forwarder:
             self._failed = True
             log.warning("search unavailable; decided labels kept in the outbox")
             return 0
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, SearchRejected, SearchNotFound) as exc:
             # The workers' answers are safe in the outbox; a failing forward must not fail
             # their request.
             self._failed = True
             log.error(
                 "search refused decided labels; kept in the outbox",
-                extra={"code": str(exc.code()), "details": exc.details()},
+                extra={"details": str(exc)},
             )
             return 0
         self._failed = False

@@ -22,6 +22,7 @@ from maskprop.metrics import cost_usd, human_hours
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.errors import Forbidden, Gone, Invalid
 from maskprop_gateway.forwarder import Forwarder
+from maskprop_gateway.idempotency import IdempotencyStore
 from maskprop_gateway.leases import Leases, gold_view, opaque_ids
 from maskprop_gateway.metrics import ANSWERS, BLOCKED
 from maskprop_gateway.pool import QuestionPool
@@ -55,6 +56,7 @@ class Gateway:
         self.clock = clock
         self.token_for = token_for
         self.pool = QuestionPool(redis)
+        self.idempotency = IdempotencyStore(redis, clock=clock)
         self.leases = Leases(
             redis, lease_ttl_s=settings.lease_ttl_s, retention_s=settings.lease_retention_s
         )
@@ -192,10 +194,19 @@ class Gateway:
         lease_id: str,
         worker_id: str,
         answers: list[tuple[str, bool, int]],
+        *,
+        recovering: bool = False,
     ) -> dict[str, Any]:
         """Record one worker's answers (opaque id, answer, elapsed ms) to its lease: one
         answer per question counts, gold is scored, real answers are votes; questions decided
-        by them go to search (:meth:`Forwarder.forward`)."""
+        by them go to search (:meth:`Forwarder.forward`).
+
+        ``recovering``: this is the re-run of a request whose gateway died part-way (an
+        Idempotency-Key taken over, :mod:`~maskprop_gateway.idempotency`).  Answers already
+        marked as answered in the lease go through scoring, voting and the tally again, since
+        the dead request may have stopped after marking them; each of those steps keeps the
+        first write (a vote per worker and question, a gold score per worker and item, a label
+        per question), so nothing counts twice.  They are reported as accepted."""
         lease = self.leases.get(vendor_id, lease_id)
         if lease["worker"] != worker_id:
             raise Forbidden("this lease belongs to another worker")
@@ -212,24 +223,32 @@ class Gateway:
             lease_id, campaign, ((oid, refs[oid][0]) for oid, _, _ in answers)
         )
         fresh = [a for a, n in zip(answers, new, strict=True) if n]
-        accepted, duplicates = len(fresh), len(answers) - len(fresh)
+        # a re-run also replays the answers the dead request marked (first writes win)
+        applied = answers if recovering else fresh
+        accepted, duplicates = len(applied), len(answers) - len(applied)
         qualification: dict[str, bool] = {}
+        kept: dict[str, bool] = {}
+        fresh_ids = {oid for oid, _, _ in fresh}
         golds: list[tuple[str, bool, int]] = []
         votes: list[tuple[str, bool]] = []
-        for oid, label, ms in fresh:
+        for oid, label, ms in applied:
             code, ref = refs[oid]
             if code == "r":
                 votes.append((ref, label))
             elif code == "g":
                 golds.append((ref, label, ms))
-            else:
+            elif oid in fresh_ids:
                 qualification[ref] = label
+            else:
+                kept[ref] = label
         if qualification:
             self.leases.add_qualification_answers(lease_id, qualification)
+        if kept:
+            self.leases.keep_qualification_answers(lease_id, kept)
         self.qc.record_answer_times(worker, [ms for _, _, ms in fresh])
         self.qc.score_golds(worker, golds)
         cast = self.qc.cast_votes(worker, votes)
-        if qualification:
+        if qualification or kept:
             try:
                 self._finish_qualification(lease_id, worker, refs)
             except QualityError as exc:

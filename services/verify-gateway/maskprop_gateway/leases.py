@@ -161,6 +161,16 @@ class Leases:
             mapping={g: "1" if v else "0" for g, v in answers.items()},
         )
 
+    def keep_qualification_answers(self, lease_id: str, answers: dict[str, bool]) -> None:
+        """:meth:`add_qualification_answers` without replacing an answer already kept (a
+        re-run after a crash: the first answer to a question is the one that counts)."""
+        if not answers:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for g, v in answers.items():
+            pipe.hsetnx(keys.lease_qualification(lease_id), g, "1" if v else "0")
+        pipe.execute()
+
     def qualification_answers(self, lease_id: str) -> dict[str, bool]:
         stored = self.r.hgetall(keys.lease_qualification(lease_id))
         return {_s(k): v == b"1" for k, v in stored.items()}

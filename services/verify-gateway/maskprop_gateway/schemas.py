@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from maskprop_runtime.treestore import NAME_PATTERN
+
 WORKER = r"^[A-Za-z0-9_.@-]{1,64}$"
-CAMPAIGN = r"^[A-Za-z0-9_.-]{1,64}$"
+#: campaign names: the same rule as search and the tree store (one definition)
+CAMPAIGN = NAME_PATTERN
 QUESTION = r"^q_[A-Za-z0-9_-]{1,32}$"
 LEASE = r"^l_[A-Za-z0-9_-]{1,32}$"
 
@@ -73,11 +76,24 @@ class AnswersOut(Strict):
     lease_id: str
     accepted: int
     duplicates: int
-    forwarded_to_search: int = Field(
-        description="Labels this request decided, sent to search (by the gateway's forwarder "
-        "within MASKPROP_FORWARD_LINGER_S, default 50 ms; retried until search has them)"
+    forwarded_to_search: Literal[0] = Field(
+        default=0,
+        deprecated=True,
+        description="Deprecated, always 0.  It counted the labels this request decided and "
+        "so told hidden gold (never decides a label) from real questions (issue #18).  "
+        "Decided labels reach search by the gateway's forwarder; GET /v1/progress shows them.",
     )
     worker_status: str
+
+
+#: What :meth:`Gateway.submit` returns that a vendor may see: every member is the same for a
+#: hidden gold question and a real one (its labels sent to search are not).
+VENDOR_ANSWER_FIELDS = ("lease_id", "accepted", "duplicates", "worker_status")
+
+
+def answers_out(result: dict[str, Any]) -> dict[str, Any]:
+    """The vendor's view of an answer request's result (see :data:`VENDOR_ANSWER_FIELDS`)."""
+    return {**{k: result[k] for k in VENDOR_ANSWER_FIELDS}, "forwarded_to_search": 0}
 
 
 class ClassProgressOut(Strict):

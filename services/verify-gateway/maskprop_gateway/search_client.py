@@ -3,16 +3,38 @@ tests).  Both expose the same three calls with the search protos."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import grpc
 
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
+from maskprop_runtime.treestore import check_name
+
+log = logging.getLogger(__name__)
 
 
 class SearchUnavailable(Exception):
-    """The search service did not answer (HTTP 503 with Retry-After)."""
+    """The search service did not answer, or failed (HTTP 503 with Retry-After)."""
+
+
+class SearchRejected(Exception):
+    """Search refused the request as invalid (gRPC INVALID_ARGUMENT; HTTP 422)."""
+
+
+class SearchNotFound(Exception):
+    """Search has no such campaign or question (gRPC NOT_FOUND; HTTP 404)."""
+
+
+_UNAVAILABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
 
 
 class SearchClient(Protocol):
@@ -33,9 +55,15 @@ class GrpcSearchClient:
         try:
             return method(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise SearchUnavailable(str(exc.details())) from None
-            raise
+            # every status maps to a domain error (issue #18: INVALID_ARGUMENT was a 500)
+            code, details = exc.code(), str(exc.details())
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                raise SearchRejected(f"search refused the request: {details}") from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise SearchNotFound(f"search: {details}") from None
+            if code not in _UNAVAILABLE:
+                log.error("search call failed: %s %s", code, details)
+            raise SearchUnavailable(details) from None
 
     def lease(self, campaign: str, n: int, owner: str) -> tuple[list[search_pb2.Question], bool]:
         resp = self._call(
@@ -59,16 +87,28 @@ class GrpcSearchClient:
 
 
 class LocalSearchClient:
-    """An in-process :class:`maskprop_search.core.SearchCore` behind the same calls."""
+    """An in-process :class:`maskprop_search.core.SearchCore` behind the same calls, with the
+    gRPC adapter's name check and error mapping (its caller errors are ``ValueError``s)."""
 
     def __init__(self, core: Any) -> None:
         self.core = core
 
     def lease(self, campaign: str, n: int, owner: str) -> tuple[list[search_pb2.Question], bool]:
-        return self.core.lease(campaign, n, owner)
+        with _rejected():
+            return self.core.lease(check_name("campaign", campaign), n, owner)
 
     def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
-        return self.core.submit(list(answers))
+        with _rejected():
+            return self.core.submit(list(answers))
 
     def progress(self, campaign: str) -> search_pb2.GetProgressResponse:
-        return self.core.progress(campaign)
+        with _rejected():
+            return self.core.progress(check_name("campaign", campaign))
+
+
+@contextmanager
+def _rejected() -> Iterator[None]:
+    try:
+        yield
+    except ValueError as exc:
+        raise SearchRejected(f"search refused the request: {exc}") from None

@@ -10,7 +10,7 @@ from fastapi import HTTPException
 
 from maskprop_gateway.errors import Forbidden, Gone, Invalid, NotFound
 from maskprop_gateway.idempotency import IdempotencyConflict
-from maskprop_gateway.search_client import SearchUnavailable
+from maskprop_gateway.search_client import SearchNotFound, SearchRejected, SearchUnavailable
 
 T = TypeVar("T")
 
@@ -19,6 +19,8 @@ _STATUS: dict[type[Exception], int] = {
     Forbidden: 403,
     Gone: 410,
     Invalid: 422,
+    SearchRejected: 422,
+    SearchNotFound: 404,
 }
 
 

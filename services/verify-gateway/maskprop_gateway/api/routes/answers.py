@@ -7,8 +7,8 @@ from fastapi import APIRouter, Header, Response
 from maskprop_gateway.api.deps import GatewayDep, VendorDep
 from maskprop_gateway.api.errors import http_errors
 from maskprop_gateway.api.routes.leases import ERRORS
-from maskprop_gateway.idempotency import IdempotencyStore
-from maskprop_gateway.schemas import AnswersOut, AnswersRequest
+from maskprop_gateway.idempotency import Stored
+from maskprop_gateway.schemas import AnswersOut, AnswersRequest, answers_out
 
 router = APIRouter(prefix="/v1/answers", tags=["answers"])
 
@@ -23,36 +23,36 @@ async def submit_answers(
         str | None,
         Header(
             pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
-            description="Retries with the same key are applied once (first response replayed)",
+            description="Retries with the same key are applied once (first response "
+            "replayed); a retry of a request whose gateway died takes the key over after "
+            "a few seconds and applies what the first did not",
         ),
     ] = None,
 ) -> dict[str, Any]:
     """Answers of one worker for one lease: one answer per question; with an
     ``Idempotency-Key`` a retried request is applied once and gets the first response."""
-    idem = gateway_idempotency(gateway)
+    answers = [(a.question_id, a.answer, a.elapsed_ms) for a in body.answers]
     with http_errors():
-        if idempotency_key is not None:
-            fp = idem.fingerprint(body.model_dump())
-            stored = idem.begin(vendor.vendor_id, idempotency_key, fp)
-            if stored is not None:
-                response.status_code = stored.status
-                response.headers["Idempotent-Replayed"] = "true"
-                return dict(stored.body)
-        try:
-            out = gateway.submit(
-                vendor.vendor_id,
-                body.lease_id,
-                body.worker_id,
-                [(a.question_id, a.answer, a.elapsed_ms) for a in body.answers],
+        if idempotency_key is None:
+            return answers_out(
+                gateway.submit(vendor.vendor_id, body.lease_id, body.worker_id, answers)
             )
+        idem, vid = gateway.idempotency, vendor.vendor_id
+        fp = idem.fingerprint(body.model_dump())
+        held = idem.begin(vid, idempotency_key, fp)
+        if isinstance(held, Stored):
+            response.status_code = held.status
+            response.headers["Idempotent-Replayed"] = "true"
+            return dict(held.body)
+        try:
+            with idem.holding(vid, idempotency_key, held.owner):
+                out = answers_out(
+                    gateway.submit(
+                        vid, body.lease_id, body.worker_id, answers, recovering=held.recovering
+                    )
+                )
         except Exception:
-            if idempotency_key is not None:
-                idem.abandon(vendor.vendor_id, idempotency_key)
+            idem.abandon(vid, idempotency_key, held.owner)
             raise
-        if idempotency_key is not None:
-            idem.finish(vendor.vendor_id, idempotency_key, fp, 200, out)
+        idem.finish(vid, idempotency_key, fp, 200, out, held.owner)
     return out  # validated against AnswersOut once, by FastAPI
-
-
-def gateway_idempotency(gateway: GatewayDep) -> IdempotencyStore:
-    return IdempotencyStore(gateway.r)

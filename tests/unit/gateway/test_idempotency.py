@@ -1,0 +1,173 @@
+"""Idempotency-Key under a crash (issue #18): a running key is a short lease a retry takes
+over once it lapses, and the re-run applies the dead request's answers exactly once."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from maskprop_gateway import keys, views
+from maskprop_gateway.gateway import Gateway
+from maskprop_gateway.idempotency import Held, IdempotencyConflict, IdempotencyStore, Stored
+from maskprop_gateway.qc_rules import QualityPolicy
+from maskprop_gateway.quality import QualityControl
+from maskprop_gateway.settings import GatewaySettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Search:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bool]] = []
+
+    def submit(self, answers):
+        answers = list(answers)
+        self.sent += answers
+        return len(answers), 0, 0
+
+    def lease(self, campaign, n, owner):
+        return [], False
+
+
+class Killed(BaseException):
+    """The process dies here: no except/finally of the request's own code runs usefully."""
+
+
+def store(clock: Clock) -> IdempotencyStore:
+    return IdempotencyStore(fakeredis.FakeRedis(), running_lease_s=10.0, clock=clock)
+
+
+def test_replay_conflict_and_busy():
+    clock = Clock()
+    s = store(clock)
+    held = s.begin("v", "k1", "fp")
+    assert isinstance(held, Held) and not held.recovering
+    with pytest.raises(IdempotencyConflict) as busy:
+        s.begin("v", "k1", "fp")
+    assert busy.value.status == 409
+    with pytest.raises(IdempotencyConflict) as other:
+        s.begin("v", "k1", "fp2")
+    assert other.value.status == 422
+    assert s.finish("v", "k1", "fp", 200, {"a": 1.5, "b": "x"}, held.owner)
+    clock.t += 3600  # long after: still the same response
+    assert s.begin("v", "k1", "fp") == Stored(200, {"a": 1.5, "b": "x"})
+    assert isinstance(s.begin("w", "k1", "fp"), Held)  # keys are per vendor
+
+
+def test_a_lapsed_running_key_is_taken_over_and_the_dead_owner_cannot_write():
+    clock = Clock()
+    s = store(clock)
+    dead = s.begin("v", "k", "fp")
+    assert isinstance(dead, Held)
+    clock.t += 9.9
+    with pytest.raises(IdempotencyConflict):
+        s.begin("v", "k", "fp")
+    clock.t += 0.2
+    retry = s.begin("v", "k", "fp")
+    assert isinstance(retry, Held) and retry.recovering
+    # the first request, had it only been slow, finds its key taken and writes nothing
+    assert not s.finish("v", "k", "fp", 200, {"stale": True}, dead.owner)
+    assert not s.renew("v", "k", dead.owner)
+    s.abandon("v", "k", dead.owner)
+    assert s.finish("v", "k", "fp", 200, {"ok": True}, retry.owner)
+    assert s.begin("v", "k", "fp") == Stored(200, {"ok": True})
+
+
+def test_renewal_keeps_a_slow_request_its_key():
+    clock = Clock()
+    s = store(clock)
+    held = s.begin("v", "k", "fp")
+    assert isinstance(held, Held)
+    for _ in range(5):  # a request running 5 x 8 s, renewed in between
+        clock.t += 8
+        assert s.renew("v", "k", held.owner)
+        with pytest.raises(IdempotencyConflict):
+            s.begin("v", "k", "fp")
+
+
+def test_a_record_from_before_the_lease_field_is_taken_over():
+    clock = Clock()
+    s = store(clock)
+    s.r.set(keys.idempotency("v", "old"), '{"fp": "fp", "state": "running"}', ex=86400)
+    held = s.begin("v", "old", "fp")
+    assert isinstance(held, Held) and held.recovering
+
+
+def world(n_questions: int, clock: Clock):
+    r = fakeredis.FakeRedis()
+    settings = GatewaySettings(key_pepper="p" * 20, forward_linger_s=0)
+    search = Search()
+    qc = QualityControl(r, QualityPolicy(qualification_size=0, gold_share=0.0), clock=clock)
+    gw = Gateway(r, search, qc, settings, clock=clock)
+    qids = [f"c:0:{i}:{i}" for i in range(n_questions)]
+    gw.pool.add("c", {q: views.render("cat", "i.png", 4, 4, "0g0") for q in qids}, clock())
+    return r, search, gw
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    labels=st.lists(st.booleans(), min_size=1, max_size=12),
+    die_at=st.sampled_from(["after_mark", "after_golds", "after_votes", "after_settle"]),
+)
+def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_once(
+    labels, die_at
+):
+    clock = Clock()
+    _, search, gw = world(len(labels), clock)
+    offer = gw.create_lease("v", "w1", "c", len(labels), refill=False)
+    assert len(offer.questions) == len(labels)
+    answers = [(oid, lab, 1500) for (oid, _), lab in zip(offer.questions, labels, strict=True)]
+    truth = {gw.lease("v", offer.lease_id)["refs"][oid][1]: lab for oid, lab, _ in answers}
+    idem = gw.idempotency
+    fp = idem.fingerprint([list(a) for a in answers])
+
+    # the first request: holds the key, then its process dies part-way
+    first = idem.begin("v", "key-1", fp)
+    assert isinstance(first, Held)
+    target = {
+        "after_mark": (gw.qc, "score_golds"),
+        "after_golds": (gw.qc, "cast_votes"),
+        "after_votes": (gw.pool, "settle"),
+        "after_settle": (gw.forwarder, "forward"),
+    }[die_at]
+    real = getattr(*target)
+
+    def die(*a, **k):
+        if die_at == "after_settle":
+            real(*a, **k)  # the labels are in the outbox, not yet sent
+        raise Killed
+
+    setattr(target[0], target[1], die)
+    with pytest.raises(Killed):
+        gw.submit("v", offer.lease_id, "w1", answers)
+    setattr(target[0], target[1], real)
+
+    # a retry at once is told to wait; once the lease lapses it takes the key over
+    with pytest.raises(IdempotencyConflict):
+        idem.begin("v", "key-1", fp)
+    clock.t += idem.running_lease_s + 0.1
+    retry = idem.begin("v", "key-1", fp)
+    assert isinstance(retry, Held) and retry.recovering
+    out = gw.submit("v", offer.lease_id, "w1", answers, recovering=retry.recovering)
+    assert idem.finish("v", "key-1", fp, 200, out, retry.owner)
+    assert out["accepted"] == len(labels) and out["duplicates"] == 0
+
+    # exactly once: every question decided with the worker's label and sent to search once
+    gw.forwarder.forward(0)
+    assert gw.forwarder.outbox.pending() == 0
+    assert sorted(search.sent) == sorted(truth.items())
+    assert gw.answered_count(offer.lease_id) == len(labels)
+    # a further retry replays the stored response
+    assert idem.begin("v", "key-1", fp) == Stored(200, out)
+    # and a plain duplicate request changes nothing
+    again = gw.submit("v", offer.lease_id, "w1", answers)
+    assert again["accepted"] == 0 and again["duplicates"] == len(labels)
+    gw.forwarder.forward(0)
+    assert sorted(search.sent) == sorted(truth.items())
