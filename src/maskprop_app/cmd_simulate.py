@@ -122,10 +122,18 @@ def simulate(
         bool, typer.Option(help="Also trace every search strategy (Fig. 6b).")
     ] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars on stderr.")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Classes simulated at once, one process each (default: the CPUs)."),
+    ] = None,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(help="Memory the workers may use together (default: 80% of available)."),
+    ] = None,
 ) -> None:
     """Simulate the method against manual polygons, naive verification and LSUN (Sec. 5.2)."""
-    from maskprop.simulate.generator import ade_like_pool, fitted_pool, load_prediction_table
-    from maskprop.simulate.runner import simulate as run_simulation
+    from maskprop.simulate.classwise import AdeSource, PoolSource, simulate_classes
+    from maskprop.simulate.generator import fitted_pool, load_prediction_table
 
     bars = Bars(progress)
     try:
@@ -146,26 +154,35 @@ def simulate(
         )
         _prepare_out(out)
         started = time.perf_counter()
+        if workers is not None and workers < 1:
+            raise MaskpropError("--workers must be at least 1")
+        if memory_gb is not None and not memory_gb > 0:
+            raise MaskpropError("--memory-gb must be positive")
         # Held-out clusters with known quality teach the selection (Sec. 4.3): 5% extra masks.
         heldout_n = max(2_000, masks // 20)
+        source: AdeSource | PoolSource
         if from_table is not None:
             table = load_prediction_table(from_table)
             full = fitted_pool(table, masks + heldout_n, seed=seed)
+            rng = np.random.default_rng(seed)
+            perm = rng.permutation(len(full))
+            source = PoolSource(
+                full.subset(np.sort(perm[heldout_n:])), full.subset(np.sort(perm[:heldout_n]))
+            )
+            workers = 1  # the pool is in memory: its classes are simulated in this process
         else:
-            full = ade_like_pool(masks + heldout_n, classes, seed=seed, dim=dim)
-        rng = np.random.default_rng(seed)
-        perm = rng.permutation(len(full))
-        heldout = full.subset(np.sort(perm[:heldout_n]))
-        pool = full.subset(np.sort(perm[heldout_n:]))
-        result = run_simulation(
-            pool,
-            heldout,
+            # Generated class by class in the workers: the pool never exists in one piece.
+            source = AdeSource(masks, heldout_n, classes, seed=seed, feature_dim=dim)
+        result = simulate_classes(
+            source,
             params,
             strategy=strategy.value,
             annotator_error=annotator_error,
             seed=seed,
             ablation=ablation,
             strategy_curves=strategy_curves,
+            workers=workers,
+            memory_budget=int(memory_gb * 2**30) if memory_gb is not None else None,
             progress=bars,
         )
         report = result.report
@@ -179,7 +196,10 @@ def simulate(
         fail(str(exc))
     bars.close()
     _print_summary(report)
-    typer.echo(f"\nwrote {out / 'report.json'} and plots in {report['config']['wall_seconds']} s")
+    typer.echo(
+        f"\nwrote {out / 'report.json'} and plots in {report['config']['wall_seconds']} s "
+        f"(peak RSS of one class's process: {result.peak_class_rss_bytes / 2**30:.2f} GiB)"
+    )
 
 
 def _write_outputs(out: Path, result: Any) -> None:
