@@ -154,6 +154,8 @@ def simulate(
         )
         _prepare_out(out)
         started = time.perf_counter()
+        if dim < 1:
+            raise MaskpropError("--dim must be at least 1")
         if workers is not None and workers < 1:
             raise MaskpropError("--workers must be at least 1")
         if memory_gb is not None and not memory_gb > 0:
