@@ -161,9 +161,9 @@ class BinnedLog:
         b = np.asarray(bins, dtype=np.int64)
         n = int(b.max()) + 1 if b.size else 0
         return cls(
-            np.bincount(b, weights=seconds, minlength=n),
+            np.bincount(b, weights=seconds, minlength=n).astype(np.float64),
             np.bincount(b, weights=obtained, minlength=n).astype(np.int64),
-            np.bincount(b, weights=obtained_iou_sum, minlength=n),
+            np.bincount(b, weights=obtained_iou_sum, minlength=n).astype(np.float64),
             np.bincount(b, weights=clusters, minlength=n).astype(np.int64)
             if clusters is not None
             else np.zeros(n, np.int64),
@@ -251,7 +251,9 @@ def depth(parent: NDArray[np.int64]) -> NDArray[np.int64]:
     return path_reduce(step, parent, np.add)
 
 
-def preorder(tree: Tree, parent: NDArray[np.int64], first_right: NDArray[np.bool_] | None = None):  # type: ignore[no-untyped-def]
+def preorder(
+    tree: Tree, parent: NDArray[np.int64], first_right: NDArray[np.bool_] | None = None
+) -> NDArray[np.int64]:
     """Pre-order rank of every node (0 = root).  Children left first, or right first where
     ``first_right`` (per internal node) says so (DFS with heuristic child order)."""
     start = np.asarray(tree.start, dtype=np.int64)
