@@ -424,3 +424,117 @@ def test_a_lease_carries_at_most_max_lease_questions(tmp_path, pool):
         one_round(client, st, worker, 50)  # the qualification
         lease, _ = one_round(client, st, worker, 50)
         assert len(lease["questions"]) == 7
+
+
+def test_search_refusals_and_odd_requests_are_4xx_never_500(tmp_path, pool):
+    """Issue #18: ``campaign=.``/``..`` were 500s, a chunked oversized body a 400, booleans
+    counted as integers and unknown query parameters were silently ignored."""
+    st = Stack(tmp_path, pool)
+    with TestClient(st.app, raise_server_exceptions=False) as client:
+        h = st.headers()
+        for name in (".", "..", "a" * 65, "a/b"):
+            r = client.get("/v1/progress", params={"campaign": name}, headers=h)
+            assert r.status_code == 422, (name, r.status_code, r.text)
+            assert "campaign" in r.json()["detail"]
+        for name in ("nosuch", ".a", "..a", "a" * 64):  # valid names of no campaign
+            r = client.get("/v1/progress", params={"campaign": name}, headers=h)
+            assert r.status_code == 200 and r.json()["classes"] == [], (name, r.text)
+        lease = {"worker_id": "w1", "campaign": ".."}
+        assert client.post("/v1/leases", json=lease, headers=h).status_code == 422
+        body = {"worker_id": "w1", "campaign": "gw", "max_questions": True}
+        r = client.post("/v1/leases", json=body, headers=h)
+        assert r.status_code == 422 and "max_questions" in r.json()["detail"]
+        r = client.get("/v1/progress", params={"campaign": "gw", "cmapaign": "x"}, headers=h)
+        assert r.status_code == 422 and "cmapaign" in r.json()["detail"]
+        ok = client.post("/v1/leases", json={**body, "max_questions": 5}, headers=h)
+        assert ok.status_code == 201
+        q = ok.json()["questions"][0]
+        ans = {"lease_id": ok.json()["lease_id"], "worker_id": "w1"}
+        for bad in ({"answer": 1, "elapsed_ms": 5}, {"answer": True, "elapsed_ms": True}):
+            one = {**ans, "answers": [{"question_id": q["question_id"], **bad}]}
+            assert client.post("/v1/answers", json=one, headers=h).status_code == 422
+
+        def stream():
+            for _ in range(st.settings.max_body_bytes // 1000 + 2):
+                yield b" " * 1000
+
+        big = client.post(
+            "/v1/answers", content=stream(), headers={**h, "Content-Type": "application/json"}
+        )
+        assert big.status_code == 413
+
+
+def test_gold_and_real_questions_look_the_same_to_vendors_and_workers(tmp_path, pool):
+    """Issue #18: ``forwarded_to_search`` was 0 for every gold answer and 1 for every real one.
+    Answering one question per request, every field, status and header a vendor or worker
+    sees must be the same for hidden gold and real questions."""
+    st = Stack(tmp_path, pool, gold_share=0.25)
+    worker = SimWorker("h0", "honest", seed=3)
+    seen: dict[str, set] = {"g": set(), "r": set()}
+    counts = {"g": 0, "r": 0}
+    with TestClient(st.app) as client:
+        gw = client.app.state.gateway
+        h = st.headers()
+        one_round(client, st, worker, 10)  # the qualification
+        for _ in range(6):
+            r = client.post(
+                "/v1/leases",
+                json={"worker_id": "h0", "campaign": "gw", "max_questions": 20},
+                headers=h,
+            )
+            assert r.status_code == 201
+            lease = r.json()
+            lid, token = lease["lease_id"], lease["worker_token"]
+            refs = gw.lease("acme", lid)["refs"]
+            for q in lease["questions"]:
+                kind = refs[q["question_id"]][0]
+                counts[kind] += 1
+                label, ms = worker.answer(st.truth, q["mask"]["counts"])
+                ans = client.post(
+                    "/v1/answers",
+                    json={
+                        "lease_id": lid,
+                        "worker_id": "h0",
+                        "answers": [
+                            {"question_id": q["question_id"], "answer": label, "elapsed_ms": ms}
+                        ],
+                    },
+                    headers=h,
+                )
+                body = {k: v for k, v in ans.json().items() if k != "lease_id"}
+                image = client.get(q["image_url"], headers=h)
+                overlay = client.get(q["overlay_url"], headers=h)
+                wimage = client.get(
+                    q["image_url"].replace("/v1/leases", "/v1/worker/leases"),
+                    headers={"X-Worker-Token": token},
+                )
+                seen[kind].add(
+                    (
+                        ans.status_code,
+                        tuple(sorted(ans.headers)),
+                        tuple(sorted(body.items())),
+                        tuple(sorted(q)),
+                        tuple(sorted(q["mask"])),
+                        len(q["question_id"]),
+                        q["image_url"].rsplit("/", 1)[-1],
+                        (
+                            image.status_code,
+                            image.headers["content-type"],
+                            tuple(sorted(image.headers)),
+                        ),
+                        (
+                            overlay.status_code,
+                            overlay.headers["content-type"],
+                            tuple(sorted(overlay.headers)),
+                        ),
+                        (wimage.status_code, wimage.headers["content-type"]),
+                    )
+                )
+            status = client.get(f"/v1/leases/{lid}", headers=h).json()
+            assert status["answered"] == status["questions"] == len(lease["questions"])
+    assert counts["g"] >= 5 and counts["r"] >= 40, counts
+    # every observation of a gold question is one a real question also produced
+    assert seen["g"] <= seen["r"], (seen["g"] - seen["r"], seen["r"])
+    assert len(seen["r"]) == 1, seen["r"]  # and nothing varies at all between answers
+    (only,) = seen["r"]
+    assert only[0] == 200 and only[7][0] == only[8][0] == only[9][0] == 200

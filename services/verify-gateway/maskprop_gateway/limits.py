@@ -31,6 +31,12 @@ class BodySizeLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await _reject(send, self.max_bytes)
             return
+        if declared is None:
+            # Streamed (chunked) body: read it here, at most max_bytes, before the app does.
+            # Raising from inside the app's receive() does not work: FastAPI's body reader
+            # turns any exception there into a 400 (issue #18).
+            await self._buffered(scope, receive, send)
+            return
         seen = 0
 
         async def limited() -> Message:
@@ -46,6 +52,36 @@ class BodySizeLimit:
             await self.app(scope, limited, send)
         except BodyTooLarge:
             await _reject(send, self.max_bytes)
+
+    async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks: list[bytes] = []
+        seen = 0
+        first: Message | None = None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                first = message
+                break
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                await _reject(send, self.max_bytes)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if first is None:
+            first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _reject(send: Send, limit: int) -> None:

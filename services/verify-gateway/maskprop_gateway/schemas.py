@@ -16,13 +16,16 @@ LEASE = r"^l_[A-Za-z0-9_-]{1,32}$"
 
 
 class Strict(BaseModel):
+    """Unknown fields are refused; request models also mark their ints and bools strict
+    (``true`` is no integer, ``1`` or ``"yes"`` no answer)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class LeaseRequest(Strict):
     worker_id: str = Field(pattern=WORKER, description="The vendor's id for the worker.")
     campaign: str = Field(pattern=CAMPAIGN)
-    max_questions: int = Field(default=20, ge=1, le=1000)
+    max_questions: int = Field(default=20, ge=1, le=1000, strict=True)
 
 
 class Mask(Strict):
@@ -62,8 +65,8 @@ class LeaseStatus(Strict):
 
 class AnswerIn(Strict):
     question_id: str = Field(pattern=QUESTION)
-    answer: bool = Field(description="Does the mask correctly outline the object?")
-    elapsed_ms: int = Field(ge=0, le=3_600_000, description="Time the worker took")
+    answer: bool = Field(strict=True, description="Does the mask correctly outline the object?")
+    elapsed_ms: int = Field(ge=0, le=3_600_000, strict=True, description="Time the worker took")
 
 
 class AnswersRequest(Strict):

@@ -69,6 +69,17 @@ _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # Names that resolve to the cluster or the host itself, never to a vendor.
 _INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".svc", ".cluster.local", ".lan")
 
+# Queue a message once per marker: KEYS marker, message hash, queue; ARGV marker ttl, due
+# time, message id, then the hash's field/value pairs.  One step, so a gateway that dies in
+# between can neither leave the marker without its message (the event never sent) nor queue
+# it twice.
+_ENQUEUE_ONCE = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+
 # Claim up to ARGV[2] due messages: push their due time to ARGV[3] so no other replica takes
 # them while this one delivers (a crash leaves them due again after CLAIM_S).
 _CLAIM = """
@@ -310,6 +321,7 @@ class Webhooks:
         self.sent_ttl_s = int(sent_ttl_s)
         self.post_fn = post_fn
         self._claim = redis.register_script(_CLAIM)
+        self._enqueue_once = redis.register_script(_ENQUEUE_ONCE)
         self._configs: dict[str, tuple[float, WebhookConfig | None]] = {}
 
     # -------------------------------------------------------------- events in
@@ -324,8 +336,11 @@ class Webhooks:
         self._configs[vendor_id] = (now, cfg)
         return cfg
 
-    def enqueue(self, vendor_id: str, event_type: str, data: dict[str, Any]) -> str | None:
-        """Queue one event for a vendor; its message id, or None when it has no endpoint."""
+    def enqueue(
+        self, vendor_id: str, event_type: str, data: dict[str, Any], *, once: str | None = None
+    ) -> str | None:
+        """Queue one event for a vendor; its message id, or None when it has no endpoint (or
+        the marker key ``once`` was already set: it is set in the same step)."""
         if event_type not in EVENTS:
             raise ValueError(f"unknown event type {event_type!r}")
         if self._config(vendor_id) is None:
@@ -340,18 +355,23 @@ class Webhooks:
             },
             separators=(",", ":"),
         )
+        record: dict[str, Any] = {
+            "vendor": vendor_id,
+            "type": event_type,
+            "body": body,
+            "attempts": 0,
+            "created": now,
+            "state": "pending",
+        }
+        if once is not None:
+            fields = [x for kv in record.items() for x in kv]
+            queued = self._enqueue_once(
+                keys=[once, keys.webhook_message(message_id), QUEUE],
+                args=[self.sent_ttl_s, repr(now), message_id, *fields],
+            )
+            return message_id if queued else None
         pipe = self.r.pipeline()
-        pipe.hset(
-            keys.webhook_message(message_id),
-            mapping={
-                "vendor": vendor_id,
-                "type": event_type,
-                "body": body,
-                "attempts": 0,
-                "created": now,
-                "state": "pending",
-            },
-        )
+        pipe.hset(keys.webhook_message(message_id), mapping=record)
         pipe.zadd(QUEUE, {message_id: now})
         pipe.execute()
         return message_id
@@ -384,8 +404,6 @@ class Webhooks:
             total = len(rec["refs"])
             if self.leases.answered_count(lease_id) < total:
                 return
-            if not self.r.set(keys.webhook_sent(lease_id), 1, nx=True, ex=self.sent_ttl_s):
-                return
             self.enqueue(
                 vendor_id,
                 "batch.finished",
@@ -396,6 +414,7 @@ class Webhooks:
                     "kind": rec["kind"],
                     "questions": total,
                 },
+                once=keys.webhook_sent(lease_id),
             )
         except Exception:
             log.exception("batch.finished callback not queued", extra={"lease_id": lease_id})

@@ -116,9 +116,7 @@ def world(n_questions: int, clock: Clock):
     labels=st.lists(st.booleans(), min_size=1, max_size=12),
     die_at=st.sampled_from(["after_mark", "after_golds", "after_votes", "after_settle"]),
 )
-def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_once(
-    labels, die_at
-):
+def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_once(labels, die_at):
     clock = Clock()
     _, search, gw = world(len(labels), clock)
     offer = gw.create_lease("v", "w1", "c", len(labels), refill=False)

@@ -16,6 +16,7 @@ import fakeredis
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from maskprop_gateway import keys
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.webhooks import (
     DEAD,
@@ -292,3 +293,33 @@ def test_install_delivers_from_the_app_lifespan(redis):
                 time.sleep(0.02)
             assert app.state.webhooks.pending() == 0
     assert json.loads(rx.got[0][1])["type"] == "lease.expired"
+
+
+def test_batch_finished_marker_and_message_are_one_step(redis):
+    """Issue #18 (same class as the stuck idempotency key): the once-per-lease marker was set
+    before the message was queued, so a gateway dying in between lost the event for good.
+    Now marker and message are written together: a submit that fails half-way leaves
+    neither, and the retried submit queues the event, once."""
+    clock, sent = Clock(), []
+    set_webhook("acme", "https://hooks.example.com/mp", redis=redis)
+    leases = Leases()
+    leases.answered = 3
+
+    def post_fn(url, body, headers, **kw):
+        sent.append(json.loads(body))
+        return 200
+
+    hooks = Webhooks(redis, leases=leases, clock=clock, threads=1, post_fn=post_fn)
+    real = hooks._enqueue_once
+
+    def dies(*a, **kw):
+        raise ConnectionError("gateway lost Redis mid-step")
+
+    hooks._enqueue_once = dies
+    hooks.on_submitted("acme", "l_7")  # logged, not raised
+    assert hooks.pending() == 0 and not redis.exists(keys.webhook_sent("l_7"))
+    hooks._enqueue_once = real
+    hooks.on_submitted("acme", "l_7")
+    hooks.on_submitted("acme", "l_7")
+    hooks.deliver_due()
+    assert [e["data"]["lease_id"] for e in sent] == ["l_7"]

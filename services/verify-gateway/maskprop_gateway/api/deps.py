@@ -8,7 +8,7 @@ blocking the loop for (see maskprop_gateway.app)."""
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
 
@@ -73,3 +73,37 @@ async def get_worker(
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 VendorDep = Annotated[Vendor, Depends(get_vendor)]
 WorkerDep = Annotated[WorkerClaims, Depends(get_worker)]
+
+
+_DECLARED: dict[int, frozenset[str]] = {}
+
+
+def _declared_query(route: Any) -> frozenset[str]:
+    """The query parameters a route (with its dependencies) declares, computed once."""
+    names = _DECLARED.get(id(route))
+    if names is None:
+        found: set[str] = set()
+        todo = [route.dependant]
+        while todo:  # the route's own parameters and its dependencies', recursively
+            dep = todo.pop()
+            found.update(p.alias for p in dep.query_params)
+            todo.extend(dep.dependencies)
+        names = _DECLARED[id(route)] = frozenset(found)
+    return names
+
+
+async def refuse_unknown_query(request: Request) -> None:
+    """Query parameters a route does not declare are a 422, not silently ignored (issue #18:
+    a misspelt parameter looked accepted)."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    if route is None:
+        return
+    unknown = sorted(set(request.query_params) - _declared_query(route))
+    if unknown:
+        raise HTTPException(422, f"unknown query parameters: {', '.join(unknown[:5])}")
+
+
+#: Router dependency of every API router.
+STRICT_QUERY = [Depends(refuse_unknown_query)]

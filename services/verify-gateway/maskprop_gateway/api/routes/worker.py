@@ -12,14 +12,14 @@ from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import FileResponse
 from pydantic import Field
 
-from maskprop_gateway.api.deps import GatewayDep, WorkerDep
+from maskprop_gateway.api.deps import STRICT_QUERY, GatewayDep, WorkerDep
 from maskprop_gateway.api.errors import call, http_errors
 from maskprop_gateway.api.routes.leases import ERRORS, PNG, image_response, overlay_response
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.gateway import Gateway
-from maskprop_gateway.schemas import LEASE, AnswerIn, AnswersOut, LeaseOut, Strict
+from maskprop_gateway.schemas import LEASE, AnswerIn, AnswersOut, LeaseOut, Strict, answers_out
 
-router = APIRouter(prefix="/v1/worker", tags=["worker"])
+router = APIRouter(prefix="/v1/worker", tags=["worker"], dependencies=STRICT_QUERY)
 page = APIRouter(include_in_schema=False)
 
 #: The annotator page's files (served at /annotate and /static/...).
@@ -34,7 +34,7 @@ _PAGE_HEADERS = {
 
 
 class WorkerLeaseRequest(Strict):
-    max_questions: int = Field(default=10, ge=1, le=50)
+    max_questions: int = Field(default=10, ge=1, le=50, strict=True)
 
 
 class WorkerAnswersRequest(Strict):
@@ -73,7 +73,7 @@ async def submit_answers(
             [(a.question_id, a.answer, a.elapsed_ms) for a in body.answers],
         )
     )
-    return AnswersOut.model_validate(out)
+    return AnswersOut.model_validate(answers_out(out))
 
 
 @router.get(
