@@ -806,8 +806,9 @@ def simulate_class(job: Job) -> ClassOutcome:
     search: dict[str, BinnedLog] = {}
     universal = None
     if job.strategy_curves:
+        # Which clusters are popped does not depend on the order (module docstring).
+        popped, gain = searched(tree, quality, params.accept_threshold, parent)
         for name in ("heuristic", "oracle", "dfs_heuristic", "bfs", "dfs"):
-            popped, gain = searched(tree, quality, params.accept_threshold, parent)
             pri = mean_iou if name == "oracle" else scores
             strategy = "heuristic" if name == "oracle" else name
             bins = _order_bins(tree, parent, strategy, pri, job.rank)[popped]
