@@ -17,6 +17,32 @@ Euclidean distance on features standardised per dimension and scaled by ``1/sqrt
 feature part does not drown the score however large ``d`` is), concatenated with the score
 standardised and multiplied by ``score_weight``.  With ``score_weight = 1`` the feature block and
 the score contribute the same expected squared distance (2 each).
+
+Scale: ``build_tree(..., method=...)``
+-------------------------------------
+``"exact"`` is complete linkage over every pair (fastcluster's NN-chain on a condensed
+matrix, ~4 n^2 bytes: ~1.6 GB at 20k masks, out of reach past ~40-70k on 24 GB).
+``"two_level"`` approximates it for any n:
+
+1. the class is cut into blocks of at most ``2 * block_size`` masks (default target 1000,
+   grown so there are at most :data:`MAX_BLOCKS` blocks) by recursive k-means (faiss, at
+   most 64 centroids a split, a median split as fallback) on the same embedding, in float32;
+2. each block gets its exact complete-linkage tree, blocks spread over worker processes;
+3. the blocks are linked by complete linkage on the dissimilarity
+   ``max(D_rep(A, B), h_A, h_B)``, where ``D_rep`` is the largest distance between the
+   ``representatives`` (default 8) farthest-first points of each block (a lower bound of the
+   true complete-linkage distance, reaching it when the farthest pair is among the
+   representatives) and ``h`` is a block's exact diameter (its root height), which keeps
+   merge heights monotone;
+4. everything is grafted into ONE full binary tree in scipy numbering, merges sorted by
+   height as scipy writes them (block roots become the leaves of the block-level tree).
+
+Inside a block the tree is exact; the approximation is only (a) which masks share a block (a
+k-means cut may separate masks that exact linkage would merge early) and (b) the order of
+merges above the blocks.  When the class fits one block (``n <= 2 * block_size``) the result
+is the exact tree.  ``"auto"`` (default) is exact up to :data:`AUTO_EXACT_MAX` masks.
+
+Measured quality (``python benchmarks/bench_tree.py quality``): see QUALITY_NOTE below.
 """
 
 from __future__ import annotations
@@ -32,6 +58,7 @@ import fastcluster
 import numpy as np
 from _fastcluster import linkage_wrap
 from numpy.typing import NDArray
+from scipy.spatial.distance import squareform
 
 from maskprop.errors import MaskpropError
 
@@ -413,6 +440,22 @@ def _farthest_first(x: NDArray[np.float64], r: int) -> NDArray[np.float64]:
     return x[chosen]
 
 
+def _block_sq_distances(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Condensed squared Euclidean distances of a small block (one square GEMM, then scipy's
+    C ``squareform`` takes the upper triangle): ~2x faster than :func:`condensed_distances`'s
+    row copies at a few hundred to a few thousand rows, whose m^2 square fits easily."""
+    xc = x - x.mean(axis=0)
+    sq = np.einsum("ij,ij->i", xc, xc)
+    g = xc @ xc.T
+    g *= -2.0
+    g += sq[:, None]
+    g += sq[None, :]
+    np.maximum(g, 0.0, out=g)
+    np.fill_diagonal(g, 0.0)
+    out: NDArray[np.float64] = squareform(g, checks=False)
+    return out
+
+
 _SHARED: dict[str, Any] = {}
 
 
@@ -438,7 +481,10 @@ def _link_blocks(
         reps[(j - lo) * r : (j - lo + 1) * r] = rep[np.arange(r) % rep.shape[0]]
         if m > 1:
             z = np.empty((m - 1, 4), dtype=np.float64)
-            linkage_wrap(m, condensed_distances(block), z, method)
+            # Complete linkage only compares distances, so it runs on squared ones (same
+            # merges, no square roots over m^2 / 2 entries) and the heights are rooted after.
+            linkage_wrap(m, _block_sq_distances(block), z, method)
+            np.sqrt(z[:, 2], out=z[:, 2])
             zs.append(z)
             roots[j - lo] = z[-1, 2]
     zcat = np.concatenate(zs) if zs else np.zeros((0, 4))
