@@ -18,9 +18,9 @@ def pool():
 class Wired:
     """Clusterer and search on an in-memory bus and one fake Redis (embedded mode)."""
 
-    def __init__(self, tmp_path, pool, campaign="c1", **search):
+    def __init__(self, tmp_path, pool, campaign="c1", redis=None, **search):
         self.bus = InMemoryBus()
-        self.redis = fakeredis.FakeRedis()
+        self.redis = fakeredis.FakeRedis() if redis is None else redis
         self.tmp = tmp_path
         self.pool = pool
         self.campaign = campaign

@@ -24,8 +24,12 @@ PEPPER = "test-pepper-0123456789"
 
 
 class Stack:
-    def __init__(self, tmp_path, pool, *, redundancy=1, gold=400, **settings):
-        self.wired = Wired(tmp_path, pool, campaign="gw", lease_seconds=86_400)
+    def __init__(
+        self, tmp_path, pool, *, redundancy=1, gold=400, redis=None, search=None, **settings
+    ):
+        """``redis``: a real Redis client instead of fakeredis; ``search``: a function of the
+        search core giving the gateway's search client (default: in-process)."""
+        self.wired = Wired(tmp_path, pool, campaign="gw", redis=redis, lease_seconds=86_400)
         self.wired.publish_pool()
         self.wired.settle()
         self.settings = GatewaySettings(
@@ -52,7 +56,7 @@ class Stack:
         self.app = create_app(
             self.settings,
             redis=self.wired.redis,
-            search=LocalSearchClient(self.wired.core),
+            search=(search or LocalSearchClient)(self.wired.core),
             expiry_interval_s=0.2,
         )
 

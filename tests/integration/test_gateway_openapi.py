@@ -9,18 +9,27 @@ headers and body schema.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import httpx
 import pytest
+import redis
 import schemathesis
 import uvicorn
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import Unsatisfiable
+from maskprop_gateway.search_client import GrpcSearchClient
+from maskprop_search.grpc_api import SearchServicer
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
@@ -33,6 +42,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from maskprop.simulate.generator import ade_like_pool
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
 from tests.inprocess.test_gateway import Stack
 from tests.integration.conftest import free_port
 
@@ -51,6 +61,10 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     stack = Stack(tmp_path_factory.mktemp("openapi"), ade_like_pool(600, 3, seed=4, dim=8))
+    yield from _serve(stack)
+
+
+def _serve(stack: Stack) -> Iterator[tuple[Stack, str]]:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(stack.app, host="127.0.0.1", port=port, log_level="warning")
@@ -148,14 +162,21 @@ def findings(served: tuple[Stack, str]) -> list[Finding]:
     return sorted(found.values(), key=lambda f: (f.operation, f.code, f.status))
 
 
-def _sweep(operation: Any, mode: GenerationMode, check: Callable[[Any, Any], None]) -> Any:
-    """A hypothesis test of ``EXAMPLES`` generated requests for one operation and mode."""
+def _sweep(
+    operation: Any,
+    mode: GenerationMode,
+    check: Callable[[Any, Any], None],
+    examples: int = EXAMPLES,
+    round_: int | None = None,
+) -> Any:
+    """A hypothesis test of ``examples`` generated requests for one operation and mode
+    (``round_``: a seed for another set of requests than the derandomized one)."""
 
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         deadline=None,
         database=None,
-        derandomize=True,
+        derandomize=round_ is None,
         suppress_health_check=list(HealthCheck),
         phases=[Phase.explicit, Phase.generate],
     )
@@ -163,7 +184,7 @@ def _sweep(operation: Any, mode: GenerationMode, check: Callable[[Any, Any], Non
     def generated(case: Any) -> None:
         check(operation, case)
 
-    return generated
+    return generated if round_ is None else seed(round_)(generated)
 
 
 def _report(items: list[Finding]) -> str:
@@ -184,4 +205,101 @@ KNOWN: set[tuple[str, str, int]] = set()  # every earlier finding is fixed
 
 def test_every_response_conforms_to_the_document(findings: list[Finding]) -> None:
     new = [f for f in findings if (f.operation, f.code, f.status) not in KNOWN]
+    assert not new, _report(new)
+
+
+# ---------------------------------------------------------------- the volume run (opt-in)
+#: Requests of the volume run (issue #18 asks for >= 10,000); 0 skips it.
+FUZZ_REQUESTS = int(os.environ.get("MASKPROP_FUZZ_REQUESTS", "0"))
+#: The real Redis database the volume run owns (flushed first).
+FUZZ_REDIS_DB = int(os.environ.get("MASKPROP_FUZZ_REDIS_DB", "11"))
+
+
+@pytest.fixture(scope="module")
+def served_real(
+    infra: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, str]]:
+    """The gateway on the real Redis, calling a search service over gRPC (its core, on the
+    same Redis, in this process) and served by uvicorn."""
+    if not FUZZ_REQUESTS:
+        pytest.skip("set MASKPROP_FUZZ_REQUESTS=10000 for the volume run")
+    client = redis.Redis.from_url(infra["redis"].rsplit("/", 1)[0] + f"/{FUZZ_REDIS_DB}")
+    client.flushdb()
+    servers: list[grpc.Server] = []
+
+    def grpc_search(core: Any) -> GrpcSearchClient:
+        server = grpc.server(ThreadPoolExecutor(max_workers=8))
+        search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(core), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return GrpcSearchClient(f"127.0.0.1:{port}")
+
+    pool = ade_like_pool(600, 3, seed=4, dim=8)
+    stack = Stack(tmp_path_factory.mktemp("fuzz"), pool, redis=client, search=grpc_search)
+    try:
+        yield from _serve(stack)
+    finally:
+        for server in servers:
+            server.stop(5)
+        client.flushdb()
+
+
+def test_volume_run_on_real_redis_and_grpc_search(served_real: tuple[Stack, str]) -> None:
+    """``MASKPROP_FUZZ_REQUESTS`` generated requests (valid and invalid) over every operation:
+    no server error; prints the count of each status code (and writes it to
+    ``MASKPROP_FUZZ_REPORT`` when set)."""
+    stack, base = served_real
+    real = _prime(stack, base)
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    headers = {**stack.headers(), "X-API-Key": stack.key, "X-Worker-Token": real["token"]}
+    statuses: Counter[int] = Counter()
+    per_operation: Counter[str] = Counter()
+    found: dict[tuple[str, str, int], Finding] = {}
+
+    def check(operation: Any, case: Any) -> None:
+        response = case.call(base_url=base, headers=headers, timeout=30)
+        statuses[response.status_code] += 1
+        per_operation[operation.label] += 1
+        try:
+            case.validate_response(response, checks=CHECKS, headers=headers)
+        except FailureGroup as group:
+            for f in group.exceptions:
+                key = (operation.label, f.code, response.status_code)
+                example = case.as_curl_command(headers=headers, base_url=base)
+                found.setdefault(key, Finding(*key, f.title or type(f).__name__, example))
+
+    operations = [r.ok() for r in schema.get_all_operations() if not isinstance(r, Err)]
+    examples = math.ceil(FUZZ_REQUESTS / (2 * len(operations)))
+    started = time.monotonic()
+    round_: int | None = None
+    while sum(statuses.values()) < FUZZ_REQUESTS:
+        before = sum(statuses.values())
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                try:
+                    _sweep(operation, mode, check, examples, round_)()
+                except Unsatisfiable:
+                    pass
+            if operation.method.upper() == "GET":
+                path = {k: v for k, v in real.items() if "{" + k + "}" in operation.path}
+                check(operation, operation.Case(path_parameters=path, query={"campaign": "gw"}))
+        assert sum(statuses.values()) > before, "no more requests could be generated"
+        round_ = (round_ or 0) + 1
+    elapsed = time.monotonic() - started
+    report = {
+        "requests": sum(statuses.values()),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "per_operation": dict(sorted(per_operation.items())),
+        "seconds": round(elapsed, 1),
+        "findings": [f.__dict__ for f in sorted(found.values(), key=lambda f: f.operation)],
+    }
+    print(json.dumps(report, indent=1))
+    if os.environ.get("MASKPROP_FUZZ_REPORT"):
+        with open(os.environ["MASKPROP_FUZZ_REPORT"], "w") as out:
+            json.dump(report, out, indent=1)
+    assert not [s for s in statuses if s >= 500], report["statuses"]
+    errors = [f for f in found.values() if f.status >= 500 or f.code == "ST101"]
+    assert not errors, _report(errors)
+    new = [f for f in found.values() if (f.operation, f.code, f.status) not in KNOWN]
     assert not new, _report(new)
