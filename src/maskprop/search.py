@@ -46,44 +46,55 @@ class Frontier(Protocol):
 PriorityTable = Mapping[int, NDArray[np.float64]]
 
 
+def _sortable_keys(priorities: NDArray[np.float64]) -> NDArray[np.uint64]:
+    """uint64 keys that order like ``-priorities`` (larger priority first).
+
+    IEEE-754 bits of a float order like the float itself once the magnitude bits of a
+    negative number are flipped; -0.0 is folded into 0.0 so equal floats get equal keys.
+    """
+    neg = -np.asarray(priorities, dtype=np.float64) + 0.0
+    bits = neg.view(np.int64)
+    keys = np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
+    return keys.view(np.uint64) ^ np.uint64(1 << 63)
+
+
 class HeuristicFrontier:
-    """Max-priority queue over all candidates (ties: lower class, then lower node id)."""
+    """Max-priority queue over all candidates (ties: lower class, then lower node id).
+
+    An integer heap: each item is one Python int ``key(-priority) << 64 | class << 32 | node``,
+    which orders exactly like the tuple ``(-priority, class, node)`` (so the heap's layout,
+    and :meth:`state`, are the same as a tuple heap's) but compares faster and holds no
+    per-node Python list: the per-node keys stay one int64 array per class.
+    """
 
     def __init__(self, priorities: PriorityTable, state: list[int] | None = None) -> None:
-        # Python floats: indexing a list is several times cheaper than a numpy array.
-        self._priorities = {
-            c: np.asarray(p, dtype=np.float64).tolist() for c, p in priorities.items()
-        }
-        self._heap: list[tuple[float, int, int]] = []
+        self._keys = {c: _sortable_keys(p) for c, p in priorities.items()}
+        self._heap: list[int] = []
         if state:
             # Stored as flat (class, node) pairs in heap order: the heap invariant still holds.
-            self._heap = [
-                (-float(priorities[c][j]), c, j)
-                for c, j in zip(state[0::2], state[1::2], strict=True)
-            ]
+            self._heap = [self._item(c, j) for c, j in zip(state[0::2], state[1::2], strict=True)]
 
-    def _push(self, item: Item) -> None:
-        c, j = item
-        heapq.heappush(self._heap, (-self._priorities[c][j], c, j))
+    def _item(self, c: int, j: int) -> int:
+        return (int(self._keys[c][j]) << 64) | (c << 32) | j
 
     def push_roots(self, roots: list[Item]) -> None:
-        for r in roots:
-            self._push(r)
+        for c, j in roots:
+            heapq.heappush(self._heap, self._item(c, j))
 
     def push_children(self, parent: Item, children: list[Item]) -> None:
-        heap, priorities = self._heap, self._priorities  # the sweep's inner loop
+        heap, keys = self._heap, self._keys  # the sweep's inner loop
         for c, j in children:
-            heapq.heappush(heap, (-priorities[c][j], c, j))
+            heapq.heappush(heap, (int(keys[c][j]) << 64) | (c << 32) | j)
 
     def pop(self) -> Item:
-        _, c, j = heapq.heappop(self._heap)
-        return c, j
+        item = heapq.heappop(self._heap)
+        return (item >> 32) & 0xFFFFFFFF, item & 0xFFFFFFFF
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def state(self) -> list[int]:
-        return [v for _, c, j in self._heap for v in (c, j)]
+        return [v for item in self._heap for v in ((item >> 32) & 0xFFFFFFFF, item & 0xFFFFFFFF)]
 
 
 class BfsFrontier:

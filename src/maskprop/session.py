@@ -24,7 +24,6 @@ Masks are named per class by their leaf index in that class's tree (0..n_c-1).
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import struct
@@ -45,6 +44,58 @@ from maskprop.verification import Verdict, questions_per_round, target_answers, 
 
 _MAGIC = b"MPS3"
 _HEADER_LEN = struct.Struct("<I")
+
+# Answers by depth-first position are counted per block of 1024 positions.
+_BLOCK_BITS = 10
+_BLOCK = 1 << _BLOCK_BITS
+_DIRECT_SCAN = 4 * _BLOCK  # clusters this small are scanned position by position
+
+
+def _n_blocks(n: int) -> int:
+    return (n + _BLOCK - 1) >> _BLOCK_BITS
+
+
+def _empty_positions(n: int) -> NDArray[np.int8]:
+    """int8 codes by depth-first position, padded to whole blocks with -1 (not asked)."""
+    return np.full(_n_blocks(n) * _BLOCK, -1, np.int8)
+
+
+# The change log (see the module docstring).  A chunk is ``_LOG_MAGIC``, the base's tag
+# (8 bytes), its sequence number since that base (uint32, from 1), then records:
+#   b"L" max_questions:int32 max_new_clusters:int32 (-1: unbounded)     a lease call
+#   b"S" k:uint32 then k x (class:int32 node:int32 mask:int32 label:uint8)  applied answers
+#   b"E" k:uint32 then k x (class:int32 node:int32 mask:int32)            expired questions
+#   b"P"                                                                  pop_decisions
+# all little-endian.
+_LOG_MAGIC = b"MPL1"
+_CHUNK_HEAD = struct.Struct("<4s8sI")
+_LEASE = struct.Struct("<cii")
+_COUNT = struct.Struct("<cI")
+_ANSWER = np.dtype([("c", "<i4"), ("node", "<i4"), ("mask", "<i4"), ("label", "u1")])
+_QUESTION = np.dtype([("c", "<i4"), ("node", "<i4"), ("mask", "<i4")])
+#: A log this small never asks for a new base, whatever the base's size.
+MIN_LOG_BEFORE_REBASE = 64 * 1024
+
+
+def base_tag(base: bytes) -> bytes:
+    """8 bytes naming a base snapshot; every log chunk written over it carries them."""
+    return hashlib.blake2b(base, digest_size=8).digest()
+
+
+@dataclass
+class _Log:
+    """What changed since the base ``tag`` (see :meth:`AnnotationSession.take_log`)."""
+
+    tag: bytes
+    base_bytes: int  # size of the base: compaction compares the log with it
+    seq: int = 0  # chunks handed out since the base
+    written: int = 0  # bytes of those chunks
+    pending: list[bytes] = field(default_factory=list)
+    pending_bytes: int = 0
+
+    def add(self, record: bytes) -> None:
+        self.pending.append(record)
+        self.pending_bytes += len(record)
 
 
 class LabelSource(IntEnum):
@@ -156,11 +207,11 @@ class AnnotationSession:
         self.seed = seed
         self._trees = {int(c): trees[c] for c in sorted(trees)}
         self._scores = {c: t.cluster_scores() for c, t in self._trees.items()}
-        # Per node as plain Python lists: the sweep reads them once per visited node, and a
-        # numpy scalar read (or Selection.decide) cost several times a list lookup.
-        self._priors = {c: selection.decide_many(sc).tolist() for c, sc in self._scores.items()}
-        self._left = {c: t.left.tolist() for c, t in self._trees.items()}
-        self._right = {c: t.right.tolist() for c, t in self._trees.items()}
+        # Per node in numpy arrays (int8 and the tree's own int32 children): Python lists of
+        # 2n-1 entries cost ~200 B a mask, 2 GB at a 10M-mask class.
+        self._priors = {c: selection.decide_many(sc) for c, sc in self._scores.items()}
+        self._left = {c: t.left for c, t in self._trees.items()}
+        self._right = {c: t.right for c, t in self._trees.items()}
         self._priorities = (
             {int(c): np.asarray(p, dtype=np.float64) for c, p in priorities.items()}
             if priorities is not None
@@ -170,18 +221,25 @@ class AnnotationSession:
         self._labels = {c: np.full(t.n_leaves, -1, np.int8) for c, t in self._trees.items()}
         self._label_node = {c: np.full(t.n_leaves, -1, np.int32) for c, t in self._trees.items()}
         self._label_source = {c: np.zeros(t.n_leaves, np.int8) for c, t in self._trees.items()}
-        self._answers: dict[int, dict[int, bool]] = {c: {} for c in self._trees}
-        # The same answers as int8[n] (-1 not asked): what the snapshot stores, in no need of
-        # sorting.
+        # People's answers per mask, int8[n] (-1 not asked, 0 no, 1 yes): what the snapshot
+        # stores.  The same codes by depth-first position (a cluster is a range of positions)
+        # with a count per block of positions, so a cluster's inherited answers are found
+        # without a sorted list (inserting into one cost O(answers) an answer).
         self._answer_codes = {c: np.full(t.n_leaves, -1, np.int8) for c, t in self._trees.items()}
+        self._answer_at = {c: _empty_positions(t.n_leaves) for c, t in self._trees.items()}
+        self._block_answers = {
+            c: np.zeros(_n_blocks(t.n_leaves), np.int32) for c, t in self._trees.items()
+        }
+        self._n_answered = dict.fromkeys(self._trees, 0)
         self._params_state = params.as_dict()
-        self._answered_pos: dict[int, list[int]] = {c: [] for c in self._trees}
         self._open: dict[tuple[int, int], _Open] = {}
         self._outbox: list[Decision] = []
         self._checksums: dict[int, str] = {}
         self.questions = 0  # answers received from people
         self.clusters_annotated = 0  # clusters decided with at least one new answer
         self.outcomes: dict[str, int] = {}  # decisions so far, by outcome
+        # The change log since the last base (None: no base yet, nothing is logged).
+        self._log: _Log | None = None
         if not _restoring:
             self._frontier.push_roots([(c, t.root) for c, t in self._trees.items()])
 
@@ -256,7 +314,8 @@ class AnnotationSession:
 
     def is_answered(self, class_id: int, mask: int) -> bool:
         """Whether a person already answered about this mask."""
-        return mask in self._answers.get(class_id, {})
+        codes = self._answer_codes.get(class_id)
+        return codes is not None and 0 <= mask < codes.shape[0] and bool(codes[mask] >= 0)
 
     def has_questions(self) -> bool:
         """Whether :meth:`lease` might hand out a question now; False means it would return
@@ -276,6 +335,8 @@ class AnnotationSession:
     def pop_decisions(self) -> list[Decision]:
         """Decisions since the last call, oldest first (the caller publishes them)."""
         out, self._outbox = self._outbox, []
+        if out and self._log is not None:
+            self._log.add(b"P")
         return out
 
     # ------------------------------------------------------------------ leasing
@@ -289,6 +350,17 @@ class AnnotationSession:
         """
         if max_questions < 1:
             raise MaskpropError("max_questions must be at least 1")
+        log = self._log
+        if log is None:
+            return self._lease(max_questions, max_new_clusters)
+        before = (len(self._frontier), len(self._outbox), len(self._open))
+        out = self._lease(max_questions, max_new_clusters)
+        if out or before != (len(self._frontier), len(self._outbox), len(self._open)):
+            bound = -1 if max_new_clusters is None else max(max_new_clusters, 0)
+            log.add(_LEASE.pack(b"L", max_questions, bound))
+        return out
+
+    def _lease(self, max_questions: int, max_new_clusters: int | None) -> list[Question]:
         out: list[Question] = []
         for key in list(self._open):
             if len(out) >= max_questions:
@@ -322,16 +394,21 @@ class AnnotationSession:
 
     def expire(self, questions: Iterable[Question]) -> None:
         """Give leased but unanswered questions back so they are leased again."""
+        expired: list[tuple[int, int, int]] = []
         for q in questions:
             oc = self._open.get((q.class_id, q.node))
             if oc is None or q.mask not in oc.outstanding:
                 continue
+            expired.append((q.class_id, q.node, q.mask))
             oc.outstanding.discard(q.mask)
             # Move it to the first unleased slot so the sample order stays a permutation.
             i = oc.sample.index(q.mask)
             oc.sample.pop(i)
             oc.leased -= 1
             oc.sample.insert(oc.leased, q.mask)
+        if expired and self._log is not None:
+            rows = np.array(expired, dtype=np.int64).astype("<i4")
+            self._log.add(_COUNT.pack(b"E", len(expired)) + rows.tobytes())
 
     def _advance(self) -> tuple[int, int] | None:
         """Pop one candidate and apply selection; return its key if it now awaits answers."""
@@ -358,13 +435,29 @@ class AnnotationSession:
         return key
 
     def _inherited(self, c: int, node: int) -> dict[int, bool]:
+        """Answers people gave about masks of ``node``, in depth-first order."""
+        if not self._n_answered[c]:
+            return {}
         tree = self._trees[c]
         lo = int(tree.start[node])
         hi = lo + int(tree.size[node])
-        pos = self._answered_pos[c]
-        answers = self._answers[c]
-        i, j = bisect.bisect_left(pos, lo), bisect.bisect_left(pos, hi)
-        return {int(m): answers[int(m)] for m in tree.order[pos[i:j]]}
+        at = self._answer_at[c]
+        if hi - lo <= _DIRECT_SCAN:
+            pos = np.flatnonzero(at[lo:hi] >= 0) + lo
+        else:
+            # Only blocks holding an answer are scanned: ~size/1024 counters plus 1 KiB a
+            # block with answers, instead of the whole range.
+            b0, b1 = lo >> _BLOCK_BITS, (hi - 1) >> _BLOCK_BITS
+            blocks = np.flatnonzero(self._block_answers[c][b0 : b1 + 1]) + b0
+            if blocks.shape[0] == 0:
+                return {}
+            rows, cols = np.nonzero(at.reshape(-1, _BLOCK)[blocks] >= 0)
+            pos = (blocks[rows] << _BLOCK_BITS) + cols
+            pos = pos[(pos >= lo) & (pos < hi)]
+        if pos.shape[0] == 0:
+            return {}
+        masks = tree.order[pos].tolist()
+        return dict(zip(masks, (at[pos] == 1).tolist(), strict=True))
 
     def _sample(self, c: int, node: int, need: int, exclude: Mapping[int, bool]) -> list[int]:
         if need == 0:
@@ -386,6 +479,22 @@ class AnnotationSession:
         answer to an already answered question is ignored (idempotent).
         """
         decided: list[Decision] = []
+        applied: list[tuple[int, int, int, bool]] | None = None if self._log is None else []
+        try:
+            self._submit(answers, decided, applied)
+        finally:
+            # Only the answers applied are logged: a bad answer mid-batch stops the batch.
+            if applied and self._log is not None:
+                rows = np.array(applied, dtype=_ANSWER)
+                self._log.add(_COUNT.pack(b"S", len(applied)) + rows.tobytes())
+        return decided
+
+    def _submit(
+        self,
+        answers: Iterable[Answer],
+        decided: list[Decision],
+        applied: list[tuple[int, int, int, bool]] | None,
+    ) -> None:
         for a in answers:
             key = (a.class_id, a.node)
             oc = self._open.get(key)
@@ -397,6 +506,8 @@ class AnnotationSession:
                 )
             oc.outstanding.discard(a.mask)
             label = bool(a.label)
+            if applied is not None:
+                applied.append((a.class_id, a.node, a.mask, label))
             oc.answered[a.mask] = label
             oc.new_answers += 1
             self.questions += 1
@@ -405,18 +516,19 @@ class AnnotationSession:
             if not oc.outstanding:
                 self._try_decide(key, oc)
             decided.extend(self._outbox[before:])
-        return decided
 
     def _already_answered(self, a: Answer) -> bool:
-        return a.class_id in self._answers and a.mask in self._answers[a.class_id]
+        return self.is_answered(a.class_id, a.mask)
 
     def _record_answer(self, c: int, mask: int, label: bool) -> None:
-        answers = self._answers[c]
-        if mask not in answers:
-            pos = int(self._trees[c].start[mask])  # a leaf's start is its depth-first position
-            bisect.insort(self._answered_pos[c], pos)
-        answers[mask] = label
-        self._answer_codes[c][mask] = label
+        # O(1): a leaf's start is its depth-first position.
+        codes = self._answer_codes[c]
+        pos = int(self._trees[c].start[mask])
+        if codes[mask] < 0:
+            self._block_answers[c][pos >> _BLOCK_BITS] += 1
+            self._n_answered[c] += 1
+        codes[mask] = label
+        self._answer_at[c][pos] = label
 
     def _try_decide(self, key: tuple[int, int], oc: _Open) -> bool:
         c, node = key
@@ -443,7 +555,7 @@ class AnnotationSession:
         d = Decision(c, node, outcome, yes, answered, new_answers)
         if not d.terminal:
             self._frontier.push_children(
-                (c, node), [(c, self._left[c][node]), (c, self._right[c][node])]
+                (c, node), [(c, int(self._left[c][node])), (c, int(self._right[c][node]))]
             )
         else:
             tree = self._trees[c]
@@ -453,12 +565,12 @@ class AnnotationSession:
                 # the same as the general case below.
                 if labels[node] >= 0:
                     raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
-                own = self._answers[c].get(node) if self.params.reuse_answers else None
-                if own is None:
+                own = int(self._answer_codes[c][node]) if self.params.reuse_answers else -1
+                if own < 0:
                     labels[node] = 1 if outcome == "accept" else 0
                     source[node] = _PROPAGATED
                 else:
-                    labels[node] = 1 if own else 0
+                    labels[node] = own
                     source[node] = _VERIFIED
                 self._label_node[c][node] = node
             else:
@@ -483,6 +595,102 @@ class AnnotationSession:
         if cached is None:
             cached = self._checksums[class_id] = tree_checksum(self._trees[class_id])
         return cached
+
+    def rebase(self) -> bytes:
+        """A new base: :meth:`snapshot` bytes, from which the change log starts afresh.
+
+        Save it in place of the previous base and drop the previous base's log chunks; every
+        later :meth:`take_log` chunk applies over it.  Logging starts with the first base (a
+        session that is never saved, like the simulator's, logs nothing).
+        """
+        base = self.snapshot()
+        self._log = _Log(tag=base_tag(base), base_bytes=len(base))
+        return base
+
+    def take_log(self) -> bytes:
+        """The changes since the last :meth:`take_log` or :meth:`rebase`, as one chunk to
+        append to the base's log (``b""`` when nothing changed); the pending log is cleared.
+
+        A chunk records the calls that changed the state (leases, the answers applied,
+        expired questions, decisions popped), ~13 bytes an answer and 9 a lease, whatever
+        the class's size; :meth:`restore` replays them over the base.
+        """
+        log = self._log
+        if log is None:
+            raise MaskpropError("this session has no base yet: save rebase() first")
+        if not log.pending:
+            return b""
+        log.seq += 1
+        chunk = b"".join((_CHUNK_HEAD.pack(_LOG_MAGIC, log.tag, log.seq), *log.pending))
+        log.pending.clear()
+        log.pending_bytes = 0
+        log.written += len(chunk)
+        return chunk
+
+    @property
+    def log_bytes(self) -> int:
+        """Bytes of log since the base (chunks taken plus what is pending)."""
+        log = self._log
+        return 0 if log is None else log.written + log.pending_bytes
+
+    def needs_rebase(self, ratio: float = 0.25) -> bool:
+        """Whether the next save should be a new base (:meth:`rebase`) instead of a log chunk:
+        no base yet, or the log since the base has reached ``ratio`` times the base's size
+        (and at least :data:`MIN_LOG_BEFORE_REBASE`).  With the default a save costs on
+        average at most ~(1 + 1/ratio) times the log bytes, flat in the class size, and a
+        restore replays at most a quarter of a base's worth of log."""
+        log = self._log
+        if log is None:
+            return True
+        return self.log_bytes >= max(MIN_LOG_BEFORE_REBASE, ratio * log.base_bytes)
+
+    def _replay(self, chunk: bytes, tag: bytes, seq: int) -> None:
+        head = _CHUNK_HEAD.size
+        if len(chunk) < head:
+            raise MaskpropError("session log chunk is corrupt (too short)")
+        magic, chunk_tag, chunk_seq = _CHUNK_HEAD.unpack_from(chunk, 0)
+        if magic != _LOG_MAGIC:
+            raise MaskpropError(
+                f"unsupported session log format {bytes(magic)!r}: this version reads "
+                f"{_LOG_MAGIC!r} logs only"
+            )
+        if chunk_tag != tag:
+            raise MaskpropError("session log chunk was written over another base")
+        if chunk_seq != seq:
+            raise MaskpropError(f"session log chunk {chunk_seq} out of order (expected {seq})")
+        view = memoryview(chunk)
+        i = head
+        try:
+            while i < len(chunk):
+                kind = chunk[i : i + 1]
+                if kind == b"L":
+                    _, mq, bound = _LEASE.unpack_from(chunk, i)
+                    i += _LEASE.size
+                    self.lease(mq, max_new_clusters=None if bound < 0 else bound)
+                elif kind in (b"S", b"E"):
+                    _, k = _COUNT.unpack_from(chunk, i)
+                    i += _COUNT.size
+                    dtype = _ANSWER if kind == b"S" else _QUESTION
+                    end = i + k * dtype.itemsize
+                    if end > len(chunk):
+                        raise MaskpropError("session log chunk is corrupt (truncated record)")
+                    rows = np.frombuffer(view[i:end], dtype).tolist()
+                    i = end
+                    if kind == b"S":
+                        self.submit([Answer(c, j, m, bool(v)) for c, j, m, v in rows])
+                    else:
+                        self.expire([Question(c, j, m) for c, j, m in rows])
+                elif kind == b"P":
+                    i += 1
+                    self.pop_decisions()
+                else:
+                    raise MaskpropError(f"session log chunk is corrupt (record {kind!r})")
+        except struct.error:
+            raise MaskpropError("session log chunk is corrupt (truncated record)") from None
+        except MaskpropError as exc:
+            if "corrupt" in str(exc):
+                raise
+            raise MaskpropError(f"session log does not apply to its base: {exc}") from None
 
     def snapshot(self) -> bytes:
         """Canonical bytes of the whole state (trees excluded, their checksums included)."""
@@ -534,9 +742,36 @@ class AnnotationSession:
         blob: bytes,
         trees: Mapping[int, Tree],
         *,
+        log: Iterable[bytes] = (),
         priorities: Mapping[int, NDArray[np.float64]] | None = None,
     ) -> AnnotationSession:
-        """Rebuild a session from :meth:`snapshot` bytes and the same trees."""
+        """Rebuild a session from a base (:meth:`snapshot` or :meth:`rebase` bytes), the
+        :meth:`take_log` chunks written over it since, in order, and the same trees.
+
+        The result's state, and so its :meth:`snapshot`, equal the live session's when it
+        handed out the last chunk; it goes on logging over the same base (the next chunk
+        continues the sequence).
+        """
+        session = cls._restore_base(blob, trees, priorities)
+        tag = base_tag(blob)
+        seq = 0
+        written = 0
+        for chunk in log:
+            if not chunk:
+                continue
+            seq += 1
+            session._replay(chunk, tag, seq)
+            written += len(chunk)
+        session._log = _Log(tag=tag, base_bytes=len(blob), seq=seq, written=written)
+        return session
+
+    @classmethod
+    def _restore_base(
+        cls,
+        blob: bytes,
+        trees: Mapping[int, Tree],
+        priorities: Mapping[int, NDArray[np.float64]] | None,
+    ) -> AnnotationSession:
         if not blob.startswith(_MAGIC):
             raise MaskpropError(
                 f"unsupported session snapshot format {bytes(blob[: len(_MAGIC)])!r}: "
@@ -577,10 +812,12 @@ class AnnotationSession:
             codes = np.frombuffer(raw, np.int8, n, 6 * n).copy()
             asked = np.flatnonzero(codes >= 0)
             session._answer_codes[c] = codes
-            session._answers[c] = dict(
-                zip(asked.tolist(), (codes[asked] == 1).tolist(), strict=True)
-            )
-            session._answered_pos[c] = np.sort(tree.start[asked]).tolist()
+            pos = tree.start[asked]
+            session._answer_at[c][pos] = codes[asked]
+            session._block_answers[c] = np.bincount(
+                pos >> _BLOCK_BITS, minlength=_n_blocks(n)
+            ).astype(np.int32)
+            session._n_answered[c] = int(asked.shape[0])
         session._frontier = make_frontier(state["strategy"], session._priorities, state["frontier"])
         for o in state["open"]:
             session._open[(o["key"][0], o["key"][1])] = _Open(

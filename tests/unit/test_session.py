@@ -198,3 +198,130 @@ def test_has_questions_false_means_lease_would_do_nothing(params):
         session.submit(answer(held[:k], ious))
         held = held[k:]
     assert checked
+
+
+def drive_mixed(session, ious, rng, steps):
+    """Lease, answer some, expire some, pop decisions: every call the log records."""
+    held: list[Question] = []
+    for _ in range(steps):
+        if session.done:
+            break
+        held += session.lease(int(rng.integers(1, 9)), max_new_clusters=int(rng.integers(0, 3)))
+        rng.shuffle(held)
+        k = int(rng.integers(0, len(held) + 1))
+        session.submit(answer(held[:k], ious))
+        held = held[k:]
+        if held and rng.random() < 0.2:
+            session.expire(held[:1])
+            held = held[1:]
+        if rng.random() < 0.5:
+            session.pop_decisions()
+    return held
+
+
+@given(
+    params=st.sampled_from(PARAMS),
+    before_base=st.integers(min_value=0, max_value=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=15), min_size=0, max_size=6),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+@settings(max_examples=40, deadline=None)
+def test_restore_of_base_and_log_equals_the_live_session(params, before_base, cuts, seed):
+    trees, ious = make_trees([150, 60], seed=7)
+    rng = np.random.default_rng(seed)
+    live = AnnotationSession(trees, params, Selection(0.15, 0.5), seed=11)
+    held = drive_mixed(live, ious, rng, before_base)
+    base = live.rebase()
+    chunks = []
+    for steps in cuts:  # a save after every stretch of calls, at any point
+        live.submit(answer(held, ious))
+        held = drive_mixed(live, ious, rng, steps)
+        chunks.append(live.take_log())
+        restored = AnnotationSession.restore(base, trees, log=chunks)
+        assert restored.snapshot() == live.snapshot()  # the whole state, byte for byte
+        assert restored.pop_decisions() == live.pop_decisions()
+        # Both continue identically (the unanswered leases included) ...
+        restored.submit(answer(held, ious))
+        live.submit(answer(held, ious))
+        chunks.append(live.take_log())
+        assert restored.take_log() == chunks[-1]  # ... and log the same chunk
+        held = []
+    live.submit(answer(held, ious))
+    drive(live, ious, 5)
+    chunks.append(live.take_log())
+    assert AnnotationSession.restore(base, trees, log=chunks).snapshot() == live.snapshot()
+
+
+def test_log_bytes_grow_with_answers_and_rebase_compacts():
+    trees, ious = make_trees([400], seed=3)
+    s = AnnotationSession(trees, AnnotationParams(), Selection(0.0, 0.0), seed=0)
+    assert s.needs_rebase()  # no base yet
+    with pytest.raises(MaskpropError, match="no base"):
+        s.take_log()
+    base = s.rebase()
+    assert s.take_log() == b""  # nothing changed: nothing to write
+    qs = s.lease(10)
+    s.submit(answer(qs, ious))
+    chunk = s.take_log()
+    # A 20-byte chunk head, one lease (9 bytes), one batch of answers (5 + 13 a answer).
+    assert len(chunk) == 16 + 9 + 5 + 13 * len(qs)
+    assert s.log_bytes == len(chunk)
+    assert not s.needs_rebase()
+    assert s.needs_rebase(ratio=len(chunk) / len(base) / 2) == (len(chunk) >= 64 * 1024)
+    again = s.rebase()
+    assert s.log_bytes == 0
+    assert AnnotationSession.restore(again, trees).snapshot() == again
+    with pytest.raises(MaskpropError, match="another base"):
+        AnnotationSession.restore(base, trees, log=[_one_more_chunk(s, ious)])
+
+
+def _one_more_chunk(session, ious):
+    session.submit(answer(session.lease(3), ious))
+    return session.take_log()
+
+
+def test_a_bad_log_is_a_clear_error():
+    trees, ious = make_trees([120], seed=4)
+    s = AnnotationSession(trees, AnnotationParams(), Selection(0.0, 0.0), seed=0)
+    base = s.rebase()
+    first = _one_more_chunk(s, ious)
+    second = _one_more_chunk(s, ious)
+    with pytest.raises(MaskpropError, match="out of order"):
+        AnnotationSession.restore(base, trees, log=[second])
+    with pytest.raises(MaskpropError, match="corrupt"):
+        AnnotationSession.restore(base, trees, log=[first[:-3]])
+    with pytest.raises(MaskpropError, match="corrupt"):
+        AnnotationSession.restore(base, trees, log=[first + b"Z"])
+    with pytest.raises(MaskpropError, match=r"log format b'MPS3'"):
+        AnnotationSession.restore(base, trees, log=[base])
+    # Empty chunks (saves with nothing to write) are skipped.
+    restored = AnnotationSession.restore(base, trees, log=[first, b"", second])
+    assert restored.snapshot() == s.snapshot()
+
+
+def test_a_partly_applied_batch_logs_only_what_was_applied():
+    trees, ious = make_trees([120], seed=4)
+    s = AnnotationSession(trees, AnnotationParams(), Selection(0.0, 0.0), seed=0)
+    base = s.rebase()
+    qs = s.lease(4)
+    bad = Answer(0, qs[0].node, 10**6, True)
+    with pytest.raises(MaskpropError, match="no open question"):
+        s.submit([*answer(qs[:2], ious), bad, *answer(qs[2:], ious)])
+    restored = AnnotationSession.restore(base, trees, log=[s.take_log()])
+    assert restored.questions == s.questions == 2
+    assert restored.snapshot() == s.snapshot()
+
+
+def test_answer_lookup_by_block_matches_a_plain_scan():
+    """Inherited answers of big clusters (the block index) equal a scan of the cluster."""
+    trees, ious = make_trees([6000], seed=13)
+    s = AnnotationSession(trees, AnnotationParams(reuse_answers=True), Selection(0.0, 0.0), seed=1)
+    drive(s, ious, 20, steps=150)
+    tree = trees[0]
+    codes = s._answer_codes[0]
+    for node in range(tree.n_nodes - 1, tree.n_nodes - 60, -1):
+        masks = tree.leaves(node)
+        want = {int(m): bool(codes[m] == 1) for m in masks if codes[m] >= 0}
+        got = s._inherited(0, node)
+        assert got == want
+        assert list(got) == [int(m) for m in masks if codes[m] >= 0]  # depth-first order
