@@ -19,6 +19,28 @@ all the rest of the snapshot).  Any other format (the magic names it) is refused
 Trees are not part of the snapshot (they are large and stored once by the clusterer); a checksum
 of each tree is, so a snapshot is never restored over different trees.
 
+A snapshot grows with the class (7 bytes a mask: 70 MB at a 10M-mask class), so a service saves
+a *base* and then an append-only *log* of what changed, bytes proportional to the calls made,
+not to n (issue #14)::
+
+    base = session.rebase()          # a snapshot; the log starts afresh over it
+    ...                              # lease / submit / expire / pop_decisions
+    chunk = session.take_log()       # the changes since the last save (b"" if none)
+    if session.needs_rebase():       # the log reached a quarter of the base: compact
+        base = session.rebase()      # (save it in place of the base, drop the chunks)
+    AnnotationSession.restore(base, trees, log=chunks)   # == the live session, byte for byte
+
+The log records the calls that changed the state (a lease's arguments, the answers applied, the
+questions expired, a pop of the outbox), not their effects: the session is deterministic (each
+cluster's sample is seeded by (seed, class, node)), so replaying them over the base rebuilds the
+same state exactly, RNG included, and costs what the calls cost live.  Chunk format:
+``b"MPL1"``, 8 bytes naming the base (:func:`base_tag`), a sequence number, records (see
+``_LOG_MAGIC``); a chunk over another base or out of order is refused.
+
+Per-node and per-mask state lives in numpy arrays; recording an answer is O(1) (answers are
+indexed by depth-first position, with a count per block of 1024 positions for finding a
+cluster's inherited answers).
+
 Masks are named per class by their leaf index in that class's tree (0..n_c-1).
 """
 
@@ -628,21 +650,54 @@ class AnnotationSession:
         return chunk
 
     @property
+    def log_seq(self) -> int:
+        """Log chunks handed out (or applied) since the base: chunk ``log_seq + 1`` is next."""
+        return 0 if self._log is None else self._log.seq
+
+    def apply_log(self, chunks: Iterable[bytes]) -> None:
+        """Bring this session up to date with chunks another process wrote over the same base
+        after this session's last chunk (``log_seq + 1``, ...): a cached session catches up
+        without a whole :meth:`restore`.  Refused while this session has changes of its own
+        not yet taken (it would have diverged).  A chunk that fails part-way (corrupt) leaves
+        the session partly updated: drop it and :meth:`restore` instead."""
+        log = self._log
+        if log is None:
+            raise MaskpropError("this session has no base: restore it from one first")
+        if log.pending:
+            raise MaskpropError("this session has changes not yet saved; it cannot take a log")
+        self._log = None  # replaying logs nothing
+        try:
+            for chunk in chunks:
+                if chunk:
+                    self._replay(chunk, log.tag, log.seq + 1)
+                    log.seq += 1
+                    log.written += len(chunk)
+        finally:
+            self._log = log
+
+    @property
     def log_bytes(self) -> int:
         """Bytes of log since the base (chunks taken plus what is pending)."""
         log = self._log
         return 0 if log is None else log.written + log.pending_bytes
 
-    def needs_rebase(self, ratio: float = 0.25) -> bool:
+    def needs_rebase(self, ratio: float = 0.25, max_log_bytes: int | None = None) -> bool:
         """Whether the next save should be a new base (:meth:`rebase`) instead of a log chunk:
         no base yet, or the log since the base has reached ``ratio`` times the base's size
-        (and at least :data:`MIN_LOG_BEFORE_REBASE`).  With the default a save costs on
-        average at most ~(1 + 1/ratio) times the log bytes, flat in the class size, and a
-        restore replays at most a quarter of a base's worth of log."""
+        (and at least :data:`MIN_LOG_BEFORE_REBASE`), or ``max_log_bytes``.
+
+        With ``ratio`` alone the bytes written average at most ~(1 + 1/ratio) times the log
+        bytes, flat in the class size; a restore then replays up to ``ratio`` of a base's
+        worth of log (~13 bytes and roughly the live cost of an answer: at a 10M-mask class
+        and the default, ~1.3M answers).  ``max_log_bytes`` bounds that replay at the price
+        of bases written more often."""
         log = self._log
         if log is None:
             return True
-        return self.log_bytes >= max(MIN_LOG_BEFORE_REBASE, ratio * log.base_bytes)
+        size = self.log_bytes
+        if max_log_bytes is not None and size >= max_log_bytes:
+            return True
+        return size >= max(MIN_LOG_BEFORE_REBASE, ratio * log.base_bytes)
 
     def _replay(self, chunk: bytes, tag: bytes, seq: int) -> None:
         head = _CHUNK_HEAD.size

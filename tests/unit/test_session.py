@@ -325,3 +325,22 @@ def test_answer_lookup_by_block_matches_a_plain_scan():
         got = s._inherited(0, node)
         assert got == want
         assert list(got) == [int(m) for m in masks if codes[m] >= 0]  # depth-first order
+
+
+def test_a_cached_session_catches_up_with_another_process_log():
+    """Two replicas over one base: the one that did not write the chunks applies them."""
+    trees, ious = make_trees([200, 80], seed=6)
+    writer = AnnotationSession(trees, AnnotationParams(), Selection(0.1, 0.5), seed=2)
+    base = writer.rebase()
+    cached = AnnotationSession.restore(base, trees)
+    chunks = [_one_more_chunk(writer, ious) for _ in range(4)]
+    cached.apply_log(chunks[:2])
+    assert cached.log_seq == 2
+    cached.apply_log(chunks[2:])
+    assert cached.snapshot() == writer.snapshot()
+    with pytest.raises(MaskpropError, match="out of order"):
+        cached.apply_log(chunks[3:])
+    cached.submit(answer(cached.lease(2), ious))
+    with pytest.raises(MaskpropError, match="not yet saved"):
+        cached.apply_log([_one_more_chunk(writer, ious)])
+    assert writer.needs_rebase(max_log_bytes=writer.log_bytes)
