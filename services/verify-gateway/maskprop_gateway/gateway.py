@@ -201,12 +201,14 @@ class Gateway:
         answer per question counts, gold is scored, real answers are votes; questions decided
         by them go to search (:meth:`Forwarder.forward`).
 
-        ``recovering``: this is the re-run of a request whose gateway died part-way (an
-        Idempotency-Key taken over, :mod:`~maskprop_gateway.idempotency`).  Answers already
-        marked as answered in the lease go through scoring, voting and the tally again, since
-        the dead request may have stopped after marking them; each of those steps keeps the
-        first write (a vote per worker and question, a gold score per worker and item, a label
-        per question), so nothing counts twice.  They are reported as accepted."""
+        Answers already marked as answered in the lease (a retry) go through scoring, voting
+        and the tally again: the request that marked them may have died before it voted (a
+        killed gateway, issue #18).  Each of those steps keeps the first write (a vote per
+        worker and question, a gold score per worker and item, a qualification answer, a
+        label per question), so nothing counts twice and a retry, with or without an
+        Idempotency-Key, completes what the first attempt left.  ``recovering``: the re-run of
+        an Idempotency-Key taken over (:mod:`~maskprop_gateway.idempotency`); its answers are
+        reported as accepted, as the first response would have said."""
         lease = self.leases.get(vendor_id, lease_id)
         if lease["worker"] != worker_id:
             raise Forbidden("this lease belongs to another worker")
@@ -223,9 +225,14 @@ class Gateway:
             lease_id, campaign, ((oid, refs[oid][0]) for oid, _, _ in answers)
         )
         fresh = [a for a, n in zip(answers, new, strict=True) if n]
-        # a re-run also replays the answers the dead request marked (first writes win)
-        applied = answers if recovering else fresh
-        accepted, duplicates = len(applied), len(answers) - len(applied)
+        # every question of the request once (its first answer): the fresh ones and those an
+        # earlier attempt marked, whose effects may be missing (first writes win)
+        first: dict[str, tuple[str, bool, int]] = {}
+        for a in answers:
+            first.setdefault(a[0], a)
+        applied = list(first.values())
+        accepted = len(applied) if recovering else len(fresh)
+        duplicates = len(answers) - accepted
         qualification: dict[str, bool] = {}
         kept: dict[str, bool] = {}
         fresh_ids = {oid for oid, _, _ in fresh}

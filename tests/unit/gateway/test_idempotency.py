@@ -169,3 +169,28 @@ def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_o
     assert again["accepted"] == 0 and again["duplicates"] == len(labels)
     gw.forwarder.forward(0)
     assert sorted(search.sent) == sorted(truth.items())
+
+
+@pytest.mark.parametrize("die_at", ["after_mark", "after_votes"])
+def test_a_plain_retry_without_a_key_also_completes_a_dead_request(die_at):
+    """The annotator page's route has no Idempotency-Key: a worker's retry after the gateway
+    died between marking the answers and voting must still count them, once."""
+    clock = Clock()
+    _, search, gw = world(6, clock)
+    offer = gw.create_lease("v", "w1", "c", 6, refill=False)
+    answers = [(oid, i % 2 == 0, 1500) for i, (oid, _) in enumerate(offer.questions)]
+    refs = gw.lease("v", offer.lease_id)["refs"]
+    truth = {refs[oid][1]: lab for oid, lab, _ in answers}
+    target = (gw.qc, "cast_votes") if die_at == "after_mark" else (gw.pool, "settle")
+    real = getattr(*target)
+    setattr(*target, lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        gw.submit("v", offer.lease_id, "w1", answers)
+    setattr(*target, real)
+    out = gw.submit("v", offer.lease_id, "w1", answers)
+    assert out["accepted"] == 0 and out["duplicates"] == 6  # as answered before
+    gw.forwarder.forward(0)
+    assert sorted(search.sent) == sorted(truth.items())
+    gw.submit("v", offer.lease_id, "w1", [(oid, not lab, ms) for oid, lab, ms in answers])
+    gw.forwarder.forward(0)
+    assert sorted(search.sent) == sorted(truth.items())  # a changed retry changes nothing
