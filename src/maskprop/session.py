@@ -797,17 +797,20 @@ class AnnotationSession:
         blob: bytes,
         trees: Mapping[int, Tree],
         *,
-        log: Iterable[bytes] = (),
+        log: Iterable[bytes] | None = None,
         priorities: Mapping[int, NDArray[np.float64]] | None = None,
     ) -> AnnotationSession:
         """Rebuild a session from a base (:meth:`snapshot` or :meth:`rebase` bytes), the
         :meth:`take_log` chunks written over it since, in order, and the same trees.
 
         The result's state, and so its :meth:`snapshot`, equal the live session's when it
-        handed out the last chunk; it goes on logging over the same base (the next chunk
-        continues the sequence).
+        handed out the last chunk.  Given a ``log`` (even an empty one) it goes on logging
+        over the same base (the next chunk continues the sequence); without one (a caller
+        that saves whole snapshots) it logs nothing until :meth:`rebase`.
         """
         session = cls._restore_base(blob, trees, priorities)
+        if log is None:
+            return session
         tag = base_tag(blob)
         seq = 0
         written = 0

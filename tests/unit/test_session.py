@@ -271,6 +271,7 @@ def test_log_bytes_grow_with_answers_and_rebase_compacts():
     again = s.rebase()
     assert s.log_bytes == 0
     assert AnnotationSession.restore(again, trees).snapshot() == again
+    assert AnnotationSession.restore(again, trees).needs_rebase()  # no log given: no base
     with pytest.raises(MaskpropError, match="another base"):
         AnnotationSession.restore(base, trees, log=[_one_more_chunk(s, ious)])
 
@@ -332,7 +333,7 @@ def test_a_cached_session_catches_up_with_another_process_log():
     trees, ious = make_trees([200, 80], seed=6)
     writer = AnnotationSession(trees, AnnotationParams(), Selection(0.1, 0.5), seed=2)
     base = writer.rebase()
-    cached = AnnotationSession.restore(base, trees)
+    cached = AnnotationSession.restore(base, trees, log=[])
     chunks = [_one_more_chunk(writer, ious) for _ in range(4)]
     cached.apply_log(chunks[:2])
     assert cached.log_seq == 2
