@@ -207,6 +207,8 @@ def quality(seeds: list[int]) -> None:
         flush=True,
     )
     worst = {b: 1.0 for b in BUDGETS}
+    totals = np.zeros((2, len(BUDGETS)), dtype=np.int64)
+    jitter_totals = np.zeros(len(BUDGETS), dtype=np.int64)
     for seed in seeds:
         # Easy and hard: of 8 classes, the ones with the most and the fewest correct masks.
         good = {}
@@ -221,8 +223,15 @@ def quality(seeds: list[int]) -> None:
             t1 = time.perf_counter()
             two = build_tree(f, s, method="two_level")
             t2 = time.perf_counter()
+            # Noise floor: the exact tree of the same class with features moved by 1e-3 of
+            # their spread (an equally valid input) -- how much this metric moves by itself.
+            jitter = np.random.default_rng(seed).normal(0.0, 1e-3, f.shape) * f.std(axis=0)
+            again = accepted_after(build_tree(f + jitter, s, method="exact"), iou)
             a = accepted_after(exact, iou)
             b = accepted_after(two, iou)
+            floor = [gg / aa if aa else float("nan") for aa, gg in zip(a, again, strict=True)]
+            jitter_totals += np.array(again)
+            totals += np.array([a, b])
             ratios = [bb / aa if aa else float("nan") for aa, bb in zip(a, b, strict=True)]
             for budget, r in zip(BUDGETS, ratios, strict=True):
                 worst[budget] = min(worst[budget], r)
@@ -231,10 +240,25 @@ def quality(seeds: list[int]) -> None:
                 f"{t2 - t1:>7.1f} "
                 + " ".join(f"{aa:>10}/{bb:<9}" for aa, bb in zip(a, b, strict=True))
                 + " "
-                + " ".join(f"{100 * r:.1f}%" for r in ratios),
+                + " ".join(f"{100 * r:.1f}%" for r in ratios)
+                + " | exact(jittered)/exact "
+                + " ".join(f"{100 * r:.1f}%" for r in floor),
                 flush=True,
             )
     print("worst ratio per budget: " + ", ".join(f"@{b}: {100 * worst[b]:.1f}%" for b in BUDGETS))
+    print(
+        "all classes, masks accepted (exact / two_level, ratio): "
+        + ", ".join(
+            f"@{b}: {totals[0, i]} / {totals[1, i]} ({100 * totals[1, i] / totals[0, i]:.1f}%)"
+            for i, b in enumerate(BUDGETS)
+        )
+    )
+    print(
+        "noise floor, exact on jittered features / exact: "
+        + ", ".join(
+            f"@{b}: {100 * jitter_totals[i] / totals[0, i]:.1f}%" for i, b in enumerate(BUDGETS)
+        )
+    )
 
 
 def main() -> None:
