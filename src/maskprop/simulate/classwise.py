@@ -11,8 +11,10 @@ on its own, in a worker process, and returns only what the report needs:
   pops clusters from one priority queue over every class, the key is the cluster's
   *bottleneck* priority (the lowest priority on its path from the root): a best-first search
   on a tree pops nodes in decreasing bottleneck order, so merging per-class logs by it gives
-  the order of the campaign's single queue (up to ties within a bin).  BFS orders by depth,
-  DFS class after class in pre-order;
+  the order of the campaign's single queue.  Nodes below a cluster of lower priority share its
+  bottleneck and are popped as one run, so the merged curve is exact at the end of every such
+  run (the first run of the 100k-mask pool is 79 clusters) but not inside one.  BFS orders by
+  depth, DFS class after class in pre-order;
 * the Fig. 6b search curves, computed without visiting nodes one by one: with Q~ = Q the set of
   clusters a search pops does not depend on its order (a cluster is popped when every
   ancestor was split), only the order does, and both come from path reductions over the
@@ -57,10 +59,12 @@ from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.result import Curve
 from maskprop.tree import AUTO_EXACT_MAX, Tree, build_tree
 
-#: Bins of a priority or score key in [0, 1] (curve resolution of the heuristic and naive logs).
-KEY_BINS = 4096
+#: Bins of a priority or score key in [0, 1] (finer than float32 scores).
+KEY_BINS = 2**30
 #: Bins per class of the logs that run class after class (DFS, LSUN's per-class questions).
-BINS_PER_CLASS = 64
+BINS_PER_CLASS = 2**20
+#: Entries a class's log keeps (see :class:`BinnedLog`).
+MAX_LOG_ENTRIES = 8192
 #: Clusters of at least this many masks teach the selection and make Fig. 4's cluster points.
 MIN_FIT_CLUSTER = 10
 #: Fig. 6b universal-threshold cuts traced.
@@ -136,9 +140,13 @@ def summarize_stats(
 class BinnedLog:
     """A method's event log reduced to bins of a global ordering key (earlier bins first).
 
-    Per bin: human seconds spent, annotations obtained, the sum of their IoUs and clusters
-    annotated.  Logs of different classes add bin by bin (shorter ones are padded)."""
+    Sparse: ``key`` holds the used bins in increasing order and, per bin, the human seconds
+    spent, annotations obtained, the sum of their IoUs and clusters annotated.  Logs of
+    different classes add bin by bin.  A class's log keeps at most :data:`MAX_LOG_ENTRIES`
+    entries: beyond that, runs of consecutive bins are merged into their last bin, so the
+    merged curve is exact at every point up to 1/``MAX_LOG_ENTRIES`` of each class's log."""
 
+    key: NDArray[np.int64]
     seconds: NDArray[np.float64]
     quantity: NDArray[np.int64]
     iou_sum: NDArray[np.float64]
@@ -146,7 +154,31 @@ class BinnedLog:
 
     @classmethod
     def empty(cls) -> BinnedLog:
-        return cls(np.zeros(0), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+        zi, zf = np.zeros(0, np.int64), np.zeros(0)
+        return cls(zi, zf, zi, zf, zi)
+
+    @classmethod
+    def _reduce(
+        cls,
+        keys: NDArray[np.int64],
+        values: tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]],
+        limit: int | None,
+    ) -> BinnedLog:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        if limit is not None and uniq.size > limit:
+            group = (np.arange(uniq.size) * limit) // uniq.size
+            last = np.flatnonzero(np.append(group[1:] != group[:-1], True))
+            inverse = group[inverse]
+            uniq = uniq[last]
+        k = uniq.size
+        sums = [np.bincount(inverse, weights=v, minlength=k) for v in values]
+        return cls(
+            uniq.astype(np.int64),
+            sums[0].astype(np.float64),
+            np.rint(sums[1]).astype(np.int64),
+            sums[2].astype(np.float64),
+            np.rint(sums[3]).astype(np.int64),
+        )
 
     @classmethod
     def of(
@@ -159,27 +191,25 @@ class BinnedLog:
     ) -> BinnedLog:
         """Events with their bin; ``obtained`` annotations of IoU sum ``obtained_iou_sum``."""
         b = np.asarray(bins, dtype=np.int64)
-        n = int(b.max()) + 1 if b.size else 0
-        return cls(
-            np.bincount(b, weights=seconds, minlength=n).astype(np.float64),
-            np.bincount(b, weights=obtained, minlength=n).astype(np.int64),
-            np.bincount(b, weights=obtained_iou_sum, minlength=n).astype(np.float64),
-            np.bincount(b, weights=clusters, minlength=n).astype(np.int64)
-            if clusters is not None
-            else np.zeros(n, np.int64),
-        )
+        if b.size == 0:
+            return cls.empty()
+        c = clusters if clusters is not None else np.zeros(b.size, np.int64)
+        return cls._reduce(b, (seconds, obtained, obtained_iou_sum, c), MAX_LOG_ENTRIES)
 
     def __add__(self, other: BinnedLog) -> BinnedLog:
-        n = max(self.seconds.size, other.seconds.size)
-
-        def pad(a: NDArray[Any]) -> NDArray[Any]:
-            return np.pad(a, (0, n - a.size))
-
-        return BinnedLog(
-            pad(self.seconds) + pad(other.seconds),
-            pad(self.quantity) + pad(other.quantity),
-            pad(self.iou_sum) + pad(other.iou_sum),
-            pad(self.clusters) + pad(other.clusters),
+        if self.key.size == 0:
+            return other
+        if other.key.size == 0:
+            return self
+        return BinnedLog._reduce(
+            np.concatenate([self.key, other.key]),
+            (
+                np.concatenate([self.seconds, other.seconds]),
+                np.concatenate([self.quantity, other.quantity]),
+                np.concatenate([self.iou_sum, other.iou_sum]),
+                np.concatenate([self.clusters, other.clusters]),
+            ),
+            None,
         )
 
     def curve(self, points: int = 200) -> Curve:
@@ -670,7 +700,7 @@ def _manual(cls: MaskPool, job: Job) -> MethodOutcome:
         (1.0 - _POLYGON_IOU_MEAN) * _POLYGON_CONCENTRATION,
         n,
     )
-    bins = _key_bins(rng.random(n), 256)
+    bins = _key_bins(rng.random(n))
     log = BinnedLog.of(bins, np.full(n, params.seconds_per_polygon), ious, np.ones(n, np.int64))
     return MethodOutcome(IouStats.of(ious.astype(np.float32), params.iou_threshold), 0, n, 0, log)
 
