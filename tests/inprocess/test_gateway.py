@@ -476,6 +476,7 @@ def test_gold_and_real_questions_look_the_same_to_vendors_and_workers(tmp_path, 
     worker = SimWorker("h0", "honest", seed=3)
     seen: dict[str, set] = {"g": set(), "r": set()}
     counts = {"g": 0, "r": 0}
+    sizes: set[tuple[int, int]] = set()  # (questions, of them hidden gold) per lease
     with TestClient(st.app) as client:
         gw = client.app.state.gateway
         h = st.headers()
@@ -490,6 +491,8 @@ def test_gold_and_real_questions_look_the_same_to_vendors_and_workers(tmp_path, 
             lease = r.json()
             lid, token = lease["lease_id"], lease["worker_token"]
             refs = gw.lease("acme", lid)["refs"]
+            golds = sum(code == "g" for code, _ in refs.values())
+            sizes.add((len(lease["questions"]), golds))
             for q in lease["questions"]:
                 kind = refs[q["question_id"]][0]
                 counts[kind] += 1
@@ -537,6 +540,9 @@ def test_gold_and_real_questions_look_the_same_to_vendors_and_workers(tmp_path, 
             status = client.get(f"/v1/leases/{lid}", headers=h).json()
             assert status["answered"] == status["questions"] == len(lease["questions"])
     assert counts["g"] >= 5 and counts["r"] >= 40, counts
+    # gold takes real questions' places: never more questions than asked for (with gold on
+    # top, 21 for 20 said "one of these is gold"); a full lease may hold gold or not
+    assert max(n for n, _ in sizes) == 20 and any(n == 20 and g for n, g in sizes), sizes
     # every observation of a gold question is one a real question also produced
     assert seen["g"] <= seen["r"], (seen["g"] - seen["r"], seen["r"])
     assert len(seen["r"]) == 1, seen["r"]  # and nothing varies at all between answers

@@ -88,8 +88,8 @@ class Gateway:
         *,
         refill: bool = True,
     ) -> LeaseOffer:
-        """A lease of up to ``max_questions`` real questions (capped by the
-        ``max_lease_questions`` setting; hidden gold comes on top), or a worker's
+        """A lease of up to ``max_questions`` questions (capped by the
+        ``max_lease_questions`` setting; hidden gold among them), or a worker's
         qualification test first.  With ``refill`` a pool too short for it is topped up from
         search first (blocking on that call); without, the lease gets what the pool holds
         (:meth:`create_lease_on_loop` tops up before, off the event loop)."""
@@ -123,8 +123,19 @@ class Gateway:
                 refs[oid], shown[oid] = ("q", g.gold_id), gold_view(g)
         else:
             kind = "work"
-            real = self._take(campaign, worker, max_questions, expires, refill)
-            due = self.qc.gold_due_many(worker, len(real))
+            # Hidden gold takes a real question's place, so a lease holds max_questions in all
+            # whenever the pool has them: its size tells nothing about how much gold is in it
+            # (with gold on top, 21 questions for 20 asked said "one of these is gold").
+            slots = self.qc.gold_due_many(worker, max_questions)
+            n_real = used = 0
+            for gold_due in slots:
+                if used + 1 + gold_due > max_questions:
+                    break
+                used, n_real = used + 1 + gold_due, n_real + 1
+            if n_real == 0:  # a one-question lease: no room for gold
+                n_real, slots = 1, [False]
+            real = self._take(campaign, worker, n_real, expires, refill)
+            due = slots[: len(real)]
             golds = self.qc.next_golds(campaign, worker, sum(due))
             hidden, ids = iter(golds), opaque_ids(len(real) + len(golds))
             for (qid, view), gold_due in zip(real, due, strict=True):

@@ -42,7 +42,7 @@ class GatewaySettings(RuntimeSettings):
     # answers/s each hour of it holds ~2 GB of Redis (it was a day: ~50 GB).  The questions'
     # views are only kept for the lease's own life.
     lease_retention_s: float = Field(default=3600.0, ge=0)
-    # Real questions a lease carries at most, whatever a vendor asks for (gold comes on top).
+    # Questions a lease carries at most, whatever a vendor asks for (hidden gold included).
     max_lease_questions: int = Field(default=100, ge=1, le=1000)
     worker_token_ttl_s: float = Field(default=4 * 3600.0, gt=0)
     image_root: Path = Path("data/images")
