@@ -859,7 +859,10 @@ def simulate_class(job: Job) -> ClassOutcome:
     ablation: dict[str, MethodOutcome] = {}
     if job.ablation:
         for name, change in ABLATION.items():
-            ablation[name] = ours(replace(params, **change))  # type: ignore[arg-type]
+            variant = replace(params, **change)  # type: ignore[arg-type]
+            # The variant the main run already is (deterministic) is not run twice.
+            same = variant == params and job.strategy != "universal"
+            ablation[name] = methods["maskprop"] if same else ours(variant)
     return ClassOutcome(job.class_id, len(cls), methods, search, universal, ablation, _peak_rss())
 
 
