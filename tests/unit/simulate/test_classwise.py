@@ -165,3 +165,17 @@ def test_a_class_too_large_for_memory_is_one_clear_error() -> None:
         plan_workers(sizes, 32, 2, budget=16 * 2**30)
     assert plan_workers(np.array([1000, 10]), 32, 2, budget=16 * 2**30) == 2
     assert class_bytes(10**6, 32) < class_bytes(10**7, 32)
+
+
+def test_ade_source_splits_every_class_into_pool_and_heldout() -> None:
+    from maskprop.simulate.generator import ade_class_sizes, ade_like_class
+
+    source = AdeSource(20_000, 2_000, 7, seed=5, feature_dim=4)
+    sizes, held = source.sizes(), source.heldout_sizes()
+    assert int(sizes.sum()) == 20_000 and int(held.sum()) == 2_000
+    np.testing.assert_array_equal(sizes + held, ade_class_sizes(22_000, 7))
+    pool, heldout = source.get(2)
+    assert (len(pool), len(heldout)) == (sizes[2], held[2])
+    whole = ade_like_class(2, int(sizes[2] + held[2]), seed=5, dim=4)[1]
+    both = np.sort(np.concatenate([pool.scores, heldout.scores]))
+    np.testing.assert_array_equal(both, np.sort(whole))
