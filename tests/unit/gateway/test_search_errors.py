@@ -111,3 +111,25 @@ def test_gateway_pattern_and_search_check_agree(name):
     except ValueError:
         in_search = False
     assert at_gateway == in_search
+
+
+def test_domain_errors_and_their_subclasses_map_to_4xx():
+    from maskprop_gateway.errors import Forbidden, Gone, Invalid, NotFound
+    from maskprop_gateway.quality import NotEnoughGold, QualityError, UnknownGold
+
+    cases = {
+        NotFound("x"): 404,
+        Forbidden("x"): 403,
+        Gone("x"): 410,
+        Invalid("x"): 422,
+        QualityError("x"): 422,
+        UnknownGold("x"): 422,
+        NotEnoughGold("x"): 422,
+        SearchRejected("x"): 422,
+        SearchNotFound("x"): 404,
+        SearchUnavailable("x"): 503,
+    }
+    for exc, status in cases.items():
+        with pytest.raises(HTTPException) as http, http_errors():
+            raise exc
+        assert http.value.status_code == status, exc

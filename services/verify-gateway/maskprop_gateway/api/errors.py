@@ -10,6 +10,7 @@ from fastapi import HTTPException
 
 from maskprop_gateway.errors import Forbidden, Gone, Invalid, NotFound
 from maskprop_gateway.idempotency import IdempotencyConflict
+from maskprop_gateway.quality import QualityError
 from maskprop_gateway.search_client import SearchNotFound, SearchRejected, SearchUnavailable
 
 T = TypeVar("T")
@@ -21,6 +22,9 @@ _STATUS: dict[type[Exception], int] = {
     Invalid: 422,
     SearchRejected: 422,
     SearchNotFound: 404,
+    # quality control's caller errors (a gold item not served to the worker, a bad answer
+    # time): the gateway's own checks catch them first, but never as a 500
+    QualityError: 422,
 }
 
 
@@ -35,7 +39,9 @@ def http_errors() -> Iterator[None]:
     except IdempotencyConflict as exc:
         raise HTTPException(exc.status, exc.detail) from None
     except tuple(_STATUS) as exc:
-        raise HTTPException(_STATUS[type(exc)], str(exc)) from None
+        # by the nearest mapped class: subclasses (UnknownGold of QualityError) map too
+        status = next(_STATUS[c] for c in type(exc).__mro__ if c in _STATUS)
+        raise HTTPException(status, str(exc)) from None
 
 
 def call(fn: Callable[[], T]) -> T:
