@@ -180,7 +180,8 @@ class Leases:
         id, record) of those whose record still exists."""
         for raw in self.r.zrangebyscore(keys.LEASES, "-inf", now):
             lease_id = _s(raw)
-            self.r.zrem(keys.LEASES, lease_id)
+            if not self.r.zrem(keys.LEASES, lease_id):
+                continue  # another replica's expiry loop took it (one lease.expired each)
             rec = self.record(lease_id)
             if rec is not None:
                 yield lease_id, rec

@@ -194,3 +194,16 @@ def test_a_plain_retry_without_a_key_also_completes_a_dead_request(die_at):
     gw.submit("v", offer.lease_id, "w1", [(oid, not lab, ms) for oid, lab, ms in answers])
     gw.forwarder.forward(0)
     assert sorted(search.sent) == sorted(truth.items())  # a changed retry changes nothing
+
+
+def test_two_replicas_expiring_leases_take_each_lease_once():
+    clock = Clock()
+    r, _, gw = world(4, clock)
+    other = Gateway(r, Search(), gw.qc, gw.settings, clock=clock)  # a second replica
+    for w in ("w1", "w2"):
+        gw.create_lease("v", w, "c", 2, refill=False)
+    clock.t += gw.settings.lease_ttl_s + 1
+    first = gw.leases.take_expired(clock())
+    second = other.leases.take_expired(clock())
+    taken = [next(first)[0], next(second)[0], *[x[0] for x in first], *[x[0] for x in second]]
+    assert len(taken) == len(set(taken)) == 2
