@@ -207,3 +207,19 @@ def test_two_replicas_expiring_leases_take_each_lease_once():
     second = other.leases.take_expired(clock())
     taken = [next(first)[0], next(second)[0], *[x[0] for x in first], *[x[0] for x in second]]
     assert len(taken) == len(set(taken)) == 2
+
+
+def test_the_renewal_thread_keeps_a_running_request_its_key_and_stops_after():
+    import time
+
+    s = IdempotencyStore(fakeredis.FakeRedis(), running_lease_s=1.0)
+    held = s.begin("v", "k", "fp")
+    assert isinstance(held, Held)
+    with s.holding("v", "k", held.owner):
+        for _ in range(7):  # 2.1 s: two leases long
+            time.sleep(0.3)
+            with pytest.raises(IdempotencyConflict):
+                s.begin("v", "k", "fp")
+    time.sleep(1.2)  # no longer renewed: a retry takes it over
+    retry = s.begin("v", "k", "fp")
+    assert isinstance(retry, Held) and retry.recovering
