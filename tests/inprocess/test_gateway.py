@@ -548,3 +548,56 @@ def test_gold_and_real_questions_look_the_same_to_vendors_and_workers(tmp_path, 
     assert len(seen["r"]) == 1, seen["r"]  # and nothing varies at all between answers
     (only,) = seen["r"]
     assert only[0] == 200 and only[7][0] == only[8][0] == only[9][0] == 200
+
+
+def test_a_retry_takes_over_the_key_of_a_gateway_that_died_mid_request(tmp_path, pool):
+    """Issue #18: a gateway killed while handling a keyed answer request left the key
+    "running" for a day (every retry 409).  Here the dead request held the key and marked the
+    answers, then stopped; the retry is 409 while the key's lease runs, then takes it over,
+    applies the answers once, and its response is replayed after."""
+    from maskprop_gateway.idempotency import IdempotencyStore
+    from maskprop_gateway.schemas import AnswersRequest
+
+    st = Stack(tmp_path, pool)
+    worker = SimWorker("h0", "honest", seed=1)
+    with TestClient(st.app) as client:
+        gw = client.app.state.gateway
+        gw.idempotency.running_lease_s = 0.5
+        one_round(client, st, worker, 10)  # the qualification
+        lease = client.post(
+            "/v1/leases",
+            json={"worker_id": "h0", "campaign": "gw", "max_questions": 10},
+            headers=st.headers(),
+        ).json()
+        body = {
+            "lease_id": lease["lease_id"],
+            "worker_id": "h0",
+            "answers": [
+                {"question_id": q["question_id"], "answer": a, "elapsed_ms": ms}
+                for q in lease["questions"]
+                for a, ms in [worker.answer(st.truth, q["mask"]["counts"])]
+            ],
+        }
+        n = len(body["answers"])
+        # the dead request: it held the key and marked the answers, nothing after
+        fp = IdempotencyStore.fingerprint(AnswersRequest.model_validate(body).model_dump())
+        assert gw.idempotency.begin("acme", "retry-1", fp) is not None
+        refs = gw.lease("acme", lease["lease_id"])["refs"]
+        gw.leases.mark_answered(
+            lease["lease_id"],
+            "gw",
+            [(a["question_id"], refs[a["question_id"]][0]) for a in body["answers"]],
+        )
+        answered = lambda: st.wired.core.progress("gw").questions  # noqa: E731
+        before = answered()
+        h = {**st.headers(), "Idempotency-Key": "retry-1"}
+        assert client.post("/v1/answers", json=body, headers=h).status_code == 409
+        time.sleep(0.6)
+        first = client.post("/v1/answers", json=body, headers=h)
+        assert first.status_code == 200, first.text
+        assert first.json()["accepted"] == n and first.json()["duplicates"] == 0
+        real = sum(refs[a["question_id"]][0] == "r" for a in body["answers"])
+        assert answered() == before + real  # every real answer reached search, once
+        again = client.post("/v1/answers", json=body, headers=h)
+        assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+        assert answered() == before + real
