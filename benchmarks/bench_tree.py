@@ -3,7 +3,7 @@
 Every build runs in a fresh child process.  Memory is measured two ways: the child's own
 ``ru_maxrss`` and, because the two-level tree links its blocks in worker processes, the peak
 over time of the summed proportional set size (PSS, shared pages split between sharers) of the
-child and all its descendants, sampled every 50 ms by this parent.  The input features are
+child and all its descendants, sampled every 0.5 s by this parent.  The input features are
 generated inside the child (float32, in chunks) and count towards its memory.
 
     python benchmarks/bench_tree.py compare 10000 20000     # ours (exact) vs scipy linkage
@@ -100,7 +100,7 @@ def run(n: int, which: str) -> dict[str, float]:
     def sample() -> None:
         while proc.poll() is None:
             peak[0] = max(peak[0], _pss_mib(_descendants(proc.pid)))
-            time.sleep(0.05)
+            time.sleep(0.5)  # smaps_rollup walks page tables: sampling costs CPU
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

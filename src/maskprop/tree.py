@@ -539,7 +539,7 @@ def _build_two_level(
     r = representatives
     _SHARED.update(x=xs, bounds=bounds, r=r)
     try:
-        chunks = np.linspace(0, k, min(k, 4 * max(1, workers)) + 1).astype(int)
+        chunks = np.linspace(0, k, min(k, 16 * max(1, workers)) + 1).astype(int)
         spans = [(int(a), int(b)) for a, b in itertools.pairwise(chunks) if b > a]
         if workers > 1 and len(spans) > 1:
             ctx = mp.get_context("fork")
