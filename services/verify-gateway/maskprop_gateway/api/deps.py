@@ -47,6 +47,7 @@ async def get_vendor(
         raise HTTPException(
             429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))}
         )
+    refuse_unknown_query(request)
     return vendor
 
 
@@ -67,6 +68,7 @@ async def get_worker(
         raise HTTPException(
             429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))}
         )
+    refuse_unknown_query(request)
     return claims
 
 
@@ -92,9 +94,10 @@ def _declared_query(route: Any) -> frozenset[str]:
     return names
 
 
-async def refuse_unknown_query(request: Request) -> None:
+def refuse_unknown_query(request: Request) -> None:
     """Query parameters a route does not declare are a 422, not silently ignored (issue #18:
-    a misspelt parameter looked accepted)."""
+    a misspelt parameter looked accepted).  Checked by the authentication dependencies after
+    the caller is known, so an unauthenticated request is still a 401."""
     if not request.query_params:
         return
     route = request.scope.get("route")
@@ -103,7 +106,3 @@ async def refuse_unknown_query(request: Request) -> None:
     unknown = sorted(set(request.query_params) - _declared_query(route))
     if unknown:
         raise HTTPException(422, f"unknown query parameters: {', '.join(unknown[:5])}")
-
-
-#: Router dependency of every API router.
-STRICT_QUERY = [Depends(refuse_unknown_query)]

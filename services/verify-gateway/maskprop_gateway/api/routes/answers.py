@@ -4,13 +4,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 
-from maskprop_gateway.api.deps import STRICT_QUERY, GatewayDep, VendorDep
+from maskprop_gateway.api.deps import GatewayDep, VendorDep
 from maskprop_gateway.api.errors import http_errors
 from maskprop_gateway.api.routes.leases import ERRORS
 from maskprop_gateway.idempotency import Stored
 from maskprop_gateway.schemas import AnswersOut, AnswersRequest, answers_out
 
-router = APIRouter(prefix="/v1/answers", tags=["answers"], dependencies=STRICT_QUERY)
+router = APIRouter(prefix="/v1/answers", tags=["answers"])
 
 
 @router.post("", response_model=AnswersOut, responses={**ERRORS, 409: {}, 410: {}})

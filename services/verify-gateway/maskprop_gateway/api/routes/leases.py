@@ -5,13 +5,13 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
 
-from maskprop_gateway.api.deps import STRICT_QUERY, GatewayDep, VendorDep
+from maskprop_gateway.api.deps import GatewayDep, VendorDep
 from maskprop_gateway.api.errors import call, http_errors
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.images import ImageMissing, overlay_png, safe_path
 from maskprop_gateway.schemas import LEASE, QUESTION, ErrorOut, LeaseOut, LeaseRequest, LeaseStatus
 
-router = APIRouter(prefix="/v1/leases", tags=["leases"], dependencies=STRICT_QUERY)
+router = APIRouter(prefix="/v1/leases", tags=["leases"])
 # 400: a body that is not JSON at all (FastAPI's parser), 422: JSON that breaks the schema.
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 422, 429, 503)

@@ -4,12 +4,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from maskprop_gateway.api.deps import STRICT_QUERY, GatewayDep, VendorDep
+from maskprop_gateway.api.deps import GatewayDep, VendorDep
 from maskprop_gateway.api.errors import call
 from maskprop_gateway.api.routes.leases import ERRORS
 from maskprop_gateway.schemas import CAMPAIGN, ProgressOut
 
-router = APIRouter(prefix="/v1/progress", tags=["operations"], dependencies=STRICT_QUERY)
+router = APIRouter(prefix="/v1/progress", tags=["operations"])
 
 
 @router.get("", response_model=ProgressOut, responses=ERRORS)

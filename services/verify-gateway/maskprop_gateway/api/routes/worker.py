@@ -12,14 +12,14 @@ from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import FileResponse
 from pydantic import Field
 
-from maskprop_gateway.api.deps import STRICT_QUERY, GatewayDep, WorkerDep
+from maskprop_gateway.api.deps import GatewayDep, WorkerDep
 from maskprop_gateway.api.errors import call, http_errors
 from maskprop_gateway.api.routes.leases import ERRORS, PNG, image_response, overlay_response
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.schemas import LEASE, AnswerIn, AnswersOut, LeaseOut, Strict, answers_out
 
-router = APIRouter(prefix="/v1/worker", tags=["worker"], dependencies=STRICT_QUERY)
+router = APIRouter(prefix="/v1/worker", tags=["worker"])
 page = APIRouter(include_in_schema=False)
 
 #: The annotator page's files (served at /annotate and /static/...).
