@@ -43,7 +43,7 @@ async def submit_answers(
         if isinstance(held, Stored):
             response.status_code = held.status
             response.headers["Idempotent-Replayed"] = "true"
-            return dict(held.body)
+            return answers_out(held.body)  # (records stored before #18 carry a count)
         try:
             with idem.holding(vid, idempotency_key, held.owner):
                 out = answers_out(
