@@ -122,9 +122,17 @@ class SearchCore:
         self.outbox.run_relay(self._publish, stop, idle_s=idle_s, linger_s=linger_s)
 
     def _published(self, events: int) -> None:
-        """After an API call: in embedded mode, publish what it decided before returning."""
+        """After an API call: in embedded mode, publish what it decided before returning.
+
+        The call's state and its label events are already saved together, so a broker that
+        fails here must not fail the call: a lease whose caller got an error instead of its
+        questions would hold them until the lease expires.  The events wait in the outbox
+        for the next call's drain (or :meth:`recover`)."""
         if events and self.publish_inline:
-            self.drain_outbox()
+            try:
+                self.drain_outbox()
+            except Exception as exc:  # broker down: the events wait in Redis
+                log.error("publishing labels failed; kept in the outbox", extra={"error": str(exc)})
 
     def recover(self) -> int:
         """At start-up: publish labels a crash left in the outbox.  Returns events sent."""
