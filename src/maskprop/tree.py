@@ -45,9 +45,8 @@ is the exact tree.  ``"auto"`` (default) is exact up to :data:`AUTO_EXACT_MAX` m
 Measured (2-core shared machine, 2026-12-03; ``benchmarks/bench_tree.py``, README there):
 
 * scale, d = 32, against exact linkage at 20k timed in the same run: 1M masks 25.2 s = 2.85x
-  exact-20k (goal 3x: met), peak 515 MiB PSS (goal < 1 GB: met); 10M masks (measured before
-  the squared-distance block linkage) 684.7 s = 51.7x (goal 36x: missed), peak 4.1 GiB PSS
-  (goal < 8 GB: met).  Most of the time is the per-block O(block^2) distances and NN-chain,
+  exact-20k (goal 3x: met), peak 515 MiB PSS (goal < 1 GB: met); 10M masks 438.4 s = 48.7x
+  (goal 36x: missed), peak 4.0 GiB PSS (goal < 8 GB: met).  Most of the time is the per-block O(block^2) distances and NN-chain,
   i.e. ~O(n * block_size).
 * quality, Algorithm 1 with Q~ = Q on 20k-mask classes (seeds 0-2, the easiest and hardest of
   8 classes each): summed over the 6 classes two-level accepts 122 % / 119 % / 108 % of the
