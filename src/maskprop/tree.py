@@ -46,8 +46,8 @@ Measured (2-core shared machine, 2026-12-03; ``benchmarks/bench_tree.py``, READM
 
 * scale, d = 32, against exact linkage at 20k timed in the same run: 1M masks 25.2 s = 2.85x
   exact-20k (goal 3x: met), peak 515 MiB PSS (goal < 1 GB: met); 10M masks 438.4 s = 48.7x
-  (goal 36x: missed), peak 4.0 GiB PSS (goal < 8 GB: met).  Most of the time is the per-block O(block^2) distances and NN-chain,
-  i.e. ~O(n * block_size).
+  (goal 36x: missed), peak 4.0 GiB PSS (goal < 8 GB: met).  Most of the time is the per-block
+  O(block^2) distances and NN-chain, i.e. ~O(n * block_size).
 * quality, Algorithm 1 with Q~ = Q on 20k-mask classes (seeds 0-2, the easiest and hardest of
   8 classes each): summed over the 6 classes two-level accepts 122 % / 119 % / 108 % of the
   exact tree's masks after 100 / 300 / 1000 annotated clusters, but per class the ratio ranges
@@ -328,37 +328,20 @@ def _check_memory(need: int, what: str) -> None:
 
 
 def _check_features(features: NDArray[Any], scores: NDArray[np.float64]) -> None:
-    """One clear error for shapes, non-finite values and duplicate feature vectors."""
+    """One clear error for shapes and non-finite values.  Duplicate feature vectors are valid
+    (a detector may emit the same feature twice): complete linkage merges them at height 0."""
     if features.ndim != 2 or scores.shape != (features.shape[0],):
         raise MaskpropError(
             f"features must be [n, d] and scores [n], got {features.shape} and {scores.shape}"
         )
     if not np.isfinite(scores).all():
         raise MaskpropError("scores must be finite (found NaN or inf)")
-    n = features.shape[0]
-    chunk = 1 << 18
-    h = np.empty(n, dtype=np.float64)
-    proj = np.random.default_rng(12345).normal(size=features.shape[1])
-    for lo in range(0, n, chunk):
-        block = np.asarray(features[lo : lo + chunk], dtype=np.float64)
+    chunk = 1 << 18  # rows checked at a time: no float64 copy of a whole 10M-mask class
+    for lo in range(0, features.shape[0], chunk):
+        block = np.asarray(features[lo : lo + chunk])
         if not np.isfinite(block).all():
             bad = lo + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise MaskpropError(f"features must be finite (mask {bad} has NaN or inf)")
-        h[lo : lo + chunk] = block @ proj
-    # Equal rows have equal projections; only rows sharing a projection are compared exactly.
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    same = np.flatnonzero(hs[1:] == hs[:-1])
-    if same.size:
-        a, b = order[same], order[same + 1]
-        equal = (np.asarray(features[a]) == np.asarray(features[b])).all(axis=1)
-        if equal.any():
-            k = int(np.flatnonzero(equal)[0])
-            i, j = sorted((int(a[k]), int(b[k])))
-            raise MaskpropError(
-                f"{int(equal.sum())} masks have the same feature vector as another "
-                f"(e.g. masks {i} and {j}): deduplicate the class first"
-            )
 
 
 def _embed32(

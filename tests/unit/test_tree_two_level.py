@@ -130,10 +130,6 @@ def test_bad_inputs_are_one_clear_error(method):
     rng = np.random.default_rng(4)
     f = rng.normal(size=(50, 3))
     s = rng.uniform(size=50)
-    dup = f.copy()
-    dup[17] = dup[3]
-    with pytest.raises(MaskpropError, match="masks 3 and 17"):
-        build_tree(dup, s, method=method, block_size=10)
     nan = f.copy()
     nan[9, 1] = np.nan
     with pytest.raises(MaskpropError, match="mask 9"):
@@ -159,3 +155,18 @@ def test_a_class_too_large_for_memory_is_refused_before_allocating(monkeypatch):
 def test_a_class_of_one_mask_is_a_single_leaf():
     t = build_tree(np.ones((1, 3)), np.array([0.4]), method="two_level")
     assert t.n_nodes == 1 and t.leaves(t.root).tolist() == [0]
+
+
+@pytest.mark.parametrize("method", ["exact", "two_level"])
+def test_duplicate_features_are_valid_and_merge_first(method):
+    """A detector may emit the same feature twice, even for a whole block of masks."""
+    rng = np.random.default_rng(5)
+    f = np.repeat(rng.normal(size=(4, 3)), [1, 60, 2, 37], axis=0)
+    s = rng.uniform(size=len(f))
+    t = build_tree(f, s, method=method, block_size=10)
+    assert t.n_leaves == len(f) and t.size[t.root] == len(f)
+    assert sorted(t.leaves(t.root).tolist()) == list(range(len(f)))
+    dup = f.copy()
+    dup[17] = dup[3] = rng.normal(size=3) * 100
+    t = build_tree(dup, s, method=method, block_size=10)
+    assert t.parent[3] == t.parent[17]
