@@ -47,6 +47,17 @@ class Selection:
         if self.prior_reject_threshold > self.prior_accept_threshold:
             raise MaskpropError("K_pr must not exceed K_pa")
 
+    def overridden(self, k_pr: float | None, k_pa: float | None) -> Selection:
+        """These (learned) thresholds with the fixed ones a user set in their place; K_pr is
+        capped at K_pa, since a fixed K_pa may lie below the learned K_pr.
+
+        >>> Selection(0.3, 0.5).overridden(None, 0.2)
+        Selection(prior_reject_threshold=0.2, prior_accept_threshold=0.2)
+        """
+        pa = self.prior_accept_threshold if k_pa is None else k_pa
+        pr = self.prior_reject_threshold if k_pr is None else k_pr
+        return Selection(min(pr, pa), pa)
+
     def decide(self, cluster_score: float) -> Prior:
         if cluster_score <= self.prior_reject_threshold:
             return Prior.REJECT

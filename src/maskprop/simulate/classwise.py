@@ -1003,17 +1003,7 @@ def simulate_classes(
     q_all = np.concatenate([h.cluster_q for h in held]).astype(np.float64)
     lik = fit_likelihoods(s_all, q_all, params.accept_threshold)
     learned = lik.thresholds()
-    k_pr = (
-        params.prior_reject_threshold
-        if params.prior_reject_threshold is not None
-        else learned.prior_reject_threshold
-    )
-    k_pa = (
-        params.prior_accept_threshold
-        if params.prior_accept_threshold is not None
-        else learned.prior_accept_threshold
-    )
-    selection = Selection(min(k_pr, k_pa), k_pa)
+    selection = learned.overridden(params.prior_reject_threshold, params.prior_accept_threshold)
     mom = np.sum([h.mask_moments for h in held], axis=0)
     n, ss, si, sss, sii, ssi = mom
     cov = ssi / n - ss / n * si / n

@@ -105,23 +105,13 @@ def learn_selection(
     q_all = np.concatenate([quality[c][fit[c]] for c in ht.trees])
     lik = fit_likelihoods(s_all, q_all, params.accept_threshold)
     learned = lik.thresholds()
-    k_pr = (
-        params.prior_reject_threshold
-        if params.prior_reject_threshold is not None
-        else learned.prior_reject_threshold
-    )
-    k_pa = (
-        params.prior_accept_threshold
-        if params.prior_accept_threshold is not None
-        else learned.prior_accept_threshold
-    )
-    k_pr = min(k_pr, k_pa)
     fig4 = {
         **fig4_correlations(ht, heldout),
         "learned_prior_reject_threshold": learned.prior_reject_threshold,
         "learned_prior_accept_threshold": learned.prior_accept_threshold,
     }
-    return Selection(k_pr, k_pa), lik, fig4
+    selection = learned.overridden(params.prior_reject_threshold, params.prior_accept_threshold)
+    return selection, lik, fig4
 
 
 SimulationOutput = ClasswiseOutput
