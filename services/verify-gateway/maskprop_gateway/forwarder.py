@@ -102,10 +102,38 @@ class Forwarder:
 
     def _send(self, entries: list[tuple[bytes, bytes]]) -> None:
         """Send one outbox batch to search; raises (the batch stays queued) unless search
-        acknowledged it, then the questions leave the pool."""
+        acknowledged it, then the questions leave the pool.
+
+        The outbox is read from its head, so a label search refuses for good (its campaign or
+        class is gone) would block every later label of every campaign.  A refused batch is
+        split in halves until the refused labels stand alone; those go to the dead-letter
+        stream (``keys.LABEL_DEAD``) and leave the pool, and the rest is delivered.  Search
+        unavailable still raises: the whole batch waits."""
         answers = [(k.decode(), v == b"1") for k, v in entries]
-        self.search.submit(answers)
+        try:
+            self.search.submit(answers)
+        except (SearchRejected, SearchNotFound) as exc:
+            if len(entries) > 1:
+                half = len(entries) // 2
+                self._send(entries[:half])  # delivered halves are resent only as duplicates
+                self._send(entries[half:])
+                return
+            self._dead_letter(entries[0], exc)
         self.pool.done([q for q, _ in answers])
+
+    def _dead_letter(self, entry: tuple[bytes, bytes], exc: Exception) -> None:
+        """Park one label search refused alone, with the reason, so the queue moves on."""
+        qid, label = entry
+        log.error(
+            "search refused a decided label; dead-lettered",
+            extra={"question": qid.decode(errors="replace"), "details": str(exc)},
+        )
+        self.outbox.r.xadd(
+            keys.LABEL_DEAD,
+            {"k": qid, "v": label, "reason": str(exc)[:500]},
+            maxlen=keys.LABEL_DEAD_MAXLEN,
+            approximate=True,
+        )
 
     def _publish(self, entries: list[tuple[bytes, bytes]]) -> None:
         """The relay's publish: send the batch, then top up the pool and wake waiting

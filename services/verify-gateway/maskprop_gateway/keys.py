@@ -31,6 +31,7 @@ key (after the prefix)                  type   owner            also written by
 ``outbox:labels``                       stream forwarder        pool's settle script appends a
                                                                 decided label in the step that
                                                                 decides it (once per question)
+``outbox:labels:dead``                  stream forwarder
 ``qc:gold``                             hash   quality          -
 ``qc:campaign:{campaign}:gold``         set    quality          -
 ``qc:worker:{worker}[:{what}]``         mixed  quality          -
@@ -122,6 +123,10 @@ def seen(qid: str) -> str:
 #: Stream of decided labels on their way to search (a maskprop_runtime.outbox.Outbox):
 #: entry ``k`` question id, ``v`` ``"0"``/``"1"``.
 LABEL_OUTBOX = PREFIX + "outbox:labels"
+#: Stream of labels search refused one by one (an unknown campaign or class): entry ``k``
+#: question id, ``v`` label, ``reason``; capped (``LABEL_DEAD_MAXLEN``), for operators.
+LABEL_DEAD = PREFIX + "outbox:labels:dead"
+LABEL_DEAD_MAXLEN = 100_000
 
 
 # ---------------------------------------------------------------- quality control

@@ -10,7 +10,7 @@ from maskprop_gateway.app import policy_from
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
-from maskprop_gateway.search_client import SearchUnavailable
+from maskprop_gateway.search_client import SearchNotFound, SearchUnavailable
 from maskprop_gateway.settings import GatewaySettings
 from maskprop_gateway.topups import SEARCH_MAX_ANSWERS
 
@@ -98,3 +98,33 @@ def test_inline_a_request_sends_its_labels_and_a_failed_send_is_retried():
     assert search.calls == [[(qids[0], True), (qids[1], False)]]
     assert gw.retry_forward() == 0  # nothing left to retry
     assert gw.pool.ready_count("c") == 0 and not r.exists(keys.open_questions("c"))
+
+
+class RefusingSearch(RecordingSearch):
+    """Refuses a whole call when any answer names a campaign it does not know, as search does."""
+
+    def submit(self, answers):
+        answers = list(answers)
+        if any(q.startswith("gone:") for q, _ in answers):
+            raise SearchNotFound("campaign 'gone' has no class 0")
+        return super().submit(answers)
+
+
+def test_a_label_search_refuses_is_dead_lettered_and_the_labels_behind_it_are_delivered():
+    r = fakeredis.FakeRedis()
+    settings = GatewaySettings(key_pepper="p" * 20, forward_linger_s=0.0)
+    search = RefusingSearch()
+    gw = Gateway(r, search, QualityControl(r, policy_from(settings)), settings)
+    poison = "gone:0:1:1"
+    good = [f"c:0:{i}:{i}" for i in range(40)]
+    gw.forwarder.outbox.append([(poison, "1"), *((q, "1") for q in good)])
+    gw.forwarder.retry()
+    assert gw.forwarder.outbox.pending() == 0
+    assert {q for c in search.calls for q, _ in c} == set(good)
+    dead = r.xrange(keys.LABEL_DEAD)
+    assert [f[b"k"] for _id, f in dead] == [poison.encode()]
+    assert b"has no class" in dead[0][1][b"reason"]
+    # and the queue keeps moving for labels appended afterwards
+    gw.forwarder.outbox.append([("c:0:99:99", "0")])
+    assert gw.forwarder.retry() == 1
+    assert search.calls[-1] == [("c:0:99:99", False)]
