@@ -91,6 +91,7 @@ def _empty_positions(n: int) -> NDArray[np.int8]:
 # all little-endian.
 _LOG_MAGIC = b"MPL1"
 _CHUNK_HEAD = struct.Struct("<4s8sI")
+_INT32_MAX = 2**31 - 1
 _LEASE = struct.Struct("<cii")
 _COUNT = struct.Struct("<cI")
 _ANSWER = np.dtype([("c", "<i4"), ("node", "<i4"), ("mask", "<i4"), ("label", "u1")])
@@ -372,6 +373,11 @@ class AnnotationSession:
         """
         if max_questions < 1:
             raise MaskpropError("max_questions must be at least 1")
+        # The log packs both as int32; no call can hand out more than 2**31 - 1 questions or
+        # open more clusters, so clamping changes nothing and keeps the log exact.
+        max_questions = min(max_questions, _INT32_MAX)
+        if max_new_clusters is not None:
+            max_new_clusters = min(max_new_clusters, _INT32_MAX)
         log = self._log
         if log is None:
             return self._lease(max_questions, max_new_clusters)

@@ -345,3 +345,17 @@ def test_a_cached_session_catches_up_with_another_process_log():
     with pytest.raises(MaskpropError, match="not yet saved"):
         cached.apply_log([_one_more_chunk(writer, ious)])
     assert writer.needs_rebase(max_log_bytes=writer.log_bytes)
+
+
+def test_a_lease_beyond_int32_is_logged_exactly():
+    """The log packs lease bounds as int32: a huge bound must neither raise after changing the
+    state nor let restore(base + log) drift from the live session."""
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(60, 4))
+    tree = build_tree(f, rng.uniform(size=60))
+    s = AnnotationSession({0: tree}, AnnotationParams(), Selection(0.0, 0.0), seed=1)
+    base = s.rebase()
+    qs = s.lease(2**31, max_new_clusters=2**40)
+    assert qs
+    again = AnnotationSession.restore(base, {0: tree}, log=[s.take_log()])
+    assert again.snapshot() == s.snapshot()
