@@ -154,6 +154,11 @@ def runs_to_mask(runs: NDArray[np.integer], height: int, width: int) -> NDArray[
     return np.repeat(values, r).reshape(width, height).T
 
 
+#: The largest mask an RLE may describe (16k x 16k): a few bytes of counts could otherwise
+#: make a decoder allocate gigabytes.
+MAX_MASK_PIXELS = 1 << 28
+
+
 def rle_problem(height: int, width: int, counts: bytes | str) -> str | None:
     """Why ``(height, width, counts)`` is not a well-formed compressed COCO RLE, or ``None``.
 
@@ -161,6 +166,8 @@ def rle_problem(height: int, width: int, counts: bytes | str) -> str | None:
     """
     if height <= 0 or width <= 0:
         return f"RLE size {height}x{width} is empty"
+    if height * width > MAX_MASK_PIXELS:
+        return f"RLE size {height}x{width} exceeds {MAX_MASK_PIXELS} pixels"
     try:
         runs = counts_to_runs(counts)
     except MaskpropError as exc:
@@ -184,7 +191,7 @@ def well_formed(
     n = len(counts)
     h = np.asarray(heights, dtype=np.int64).reshape(n)
     w = np.asarray(widths, dtype=np.int64).reshape(n)
-    ok = (h > 0) & (w > 0)
+    ok = (h > 0) & (w > 0) & (h * w <= MAX_MASK_PIXELS)
     raw: list[bytes] = []
     for i, item in enumerate(counts):
         if isinstance(item, str):
@@ -242,6 +249,8 @@ def decode_rle(height: int, width: int, counts: bytes | str) -> NDArray[np.bool_
     """Compressed RLE -> bool[height, width]; raises :class:`MaskpropError` when malformed."""
     if height <= 0 or width <= 0:
         raise MaskpropError(f"RLE size {height}x{width} is empty")
+    if height * width > MAX_MASK_PIXELS:
+        raise MaskpropError(f"RLE size {height}x{width} exceeds {MAX_MASK_PIXELS} pixels")
     return runs_to_mask(counts_to_runs(counts), height, width)
 
 

@@ -275,3 +275,12 @@ def test_well_formed_checks_a_batch_exactly_as_rle_problem_checks_each(items):
     ]
     assert coco.well_formed(heights, widths, counts).tolist() == expected
     assert coco.well_formed([], [], []).tolist() == []
+
+
+def test_an_rle_larger_than_any_image_is_refused_before_decoding():
+    """One run of 10^10 pixels is a few bytes of counts: refused, never allocated."""
+    counts = coco.runs_to_counts(np.array([100_000 * 100_000], dtype=np.int64))
+    assert "exceeds" in coco.rle_problem(100_000, 100_000, counts)
+    assert not coco.well_formed([100_000], [100_000], [counts])[0]
+    with pytest.raises(MaskpropError, match="exceeds"):
+        coco.decode_rle(100_000, 100_000, counts)
