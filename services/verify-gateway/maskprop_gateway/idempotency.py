@@ -7,7 +7,9 @@ with the same key takes the key over once the lease lapses (issue #18: the recor
 stay "running" for its whole 24 h TTL and every retry got 409).  The taken-over request runs
 again with ``recovering=True``: the answers' own exactly-once guarantee (one answer per lease,
 question and worker; votes and gold scores are first-write-wins) makes the re-run apply what
-the dead request had not, and nothing twice.
+the dead request had not, and nothing twice.  Within the worker's lease only: a retry that
+arrives after the lease itself expired gets 410 like any late answer, and answers the dead
+request had marked but not yet voted on are lost (the questions go back to the pool).
 
 Each call is one Lua round trip, as the ``SET NX`` it replaces was.
 """
