@@ -306,8 +306,9 @@ DEFAULT_REPRESENTATIVES = 8
 _MEMORY_FRACTION = 0.8
 
 
-def _available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else physical memory."""
+def available_memory() -> int:
+    """Bytes of memory available: MemAvailable from /proc/meminfo (Linux), else physical
+    memory.  The tree's and the simulator's memory checks both read it."""
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
@@ -319,7 +320,7 @@ def _available_bytes() -> int:
 
 
 def _check_memory(need: int, what: str) -> None:
-    have = _available_bytes()
+    have = available_memory()
     if need > _MEMORY_FRACTION * have:
         raise MaskpropError(
             f"{what} needs about {need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB of "

@@ -143,7 +143,7 @@ def test_bad_inputs_are_one_clear_error(method):
 
 
 def test_a_class_too_large_for_memory_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(tree_mod, "_available_bytes", lambda: 10_000)
+    monkeypatch.setattr(tree_mod, "available_memory", lambda: 10_000)
     rng = np.random.default_rng(5)
     f, s = rng.normal(size=(400, 3)), rng.uniform(size=400)
     with pytest.raises(MaskpropError, match="GiB"):

@@ -57,7 +57,7 @@ from maskprop.simulate.annotator import SimulatedAnnotator
 from maskprop.simulate.baselines import _accept_threshold, _reject_threshold, _stratified_halves
 from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.result import Curve
-from maskprop.tree import AUTO_EXACT_MAX, Tree, build_tree
+from maskprop.tree import AUTO_EXACT_MAX, Tree, available_memory, build_tree
 
 #: Bins of a priority or score key in [0, 1] (finer than float32 scores).
 KEY_BINS = 2**30
@@ -425,18 +425,6 @@ class AdeSource:
 
 
 # --------------------------------------------------------------------------- memory
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); physical memory where that is missing."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def class_bytes(n: int, dim: int) -> int:
     """Estimated peak memory of simulating one class of ``n`` masks in a worker: the generated
     class (float32 features and float64 temporaries), its tree (2n-1 nodes of ~60 B), the
