@@ -147,7 +147,8 @@ async def _expire_loop(app: FastAPI, interval_s: float) -> None:
         try:
             expired = await asyncio.to_thread(app.state.gateway.expire_leases)
             for hook in app.state.expired_hooks:
-                hook(expired)
+                hook(expired)  # raises if a callback could not be queued: expired again later
+            await asyncio.to_thread(app.state.gateway.finish_expired, expired)
             await asyncio.to_thread(app.state.gateway.retry_forward)
             if time.monotonic() - swept >= SWEEP_INTERVAL_S:
                 swept = time.monotonic()

@@ -314,7 +314,9 @@ class Gateway:
     # ------------------------------------------------------------------ expiry, progress
     def expire_leases(self) -> list[dict[str, str]]:
         """Leases past their deadline: their unanswered questions are free again.  Returns
-        what expired (for the vendors' "lease.expired" callbacks)."""
+        what expired (for the vendors' "lease.expired" callbacks); call
+        :meth:`finish_expired` with their ids once the callbacks are queued (until then a
+        crash leaves them to be expired again, see :meth:`Leases.take_expired`)."""
         out = []
         for lease_id, rec in self.leases.take_expired(self.clock()):
             refs = rec["refs"]
@@ -333,6 +335,10 @@ class Gateway:
                 }
             )
         return out
+
+    def finish_expired(self, expired: list[dict[str, str]]) -> None:
+        """The expiries :meth:`expire_leases` returned are complete (callbacks queued)."""
+        self.leases.finish_expired(e["lease_id"] for e in expired)
 
     def retry_forward(self) -> int:
         """Inline forwarding only: send the labels whose own request could not (search was

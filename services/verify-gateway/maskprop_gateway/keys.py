@@ -164,5 +164,11 @@ def webhook_message(message_id: str) -> str:
     return f"{PREFIX}webhooks:msg:{message_id}"
 
 
+def webhook_expired_sent(lease_id: str) -> str:
+    """Once-marker of a lease's ``lease.expired`` callback: an expiry re-run after a crash
+    (:meth:`~maskprop_gateway.leases.Leases.take_expired`) queues it once."""
+    return f"{PREFIX}webhooks:expired:{lease_id}"
+
+
 def webhook_sent(lease_id: str) -> str:
     return f"{PREFIX}webhooks:sent:{lease_id}"

@@ -10,7 +10,9 @@ Keys (:mod:`maskprop_gateway.keys`):
   and overlay routes during the lease only;
 * ``lease:{id}:answered`` set of opaque ids: one answer per (lease, question);
 * ``lease:{id}:qual`` hash gold id -> ``"1"``/``"0"``: a qualification lease's answers so far;
-* ``leases`` zset lease id -> deadline: the expiry index;
+* ``leases`` zset lease id -> deadline: the expiry index; a lease being expired stays in it
+  with its score pushed ``EXPIRY_CLAIM_S`` ahead (claimed) until :meth:`Leases.finish_expired`
+  removes it, so an expiry cut off by a crash runs again (issue #18);
 * ``stats:{campaign}`` hash of counters (``answers``, ``gold_answers``).
 
 Questions handed to vendors carry opaque ids (``q_<random>``) so a hidden gold question looks
@@ -48,6 +50,17 @@ redis.call('hincrby', KEYS[2], 'gold_answers', golds)
 return out
 """
 
+# Claim the due leases: push their score to ARGV[2] so no other replica takes them while this
+# one frees their questions and queues their callbacks (a crash leaves them due again).
+_CLAIM_EXPIRED = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+#: Seconds a claimed expiry may take before another pass (any replica) takes it over.
+EXPIRY_CLAIM_S = 60.0
+
 _FIELDS = ("vendor", "worker", "campaign", "kind", "expires", "created", "refs")
 
 
@@ -62,6 +75,7 @@ class Leases:
         self.lease_ttl_s = lease_ttl_s
         self.retention_s = retention_s
         self._answered = redis.register_script(_ANSWERED)
+        self._claim_expired = redis.register_script(_CLAIM_EXPIRED)
 
     @property
     def record_ttl_s(self) -> int:
@@ -175,16 +189,34 @@ class Leases:
         stored = self.r.hgetall(keys.lease_qualification(lease_id))
         return {_s(k): v == b"1" for k, v in stored.items()}
 
-    def take_expired(self, now: float) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Leases past their deadline at ``now``, each taken out of the expiry index: (lease
-        id, record) of those whose record still exists."""
-        for raw in self.r.zrangebyscore(keys.LEASES, "-inf", now):
-            lease_id = _s(raw)
-            if not self.r.zrem(keys.LEASES, lease_id):
-                continue  # another replica's expiry loop took it (one lease.expired each)
+    def take_expired(
+        self, now: float, *, limit: int = 1000
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Leases past their deadline at ``now`` (up to ``limit``), each claimed for
+        :data:`EXPIRY_CLAIM_S` seconds: (lease id, record) of those whose record still exists.
+        Call :meth:`finish_expired` once their questions are free and their callbacks queued;
+        a lease whose expiry was cut off (a killed gateway) is due again when its claim lapses,
+        and every step of an expiry is idempotent (a release drops a hold once, the callback
+        has a once-marker), so it completes exactly once."""
+        for _ in range(limit):
+            # one lease a claim: replicas expiring at the same time share the due leases
+            taken = self._claim_expired(
+                keys=[keys.LEASES], args=[repr(now), repr(now + EXPIRY_CLAIM_S), 1]
+            )
+            if not taken:
+                return
+            lease_id = _s(taken[0])
             rec = self.record(lease_id)
-            if rec is not None:
+            if rec is None:  # its record outlived its retention: nothing left to free
+                self.finish_expired([lease_id])
+            else:
                 yield lease_id, rec
+
+    def finish_expired(self, lease_ids: Iterable[str]) -> None:
+        """Take leases whose expiry completed out of the expiry index."""
+        ids = list(lease_ids)
+        if ids:
+            self.r.zrem(keys.LEASES, *ids)
 
     def stats(self, campaign: str) -> dict[str, int]:
         """The campaign's answer counters (``answers``, ``gold_answers``)."""

@@ -377,7 +377,11 @@ class Webhooks:
         return message_id
 
     def on_expired(self, expired: list[dict[str, str]]) -> None:
-        """``app.state.expired_hooks`` entry: one ``lease.expired`` per expired lease."""
+        """``app.state.expired_hooks`` entry: one ``lease.expired`` per expired lease, queued
+        once (a marker per lease, set in the same step), so an expiry run again after a crash
+        sends none twice.  Raises after trying them all if any could not be queued, so the
+        caller leaves those leases to be expired (and their callbacks queued) again."""
+        failed = 0
         for lease in expired:
             try:
                 self.enqueue(
@@ -388,9 +392,13 @@ class Webhooks:
                         "worker_id": lease["worker_id"],
                         "unanswered": int(lease["unanswered"]),
                     },
+                    once=keys.webhook_expired_sent(lease["lease_id"]),
                 )
             except Exception:
+                failed += 1
                 log.exception("lease.expired callback not queued", extra={"lease": lease})
+        if failed:
+            raise RuntimeError(f"{failed} lease.expired callbacks not queued; will retry")
 
     def on_submitted(self, vendor_id: str, lease_id: str) -> None:
         """After answers to a lease: ``batch.finished`` once, when its last question is

@@ -223,3 +223,35 @@ def test_the_renewal_thread_keeps_a_running_request_its_key_and_stops_after():
     time.sleep(1.2)  # no longer renewed: a retry takes it over
     retry = s.begin("v", "k", "fp")
     assert isinstance(retry, Held) and retry.recovering
+
+
+def test_an_expiry_cut_off_by_a_crash_runs_again_and_queues_one_callback():
+    """Issue #18: a gateway killed between taking a lease off the expiry index and queuing its
+    ``lease.expired`` lost the callback for good (and left its questions held).  The claim
+    lapses, another pass completes the expiry, and the callback is queued exactly once."""
+    from maskprop_gateway.auth import KeyStore
+    from maskprop_gateway.leases import EXPIRY_CLAIM_S
+    from maskprop_gateway.webhooks import Webhooks, set_webhook
+
+    clock = Clock()
+    r, _, gw = world(3, clock)
+    KeyStore(r, "p" * 20).create("v", "Vendor")
+    set_webhook("v", "https://hooks.example.com/mp", redis=r)
+    hooks = Webhooks(r, clock=clock, threads=1, post_fn=lambda *a, **k: 204)
+    offer = gw.create_lease("v", "w1", "c", 3, refill=False)
+    assert gw.create_lease("v", "w2", "c", 3, refill=False).questions == []  # all held by w1
+    clock.t += gw.settings.lease_ttl_s + 1
+
+    dead = gw.expire_leases()  # the first pass frees the questions, then its process dies
+    assert offer.lease_id in {e["lease_id"] for e in dead} and len(dead) == 2  # w1's and w2's
+    assert gw.expire_leases() == []  # claimed: a second replica does not take it meanwhile
+    clock.t += EXPIRY_CLAIM_S + 1
+    again = gw.expire_leases()
+    assert again == dead
+    hooks.on_expired(again)
+    hooks.on_expired(again)  # a pass that died after queuing, run once more
+    gw.finish_expired(again)
+    assert hooks.pending() == len(dead)  # one callback a lease
+    clock.t += EXPIRY_CLAIM_S + 1
+    assert gw.expire_leases() == []  # finished: never again
+    assert len(gw.create_lease("v", "w3", "c", 3, refill=False).questions) == 3
