@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from maskprop_runtime import topics
+
 
 class RuntimeSettings(BaseSettings):
     """What every service needs."""
@@ -32,6 +34,9 @@ class RuntimeSettings(BaseSettings):
     log_json: bool = True
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     kafka_max_poll_records: int = Field(default=50, ge=1)
+    # Every topic's max.message.bytes (set on the topics: scripts/dev-infra.sh, deploy/k8s);
+    # producers cut their events below it (maskprop_runtime.topics.record_limit).
+    kafka_max_message_bytes: int = Field(default=topics.MAX_MESSAGE_BYTES, ge=65_536)
     connect_timeout_s: float = Field(default=120.0, gt=0)
     # Seconds a consumer remembers an event id it handled (maskprop_runtime.loop.DedupStore):
     # well beyond any redelivery window; default 7 days.

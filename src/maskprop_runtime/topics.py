@@ -23,6 +23,23 @@ PAYLOADS: dict[str, type[Message]] = {
     DEADLETTER: common_pb2.DeadLetter,
 }
 
+#: Every topic's ``max.message.bytes`` unless ``MASKPROP_KAFKA_MAX_MESSAGE_BYTES`` says
+#: otherwise (Kafka's own default is 1 MiB + 12 bytes; maskprop sets it explicitly on each topic:
+#: scripts/dev-infra.sh, deploy/k8s/base/kafka.yaml, ``KafkaBus.ensure_topics``).
+MAX_MESSAGE_BYTES = 1_048_576
+#: Bytes of a record batch that are not the record's value: the batch header (61 B), the
+#: record header, the key (< 200 B) and kafka-python's estimate slack.  A value of at most
+#: ``max.message.bytes - RECORD_HEADROOM`` always fits: records over the producer's 16 KiB
+#: batch size travel alone in their batch.
+RECORD_HEADROOM = 4096
+
+
+def record_limit(max_message_bytes: int = MAX_MESSAGE_BYTES) -> int:
+    """The most bytes a serialized event may take on a topic of ``max_message_bytes``."""
+    if max_message_bytes <= 2 * RECORD_HEADROOM:
+        raise ValueError(f"max.message.bytes must exceed {2 * RECORD_HEADROOM}")
+    return max_message_bytes - RECORD_HEADROOM
+
 
 def class_key(campaign: str, class_id: int) -> bytes:
     """Partition key: all events of one class of one campaign stay in order."""

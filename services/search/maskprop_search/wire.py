@@ -8,6 +8,7 @@ call these functions with what they loaded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,15 @@ from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.treestore import TreeStore, check_name
 
-#: Labels per LabelsPropagated event: a root-level decision can cover 30k masks, and the
-#: broker's default message.max.bytes is 1 MB.
-LABELS_PER_EVENT = 2000
+log = logging.getLogger(__name__)
+
+#: Upper bounds of the serialized bytes (protobuf tags and varints at their widest) of a
+#: ``PropagatedLabel`` without its strings and RLE counts, of an ``ImageInfo`` without its
+#: strings, and of a ``LabelsPropagated`` header without its strings: an event's size is
+#: bounded from string lengths alone, without serializing anything twice.
+LABEL_BYTES = 96
+IMAGE_BYTES = 32
+HEADER_BYTES = 96
 
 
 class BadRequest(ValueError):
@@ -129,13 +136,24 @@ def label_events(
     masks: ClassMasks,
     session: AnnotationSession,
     decisions: list[Decision],
+    *,
+    max_bytes: int = topics.record_limit(),
 ) -> list[search_pb2.LabelsPropagated]:
     """The labels of ``decisions`` (terminal ones, of class ``class_id``) in events of at most
-    LABELS_PER_EVENT labels.  Event ids derive from the first decision's node, so the same
-    decisions always make the same events (consumers dedupe by id).
+    ``max_bytes`` serialized bytes (:func:`maskprop_runtime.topics.record_limit` of the
+    labels topic's ``max.message.bytes``).  Event ids derive from the first decision's node
+    and the chunk number, so the same decisions always make the same events (consumers
+    dedupe by id; the sink's ledger by ``mask_index``).
 
-    Built column-wise (numpy ``tolist`` per column, then ``labels.add`` with plain Python
-    values): a sweep labels thousands of masks a call, and a message built from numpy
+    Only accepted labels carry their RLE: rejected, auto-rejected and skipped masks are
+    negatives the dataset keeps for provenance only (a 1M-mask class rejected at its root was
+    ~350 MB of RLEs nobody exports).  An accepted label whose RLE alone would not fit is put
+    alone in an event without its RLE and with ``omitted_rle_bytes`` set: the sink dead-letters
+    that event with the reason, and nothing else waits behind it.
+
+    Sizes are upper bounds from string lengths (``LABEL_BYTES`` and co.), chunked greedily in
+    label order; built column-wise (numpy ``tolist`` per column, then ``labels.add`` with plain
+    Python values): a sweep labels thousands of masks a call, and a message built from numpy
     scalars and nested constructors cost ~13 us a label, this ~1.5 us."""
     table = masks.table
     rows, values, verified_or_not, which_a = session.decisions_labels(decisions)
@@ -148,6 +166,7 @@ def label_events(
         search_pb2.LABEL_SOURCE_PROPAGATED,
     ).tolist()
     which = which_a.tolist()
+    index = rows.tolist()
     mask_ids = table.mask_ids[rows].tolist()
     image_ids = table.image_ids[rows].tolist()
     heights = table.rle_h[rows].tolist()
@@ -156,18 +175,39 @@ def label_events(
     starts = table.rle_offsets[rows].tolist()
     ends = table.rle_offsets[rows + 1].tolist()
     blob = table.rle_blob
-    out = []
+    n_masks = int(table.mask_ids.shape[0])
     first = decisions[0].node
-    for chunk, lo in enumerate(range(0, len(mask_ids), LABELS_PER_EVENT)):
-        hi = lo + LABELS_PER_EVENT
+    header = HEADER_BYTES + 2 * len(campaign) + len(masks.class_name.encode())
+    chunks = _chunks(
+        header,
+        max_bytes,
+        [
+            LABEL_BYTES
+            + len(m.encode())
+            + len(im.encode())
+            + len(decisions[w].outcome)
+            + ((hi - lo) if a else 0)
+            for m, im, w, a, lo, hi in zip(
+                mask_ids, image_ids, which, accepted, starts, ends, strict=True
+            )
+        ],
+        image_ids,
+        {
+            im: IMAGE_BYTES + len(im.encode()) + len(masks.images[im][2].encode())
+            for im in image_ids
+        },
+    )
+    out = []
+    for chunk, (lo, hi, oversized) in enumerate(chunks):
         ev = search_pb2.LabelsPropagated(
             event_id=f"labels.{campaign}.{class_id}.{first}.{chunk}",
             campaign=campaign,
             class_id=class_id,
             class_name=masks.class_name,
+            class_masks=n_masks,
         )
         labels = ev.labels
-        for i in range(lo, min(hi, len(mask_ids))):
+        for i in range(lo, hi):
             d = decisions[which[i]]
             lab = labels.add(
                 mask_id=mask_ids[i],
@@ -179,15 +219,60 @@ def label_events(
                 outcome=d.outcome,
                 yes=d.yes,
                 answered=d.answered,
+                mask_index=index[i],
             )
-            rle = lab.rle
-            rle.height = heights[i]
-            rle.width = widths[i]
-            rle.counts = blob[starts[i] : ends[i]]
+            if oversized:
+                lab.omitted_rle_bytes = ends[i] - starts[i]
+                log.error(
+                    "an accepted mask's RLE cannot fit in a label event; sent without it",
+                    extra={
+                        "campaign": campaign,
+                        "class_id": class_id,
+                        "mask_id": mask_ids[i],
+                        "rle_bytes": ends[i] - starts[i],
+                        "max_bytes": max_bytes,
+                    },
+                )
+            elif accepted[i]:
+                rle = lab.rle
+                rle.height = heights[i]
+                rle.width = widths[i]
+                rle.counts = blob[starts[i] : ends[i]]
         for image_id in dict.fromkeys(image_ids[lo:hi]):  # first appearance order
             width, height, file_name = masks.images[image_id]
             ev.images.add(image_id=image_id, width=width, height=height, file_name=file_name)
         out.append(ev)
+    return out
+
+
+def _chunks(
+    header: int,
+    max_bytes: int,
+    label_bytes: list[int],
+    image_ids: list[str],
+    image_bytes: Mapping[str, int],
+) -> list[tuple[int, int, bool]]:
+    """Greedy cut of labels ``0..n-1`` (in order) into ``(lo, hi, oversized)`` runs whose
+    bound ``header + sum(label_bytes) + image_bytes of each distinct image`` stays within
+    ``max_bytes``.  A label that does not fit even alone is a run of its own with
+    ``oversized=True`` (it must travel without its RLE)."""
+    out: list[tuple[int, int, bool]] = []
+    lo, size = 0, header
+    seen: set[str] = set()
+    for i, (b, im) in enumerate(zip(label_bytes, image_ids, strict=True)):
+        add = b + (0 if im in seen else image_bytes[im])
+        if size + add > max_bytes and i > lo:
+            out.append((lo, i, False))
+            lo, size, seen = i, header, set()
+            add = b + image_bytes[im]
+        if size + add > max_bytes:  # alone and still too large
+            out.append((i, i + 1, True))
+            lo, size, seen = i + 1, header, set()
+            continue
+        size += add
+        seen.add(im)
+    if lo < len(label_bytes):
+        out.append((lo, len(label_bytes), False))
     return out
 
 
@@ -197,6 +282,8 @@ def label_entries(
     masks: ClassMasks,
     session: AnnotationSession,
     decisions: list[Decision],
+    *,
+    max_bytes: int = topics.record_limit(),
 ) -> list[tuple[bytes, bytes]]:
     """:func:`label_events` as outbox entries: (Kafka key of the class, serialized event)."""
     if not decisions:
@@ -204,7 +291,7 @@ def label_entries(
     key = topics.class_key(campaign, class_id)
     return [
         (key, ev.SerializeToString())
-        for ev in label_events(campaign, class_id, masks, session, decisions)
+        for ev in label_events(campaign, class_id, masks, session, decisions, max_bytes=max_bytes)
     ]
 
 

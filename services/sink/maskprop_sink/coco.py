@@ -35,7 +35,10 @@ def export_coco(
     -------
     dict with ``images``, ``annotations``, ``categories`` (counts written) and
     ``skipped_late`` (labels whose image or class appeared after the export read the image
-    and category lists, i.e. written by the live sink during the export; 0 on a quiet dataset).
+    and category lists, i.e. written by the live sink during the export; 0 on a quiet dataset)
+    and ``skipped_no_outline`` (rejected labels exported with ``accepted_only=False`` that have
+    no RLE: search sends none for rejected masks).  ``accepted_only`` reads the accepted
+    shards alone.
 
     Notes
     -----
@@ -56,7 +59,7 @@ def export_coco(
         raise FileNotFoundError(f"no dataset for campaign {campaign!r} under {dataset_root}")
     classes = reader.categories(campaign)
     image_ids: dict[str, int] = {}  # maskprop image id -> COCO id, filled as images stream
-    skipped = 0
+    skipped = no_outline = 0
 
     def images() -> Iterator[dict[str, Any]]:
         for im in reader.images(campaign):
@@ -71,12 +74,15 @@ def export_coco(
 
     def annotations() -> Iterator[dict[str, Any]]:
         # Runs after images() is exhausted (the writer streams images first).
-        nonlocal skipped
+        nonlocal skipped, no_outline
         n = 0
         for rec in reader.labels(campaign, accepted_only=accepted_only):
             image_id = image_ids.get(rec["image_id"])
             if image_id is None or rec["class_id"] not in classes:
                 skipped += 1
+                continue
+            if rec["segmentation"] is None:  # a rejected mask search sent without its RLE
+                no_outline += 1
                 continue
             n += 1
             yield instance(
@@ -111,4 +117,4 @@ def export_coco(
         images=images(),
         annotations=annotations(),
     )
-    return {**written, "skipped_late": skipped}
+    return {**written, "skipped_late": skipped, "skipped_no_outline": no_outline}

@@ -2,8 +2,9 @@
 
 Consumes ``maskprop.labels`` (LabelsPropagated) as group ``maskprop-sink``; produces nothing.
 State: the dataset directory (:mod:`maskprop_sink.dataset`).  Exactly-once comes from the
-writer's ledger, rebuilt from the shards at start, so the loop needs no Redis dedup set; a
-redelivered event or a republished search outbox writes nothing the second time.
+writer's ledger (a bitmap per class over mask indices, checkpointed beside the shards and
+completed from the shards' tail at start), so the loop needs no Redis dedup set; a redelivered
+event or a republished search outbox writes nothing the second time.
 """
 
 from __future__ import annotations
@@ -70,14 +71,25 @@ def validate(event: search_pb2.LabelsPropagated) -> None:
             raise InvalidEvent(f"label {lab.mask_id!r}: image_id must be 1-{MAX_ID} characters")
         if not math.isfinite(lab.score):
             raise InvalidEvent(f"label {lab.mask_id!r}: score is not finite")
+        if lab.accepted and not lab.HasField("rle"):
+            if lab.omitted_rle_bytes:
+                # Search sends such a label alone: parking this event blocks nothing else.
+                raise InvalidEvent(
+                    f"label {lab.mask_id!r} (mask_index {lab.mask_index}) is accepted but came "
+                    f"without its RLE: {lab.omitted_rle_bytes} bytes cannot fit under the "
+                    "labels topic's max.message.bytes"
+                )
+            raise InvalidEvent(f"label {lab.mask_id!r} is accepted but has no RLE")
     # Checked before anything decodes them (pycocotools trusts the counts and writes past its
-    # h * w buffer when the runs add up to more), all labels in one vectorised pass.
-    rles = [lab.rle for lab in event.labels]
+    # h * w buffer when the runs add up to more), all labels in one vectorised pass.  Only
+    # accepted labels need an RLE; a rejected one may still carry one.
+    outlined = [lab for lab in event.labels if lab.HasField("rle")]
+    rles = [lab.rle for lab in outlined]
     ok = coco.well_formed(
         [r.height for r in rles], [r.width for r in rles], [r.counts for r in rles]
     )
     if not ok.all():
-        lab = event.labels[int(np.argmin(ok))]
+        lab = outlined[int(np.argmin(ok))]
         problem = coco.rle_problem(lab.rle.height, lab.rle.width, lab.rle.counts)
         raise InvalidEvent(f"label {lab.mask_id!r}: {problem}")
 

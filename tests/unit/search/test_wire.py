@@ -57,8 +57,7 @@ def _masks(n: int) -> ClassMasks:
     return ClassMasks(table, "cat", images)  # type: ignore[arg-type]
 
 
-def test_label_events_cover_each_decided_mask_once_in_bounded_events(monkeypatch) -> None:
-    monkeypatch.setattr(wire, "LABELS_PER_EVENT", 7)
+def test_label_events_cover_each_decided_mask_once_in_bounded_events() -> None:
     n = 60
     session, iou = _session(n, seed=1)
     masks = _masks(n)
@@ -67,21 +66,26 @@ def test_label_events_cover_each_decided_mask_once_in_bounded_events(monkeypatch
         qs = session.lease(10)
         session.submit(Answer(q.class_id, q.node, q.mask, bool(iou[q.mask] >= 0.5)) for q in qs)
         decisions += [d for d in session.pop_decisions() if d.terminal]
-    events = wire.label_events("c1", 0, masks, session, decisions)
+    events = wire.label_events("c1", 0, masks, session, decisions, max_bytes=700)
     labels = [lab for ev in events for lab in ev.labels]
     assert sorted(lab.mask_id for lab in labels) == sorted(f"m{i}" for i in range(n))
-    assert all(len(ev.labels) <= 7 for ev in events)
+    assert all(ev.ByteSize() <= 700 for ev in events) and len(events) > 1
     assert len({ev.event_id for ev in events}) == len(events)
     final = session.labels(0)
     for lab in labels:
         i = int(lab.mask_id[1:])
         assert lab.accepted == (final[i] == 1)
-        assert lab.rle.counts == f"rle{i}".encode() and (lab.rle.height, lab.rle.width) == (8, 6)
+        assert lab.mask_index == i
+        if lab.accepted:  # rejected masks carry no RLE (issue #15)
+            assert lab.rle.counts == f"rle{i}".encode()
+            assert (lab.rle.height, lab.rle.width) == (8, 6)
+        else:
+            assert not lab.HasField("rle")
     for ev in events:  # the images of its labels, in first-appearance order
         assert [im.image_id for im in ev.images] == list(
             dict.fromkeys(lab.image_id for lab in ev.labels)
         )
-    entries = wire.label_entries("c1", 0, masks, session, decisions)
+    entries = wire.label_entries("c1", 0, masks, session, decisions, max_bytes=700)
     assert [v for _k, v in entries] == [ev.SerializeToString() for ev in events]
     assert {k for k, _v in entries} == {b"c1/0"}
     assert wire.label_entries("c1", 0, masks, session, []) == []

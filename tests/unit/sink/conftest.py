@@ -13,6 +13,7 @@ from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 
 H, W = 6, 8
+CLASS_MASKS = 100  # every class's tree size: mask ``m<class>-<i>`` has mask_index i
 
 
 @dataclass
@@ -40,8 +41,8 @@ def build_event(
     accepted: bool | Sequence[bool] = True,
     n_images: int = 2,
 ) -> Built:
-    """Labels ``m<class_id>-<i>`` for i in [first, first + n) on images ``img<i % n_images>``;
-    even i are verified, odd i propagated."""
+    """Labels ``m<class_id>-<i>`` (mask_index i) for i in [first, first + n) on images
+    ``img<i % n_images>``; even i are verified, odd i propagated."""
     ids = list(range(first, first + n))
     acc = [accepted] * n if isinstance(accepted, bool) else list(accepted)
     masks = np.stack([mask_for(class_id, i) for i in ids], axis=-1)
@@ -51,6 +52,7 @@ def build_event(
         campaign=campaign,
         class_id=class_id,
         class_name=class_name,
+        class_masks=CLASS_MASKS,
     )
     out: dict[str, np.ndarray] = {}
     images: set[str] = set()
@@ -70,6 +72,7 @@ def build_event(
             outcome=outcome,
             yes=3,
             answered=4,
+            mask_index=i,
         )
         out[mask_id] = masks[..., j].astype(np.uint8)
         images.add(image_id)

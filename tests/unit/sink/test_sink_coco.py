@@ -27,7 +27,13 @@ def test_export_loads_in_pycocotools_and_round_trips_the_masks(tmp_path, dataset
     root, masks = dataset
     out = tmp_path / "coco" / "demo.json"
     summary = export_coco(root, "demo", out)
-    assert summary == {"images": 3, "annotations": 6, "categories": 2, "skipped_late": 0}
+    assert summary == {
+        "images": 3,
+        "annotations": 6,
+        "categories": 2,
+        "skipped_late": 0,
+        "skipped_no_outline": 0,
+    }
 
     coco = COCO(str(out))
     anns = coco.loadAnns(coco.getAnnIds())

@@ -20,8 +20,8 @@ from pycocotools import mask as mask_utils
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 
 
-def shard(root, partition=0, seq=0, campaign="demo"):
-    return root / campaign / "labels" / shard_name(partition, seq)
+def shard(root, partition=0, seq=0, campaign="demo", kind="accepted"):
+    return root / campaign / "labels" / kind / shard_name(partition, seq)
 
 
 def lines(path):
@@ -38,9 +38,9 @@ def test_duplicates_are_skipped_within_and_across_events(tmp_path, make_event):
         doubled = make_event(n=1, first=10).event
         doubled.labels.append(doubled.labels[0])
         assert w.write(doubled, 0) == 1
-        # The key is (campaign, class_id, mask_id): the same id in another class is new.
+        # The key is (campaign, class_id, mask_index): the same index in another class is new.
         assert w.write(make_event(n=1, class_id=1).event, 0) == 1
-        assert w.known("demo", 0, "m0-5") and not w.known("demo", 0, "m0-6")
+        assert w.known("demo", 0, 5) and not w.known("demo", 0, 6)
     stats = DatasetReader(tmp_path).ledger_stats("demo")
     assert stats == {"labels": 8, "accepted": 8, "unique_masks": 8, "duplicate_keys": 0}
 
@@ -66,11 +66,13 @@ def test_lines_carry_event_and_mask_images_once_and_categories(tmp_path, make_ev
         w.write(make_event(n=1, class_id=3, class_name="dog", n_images=5, first=4).event, 0)
     reader = DatasetReader(tmp_path)
     recs = list(reader.labels("demo"))
-    first = recs[1]
+    first = recs[-1]  # the one rejected label: rejected shards are read after accepted ones
     assert list(first) == [
-        "campaign", "class_id", "class_name", "mask_id", "image_id", "accepted", "source",
-        "node", "outcome", "yes", "answered", "score", "segmentation", "event_id",
+        "campaign", "class_id", "class_name", "mask_id", "mask_index", "class_masks",
+        "image_id", "accepted", "source", "node", "outcome", "yes", "answered", "score",
+        "segmentation", "event_id",
     ]  # fmt: skip
+    assert (first["mask_index"], first["class_masks"]) == (1, 100)
     assert first["campaign"] == "demo" and first["class_id"] == 0 and first["class_name"] == "cat"
     assert (first["mask_id"], first["image_id"]) == ("m0-1", "img1")
     assert first["accepted"] is False and first["source"] == "propagated"
@@ -82,6 +84,7 @@ def test_lines_carry_event_and_mask_images_once_and_categories(tmp_path, make_ev
     )
     assert first["score"] == pytest.approx(0.51)
     assert first["event_id"] == "demo/0/42" and recs[0]["source"] == "verified"
+    assert len(lines(shard(tmp_path, kind="rejected"))) == 1
     seg = first["segmentation"]
     assert seg["size"] == [6, 8] and isinstance(seg["counts"], str)
     decoded = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()})
@@ -108,7 +111,7 @@ def test_torn_trailing_line_is_truncated_at_start_and_redelivery_completes(tmp_p
 
     with DatasetWriter(tmp_path) as w:
         assert path.stat().st_size == kept  # the torn line is gone, the whole one stays
-        assert w.known("demo", 0, "m0-3") and not w.known("demo", 0, "m0-4")
+        assert w.known("demo", 0, 3) and not w.known("demo", 0, 4)
         assert w.write(second, 0) == 2  # the redelivered event writes only what was lost
     assert all(line.endswith(b"\n") for line in lines(path))
     stats = DatasetReader(tmp_path).ledger_stats("demo")
@@ -147,6 +150,10 @@ def test_corrupt_middle_line_is_reported_not_repaired(tmp_path, make_event):
     path.write_bytes(body[0] + b"not json\n" + b"".join(body[1:]))
     before = path.read_bytes()
     with pytest.raises(DatasetCorrupt, match="not a JSON object"):
+        list(DatasetReader(tmp_path).labels("demo"))
+    # The writer reads shards only past its checkpoint (issue #15); a full scan reports it.
+    (tmp_path / "demo" / dataset.CHECKPOINT_FILE).unlink()
+    with pytest.raises(DatasetCorrupt, match="not a JSON object"):
         DatasetWriter(tmp_path)
     assert path.read_bytes() == before
     DatasetWriter(tmp_path / "other").close()  # the failed writer released its lock
@@ -156,7 +163,7 @@ def test_shards_rotate_per_partition_and_restart_continues_the_last(tmp_path, ma
     with DatasetWriter(tmp_path, shard_lines=3) as w:
         assert w.write(make_event(n=7).event, 1) == 7
         assert w.write(make_event(n=2, class_id=2).event, 0) == 2
-    folder = tmp_path / "demo" / "labels"
+    folder = tmp_path / "demo" / "labels" / "accepted"
     counts = {p.name: len(lines(p)) for p in sorted(folder.iterdir())}
     assert counts == {
         "part-0-00000.jsonl": 2,
@@ -215,7 +222,7 @@ def test_unwritable_events_are_refused_before_any_file_is_touched(tmp_path, make
             w.write(bad_name, 0)
         unknown_image = make_event(n=2).event
         del unknown_image.images[:]
-        with pytest.raises(UnwritableEvent, match="described neither"):
+        with pytest.raises(UnwritableEvent, match="not described in the event"):
             w.write(unknown_image, 0)
         no_source = make_event(n=2).event
         no_source.labels[1].source = search_pb2.LABEL_SOURCE_UNSPECIFIED
@@ -227,12 +234,17 @@ def test_unwritable_events_are_refused_before_any_file_is_touched(tmp_path, make
     assert not (tmp_path.parent / "escape").exists()
 
 
-def test_images_described_earlier_need_not_be_repeated(tmp_path, make_event):
+def test_every_event_describes_its_labels_images(tmp_path, make_event):
+    # Issue #15: no image ledger (its memory grew with the dataset); search's events always
+    # describe their labels' images, and images.jsonl lists each recent one once.
     with DatasetWriter(tmp_path) as w:
         w.write(make_event(n=2).event, 0)
         later = make_event(n=2, first=2).event
         del later.images[:]
-        assert w.write(later, 0) == 2
+        with pytest.raises(UnwritableEvent, match="not described in the event"):
+            w.write(later, 0)
+        assert w.write(make_event(n=2, first=2).event, 0) == 2
+    assert len(lines(tmp_path / "demo" / "images.jsonl")) == 2
 
 
 def test_categories_are_rebuilt_from_the_labels_when_lost(tmp_path, make_event):

@@ -58,7 +58,7 @@ def test_loop_writes_labels_once_and_parks_bad_events(tmp_path, make_event):
 
         stats = DatasetReader(tmp_path / "dataset").ledger_stats("demo")
         assert stats == {"labels": 7, "accepted": 7, "unique_masks": 7, "duplicate_keys": 0}
-        assert not writer.known("demo", 0, "m0-5")  # an invalid event writes nothing
+        assert not writer.known("demo", 0, 5)  # an invalid event writes nothing
 
         # The loop goes on, and a republished event adds nothing.
         publish(bus, later, make_event(n=1, first=20).event)
@@ -140,7 +140,7 @@ def _no_source(ev):
         (_no_image_id, "image_id"),
         (_nan_score, "not finite"),
         (_bad_campaign, "campaign"),
-        (_unknown_image, "described neither"),
+        (_unknown_image, "not described in the event"),
         (_no_source, "no label source"),
     ],
 )

@@ -122,7 +122,7 @@ class GetProgressResponse(_message.Message):
     def __init__(self, classes: _Optional[_Iterable[_Union[ClassProgress, _Mapping]]] = ..., questions: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class PropagatedLabel(_message.Message):
-    __slots__ = ("mask_id", "image_id", "accepted", "source", "rle", "score", "node", "outcome", "yes", "answered")
+    __slots__ = ("mask_id", "image_id", "accepted", "source", "rle", "score", "node", "outcome", "yes", "answered", "mask_index", "omitted_rle_bytes")
     MASK_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,8 @@ class PropagatedLabel(_message.Message):
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     YES_FIELD_NUMBER: _ClassVar[int]
     ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    MASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_RLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     mask_id: str
     image_id: str
     accepted: bool
@@ -143,20 +145,24 @@ class PropagatedLabel(_message.Message):
     outcome: str
     yes: int
     answered: int
-    def __init__(self, mask_id: _Optional[str] = ..., image_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., source: _Optional[_Union[LabelSource, str]] = ..., rle: _Optional[_Union[_common_pb2.RleMask, _Mapping]] = ..., score: _Optional[float] = ..., node: _Optional[int] = ..., outcome: _Optional[str] = ..., yes: _Optional[int] = ..., answered: _Optional[int] = ...) -> None: ...
+    mask_index: int
+    omitted_rle_bytes: int
+    def __init__(self, mask_id: _Optional[str] = ..., image_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., source: _Optional[_Union[LabelSource, str]] = ..., rle: _Optional[_Union[_common_pb2.RleMask, _Mapping]] = ..., score: _Optional[float] = ..., node: _Optional[int] = ..., outcome: _Optional[str] = ..., yes: _Optional[int] = ..., answered: _Optional[int] = ..., mask_index: _Optional[int] = ..., omitted_rle_bytes: _Optional[int] = ...) -> None: ...
 
 class LabelsPropagated(_message.Message):
-    __slots__ = ("event_id", "campaign", "class_id", "class_name", "labels", "images")
+    __slots__ = ("event_id", "campaign", "class_id", "class_name", "labels", "images", "class_masks")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
     CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_MASKS_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     campaign: str
     class_id: int
     class_name: str
     labels: _containers.RepeatedCompositeFieldContainer[PropagatedLabel]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInfo]
-    def __init__(self, event_id: _Optional[str] = ..., campaign: _Optional[str] = ..., class_id: _Optional[int] = ..., class_name: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[PropagatedLabel, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInfo, _Mapping]]] = ...) -> None: ...
+    class_masks: int
+    def __init__(self, event_id: _Optional[str] = ..., campaign: _Optional[str] = ..., class_id: _Optional[int] = ..., class_name: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[PropagatedLabel, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInfo, _Mapping]]] = ..., class_masks: _Optional[int] = ...) -> None: ...
