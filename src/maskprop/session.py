@@ -335,6 +335,26 @@ class AnnotationSession:
             }
         return out
 
+    def open_clusters(self, class_id: int) -> int:
+        """Clusters of ``class_id`` being verified (opened by a lease, not decided yet)."""
+        return sum(1 for (k, _) in self._open if k == class_id)
+
+    def questions_ready(self) -> int:
+        """About how many questions :meth:`lease` could hand out now: the sample not yet
+        leased of every open cluster, plus ``samples_per_cluster`` per candidate cluster (a
+        candidate may give fewer, or more when it is split automatically).  0 exactly when
+        :meth:`has_questions` is False.  O(open clusters); a service stores it beside the
+        state so a lease picks classes without loading them."""
+        if not self.has_questions():
+            return 0
+        sequential = self.params.sequential != "off"
+        open_left = sum(
+            len(oc.sample) - oc.leased
+            for oc in self._open.values()
+            if not (sequential and oc.outstanding)
+        )
+        return max(1, open_left + len(self._frontier) * self.params.samples_per_cluster)
+
     def is_answered(self, class_id: int, mask: int) -> bool:
         """Whether a person already answered about this mask."""
         codes = self._answer_codes.get(class_id)

@@ -338,23 +338,192 @@ def test_progress_takes_no_class_lock(wired):
     assert wired.redis.get(class_key("c1", 1, "lock")) == b"another replica"
 
 
-def test_progress_reads_snapshots_only_of_classes_without_a_current_copy(wired):
+def test_progress_and_recover_load_no_session(wired):
+    """Progress comes from the counters each save keeps in Redis: a new process answers it
+    (and drains the outbox at start) without loading any class."""
+    wired.publish_pool()
+    wired.settle()
+    qs, _ = wired.core.lease("c1", 50)
+    wired.core.submit(answers_for(wired, qs))
+    first = wired.core.progress("c1")
+    wired.restart_search()
+    loads = []
+    script = wired.core.store._load_script
+
+    def counted(keys, args):
+        loads.append(keys)
+        return script(keys=keys, args=args)
+
+    wired.core.store._load_script = counted
+    wired.core.recover()
+    assert wired.core.progress("c1") == first
+    assert not loads and len(wired.core.store.cache) == 0
+
+
+def _library_progress(core, campaign):
+    """The progress the library computes from each class's session, restored afresh."""
+    from maskprop_search import wire
+
+    classes = {}
+    for k in core.classes(campaign):
+        with core.store.locked_class(campaign, k) as held:
+            classes[k] = wire.class_progress(k, held.loaded.session, held.loaded.masks)
+    return wire.progress_response(classes)
+
+
+def test_progress_counters_equal_the_library_progress(wired):
+    from maskprop_search.service import build_search
+
+    wired.publish_pool()
+    wired.settle()
+    checks = 0
+    while True:
+        qs, done = wired.core.lease("c1", 61)
+        if done:
+            break
+        wired.core.submit(answers_for(wired, qs))
+        checks += 1
+        if checks % 4 == 1:
+            fresh, _ = build_search(wired.search_settings, wired.bus, wired.redis)
+            assert wired.core.progress("c1") == _library_progress(fresh, "c1")
+    progress = wired.core.progress("c1")
+    assert progress.done and checks > 4
+    assert progress == _library_progress(wired.core, "c1")
+    assert sum(c.undecided_masks for c in progress.classes) == 0
+
+
+def _reference_labels(tmp_path, pool, **search):
+    from tests.inprocess.conftest import Wired
+
+    ref = Wired(tmp_path / "reference", pool, **search)
+    ref.publish_pool()
+    ref.settle()
+    annotate(ref)
+    return labels_on_bus(ref.bus)[1]
+
+
+def test_a_second_replica_catches_up_with_the_chunks_it_lacks(tmp_path, pool):
+    """Two SearchCores on one Redis, calls alternating: each applies the other's log chunks to
+    its cached copy (no restore from the base) and the labels are the library's."""
+    from maskprop_search.service import build_search
+
+    from maskprop.session import AnnotationSession
+    from tests.inprocess.conftest import Wired
+
+    expected = _reference_labels(tmp_path, pool)
+    w = Wired(tmp_path / "replicas", pool)
+    w.publish_pool()
+    w.settle()
+    other, _ = build_search(w.search_settings, w.bus, w.redis)
+    replicas = [w.core, other]
+    restores = []
+    original = AnnotationSession.restore
+
+    def counted(*a, **k):
+        restores.append(1)
+        return original(*a, **k)
+
+    AnnotationSession.restore = counted
+    try:
+        step = 0
+        while True:
+            core = replicas[step % 2]
+            qs, done = core.lease("c1", 37)
+            if done:
+                break
+            replicas[(step + 1) % 2].submit(answers_for(w, qs))  # answers go to the other
+            step += 1
+    finally:
+        AnnotationSession.restore = original
+    # Only the second replica's first load of each class restores; after that, chunks.
+    assert len(restores) <= len(w.core.classes("c1"))
+    assert step > 10
+    counts, values = labels_on_bus(w.bus)
+    assert set(counts.values()) == {1}
+    assert values == expected
+    assert other.progress("c1").done
+
+
+def test_restore_from_base_and_log_equals_the_live_session(wired, monkeypatch, tmp_path, pool):
+    """With compaction forced early (small logs), saves alternate chunks and new bases; a new
+    process restores each class byte for byte as the live copy, and the labels hold."""
+    import maskprop.session
+
+    expected = _reference_labels(tmp_path, pool)
+    monkeypatch.setattr(maskprop.session, "MIN_LOG_BEFORE_REBASE", 0)
+    wired.publish_pool()
+    wired.settle()
+    r = wired.redis
+    epochs_seen, chunks_seen = set(), 0
+    step = 0
+    while True:
+        qs, done = wired.core.lease("c1", 29)
+        if done:
+            break
+        wired.core.submit(answers_for(wired, qs))
+        step += 1
+        for k in wired.core.classes("c1"):
+            epochs_seen.add(int(r.hget(class_key("c1", k, "state"), "epoch")))
+            chunks_seen = max(chunks_seen, r.llen(class_key("c1", k, "log")))
+        if step % 5 == 0:
+            live = {
+                k: wired.core.store.cache.get(("c1", k)).session.snapshot()
+                for k in wired.core.classes("c1")
+            }
+            wired.restart_search()
+            for k, snap in live.items():
+                with wired.core.store.locked_class("c1", k) as held:
+                    assert held.loaded.session.snapshot() == snap
+    assert max(epochs_seen) > 2 and chunks_seen >= 1  # compacted, and logged in between
+    for k in wired.core.classes("c1"):
+        base = r.get(class_key("c1", k, "base"))
+        log_bytes = sum(len(c) for c in r.lrange(class_key("c1", k, "log"), 0, -1))
+        assert log_bytes < 0.25 * len(base) + 2000  # compaction keeps the log short
+    counts, values = labels_on_bus(wired.bus)
+    assert set(counts.values()) == {1}
+    assert values == expected
+
+
+def test_lru_bound_evicts_classes_and_reloads_them(tmp_path, pool):
+    from tests.inprocess.conftest import Wired
+
+    expected = _reference_labels(tmp_path, pool)
+    w = Wired(tmp_path / "bounded", pool, cache_masks=500)
+    w.publish_pool()
+    w.settle()
+    cache = w.core.store.cache
+    largest = 0
+    while True:
+        qs, done = w.core.lease("c1", 300)
+        if done:
+            break
+        w.core.submit(answers_for(w, qs))
+        assert cache.masks <= 500 or len(cache) == 1
+        largest = max(largest, len(cache))
+    assert len(w.core.classes("c1")) == 4 and largest < 4
+    counts, values = labels_on_bus(w.bus)
+    assert set(counts.values()) == {1}
+    assert values == expected
+
+
+def test_a_lease_locks_only_the_classes_it_serves(wired):
     wired.publish_pool()
     wired.settle()
     core = wired.core
-    reads = []
-    script = core.store._read_script
+    locked = []
+    script = core.store._acquire_script
 
     def counted(keys, args):
-        reads.append(list(args))
+        locked.append(len(keys) // 2)
         return script(keys=keys, args=args)
 
-    core.store._read_script = counted
-    qs, _ = core.lease("c1", 50)
+    core.store._acquire_script = counted
+    qs, done = core.lease("c1", 5)
+    assert len(qs) == 5 and not done
+    assert locked == [1]  # one class's counters said it could give 5
     core.submit(answers_for(wired, qs))
-    first = core.progress("c1")
-    assert len(reads) == 1 and -1 not in reads[0]  # every copy cached: versions only
-    wired.restart_search()
-    wired.core.store._read_script = counted  # the same script on the same Redis
-    assert wired.core.progress("c1") == first
-    assert reads[1] == [-1] * len(wired.core.classes("c1"))
+    locked.clear()
+    annotate(wired, batch=10)
+    assert sum(locked) < 4 * len(locked)  # most leases did not touch every class
+    qs, done = core.lease("c1", 5)
+    assert (qs, done) == ([], True)  # done, said from the counters

@@ -34,7 +34,7 @@ from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.treestore import check_name
 from maskprop_search import wire
-from maskprop_search.store import Loaded, SearchStore
+from maskprop_search.store import CACHE_MASKS, Loaded, SearchStore
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,11 @@ class SearchCore:
         lease_seconds: float = 600.0,
         clock: Callable[[], float] = time.time,
         publish_inline: bool = True,
+        cache_masks: int = CACHE_MASKS,
     ) -> None:
         """``publish_inline``: each API call publishes the labels it decided before it
-        returns (embedded mode, tests); with False a relay thread runs :meth:`run_relay`."""
+        returns (embedded mode, tests); with False a relay thread runs :meth:`run_relay`.
+        ``cache_masks``: the masks of the classes kept in memory (:class:`SessionCache`)."""
         self.params = params
         self.selection = selection
         self.producer = producer
@@ -65,7 +67,7 @@ class SearchCore:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.publish_inline = publish_inline
-        self.store = SearchStore(redis)
+        self.store = SearchStore(redis, cache_masks=cache_masks)
         self.outbox = self.store.outbox
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out
 
@@ -135,59 +137,69 @@ class SearchCore:
                 log.error("publishing labels failed; kept in the outbox", extra={"error": str(exc)})
 
     def recover(self) -> int:
-        """At start-up: publish labels a crash left in the outbox.  Returns events sent."""
+        """At start-up: publish labels a crash left in the outbox (no class is loaded: each is
+        when a call first needs it).  Returns events sent."""
         return self.drain_outbox()
 
     # ------------------------------------------------------------------ API
     def lease(
         self, campaign: str, max_questions: int, owner: str = ""
     ) -> tuple[list[search_pb2.Question], bool]:
-        """Up to ``max_questions`` questions over the campaign's classes; (questions, done)."""
+        """Up to ``max_questions`` questions over the campaign's classes; (questions, done).
+
+        The classes' counters (one round trip, no session) say which have overdue leases and
+        about how many questions each could hand out (``ready``); the call locks and loads the
+        classes with overdue leases and, in round-robin order, only as many of the others as
+        their ``ready`` takes to fill ``max_questions``.  When they give fewer (an estimate),
+        it goes on with the next ones, twice as many each round.  ``done``: no question handed
+        out and every class done, by the counters of classes not locked."""
         out: list[search_pb2.Question] = []
-        classes = self.classes(campaign)
-        if not classes:
+        survey = self.store.survey(campaign, self.clock())  # one round trip
+        if not survey:
             return out, False
-        start = self._rr % len(classes)
+        start = self._rr % len(survey)
         self._rr += 1
-        order = classes[start:] + classes[:start]
+        order = survey[start:] + survey[:start]
+        done = {s.class_id: s.done for s in order}
         # Classes with overdue leases first: their questions are already sampled and waiting.
-        hits, stored = self.store.survey(campaign, order, self.clock())  # one round trip
-        overdue = [k for k, hit in zip(order, hits, strict=True) if hit]
-        versions = dict(zip(order, stored, strict=True))
-        order = overdue + [k for k in order if k not in overdue]
-        done = True
-        busy = []  # classes to lock: overdue leases, or possibly questions to hand out
-        for k in order:
-            if k not in overdue:
-                idle_done = self.store.idle(campaign, k, versions[k])
-                if idle_done is not None:
-                    done = done and idle_done
-                    continue
-            busy.append(k)
+        overdue = [s.class_id for s in order if s.overdue]
+        candidates = [s for s in order if not s.overdue and s.ready > 0]
         deadline = self.clock() + self.lease_seconds
-        with self.store.locked(campaign, busy) as batch:
-            for k in busy:
-                if len(out) >= max_questions:
-                    done = False  # not checked: unknown, so not done
-                    break
-                held = batch.held[k]
-                loaded = held.loaded
-                assert loaded is not None
-                # Only classes the survey above found with overdue leases pay for the
-                # expiry query.
-                expired = self._expire(campaign, k, loaded) if k in overdue else []
-                qs = loaded.session.lease(max_questions - len(out))
-                if qs or expired or loaded.session.has_pending_decisions():
-                    held.changed = True
-                    held.add_leases = {wire.question_id(campaign, q): deadline for q in qs}
-                    held.drop_leases = expired
-                done = done and loaded.session.done
-                if qs:
-                    out += wire.questions(campaign, loaded.masks, qs, deadline)
-        self._published(batch.events)
+        events, at_least = 0, 1
+        while True:
+            serve, need, taken = list(overdue), max_questions - len(out), 0
+            while candidates and (need > 0 or taken < at_least):
+                picked = candidates.pop(0)
+                serve.append(picked.class_id)
+                need -= picked.ready
+                taken += 1
+            if not serve:
+                break
+            with self.store.locked(campaign, serve) as batch:
+                for k in serve:
+                    loaded = batch.held[k].loaded
+                    assert loaded is not None
+                    # Only classes the survey found with overdue leases pay for the query.
+                    expired = self._expire(campaign, k, loaded) if k in overdue else []
+                    room = max_questions - len(out)
+                    qs = loaded.session.lease(room) if room > 0 else []
+                    if qs or expired or loaded.session.has_pending_decisions():
+                        held = batch.held[k]
+                        held.changed = True
+                        held.add_leases = {wire.question_id(campaign, q): deadline for q in qs}
+                        held.drop_leases = expired
+                    done[k] = loaded.session.done
+                    if qs:
+                        out += wire.questions(campaign, loaded.masks, qs, deadline)
+            events += batch.events
+            overdue = []
+            at_least *= 2
+            if len(out) >= max_questions or not candidates:
+                break
+        self._published(events)
         if out:
             log.debug("leased", extra={"campaign": campaign, "n": len(out), "owner": owner})
-        return out, done and not out
+        return out, not out and all(done.values())
 
     def _expire(self, campaign: str, class_id: int, loaded: Loaded) -> list[str]:
         """Give overdue leases back to the pool; returns their question ids."""
@@ -230,10 +242,24 @@ class SearchCore:
         return applied, duplicates, stale
 
     def progress(self, campaign: str) -> search_pb2.GetProgressResponse:
-        """The campaign's progress, read without taking any class lock (one round trip besides
-        listing the classes, with this process's copies current)."""
-        classes = self.classes(campaign)
-        return wire.progress_response(self.store.read(campaign, classes, wire.class_progress))
+        """The campaign's progress from the counters each save keeps in Redis: one round trip,
+        no class lock, no session loaded."""
+        classes = {}
+        for k, (name, c) in self.store.progress(campaign).items():
+            msg = search_pb2.ClassProgress(
+                class_id=k,
+                class_name=name,
+                masks=c["masks"],
+                accepted_masks=c["accepted"],
+                rejected_masks=c["rejected"],
+                undecided_masks=c["undecided"],
+                open_clusters=c["open"],
+                questions=c["questions"],
+                clusters_accepted=c["clusters_accepted"],
+                clusters_rejected=c["clusters_rejected"],
+            )
+            classes[k] = (msg, bool(c["done"]))
+        return wire.progress_response(classes)
 
     def labels(self, campaign: str, class_id: int) -> np.ndarray:
         """int8[n] labels of a class in tree leaf order (tests, reports)."""

@@ -18,6 +18,7 @@ from maskprop_runtime.server import build_server, entrypoint, serve_until, start
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_search.core import SearchCore
 from maskprop_search.grpc_api import SearchServicer
+from maskprop_search.store import CACHE_MASKS
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class SearchSettings(RuntimeSettings):
     #: The label relay, woken by a save, waits this long for more saves before it publishes:
     #: fewer, fuller broker batches (labels reach the topic at most this much later).
     relay_linger_s: float = Field(default=0.05, ge=0)
+    #: Masks of the classes whose sessions (with trees and mask tables, ~0.9 KB a mask) this
+    #: process keeps in memory, least recently used out first; the others load when a call
+    #: needs them (GET base + LRANGE log, one round trip).
+    cache_masks: int = Field(default=CACHE_MASKS, ge=1)
 
     def params(self) -> AnnotationParams:
         return AnnotationParams(
@@ -77,6 +82,7 @@ def build_search(
         strategy=settings.strategy,
         lease_seconds=settings.lease_seconds,
         publish_inline=not relay,
+        cache_masks=settings.cache_masks,
     )
     loop = EventLoop(
         service="search",

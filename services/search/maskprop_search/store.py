@@ -4,7 +4,12 @@ sessions, and the loads and saves (the Lua scripts), all in one place.
 Redis keys (``{c}`` campaign, ``{k}`` class id):
 
 * ``maskprop:search:{c}:classes``  hash  class id -> JSON (class name, tree path, masks)
-* ``maskprop:search:{c}:{k}:session`` bytes  the session snapshot
+* ``maskprop:search:{c}:{k}:base``  bytes  the session's base (:meth:`AnnotationSession.rebase`)
+* ``maskprop:search:{c}:{k}:log``  list  the change-log chunks written over that base since
+  (:meth:`AnnotationSession.take_log`), in order: chunk ``i`` (from 1) is element ``i - 1``
+* ``maskprop:search:{c}:{k}:state``  hash  ``epoch`` (bumped with every new base) and the
+  class's progress counters (``masks accepted rejected undecided open questions
+  clusters_accepted clusters_rejected done ready``), written by the same save
 * ``maskprop:search:{c}:{k}:version`` int  bumped on every save (in-process cache check)
 * ``maskprop:search:{c}:{k}:leases``  zset question id -> lease deadline (unix seconds)
 * ``maskprop:search:{c}:{k}:lock``  the per-class lock (several replicas may serve a campaign)
@@ -12,9 +17,21 @@ Redis keys (``{c}`` campaign, ``{k}`` class id):
   LabelsPropagated events not yet acknowledged by the broker, every campaign's (``k`` Kafka
   key, ``v`` serialized event); its relay lock is ``maskprop:search:outbox:relay``
 
-Durability (transactional outbox): one Lua script saves a class's snapshot, its version, its
-lease changes and the serialized label events its new decisions produced (XADD into the
-outbox), and releases the class lock.  The outbox relay publishes them.
+Persistence is the session's base + log (issue #15): a save appends the call's log chunk
+(~13 bytes an answer, whatever the class's size) to the class's list; when the log reaches a
+quarter of the base (:meth:`AnnotationSession.needs_rebase`) the save writes a new base instead
+and empties the list.  Bases live in Redis too: one key a class, rewritten only at compaction
+(amortized ~5x the log's bytes), and a load is one round trip (GET + LRANGE).
+
+Durability (transactional outbox): one Lua script saves a class's log chunk (or new base), its
+version, its progress counters, its lease changes and the serialized label events its new
+decisions produced (XADD into the outbox), and releases the class lock.  The outbox relay
+publishes them.
+
+Memory: the copies of sessions this process keeps are bounded (least recently used first) by
+``cache_masks``, the masks of all cached classes together; a class is loaded when a call
+first needs it, and a copy behind another replica's saves catches up by applying only the
+chunks it lacks.  Leases and progress read the counters, never a session.
 """
 
 from __future__ import annotations
@@ -23,21 +40,21 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
 from redis.exceptions import LockError
 
-from maskprop.session import AnnotationSession
+from maskprop.errors import MaskpropError
+from maskprop.session import AnnotationSession, Decision
 from maskprop.tree import Tree
 from maskprop_runtime.outbox import Outbox
 from maskprop_search import wire
 from maskprop_search.wire import BadRequest, ClassMasks
-
-T = TypeVar("T")
 
 LOCK_TIMEOUT_S = 60.0
 OUTBOX_KEY = "maskprop:search:outbox"
@@ -47,6 +64,15 @@ RELAY_LOCK_MS = 10_000  # a relay killed mid-batch delays the outbox this long
 RELAY_BATCH = 200
 #: Arguments per Lua ``unpack`` (Lua's C stack limit is 8000).
 _UNPACK = 1000
+#: Default bound on the masks of the classes this process keeps in memory (~0.9 KB a mask
+#: with its tree and mask table: ~3.6 GB).  A class larger than the bound is still served
+#: (it is then the only one cached).
+CACHE_MASKS = 4_000_000
+
+#: The progress counters a save sets (absolute values), in the order the save script takes
+#: them; ``accepted``/``rejected``/``undecided`` are changed by increments instead.
+_SET_FIELDS = ("open", "questions", "clusters_accepted", "clusters_rejected", "done", "ready")
+_PROGRESS_FIELDS = ("masks", "accepted", "rejected", "undecided", *_SET_FIELDS)
 
 
 def classes_key(campaign: str) -> str:
@@ -54,9 +80,15 @@ def classes_key(campaign: str) -> str:
     return f"maskprop:search:{campaign}:classes"
 
 
+def class_prefix(campaign: str) -> str:
+    """What every per-class key of ``campaign`` starts with (``prefix + "{k}:" + what``)."""
+    return f"maskprop:search:{campaign}:"
+
+
 def class_key(campaign: str, class_id: int, what: str) -> str:
-    """A class's key: ``what`` is ``session``, ``version``, ``leases`` or ``lock``."""
-    return f"maskprop:search:{campaign}:{class_id}:{what}"
+    """A class's key: ``what`` is ``base``, ``log``, ``state``, ``version``, ``leases`` or
+    ``lock``."""
+    return f"{class_prefix(campaign)}{class_id}:{what}"
 
 
 # KEYS: (lock, version) of each class; ARGV: token, ttl ms.  All the classes' locks or none:
@@ -79,34 +111,52 @@ for i = 1, #KEYS do
 end
 return 0
 """
-# KEYS: the outbox, then (lock, session, version, leases) of each class saved, then the locks
-# of classes only released.  ARGV: token, unpack chunk, classes saved, then per
-# class saved: snapshot, n_drop, n_add, n_events, the dropped question ids, the added
-# (deadline, question id) pairs and the (Kafka key, event) pairs.  One atomic round trip for
-# every class a call touched: the states and the labels they decided are saved together (the
-# outbox), and the locks are released.  Refused, writing nothing, when any lock is no longer
-# ours (it expired and another replica may have saved since).  Returns the new versions.
+# KEYS: the outbox, then (lock, base, log, state, version, leases) of each class saved, then
+# the locks of classes only released.  ARGV: token, unpack chunk, classes saved, then per
+# class saved: mode (``b`` a new base, ``l`` a log chunk, ``n`` neither), the base or chunk,
+# the increments of accepted and rejected masks, the _SET_FIELDS values, n_drop, n_add,
+# n_events, the dropped question ids, the added (deadline, question id) pairs and the (Kafka
+# key, event) pairs.  One atomic round trip for every class a call touched: the states, their
+# counters and the labels they decided are saved together (the outbox), and the locks are
+# released.  Refused, writing nothing, when any lock is no longer ours (it expired and another
+# replica may have saved since).  Returns per class saved its new version and epoch.
 _SAVE = """
 local token, chunk, m = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for k = 0, m - 1 do
-  if redis.call('get', KEYS[2 + 4 * k]) ~= token then
+  if redis.call('get', KEYS[2 + 6 * k]) ~= token then
     return redis.error_reply('LOCKLOST class lock expired before the save')
   end
 end
-for i = 2 + 4 * m, #KEYS do
+for i = 2 + 6 * m, #KEYS do
   if redis.call('get', KEYS[i]) ~= token then
     return redis.error_reply('LOCKLOST class lock expired before the save')
   end
 end
-local versions = {}
+local out = {}
 local i = 4
 for k = 0, m - 1 do
-  local leases = KEYS[5 + 4 * k]
-  redis.call('set', KEYS[3 + 4 * k], ARGV[i])
-  versions[#versions + 1] = redis.call('incr', KEYS[4 + 4 * k])
-  local n_drop, n_add = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local n_events = tonumber(ARGV[i + 3])
-  i = i + 4
+  local base, logk, state = KEYS[3 + 6 * k], KEYS[4 + 6 * k], KEYS[5 + 6 * k]
+  local leases = KEYS[7 + 6 * k]
+  local mode = ARGV[i]
+  if mode == 'b' then
+    redis.call('set', base, ARGV[i + 1])
+    redis.call('del', logk)
+    redis.call('hincrby', state, 'epoch', 1)
+  elseif mode == 'l' then
+    redis.call('rpush', logk, ARGV[i + 1])
+  end
+  local acc, rej = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  if acc ~= 0 then redis.call('hincrby', state, 'accepted', acc) end
+  if rej ~= 0 then redis.call('hincrby', state, 'rejected', rej) end
+  if acc + rej ~= 0 then redis.call('hincrby', state, 'undecided', -(acc + rej)) end
+  redis.call('hset', state, 'open', ARGV[i + 4], 'questions', ARGV[i + 5],
+    'clusters_accepted', ARGV[i + 6], 'clusters_rejected', ARGV[i + 7],
+    'done', ARGV[i + 8], 'ready', ARGV[i + 9])
+  out[#out + 1] = redis.call('incr', KEYS[6 + 6 * k])
+  out[#out + 1] = tonumber(redis.call('hget', state, 'epoch') or '0')
+  local n_drop, n_add = tonumber(ARGV[i + 10]), tonumber(ARGV[i + 11])
+  local n_events = tonumber(ARGV[i + 12])
+  i = i + 13
   local last = i + n_drop - 1
   while i <= last do
     local j = math.min(i + chunk - 1, last)
@@ -125,34 +175,55 @@ for k = 0, m - 1 do
     i = i + 2
   end
 end
-for k = 0, m - 1 do redis.call('del', KEYS[2 + 4 * k]) end
-for j = 2 + 4 * m, #KEYS do redis.call('del', KEYS[j]) end
-return versions
+for k = 0, m - 1 do redis.call('del', KEYS[2 + 6 * k]) end
+for j = 2 + 6 * m, #KEYS do redis.call('del', KEYS[j]) end
+return out
 """
-# KEYS: per class its leases zset and its version; ARGV: now.  Per class (flat): 1 if a lease
-# is overdue, and the stored version.  One command instead of a pipeline of two a class.
-_SURVEY = """
+# KEYS: per class its base, log, state and version; ARGV: per class the epoch and log length
+# of this process's copy (-1 -1: none).  Per class: {version, epoch, base or false, chunks}:
+# the chunks after the copy's when its base is still the stored one (base false then), else
+# the base and every chunk.  Run with the classes locked (no save can come in between).
+_LOAD = """
 local out = {}
-for i = 1, #KEYS, 2 do
-  local hit = redis.call('zrangebyscore', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 1)
-  out[#out + 1] = #hit
-  out[#out + 1] = tonumber(redis.call('get', KEYS[i + 1]) or '0')
+for k = 0, #KEYS / 4 - 1 do
+  local version = tonumber(redis.call('get', KEYS[4 + 4 * k]) or '0')
+  local epoch = tonumber(redis.call('hget', KEYS[3 + 4 * k], 'epoch') or '0')
+  local base = false
+  local from = tonumber(ARGV[2 + 2 * k])
+  if epoch ~= tonumber(ARGV[1 + 2 * k]) then
+    base = redis.call('get', KEYS[1 + 4 * k])
+    from = 0
+  end
+  out[#out + 1] = {version, epoch, base, redis.call('lrange', KEYS[2 + 4 * k], from, -1)}
 end
 return out
 """
-# KEYS: per class its version and its session; ARGV: per class the version of this process's
-# copy (-1: none).  Per class (flat): the stored version, and the snapshot unless the copy is
-# at that version (nil then).  Read without any lock: the save writes both atomically.
-_READ = """
+# KEYS: the campaign's classes hash; ARGV: the per-class key prefix, now.  Per class (flat):
+# class id, 1 if a lease is overdue at ``now``, the stored version, done, ready.  Everything a
+# lease needs to pick its classes, without loading a session, in one round trip.
+_SURVEY = """
 local out = {}
-for i = 1, #KEYS, 2 do
-  local v = tonumber(redis.call('get', KEYS[i]) or '0')
-  out[#out + 1] = v
-  if v == tonumber(ARGV[(i + 1) / 2]) then
-    out[#out + 1] = false
-  else
-    out[#out + 1] = redis.call('get', KEYS[i + 1])
-  end
+for _, k in ipairs(redis.call('hkeys', KEYS[1])) do
+  local p = ARGV[1] .. k .. ':'
+  local hit = redis.call('zrangebyscore', p .. 'leases', '-inf', ARGV[2], 'LIMIT', 0, 1)
+  local st = redis.call('hmget', p .. 'state', 'done', 'ready')
+  out[#out + 1] = tonumber(k)
+  out[#out + 1] = #hit
+  out[#out + 1] = tonumber(redis.call('get', p .. 'version') or '0')
+  out[#out + 1] = tonumber(st[1] or '0')
+  out[#out + 1] = tonumber(st[2] or '0')
+end
+return out
+"""
+# KEYS: the campaign's classes hash; ARGV: the per-class key prefix, then _PROGRESS_FIELDS.
+# Per class (flat): class id, its meta JSON, the fields' values.  No lock, no session.
+_PROGRESS = """
+local out = {}
+local meta = redis.call('hgetall', KEYS[1])
+for i = 1, #meta, 2 do
+  out[#out + 1] = meta[i]
+  out[#out + 1] = meta[i + 1]
+  out[#out + 1] = redis.call('hmget', ARGV[1] .. meta[i] .. ':state', unpack(ARGV, 2))
 end
 return out
 """
@@ -160,12 +231,24 @@ return out
 
 @dataclass
 class Loaded:
-    """A class's session at a stored ``version``, with its tree and masks (never change)."""
+    """A class's session at a stored ``version`` over the base ``epoch``, with its tree and
+    masks (never change)."""
 
     version: int
+    epoch: int
     session: AnnotationSession
     tree: Tree
     masks: ClassMasks
+
+
+class Survey(NamedTuple):
+    """A class as a lease sees it (:meth:`SearchStore.survey`), read from its counters."""
+
+    class_id: int
+    overdue: bool  # a lease has expired: its questions go back to the pool
+    version: int
+    done: bool
+    ready: int  # about the questions it could hand out (AnnotationSession.questions_ready)
 
 
 @dataclass
@@ -192,23 +275,82 @@ class Batch:
     events: int = 0
 
 
+class SessionCache:
+    """This process's copies of sessions, least recently used first out once the masks of
+    all copies pass ``max_masks`` (the copy just added stays, however large).  Thread-safe;
+    evicting a copy a call is using only means the next call loads it again."""
+
+    def __init__(self, max_masks: int) -> None:
+        if max_masks < 1:
+            raise ValueError("cache_masks must be at least 1")
+        self.max_masks = max_masks
+        self.masks = 0  # masks of the copies held
+        self._copies: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
+        self._guard = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self._copies
+
+    def get(self, key: tuple[str, int]) -> Loaded | None:
+        with self._guard:
+            copy = self._copies.get(key)
+            if copy is not None:
+                self._copies.move_to_end(key)
+            return copy
+
+    def put(self, key: tuple[str, int], loaded: Loaded) -> None:
+        with self._guard:
+            old = self._copies.pop(key, None)
+            if old is not None:
+                self.masks -= old.tree.n_leaves
+            self._copies[key] = loaded
+            self.masks += loaded.tree.n_leaves
+            while self.masks > self.max_masks and len(self._copies) > 1:
+                _, evicted = self._copies.popitem(last=False)
+                self.masks -= evicted.tree.n_leaves
+
+    def drop(self, key: tuple[str, int]) -> None:
+        with self._guard:
+            old = self._copies.pop(key, None)
+            if old is not None:
+                self.masks -= old.tree.n_leaves
+
+
+def counters(session: AnnotationSession, class_id: int) -> list[int]:
+    """The _SET_FIELDS values of a class's session (O(open clusters), no per-mask pass)."""
+    outcomes = session.outcomes
+    return [
+        session.open_clusters(class_id),
+        session.questions,
+        outcomes.get("accept", 0),
+        outcomes.get("reject", 0) + outcomes.get("auto_reject", 0),
+        int(session.done),
+        session.questions_ready(),
+    ]
+
+
 class SearchStore:
     """Search's sessions in Redis and this process's cache of them.
 
-    ``outbox``: the label outbox; saves append to it and :meth:`Outbox.signal` its relay."""
+    ``outbox``: the label outbox; saves append to it and :meth:`Outbox.signal` its relay.
+    ``cache_masks``: the bound of :class:`SessionCache`."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, *, cache_masks: int = CACHE_MASKS) -> None:
         self.r = redis
         self.outbox = Outbox(redis, OUTBOX_KEY, lock_ms=RELAY_LOCK_MS, batch=RELAY_BATCH)
-        self._cache: dict[tuple[str, int], Loaded] = {}
+        self.cache = SessionCache(cache_masks)
         self._local_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # Script objects reload themselves after a Redis restart (NOSCRIPT).
         self._acquire_script = redis.register_script(_ACQUIRE)
         self._release_script = redis.register_script(_RELEASE)
         self._save_script = redis.register_script(_SAVE)
+        self._load_script = redis.register_script(_LOAD)
         self._survey_script = redis.register_script(_SURVEY)
-        self._read_script = redis.register_script(_READ)
+        self._progress_script = redis.register_script(_PROGRESS)
 
     # ------------------------------------------------------------------ campaigns, classes
     def classes(self, campaign: str) -> list[int]:
@@ -219,7 +361,7 @@ class SearchStore:
         return bool(self.r.exists(classes_key(campaign)))
 
     def has_session(self, campaign: str, class_id: int) -> bool:
-        return bool(self.r.exists(class_key(campaign, class_id, "session")))
+        return bool(self.r.exists(class_key(campaign, class_id, "base")))
 
     def create(
         self,
@@ -230,124 +372,55 @@ class SearchStore:
         masks: ClassMasks,
         meta: dict[str, Any],
     ) -> None:
-        """Store a new class's session and ``meta`` (one MULTI); call with the class locked.
-        The copy stays cached: questions come next."""
+        """Store a new class's first base, counters and ``meta`` (one MULTI); call with the
+        class locked.  The copy stays cached: questions come next."""
+        n = tree.n_leaves
+        state: dict[str, int] = {"masks": n, "accepted": 0, "rejected": 0, "undecided": n}
+        state.update(zip(_SET_FIELDS, counters(session, class_id), strict=True))
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(class_key(campaign, class_id, "session"), session.snapshot())
+        pipe.set(class_key(campaign, class_id, "base"), session.rebase())
+        pipe.delete(class_key(campaign, class_id, "log"))
+        pipe.hset(class_key(campaign, class_id, "state"), mapping=state)
+        pipe.hincrby(class_key(campaign, class_id, "state"), "epoch", 1)
         pipe.incr(class_key(campaign, class_id, "version"))
         pipe.hset(classes_key(campaign), str(class_id), json.dumps(meta))
-        version = int(pipe.execute()[1])
-        self._cache[(campaign, class_id)] = Loaded(version, session, tree, masks)
+        replies = pipe.execute()
+        epoch, version = int(replies[3]), int(replies[4])
+        self.cache.put((campaign, class_id), Loaded(version, epoch, session, tree, masks))
 
-    # ------------------------------------------------------------------ leases
-    def survey(
-        self, campaign: str, class_ids: list[int], now: float
-    ) -> tuple[list[int], list[int]]:
-        """Per class of ``class_ids`` (one round trip): whether a lease is overdue at ``now``
-        (0/1), and the stored version."""
-        keys: list[str] = []
-        for k in class_ids:
-            keys += (class_key(campaign, k, "leases"), class_key(campaign, k, "version"))
-        replies = self._survey_script(keys=keys, args=[now])
-        return [int(h) for h in replies[0::2]], [int(v) for v in replies[1::2]]
+    # ------------------------------------------------------------------ counters
+    def survey(self, campaign: str, now: float) -> list[Survey]:
+        """Every class of the campaign as its counters say (one round trip, no session):
+        whether a lease is overdue at ``now``, the stored version, done and ready."""
+        flat = self._survey_script(keys=[classes_key(campaign)], args=[class_prefix(campaign), now])
+        return sorted(
+            Survey(
+                int(flat[i]),
+                bool(flat[i + 1]),
+                int(flat[i + 2]),
+                bool(flat[i + 3]),
+                int(flat[i + 4]),
+            )
+            for i in range(0, len(flat), 5)
+        )
+
+    def progress(self, campaign: str) -> dict[int, tuple[str, dict[str, int]]]:
+        """Class id -> (class name, progress counters named as _PROGRESS_FIELDS), read in one
+        round trip without any lock or session (the last save's values)."""
+        flat = self._progress_script(
+            keys=[classes_key(campaign)], args=[class_prefix(campaign), *_PROGRESS_FIELDS]
+        )
+        out: dict[int, tuple[str, dict[str, int]]] = {}
+        for i in range(0, len(flat), 3):
+            meta = json.loads(flat[i + 1])
+            values = {f: int(v or 0) for f, v in zip(_PROGRESS_FIELDS, flat[i + 2], strict=True)}
+            out[int(flat[i])] = (str(meta["class_name"]), values)
+        return out
 
     def overdue_leases(self, campaign: str, class_id: int, now: float) -> list[str]:
         """Question ids of the class whose lease deadline is at or before ``now``."""
         key = class_key(campaign, class_id, "leases")
         return [q.decode() for q in self.r.zrangebyscore(key, "-inf", now)]
-
-    def idle(self, campaign: str, class_id: int, version: int) -> bool | None:
-        """Whether the class is done, if this process's copy is current at ``version`` and
-        has no question to hand out (every open cluster waits for answers, no candidate
-        left): then leasing skips it without taking its locks.  None: it must be locked.
-
-        A copy newer than ``version`` (this process saved it after the survey read the
-        version) is as current as the survey: under concurrent leases that is the usual case,
-        and locking the class only to find it idle cost two round trips."""
-        cached = self._cache.get((campaign, class_id))
-        if cached is None or cached.version < version:
-            return None
-        local = self._local_lock(campaign, class_id)
-        if not local.acquire(blocking=False):
-            return None  # another thread is changing it
-        try:
-            if cached.version < version or cached.session.has_questions():
-                return None
-            return cached.session.done
-        finally:
-            local.release()
-
-    # ------------------------------------------------------------------ lock-free reads
-    def read(
-        self,
-        campaign: str,
-        class_ids: Iterable[int],
-        view: Callable[[int, AnnotationSession, ClassMasks], T],
-    ) -> dict[int, T]:
-        """``view(class_id, session, masks)`` of each class's stored state (class id -> what
-        it returns), taking no class lock: a replica holding one does not delay the read.
-
-        One round trip reads every class's version, and the snapshots of those this process
-        has no current copy of (the save writes both atomically).  A current copy is viewed
-        under its local lock, taken only if free: a thread of this process changing it may
-        have it ahead of Redis; those few classes are then read from their snapshots (a
-        second round trip).  Copies restored here are cached for the calls that come next."""
-        ids = sorted(set(class_ids))
-        out: dict[int, T] = {}
-        if not ids:
-            return out
-        copies = {k: self._cache.get((campaign, k)) for k in ids}
-        busy = self._read_into(out, campaign, ids, copies, view, snapshots=False)
-        if busy:
-            self._read_into(out, campaign, busy, copies, view, snapshots=True)
-        return out
-
-    def _read_into(
-        self,
-        out: dict[int, T],
-        campaign: str,
-        ids: list[int],
-        copies: dict[int, Loaded | None],
-        view: Callable[[int, AnnotationSession, ClassMasks], T],
-        *,
-        snapshots: bool,
-    ) -> list[int]:
-        """One round of :meth:`read`; ``snapshots``: read every snapshot, copies or not.
-        Returns the classes whose current copy was busy."""
-        keys: list[str] = []
-        args: list[int] = []
-        for k in ids:
-            keys += (class_key(campaign, k, "version"), class_key(campaign, k, "session"))
-            copy = copies[k]
-            args.append(-1 if snapshots or copy is None else copy.version)
-        replies = self._read_script(keys=keys, args=args)
-        busy = []
-        for k, version, blob in zip(ids, replies[0::2], replies[1::2], strict=True):
-            version = int(version)
-            copy = copies[k]
-            local = self._local_lock(campaign, k)
-            if blob is None and copy is not None and not snapshots:
-                # Current when read; still current if no thread of this process saved since
-                # (a save bumps the copy's version in place) and none is changing it now.
-                if local.acquire(blocking=False):
-                    try:
-                        if copy is self._cache.get((campaign, k)) and copy.version == version:
-                            out[k] = view(k, copy.session, copy.masks)
-                            continue
-                    finally:
-                        local.release()
-                busy.append(k)
-                continue
-            loaded = self._restore(campaign, k, version, blob, copy)
-            out[k] = view(k, loaded.session, loaded.masks)
-            if local.acquire(blocking=False):
-                try:
-                    cached = self._cache.get((campaign, k))
-                    if cached is None or cached.version < version:
-                        self._cache[(campaign, k)] = loaded
-                finally:
-                    local.release()
-        return busy
 
     # ------------------------------------------------------------------ locked calls
     @contextmanager
@@ -363,6 +436,7 @@ class SearchStore:
         then only arbitrate between replicas, so they are usually free, and taking them reads
         the versions too: one round trip for all the classes a call touches, and one to save
         them (two a class made search spend ~a third of its time in redis-py round trips).
+        Classes without a current copy cost one more round trip, all of them together.
         If anything fails half-way (Redis down, a lock lost), the in-memory copies may be
         ahead of Redis: they are dropped, so the next call restores the last saved state."""
         ids = sorted(set(class_ids))
@@ -376,13 +450,12 @@ class SearchStore:
             )
             try:
                 if load:
-                    for held in batch.held.values():
-                        held.loaded = self._load(held)
+                    self._load(list(batch.held.values()))
                 yield batch
                 batch.events = self._save(batch)
             except BaseException:
                 for k in ids:
-                    self._cache.pop((campaign, k), None)
+                    self.cache.drop((campaign, k))
                 if ids:  # the save releases them; it failed or never ran
                     with suppress(Exception):  # Redis down: the locks expire by themselves
                         self._release_script(
@@ -418,23 +491,65 @@ class SearchStore:
         with self._locks_guard:
             return self._local_locks.setdefault((campaign, class_id), threading.Lock())
 
-    def _load(self, held: Held) -> Loaded:
-        """The class's session (cached while the stored version is unchanged); call locked."""
-        campaign, class_id = held.campaign, held.class_id
-        cached = self._cache.get((campaign, class_id))
-        if cached is not None and cached.version == held.version:
-            return cached
-        blob = self.r.get(class_key(campaign, class_id, "session"))
-        loaded = self._restore(campaign, class_id, held.version, blob, cached)
-        self._cache[(campaign, class_id)] = loaded
-        return loaded
+    def _load(self, held: list[Held]) -> None:
+        """Set ``loaded`` of each held class: this process's copy when it is at the stored
+        version, else (one round trip for all the others) the copy brought up to date with
+        the chunks it lacks, or a session restored from the base and its log.  Call locked."""
+        stale: list[tuple[Held, Loaded | None]] = []
+        for h in held:
+            copy = self.cache.get((h.campaign, h.class_id))
+            if copy is not None and copy.version == h.version:
+                h.loaded = copy
+            else:
+                stale.append((h, copy))
+        if not stale:
+            return
+        keys: list[str] = []
+        args: list[int] = []
+        for h, copy in stale:
+            keys += [class_key(h.campaign, h.class_id, w) for w in ("base", "log", "state")]
+            keys.append(class_key(h.campaign, h.class_id, "version"))
+            args += (-1, -1) if copy is None else (copy.epoch, copy.session.log_seq)
+        for (h, copy), (version, epoch, base, chunks) in zip(
+            stale, self._load_script(keys=keys, args=args), strict=True
+        ):
+            loaded = None
+            if not base and copy is not None:
+                try:
+                    copy.session.apply_log(chunks)
+                    copy.version = int(version)
+                    loaded = copy
+                except MaskpropError:  # half applied: restore from the base below
+                    self.cache.drop((h.campaign, h.class_id))
+                    base, chunks = self._base_and_log(h)
+            if loaded is None:
+                loaded = self._restore(
+                    h.campaign, h.class_id, int(version), int(epoch), base, chunks, copy
+                )
+            h.loaded = loaded
+            self.cache.put((h.campaign, h.class_id), loaded)
+
+    def _base_and_log(self, h: Held) -> tuple[bytes | None, list[bytes]]:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(class_key(h.campaign, h.class_id, "base"))
+        pipe.lrange(class_key(h.campaign, h.class_id, "log"), 0, -1)
+        base, chunks = pipe.execute()
+        return base, chunks
 
     def _restore(
-        self, campaign: str, class_id: int, version: int, blob: bytes | None, copy: Loaded | None
+        self,
+        campaign: str,
+        class_id: int,
+        version: int,
+        epoch: int,
+        base: bytes | None,
+        chunks: list[bytes],
+        copy: Loaded | None,
     ) -> Loaded:
-        """The session of snapshot ``blob`` at ``version``, over the tree of this process's
-        older ``copy`` if any (trees never change), else the tree file the class's meta names."""
-        if blob is None:
+        """The session of ``base`` and its log ``chunks`` at ``version``, over the tree of
+        this process's older ``copy`` if any (trees never change), else the tree file the
+        class's meta names."""
+        if not base:
             raise BadRequest(f"campaign {campaign!r} has no class {class_id}")
         if copy is not None:
             tree, masks = copy.tree, copy.masks
@@ -443,13 +558,14 @@ class SearchStore:
             if meta_raw is None:
                 raise BadRequest(f"campaign {campaign!r} has no class {class_id}")
             tree, masks = wire.load_class(Path(json.loads(meta_raw)["tree_uri"]))
-        session = AnnotationSession.restore(blob, {class_id: tree})
-        return Loaded(version, session, tree, masks)
+        session = AnnotationSession.restore(base, {class_id: tree}, log=chunks)
+        return Loaded(version, epoch, session, tree, masks)
 
     def _save(self, batch: Batch) -> int:
-        """Save the batch's changed classes (sessions, lease changes, the label events of
-        their new decisions) and release all its locks, in one round trip.  Returns the
-        number of events added to the outbox (its relay is signalled when there are any)."""
+        """Save the batch's changed classes (log chunks or new bases, counters, lease changes,
+        the label events of their new decisions) and release all its locks, in one round
+        trip.  Returns the number of events added to the outbox (its relay is signalled when
+        there are any)."""
         held = list(batch.held.values())
         changed = [h for h in held if h.changed]
         if not held:
@@ -461,17 +577,25 @@ class SearchStore:
         for h in changed:
             loaded = h.loaded
             assert loaded is not None
-            k = h.class_id
-            decisions = [d for d in loaded.session.pop_decisions() if d.terminal]
-            entries = wire.label_entries(campaign, k, loaded.masks, loaded.session, decisions)
-            keys += (
-                class_key(campaign, k, "lock"),
-                class_key(campaign, k, "session"),
-                class_key(campaign, k, "version"),
-                class_key(campaign, k, "leases"),
-            )
+            k, session = h.class_id, loaded.session
+            decisions = [d for d in session.pop_decisions() if d.terminal]
+            entries = wire.label_entries(campaign, k, loaded.masks, session, decisions)
+            accepted, rejected = _decided(session, decisions)
+            if session.needs_rebase():
+                mode, payload = "b", session.rebase()
+            else:
+                payload = session.take_log()
+                mode = "l" if payload else "n"
+            keys += [
+                class_key(campaign, k, w)
+                for w in ("lock", "base", "log", "state", "version", "leases")
+            ]
             args += (
-                loaded.session.snapshot(),
+                mode,
+                payload,
+                accepted,
+                rejected,
+                *counters(session, k),
                 len(h.drop_leases),
                 len(h.add_leases),
                 len(entries),
@@ -483,10 +607,21 @@ class SearchStore:
                 args += entry
             events += len(entries)
         keys += [class_key(campaign, h.class_id, "lock") for h in held if not h.changed]
-        versions = self._save_script(keys=keys, args=args)
-        for h, version in zip(changed, versions, strict=True):
+        replies = self._save_script(keys=keys, args=args)
+        for j, h in enumerate(changed):
             assert h.loaded is not None
-            h.loaded.version = h.version = int(version)
+            h.loaded.version = h.version = int(replies[2 * j])
+            h.loaded.epoch = int(replies[2 * j + 1])
         if events:
             self.outbox.signal()
         return events
+
+
+def _decided(session: AnnotationSession, decisions: list[Decision]) -> tuple[int, int]:
+    """Masks the terminal ``decisions`` (of one class) labelled accepted and rejected: the
+    increments of the class's counters (a mask is decided once, its label never changes)."""
+    if not decisions:
+        return 0, 0
+    _, labels, _, _ = session.decisions_labels(decisions)
+    accepted = int((labels == 1).sum())
+    return accepted, int(labels.shape[0]) - accepted
