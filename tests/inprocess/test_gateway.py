@@ -586,7 +586,13 @@ def test_a_retry_takes_over_the_key_of_a_gateway_that_died_mid_request(tmp_path,
         gw.leases.mark_answered(
             lease["lease_id"],
             "gw",
-            [(a["question_id"], refs[a["question_id"]][0]) for a in body["answers"]],
+            [
+                (a["question_id"], refs[a["question_id"]][0], a["elapsed_ms"])
+                for a in body["answers"]
+            ],
+            tag="retry-1",
+            times_key=gw.qc.times_key("acme:h0"),
+            window=gw.qc.policy.window,
         )
         answered = lambda: st.wired.core.progress("gw").questions  # noqa: E731
         before = answered()

@@ -206,7 +206,7 @@ class Gateway:
         worker_id: str,
         answers: list[tuple[str, bool, int]],
         *,
-        recovering: bool = False,
+        request_key: str | None = None,
     ) -> dict[str, Any]:
         """Record one worker's answers (opaque id, answer, elapsed ms) to its lease: one
         answer per question counts, gold is scored, real answers are votes; questions decided
@@ -217,9 +217,12 @@ class Gateway:
         killed gateway, issue #18).  Each of those steps keeps the first write (a vote per
         worker and question, a gold score per worker and item, a qualification answer, a
         label per question), so nothing counts twice and a retry, with or without an
-        Idempotency-Key, completes what the first attempt left.  ``recovering``: the re-run of
-        an Idempotency-Key taken over (:mod:`~maskprop_gateway.idempotency`); its answers are
-        reported as accepted, as the first response would have said."""
+        Idempotency-Key, completes what the first attempt left.  A mark carries the
+        ``request_key`` (Idempotency-Key) of the request that made it, so the re-run of a key
+        taken over (:mod:`~maskprop_gateway.idempotency`) reports as accepted exactly what
+        the first response would have said: the answers it or the dead attempt marked, not
+        those an earlier request marked.  An answer's time is recorded in the step that marks
+        it, once."""
         lease = self.leases.get(vendor_id, lease_id)
         if lease["worker"] != worker_id:
             raise Forbidden("this lease belongs to another worker")
@@ -231,29 +234,41 @@ class Gateway:
             raise Invalid(f"questions not in this lease: {unknown[:3]}")
         worker = f"{vendor_id}:{worker_id}"
         campaign = lease["campaign"]
+        try:
+            self.qc.check_answer_times(ms for _, _, ms in answers)
+        except QualityError as exc:
+            raise Invalid(str(exc)) from None
 
-        new = self.leases.mark_answered(
-            lease_id, campaign, ((oid, refs[oid][0]) for oid, _, _ in answers)
+        codes, recent = self.leases.mark_answered(
+            lease_id,
+            campaign,
+            ((oid, refs[oid][0], ms) for oid, _, ms in answers),
+            tag=request_key or "",
+            times_key=self.qc.times_key(worker),
+            window=self.qc.policy.window,
         )
-        fresh = [a for a, n in zip(answers, new, strict=True) if n]
+        self.qc.update_median(worker, recent)
+        fresh_ids = {a[0] for a, code in zip(answers, codes, strict=True) if code == 1}
         # every question of the request once (its first answer): the fresh ones and those an
         # earlier attempt marked, whose effects may be missing (first writes win)
         first: dict[str, tuple[str, bool, int]] = {}
-        for a in answers:
-            first.setdefault(a[0], a)
+        ours = 0  # questions this request (or a dead attempt of its key) answered first
+        for a, code in zip(answers, codes, strict=True):
+            if a[0] not in first:
+                first[a[0]] = a
+                ours += code in (1, 2)
         applied = list(first.values())
-        accepted = len(applied) if recovering else len(fresh)
+        accepted = ours
         duplicates = len(answers) - accepted
         qualification: dict[str, bool] = {}
         kept: dict[str, bool] = {}
-        fresh_ids = {oid for oid, _, _ in fresh}
         golds: list[tuple[str, bool, int]] = []
         votes: list[tuple[str, bool]] = []
         for oid, label, ms in applied:
-            code, ref = refs[oid]
-            if code == "r":
+            kind, ref = refs[oid]
+            if kind == "r":
                 votes.append((ref, label))
-            elif code == "g":
+            elif kind == "g":
                 golds.append((ref, label, ms))
             elif oid in fresh_ids:
                 qualification[ref] = label
@@ -263,7 +278,6 @@ class Gateway:
             self.leases.add_qualification_answers(lease_id, qualification)
         if kept:
             self.leases.keep_qualification_answers(lease_id, kept)
-        self.qc.record_answer_times(worker, [ms for _, _, ms in fresh])
         self.qc.score_golds(worker, golds)
         cast = self.qc.cast_votes(worker, votes)
         if qualification or kept:

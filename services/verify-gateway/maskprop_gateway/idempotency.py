@@ -5,11 +5,12 @@ A key being worked on holds a short *running lease* (``RUNNING_LEASE_S``), renew
 request runs (:class:`Renewal`).  A gateway killed mid-request stops renewing, so a retry
 with the same key takes the key over once the lease lapses (issue #18: the record used to
 stay "running" for its whole 24 h TTL and every retry got 409).  The taken-over request runs
-again with ``recovering=True``: the answers' own exactly-once guarantee (one answer per lease,
-question and worker; votes and gold scores are first-write-wins) makes the re-run apply what
-the dead request had not, and nothing twice.  Within the worker's lease only: a retry that
-arrives after the lease itself expired gets 410 like any late answer, and answers the dead
-request had marked but not yet voted on are lost (the questions go back to the pool).
+again: the answers' own exactly-once guarantee (one answer per lease, question and worker;
+votes and gold scores are first-write-wins) makes the re-run apply what the dead request had
+not, and nothing twice, and the answers' marks carry the key, so the re-run reports what the
+first response would have.  Within the worker's lease only: a retry that arrives after the
+lease itself expired gets 410 like any late answer, and answers the dead request had marked
+but not yet voted on are lost (the questions go back to the pool).
 
 Each call is one Lua round trip, as the ``SET NX`` it replaces was.
 """

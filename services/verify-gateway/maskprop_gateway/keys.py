@@ -17,7 +17,7 @@ key (after the prefix)                  type   owner            also written by
 ``idem:{vendor}:{key}``                 str    idempotency      -
 ``lease:{id}``                          hash   leases           -
 ``lease:{id}:views``                    hash   leases           -
-``lease:{id}:answered``                 set    leases           -
+``lease:{id}:answered``                 hash   leases           -
 ``lease:{id}:qual``                     hash   leases           -
 ``leases``                              zset   leases           -
 ``stats:{campaign}``                    hash   leases           -
@@ -34,7 +34,9 @@ key (after the prefix)                  type   owner            also written by
 ``outbox:labels:dead``                  stream forwarder
 ``qc:gold``                             hash   quality          -
 ``qc:campaign:{campaign}:gold``         set    quality          -
-``qc:worker:{worker}[:{what}]``         mixed  quality          -
+``qc:worker:{worker}[:{what}]``         mixed  quality          leases' answered script pushes
+                                                                a new answer's time on ``:times``
+                                                                in the step that marks it
 ``qc:medians``                          hash   quality          -
 ``qc:votes:{q}``                        hash   quality          pool's done script deletes it
                                                                 with the question's other keys

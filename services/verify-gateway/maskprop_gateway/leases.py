@@ -8,7 +8,8 @@ Keys (:mod:`maskprop_gateway.keys`):
   qualification gold, ``g`` hidden gold, ``r`` real question;
 * ``lease:{id}:views`` hash opaque id -> view (:mod:`maskprop_gateway.views`), for the image
   and overlay routes during the lease only;
-* ``lease:{id}:answered`` set of opaque ids: one answer per (lease, question);
+* ``lease:{id}:answered`` hash opaque id -> tag of the request that answered it (its
+  Idempotency-Key, or ""): one answer per (lease, question);
 * ``lease:{id}:qual`` hash gold id -> ``"1"``/``"0"``: a qualification lease's answers so far;
 * ``leases`` zset lease id -> deadline: the expiry index; a lease being expired stays in it
   with its score pushed ``EXPIRY_CLAIM_S`` ahead (claimed) until :meth:`Leases.finish_expired`
@@ -32,22 +33,37 @@ from maskprop_gateway.errors import NotFound
 from maskprop_gateway.qc_rules import GoldQuestion
 from maskprop_gateway.views import ItemView
 
-# KEYS: answered set, stats hash.  ARGV: ttl, then (lease question id, kind g|r|q) pairs.  One
-# answer per (lease, question): which answers are new, counted in the campaign's stats.
+# KEYS: answered hash, stats hash, the worker's answer-times list.  ARGV: ttl, the request's
+# tag ("" or its Idempotency-Key), the times window, then (lease question id, kind g|r|q,
+# elapsed ms) triples.  One answer per (lease, question): per answer 1 if it is new (counted in
+# the campaign's stats, its time recorded in the same step, so a crash never separates them),
+# 2 if an earlier attempt with the same non-empty tag made it (a dead request of the same
+# Idempotency-Key), else 0.  Returns {per-answer codes, the worker's recent times}.
 _ANSWERED = """
 local fresh, golds, out = 0, 0, {}
-for i = 2, #ARGV, 2 do
-  local new = redis.call('sadd', KEYS[1], ARGV[i])
-  out[#out + 1] = new
+local tag = ARGV[2]
+for i = 4, #ARGV, 3 do
+  local new = redis.call('hsetnx', KEYS[1], ARGV[i], tag)
   if new == 1 then
     fresh = fresh + 1
     if ARGV[i + 1] == 'g' then golds = golds + 1 end
+    redis.call('lpush', KEYS[3], ARGV[i + 2])
+    out[#out + 1] = 1
+  elseif tag ~= '' and redis.call('hget', KEYS[1], ARGV[i]) == tag then
+    out[#out + 1] = 2
+  else
+    out[#out + 1] = 0
   end
 end
 redis.call('expire', KEYS[1], ARGV[1])
 redis.call('hincrby', KEYS[2], 'answers', fresh)
 redis.call('hincrby', KEYS[2], 'gold_answers', golds)
-return out
+local recent = {}
+if fresh > 0 then
+  redis.call('ltrim', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+  recent = redis.call('lrange', KEYS[3], 0, -1)
+end
+return {out, recent}
 """
 
 # Claim the due leases: push their score to ARGV[2] so no other replica takes them while this
@@ -142,10 +158,10 @@ class Leases:
 
     def answered(self, lease_id: str) -> set[str]:
         """Opaque ids of the lease's questions answered so far."""
-        return {_s(m) for m in self.r.smembers(keys.lease_answered(lease_id))}
+        return {_s(m) for m in self.r.hkeys(keys.lease_answered(lease_id))}
 
     def answered_count(self, lease_id: str) -> int:
-        return int(self.r.scard(keys.lease_answered(lease_id)))
+        return int(self.r.hlen(keys.lease_answered(lease_id)))
 
     def view(self, lease_id: str, oid: str) -> ItemView:
         """What the worker was shown as question ``oid`` (during the lease only)."""
@@ -155,18 +171,27 @@ class Leases:
         return views.parse(_s(view))
 
     def mark_answered(
-        self, lease_id: str, campaign: str, answered: Iterable[tuple[str, str]]
-    ) -> list[int]:
-        """Record answers to ``answered`` (opaque id, code) in one call: per answer 1 if it is
-        the first to that question of the lease, else 0; new ones are counted in the
-        campaign's stats."""
-        args: list[Any] = [self.record_ttl_s]
-        for oid, code in answered:
-            args += (oid, code)
-        new: list[int] = self._answered(
-            keys=[keys.lease_answered(lease_id), keys.stats(campaign)], args=args
+        self,
+        lease_id: str,
+        campaign: str,
+        answered: Iterable[tuple[str, str, int]],
+        *,
+        tag: str = "",
+        times_key: str,
+        window: int,
+    ) -> tuple[list[int], list[int]]:
+        """Record answers (opaque id, code, elapsed ms) in one step: per answer 1 if it is the
+        first to that question of the lease, 2 if an earlier attempt tagged ``tag`` (the same
+        Idempotency-Key) answered it, else 0.  New answers are counted in the campaign's
+        stats and their times pushed on the worker's ``times_key`` list (QC's, trimmed to
+        ``window``) in the same step; returns (codes, the list after, empty if nothing new)."""
+        args: list[Any] = [self.record_ttl_s, tag, int(window)]
+        for oid, code, ms in answered:
+            args += (oid, code, int(ms))
+        codes, recent = self._answered(
+            keys=[keys.lease_answered(lease_id), keys.stats(campaign), times_key], args=args
         )
-        return new
+        return [int(c) for c in codes], [int(t) for t in recent]
 
     def add_qualification_answers(self, lease_id: str, answers: dict[str, bool]) -> None:
         """Keep a qualification lease's answers (gold id -> answer) until all are in."""

@@ -357,19 +357,33 @@ class QualityControl:
         if isinstance(elapsed_ms, bool) or not isinstance(elapsed_ms, int) or elapsed_ms < 0:
             raise QualityError("elapsed_ms must be an int >= 0")
 
+    def times_key(self, worker: str) -> str:
+        """The worker's recent answer times (a list, newest first, :attr:`policy.window` long):
+        the gateway pushes each new answer's time in the step that marks it answered
+        (:meth:`~maskprop_gateway.leases.Leases.mark_answered`), so a crash never separates
+        them; :meth:`record_answer_times` does both for callers without a lease."""
+        return keys.worker(worker, "times")
+
+    def check_answer_times(self, elapsed_ms: Iterable[int]) -> None:
+        for e in elapsed_ms:
+            self._check_elapsed(e)
+
+    def update_median(self, worker: str, recent: list[int]) -> None:
+        """Cache the worker's median answer time from its recent times (after new ones)."""
+        if recent:
+            self.r.hset(keys.MEDIANS, worker, float(np.median([float(t) for t in recent])))
+
     def record_answer_times(self, worker: str, elapsed_ms: list[int]) -> None:
         """Record several answer times of one worker in one round trip (a submitted batch)."""
         if not elapsed_ms:
             return
-        for e in elapsed_ms:
-            self._check_elapsed(e)
-        times = keys.worker(worker, "times")
+        self.check_answer_times(elapsed_ms)
+        times = self.times_key(worker)
         pipe = self.r.pipeline(transaction=True)
         pipe.lpush(times, *elapsed_ms)
         pipe.ltrim(times, 0, self.policy.window - 1)
         pipe.lrange(times, 0, -1)
-        recent = pipe.execute()[2]
-        self.r.hset(keys.MEDIANS, worker, float(np.median([float(t) for t in recent])))
+        self.update_median(worker, pipe.execute()[2])
 
     # ------------------------------------------------------------------ state and review
     #: Crowds of at least this many workers have their median answer time cached this long.

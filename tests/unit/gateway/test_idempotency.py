@@ -144,7 +144,7 @@ def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_o
 
     setattr(target[0], target[1], die)
     with pytest.raises(Killed):
-        gw.submit("v", offer.lease_id, "w1", answers)
+        gw.submit("v", offer.lease_id, "w1", answers, request_key="key-1")
     setattr(target[0], target[1], real)
 
     # a retry at once is told to wait; once the lease lapses it takes the key over
@@ -153,7 +153,7 @@ def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_o
     clock.t += idem.running_lease_s + 0.1
     retry = idem.begin("v", "key-1", fp)
     assert isinstance(retry, Held) and retry.recovering
-    out = gw.submit("v", offer.lease_id, "w1", answers, recovering=retry.recovering)
+    out = gw.submit("v", offer.lease_id, "w1", answers, request_key="key-1")
     assert idem.finish("v", "key-1", fp, 200, out, retry.owner)
     assert out["accepted"] == len(labels) and out["duplicates"] == 0
 
@@ -255,3 +255,28 @@ def test_an_expiry_cut_off_by_a_crash_runs_again_and_queues_one_callback():
     clock.t += EXPIRY_CLAIM_S + 1
     assert gw.expire_leases() == []  # finished: never again
     assert len(gw.create_lease("v", "w3", "c", 3, refill=False).questions) == 3
+
+
+@pytest.mark.parametrize("die_at", ["after_mark", "after_votes"])
+def test_a_taken_over_key_counts_only_its_own_answers_and_records_each_time_once(die_at):
+    """Issue #18: the re-run of a taken-over key reported as accepted every answer of the
+    request, also those an earlier request without the key had applied; and the answer times
+    the dead attempt marked were never recorded for QC.  Marks carry the request's key and
+    the time is pushed in the step that marks, so both are exact."""
+    clock = Clock()
+    r, _, gw = world(6, clock)
+    offer = gw.create_lease("v", "w1", "c", 6, refill=False)
+    answers = [(oid, True, 1000 + i) for i, (oid, _) in enumerate(offer.questions)]
+    gw.submit("v", offer.lease_id, "w1", answers[:2])  # an earlier request, no key
+    target = (gw.qc, "cast_votes") if die_at == "after_mark" else (gw.pool, "settle")
+    real = getattr(*target)
+    setattr(*target, lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):  # the keyed request marks all six, then dies
+        gw.submit("v", offer.lease_id, "w1", answers, request_key="key-2")
+    setattr(*target, real)
+    out = gw.submit("v", offer.lease_id, "w1", answers, request_key="key-2")
+    assert out["accepted"] == 4 and out["duplicates"] == 2  # what the first response said
+    times = [int(t) for t in r.lrange(gw.qc.times_key("v:w1"), 0, -1)]
+    assert sorted(times) == [ms for _, _, ms in answers]  # each answer's time once
+    again = gw.submit("v", offer.lease_id, "w1", answers, request_key="key-3")
+    assert again["accepted"] == 0 and again["duplicates"] == 6  # another key: none its own

@@ -48,7 +48,7 @@ async def submit_answers(
             with idem.holding(vid, idempotency_key, held.owner):
                 out = answers_out(
                     gateway.submit(
-                        vid, body.lease_id, body.worker_id, answers, recovering=held.recovering
+                        vid, body.lease_id, body.worker_id, answers, request_key=idempotency_key
                     )
                 )
         except Exception:
