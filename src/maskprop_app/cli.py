@@ -13,6 +13,7 @@ import typer
 
 from maskprop import __version__
 from maskprop.errors import MaskpropError
+from maskprop_app.cmd_campaign import campaign_app
 from maskprop_app.cmd_data import data_app
 from maskprop_app.cmd_detector import demo, detector_app
 from maskprop_app.cmd_gateway import gold_app, vendor_app
@@ -44,6 +45,7 @@ def build_app() -> typer.Typer:
     root.command("feed-simulated")(feed_simulated)
     root.add_typer(vendor_app, name="vendor")
     root.add_typer(gold_app, name="gold")
+    root.add_typer(campaign_app, name="campaign")
     return root
 
 

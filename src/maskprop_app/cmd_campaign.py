@@ -1,0 +1,242 @@
+"""``maskprop campaign``: create a campaign from a spec file, list, status, pause, resume, stop,
+revise, and add its images (issue #16 items 1-3).
+
+The commands talk to the campaign registry in Redis (``MASKPROP_REDIS_URL``) directly through
+:class:`maskprop_runtime.campaigns.CampaignRegistry`; ``add-images`` also publishes to the
+broker (``MASKPROP_KAFKA_BOOTSTRAP``).  Without them there is nothing durable to talk to, so
+the commands refuse to run rather than create a campaign in a throw-away in-process store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from maskprop.errors import MaskpropError
+from maskprop_app.console import Bars, fail, user_errors
+
+campaign_app = typer.Typer(
+    help="Campaigns: a team's images, classes, detector, parameters and budget.",
+    no_args_is_help=True,
+)
+
+NameArg = Annotated[str, typer.Argument(help="Campaign name.")]
+
+
+def open_redis(settings: Any) -> Any:
+    """The registry's Redis; refused without ``MASKPROP_REDIS_URL`` (nothing would last)."""
+    from maskprop_runtime.store import make_redis
+
+    if settings.redis_url is None:
+        raise MaskpropError("campaign commands need MASKPROP_REDIS_URL (the campaign registry)")
+    return make_redis(
+        settings.redis_url.get_secret_value(), connect_timeout_s=settings.connect_timeout_s
+    )
+
+
+def open_bus(settings: Any) -> Any:
+    """The broker ``add-images`` publishes to; refused without ``MASKPROP_KAFKA_BOOTSTRAP``."""
+    from maskprop_runtime.bus import make_bus
+
+    if not settings.distributed:
+        raise MaskpropError("add-images needs MASKPROP_KAFKA_BOOTSTRAP (a real broker)")
+    return make_bus(settings.kafka_bootstrap, **settings.bus_options())
+
+
+def _registry() -> Any:
+    from maskprop_runtime.campaigns import CampaignRegistry
+    from maskprop_runtime.ingest import IngestSettings
+
+    return CampaignRegistry(open_redis(IngestSettings()))
+
+
+def _summary(campaign: Any) -> dict[str, Any]:
+    from maskprop_runtime.campaigns import STATE_NAME
+
+    spec = campaign.spec
+    a, b = spec.annotation, spec.budget
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "state": STATE_NAME[campaign.state],
+        "classes": list(spec.classes),
+        "images": spec.images_root,
+        "annotation": {
+            "N_s": a.samples_per_cluster,
+            "K_a": a.accept_threshold,
+            "K_iou": a.iou_threshold,
+            "K_pa": a.prior_accept_threshold,
+            "K_pr": a.prior_reject_threshold,
+            "redundancy": a.redundancy,
+            "strategy": a.strategy,
+            "seed": a.seed,
+        },
+        "budget": {
+            "questions": b.questions,
+            "hours": b.hours,
+            "dollars": b.dollars,
+            "wage": b.hourly_wage,
+            "rounds": b.rounds,
+        },
+    }
+
+
+@campaign_app.command("create")
+def create(
+    spec: Annotated[Path, typer.Option(help="Campaign spec (TOML).")],
+) -> None:
+    """Store a new campaign from its spec (a taken name is refused)."""
+    from maskprop.campaign_spec import load_spec
+
+    with user_errors():
+        parsed = load_spec(spec)
+        made = _registry().create(parsed)
+    typer.echo(json.dumps(_summary(made), indent=2))
+
+
+@campaign_app.command("revise")
+def revise(
+    spec: Annotated[Path, typer.Option(help="The campaign's spec with version = current + 1.")],
+) -> None:
+    """Change a campaign's parameters explicitly: the spec must carry the next version."""
+    from maskprop.campaign_spec import load_spec
+
+    with user_errors():
+        parsed = load_spec(spec)
+        revised = _registry().revise(parsed)
+    typer.echo(json.dumps(_summary(revised), indent=2))
+
+
+@campaign_app.command("list")
+def list_campaigns() -> None:
+    """Every campaign: name, version, state, classes."""
+    from maskprop_runtime.campaigns import STATE_NAME
+
+    with user_errors():
+        campaigns = _registry().list()
+    if not campaigns:
+        typer.echo("no campaigns")
+    for c in campaigns:
+        typer.echo(
+            f"{c.spec.name}\tv{c.spec.version}\t{STATE_NAME[c.state]}\t{','.join(c.spec.classes)}"
+        )
+
+
+@campaign_app.command("status")
+def status(name: NameArg) -> None:
+    """The campaign's spec, state and each stage's progress (JSON)."""
+    from maskprop_runtime.ingest import campaign_status
+
+    with user_errors():
+        st = campaign_status(_registry(), name)
+    out = _summary(st.campaign)
+    out["stages"] = {s.stage: {"done": s.done, "total": s.total} for s in st.stages}
+    out["refused"] = dict(st.refused)
+    typer.echo(json.dumps(out, indent=2))
+
+
+def _set_state(name: str, state: str) -> None:
+    from maskprop_runtime.campaigns import STATE_NAME
+
+    with user_errors():
+        c = _registry().set_state(name, state)
+    typer.echo(f"{name}: {STATE_NAME[c.state]}")
+
+
+@campaign_app.command("pause")
+def pause(name: NameArg) -> None:
+    """Pause a campaign (add-images stops publishing; resume continues)."""
+    _set_state(name, "paused")
+
+
+@campaign_app.command("resume")
+def resume(name: NameArg) -> None:
+    """Resume a paused campaign."""
+    _set_state(name, "running")
+
+
+@campaign_app.command("stop")
+def stop(name: NameArg) -> None:
+    """Stop a campaign for good."""
+    _set_state(name, "stopped")
+
+
+@campaign_app.command("add-images")
+def add_images(
+    name: NameArg,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(help="File of image paths (one a line) under the campaign's folder."),
+    ] = None,
+    all_or_nothing: Annotated[
+        bool, typer.Option(help="Refuse every image when any one is refused.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Check the campaign's images (readable, size and pixel limits, de-duplicated by content,
+    under its folder), record them and publish them to the detector at a bounded rate
+    (MASKPROP_INGEST_BATCH_SIZE, MASKPROP_INGEST_BATCHES_PER_S).  Run it again after an
+    interruption: it resumes where publishing stopped."""
+    from maskprop_runtime.campaigns import CampaignRegistry
+    from maskprop_runtime.ingest import (
+        IngestSettings,
+        check_images,
+        publish_plan,
+        read_plan,
+        record_plan,
+    )
+
+    bars = Bars(progress)
+    with user_errors(bars):
+        settings = IngestSettings()
+        registry = CampaignRegistry(open_redis(settings))
+        spec = registry.spec(name)
+        state = registry.state(name)
+        if state in ("paused", "stopped"):
+            raise MaskpropError(f"campaign {name!r} is {state}: resume it before adding images")
+        plan = read_plan(registry.redis, name)
+        if plan is not None and plan.done:
+            raise MaskpropError(
+                f"campaign {name!r} already published its {plan.images} images "
+                f"({plan.batch_count} batches)"
+            )
+        bus = open_bus(settings)  # before any check: no plan without a broker to send it
+        report = None
+        if plan is None:
+            report = check_images(spec, registry.redis, settings, manifest=manifest, progress=bars)
+            refused = sum(report.refused.values())
+            for reason, count in sorted(report.refused.items()):
+                shown = ", ".join(report.examples[reason])
+                typer.echo(f"refused {count} ({reason}): {shown}", err=True)
+            if all_or_nothing and refused:
+                raise MaskpropError(
+                    f"{refused} image(s) refused and --all-or-nothing: nothing was added"
+                )
+            if not report.accepted:
+                raise MaskpropError(f"no image was accepted ({refused} refused): nothing added")
+            plan = record_plan(registry, name, report, settings.ingest_batch_size)
+        producer = bus.producer()
+        try:
+            plan = publish_plan(
+                registry,
+                name,
+                producer,
+                batches_per_s=settings.ingest_batches_per_s,
+                progress=bars,
+            )
+        finally:
+            producer.close()
+    result = {
+        "campaign": name,
+        "accepted": len(report.accepted) if report else 0,
+        "refused": dict(report.refused) if report else {},
+        "images": plan.images,
+        "batches": plan.batch_count,
+        "published": plan.published,
+    }
+    typer.echo(json.dumps(result))
+    if not plan.done:
+        fail(f"campaign {name!r} was paused or stopped after {plan.published} batches")
