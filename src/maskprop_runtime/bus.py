@@ -35,6 +35,11 @@ class Producer(Protocol):
 class Consumer(Protocol):
     def poll(self, timeout_s: float, max_records: int) -> list[Record]: ...
     def commit(self, records: Iterable[Record]) -> None: ...
+    def keep_alive(self) -> None:
+        """Stay in the consumer group during a long handler without consuming anything (the
+        group drops a member that does not poll within ``max.poll.interval.ms``)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -140,6 +145,9 @@ class InMemoryConsumer:
             for r in records:
                 k = (self._group, r.topic, r.partition)
                 self._bus._committed[k] = max(self._bus._committed[k], r.offset + 1)
+
+    def keep_alive(self) -> None:
+        return None  # no group membership to lose in one process
 
     def close(self) -> None:
         return None
@@ -324,6 +332,21 @@ class KafkaConsumerAdapter:
                 log.warning("commit failed after a rebalance; records will be redelivered")
                 return
         log.warning("commit kept hitting a rebalance; records will be redelivered")
+
+    def keep_alive(self) -> None:
+        """Poll with every assigned partition paused: the poll counts for
+        ``max.poll.interval.ms`` and runs a pending rebalance, but fetches nothing.  A
+        partition assigned by that rebalance is not paused yet and may return records: each
+        is sought back to its first returned offset, so nothing is skipped."""
+        assigned = self._c.assignment()
+        self._c.pause(*assigned)
+        try:
+            got = self._c.poll(timeout_ms=0)
+            for tp, msgs in got.items():
+                if msgs:
+                    self._c.seek(tp, min(m.offset for m in msgs))
+        finally:
+            self._c.resume(*self._c.assignment())
 
     def close(self) -> None:
         self._c.close(autocommit=False)

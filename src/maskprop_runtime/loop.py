@@ -173,6 +173,13 @@ class EventLoop:
         consumer.commit(records)
         return len(records)
 
+    def keep_alive(self) -> None:
+        """For a handler that runs long (the clusterer waiting for a tree build): keep the
+        consumer's group membership without consuming (:meth:`Consumer.keep_alive`).  Call it
+        from the loop's own thread, every few seconds."""
+        if self._consumer is not None:
+            self._consumer.keep_alive()
+
     def run(self, stop: threading.Event, poll_s: float = 0.5) -> None:
         """Run until ``stop`` is set; on an infrastructure error, reconnect and go on."""
         delay = 0.5

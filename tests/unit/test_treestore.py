@@ -1,7 +1,12 @@
-"""The tree store: batches merge into the leaf order, trees round-trip, and files of another
-format are refused with a reason (never half-read)."""
+"""The tree store: batches merge into the leaf order, trees round-trip through the
+memory-mapped class file (no features), and files of another format are refused with a reason
+(never half-read)."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import mmap
 
 import numpy as np
 import pytest
@@ -10,7 +15,7 @@ from maskprop.data import coco
 from maskprop.data.masks import MaskTable, pack_counts
 from maskprop.tree import build_tree
 from maskprop_runtime.loop import InvalidEvent
-from maskprop_runtime.treestore import StoreFormatError, TreeStore
+from maskprop_runtime.treestore import CLASS_FORMAT, StoreFormatError, TreeStore
 
 
 def _table(ids: list[str], seed: int) -> MaskTable:
@@ -60,3 +65,65 @@ def test_files_of_another_format_are_refused_as_invalid_events(tmp_path):
     with pytest.raises(StoreFormatError, match="not a tree store file of this release") as info:
         store.read_batches("c", 0)
     assert isinstance(info.value, InvalidEvent) and str(path) in str(info.value)
+
+
+def _stored(tmp_path, n=5):
+    store = TreeStore(tmp_path)
+    table = _table([f"m{i}" for i in range(n)], 3)
+    tree = build_tree(table.features, table.scores)
+    path, sha = store.put_tree("c", 2, "cat", tree, table)
+    return store, table, tree, path, sha
+
+
+def test_the_class_file_is_memory_mapped_and_keeps_no_features(tmp_path):
+    store, table, tree, path, sha = _stored(tmp_path)
+    assert path == store.tree_path("c", 2) and path.name == "manifest.json"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+    assert store.stored_tree("c", 2) == (path, sha, 5)
+    manifest = json.loads(path.read_text())
+    assert manifest["format"] == CLASS_FORMAT and "features" not in manifest["files"]
+    for entry in manifest["files"].values():  # the manifest pins every file
+        f = path.parent / entry["file"]
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == entry["sha256"]
+    loaded, masks, name = TreeStore.load_tree(path, verify=True)
+    assert name == "cat" and masks.features.shape == (5, 0)
+    assert isinstance(masks.mask_ids, np.memmap) and isinstance(masks.rle_blob, mmap.mmap)
+    assert masks.rles() == table.rles() and masks.take([3, 1]).rles() == table.take([3, 1]).rles()
+    assert masks.mask_ids.tolist() == table.mask_ids.tolist()
+    assert masks.class_ids.tolist() == [2] * 5
+    np.testing.assert_array_equal(loaded.to_linkage(), tree.to_linkage())
+    np.testing.assert_array_equal(loaded.cluster_scores(), tree.cluster_scores())
+
+
+def test_a_second_put_tree_keeps_the_stored_tree_and_batches_can_be_dropped(tmp_path):
+    store, table, tree, path, sha = _stored(tmp_path)
+    store.put_batch("c", 2, "b0", table)
+    (path.parent.parent / ".tree.dead.tmp").mkdir()  # left by a build killed while writing
+    assert store.put_tree("c", 2, "cat", tree, table) == (path, sha)
+    assert sorted(p.name for p in path.parent.parent.iterdir()) == ["batches", "tree"]
+    store.drop_batches("c", 2)
+    store.drop_batches("c", 2)
+    assert store.read_batches("c", 2) is None and store.stored_tree("c", 2) is not None
+
+
+def test_class_files_of_another_format_or_damaged_are_refused(tmp_path):
+    _, table, _, path, _ = _stored(tmp_path)
+    with pytest.raises(StoreFormatError, match="manifest"):
+        TreeStore.load_tree(path.parent / "scores.npy")
+    blob = path.parent / "rle_blob.bin"
+    blob.write_bytes(blob.read_bytes()[:-1] + b"?")
+    with pytest.raises(StoreFormatError, match="sha256 differs"):
+        TreeStore.load_tree(path, verify=True)
+    manifest = json.loads(path.read_text())
+    manifest["files"]["scores"]["file"] = "../../../x.npy"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreFormatError, match="outside its directory"):
+        TreeStore.load_tree(path)
+    path.write_text(json.dumps({**manifest, "format": "maskprop-class-0"}))
+    with pytest.raises(StoreFormatError, match="not a tree store file of this release"):
+        TreeStore.load_tree(path)
+    old = tmp_path / "c" / "3" / "tree.npz"  # the previous release's single npz
+    old.parent.mkdir(parents=True)
+    np.savez(old, **table.to_arrays())
+    with pytest.raises(StoreFormatError):
+        TreeStore.load_tree(old)

@@ -7,6 +7,7 @@ pixels) are a different thing and keep their own type.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ def pack_counts(counts: Sequence[bytes]) -> tuple[bytes, NDArray[np.int64]]:
     return b"".join(counts), offsets
 
 
-def _gather(blob: bytes, offsets: NDArray[np.int64], idx: NDArray[np.int64]) -> bytes:
+def _gather(blob: bytes | mmap.mmap, offsets: NDArray[np.int64], idx: NDArray[np.int64]) -> bytes:
     """The counts of masks ``idx``, in that order, as one blob (vectorised, no per-mask loop)."""
     starts, ends = offsets[idx], offsets[idx + 1]
     lengths = ends - starts
@@ -62,6 +63,8 @@ class MaskTable:
     rle_h, rle_w : uint32[n], the mask's size (its image's height and width).
     rle_blob, rle_offsets : compressed COCO RLE counts of mask i are
         ``rle_blob[rle_offsets[i]:rle_offsets[i + 1]]``; ``rle_offsets`` is int64[n + 1].
+        ``rle_blob`` is ``bytes``, or a read-only :class:`mmap.mmap` in a table the tree store
+        memory-maps (it slices to ``bytes`` too).
     img_ids, img_w, img_h, img_files : the images the masks refer to, one row each (id as in
         ``image_ids``, width, height uint32, file name; ``""`` where the producer has none).
 
@@ -83,7 +86,7 @@ class MaskTable:
     mask_ious: NDArray[np.float32]
     rle_h: NDArray[np.uint32]
     rle_w: NDArray[np.uint32]
-    rle_blob: bytes
+    rle_blob: bytes | mmap.mmap
     rle_offsets: NDArray[np.int64]
     img_ids: NDArray[Any]
     img_w: NDArray[np.uint32]
