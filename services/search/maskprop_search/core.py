@@ -29,6 +29,7 @@ from maskprop.selection import Selection
 from maskprop.session import AnnotationSession, Answer, Question
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Producer, Record
+from maskprop_runtime.campaigns import SessionParams
 from maskprop_runtime.loop import Emit, InvalidEvent
 from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
@@ -55,10 +56,15 @@ class SearchCore:
         clock: Callable[[], float] = time.time,
         publish_inline: bool = True,
         cache_masks: int = CACHE_MASKS,
+        params_for: Callable[[str], SessionParams | None] | None = None,
     ) -> None:
         """``publish_inline``: each API call publishes the labels it decided before it
         returns (embedded mode, tests); with False a relay thread runs :meth:`run_relay`.
-        ``cache_masks``: the masks of the classes kept in memory (:class:`SessionCache`)."""
+        ``cache_masks``: the masks of the classes kept in memory (:class:`SessionCache`).
+        ``params_for(campaign)``: the parameters a campaign's new sessions open with (the
+        campaign registry, :meth:`CampaignRegistry.session_params`); ``None`` from it, or no
+        ``params_for``, means this process's ``params``/``selection``/``strategy``/``seed``."""
+        self.params_for = params_for
         self.params = params
         self.selection = selection
         self.producer = producer
@@ -96,8 +102,13 @@ class SearchCore:
         with self.store.locked(campaign, [k], load=False):
             if self.store.has_session(campaign, k):
                 return []  # redelivered: the session already exists and may have progressed
+            own = self.params_for(campaign) if self.params_for is not None else None
             session = AnnotationSession(
-                {k: tree}, self.params, self.selection, strategy=self.strategy, seed=self.seed
+                {k: tree},
+                own.params if own else self.params,
+                own.selection if own else self.selection,
+                strategy=own.strategy if own else self.strategy,
+                seed=own.seed if own else self.seed,
             )
             meta = {"class_name": masks.class_name, "tree_uri": str(path), "masks": tree.n_leaves}
             self.store.create(campaign, k, session, tree, masks, meta)

@@ -12,6 +12,7 @@ from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Bus, Producer
+from maskprop_runtime.campaigns import CampaignRegistry
 from maskprop_runtime.loop import DedupStore, EventLoop
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
 from maskprop_runtime.server import build_server, entrypoint, serve_until, start_service
@@ -83,6 +84,8 @@ def build_search(
         lease_seconds=settings.lease_seconds,
         publish_inline=not relay,
         cache_masks=settings.cache_masks,
+        # a registered campaign's sessions open with its own parameters (issue #16)
+        params_for=CampaignRegistry(redis).session_params,
     )
     loop = EventLoop(
         service="search",
