@@ -109,3 +109,19 @@ def test_missing_weights_is_one_clear_error(tmp_path):
 
     with pytest.raises(MaskpropError, match="detector weights not found"):
         build_detector(DetectorSettings(detector_weights=tmp_path / "none.pt"), InMemoryBus(), None)
+
+
+def test_masks_no_event_can_carry_are_dead_lettered_and_left_out_of_the_count(stack):
+    bus, detector, _, _ = stack
+    handler = detector.handlers[topics.IMAGES].__self__
+    assert handler.max_bytes == topics.record_limit()  # kafka_max_message_bytes' default
+    handler.max_bytes = 1  # no mask fits: every one must be parked, none may block
+    _send(bus, _batch(0, 1, [1, 2, 3]))
+    run_until_idle([detector])
+    dead = [common_pb2.DeadLetter.FromString(r.value) for r in bus.read(topics.DEADLETTER)]
+    assert dead and all("exceeds maskprop.masks' limit of 1" in d.reason for d in dead)
+    assert all(d.service == "detector" and d.source_topic == topics.IMAGES for d in dead)
+    letters = [detector_pb2.MaskStreamEvent.FromString(d.payload) for d in dead]
+    assert len({e.masks.masks[0].mask_id for e in letters}) == len(dead)
+    # nothing sent, so no class expects masks: none is closed with a count it never gets
+    assert _masks(bus) == []

@@ -54,8 +54,12 @@ class DetectorHandler:
         image_root: Path,
         device: Any = None,
         batch_size: int = 16,
+        max_bytes: int = topics.record_limit(),
     ) -> None:
+        """``max_bytes``: the most bytes a ``maskprop.masks`` event may take
+        (:func:`maskprop_runtime.topics.record_limit` of ``kafka_max_message_bytes``)."""
         self.model, self.cfg, self.redis = model, cfg, redis
+        self.max_bytes = max_bytes
         self.image_root = Path(image_root)
         self.device = device
         self.batch_size = batch_size
@@ -106,6 +110,7 @@ class DetectorHandler:
             )
             for ref, px in pixels
         }
+        oversized: list[tuple[int, int]] = []
         out = [
             Emit(topics.MASKS, key, ev)
             for key, ev in masks_events(
@@ -119,9 +124,17 @@ class DetectorHandler:
                 encode=table_encoder(dets),
                 images=images,
                 event_prefix=f"masks.{msg.campaign}.{msg.batch_index}",
+                max_bytes=self.max_bytes,
+                oversized=oversized,
             )
         ]
         counts = {c: int((dets.class_ids == c).sum()) for c in range(len(self.cfg.classes))}
+        for i, size in oversized:
+            # A mask no event can carry is dead-lettered (with its metadata, not its RLE) and
+            # left out of its class's expected count, so the class still closes.
+            c = int(dets.class_ids[i])
+            counts[c] -= 1
+            out.append(_oversized_letter(msg, record, dets, i, size, self.max_bytes))
         key = f"maskprop:detector:{msg.campaign}:counts"
         self.redis.hset(key, str(msg.batch_index), json.dumps(counts))
         if self.redis.hlen(key) >= msg.batch_count:
@@ -139,6 +152,33 @@ class DetectorHandler:
         return out
 
 
+def _oversized_letter(
+    msg: detector_pb2.ImageBatch, record: Record, dets: Any, i: int, size: int, max_bytes: int
+) -> Emit:
+    """The dead letter of detection ``i`` of ``dets``, whose event would take ``size`` bytes."""
+    c = int(dets.class_ids[i])
+    mask = detector_pb2.MasksDetected(campaign=msg.campaign, class_id=c)
+    mask.masks.add(
+        mask_id=str(dets.mask_ids[i]), image_id=str(dets.image_ids[i]), score=float(dets.scores[i])
+    )
+    key = topics.class_key(msg.campaign, c)
+    letter = common_pb2.DeadLetter(
+        service="detector",
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=key,
+        payload=detector_pb2.MaskStreamEvent(
+            event_id=f"oversized.{msg.campaign}", masks=mask
+        ).SerializeToString(),
+        reason=(
+            f"mask {dets.mask_ids[i]!s} of image {dets.image_ids[i]!s}: an event of {size} bytes "
+            f"alone exceeds maskprop.masks' limit of {max_bytes} (its RLE is left out here)"
+        ),
+    )
+    return Emit(topics.DEADLETTER, key, letter)
+
+
 def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoop:
     """Load the model (clear error when the weights are missing) and wire the handler."""
     from maskprop_detector.train import load_model, pick_device
@@ -148,6 +188,7 @@ def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoo
     handler = DetectorHandler(
         model, cfg, redis, image_root=settings.image_root, device=device,
         batch_size=settings.detector_batch_size,
+        max_bytes=topics.record_limit(settings.kafka_max_message_bytes),
     )  # fmt: skip
     return EventLoop(
         service="detector",
