@@ -56,6 +56,7 @@ def policy_from(settings: GatewaySettings) -> QualityPolicy:
         min_accuracy=settings.min_accuracy,
         redundancy=settings.redundancy,
         max_redundancy=settings.max_redundancy,
+        gold_exposure=settings.gold_exposure,
     )
 
 

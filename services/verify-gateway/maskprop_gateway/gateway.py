@@ -24,7 +24,7 @@ from maskprop_gateway.errors import Forbidden, Gone, Invalid
 from maskprop_gateway.forwarder import Forwarder
 from maskprop_gateway.idempotency import IdempotencyStore
 from maskprop_gateway.leases import Leases, gold_view, opaque_ids
-from maskprop_gateway.metrics import ANSWERS, BLOCKED
+from maskprop_gateway.metrics import ANSWERS, BLOCKED, GOLD_SHORT
 from maskprop_gateway.pool import QuestionPool
 from maskprop_gateway.quality import QualityControl, QualityError
 from maskprop_gateway.search_client import SearchClient
@@ -137,6 +137,12 @@ class Gateway:
             real = self._take(campaign, worker, n_real, expires, refill)
             due = slots[: len(real)]
             golds = self.qc.next_golds(campaign, worker, sum(due))
+            if len(golds) < sum(due):
+                GOLD_SHORT.labels(campaign).inc(sum(due) - len(golds))
+                log.warning(
+                    "hidden gold exhausted; import more gold",
+                    extra={"campaign": campaign, "short": sum(due) - len(golds)},
+                )
             hidden, ids = iter(golds), opaque_ids(len(real) + len(golds))
             for (qid, view), gold_due in zip(real, due, strict=True):
                 h = next(hidden, None) if gold_due else None

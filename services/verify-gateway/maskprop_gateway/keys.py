@@ -34,6 +34,8 @@ key (after the prefix)                  type   owner            also written by
 ``outbox:labels:dead``                  stream forwarder
 ``qc:gold``                             hash   quality          -
 ``qc:campaign:{campaign}:gold``         set    quality          -
+``qc:campaign:{campaign}:gold:hidden``  zset   quality          -
+``qc:campaign:{campaign}:gold:qual``    set    quality          -
 ``qc:worker:{worker}[:{what}]``         mixed  quality          leases' answered script pushes
                                                                 a new answer's time on ``:times``
                                                                 in the step that marks it
@@ -141,6 +143,16 @@ VOTES = QC + "votes:"
 
 def campaign_gold(campaign: str) -> str:
     return f"{QC}campaign:{campaign}:gold"
+
+
+def gold_hidden(campaign: str) -> str:
+    """zset gold id -> workers it was shown to as hidden gold: the hidden-gold candidates."""
+    return f"{QC}campaign:{campaign}:gold:hidden"
+
+
+def gold_qualification(campaign: str) -> str:
+    """set of gold ids used in qualification tests: never hidden gold afterwards."""
+    return f"{QC}campaign:{campaign}:gold:qual"
 
 
 def worker(worker_id: str, what: str = "") -> str:

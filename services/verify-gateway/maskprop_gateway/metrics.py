@@ -12,6 +12,11 @@ REQUESTS = Counter(
 )
 LATENCY = Histogram("maskprop_gateway_request_seconds", "HTTP request latency", ["route"])
 ANSWERS = Counter("maskprop_gateway_answers_total", "Worker answers accepted", ["vendor"])
+GOLD_SHORT = Counter(
+    "maskprop_gateway_hidden_gold_short_total",
+    "Hidden gold slots left empty: the campaign's gold reached its exposure cap (import more)",
+    ["campaign"],
+)
 BLOCKED = Counter(
     "maskprop_gateway_workers_blocked_total", "Lease requests refused to a worker", ["reason"]
 )

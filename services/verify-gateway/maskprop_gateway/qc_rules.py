@@ -53,6 +53,10 @@ class QualityPolicy:
     # for, up to this many (default 2 x redundancy - 1), before the weighted vote decides.
     # Honest workers agree, so a disagreement flags a bad voter who may not be caught yet.
     max_redundancy: int | None = None
+    # Workers a hidden gold item is shown to at most (None: as many as a real question can be,
+    # ``vote_cap``), so colluding workers comparing items cannot tell gold by how often it
+    # repeats; once every item reached it, no hidden gold is served until more is imported.
+    gold_exposure: int | None = None
     # Beta prior of the smoothed gold accuracy (reliability): 4 right, 1 wrong -> new workers 0.8.
     prior_correct: float = 4.0
     prior_wrong: float = 1.0
@@ -63,6 +67,11 @@ class QualityPolicy:
         """Counted answers at which a disagreeing question is decided anyway."""
         cap = 2 * self.redundancy - 1 if self.max_redundancy is None else self.max_redundancy
         return max(self.redundancy, cap)
+
+    @property
+    def gold_cap(self) -> int:
+        """Workers a hidden gold item is shown to at most."""
+        return self.vote_cap if self.gold_exposure is None else self.gold_exposure
 
     def __post_init__(self) -> None:
         shares = ("qualification_pass", "gold_share", "min_accuracy", "max_fast_share")
@@ -77,6 +86,8 @@ class QualityPolicy:
             raise ValueError("fast_fraction and vote_ttl_s must be > 0, discount_window_s >= 0")
         if self.redundancy < 1:
             raise ValueError("redundancy must be >= 1")
+        if self.gold_exposure is not None and self.gold_exposure < 1:
+            raise ValueError("gold_exposure must be >= 1")
         if self.prior_correct <= 0 or self.prior_wrong <= 0:
             raise ValueError("the Beta prior needs prior_correct > 0 and prior_wrong > 0")
 

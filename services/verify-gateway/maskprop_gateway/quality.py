@@ -8,8 +8,14 @@ Redis keys (:mod:`maskprop_gateway.keys`; ``{w}`` worker id such as ``"<vendor>:
 
 * ``qc:gold``  hash  gold id -> JSON of a :class:`GoldItem` (the only place answers live)
 * ``qc:campaign:{c}:gold``  set  gold ids of a campaign
+* ``qc:campaign:{c}:gold:hidden``  zset  hidden-gold candidates -> workers shown each: hidden
+  gold is drawn least-shown first and at most ``policy.gold_cap`` times, so an item repeats
+  across workers no more than a real question does (issue #18)
+* ``qc:campaign:{c}:gold:qual``  set  items used in qualification tests: a qualification item
+  is shown openly as gold, so it never becomes hidden gold (and an item once shown as hidden
+  gold never goes into a qualification test)
 * ``qc:worker:{w}``  hash  ``qual_ids`` (JSON list), ``qual_result`` (passed/failed, written
-  once), ``qual_correct``, ``served`` (questions served, drives hidden gold), ``gold_draws``,
+  once), ``qual_correct``, ``served`` (questions served, drives hidden gold),
   ``gold_total``, ``suspended_at`` (unix s, written once: suspension is sticky),
   ``suspended_reason``
 * ``qc:worker:{w}:seen``  set  gold ids ever shown to the worker (qualification included)
@@ -55,6 +61,47 @@ log = logging.getLogger(__name__)
 # ARGV: votes-key prefix, worker, cast at (unix s), ttl, then (question id, 0|1) pairs.
 # Per vote: whether it is new (first vote of the worker wins) and every vote on the question
 # now, as HGETALL's flat list: one round trip for a submitted batch, whatever its size.
+# KEYS: the hidden-gold zset, the worker's seen set.  ARGV: cap, k, scan.  Up to k items the
+# worker has not seen, least shown first, each shown fewer than cap times; each is claimed for
+# the worker (SADD) and counted (ZINCRBY) in the same step.
+_DRAW_HIDDEN = """
+local out, k, scan = {}, tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, scan)
+for _, id in ipairs(ids) do
+  if #out >= k then break end
+  if redis.call('SADD', KEYS[2], id) == 1 then
+    redis.call('ZINCRBY', KEYS[1], 1, id)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# KEYS: the hidden-gold zset, the qualification set, the worker's seen set.  ARGV: size, then
+# candidate ids in the worker's seeded order.  Takes the first ``size`` still eligible (a
+# qualification item, or a hidden candidate nobody was shown yet: it moves to the
+# qualification set) and marks them seen, or takes none when fewer are eligible.
+_DRAW_QUALIFICATION = """
+local size, picked = tonumber(ARGV[1]), {}
+for i = 2, #ARGV do
+  if #picked >= size then break end
+  local id = ARGV[i]
+  if redis.call('SISMEMBER', KEYS[3], id) == 0 then
+    local shown = redis.call('ZSCORE', KEYS[1], id)
+    if redis.call('SISMEMBER', KEYS[2], id) == 1 or (shown and tonumber(shown) == 0) then
+      picked[#picked + 1] = id
+    end
+  end
+end
+if #picked < size then return {} end
+for _, id in ipairs(picked) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('SADD', KEYS[2], id)
+  redis.call('SADD', KEYS[3], id)
+end
+return picked
+"""
+
 _CAST = """
 local prefix, worker, at, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local out = {}
@@ -131,9 +178,10 @@ class QualityControl:
         self.policy = policy
         self.clock = clock
         self.seed = seed
-        self._gold_cache: dict[str, list[str]] = {}
         self._median_cache: tuple[float, float | None] | None = None
         self._cast = redis.register_script(_CAST)
+        self._draw_hidden = redis.register_script(_DRAW_HIDDEN)
+        self._draw_qualification = redis.register_script(_DRAW_QUALIFICATION)
 
     # ------------------------------------------------------------------ gold pool
     def import_gold(self, items: Iterable[GoldItem]) -> int:
@@ -156,9 +204,18 @@ class QualityControl:
                 previous = json.loads(raw)["campaign"]
                 if previous != item.campaign:
                     pipe.srem(keys.campaign_gold(previous), gid)
+                    pipe.zrem(keys.gold_hidden(previous), gid)
+                    pipe.srem(keys.gold_qualification(previous), gid)
             pipe.hset(keys.GOLD, gid, _item_to_json(item))
             pipe.sadd(keys.campaign_gold(item.campaign), gid)
         pipe.execute()
+        for campaign in {item.campaign for item in by_id.values()}:
+            # new ids become hidden-gold candidates unless a qualification test used them
+            ids_here = [g for g in ids if by_id[g].campaign == campaign]
+            used = self.r.smismember(keys.gold_qualification(campaign), ids_here)
+            fresh = {g: 0 for g, u in zip(ids_here, used, strict=True) if not u}
+            if fresh:
+                self.r.zadd(keys.gold_hidden(campaign), fresh, nx=True)
         return sum(raw is None for raw in old)
 
     def _load_many(self, gold_ids: list[str]) -> list[GoldItem]:
@@ -168,68 +225,44 @@ class QualityControl:
             raise UnknownGold("unknown gold item")
         return [_item_from_json(raw) for raw in raws]
 
-    def _unseen(self, campaign: str, worker: str) -> list[str]:
-        # O(gold in the campaign) per call; sorted so the seeded pick is reproducible.
-        return sorted(
-            _s(g) for g in self.r.sdiff(keys.campaign_gold(campaign), keys.worker(worker, "seen"))
-        )
+    def _qualification_candidates(self, campaign: str, worker: str) -> list[str]:
+        """Gold the worker has not seen that may go into a qualification test: items already
+        used in one, and hidden candidates nobody was shown yet; sorted (O(gold) per call, once
+        per worker)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.smembers(keys.gold_qualification(campaign))
+        pipe.zrangebyscore(keys.gold_hidden(campaign), 0, 0)
+        pipe.smembers(keys.worker(worker, "seen"))
+        qual, unshown, seen = pipe.execute()
+        return sorted({_s(g) for g in (*qual, *unshown)} - {_s(g) for g in seen})
 
-    #: Random probes into the campaign's gold before :meth:`next_golds` lists the unseen set.
-    GOLD_PROBES = 8
-
-    def _gold_ids(self, campaign: str) -> list[str]:
-        """The campaign's gold ids, sorted; cached while the set's size is unchanged (gold is
-        imported rarely, and a re-import that keeps the size keeps the ids)."""
-        n = int(self.r.scard(keys.campaign_gold(campaign)))
-        cached = self._gold_cache.get(campaign)
-        if cached is None or len(cached) != n:
-            cached = sorted(_s(g) for g in self.r.smembers(keys.campaign_gold(campaign)))
-            self._gold_cache[campaign] = cached
-        return cached
+    #: Hidden-gold candidates one draw looks at (least shown first).
+    GOLD_SCAN = 4096
 
     def next_golds(self, campaign: str, worker: str, k: int) -> list[GoldQuestion]:
-        """Up to ``k`` gold questions the worker has never seen (fewer when the campaign's gold
-        is exhausted for them).
-
-        Seeded random probes first (the n-th draw of a worker is a fixed function of the seed,
-        worker and n), each claimed by SADD to the worker's seen set, a few round trips for the
-        whole batch while the worker has seen a minority of the pool; then the exact unseen
-        set (O(gold)) for whatever is still missing."""
+        """Up to ``k`` hidden gold questions the worker has never seen: the least shown
+        first, each shown to at most ``policy.gold_cap`` workers, never a qualification item
+        (fewer when the campaign's gold is exhausted for them: import more).  One script and
+        one read, whatever ``k``."""
         if k <= 0:
             return []
-        seen = keys.worker(worker, "seen")
-        ids = self._gold_ids(campaign)
-        picked: list[str] = []
-        if ids:
-            last = int(self.r.hincrby(keys.worker(worker), "gold_draws", k))
-            draws = list(range(last - k + 1, last + 1))
-            for attempt in range(self.GOLD_PROBES):
-                if not draws:
-                    break
-                cands = [
-                    ids[int(qc_rules.uniform(self.seed, "gold", worker, d, attempt) * len(ids))]
-                    for d in draws
-                ]
-                pipe = self.r.pipeline(transaction=False)
-                for g in cands:
-                    pipe.sadd(seen, g)
-                claimed = pipe.execute()
-                picked += [g for g, new in zip(cands, claimed, strict=True) if new]
-                draws = [d for d, new in zip(draws, claimed, strict=True) if not new]
+        picked = [
+            _s(g)
+            for g in self._draw_hidden(
+                keys=[keys.gold_hidden(campaign), keys.worker(worker, "seen")],
+                args=[self.policy.gold_cap, k, self.GOLD_SCAN],
+            )
+        ]
         out = []
-        if picked:
-            for raw in self.r.hmget(keys.GOLD, picked):
-                item = _item_from_json(raw) if raw is not None else None
-                if item is not None and item.campaign == campaign:  # the id cache was not stale
-                    out.append(item.public_view())
-        unseen = self._unseen(campaign, worker) if len(out) < k else []
-        while len(out) < k and unseen:
-            i = int(qc_rules.uniform(self.seed, "gold", worker, self.r.scard(seen)) * len(unseen))
-            gold_id = unseen.pop(i)
-            # SADD is the claim: a concurrent call that took the same item retries another.
-            if self.r.sadd(seen, gold_id):
-                out.append(self._load_many([gold_id])[0].public_view())
+        for raw in self.r.hmget(keys.GOLD, picked) if picked else []:
+            item = _item_from_json(raw) if raw is not None else None
+            if item is not None and item.campaign == campaign:
+                out.append(item.public_view())
         return out
+
+    def gold_left(self, campaign: str) -> int:
+        """Hidden-gold items that may still be shown (below ``policy.gold_cap``)."""
+        return int(self.r.zcount(keys.gold_hidden(campaign), "-inf", f"({self.policy.gold_cap}"))
 
     def gold_due_many(self, worker: str, k: int) -> list[bool]:
         """Whether each of the next ``k`` questions served to ``worker`` is hidden gold
@@ -254,17 +287,29 @@ class QualityControl:
         if result is not None:
             raise QualificationError(f"qualification already {_s(result)}")
         if ids_raw is None:
-            unseen = self._unseen(campaign, worker)
-            if len(unseen) < size:
+            eligible = self._qualification_candidates(campaign, worker)
+            if len(eligible) < size:
                 raise NotEnoughGold(
-                    f"campaign {campaign!r} has {len(unseen)} unseen gold items, need {size}"
+                    f"campaign {campaign!r} has {len(eligible)} unseen gold items for a "
+                    f"qualification test, need {size}"
                 )
             rng = random.Random(int(qc_rules.uniform(self.seed, "qualification", worker) * 2**53))
-            ids = rng.sample(unseen, size)
+            rng.shuffle(eligible)
+            ids = [
+                _s(g)
+                for g in self._draw_qualification(
+                    keys=[
+                        keys.gold_hidden(campaign),
+                        keys.gold_qualification(campaign),
+                        keys.worker(worker, "seen"),
+                    ],
+                    args=[size, *eligible],
+                )
+            ]
+            if len(ids) < size:  # a concurrent hidden draw took some: they are hidden gold now
+                raise NotEnoughGold(f"campaign {campaign!r} has too little gold left; retry")
             # HSETNX: of two concurrent first calls, one set wins and both return it.
-            if self.r.hsetnx(wkey, "qual_ids", json.dumps(ids)):
-                self.r.sadd(keys.worker(worker, "seen"), *ids)
-            else:
+            if not self.r.hsetnx(wkey, "qual_ids", json.dumps(ids)):
                 ids_raw = self.r.hget(wkey, "qual_ids")
         if ids_raw is not None:
             ids = json.loads(ids_raw)

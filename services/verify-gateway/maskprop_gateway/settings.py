@@ -53,6 +53,10 @@ class GatewaySettings(RuntimeSettings):
     # answers asked for when the first ``redundancy`` disagree (default 2 x redundancy - 1)
     max_redundancy: int | None = Field(default=None, ge=1, le=17)
     gold_share: float = Field(default=0.05, ge=0, le=0.5)
+    # workers a hidden gold item is shown to at most (default: as many as a real question,
+    # so gold cannot be told by how often it repeats; raise it to stretch a small gold pool,
+    # knowing colluding workers who compare items could then spot repeated ones)
+    gold_exposure: int | None = Field(default=None, ge=1, le=1000)
     qualification_size: int = Field(default=10, ge=1)
     qualification_pass: float = Field(default=0.8, gt=0, le=1)
     min_accuracy: float = Field(default=0.7, ge=0, le=1)

@@ -134,7 +134,7 @@ def test_import_is_idempotent_and_counts_per_campaign():
 
 
 def test_gold_never_repeats_to_a_worker_and_runs_out():
-    qc, _, _ = make_qc(20)
+    qc, _, _ = make_qc(20, gold_exposure=2)  # (default: as often as a real question, once)
     served = [next_gold(qc, CAMPAIGN, "v1:w1") for _ in range(20)]
     ids = [g.gold_id for g in served if g is not None]
     assert len(set(ids)) == 20
@@ -142,6 +142,37 @@ def test_gold_never_repeats_to_a_worker_and_runs_out():
     assert next_gold(qc, CAMPAIGN, "v1:w2") is not None  # another worker has their own pool
     with pytest.raises(UnknownGold):
         score_gold(qc, "v1:w3", ids[0], True, 1000)  # never served to w3
+
+
+@pytest.mark.parametrize("redundancy", [1, 3])
+def test_hidden_gold_repeats_across_workers_no_more_than_a_real_question(redundancy):
+    """Issue #18: hidden gold was drawn uniformly for each worker, so with many workers an item
+    repeated far more often than a real question (shown to ``vote_cap`` workers at most), and
+    colluding workers could tell gold by repetition.  Items are now drawn least shown first,
+    each shown to at most ``gold_cap`` workers (default: ``vote_cap``)."""
+    qc, _, _ = make_qc(30, redundancy=redundancy)
+    cap = qc.policy.gold_cap
+    assert cap == qc.policy.vote_cap
+    shown: dict[str, int] = {}
+    for w in range(200):
+        for g in qc.next_golds(CAMPAIGN, f"v1:w{w}", 2):
+            shown[g.gold_id] = shown.get(g.gold_id, 0) + 1
+    assert max(shown.values()) == cap and len(shown) == 30  # every item used, none beyond cap
+    assert sum(shown.values()) == 30 * cap and qc.gold_left(CAMPAIGN) == 0
+    assert qc.next_golds(CAMPAIGN, "v1:new", 2) == []  # exhausted: import more
+    qc.import_gold(make_gold(32)[30:])
+    assert len(qc.next_golds(CAMPAIGN, "v1:new", 2)) == 2
+
+
+def test_qualification_items_never_become_hidden_gold_and_shown_gold_never_qualifies():
+    """A qualification test shows its items openly as gold: one later hidden among a colluding
+    worker's real questions would be recognised.  The roles never mix."""
+    qc, _, _ = make_qc(30, qualification_size=10, gold_exposure=5)
+    hidden = {g.gold_id for g in qc.next_golds(CAMPAIGN, "v1:a", 5)}
+    qual = {g.gold_id for w in ("v1:b", "v1:c") for g in qc.qualification_questions(CAMPAIGN, w)}
+    assert not hidden & qual
+    later = {g.gold_id for w in range(40) for g in qc.next_golds(CAMPAIGN, f"v1:x{w}", 3)}
+    assert later and not later & qual
 
 
 def test_gold_due_rate_and_determinism():
@@ -190,6 +221,7 @@ def test_qualification_pass_fail_and_failed_stays_failed():
         answers[q.gold_id] = not answers[q.gold_id]  # 8/10 = qualification_pass
     st = qc.submit_qualification("v1:good", answers)
     assert st.qualification == "passed" and st.can_work and can_work(qc, "v1:good")
+    good_qs = qs
 
     qs = qc.qualification_questions(CAMPAIGN, "v1:bad")
     answers = {q.gold_id: truth[q.gold_id] for q in qs}
@@ -201,9 +233,11 @@ def test_qualification_pass_fail_and_failed_stays_failed():
     with pytest.raises(QualificationError):
         qc.qualification_questions(CAMPAIGN, "v1:bad")
     assert not can_work(qc, "v1:bad")
-    # Qualification items are never served again as hidden gold.
+    # Qualification items (anyone's, issue #18: they were shown openly as gold) are never
+    # served as hidden gold.
+    used = {q.gold_id for q in (*good_qs, *qs)}
     rest = {g.gold_id for _ in range(40) if (g := next_gold(qc, CAMPAIGN, "v1:bad"))}
-    assert len(rest) == 30 and rest.isdisjoint(q.gold_id for q in qs)
+    assert len(rest) == 40 - len(used) and rest.isdisjoint(used)
 
 
 def test_qualification_needs_enough_unseen_gold():
@@ -218,7 +252,7 @@ def test_qualification_needs_enough_unseen_gold():
 
 
 def test_suspension_of_random_clicker_bot_and_fast_worker_but_not_honest_crowd():
-    qc, truth, _ = make_qc(80)
+    qc, truth, _ = make_qc(80, gold_exposure=9)  # 9 workers draw 360 items from 80
     honest = {f"v1:h{i}": HONEST for i in range(6)}
     crowd = {**honest, "v1:random": RANDOM, "v2:bot": BOT, "v2:fast": FAST_EXPERT}
     run_crowd(qc, truth, crowd, rounds=4)  # fewer than min_gold answers: nobody suspended yet
