@@ -143,20 +143,14 @@ class Outbox:
         left).  Woken, it first waits ``linger_s`` seconds for more: under load one ``publish``
         then carries the entries of many writes instead of one or two.  Errors (broker or
         Redis down) are logged and retried after ~1 s; the entries wait in Redis."""
-        while not stop.is_set():
-            self._signal.clear()
-            try:
-                sent = self.drain(publish)
-            except Exception as exc:
-                log.error(
-                    "outbox relay failed; retrying", extra={"outbox": self.key, "error": str(exc)}
-                )
-                stop.wait(1.0)
-                continue
-            if not sent and self._signal.wait(idle_s) and linger_s:
-                stop.wait(linger_s)
-            elif sent and linger_s:
-                stop.wait(linger_s)
+        relay_loop(
+            lambda: self.drain(publish),
+            self._signal,
+            stop,
+            idle_s=idle_s,
+            linger_s=linger_s,
+            name=self.key,
+        )
 
     def signal(self) -> None:
         """Wake this process's relay thread now (call after appending)."""
@@ -165,3 +159,30 @@ class Outbox:
     def pending(self) -> int:
         """Entries waiting to be published (XLEN)."""
         return int(self.r.xlen(self.key))
+
+
+def relay_loop(
+    drain: Callable[[], int],
+    wake: threading.Event,
+    stop: threading.Event,
+    *,
+    idle_s: float = 0.2,
+    linger_s: float = 0.0,
+    name: str = "",
+) -> None:
+    """The loop of :meth:`Outbox.run_relay` over any ``drain()`` (returns entries published),
+    for a relay of several outboxes too: drain when ``wake`` is set and every ``idle_s``
+    seconds, lingering ``linger_s`` for more after a wake, until ``stop``; errors are logged
+    and retried after ~1 s."""
+    while not stop.is_set():
+        wake.clear()
+        try:
+            sent = drain()
+        except Exception as exc:
+            log.error("outbox relay failed; retrying", extra={"outbox": name, "error": str(exc)})
+            stop.wait(1.0)
+            continue
+        if not sent and wake.wait(idle_s) and linger_s:
+            stop.wait(linger_s)
+        elif sent and linger_s:
+            stop.wait(linger_s)

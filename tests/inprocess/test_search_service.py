@@ -178,7 +178,7 @@ class CountingProducer:
 
 
 def test_a_crash_between_save_and_publish_republishes_the_same_events(wired):
-    from maskprop_search.store import OUTBOX_KEY
+    from maskprop_search.store import outbox_key
 
     wired.publish_pool()
     wired.settle()
@@ -189,11 +189,13 @@ def test_a_crash_between_save_and_publish_republishes_the_same_events(wired):
             wired.core.submit(answers_for(wired, qs))
         except ConnectionError:
             pass  # the state (and the labels it decided) is saved; publishing failed
-    assert wired.redis.xlen(OUTBOX_KEY) > 0
+    assert wired.redis.xlen(outbox_key("c1")) > 0
     assert not wired.bus.read(topics.LABELS)
     wired.restart_search()  # the crash: nothing in memory survives
-    assert wired.core.recover() == wired.redis.xlen(OUTBOX_KEY) + len(wired.bus.read(topics.LABELS))
-    assert wired.redis.xlen(OUTBOX_KEY) == 0
+    assert wired.core.recover() == wired.redis.xlen(outbox_key("c1")) + len(
+        wired.bus.read(topics.LABELS)
+    )
+    assert wired.redis.xlen(outbox_key("c1")) == 0
     republished = [(r.key, r.value) for r in wired.bus.read(topics.LABELS)]
     # The same events, byte for byte (same event ids), as the failed attempt sent.
     assert set(republished) == {(k, v) for _t, k, v in down.sent}
@@ -208,7 +210,7 @@ def test_the_relay_publishes_many_classes_in_one_flush(wired):
     import time
 
     from maskprop_search.service import build_search
-    from maskprop_search.store import OUTBOX_KEY
+    from maskprop_search.store import outbox_key
 
     wired.publish_pool()
     wired.settle()
@@ -220,13 +222,13 @@ def test_the_relay_publishes_many_classes_in_one_flush(wired):
         qs, _ = wired.core.lease("c1", 200)
         wired.core.submit(answers_for(wired, qs))
     assert not wired.bus.read(topics.LABELS)  # the calls did not wait for the broker
-    waiting = wired.redis.xlen(OUTBOX_KEY)
+    waiting = wired.redis.xlen(outbox_key("c1"))
     assert wired.core.drain_outbox() == waiting
     assert producer.flushes == 1
     events = events_on_bus(wired.bus)
     assert len(events) == waiting
     assert len({ev.class_id for ev in events}) > 1
-    assert wired.redis.xlen(OUTBOX_KEY) == 0
+    assert wired.redis.xlen(outbox_key("c1")) == 0
 
     stop = threading.Event()
     # As the service runs it: woken by saves, lingering for more before each flush.
@@ -263,19 +265,19 @@ def test_a_save_after_the_class_lock_expired_is_refused(wired):
 
 
 def test_one_relay_publishes_at_a_time(wired):
-    from maskprop_search.store import OUTBOX_KEY
+    from maskprop_search.store import outbox_key
 
-    relay_lock = wired.core.outbox.lock_key
+    relay_lock = wired.core.outboxes.of("c1").lock_key
     wired.publish_pool()
     wired.settle()
     wired.core.publish_inline = False
     qs, _ = wired.core.lease("c1", 200)
     wired.core.submit(answers_for(wired, qs))
-    waiting = wired.redis.xlen(OUTBOX_KEY)
+    waiting = wired.redis.xlen(outbox_key("c1"))
     assert waiting
     wired.redis.set(relay_lock, "another replica", px=10_000)
     assert wired.core.drain_outbox() == 0  # the other relay publishes them
-    assert wired.redis.xlen(OUTBOX_KEY) == waiting and not wired.bus.read(topics.LABELS)
+    assert wired.redis.xlen(outbox_key("c1")) == waiting and not wired.bus.read(topics.LABELS)
     wired.redis.delete(relay_lock)  # it died and its lock expired
     assert wired.core.drain_outbox(batch=3) == waiting
     assert len(wired.bus.read(topics.LABELS)) == waiting
@@ -527,3 +529,58 @@ def test_a_lease_locks_only_the_classes_it_serves(wired):
     assert sum(locked) < 4 * len(locked)  # most leases did not touch every class
     qs, done = core.lease("c1", 5)
     assert (qs, done) == ([], True)  # done, said from the counters
+
+
+class FailsFor:
+    """The in-memory producer, whose broker refuses every batch holding a key of one
+    campaign (a record it cannot take)."""
+
+    def __init__(self, inner, campaign):
+        self.inner = inner
+        self.prefix = f"{campaign}/".encode()
+        self.batch = []
+
+    def send(self, topic, key, value):
+        self.batch.append((topic, key, value))
+
+    def flush(self):
+        batch, self.batch = self.batch, []
+        if any(key.startswith(self.prefix) for _t, key, _v in batch):
+            raise ConnectionError("record refused")
+        for record in batch:
+            self.inner.send(*record)
+        self.inner.flush()
+
+    def close(self):
+        pass
+
+
+def test_each_campaign_has_its_own_outbox_and_one_blocked_does_not_hold_the_others(tmp_path, pool):
+    import fakeredis
+    from maskprop_search.store import outbox_key
+
+    from tests.inprocess.conftest import Wired
+
+    redis = fakeredis.FakeRedis()
+    one = Wired(tmp_path / "one", pool, campaign="c1", redis=redis)
+    two = Wired(tmp_path / "two", pool, campaign="c2", redis=redis)
+    for w in (one, two):
+        w.publish_pool()
+        w.settle()
+    core = one.core  # one replica serves both campaigns
+    core.publish_inline = False
+    for w in (one, two):
+        qs, _ = core.lease(w.campaign, 200)
+        core.submit(answers_for(w, qs))
+    waiting = {c: redis.xlen(outbox_key(c)) for c in ("c1", "c2")}
+    assert waiting["c1"] and waiting["c2"]
+    core.producer = FailsFor(one.bus.producer(), "c1")
+    with pytest.raises(ConnectionError):
+        core.drain_outbox()
+    assert redis.xlen(outbox_key("c1")) == waiting["c1"]  # kept for the next try
+    assert redis.xlen(outbox_key("c2")) == 0  # published all the same
+    published = events_on_bus(one.bus)
+    assert len(published) == waiting["c2"] and {ev.campaign for ev in published} == {"c2"}
+    core.producer = one.bus.producer()
+    assert core.drain_outbox() == waiting["c1"]
+    assert redis.xlen(outbox_key("c1")) == 0

@@ -4,12 +4,12 @@ publishing the labels its decisions propagate.
 
 Where things live: :mod:`maskprop_search.store` keeps the sessions in Redis (locks, versions,
 the cache, the save that puts label events in the outbox); :mod:`maskprop_search.wire` maps
-library values to protobuf messages.  The label outbox is the runtime
-:class:`~maskprop_runtime.outbox.Outbox`: its relay (:meth:`SearchCore.run_relay`, a thread of
-the service process; or :meth:`SearchCore.drain_outbox` after each API call in embedded mode)
-publishes events in batches, one broker flush per batch, and deletes what the broker
-acknowledged.  A crash in between publishes the same events (same event ids) again; the sink
-keeps one label per mask.
+library values to protobuf messages.  Each campaign's label outbox is a runtime
+:class:`~maskprop_runtime.outbox.Outbox` (:class:`~maskprop_search.store.LabelOutboxes`): the
+relay (:meth:`SearchCore.run_relay`, a thread of the service process; or
+:meth:`SearchCore.drain_outbox` after each API call in embedded mode) publishes events in
+batches, one broker flush per batch, and deletes what the broker acknowledged.  A crash in
+between publishes the same events (same event ids) again; the sink keeps one label per mask.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class SearchCore:
         self.clock = clock
         self.publish_inline = publish_inline
         self.store = SearchStore(redis, cache_masks=cache_masks)
-        self.outbox = self.store.outbox
+        self.outboxes = self.store.outboxes
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out
 
     def classes(self, campaign: str) -> list[int]:
@@ -123,16 +123,16 @@ class SearchCore:
         self.producer.flush()
 
     def drain_outbox(self, batch: int | None = None) -> int:
-        """Publish the label outbox (:meth:`Outbox.drain`): batches of up to ``batch`` events,
-        one broker flush each.  Returns the events published; 0 while another relay holds
-        the relay lock (it publishes them)."""
-        return self.outbox.drain(self._publish, batch=batch)
+        """Publish every campaign's label outbox (:meth:`LabelOutboxes.drain`): batches of up
+        to ``batch`` events, one broker flush each.  Returns the events published; 0 for a
+        campaign whose relay lock another relay holds (it publishes them)."""
+        return self.outboxes.drain(self._publish, batch=batch)
 
     def run_relay(self, stop: threading.Event, idle_s: float = 0.2, linger_s: float = 0.0) -> None:
-        """The relay thread (:meth:`Outbox.run_relay`): publish labels as saves add them,
+        """The relay thread (:meth:`LabelOutboxes.run_relay`): publish labels as saves add them,
         lingering ``linger_s`` for more so one flush carries many calls' labels, until
         ``stop``."""
-        self.outbox.run_relay(self._publish, stop, idle_s=idle_s, linger_s=linger_s)
+        self.outboxes.run_relay(self._publish, stop, idle_s=idle_s, linger_s=linger_s)
 
     def _published(self, events: int) -> None:
         """After an API call: in embedded mode, publish what it decided before returning.

@@ -13,9 +13,12 @@ Redis keys (``{c}`` campaign, ``{k}`` class id):
 * ``maskprop:search:{c}:{k}:version`` int  bumped on every save (in-process cache check)
 * ``maskprop:search:{c}:{k}:leases``  zset question id -> lease deadline (unix seconds)
 * ``maskprop:search:{c}:{k}:lock``  the per-class lock (several replicas may serve a campaign)
-* ``maskprop:search:outbox``  the label outbox (:class:`maskprop_runtime.outbox.Outbox`):
-  LabelsPropagated events not yet acknowledged by the broker, every campaign's (``k`` Kafka
-  key, ``v`` serialized event); its relay lock is ``maskprop:search:outbox:relay``
+* ``maskprop:search:{c}:outbox``  the campaign's label outbox
+  (:class:`maskprop_runtime.outbox.Outbox`): LabelsPropagated events not yet acknowledged by
+  the broker (``k`` Kafka key, ``v`` serialized event); its relay lock is
+  ``maskprop:search:{c}:outbox:relay``.  One stream a campaign, so an event one campaign's
+  relay cannot publish holds up that campaign's labels only.
+* ``maskprop:search:outboxes``  set  the campaigns that have an outbox (the relay's list)
 
 Persistence is the session's base + log (issue #15): a save appends the call's log chunk
 (~13 bytes an answer, whatever the class's size) to the class's list; when the log reaches a
@@ -37,6 +40,7 @@ chunks it lacks.  Leases and progress read the counters, never a session.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -52,12 +56,15 @@ from redis.exceptions import LockError
 from maskprop.errors import MaskpropError
 from maskprop.session import AnnotationSession, Decision
 from maskprop.tree import Tree
-from maskprop_runtime.outbox import Outbox
+from maskprop_runtime.outbox import Outbox, Publish, relay_loop
 from maskprop_search import wire
 from maskprop_search.wire import BadRequest, ClassMasks
 
+log = logging.getLogger(__name__)
+
 LOCK_TIMEOUT_S = 60.0
-OUTBOX_KEY = "maskprop:search:outbox"
+#: The set of campaigns with a label outbox (each is ``outbox_key(campaign)``).
+OUTBOXES_KEY = "maskprop:search:outboxes"
 RELAY_LOCK_MS = 10_000  # a relay killed mid-batch delays the outbox this long
 #: Events per broker flush when the relay publishes the outbox (an event is at most
 #: wire.LABELS_PER_EVENT labels, ~1 MB; sweeps make small ones).
@@ -83,6 +90,11 @@ def classes_key(campaign: str) -> str:
 def class_prefix(campaign: str) -> str:
     """What every per-class key of ``campaign`` starts with (``prefix + "{k}:" + what``)."""
     return f"maskprop:search:{campaign}:"
+
+
+def outbox_key(campaign: str) -> str:
+    """The label outbox stream of a campaign."""
+    return f"{class_prefix(campaign)}outbox"
 
 
 def class_key(campaign: str, class_id: int, what: str) -> str:
@@ -254,7 +266,8 @@ class Survey(NamedTuple):
 @dataclass
 class Held:
     """A class locked by this caller: the lock's token, the stored version, the session, and
-    what to save with it when the call ends (``changed``: the session itself)."""
+    what to save with it when the call ends (``changed``: the session itself; a session whose
+    log grew since the load is saved too, so a copy is never ahead of Redis unsaved)."""
 
     campaign: str
     class_id: int
@@ -264,6 +277,7 @@ class Held:
     changed: bool = False
     add_leases: dict[str, float] = field(default_factory=dict)
     drop_leases: list[str] = field(default_factory=list)
+    log_at_load: int = 0  # the session's log_bytes when loaded
 
 
 @dataclass
@@ -319,6 +333,71 @@ class SessionCache:
                 self.masks -= old.tree.n_leaves
 
 
+class LabelOutboxes:
+    """The label outboxes of every campaign (one :class:`Outbox` stream each, listed in the
+    set ``OUTBOXES_KEY``) and their one relay: a drain publishes each campaign's in turn, and a
+    campaign whose publish fails does not stop the others (the first error is raised after)."""
+
+    def __init__(self, redis: Any) -> None:
+        self.r = redis
+        self._outboxes: dict[str, Outbox] = {}
+        self._guard = threading.Lock()
+        self._wake = threading.Event()
+
+    def of(self, campaign: str) -> Outbox:
+        """The campaign's outbox (its stream key, relay lock, drain)."""
+        with self._guard:
+            outbox = self._outboxes.get(campaign)
+            if outbox is None:
+                outbox = self._outboxes[campaign] = Outbox(
+                    self.r, outbox_key(campaign), lock_ms=RELAY_LOCK_MS, batch=RELAY_BATCH
+                )
+            return outbox
+
+    def campaigns(self) -> list[str]:
+        return sorted(
+            c.decode() if isinstance(c, bytes) else c for c in self.r.smembers(OUTBOXES_KEY)
+        )
+
+    def drain(self, publish: Publish, *, batch: int | None = None) -> int:
+        """:meth:`Outbox.drain` of every campaign's outbox; returns the events published."""
+        sent = 0
+        failed: Exception | None = None
+        for campaign in self.campaigns():
+            try:
+                sent += self.of(campaign).drain(publish, batch=batch)
+            except Exception as exc:  # the other campaigns still go out
+                log.error(
+                    "publishing a campaign's labels failed",
+                    extra={"campaign": campaign, "error": str(exc)},
+                )
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+        return sent
+
+    def run_relay(
+        self, publish: Publish, stop: threading.Event, *, idle_s: float = 0.2, linger_s: float = 0.0
+    ) -> None:
+        """The relay thread (:func:`relay_loop` over :meth:`drain`), until ``stop``."""
+        relay_loop(
+            lambda: self.drain(publish),
+            self._wake,
+            stop,
+            idle_s=idle_s,
+            linger_s=linger_s,
+            name=OUTBOXES_KEY,
+        )
+
+    def signal(self) -> None:
+        """Wake this process's relay thread now (a save added events)."""
+        self._wake.set()
+
+    def pending(self) -> int:
+        """Events waiting in every campaign's outbox."""
+        return sum(self.of(c).pending() for c in self.campaigns())
+
+
 def counters(session: AnnotationSession, class_id: int) -> list[int]:
     """The _SET_FIELDS values of a class's session (O(open clusters), no per-mask pass)."""
     outcomes = session.outcomes
@@ -335,12 +414,12 @@ def counters(session: AnnotationSession, class_id: int) -> list[int]:
 class SearchStore:
     """Search's sessions in Redis and this process's cache of them.
 
-    ``outbox``: the label outbox; saves append to it and :meth:`Outbox.signal` its relay.
+    ``outboxes``: the label outboxes; a save appends to its campaign's and signals the relay.
     ``cache_masks``: the bound of :class:`SessionCache`."""
 
     def __init__(self, redis: Any, *, cache_masks: int = CACHE_MASKS) -> None:
         self.r = redis
-        self.outbox = Outbox(redis, OUTBOX_KEY, lock_ms=RELAY_LOCK_MS, batch=RELAY_BATCH)
+        self.outboxes = LabelOutboxes(redis)
         self.cache = SessionCache(cache_masks)
         self._local_locks: dict[tuple[str, int], threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -384,6 +463,7 @@ class SearchStore:
         pipe.hincrby(class_key(campaign, class_id, "state"), "epoch", 1)
         pipe.incr(class_key(campaign, class_id, "version"))
         pipe.hset(classes_key(campaign), str(class_id), json.dumps(meta))
+        pipe.sadd(OUTBOXES_KEY, campaign)
         replies = pipe.execute()
         epoch, version = int(replies[3]), int(replies[4])
         self.cache.put((campaign, class_id), Loaded(version, epoch, session, tree, masks))
@@ -500,6 +580,7 @@ class SearchStore:
             copy = self.cache.get((h.campaign, h.class_id))
             if copy is not None and copy.version == h.version:
                 h.loaded = copy
+                h.log_at_load = copy.session.log_bytes
             else:
                 stale.append((h, copy))
         if not stale:
@@ -527,6 +608,7 @@ class SearchStore:
                     h.campaign, h.class_id, int(version), int(epoch), base, chunks, copy
                 )
             h.loaded = loaded
+            h.log_at_load = loaded.session.log_bytes
             self.cache.put((h.campaign, h.class_id), loaded)
 
     def _base_and_log(self, h: Held) -> tuple[bytes | None, list[bytes]]:
@@ -567,11 +649,14 @@ class SearchStore:
         trip.  Returns the number of events added to the outbox (its relay is signalled when
         there are any)."""
         held = list(batch.held.values())
+        for h in held:
+            if h.loaded is not None and h.loaded.session.log_bytes != h.log_at_load:
+                h.changed = True
         changed = [h for h in held if h.changed]
         if not held:
             return 0
         campaign = held[0].campaign
-        keys: list[str] = [self.outbox.key]
+        keys: list[str] = [outbox_key(campaign)]
         args: list[Any] = [held[0].token, _UNPACK, len(changed)]
         events = 0
         for h in changed:
@@ -613,7 +698,7 @@ class SearchStore:
             h.loaded.version = h.version = int(replies[2 * j])
             h.loaded.epoch = int(replies[2 * j + 1])
         if events:
-            self.outbox.signal()
+            self.outboxes.signal()
         return events
 
 
