@@ -1,10 +1,12 @@
 """``maskprop campaign``: create a campaign from a spec file, list, status, pause, resume, stop,
 revise, and add its images (issue #16 items 1-3).
 
-The commands talk to the campaign registry in Redis (``MASKPROP_REDIS_URL``) directly through
-:class:`maskprop_runtime.campaigns.CampaignRegistry`; ``add-images`` also publishes to the
-broker (``MASKPROP_KAFKA_BOOTSTRAP``).  Without them there is nothing durable to talk to, so
-the commands refuse to run rather than create a campaign in a throw-away in-process store.
+``create``, ``revise``, ``list``, ``status``, ``pause``, ``resume`` and ``stop`` go to the
+campaign controller (``MASKPROP_CONTROLLER_ADDR``, with ``MASKPROP_CONTROLLER_ADMIN_TOKEN``)
+when it is set, else straight to the campaign registry in Redis (``MASKPROP_REDIS_URL``).
+``add-images`` reads the images where it runs, so it always uses Redis and the broker
+(``MASKPROP_KAFKA_BOOTSTRAP``).  Without any of them there is nothing durable to talk to, so the
+commands refuse to run rather than create a campaign in a throw-away in-process store.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from maskprop.errors import MaskpropError
 from maskprop_app.console import Bars, fail, user_errors
@@ -24,6 +28,15 @@ campaign_app = typer.Typer(
 )
 
 NameArg = Annotated[str, typer.Argument(help="Campaign name.")]
+
+
+class CampaignCliSettings(BaseSettings):
+    """Where the campaign commands find the controller (``MASKPROP_CONTROLLER_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MASKPROP_", extra="ignore")
+
+    controller_addr: str | None = None  # host:port of the campaign controller's gRPC
+    controller_admin_token: SecretStr | None = None
 
 
 def open_redis(settings: Any) -> Any:
@@ -46,11 +59,37 @@ def open_bus(settings: Any) -> Any:
     return make_bus(settings.kafka_bootstrap, **settings.bus_options())
 
 
+class DirectRegistry:
+    """The controller's interface over the registry in Redis (no controller deployed)."""
+
+    def __init__(self, redis: Any) -> None:
+        from maskprop_runtime.campaigns import CampaignRegistry
+
+        self.registry = CampaignRegistry(redis)
+        self.create = self.registry.create
+        self.revise = self.registry.revise
+        self.list = self.registry.list
+        self.set_state = self.registry.set_state
+
+    def status(self, name: str) -> Any:
+        from maskprop_runtime.ingest import campaign_status
+
+        return campaign_status(self.registry, name)
+
+
 def _registry() -> Any:
-    from maskprop_runtime.campaigns import CampaignRegistry
+    """The controller's client when ``MASKPROP_CONTROLLER_ADDR`` is set, else the registry."""
     from maskprop_runtime.ingest import IngestSettings
 
-    return CampaignRegistry(open_redis(IngestSettings()))
+    settings = CampaignCliSettings()
+    if settings.controller_addr:
+        from maskprop_controller.client import ControllerClient
+
+        token = settings.controller_admin_token
+        return ControllerClient(
+            settings.controller_addr, admin_token=token.get_secret_value() if token else None
+        )
+    return DirectRegistry(open_redis(IngestSettings()))
 
 
 def _summary(campaign: Any) -> dict[str, Any]:
@@ -128,10 +167,8 @@ def list_campaigns() -> None:
 @campaign_app.command("status")
 def status(name: NameArg) -> None:
     """The campaign's spec, state and each stage's progress (JSON)."""
-    from maskprop_runtime.ingest import campaign_status
-
     with user_errors():
-        st = campaign_status(_registry(), name)
+        st = _registry().status(name)
     out = _summary(st.campaign)
     out["stages"] = {s.stage: {"done": s.done, "total": s.total} for s in st.stages}
     out["refused"] = dict(st.refused)

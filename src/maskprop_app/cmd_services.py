@@ -23,6 +23,7 @@ class Service(StrEnum):
     clusterer = "clusterer"
     search = "search"
     sink = "sink"
+    controller = "controller"
 
 
 def service_main(name: Service) -> Callable[[], None]:
@@ -40,6 +41,10 @@ def service_main(name: Service) -> Callable[[], None]:
         from maskprop_search.service import main as search_main
 
         return search_main
+    if name is Service.controller:
+        from maskprop_controller.service import main as controller_main
+
+        return controller_main
     from maskprop_sink.service import main as sink_main
 
     return sink_main

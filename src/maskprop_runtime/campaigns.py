@@ -76,6 +76,18 @@ class CampaignError(MaskpropError):
     version); the message says what to do."""
 
 
+class CampaignNotFound(CampaignError):
+    """No campaign has that name."""
+
+
+class CampaignExists(CampaignError):
+    """The name is taken."""
+
+
+class CampaignConflict(CampaignError):
+    """The campaign's state or version does not allow the change."""
+
+
 # KEYS: campaign hash, list zset.  ARGV: spec bytes, now, name.  1 created, 0 name taken.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -228,7 +240,7 @@ class CampaignRegistry:
         blob = spec_to_proto(spec).SerializeToString()
         if not self._create(keys=[campaign_key(name), LIST_KEY], args=[blob, self.clock(), name]):
             current = self.get(name)
-            raise CampaignError(
+            raise CampaignExists(
                 f"campaign {name!r} exists (version {current.spec.version}, "
                 f"{STATE_NAME[current.state]}): choose another name, or revise it with "
                 "version = current + 1"
@@ -244,26 +256,26 @@ class CampaignRegistry:
         if spec.version == current.version:
             if spec_to_proto(spec) == spec_to_proto(current):
                 return self.get(name)
-            raise CampaignError(
+            raise CampaignConflict(
                 f"campaign {name!r} is at version {current.version}: a change mid-campaign "
                 f"must say version = {current.version + 1}"
             )
         if spec.classes != current.classes:
-            raise CampaignError(
+            raise CampaignConflict(
                 f"campaign {name!r} has classes {list(current.classes)}; a revision cannot "
                 "change them (create a new campaign)"
             )
         blob = spec_to_proto(spec).SerializeToString()
         code, got = self._revise(keys=[campaign_key(name)], args=[spec.version, blob, self.clock()])
         if code == 0:
-            raise CampaignError(f"no campaign named {name!r}")
+            raise CampaignNotFound(f"no campaign named {name!r}")
         if code == 2:
-            raise CampaignError(
+            raise CampaignConflict(
                 f"campaign {name!r} is at version {_text(got)}: a revision must say "
                 f"version = {int(_text(got)) + 1}, not {spec.version}"
             )
         if code == 3:
-            raise CampaignError(f"campaign {name!r} is stopped: it cannot be revised")
+            raise CampaignConflict(f"campaign {name!r} is stopped: it cannot be revised")
         return self.get(name)
 
     def get(self, name: str) -> campaign_pb2.Campaign:
@@ -271,7 +283,7 @@ class CampaignRegistry:
         name = self._name(name)
         raw = self.redis.hgetall(campaign_key(name))
         if not raw:
-            raise CampaignError(f"no campaign named {name!r} (see `maskprop campaign list`)")
+            raise CampaignNotFound(f"no campaign named {name!r} (see `maskprop campaign list`)")
         fields = {_text(k): v for k, v in raw.items()}
         version = _text(fields["version"])
         spec = campaign_pb2.CampaignSpec.FromString(fields[f"spec:{version}"])
@@ -288,7 +300,7 @@ class CampaignRegistry:
             return spec_from_proto(self.get(name).spec)
         blob = self.redis.hget(campaign_key(self._name(name)), f"spec:{version}")
         if blob is None:
-            raise CampaignError(f"campaign {name!r} has no version {version}")
+            raise CampaignNotFound(f"campaign {name!r} has no version {version}")
         return spec_from_proto(campaign_pb2.CampaignSpec.FromString(blob))
 
     def state(self, name: str) -> str:
@@ -320,9 +332,9 @@ class CampaignRegistry:
             keys=[campaign_key(name)], args=[state, self.clock(), *TRANSITIONS[state]]
         )
         if code == 0:
-            raise CampaignError(f"no campaign named {name!r} (see `maskprop campaign list`)")
+            raise CampaignNotFound(f"no campaign named {name!r} (see `maskprop campaign list`)")
         if code == 2:
-            raise CampaignError(f"campaign {name!r} is {_text(got)}: it cannot become {state}")
+            raise CampaignConflict(f"campaign {name!r} is {_text(got)}: it cannot become {state}")
         return self.get(name)
 
     def session_params(self, name: str) -> SessionParams | None:

@@ -38,6 +38,7 @@ SERVICES = (
     "maskprop_search",
     "maskprop_sink",
     "maskprop_gateway",
+    "maskprop_controller",
 )
 LAYER = {
     "maskprop": 0,

@@ -1,0 +1,1 @@
+"""The campaign controller: the campaign registry over gRPC (issue #16)."""

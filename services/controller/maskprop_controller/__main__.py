@@ -1,0 +1,3 @@
+from maskprop_controller.service import main
+
+main()
