@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from maskprop_runtime import topics
+
 log = logging.getLogger(__name__)
 
 PARTITIONS = 3
@@ -165,6 +167,7 @@ class KafkaBus:
         connect_timeout_s: float = 120.0,
         partitions: int = PARTITIONS,
         namespace: str = "",
+        max_message_bytes: int = topics.MAX_MESSAGE_BYTES,
     ) -> None:
         # Physical topic names are "<namespace>.<topic>" when a namespace is set, so several
         # deployments (or test runs) can share one broker; services only see logical names.
@@ -173,6 +176,8 @@ class KafkaBus:
         self.session_timeout_ms = session_timeout_ms
         self.connect_timeout_s = connect_timeout_s
         self.partitions = partitions
+        # Set on the topics this bus creates (issue #15: producers bound their records by it).
+        self.max_message_bytes = max_message_bytes
         self._created: set[str] = set()
 
     def _retry(self, what: str, fn: Any) -> Any:
@@ -212,7 +217,12 @@ class KafkaBus:
         )
         try:
             existing = set(admin.list_topics())
-            new = [NewTopic(t, self.partitions, 1) for t in missing if t not in existing]
+            config = {"max.message.bytes": str(self.max_message_bytes)}
+            new = [
+                NewTopic(t, self.partitions, 1, topic_configs=config)
+                for t in missing
+                if t not in existing
+            ]
             if new:
                 try:
                     admin.create_topics(new)

@@ -73,4 +73,5 @@ class RuntimeSettings(BaseSettings):
             "session_timeout_ms": self.kafka_session_timeout_ms,
             "connect_timeout_s": self.connect_timeout_s,
             "namespace": self.topic_namespace,
+            "max_message_bytes": self.kafka_max_message_bytes,
         }

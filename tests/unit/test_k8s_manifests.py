@@ -226,3 +226,23 @@ def test_overlay_namespace_and_replicas(overlay: tuple[str, list[Doc]]) -> None:
         assert set(replicas.values()) == {1}, replicas
     else:
         assert replicas["maskprop-search"] == 2
+
+
+def test_topics_set_max_message_bytes_and_services_bound_their_records_by_it(
+    overlay: tuple[str, list[Doc]],
+) -> None:
+    """Issue #15: each topic's max.message.bytes is explicit, one value for all, and the
+    services' MASKPROP_KAFKA_MAX_MESSAGE_BYTES (their producers' bound) is that value."""
+    from maskprop_runtime import topics
+
+    name, docs = overlay
+    declared = {
+        d["metadata"]["name"]: d["spec"].get("config", {}).get("max.message.bytes")
+        for d in docs
+        if d["kind"] == "KafkaTopic"
+    }
+    assert set(declared) == set(topics.PAYLOADS), name
+    (value,) = set(declared.values())
+    assert isinstance(value, int) and topics.record_limit(value) > 0, name
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and "MASKPROP_ENV" in d["data"]]
+    assert int(config["data"]["MASKPROP_KAFKA_MAX_MESSAGE_BYTES"]) == value, name
