@@ -43,6 +43,7 @@ from maskprop.progress import Progress
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Producer
 from maskprop_runtime.campaigns import (
+    CampaignConflict,
     CampaignError,
     CampaignRegistry,
     campaign_key,
@@ -178,8 +179,7 @@ def check_images(
     manifest = manifest if manifest is not None else spec.manifest
     if manifest is not None and not manifest.is_file():
         raise CampaignError(f"manifest {manifest} does not exist")
-    known = redis.hgetall(images_key(spec.name))
-    seen = {k.decode() if isinstance(k, bytes) else k for k in known}
+    seen = {k.decode() if isinstance(k, bytes) else k for k in redis.hkeys(images_key(spec.name))}
     report = IngestReport()
     paths = list(_candidates(root, manifest))
     for n, given in enumerate(paths):
@@ -247,37 +247,51 @@ def record_plan(
     registry: CampaignRegistry, name: str, report: IngestReport, batch_size: int
 ) -> Plan:
     """Store the accepted images and their batch plan in one MULTI and mark the campaign
-    running (module docstring, step 2).  A campaign whose round is already planned is
-    refused: adding images to a round in flight needs retraining rounds (#16 item 5)."""
+    running (module docstring, step 2).  The campaign's state and plan are WATCHed: a pause,
+    a stop or another ``add-images`` in between refuses this one whole.  A campaign whose
+    round is already planned is refused: adding images to a round in flight needs retraining
+    rounds (#16 item 5)."""
+    from redis.exceptions import WatchError
+
     redis = registry.redis
-    state = registry.state(name)
-    if state in ("paused", "stopped"):
-        raise CampaignError(f"campaign {name!r} is {state}: resume it before adding images")
-    if read_plan(redis, name) is not None:
-        raise CampaignError(
-            f"campaign {name!r} already has its images for round {ROUND}; adding images to "
-            "a round in flight is not supported yet"
-        )
+    registry.get(name)  # CampaignNotFound before anything else
     if not report.accepted:
         raise CampaignError("no image was accepted: nothing to add")
     n = len(report.accepted)
     batch_count = -(-n // batch_size)
-    pipe = redis.pipeline(transaction=True)
-    for start in range(0, n, 10_000):
-        chunk = report.accepted[start : start + 10_000]
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.watch(campaign_key(name), ingest_key(name))
+        raw_state = pipe.hget(campaign_key(name), "state")
+        state = raw_state.decode() if isinstance(raw_state, bytes) else str(raw_state)
+        if state in ("paused", "stopped"):
+            raise CampaignError(f"campaign {name!r} is {state}: resume it before adding images")
+        if pipe.hexists(ingest_key(name), "batch_count"):
+            raise CampaignError(
+                f"campaign {name!r} already has its images for round {ROUND}; adding images "
+                "to a round in flight is not supported yet"
+            )
+        pipe.multi()
+        for start in range(0, n, 10_000):
+            chunk = report.accepted[start : start + 10_000]
+            pipe.hset(
+                images_key(name),
+                mapping={a.sha256: json.dumps([a.image_id, a.path]) for a in chunk},
+            )
+            pipe.rpush(plan_key(name), *(f"{a.image_id}\t{a.path}" for a in chunk))
+        counts = {f"refused:{reason}": c for reason, c in report.refused.items()}
         pipe.hset(
-            images_key(name),
-            mapping={a.sha256: json.dumps([a.image_id, a.path]) for a in chunk},
-        )
-        pipe.rpush(plan_key(name), *(f"{a.image_id}\t{a.path}" for a in chunk))
-    counts = {f"refused:{reason}": c for reason, c in report.refused.items()}
-    pipe.hset(
-        ingest_key(name),
-        mapping={"accepted": n, "batch_size": batch_size, "batch_count": batch_count,
-                 "published": 0, **counts},
-    )  # fmt: skip
-    pipe.hset(campaign_key(name), "state", "running")
-    pipe.execute()
+            ingest_key(name),
+            mapping={"accepted": n, "batch_size": batch_size, "batch_count": batch_count,
+                     "published": 0, **counts},
+        )  # fmt: skip
+        pipe.hset(campaign_key(name), "state", "running")
+        try:
+            pipe.execute()
+        except WatchError:
+            raise CampaignConflict(
+                f"campaign {name!r} changed while its images were being added (paused, "
+                "stopped or another add-images): nothing was added; run it again"
+            ) from None
     return Plan(images=n, batch_size=batch_size, batch_count=batch_count, published=0)
 
 

@@ -209,3 +209,39 @@ def test_paused_or_stopped_campaigns_take_no_images(pool: Path, registry: Campai
         record_plan(registry, "shapes", report, batch_size=4)
     assert read_plan(registry.redis, "shapes") is None
     assert registry.redis.exists("maskprop:campaign:shapes:images") == 0
+
+
+def test_a_pause_between_check_and_record_refuses_the_whole_plan(pool: Path):
+    """Another client pauses the campaign after record_plan read its state but before the
+    MULTI runs: WATCH makes the MULTI fail whole, nothing of the plan is written."""
+    server = fakeredis.FakeServer()
+    registry = CampaignRegistry(fakeredis.FakeRedis(server=server))
+    other = CampaignRegistry(fakeredis.FakeRedis(server=server))
+    registry.create(spec_for(pool))
+    report = check_images(spec_for(pool), registry.redis, settings())
+    real_pipeline = registry.redis.pipeline
+
+    class Racing:
+        def __init__(self, *args: object, **kw: object) -> None:
+            self.inner = real_pipeline(*args, **kw)
+
+        def __enter__(self) -> Racing:
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.__exit__(*exc)
+
+        def multi(self) -> None:
+            other.set_state("shapes", "paused")  # the concurrent pause
+            self.inner.multi()
+
+        def __getattr__(self, attr: str) -> object:
+            return getattr(self.inner, attr)
+
+    registry.redis.pipeline = Racing  # type: ignore[method-assign]
+    with pytest.raises(CampaignError, match="changed while its images were being added"):
+        record_plan(registry, "shapes", report, batch_size=4)
+    assert other.state("shapes") == "paused"
+    assert read_plan(other.redis, "shapes") is None
+    assert other.redis.exists("maskprop:campaign:shapes:images") == 0
