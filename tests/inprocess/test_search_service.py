@@ -584,3 +584,48 @@ def test_each_campaign_has_its_own_outbox_and_one_blocked_does_not_hold_the_othe
     core.producer = one.bus.producer()
     assert core.drain_outbox() == waiting["c1"]
     assert redis.xlen(outbox_key("c1")) == 0
+
+
+def test_replicas_lease_their_own_classes_and_take_over_a_silent_one(tmp_path, pool):
+    """Live replicas split the classes (rendezvous hashing): each one's leases serve its own
+    classes while those have questions; a replica silent for the TTL loses its classes."""
+    from maskprop_search.service import build_search
+    from maskprop_search.store import REPLICA_TTL_S, owner
+
+    from tests.inprocess.conftest import Wired
+
+    w = Wired(tmp_path, pool)
+    w.publish_pool()
+    w.settle()
+    classes = w.core.classes("c1")
+    a_id, b_id = next(
+        (f"a{i}", f"b{i}")
+        for i in range(100)
+        if 1 < sum(owner([f"a{i}", f"b{i}"], "c1", k) == f"a{i}" for k in classes) < 3
+    )
+    owned = {r: {k for k in classes if owner([a_id, b_id], "c1", k) == r} for r in (a_id, b_id)}
+    now = [1000.0]
+    a = w.core
+    b, _ = build_search(w.search_settings, w.bus, w.redis)
+    for core, rid in ((a, a_id), (b, b_id)):
+        core.store.replica_id = rid
+        core.clock = lambda: now[0]
+    qs, _ = b.lease("c1", 1)  # b is live now (a not yet: b owns every class for this call)
+    b.submit(answers_for(w, qs))
+    for _ in range(2):  # every class starts with its root's sample: more than 10 questions
+        for core, rid in ((a, a_id), (b, b_id)):
+            qs, _ = core.lease("c1", 10)
+            assert len(qs) == 10 and {q.class_id for q in qs} <= owned[rid]
+            core.submit(answers_for(w, qs))
+    now[0] += REPLICA_TTL_S + 1  # b stops leasing: after the TTL a serves b's classes too
+    qs, _ = a.lease("c1", 1000)
+    assert {q.class_id for q in qs} & owned[b_id]
+    a.submit(answers_for(w, qs))
+    while True:
+        qs, done = a.lease("c1", 200)
+        if done:
+            break
+        a.submit(answers_for(w, qs))
+    counts, _ = labels_on_bus(w.bus)
+    assert set(counts) == {mask_id(i) for i in range(len(w.pool))}
+    assert set(counts.values()) == {1}

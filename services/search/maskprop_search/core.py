@@ -14,6 +14,7 @@ between publishes the same events (same event ids) again; the sink keeps one lab
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -36,8 +37,14 @@ from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.treestore import check_name
 from maskprop_search import wire
 from maskprop_search.store import CACHE_MASKS, Loaded, SearchStore
+from maskprop_search.store import owner as store_owner
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=65536)
+def _owner(live: tuple[str, ...], campaign: str, class_id: int) -> str:
+    return store_owner(list(live), campaign, class_id)
 
 
 class SearchCore:
@@ -56,11 +63,13 @@ class SearchCore:
         clock: Callable[[], float] = time.time,
         publish_inline: bool = True,
         cache_masks: int = CACHE_MASKS,
+        replica_id: str | None = None,
         params_for: Callable[[str], SessionParams | None] | None = None,
     ) -> None:
         """``publish_inline``: each API call publishes the labels it decided before it
         returns (embedded mode, tests); with False a relay thread runs :meth:`run_relay`.
         ``cache_masks``: the masks of the classes kept in memory (:class:`SessionCache`).
+        ``replica_id``: this replica's name among the live ones (default: random).
         ``params_for(campaign)``: the parameters a campaign's new sessions open with (the
         campaign registry, :meth:`CampaignRegistry.session_params`); ``None`` from it, or no
         ``params_for``, means this process's ``params``/``selection``/``strategy``/``seed``."""
@@ -73,7 +82,7 @@ class SearchCore:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.publish_inline = publish_inline
-        self.store = SearchStore(redis, cache_masks=cache_masks)
+        self.store = SearchStore(redis, cache_masks=cache_masks, replica_id=replica_id)
         self.outboxes = self.store.outboxes
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out
 
@@ -163,18 +172,33 @@ class SearchCore:
         classes with overdue leases and, in round-robin order, only as many of the others as
         their ``ready`` takes to fill ``max_questions``.  When they give fewer (an estimate),
         it goes on with the next ones, twice as many each round.  ``done``: no question handed
-        out and every class done, by the counters of classes not locked."""
+        out and every class done, by the counters of classes not locked.
+
+        Replicas spread the classes: the classes this replica owns among the live ones
+        (:func:`~maskprop_search.store.owner`) come first, the others only when those cannot
+        fill the call (their owner serves them), so two replicas' leases rarely meet on a
+        class lock or make each other's copies stale."""
         out: list[search_pb2.Question] = []
-        survey = self.store.survey(campaign, self.clock())  # one round trip
+        live, survey = self.store.survey(campaign, self.clock())  # one round trip
         if not survey:
             return out, False
         start = self._rr % len(survey)
         self._rr += 1
         order = survey[start:] + survey[:start]
         done = {s.class_id: s.done for s in order}
+        me = self.store.replica_id
+        owned = {
+            s.class_id
+            for s in order
+            if len(live) < 2 or _owner(tuple(live), campaign, s.class_id) == me
+        }
+        mine = [s for s in order if s.class_id in owned]
+        others = [s for s in order if s.class_id not in owned]
         # Classes with overdue leases first: their questions are already sampled and waiting.
-        overdue = [s.class_id for s in order if s.overdue]
-        candidates = [s for s in order if not s.overdue and s.ready > 0]
+        expiring = {s.class_id for s in order if s.overdue}
+        overdue = [s.class_id for s in mine if s.overdue]
+        candidates = [s for s in mine if not s.overdue and s.ready > 0]
+        candidates += [s for s in others if s.overdue or s.ready > 0]
         deadline = self.clock() + self.lease_seconds
         events, at_least = 0, 1
         while True:
@@ -182,7 +206,7 @@ class SearchCore:
             while candidates and (need > 0 or taken < at_least):
                 picked = candidates.pop(0)
                 serve.append(picked.class_id)
-                need -= picked.ready
+                need -= max(picked.ready, 1)
                 taken += 1
             if not serve:
                 break
@@ -191,7 +215,7 @@ class SearchCore:
                     loaded = batch.held[k].loaded
                     assert loaded is not None
                     # Only classes the survey found with overdue leases pay for the query.
-                    expired = self._expire(campaign, k, loaded) if k in overdue else []
+                    expired = self._expire(campaign, k, loaded) if k in expiring else []
                     room = max_questions - len(out)
                     qs = loaded.session.lease(room) if room > 0 else []
                     if qs or expired or loaded.session.has_pending_decisions():

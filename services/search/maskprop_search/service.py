@@ -48,6 +48,9 @@ class SearchSettings(RuntimeSettings):
     #: process keeps in memory, least recently used out first; the others load when a call
     #: needs them (GET base + LRANGE log, one round trip).
     cache_masks: int = Field(default=CACHE_MASKS, ge=1)
+    #: This replica's name among the live ones that leases spread classes over (the pod's
+    #: name under Kubernetes); empty: a random one per process.
+    replica_id: str = Field(default="", max_length=64)
 
     def params(self) -> AnnotationParams:
         return AnnotationParams(
@@ -84,6 +87,7 @@ def build_search(
         lease_seconds=settings.lease_seconds,
         publish_inline=not relay,
         cache_masks=settings.cache_masks,
+        replica_id=settings.replica_id or None,
         # a registered campaign's sessions open with its own parameters (issue #16)
         params_for=CampaignRegistry(redis).session_params,
     )

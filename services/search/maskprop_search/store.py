@@ -19,6 +19,8 @@ Redis keys (``{c}`` campaign, ``{k}`` class id):
   ``maskprop:search:{c}:outbox:relay``.  One stream a campaign, so an event one campaign's
   relay cannot publish holds up that campaign's labels only.
 * ``maskprop:search:outboxes``  set  the campaigns that have an outbox (the relay's list)
+* ``maskprop:search:replicas``  zset  replica id -> when it last leased (unix seconds): the
+  live replicas a lease spreads classes over (rendezvous hashing, :func:`owner`)
 
 Persistence is the session's base + log (issue #15): a save appends the call's log chunk
 (~13 bytes an answer, whatever the class's size) to the class's list; when the log reaches a
@@ -39,6 +41,7 @@ chunks it lacks.  Leases and progress read the counters, never a session.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +68,10 @@ log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 60.0
 #: The set of campaigns with a label outbox (each is ``outbox_key(campaign)``).
 OUTBOXES_KEY = "maskprop:search:outboxes"
+#: The replicas that leased lately (zset id -> unix seconds).
+REPLICAS_KEY = "maskprop:search:replicas"
+#: A replica that has not leased for this long no longer owns classes.
+REPLICA_TTL_S = 10.0
 RELAY_LOCK_MS = 10_000  # a relay killed mid-batch delays the outbox this long
 #: Events per broker flush when the relay publishes the outbox (an event is at most
 #: wire.LABELS_PER_EVENT labels, ~1 MB; sweeps make small ones).
@@ -210,10 +217,14 @@ for k = 0, #KEYS / 4 - 1 do
 end
 return out
 """
-# KEYS: the campaign's classes hash; ARGV: the per-class key prefix, now.  Per class (flat):
-# class id, 1 if a lease is overdue at ``now``, the stored version, done, ready.  Everything a
-# lease needs to pick its classes, without loading a session, in one round trip.
+# KEYS: the campaign's classes hash, the replicas zset; ARGV: the per-class key prefix, now,
+# this replica's id, the replica TTL.  Marks this replica alive and drops those silent for
+# the TTL; returns {live replica ids, per class (flat): class id, 1 if a lease is overdue at
+# ``now``, the stored version, done, ready}.  Everything a lease needs to pick its classes,
+# without loading a session, in one round trip.
 _SURVEY = """
+redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+redis.call('zremrangebyscore', KEYS[2], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[4]))
 local out = {}
 for _, k in ipairs(redis.call('hkeys', KEYS[1])) do
   local p = ARGV[1] .. k .. ':'
@@ -225,7 +236,7 @@ for _, k in ipairs(redis.call('hkeys', KEYS[1])) do
   out[#out + 1] = tonumber(st[1] or '0')
   out[#out + 1] = tonumber(st[2] or '0')
 end
-return out
+return {redis.call('zrange', KEYS[2], 0, -1), out}
 """
 # KEYS: the campaign's classes hash; ARGV: the per-class key prefix, then _PROGRESS_FIELDS.
 # Per class (flat): class id, its meta JSON, the fields' values.  No lock, no session.
@@ -333,6 +344,16 @@ class SessionCache:
                 self.masks -= old.tree.n_leaves
 
 
+def owner(replicas: list[str], campaign: str, class_id: int) -> str:
+    """The replica whose leases serve a class first (rendezvous hashing: the highest hash of
+    (replica, campaign, class)); when a replica comes or goes only its share moves."""
+    name = f"{campaign}\x00{class_id}".encode()
+    return max(
+        replicas,
+        key=lambda r: hashlib.blake2b(r.encode() + b"\x00" + name, digest_size=8).digest(),
+    )
+
+
 class LabelOutboxes:
     """The label outboxes of every campaign (one :class:`Outbox` stream each, listed in the
     set ``OUTBOXES_KEY``) and their one relay: a drain publishes each campaign's in turn, and a
@@ -417,8 +438,11 @@ class SearchStore:
     ``outboxes``: the label outboxes; a save appends to its campaign's and signals the relay.
     ``cache_masks``: the bound of :class:`SessionCache`."""
 
-    def __init__(self, redis: Any, *, cache_masks: int = CACHE_MASKS) -> None:
+    def __init__(
+        self, redis: Any, *, cache_masks: int = CACHE_MASKS, replica_id: str | None = None
+    ) -> None:
         self.r = redis
+        self.replica_id = replica_id or os.urandom(6).hex()
         self.outboxes = LabelOutboxes(redis)
         self.cache = SessionCache(cache_masks)
         self._local_locks: dict[tuple[str, int], threading.Lock] = {}
@@ -469,11 +493,16 @@ class SearchStore:
         self.cache.put((campaign, class_id), Loaded(version, epoch, session, tree, masks))
 
     # ------------------------------------------------------------------ counters
-    def survey(self, campaign: str, now: float) -> list[Survey]:
-        """Every class of the campaign as its counters say (one round trip, no session):
-        whether a lease is overdue at ``now``, the stored version, done and ready."""
-        flat = self._survey_script(keys=[classes_key(campaign)], args=[class_prefix(campaign), now])
-        return sorted(
+    def survey(self, campaign: str, now: float) -> tuple[list[str], list[Survey]]:
+        """The live replicas (this one marked alive at ``now``) and every class of the
+        campaign as its counters say (one round trip, no session): whether a lease is overdue
+        at ``now``, the stored version, done and ready."""
+        replicas, flat = self._survey_script(
+            keys=[classes_key(campaign), REPLICAS_KEY],
+            args=[class_prefix(campaign), now, self.replica_id, REPLICA_TTL_S],
+        )
+        live = sorted(r.decode() if isinstance(r, bytes) else str(r) for r in replicas)
+        return live, sorted(
             Survey(
                 int(flat[i]),
                 bool(flat[i + 1]),
