@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -306,8 +307,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _read_batch(path: Path) -> MaskTable:
-    with np.load(path, allow_pickle=False) as z:
-        a = dict(z)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = dict(z)
+    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise StoreFormatError(f"{path}: not a readable batch file ({exc})") from None
     try:
         return MaskTable.from_arrays(a)
     except (MaskpropError, KeyError) as exc:

@@ -49,11 +49,14 @@ class Wired:
 
     def publish(self, pool: MaskPool) -> list[tuple[bytes, detector_pb2.MaskStreamEvent]]:
         events = list(pool_events(pool, CAMPAIGN, batch_size=1000))
+        self.send(events)
+        return events
+
+    def send(self, events: list[tuple[bytes, detector_pb2.MaskStreamEvent]]) -> None:
         producer = self.bus.producer()
         for key, ev in events:
             producer.send(topics.MASKS, key, ev.SerializeToString())
         producer.flush()
-        return events
 
     def settle(self) -> None:
         run_until_idle([self.loop])
@@ -116,6 +119,29 @@ def test_a_killed_worker_dead_letters_its_class_and_a_fresh_pool_builds_the_next
     (dl,) = w.dead_letters()
     assert "class 0 ('class0')" in dl.reason and "worker process died" in dl.reason
     assert sorted(w.trees()) == [1, 2]
+
+
+def test_a_class_with_a_damaged_batch_or_a_wrong_count_is_dead_lettered(tmp_path):
+    _same_partition(0, 1, 2)
+    w = Wired(tmp_path)
+    events = list(pool_events(sized_pool({0: 100, 1: 300, 2: 50}, 3), CAMPAIGN, batch_size=1000))
+    for _, ev in events:
+        if ev.WhichOneof("body") == "closed" and ev.closed.class_id == 2:
+            ev.closed.expected_masks = 51  # announced, never sent
+    bad = w.settings.trees / CAMPAIGN / "0" / "batches" / "zzz.npz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an npz")
+    w.send(events)
+    w.settle()
+    reasons = {}
+    for d in w.dead_letters():
+        reasons[detector_pb2.MaskStreamEvent.FromString(d.payload).closed.class_id] = d.reason
+    assert sorted(reasons) == [0, 2] and sorted(w.trees()) == [1]
+    assert f"class 0 ('class0') of {CAMPAIGN}, 100 masks failed" in reasons[0]
+    assert str(bad) in reasons[0]
+    assert (
+        f"51 masks failed: class 2 of {CAMPAIGN}: 50 masks received, 51 announced" in (reasons[2])
+    )
 
 
 def test_a_class_above_the_exact_limit_builds_off_the_loop_and_a_redelivery_re_announces(

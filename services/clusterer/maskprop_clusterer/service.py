@@ -227,8 +227,8 @@ class Clusterer:
         try:
             future = self._executor().submit(self.build, job)
             return self._wait(future)
-        except InvalidEvent:
-            raise
+        except InvalidEvent as exc:  # counts differ, a batch file of another format
+            raise InvalidEvent(f"{what} failed: {exc}") from None
         except BrokenProcessPool as exc:
             # The worker died (OOM killer, a signal): this pool is unusable; the next class
             # gets a fresh one.
