@@ -295,7 +295,7 @@ class Gateway:
         # Tally after the votes are in and release the worker's hold in the same Redis step,
         # so no claim sees the slot free before the vote counts.
         tally = self.qc.tally({qid: vs for qid, (_, vs) in cast.items()}, {worker: state})
-        self.pool.settle(worker, tally)
+        self.pool.settle(worker, tally, campaign)
         decided = sum(label is not None for _, label in tally.values())
         if newly_suspended:
             self.sweep()  # its recent votes no longer count: their questions need others

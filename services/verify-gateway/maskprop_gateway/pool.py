@@ -212,20 +212,24 @@ class QuestionPool:
         )
         return [(_s(flat[i]), _s(flat[i + 1])) for i in range(0, len(flat), 2)]
 
-    def settle(self, worker: str, tally: dict[str, tuple[int, bool | None]]) -> None:
+    def settle(
+        self, worker: str, tally: dict[str, tuple[int, bool | None]], campaign: str | None = None
+    ) -> None:
         """After ``worker``'s votes (``""``: a sweep): per question, (votes still missing,
         decided label or ``None``).  A question decided now has its label appended to the
-        outbox in the same step (once per question, however often it is settled)."""
-        by_campaign: dict[str, list[Any]] = {}
+        outbox in the same step (once per question, however often it is settled).  With
+        ``campaign`` the call costs its round trip even for an empty tally: an answer request
+        settles whether or not it held real questions (no timing side channel, issue #18)."""
+        by_campaign: dict[str, list[Any]] = {} if campaign is None else {campaign: []}
         for qid, (missing, label) in tally.items():
             bit = "" if label is None else ("1" if label else "0")
             by_campaign.setdefault(self.campaign_of(qid), []).extend((qid, int(missing), bit))
-        for campaign, args in by_campaign.items():
-            for lo in range(0, len(args), 3 * BATCH):
+        for name, args in by_campaign.items():
+            for lo in range(0, max(len(args), 1), 3 * BATCH):
                 self._settle(
                     keys=[
-                        keys.ready(campaign),
-                        keys.open_questions(campaign),
+                        keys.ready(name),
+                        keys.open_questions(name),
                         keys.WANT,
                         self.outbox_key,
                     ],

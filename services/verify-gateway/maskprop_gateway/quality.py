@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from redis.exceptions import ResponseError
 
 from maskprop_gateway import keys, qc_rules
 from maskprop_gateway.qc_rules import GoldItem, GoldQuestion, QualityPolicy, WorkerState
@@ -100,6 +101,38 @@ for _, id in ipairs(picked) do
   redis.call('SADD', KEYS[3], id)
 end
 return picked
+"""
+
+# KEYS: the worker's seen set, the gold hash, the worker's scored hash, gold window list and
+# worker hash.  ARGV: window, then (gold id, answer 0|1) pairs.  Refuses the whole batch
+# ('UNKNOWN') unless every item was served to the worker; else per item 1/0: whether the answer
+# matches the item's (qc_rules.gold_correct's rule: equality), its first result for an item
+# scored before (HSETNX keeps it), and the new results go on the rolling window.  One round
+# trip, run even for a batch without gold (see QualityControl.score_golds).
+_SCORE = """
+local items = {}
+for i = 2, #ARGV, 2 do
+  if redis.call('sismember', KEYS[1], ARGV[i]) == 0 then return redis.error_reply('UNKNOWN') end
+  local raw = redis.call('hget', KEYS[2], ARGV[i])
+  if not raw then return redis.error_reply('UNKNOWN') end
+  items[#items + 1] = cjson.decode(raw)['answer']
+end
+local out, new = {}, 0
+for k, answer in ipairs(items) do
+  local ok = ((ARGV[2 * k + 1] == '1') == answer) and 1 or 0
+  if redis.call('hsetnx', KEYS[3], ARGV[2 * k], ok) == 1 then
+    redis.call('lpush', KEYS[4], ok)
+    new = new + 1
+  else
+    ok = tonumber(redis.call('hget', KEYS[3], ARGV[2 * k]))
+  end
+  out[k] = ok
+end
+if new > 0 then
+  redis.call('ltrim', KEYS[4], 0, tonumber(ARGV[1]) - 1)
+  redis.call('hincrby', KEYS[5], 'gold_total', new)
+end
+return out
 """
 
 _CAST = """
@@ -180,6 +213,7 @@ class QualityControl:
         self.seed = seed
         self._median_cache: tuple[float, float | None] | None = None
         self._cast = redis.register_script(_CAST)
+        self._score = redis.register_script(_SCORE)
         self._draw_hidden = redis.register_script(_DRAW_HIDDEN)
         self._draw_qualification = redis.register_script(_DRAW_QUALIFICATION)
 
@@ -353,49 +387,38 @@ class QualityControl:
 
     def score_golds(self, worker: str, answers: list[tuple[str, bool, int]]) -> list[bool]:
         """Score a submitted batch of ``worker``'s gold answers (gold id, answer, elapsed ms):
-        whether each matches its gold item, in three round trips whatever the batch's size.
+        whether each matches its gold item, in one round trip whatever the batch's size, and
+        one round trip too for an empty batch: the answer path's Redis calls must not depend
+        on whether a request held gold (a timing side channel, issue #18).
 
         Updates the rolling gold window.  ``elapsed_ms`` is validated but not recorded here:
-        the gateway records every answer's time (:meth:`record_answer_times`), gold included,
-        and recording it twice would weigh gold answers double in the speed check.
-        Idempotent: a retried gold item returns its first result and changes nothing.  All are
-        checked before any is scored: an item never served to the worker raises
+        the gateway records every answer's time when it marks the answer, gold included, and
+        recording it twice would weigh gold answers double in the speed check.  Idempotent: a
+        retried gold item returns its first result and changes nothing.  All are checked
+        before any is scored: an item never served to the worker raises
         :class:`UnknownGold` and leaves the batch unscored."""
-        for _, answer, elapsed_ms in answers:
+        args: list[Any] = [self.policy.window]
+        for gold_id, answer, elapsed_ms in answers:
             if not isinstance(answer, bool):
                 raise QualityError("a gold answer must be true or false")
             self._check_elapsed(elapsed_ms)
-        if not answers:
-            return []
-        ids = [g for g, _, _ in answers]
-        pipe = self.r.pipeline(transaction=False)
-        for g in ids:
-            pipe.sismember(keys.worker(worker, "seen"), g)
-        pipe.hmget(keys.GOLD, ids)
-        *served, raws = pipe.execute()
-        if not all(served) or any(raw is None for raw in raws):
-            raise UnknownGold("gold item not served to this worker")
-        correct = qc_rules.gold_correct(
-            [answer for _, answer, _ in answers], [_item_from_json(raw) for raw in raws]
-        )
-        scored = keys.worker(worker, "scored")
-        pipe = self.r.pipeline(transaction=False)
-        for g, ok in zip(ids, correct, strict=True):
-            pipe.hsetnx(scored, g, int(ok))
-        fresh = pipe.execute()
-        new = [int(ok) for ok, f in zip(correct, fresh, strict=True) if f]
-        if new:
-            window = keys.worker(worker, "gold")
-            pipe = self.r.pipeline(transaction=True)
-            pipe.lpush(window, *new)
-            pipe.ltrim(window, 0, self.policy.window - 1)
-            pipe.hincrby(keys.worker(worker), "gold_total", len(new))
-            pipe.execute()
-        if all(fresh):
-            return correct
-        # a retried item: its first result stands
-        first = self.r.hmget(scored, ids)
-        return [ok if f else bool(int(v)) for ok, f, v in zip(correct, fresh, first, strict=True)]
+            args += (gold_id, int(answer))
+        try:
+            flat = self._score(
+                keys=[
+                    keys.worker(worker, "seen"),
+                    keys.GOLD,
+                    keys.worker(worker, "scored"),
+                    keys.worker(worker, "gold"),
+                    keys.worker(worker),
+                ],
+                args=args,
+            )
+        except ResponseError as exc:
+            if "UNKNOWN" in str(exc):
+                raise UnknownGold("gold item not served to this worker") from None
+            raise
+        return [bool(int(v)) for v in flat]
 
     @staticmethod
     def _check_elapsed(elapsed_ms: int) -> None:
@@ -515,8 +538,7 @@ class QualityControl:
         in one Lua call: question id -> (this vote is new, all votes) for :meth:`tally`."""
         if any(not isinstance(label, bool) for _, label in votes):
             raise QualityError("a vote must be true or false")
-        if not votes:
-            return {}
+        # run even without votes: one round trip either way (no timing side channel, #18)
         args: list[Any] = [keys.VOTES, worker, repr(self.clock()), self.policy.vote_ttl_s]
         for qid, label in votes:
             args += (qid, int(label))
