@@ -9,8 +9,11 @@
 #
 # Env: KAFKA_PORT (9093), KAFKA_CONTROLLER_PORT (9094), REDIS_PORT (6390),
 #      MASKPROP_INFRA_DIR (state: <repo>/.cache/dev-infra), MASKPROP_CACHE (jars: ~/.cache/maskprop),
-#      DEV_INFRA_TIMEOUT (seconds to wait for readiness, 90).
-# After `up`, `source .cache/dev-infra/env` exports KAFKA_BOOTSTRAP and REDIS_URL.
+#      DEV_INFRA_TIMEOUT (seconds to wait for readiness, 90),
+#      KAFKA_MAX_MESSAGE_BYTES (every topic's max.message.bytes, 1048576: set on the broker as the
+#      default and on maskprop's topics explicitly; producers cut their events below it).
+# After `up`, `source .cache/dev-infra/env` exports KAFKA_BOOTSTRAP, REDIS_URL and
+# MASKPROP_KAFKA_MAX_MESSAGE_BYTES (the services' bound must match the topics').
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +23,10 @@ SCALA_VERSION=2.13
 KAFKA_PORT="${KAFKA_PORT:-9093}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9094}"
 REDIS_PORT="${REDIS_PORT:-6390}"
+KAFKA_MAX_MESSAGE_BYTES="${KAFKA_MAX_MESSAGE_BYTES:-1048576}"
+[[ "$KAFKA_MAX_MESSAGE_BYTES" =~ ^[0-9]+$ ]] || { echo "KAFKA_MAX_MESSAGE_BYTES must be a number" >&2; exit 2; }
+# The topics maskprop_runtime.topics names (namespaced test topics get the broker default).
+TOPICS=(maskprop.images maskprop.masks maskprop.trees maskprop.labels maskprop.deadletter)
 TIMEOUT="${DEV_INFRA_TIMEOUT:-90}"
 HOST=127.0.0.1
 
@@ -243,6 +250,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 # Tests should not wait 3 s for the first consumer group rebalance.
 group.initial.rebalance.delay.ms=0
+# Every topic's default max.message.bytes (auto-created and namespaced test topics included);
+# maskprop's own topics also carry it explicitly (configure_topics).
+message.max.bytes=$KAFKA_MAX_MESSAGE_BYTES
 EOF
   write_log4j
 }
@@ -322,13 +332,36 @@ wait_kafka_ready() {
   log "kafka: ready on $HOST:$KAFKA_PORT"
 }
 
+# maskprop's topics with max.message.bytes set explicitly: created when missing, altered when
+# they exist.  A marker in the broker's state dir skips the JVM round trips on later `up`s.
+configure_topics() {
+  local marker="$kafka_dir/topics.max-message-bytes" bs="$HOST:$KAFKA_PORT" existing t
+  [[ "$(cat "$marker" 2>/dev/null)" == "$KAFKA_MAX_MESSAGE_BYTES" ]] && return 0
+  existing="$(kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$bs" --list \
+    2>"$kafka_dir/topics.log")" || { log_tail "$kafka_dir/topics.log"; die "kafka: listing topics failed"; }
+  for t in "${TOPICS[@]}"; do
+    if grep -qxF "$t" <<<"$existing"; then
+      kafka_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "$bs" --alter \
+        --entity-type topics --entity-name "$t" \
+        --add-config "max.message.bytes=$KAFKA_MAX_MESSAGE_BYTES" >>"$kafka_dir/topics.log" 2>&1
+    else
+      kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$bs" --create \
+        --if-not-exists --topic "$t" --partitions 3 --replication-factor 1 \
+        --config "max.message.bytes=$KAFKA_MAX_MESSAGE_BYTES" >>"$kafka_dir/topics.log" 2>&1
+    fi || { log_tail "$kafka_dir/topics.log"; die "kafka: configuring topic $t failed"; }
+  done
+  echo "$KAFKA_MAX_MESSAGE_BYTES" >"$marker"
+  log "kafka: topics carry max.message.bytes=$KAFKA_MAX_MESSAGE_BYTES"
+}
+
 stop_kafka() { stop_pid "$kafka_pid" kafka.Kafka 60 kafka; }
 stop_redis() { stop_pid "$redis_pid" redis-server 30 redis; }
 
 write_env() {
   mkdir -p "$state"
   local kb="$HOST:$KAFKA_PORT" ru="redis://$HOST:$REDIS_PORT/0"
-  printf 'export KAFKA_BOOTSTRAP=%s\nexport REDIS_URL=%s\n' "$kb" "$ru" >"$env_file"
+  printf 'export KAFKA_BOOTSTRAP=%s\nexport REDIS_URL=%s\nexport MASKPROP_KAFKA_MAX_MESSAGE_BYTES=%s\n' \
+    "$kb" "$ru" "$KAFKA_MAX_MESSAGE_BYTES" >"$env_file"
   printf 'KAFKA_BOOTSTRAP=%s\nREDIS_URL=%s\n' "$kb" "$ru"
 }
 
@@ -340,6 +373,7 @@ case "$cmd" in
     mkdir -p "$state"
     start_redis
     start_kafka
+    configure_topics
     write_env
     log "env written to $env_file"
     ;;
@@ -372,6 +406,7 @@ case "$cmd" in
   restart-kafka)
     stop_kafka
     start_kafka
+    configure_topics
     write_env
     ;;
   *)
