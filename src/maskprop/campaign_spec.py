@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maskprop.errors import MaskpropError
+from maskprop.metrics import SECONDS_PER_HOUR
 from maskprop.params import AnnotationParams
 from maskprop.search import STRATEGIES
 
@@ -78,6 +80,27 @@ class Budget:
             raise MaskpropError("[budget] wage must not be negative")
         if self.rounds < 1:
             raise MaskpropError("[budget] rounds must be at least 1")
+
+    def question_cap(self, seconds_per_question: float) -> int:
+        """The most questions the campaign may hand out: the smallest of ``questions``,
+        ``hours`` and ``dollars`` converted with :func:`maskprop.metrics.human_hours` and
+        :func:`~maskprop.metrics.cost_usd`'s formula (``q`` questions cost
+        ``q * seconds_per_question / 3600`` hours, times ``hourly_wage`` dollars), rounded down
+        so the spent hours and dollars never exceed theirs.  Limits that are 0 do not count.
+
+        >>> Budget(questions=500, hours=0.25).question_cap(2.0)
+        450
+        """
+        if seconds_per_question <= 0:
+            raise MaskpropError("seconds_per_question must be positive")
+        caps = [self.questions] if self.questions else []
+        # A relative 1e-9 forgives float error in the division (0.3 h at 2 s is 540, not 539).
+        if self.hours:
+            caps.append(math.floor(self.hours * SECONDS_PER_HOUR / seconds_per_question + 1e-9))
+        if self.dollars:
+            hours = self.dollars / self.hourly_wage
+            caps.append(math.floor(hours * SECONDS_PER_HOUR / seconds_per_question + 1e-9))
+        return max(0, min(caps))
 
 
 @dataclass(frozen=True)

@@ -277,3 +277,38 @@ def add_images(
     typer.echo(json.dumps(result))
     if not plan.done:
         fail(f"campaign {name!r} was paused or stopped after {plan.published} batches")
+
+
+@campaign_app.command("run")
+def run(
+    spec: Annotated[Path, typer.Option(help="Campaign spec (TOML).")],
+    out: Annotated[Path, typer.Option(help="Output folder (report.json, annotations.json).")],
+    simulated_crowd: Annotated[
+        Path | None,
+        typer.Option(help="Ground truth (COCO) a simulated crowd answers from."),
+    ] = None,
+    crowd_error: Annotated[
+        float, typer.Option(help="Share of the simulated crowd's answers flipped (0-0.5).")
+    ] = 0.0,
+    device: Annotated[str, typer.Option(help="Detector device: cpu, cuda, auto.")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Run a campaign embedded, in one process with no servers (in-memory bus and Redis): its
+    images through the detector, clusterer, search and sink, with the spec's parameters and
+    budget, a simulated crowd answering (``maskprop_app.campaign_run``).  Prints the report."""
+    from maskprop.campaign_spec import load_spec
+
+    bars = Bars(progress)
+    with user_errors(bars):
+        if simulated_crowd is None:
+            raise MaskpropError(
+                "campaign run needs --simulated-crowd GT_COCO.json: in one process nobody else "
+                "can answer (a real crowd answers a distributed campaign through the gateway)"
+            )
+        parsed = load_spec(spec)
+        from maskprop_app.campaign_run import run_spec
+
+        report = run_spec(
+            parsed, out, simulated_crowd, crowd_error=crowd_error, device=device, progress=bars
+        )
+    typer.echo(json.dumps(report, indent=2))

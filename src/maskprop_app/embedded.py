@@ -45,6 +45,7 @@ from maskprop.simulate.scenes import mask_id, pool_index
 from maskprop.tree import build_tree
 from maskprop_runtime import topics
 from maskprop_runtime.bus import make_bus
+from maskprop_runtime.campaigns import SessionParams
 from maskprop_runtime.loop import EventLoop
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.store import make_redis
@@ -182,12 +183,19 @@ def run_campaign(
     seed: int,
     annotator_batch: int = 64,
     progress: Progress = no_progress,
+    params_for: Callable[[str], SessionParams | None] | None = None,
+    question_budget: int | None = None,
 ) -> CampaignResult:
     """Publish ``events`` (the detector's output for ``pool``; mask ids ``mask_id(i)``), let the
     clusterer and search services build and search the trees, answer their questions with a
     simulated annotator thresholding the pool's true IoU (``annotator_error`` flips answers),
     and collect the sink's labels.  Writes ``out/dataset``, ``out/state`` and
-    ``out/annotations.json`` (the sink's COCO export)."""
+    ``out/annotations.json`` (the sink's COCO export).
+
+    ``params_for``: the parameters search opens a campaign's sessions with (a campaign
+    registry's ``session_params``, as in the distributed services); default: the registry in
+    this run's Redis, then ``search``.  ``question_budget``: no question is leased beyond it;
+    masks still undecided then get no label (``missing_labels``)."""
     if (out / "dataset" / campaign).exists():
         raise MaskpropError(
             f"{out} already holds a dataset for campaign {campaign!r}; "
@@ -200,6 +208,8 @@ def run_campaign(
     common = runtime.model_dump(exclude={"data_dir"})
     search_settings = SearchSettings(**common, data_dir=out / "state", **search)
     core, search_loop = build_search(search_settings, bus, redis)
+    if params_for is not None:
+        core.params_for = params_for
     if core.campaign_exists(campaign):
         search_loop.close()
         raise MaskpropError(
@@ -225,8 +235,15 @@ def run_campaign(
         annotator = SimulatedAnnotator(
             pool.ious, search_settings.iou_threshold, error_rate=annotator_error, seed=seed
         )
+        leased = 0
         while len(pool):
-            qs, done = core.lease(campaign, annotator_batch, owner="simulated-crowd")
+            room = annotator_batch
+            if question_budget is not None:
+                room = min(room, question_budget - leased)
+                if room <= 0:
+                    break  # the budget is spent: nothing more is asked
+            qs, done = core.lease(campaign, room, owner="simulated-crowd")
+            leased += len(qs)
             if done:
                 break
             if not qs:
@@ -239,10 +256,15 @@ def run_campaign(
                 p.accepted_masks + p.rejected_masks for p in core.progress(campaign).classes
             )
             progress("annotated", int(decided), len(pool))
+        labelled = len(pool)
+        if question_budget is not None:  # stopped by the budget: the masks search decided
+            labelled = sum(
+                p.accepted_masks + p.rejected_masks for p in core.progress(campaign).classes
+            )
         _settle(
             [sink],
             runtime.distributed,
-            lambda: reader.ledger_stats(campaign)["unique_masks"] >= len(pool),
+            lambda: reader.ledger_stats(campaign)["unique_masks"] >= labelled,
         )
         progress("annotated", len(pool), len(pool))
         if not len(pool):  # nothing detected: no trees, no questions, no labels

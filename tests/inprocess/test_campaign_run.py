@@ -1,0 +1,122 @@
+"""``maskprop campaign run``: a spec embedded in one process (issue #16 item 7), its budget met
+exactly (item 4), its parameters in every session, and bad input refused before anything is
+written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the detector needs torch")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from maskprop.campaign_spec import Budget, CampaignSpec  # noqa: E402
+from maskprop.errors import MaskpropError  # noqa: E402
+from maskprop.params import AnnotationParams  # noqa: E402
+from maskprop_app.campaign_run import run_spec  # noqa: E402
+from maskprop_app.cli import app  # noqa: E402
+from tests.unit.detector.conftest import untrained_pool  # noqa: E402
+
+CLASSES = ("disc", "square")
+# Every mask of an untrained detector is wrong: "split" asks on inside rejected clusters, so
+# the small pool yields enough questions to spend a budget on.
+SPLIT = AnnotationParams(samples_per_cluster=3, prior_accept_threshold=0.0, reject_action="split")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(weights, images folder, ground truth COCO) of 6 synthetic scenes."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pool")
+    weights = untrained_pool(root, 6, max_detections=12, classes=CLASSES)
+    return weights, root / "synth" / "images" / "pool", root / "synth" / "annotations" / "pool.json"
+
+
+def _spec(pool: tuple[Path, Path, Path], **kw: object) -> CampaignSpec:
+    weights, images, _ = pool
+    args: dict = dict(
+        name="shapes", classes=CLASSES, images_root=images, detector_weights=weights,
+        params=SPLIT, budget=Budget(questions=10_000),
+    )  # fmt: skip
+    args.update(kw)
+    return CampaignSpec(**args)
+
+
+def test_a_spec_runs_embedded_and_reports_each_round(pool, tmp_path) -> None:
+    report = run_spec(_spec(pool), tmp_path, pool[2])
+    (r1,) = report["rounds"]
+    assert r1["detected_masks"] > 0 and r1["images"] == 6
+    assert r1["undecided_masks"] == 0  # the budget was not the limit: every mask decided
+    assert 10 < r1["questions"] <= r1["detected_masks"]
+    assert r1["masks"] == len(
+        json.loads((tmp_path / "annotations.json").read_text())["annotations"]
+    )
+    assert r1["hours"] == pytest.approx(r1["questions"] * 2.0 / 3600)
+    assert report["budget"]["spent_questions"] == r1["questions"]
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    with pytest.raises(MaskpropError, match="already holds a finished campaign run"):
+        run_spec(_spec(pool), tmp_path, pool[2])
+
+
+def test_the_budget_is_met_exactly(pool, tmp_path) -> None:
+    free = run_spec(_spec(pool), tmp_path / "free", pool[2])["rounds"][0]["questions"]
+    cap = free // 2
+    report = run_spec(_spec(pool, budget=Budget(questions=cap)), tmp_path / "capped", pool[2])
+    (r1,) = report["rounds"]
+    assert r1["questions"] == cap == report["budget"]["questions"]
+    assert r1["undecided_masks"] > 0
+    # hours as the budget: cap questions of 2 s each are cap * 2 / 3600 h
+    hours = run_spec(_spec(pool, budget=Budget(hours=cap * 2 / 3600)), tmp_path / "hours", pool[2])[
+        "rounds"
+    ][0]
+    assert hours["questions"] == cap and hours["hours"] <= cap * 2 / 3600
+
+
+def test_the_specs_parameters_decide(pool, tmp_path) -> None:
+    """reject_action = "split" (a parameter search's own settings cannot even express) keeps
+    asking inside rejected clusters; the paper's "reject" stops at them: the spec, not
+    search's defaults, opened the sessions."""
+    split = run_spec(_spec(pool), tmp_path / "a", pool[2])["rounds"][0]
+    spec = _spec(pool, params=AnnotationParams(samples_per_cluster=3, prior_accept_threshold=0.0))
+    reject = run_spec(spec, tmp_path / "b", pool[2])["rounds"][0]
+    assert reject["questions"] < split["questions"]
+    assert reject["undecided_masks"] == split["undecided_masks"] == 0
+
+
+def test_bad_input_is_one_error_and_writes_nothing(pool, tmp_path) -> None:
+    gt = pool[2]
+    with pytest.raises(MaskpropError, match="no category 'triangle'"):
+        run_spec(_spec(pool, classes=("disc", "triangle")), tmp_path / "x", gt)
+    with pytest.raises(MaskpropError, match="names classes"):
+        run_spec(_spec(pool, classes=("square", "disc")), tmp_path / "x", gt)
+    with pytest.raises(MaskpropError, match="does not exist"):
+        run_spec(_spec(pool), tmp_path / "x", tmp_path / "nope.json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MaskpropError, match="no image"):
+        run_spec(_spec(pool, images_root=empty), tmp_path / "x", gt)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_runs_a_spec_file_and_refuses_without_a_crowd(pool, tmp_path) -> None:
+    weights, images, gt = pool
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        f'[campaign]\nname = "shapes"\nclasses = ["disc", "square"]\nimages = "{images}"\n'
+        f'[detector]\nweights = "{weights}"\n[annotation]\nsamples_per_cluster = 3\n'
+        'prior_accept_threshold = 0.0\nreject_action = "split"\n'
+        "[budget]\nquestions = 7\n"
+    )
+    runner = CliRunner()
+    res = runner.invoke(app, ["campaign", "run", "--spec", str(spec), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--simulated-crowd" in res.output
+    res = runner.invoke(
+        app,
+        ["campaign", "run", "--spec", str(spec), "--out", str(tmp_path / "o"),
+         "--simulated-crowd", str(gt), "--no-progress"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rounds"][0]["questions"] == 7
