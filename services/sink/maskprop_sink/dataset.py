@@ -177,6 +177,35 @@ def read_records(path: Path, *, repair: bool = False, start: int = 0) -> Iterato
         )
 
 
+def _repair_tail(path: Path, window: int = 1 << 16) -> None:
+    """Truncate a torn last line of ``path`` (no final newline, or not a JSON object),
+    reading only its last ``window`` bytes (the whole file through :func:`read_records` when
+    the last line is longer): start-up cost independent of the file's length."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - window))
+        tail = f.read()
+    if not tail:
+        return
+    body = tail[:-1] if tail.endswith(b"\n") else tail
+    cut = body.rfind(b"\n")
+    if cut < 0 and size > len(tail):
+        for _ in read_records(path, repair=True):
+            pass
+        return
+    last = tail[cut + 1 :]
+    if last.endswith(b"\n") and _parse(last) is not None:
+        return
+    keep = size - len(last)
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    log.warning(
+        "truncated a torn trailing line left by a crash", extra={"file": str(path), "size": keep}
+    )
+
+
 def shard_paths(campaign_dir: Path, kind: str | None = None) -> list[tuple[str, int, int, Path]]:
     """``(kind, partition, seq, path)`` of a campaign's label shards (``kind``: "accepted",
     "rejected" or None for both), accepted ones first, each kind in (partition, seq) order."""
@@ -373,8 +402,7 @@ class DatasetWriter:
         state.categories = _read_categories(state.dir)
         images = state.dir / IMAGES_FILE
         if images.exists():
-            for _ in read_records(images, repair=True):
-                pass  # only the torn-tail repair: images are no ledger
+            _repair_tail(images)  # images are no ledger: only a torn last line matters
         covered: dict[tuple[str, int], tuple[int, int, int]] = {}
         ckpt = _read_checkpoint(state.dir / CHECKPOINT_FILE)
         if ckpt is not None:

@@ -242,3 +242,23 @@ def test_mask_indices_are_checked_against_the_class_size(tmp_path, make_event, c
         other.class_masks = 50  # the class's tree does not change size
         with pytest.raises(dataset.UnwritableEvent, match="100 masks in the ledger"):
             w.write(other, 0)
+
+
+@pytest.mark.parametrize(
+    ("tail", "kept"),
+    [
+        (b"", 3),  # intact
+        (b'{"image_id": "to', 3),  # torn mid-line
+        (b"\x00" * 9 + b"\n", 3),  # a torn page: the size grew, the bytes never landed
+        (b'{"image_id": "' + b"x" * 200 + b'"}\n', 4),  # a whole line longer than the window
+        (b'{"image_id": "' + b"x" * 200, 3),  # a torn line longer than the window
+    ],
+)
+def test_images_tail_repair_reads_only_the_end(tmp_path, tail, kept):
+    path = tmp_path / "images.jsonl"
+    whole = b"".join(b'{"image_id": "img%d"}\n' % i for i in range(3))
+    path.write_bytes(whole + tail)
+    dataset._repair_tail(path, window=64)
+    body = path.read_bytes()
+    assert len(body.splitlines()) == kept and body.endswith(b"\n")
+    assert body.startswith(whole)
