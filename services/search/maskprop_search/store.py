@@ -59,6 +59,7 @@ from redis.exceptions import LockError
 from maskprop.errors import MaskpropError
 from maskprop.session import AnnotationSession, Decision
 from maskprop.tree import Tree
+from maskprop_runtime import topics
 from maskprop_runtime.outbox import Outbox, Publish, relay_loop
 from maskprop_search import wire
 from maskprop_search.wire import BadRequest, ClassMasks
@@ -436,12 +437,20 @@ class SearchStore:
     """Search's sessions in Redis and this process's cache of them.
 
     ``outboxes``: the label outboxes; a save appends to its campaign's and signals the relay.
-    ``cache_masks``: the bound of :class:`SessionCache`."""
+    ``cache_masks``: the bound of :class:`SessionCache`.  ``label_bytes``: the most bytes a
+    label event may take (:func:`maskprop_runtime.topics.record_limit` of the setting
+    ``kafka_max_message_bytes``)."""
 
     def __init__(
-        self, redis: Any, *, cache_masks: int = CACHE_MASKS, replica_id: str | None = None
+        self,
+        redis: Any,
+        *,
+        cache_masks: int = CACHE_MASKS,
+        replica_id: str | None = None,
+        label_bytes: int = topics.record_limit(),
     ) -> None:
         self.r = redis
+        self.label_bytes = label_bytes
         self.replica_id = replica_id or os.urandom(6).hex()
         self.outboxes = LabelOutboxes(redis)
         self.cache = SessionCache(cache_masks)
@@ -693,7 +702,9 @@ class SearchStore:
             assert loaded is not None
             k, session = h.class_id, loaded.session
             decisions = [d for d in session.pop_decisions() if d.terminal]
-            entries = wire.label_entries(campaign, k, loaded.masks, session, decisions)
+            entries = wire.label_entries(
+                campaign, k, loaded.masks, session, decisions, max_bytes=self.label_bytes
+            )
             accepted, rejected = _decided(session, decisions)
             if session.needs_rebase():
                 mode, payload = "b", session.rebase()
