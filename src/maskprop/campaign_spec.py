@@ -153,6 +153,11 @@ class CampaignSpec:
             raise MaskpropError("version must be at least 1")
         if self.params.hourly_wage != self.budget.hourly_wage:
             raise MaskpropError("params.hourly_wage must equal the budget's wage")
+        if self.budget.question_cap(self.params.seconds_per_question) < 1:
+            raise MaskpropError(
+                f"[budget] buys no question at {self.params.seconds_per_question} s a question: "
+                "raise questions, hours or dollars"
+            )
 
     def same_method(self, other: CampaignSpec) -> bool:
         """Whether ``other`` decides exactly as this spec (parameters, strategy, seed,

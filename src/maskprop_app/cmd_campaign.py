@@ -166,12 +166,24 @@ def list_campaigns() -> None:
 
 @campaign_app.command("status")
 def status(name: NameArg) -> None:
-    """The campaign's spec, state and each stage's progress (JSON)."""
+    """The campaign's spec, state, each stage's progress, and its budget spent with the masks
+    expected at the budget (JSON)."""
     with user_errors():
         st = _registry().status(name)
     out = _summary(st.campaign)
     out["stages"] = {s.stage: {"done": s.done, "total": s.total} for s in st.stages}
     out["refused"] = dict(st.refused)
+    b = st.budget
+    out["spent"] = {
+        "questions": b.questions_leased,
+        "of_questions": b.question_cap,
+        "hours": round(b.hours_spent, 4),
+        "dollars": round(b.dollars_spent, 2),
+        "masks_accepted": b.masks_accepted,
+        "masks_decided": b.masks_decided,
+        "masks": b.masks,
+        "forecast_masks_at_budget": round(b.forecast_masks_at_budget, 1),
+    }
     typer.echo(json.dumps(out, indent=2))
 
 

@@ -7,7 +7,11 @@ Key schema (the whole of it; this module is its only writer):
 * ``maskprop:campaign:{name}``  hash  ``version`` (current, 1, 2, ...), ``spec:<v>`` (the
   serialized ``campaign.v1.CampaignSpec`` of every version, kept: sessions opened under an
   older version keep deciding by it), ``state`` (created | running | paused | stopped),
-  ``created``, ``updated`` (unix seconds)
+  ``created``, ``updated`` (unix seconds), ``question_cap`` (the current version's
+  :meth:`~maskprop.campaign_spec.Budget.question_cap`: search's budget script reads it)
+* ``maskprop:campaign:{name}:leased``  string  questions search handed out (its budget script,
+  ``maskprop_search.budget``, is the only writer: reserved atomically against
+  ``question_cap`` before a lease returns)
 * ``maskprop:campaign:{name}:images``  hash  sha256 of an accepted image's bytes -> its
   ``image_id`` and path (de-duplication across ``add-images`` calls)
 * ``maskprop:campaign:{name}:plan``  list  ``image_id\\tpath`` of the accepted images in
@@ -71,6 +75,15 @@ def ingest_key(name: str) -> str:
     return f"maskprop:campaign:{name}:ingest"
 
 
+def leased_key(name: str) -> str:
+    return f"maskprop:campaign:{name}:leased"
+
+
+def question_cap(spec: CampaignSpec) -> int:
+    """The questions ``spec``'s budget buys (questions, hours, dollars: the least)."""
+    return spec.budget.question_cap(spec.params.seconds_per_question)
+
+
 class CampaignError(MaskpropError):
     """A refused registry operation (taken name, unknown campaign, bad transition or
     version); the message says what to do."""
@@ -88,16 +101,17 @@ class CampaignConflict(CampaignError):
     """The campaign's state or version does not allow the change."""
 
 
-# KEYS: campaign hash, list zset.  ARGV: spec bytes, now, name.  1 created, 0 name taken.
+# KEYS: campaign hash, list zset.  ARGV: spec bytes, now, name, question cap.
+# 1 created, 0 name taken.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'version', '1', 'spec:1', ARGV[1], 'state', 'created',
-           'created', ARGV[2], 'updated', ARGV[2])
+           'created', ARGV[2], 'updated', ARGV[2], 'question_cap', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS: campaign hash.  ARGV: new version, spec bytes, now.
+# KEYS: campaign hash.  ARGV: new version, spec bytes, now, question cap.
 # {1, old} revised; {0, ''} unknown; {2, current} version is not current + 1; {3, state} stopped
 _REVISE = """
 local cur = redis.call('HGET', KEYS[1], 'version')
@@ -105,7 +119,8 @@ if not cur then return {0, ''} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'stopped' then return {3, state} end
 if tonumber(cur) + 1 ~= tonumber(ARGV[1]) then return {2, cur} end
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'spec:' .. ARGV[1], ARGV[2], 'updated', ARGV[3])
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'spec:' .. ARGV[1], ARGV[2], 'updated', ARGV[3],
+           'question_cap', ARGV[4])
 return {1, cur}
 """
 
@@ -238,7 +253,10 @@ class CampaignRegistry:
         if spec.version != 1:
             raise CampaignError(f"a new campaign starts at version 1, not {spec.version}")
         blob = spec_to_proto(spec).SerializeToString()
-        if not self._create(keys=[campaign_key(name), LIST_KEY], args=[blob, self.clock(), name]):
+        created = self._create(
+            keys=[campaign_key(name), LIST_KEY], args=[blob, self.clock(), name, question_cap(spec)]
+        )
+        if not created:
             current = self.get(name)
             raise CampaignExists(
                 f"campaign {name!r} exists (version {current.spec.version}, "
@@ -266,7 +284,9 @@ class CampaignRegistry:
                 "change them (create a new campaign)"
             )
         blob = spec_to_proto(spec).SerializeToString()
-        code, got = self._revise(keys=[campaign_key(name)], args=[spec.version, blob, self.clock()])
+        code, got = self._revise(
+            keys=[campaign_key(name)], args=[spec.version, blob, self.clock(), question_cap(spec)]
+        )
         if code == 0:
             raise CampaignNotFound(f"no campaign named {name!r}")
         if code == 2:

@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from maskprop.campaign_spec import CampaignSpec
+from maskprop.metrics import cost_usd, human_hours
 from maskprop.progress import Progress
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Producer
@@ -49,7 +50,10 @@ from maskprop_runtime.campaigns import (
     campaign_key,
     images_key,
     ingest_key,
+    leased_key,
     plan_key,
+    question_cap,
+    spec_from_proto,
 )
 from maskprop_runtime.files import resolve_under
 from maskprop_runtime.pb.maskprop.campaign.v1 import campaign_pb2
@@ -354,6 +358,52 @@ def _search_classes_key(name: str) -> str:
     return f"maskprop:search:{name}:classes"
 
 
+def _search_state_key(name: str, class_id: str) -> str:
+    return f"maskprop:search:{name}:{class_id}:state"
+
+
+def budget_status(
+    registry: CampaignRegistry, name: str, spec: CampaignSpec | None = None
+) -> campaign_pb2.BudgetStatus:
+    """Spent vs budget, and the masks expected at the budget.
+
+    The forecast is the campaign's yield so far carried to the budget: masks accepted per
+    question handed out, times the questions left, plus the masks accepted already; never
+    more than every undecided mask accepted.  0 before any question (nothing to carry).  It
+    assumes the questions left are as productive as those asked (search asks the likeliest
+    clusters first, so it tends to over-estimate late in a campaign)."""
+    redis = registry.redis
+    spec = spec if spec is not None else registry.spec(name)
+    cap = question_cap(spec)
+    leased = int(redis.get(leased_key(name)) or 0)
+    classes = [
+        k.decode() if isinstance(k, bytes) else str(k)
+        for k in redis.hkeys(_search_classes_key(name))
+    ]
+    pipe = redis.pipeline(transaction=False)
+    for k in classes:
+        pipe.hmget(_search_state_key(name, k), "masks", "accepted", "rejected")
+    masks = accepted = rejected = 0
+    for row in pipe.execute() if classes else []:
+        m, a, r = (int(v or 0) for v in row)
+        masks, accepted, rejected = masks + m, accepted + a, rejected + r
+    forecast = 0.0
+    if leased:
+        left = max(cap - leased, 0)
+        forecast = min(accepted + accepted / leased * left, float(masks - rejected))
+    hours = human_hours(leased, spec.params.seconds_per_question)
+    return campaign_pb2.BudgetStatus(
+        question_cap=cap,
+        questions_leased=leased,
+        hours_spent=hours,
+        dollars_spent=cost_usd(hours, spec.budget.hourly_wage),
+        masks_accepted=accepted,
+        masks_decided=accepted + rejected,
+        masks=masks,
+        forecast_masks_at_budget=forecast,
+    )
+
+
 def campaign_status(registry: CampaignRegistry, name: str) -> campaign_pb2.CampaignStatus:
     """The campaign with each stage's progress: images accepted, batches published (broker
     ack), batches detected and masks found (the detector's counts), classes whose trees
@@ -379,5 +429,8 @@ def campaign_status(registry: CampaignRegistry, name: str) -> campaign_pb2.Campa
         ),
     ]
     return campaign_pb2.CampaignStatus(
-        campaign=campaign, stages=stages, refused=refused_counts(redis, name)
+        campaign=campaign,
+        stages=stages,
+        refused=refused_counts(redis, name),
+        budget=budget_status(registry, name, spec_from_proto(campaign.spec)),
     )

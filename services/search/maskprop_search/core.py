@@ -36,6 +36,7 @@ from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.treestore import check_name
 from maskprop_search import wire
+from maskprop_search.budget import CampaignGate
 from maskprop_search.store import CACHE_MASKS, Loaded, SearchStore
 from maskprop_search.store import owner as store_owner
 
@@ -84,6 +85,7 @@ class SearchCore:
         self.publish_inline = publish_inline
         self.store = SearchStore(redis, cache_masks=cache_masks, replica_id=replica_id)
         self.outboxes = self.store.outboxes
+        self.gate = CampaignGate(redis)  # a campaign's budget, pause and stop (issue #16)
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out
 
     def classes(self, campaign: str) -> list[int]:
@@ -163,6 +165,24 @@ class SearchCore:
 
     # ------------------------------------------------------------------ API
     def lease(
+        self, campaign: str, max_questions: int, owner: str = ""
+    ) -> tuple[list[search_pb2.Question], bool]:
+        """:meth:`_lease` within the campaign's budget and state (:mod:`.budget`): the
+        questions are reserved before they are handed out, none beyond the budget and none
+        while the campaign is paused or stopped; ``done`` is also true once it is stopped or
+        its budget is spent (nothing will be handed out again)."""
+        grant = self.gate.reserve(campaign, max_questions)
+        if grant.questions <= 0 and max_questions > 0:
+            return [], grant.finished
+        try:
+            out, done = self._lease(campaign, grant.questions, owner)
+        except BaseException:
+            self.gate.refund(grant, 0)
+            raise
+        self.gate.refund(grant, len(out))
+        return out, done
+
+    def _lease(
         self, campaign: str, max_questions: int, owner: str = ""
     ) -> tuple[list[search_pb2.Question], bool]:
         """Up to ``max_questions`` questions over the campaign's classes; (questions, done).

@@ -111,7 +111,7 @@ class StageCount(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class CampaignStatus(_message.Message):
-    __slots__ = ("campaign", "stages", "refused")
+    __slots__ = ("campaign", "stages", "refused", "budget")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,10 +122,32 @@ class CampaignStatus(_message.Message):
     CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     campaign: Campaign
     stages: _containers.RepeatedCompositeFieldContainer[StageCount]
     refused: _containers.ScalarMap[str, int]
-    def __init__(self, campaign: _Optional[_Union[Campaign, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageCount, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    budget: BudgetStatus
+    def __init__(self, campaign: _Optional[_Union[Campaign, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageCount, _Mapping]]] = ..., refused: _Optional[_Mapping[str, int]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ...) -> None: ...
+
+class BudgetStatus(_message.Message):
+    __slots__ = ("question_cap", "questions_leased", "hours_spent", "dollars_spent", "masks_accepted", "masks_decided", "masks", "forecast_masks_at_budget")
+    QUESTION_CAP_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_LEASED_FIELD_NUMBER: _ClassVar[int]
+    HOURS_SPENT_FIELD_NUMBER: _ClassVar[int]
+    DOLLARS_SPENT_FIELD_NUMBER: _ClassVar[int]
+    MASKS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    MASKS_DECIDED_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_MASKS_AT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    question_cap: int
+    questions_leased: int
+    hours_spent: float
+    dollars_spent: float
+    masks_accepted: int
+    masks_decided: int
+    masks: int
+    forecast_masks_at_budget: float
+    def __init__(self, question_cap: _Optional[int] = ..., questions_leased: _Optional[int] = ..., hours_spent: _Optional[float] = ..., dollars_spent: _Optional[float] = ..., masks_accepted: _Optional[int] = ..., masks_decided: _Optional[int] = ..., masks: _Optional[int] = ..., forecast_masks_at_budget: _Optional[float] = ...) -> None: ...
 
 class CreateCampaignRequest(_message.Message):
     __slots__ = ("spec",)

@@ -1,0 +1,108 @@
+"""A campaign's budget and state where search hands out questions (issue #16 item 4): on
+fakeredis search, no question beyond the budget (two replicas, leases of any size), none while
+paused or after a stop, and status shows spent vs budget with a forecast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fakeredis
+import pytest
+from maskprop_search.service import SearchSettings, build_search
+
+from maskprop.campaign_spec import Budget, CampaignSpec
+from maskprop.errors import MaskpropError
+from maskprop_runtime.campaigns import CampaignRegistry
+from maskprop_runtime.ingest import budget_status, campaign_status
+from tests.inprocess.conftest import Wired
+
+
+def _register(redis, tmp_path: Path, pool, budget: Budget, name: str = "c1") -> CampaignRegistry:
+    registry = CampaignRegistry(redis)
+    registry.create(
+        CampaignSpec(
+            name=name, classes=tuple(pool.class_names), images_root=tmp_path,
+            detector_weights=tmp_path / "d.pt", budget=budget,
+        )
+    )  # fmt: skip
+    return registry
+
+
+@pytest.fixture
+def wired(tmp_path: Path, pool) -> Wired:
+    redis = fakeredis.FakeRedis()
+    _register(redis, tmp_path, pool, Budget(questions=137))
+    w = Wired(tmp_path, pool, redis=redis)
+    w.publish_pool()
+    w.settle()
+    assert len(w.core.classes("c1")) == len(pool.class_names)
+    return w
+
+
+def test_two_replicas_hand_out_exactly_the_budget(wired: Wired) -> None:
+    other, _ = build_search(SearchSettings(data_dir=wired.tmp / "state"), wired.bus, wired.redis)
+    handed, sizes, n = 0, [1, 7, 50, 3, 64], 0
+    while True:
+        core = (wired.core, other)[n % 2]
+        qs, done = core.lease("c1", sizes[n % len(sizes)])
+        n += 1
+        handed += len(qs)
+        if done:
+            break
+        assert qs, "an open campaign within its budget always has questions here"
+        core.submit((q.question_id, bool(t)) for q, t in zip(qs, wired.truth(qs), strict=True))
+    assert handed == 137
+    assert wired.core.gate.leased("c1") == 137
+    assert wired.core.lease("c1", 10) == ([], True)  # spent: nothing more, ever
+    st = budget_status(CampaignRegistry(wired.redis), "c1")
+    assert (st.question_cap, st.questions_leased) == (137, 137)
+    assert st.hours_spent == pytest.approx(137 * 2.0 / 3600)
+    assert st.dollars_spent == pytest.approx(st.hours_spent * 12.0)
+    assert 0 < st.masks_decided <= st.masks and st.masks_accepted <= st.masks_decided
+    # at the budget the forecast is the masks accepted so far
+    assert st.forecast_masks_at_budget == pytest.approx(st.masks_accepted)
+
+
+def test_unused_reservations_are_given_back(wired: Wired) -> None:
+    # 137 reserved, but only the roots' samples (N_s per class) can be asked yet
+    qs, _ = wired.core.lease("c1", 137)
+    assert 0 < len(qs) < 137 and wired.core.gate.leased("c1") == len(qs)
+    st = campaign_status(CampaignRegistry(wired.redis), "c1").budget
+    assert st.questions_leased == len(qs) and st.forecast_masks_at_budget == 0.0  # none decided
+    wired.core.submit((q.question_id, bool(t)) for q, t in zip(qs, wired.truth(qs), strict=True))
+    st = budget_status(CampaignRegistry(wired.redis), "c1")
+    assert st.masks_decided > 0
+    expected = st.masks_accepted + st.masks_accepted / len(qs) * (137 - len(qs))
+    assert st.forecast_masks_at_budget == pytest.approx(
+        min(expected, st.masks - (st.masks_decided - st.masks_accepted))
+    )
+
+
+def test_paused_and_stopped_campaigns_get_no_questions(wired: Wired) -> None:
+    registry = CampaignRegistry(wired.redis)
+    registry.set_state("c1", "paused")
+    assert wired.core.lease("c1", 10) == ([], False)  # paused: resume gives questions again
+    assert wired.core.gate.leased("c1") == 0
+    registry.set_state("c1", "running")
+    qs, done = wired.core.lease("c1", 10)
+    assert len(qs) == 10 and not done
+    registry.set_state("c1", "stopped")
+    assert wired.core.lease("c1", 10) == ([], True)
+    assert wired.core.gate.leased("c1") == 10
+
+
+def test_unregistered_campaigns_have_no_budget(tmp_path: Path, pool) -> None:
+    w = Wired(tmp_path, pool)  # a feed-simulated pool: no registry entry
+    w.publish_pool()
+    w.settle()
+    qs, _ = w.core.lease("c1", 500)
+    assert len(qs) > 0 and w.core.gate.leased("c1") == 0
+
+
+def test_the_cap_follows_hours_and_dollars_and_zero_is_refused(tmp_path: Path, pool) -> None:
+    redis = fakeredis.FakeRedis()
+    registry = _register(redis, tmp_path, pool, Budget(questions=1000, dollars=1.0), "d")
+    assert budget_status(registry, "d").question_cap == 150  # $1 at $12/h, 2 s a question
+    with pytest.raises(MaskpropError, match="buys no question"):
+        _register(redis, tmp_path, pool, Budget(hours=0.0001), "e")
+    assert not registry.exists("e")
