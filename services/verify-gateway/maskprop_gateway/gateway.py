@@ -23,6 +23,7 @@ from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.errors import Forbidden, Gone, Invalid
 from maskprop_gateway.forwarder import Forwarder
 from maskprop_gateway.idempotency import IdempotencyStore
+from maskprop_gateway.images import CampaignRoots
 from maskprop_gateway.leases import Leases, gold_view, opaque_ids
 from maskprop_gateway.metrics import ANSWERS, BLOCKED, GOLD_SHORT
 from maskprop_gateway.pool import QuestionPool
@@ -56,6 +57,7 @@ class Gateway:
         self.clock = clock
         self.token_for = token_for
         self.pool = QuestionPool(redis)
+        self.campaign_roots = CampaignRoots(redis)  # registered campaigns' image folders
         self.idempotency = IdempotencyStore(redis, clock=clock)
         self.leases = Leases(
             redis, lease_ttl_s=settings.lease_ttl_s, retention_s=settings.lease_retention_s

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Response
 from maskprop_gateway.api.deps import GatewayDep, VendorDep
 from maskprop_gateway.api.errors import call, http_errors
 from maskprop_gateway.gateway import Gateway
-from maskprop_gateway.images import ImageMissing, overlay_png, safe_path
+from maskprop_gateway.images import ImageMissing, image_path, overlay_png
 from maskprop_gateway.schemas import LEASE, QUESTION, ErrorOut, LeaseOut, LeaseRequest, LeaseStatus
 
 router = APIRouter(prefix="/v1/leases", tags=["leases"])
@@ -82,7 +82,12 @@ def image_response(gateway: Gateway, vendor_id: str, lease_id: str, oid: str) ->
         view = gateway.item_view(vendor_id, lease_id, oid)
         campaign = gateway.lease(vendor_id, lease_id)["campaign"]
     try:
-        path = safe_path(gateway.settings.image_root / campaign, view.image_file)
+        path = image_path(
+            gateway.settings.image_root,
+            campaign,
+            view.image_file,
+            gateway.campaign_roots.root(campaign),
+        )
     except ImageMissing:
         raise HTTPException(404, "image not in the gateway's image store") from None
     media = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
