@@ -18,7 +18,8 @@ issue #16 item 5); ``rounds`` in the report lists each round run.
 
 Writes under ``out``: ``r1/`` (the round's services state, sink dataset and its COCO export),
 ``annotations.json`` (the accepted masks as COCO instances against the ground truth's image
-ids, ``maskprop_round`` as provenance) and ``report.json``.
+ids, images named by their paths under the campaign's folder, ``maskprop_round`` as
+provenance: what ``campaign retrain`` reads) and ``report.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import fakeredis
 import numpy as np
+from PIL import Image
 
 from maskprop.campaign_spec import CampaignSpec
 from maskprop.data.coco import instance, load_coco_instances, write_coco
@@ -77,6 +79,15 @@ def _ground_truth(
         if int(a["category_id"]) in class_of
     ]
     return files, gt, images, category_ids
+
+
+def _image_entry(gid: int, rel: str, gt: dict[str, Any] | None, root: Path) -> dict[str, Any]:
+    """A COCO image entry named by its path under the campaign's folder (what retraining
+    reads), sized from the ground truth or the file."""
+    if gt is not None:
+        return {"id": gid, "file_name": rel, "width": gt["width"], "height": gt["height"]}
+    with Image.open(root / rel) as im:
+        return {"id": gid, "file_name": rel, "width": im.width, "height": im.height}
 
 
 def run_spec(
@@ -130,11 +141,13 @@ def run_spec(
     ids: list[int] = []
     by_id = {int(im["id"]): im for im in gt_images}
     basenames = {Path(k).name: v for k, v in files.items()}
+    spare = max(by_id, default=0)
     for acc in report_in.accepted:
         gid = files.get(acc.path, basenames.get(Path(acc.path).name))
-        if gid is None:
+        if gid is None:  # no ground truth: every mask of it has IoU 0, under a new id
             unmatched += 1
-            gid = -(len(ids) + 1)  # no ground truth: every mask of it has IoU 0
+            spare += 1
+            gid = spare
         ids.append(gid)
     paths = {gid: acc.path for gid, acc in zip(ids, report_in.accepted, strict=True)}
 
@@ -212,7 +225,9 @@ def run_spec(
     write_coco(
         out / "annotations.json",
         info={"description": f"maskprop campaign {campaign}: accepted masks"},
-        images=[im for im in gt_images if int(im["id"]) in set(ids)],
+        images=[
+            _image_entry(gid, rel, by_id.get(gid), spec.images_root) for gid, rel in paths.items()
+        ],
         annotations=(
             instance(
                 k, a["image_id"], a["category_id"], a["segmentation"], score=a["score"],

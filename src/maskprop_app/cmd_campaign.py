@@ -324,3 +324,63 @@ def run(
             parsed, out, simulated_crowd, crowd_error=crowd_error, device=device, progress=bars
         )
     typer.echo(json.dumps(report, indent=2))
+
+
+@campaign_app.command("retrain")
+def retrain(
+    name: Annotated[
+        str | None, typer.Argument(help="Campaign name (its spec from the registry).")
+    ] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="The campaign's spec file instead of the registry.")
+    ] = None,
+    labelled: Annotated[Path, typer.Option(help="The human-labelled set (COCO).")] = Path(
+        "labelled.json"
+    ),
+    labelled_images: Annotated[
+        Path, typer.Option(help="Folder of the labelled set's images.")
+    ] = Path("images"),
+    accepted: Annotated[
+        list[Path] | None,
+        typer.Option(help="Accepted masks (COCO) of a round; repeat, earliest round first."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="New weights (never overwritten).")] = Path(
+        "detector.pt"
+    ),
+    round_: Annotated[int, typer.Option("--round", help="The round these weights serve.")] = 2,
+    base: Annotated[
+        Path | None, typer.Option(help="Weights to start from (default: the spec's).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Images a step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-4,
+    device: Annotated[str, typer.Option(help="cpu, cuda, auto.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Retrain the campaign's detector between rounds on the labelled set plus the accepted
+    masks of every round, de-duplicated across rounds (``maskprop_app.campaign_retrain``);
+    writes new weights with the round as provenance.  Prints what it trained on (JSON)."""
+    from maskprop.campaign_spec import load_spec
+
+    bars = Bars(progress)
+    with user_errors(bars):
+        if (name is None) == (spec is None):
+            raise MaskpropError("give the campaign's NAME (registry) or --spec FILE, not both")
+        if spec is not None:
+            parsed = load_spec(spec)
+        else:
+            from maskprop_runtime.campaigns import CampaignRegistry
+            from maskprop_runtime.ingest import IngestSettings
+
+            assert name is not None
+            parsed = CampaignRegistry(open_redis(IngestSettings())).spec(name)
+        if not accepted:
+            raise MaskpropError("give the accepted masks of at least one round (--accepted)")
+        from maskprop_app.campaign_retrain import retrain as run_retrain
+
+        result = run_retrain(
+            parsed, labelled=labelled, labelled_images=labelled_images, accepted=accepted,
+            out=out, round_=round_, base=base, steps=steps, batch_size=batch_size, lr=lr,
+            device=device, progress=bars,
+        )  # fmt: skip
+    typer.echo(json.dumps(result, indent=2))

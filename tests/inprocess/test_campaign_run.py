@@ -28,6 +28,10 @@ SPLIT = AnnotationParams(samples_per_cluster=3, prior_accept_threshold=0.0, reje
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return make_pool(tmp_path_factory)
+
+
+def make_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(weights, images folder, ground truth COCO) of 6 synthetic scenes."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("pool")
