@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install maskprop into it; "dev" adds the test tools.
+# Create .venv (if needed) and install maskprop into it; "dev" adds the test tools,
+# "detectron2" the PointRend backend (its dependencies, then scripts/install_detectron2.py:
+# the sha256-pinned sdist, patched, installed without build isolation; a no-op when present).
 # Sourced by scripts/demo.sh and scripts/test.sh so the install step exists once.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,3 +16,6 @@ if [ -n "$extra" ]; then
 else
   "$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root"
 fi
+case ",$extra," in
+  *,detectron2,*) "$root/.venv/bin/python" "$root/scripts/install_detectron2.py" ;;
+esac

@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash scripts/bootstrap.sh dev,detector
+bash scripts/bootstrap.sh dev,detector,detectron2
 # Real headless Chromium for the annotator-page test (Debian's build; Playwright drives it).
 if ! command -v chromium >/dev/null 2>&1; then
   echo "== installing chromium"
