@@ -13,6 +13,8 @@ field and returns a frozen :class:`CampaignSpec`.  Every mistake ends as one
     version = 1                      # a parameter change mid-campaign is version 2, ...
     [detector]
     weights = "models/detector.pt"
+    labelled = "train.json"          # optional: COCO labelled set retrained on between rounds
+    labelled_images = "images/train" # its images (default: the labelled file's folder)
     [annotation]                     # omitted keys: the paper's values (AnnotationParams)
     samples_per_cluster = 15
     accept_threshold = 0.85
@@ -48,7 +50,7 @@ SEARCH_KEYS = ("redundancy", "strategy", "seed")
 _PARAM_FIELDS = {f.name: f for f in dataclasses.fields(AnnotationParams) if f.name != "hourly_wage"}
 _TABLES = {
     "campaign": {"name", "classes", "categories", "images", "manifest", "version"},
-    "detector": {"weights"},
+    "detector": {"weights", "labelled", "labelled_images"},
     "annotation": set(_PARAM_FIELDS) | set(SEARCH_KEYS),
     "budget": {"questions", "hours", "dollars", "wage", "rounds"},
 }
@@ -121,6 +123,9 @@ class CampaignSpec:
     seed : the search's sampling seed (>= 0).
     budget : :class:`Budget`.
     version : 1 for a new campaign; a parameter change is the next version.
+    labelled, labelled_images : optional absolute COCO labelled set and its images folder,
+        what ``campaign retrain`` trains on with the accepted masks (needed for rounds > 1 in
+        ``campaign run``).
     """
 
     name: str
@@ -134,6 +139,8 @@ class CampaignSpec:
     strategy: str = "heuristic"
     seed: int = 0
     version: int = 1
+    labelled: Path | None = None
+    labelled_images: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -315,6 +322,18 @@ def parse_spec(data: dict[str, Any], base: Path) -> CampaignSpec:
     if not weights.is_file():
         raise MaskpropError(f"[detector] weights file {weights} does not exist")
     classes = _classes(base, camp)
+    labelled = labelled_images = None
+    if "labelled" in det:
+        labelled = _path(base, "detector", "labelled", det["labelled"])
+        if not labelled.is_file():
+            raise MaskpropError(f"[detector] labelled set {labelled} does not exist")
+        labelled_images = labelled.parent
+    if "labelled_images" in det:
+        if labelled is None:
+            raise MaskpropError("[detector] labelled_images needs labelled")
+        labelled_images = _path(base, "detector", "labelled_images", det["labelled_images"])
+        if not labelled_images.is_dir():
+            raise MaskpropError(f"[detector] labelled_images {labelled_images} does not exist")
 
     budget = Budget(
         questions=_typed("budget", "questions", budget_t.get("questions", 0), int),
@@ -334,6 +353,8 @@ def parse_spec(data: dict[str, Any], base: Path) -> CampaignSpec:
         params=params,
         budget=budget,
         version=version,
+        labelled=labelled,
+        labelled_images=labelled_images,
         **search,
     )
 

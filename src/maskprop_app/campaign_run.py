@@ -13,18 +13,23 @@ replica does), and the crowd is simulated: it answers each question from the gro
 
 The spec's budget is the campaign loop's limit: no question is leased beyond
 :meth:`~maskprop.campaign_spec.Budget.question_cap` (questions, hours or dollars, whichever is
-reached first).  Rounds: this runs round 1 (retraining between rounds is ``campaign retrain``,
-issue #16 item 5); ``rounds`` in the report lists each round run.
+reached first), over every round together.  Rounds (``[budget] rounds``): before round
+``r > 1`` the detector is retrained (:func:`maskprop_app.campaign_retrain.retrain`: the
+spec's labelled set plus the accepted masks of rounds ``1..r-1``, de-duplicated, fine-tuning
+round ``r-1``'s weights) and the images are detected again; a round starts only while budget
+is left.
 
-Writes under ``out``: ``r1/`` (the round's services state, sink dataset and its COCO export),
-``annotations.json`` (the accepted masks as COCO instances against the ground truth's image
-ids, images named by their paths under the campaign's folder, ``maskprop_round`` as
-provenance: what ``campaign retrain`` reads) and ``report.json``.
+Writes under ``out``: ``r<r>/`` (each round's services state, sink dataset and its COCO
+export, and ``accepted.json``), ``models/round<r>.pt`` (the retrained weights),
+``annotations.json`` (every round's accepted masks de-duplicated across rounds, earlier rounds
+first, as COCO instances against the ground truth's image ids, images named by their paths
+under the campaign's folder, ``maskprop_round`` as provenance) and ``report.json``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +40,14 @@ from PIL import Image
 
 from maskprop.campaign_spec import CampaignSpec
 from maskprop.data.coco import instance, load_coco_instances, write_coco
-from maskprop.data.instances import true_ious
+from maskprop.data.instances import deduplicate, true_ious
 from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
-from maskprop.metrics import cost_usd
+from maskprop.metrics import cost_usd, human_hours
 from maskprop.progress import Progress, no_progress
 from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.scenes import mask_id
+from maskprop_app.campaign_retrain import retrain
 from maskprop_app.embedded import campaign_metrics, run_campaign
 from maskprop_runtime.campaigns import CampaignRegistry
 from maskprop_runtime.ingest import IngestSettings, check_images
@@ -90,6 +96,16 @@ def _image_entry(gid: int, rel: str, gt: dict[str, Any] | None, root: Path) -> d
         return {"id": gid, "file_name": rel, "width": im.width, "height": im.height}
 
 
+def _merge_rounds(files: list[Path]) -> list[dict[str, Any]]:
+    """Every round's accepted masks, earlier rounds first, de-duplicated across rounds (the
+    retraining rule, :func:`maskprop.data.instances.deduplicate`): one dataset, each mask
+    with its ``maskprop_round``."""
+    anns: list[dict[str, Any]] = []
+    for path in files:
+        anns += json.loads(Path(path).read_text())["annotations"]
+    return [anns[i] for i in deduplicate(anns)]
+
+
 def run_spec(
     spec: CampaignSpec,
     out: Path,
@@ -97,6 +113,8 @@ def run_spec(
     *,
     crowd_error: float = 0.0,
     device: str = "cpu",
+    retrain_steps: int = 200,
+    batch_size: int = 8,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Run ``spec`` embedded with a crowd simulated from ``ground_truth`` (COCO instances whose
@@ -120,6 +138,11 @@ def run_spec(
         raise MaskpropError("crowd error must be in [0, 0.5]")
     if (out / "report.json").exists():
         raise MaskpropError(f"{out} already holds a finished campaign run; choose another --out")
+    if spec.budget.rounds > 1 and spec.labelled is None:
+        raise MaskpropError(
+            f"[budget] rounds = {spec.budget.rounds} needs [detector] labelled (the labelled set "
+            "retrained on between rounds)"
+        )
     files, gt, gt_images, category_ids = _ground_truth(ground_truth, spec.classes)
     torch_device = pick_device(device)
     model, dcfg = load_model(spec.detector_weights, torch_device)
@@ -151,94 +174,119 @@ def run_spec(
         ids.append(gid)
     paths = {gid: acc.path for gid, acc in zip(ids, report_in.accepted, strict=True)}
 
+    entries = {
+        gid: _image_entry(gid, rel, by_id.get(gid), spec.images_root) for gid, rel in paths.items()
+    }
+    infos = {
+        str(gid): common_pb2.ImageInfo(
+            image_id=str(gid), width=int(e["width"]), height=int(e["height"]),
+            file_name=e["file_name"],
+        )
+        for gid, e in entries.items()
+    }  # fmt: skip
+    categories = [{"id": cid, "name": c} for c, cid in zip(spec.classes, category_ids, strict=True)]
+    cap = spec.budget.question_cap(spec.params.seconds_per_question)
+    campaign = spec.name
+
     def images() -> Any:
         for gid, rel in paths.items():
             yield gid, read_image(spec.images_root, rel)
 
-    dets = detect(
-        model, dcfg, images(), total=len(paths), device=torch_device,
-        progress=lambda _l, d, t: progress("r1: detect", d, t),
-    )  # fmt: skip
-    ious = true_ious(dets.image_ids, dets.class_ids, dets.rles(), gt)
-    pool = MaskPool(
-        features=dets.features.astype(np.float32),
-        scores=dets.scores.astype(np.float32),
-        ious=ious.astype(np.float32),
-        class_ids=dets.class_ids.astype(np.int32),
-        class_names=spec.classes,
-    )
-    n = len(dets)
-    infos = {}
-    for gid, rel in paths.items():
-        row = np.flatnonzero(dets.image_ids == gid) if n else np.zeros(0, np.int64)
-        im = by_id.get(gid)
-        if row.size and im is not None:
-            infos[str(gid)] = common_pb2.ImageInfo(
-                image_id=str(gid), width=int(im["width"]), height=int(im["height"]),
-                file_name=rel,
+    rounds: list[dict[str, Any]] = []
+    accepted_files: list[Path] = []
+    weights = spec.detector_weights
+    spent = 0
+    for r in range(1, spec.budget.rounds + 1):
+        if spent >= cap:
+            break  # the budget is spent: no round left to ask in
+        rdir = out / f"r{r}"
+        retrained = None
+        if r > 1:
+            assert spec.labelled is not None and spec.labelled_images is not None
+            new_weights = out / "models" / f"round{r}.pt"
+            if new_weights.exists():  # an earlier, interrupted run got this far
+                new_weights.unlink()
+            retrained = retrain(
+                spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
+                accepted=accepted_files, out=new_weights, round_=r, base=weights,
+                steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
+                progress=lambda label, d, t, r=r: progress(f"r{r}: {label}", d, t),
             )  # fmt: skip
-    campaign = spec.name
-    events = masks_events(
-        campaign=campaign, class_names=spec.classes, class_ids=dets.class_ids,
-        mask_ids=[mask_id(i) for i in range(n)],
-        image_ids=[str(int(i)) for i in dets.image_ids], scores=dets.scores,
-        features=dets.features, encode=table_encoder(dets), images=infos,
-        event_prefix=f"masks.{campaign}",
-    )  # fmt: skip
-    counts = {c: int((dets.class_ids == c).sum()) for c in range(len(spec.classes))}
-    cap = spec.budget.question_cap(spec.params.seconds_per_question)
-    result = run_campaign(
-        pool,
-        [*events, *closed_events(campaign, spec.classes, counts)],
-        campaign=campaign,
-        out=out / "r1",
-        runtime=RuntimeSettings(kafka_bootstrap=None, redis_url=None),
-        search={"iou_threshold": spec.params.iou_threshold, "seed": spec.seed},
-        annotator_error=crowd_error,
-        seed=spec.seed,
-        params_for=registry.session_params,
-        question_budget=cap,
-        progress=lambda label, d, t: progress("r1: " + label, d, t),
-    )
-    metrics = campaign_metrics(pool, result, spec.params)
-    dollars = cost_usd(metrics["hours"], spec.budget.hourly_wage)
-    rounds = [
-        {
-            "round": 1,
-            "images": len(paths),
-            "images_without_ground_truth": unmatched,
-            "detected_masks": n,
-            "undecided_masks": result.missing_labels,
-            **metrics,
-            "dollars": dollars,
-        }
-    ]
-    anns = [
-        {
-            "image_id": int(dets.image_ids[i]),
-            "category_id": category_ids[int(dets.class_ids[i])],
-            "segmentation": dets.rle(i),
-            "score": float(dets.scores[i]),
-        }
-        for i in sorted(result.accepted.tolist())
-    ]
+            weights = new_weights
+            model, _ = load_model(weights, torch_device)
+        if rdir.exists():  # an interrupted earlier attempt of this round: start it again
+            shutil.rmtree(rdir)
+        dets = detect(
+            model, dcfg, images(), total=len(paths), device=torch_device,
+            progress=lambda _l, d, t, r=r: progress(f"r{r}: detect", d, t),
+        )  # fmt: skip
+        ious = true_ious(dets.image_ids, dets.class_ids, dets.rles(), gt)
+        pool = MaskPool(
+            features=dets.features.astype(np.float32),
+            scores=dets.scores.astype(np.float32),
+            ious=ious.astype(np.float32),
+            class_ids=dets.class_ids.astype(np.int32),
+            class_names=spec.classes,
+        )
+        n = len(dets)
+        events = masks_events(
+            campaign=campaign, class_names=spec.classes, class_ids=dets.class_ids,
+            mask_ids=[mask_id(i) for i in range(n)],
+            image_ids=[str(int(i)) for i in dets.image_ids], scores=dets.scores,
+            features=dets.features, encode=table_encoder(dets), images=infos,
+            event_prefix=f"masks.{campaign}.r{r}",
+        )  # fmt: skip
+        counts = {c: int((dets.class_ids == c).sum()) for c in range(len(spec.classes))}
+        result = run_campaign(
+            pool,
+            [*events, *closed_events(campaign, spec.classes, counts)],
+            campaign=campaign,
+            out=rdir,
+            runtime=RuntimeSettings(kafka_bootstrap=None, redis_url=None),
+            search={"iou_threshold": spec.params.iou_threshold, "seed": spec.seed},
+            annotator_error=crowd_error,
+            seed=spec.seed + r - 1,
+            params_for=registry.session_params,
+            question_budget=cap - spent,
+            progress=lambda label, d, t, r=r: progress(f"r{r}: {label}", d, t),
+        )
+        metrics = campaign_metrics(pool, result, spec.params)
+        spent += metrics["questions"]
+        accepted = [
+            instance(
+                k, int(dets.image_ids[i]), category_ids[int(dets.class_ids[i])], dets.rle(i),
+                score=float(dets.scores[i]), maskprop_round=r,
+            )
+            for k, i in enumerate(sorted(result.accepted.tolist()), start=1)
+        ]  # fmt: skip
+        accepted_files.append(rdir / "accepted.json")
+        write_coco(
+            accepted_files[-1],
+            info={"description": f"maskprop campaign {campaign}: round {r} accepted masks"},
+            images=list(entries.values()), annotations=accepted, categories=categories,
+        )  # fmt: skip
+        rounds.append(
+            {
+                "round": r,
+                "weights": str(weights),
+                "images": len(paths),
+                "images_without_ground_truth": unmatched,
+                "detected_masks": n,
+                "undecided_masks": result.missing_labels,
+                **metrics,
+                "dollars": cost_usd(metrics["hours"], spec.budget.hourly_wage),
+                "retrain": retrained,
+            }
+        )
+    merged = _merge_rounds(accepted_files)
     write_coco(
         out / "annotations.json",
-        info={"description": f"maskprop campaign {campaign}: accepted masks"},
-        images=[
-            _image_entry(gid, rel, by_id.get(gid), spec.images_root) for gid, rel in paths.items()
-        ],
-        annotations=(
-            instance(
-                k, a["image_id"], a["category_id"], a["segmentation"], score=a["score"],
-                maskprop_round=1,
-            )
-            for k, a in enumerate(anns, start=1)
-        ),
-        categories=[
-            {"id": cid, "name": c} for c, cid in zip(spec.classes, category_ids, strict=True)
-        ],
+        info={"description": f"maskprop campaign {campaign}: accepted masks, every round"},
+        images=list(entries.values()),
+        annotations=(dict(a, id=k) for k, a in enumerate(merged, start=1)),
+        categories=categories,
     )  # fmt: skip
+    hours = human_hours(spent, spec.params.seconds_per_question)
     report = {
         "campaign": campaign,
         "mode": "embedded",
@@ -247,11 +295,12 @@ def run_spec(
         "images_refused": dict(report_in.refused),
         "budget": {
             "questions": cap,
-            "spent_questions": metrics["questions"],
-            "spent_hours": metrics["hours"],
-            "spent_dollars": dollars,
+            "spent_questions": spent,
+            "spent_hours": hours,
+            "spent_dollars": cost_usd(hours, spec.budget.hourly_wage),
         },
         "rounds": rounds,
+        "total_masks": len(merged),
         "annotations": str(out / "annotations.json"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

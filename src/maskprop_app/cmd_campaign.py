@@ -303,6 +303,10 @@ def run(
         float, typer.Option(help="Share of the simulated crowd's answers flipped (0-0.5).")
     ] = 0.0,
     device: Annotated[str, typer.Option(help="Detector device: cpu, cuda, auto.")] = "cpu",
+    retrain_steps: Annotated[
+        int, typer.Option(help="Optimiser steps of each retraining between rounds.")
+    ] = 200,
+    batch_size: Annotated[int, typer.Option(help="Images a retraining step.")] = 8,
     progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Run a campaign embedded, in one process with no servers (in-memory bus and Redis): its
@@ -321,8 +325,9 @@ def run(
         from maskprop_app.campaign_run import run_spec
 
         report = run_spec(
-            parsed, out, simulated_crowd, crowd_error=crowd_error, device=device, progress=bars
-        )
+            parsed, out, simulated_crowd, crowd_error=crowd_error, device=device,
+            retrain_steps=retrain_steps, batch_size=batch_size, progress=bars,
+        )  # fmt: skip
     typer.echo(json.dumps(report, indent=2))
 
 

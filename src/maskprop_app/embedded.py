@@ -271,6 +271,12 @@ def run_campaign(
             return CampaignResult(
                 np.zeros(0, np.int64), {}, 0, 0, 0, 0, 0, {"annotations": 0}, search_settings
             )
+        if not labelled:  # the budget ran out before any mask was decided: no labels
+            asked = int(core.progress(campaign).questions)
+            return CampaignResult(
+                np.zeros(0, np.int64), {}, asked, 0, 0, len(pool), n_classes,
+                {"annotations": 0}, search_settings,
+            )  # fmt: skip
         coco = export_coco(out / "dataset", campaign, out / "annotations.json")
         stats = reader.ledger_stats(campaign)
         accepted = np.array(

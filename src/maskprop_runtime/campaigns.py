@@ -175,6 +175,8 @@ def spec_to_proto(spec: CampaignSpec) -> campaign_pb2.CampaignSpec:
             rounds=spec.budget.rounds,
         ),
         version=spec.version,
+        labelled=str(spec.labelled) if spec.labelled is not None else "",
+        labelled_images=str(spec.labelled_images) if spec.labelled_images is not None else "",
     )
 
 
@@ -219,6 +221,8 @@ def spec_from_proto(msg: campaign_pb2.CampaignSpec) -> CampaignSpec:
         strategy=a.strategy,
         seed=a.seed,
         version=msg.version,
+        labelled=Path(msg.labelled) if msg.labelled else None,
+        labelled_images=Path(msg.labelled_images) if msg.labelled_images else None,
     )
 
 

@@ -124,3 +124,39 @@ def test_cli_runs_a_spec_file_and_refuses_without_a_crowd(pool, tmp_path) -> Non
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["rounds"][0]["questions"] == 7
+
+
+def test_two_rounds_retrain_between_and_share_the_budget(pool, tmp_path) -> None:
+    from maskprop_detector.train import read_checkpoint
+
+    _, images, gt = pool
+    spec = _spec(
+        pool, budget=Budget(questions=10_000, rounds=2), labelled=gt, labelled_images=images
+    )
+    report = run_spec(spec, tmp_path, gt, crowd_error=0.3, retrain_steps=2, batch_size=2)
+    r1, r2 = report["rounds"]
+    assert r1["retrain"] is None and r2["retrain"]["round"] == 2
+    assert r2["retrain"]["accepted_masks"] == r1["masks"] > 0  # round 1's masks trained on
+    saved = read_checkpoint(tmp_path / "models" / "round2.pt")["extra"]["maskprop_campaign"]
+    assert saved["round"] == 2 and r2["weights"].endswith("round2.pt")
+    assert report["budget"]["spent_questions"] == r1["questions"] + r2["questions"]
+    anns = json.loads((tmp_path / "annotations.json").read_text())["annotations"]
+    assert len(anns) == report["total_masks"] <= r1["masks"] + r2["masks"]
+    assert {a["maskprop_round"] for a in anns} <= {1, 2} and anns[0]["maskprop_round"] == 1
+
+
+def test_the_budget_spans_rounds(pool, tmp_path) -> None:
+    _, images, gt = pool
+    one = run_spec(_spec(pool), tmp_path / "one", gt)["rounds"][0]["questions"]
+    spec = _spec(
+        pool, budget=Budget(questions=one + 3, rounds=2), labelled=gt, labelled_images=images
+    )
+    report = run_spec(spec, tmp_path / "two", gt, retrain_steps=1, batch_size=2)
+    assert [r["questions"] for r in report["rounds"]] == [one, 3]
+    assert report["budget"]["spent_questions"] == one + 3
+
+
+def test_rounds_need_a_labelled_set(pool, tmp_path) -> None:
+    with pytest.raises(MaskpropError, match="needs \\[detector\\] labelled"):
+        run_spec(_spec(pool, budget=Budget(questions=5, rounds=2)), tmp_path / "x", pool[2])
+    assert not (tmp_path / "x").exists()

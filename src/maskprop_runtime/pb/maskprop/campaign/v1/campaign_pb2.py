@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#maskprop/campaign/v1/campaign.proto\x12\x14maskprop.campaign.v1\"\xc8\x03\n\x0e\x41nnotationSpec\x12\x1b\n\x13samples_per_cluster\x18\x01 \x01(\r\x12\x18\n\x10\x61\x63\x63\x65pt_threshold\x18\x02 \x01(\x01\x12\x15\n\riou_threshold\x18\x03 \x01(\x01\x12#\n\x16prior_accept_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12#\n\x16prior_reject_threshold\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rreject_action\x18\x06 \x01(\t\x12\x15\n\rreuse_answers\x18\x07 \x01(\x08\x12\x12\n\nsequential\x18\x08 \x01(\t\x12\x18\n\x10sequential_batch\x18\t \x01(\r\x12\x1d\n\x15sequential_confidence\x18\n \x01(\x01\x12\x1c\n\x14seconds_per_question\x18\x0b \x01(\x01\x12\x1b\n\x13seconds_per_polygon\x18\x0c \x01(\x01\x12\x12\n\nredundancy\x18\r \x01(\r\x12\x10\n\x08strategy\x18\x0e \x01(\t\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x42\x19\n\x17_prior_accept_thresholdB\x19\n\x17_prior_reject_threshold\"`\n\x06\x42udget\x12\x11\n\tquestions\x18\x01 \x01(\x04\x12\r\n\x05hours\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ollars\x18\x03 \x01(\x01\x12\x13\n\x0bhourly_wage\x18\x04 \x01(\x01\x12\x0e\n\x06rounds\x18\x05 \x01(\r\"\xe7\x01\n\x0c\x43\x61mpaignSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x13\n\x0bimages_root\x18\x03 \x01(\t\x12\x10\n\x08manifest\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65tector_weights\x18\x05 \x01(\t\x12\x38\n\nannotation\x18\x06 \x01(\x0b\x32$.maskprop.campaign.v1.AnnotationSpec\x12,\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x1c.maskprop.campaign.v1.Budget\x12\x0f\n\x07version\x18\x08 \x01(\r\"\x9c\x01\n\x08\x43\x61mpaign\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".maskprop.campaign.v1.CampaignSpec\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.maskprop.campaign.v1.CampaignState\x12\x14\n\x0c\x63reated_unix\x18\x03 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\x04 \x01(\x01\"8\n\nStageCount\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"\x9c\x02\n\x0e\x43\x61mpaignStatus\x12\x30\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1e.maskprop.campaign.v1.Campaign\x12\x30\n\x06stages\x18\x02 \x03(\x0b\x32 .maskprop.campaign.v1.StageCount\x12\x42\n\x07refused\x18\x03 \x03(\x0b\x32\x31.maskprop.campaign.v1.CampaignStatus.RefusedEntry\x12\x32\n\x06\x62udget\x18\x04 \x01(\x0b\x32\".maskprop.campaign.v1.BudgetStatus\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xca\x01\n\x0c\x42udgetStatus\x12\x14\n\x0cquestion_cap\x18\x01 \x01(\x04\x12\x18\n\x10questions_leased\x18\x02 \x01(\x04\x12\x13\n\x0bhours_spent\x18\x03 \x01(\x01\x12\x15\n\rdollars_spent\x18\x04 \x01(\x01\x12\x16\n\x0emasks_accepted\x18\x05 \x01(\x04\x12\x15\n\rmasks_decided\x18\x06 \x01(\x04\x12\r\n\x05masks\x18\x07 \x01(\x04\x12 \n\x18\x66orecast_masks_at_budget\x18\x08 \x01(\x01\"I\n\x15\x43reateCampaignRequest\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".maskprop.campaign.v1.CampaignSpec\"I\n\x15ReviseCampaignRequest\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".maskprop.campaign.v1.CampaignSpec\"\x16\n\x14ListCampaignsRequest\"J\n\x15ListCampaignsResponse\x12\x31\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1e.maskprop.campaign.v1.Campaign\" \n\x10GetStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x0fSetStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.maskprop.campaign.v1.CampaignState*\x9e\x01\n\rCampaignState\x12\x1e\n\x1a\x43\x41MPAIGN_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41MPAIGN_STATE_CREATED\x10\x01\x12\x1a\n\x16\x43\x41MPAIGN_STATE_RUNNING\x10\x02\x12\x19\n\x15\x43\x41MPAIGN_STATE_PAUSED\x10\x03\x12\x1a\n\x16\x43\x41MPAIGN_STATE_STOPPED\x10\x04\x32\xea\x03\n\x12\x43\x61mpaignController\x12]\n\x0e\x43reateCampaign\x12+.maskprop.campaign.v1.CreateCampaignRequest\x1a\x1e.maskprop.campaign.v1.Campaign\x12]\n\x0eReviseCampaign\x12+.maskprop.campaign.v1.ReviseCampaignRequest\x1a\x1e.maskprop.campaign.v1.Campaign\x12h\n\rListCampaigns\x12*.maskprop.campaign.v1.ListCampaignsRequest\x1a+.maskprop.campaign.v1.ListCampaignsResponse\x12Y\n\tGetStatus\x12&.maskprop.campaign.v1.GetStatusRequest\x1a$.maskprop.campaign.v1.CampaignStatus\x12Q\n\x08SetState\x12%.maskprop.campaign.v1.SetStateRequest\x1a\x1e.maskprop.campaign.v1.Campaignb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#maskprop/campaign/v1/campaign.proto\x12\x14maskprop.campaign.v1\"\xc8\x03\n\x0e\x41nnotationSpec\x12\x1b\n\x13samples_per_cluster\x18\x01 \x01(\r\x12\x18\n\x10\x61\x63\x63\x65pt_threshold\x18\x02 \x01(\x01\x12\x15\n\riou_threshold\x18\x03 \x01(\x01\x12#\n\x16prior_accept_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12#\n\x16prior_reject_threshold\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rreject_action\x18\x06 \x01(\t\x12\x15\n\rreuse_answers\x18\x07 \x01(\x08\x12\x12\n\nsequential\x18\x08 \x01(\t\x12\x18\n\x10sequential_batch\x18\t \x01(\r\x12\x1d\n\x15sequential_confidence\x18\n \x01(\x01\x12\x1c\n\x14seconds_per_question\x18\x0b \x01(\x01\x12\x1b\n\x13seconds_per_polygon\x18\x0c \x01(\x01\x12\x12\n\nredundancy\x18\r \x01(\r\x12\x10\n\x08strategy\x18\x0e \x01(\t\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x42\x19\n\x17_prior_accept_thresholdB\x19\n\x17_prior_reject_threshold\"`\n\x06\x42udget\x12\x11\n\tquestions\x18\x01 \x01(\x04\x12\r\n\x05hours\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ollars\x18\x03 \x01(\x01\x12\x13\n\x0bhourly_wage\x18\x04 \x01(\x01\x12\x0e\n\x06rounds\x18\x05 \x01(\r\"\x92\x02\n\x0c\x43\x61mpaignSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x13\n\x0bimages_root\x18\x03 \x01(\t\x12\x10\n\x08manifest\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65tector_weights\x18\x05 \x01(\t\x12\x38\n\nannotation\x18\x06 \x01(\x0b\x32$.maskprop.campaign.v1.AnnotationSpec\x12,\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x1c.maskprop.campaign.v1.Budget\x12\x0f\n\x07version\x18\x08 \x01(\r\x12\x10\n\x08labelled\x18\t \x01(\t\x12\x17\n\x0flabelled_images\x18\n \x01(\t\"\x9c\x01\n\x08\x43\x61mpaign\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".maskprop.campaign.v1.CampaignSpec\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.maskprop.campaign.v1.CampaignState\x12\x14\n\x0c\x63reated_unix\x18\x03 \x01(\x01\x12\x14\n\x0cupdated_unix\x18\x04 \x01(\x01\"8\n\nStageCount\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"\x9c\x02\n\x0e\x43\x61mpaignStatus\x12\x30\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1e.maskprop.campaign.v1.Campaign\x12\x30\n\x06stages\x18\x02 \x03(\x0b\x32 .maskprop.campaign.v1.StageCount\x12\x42\n\x07refused\x18\x03 \x03(\x0b\x32\x31.maskprop.campaign.v1.CampaignStatus.RefusedEntry\x12\x32\n\x06\x62udget\x18\x04 \x01(\x0b\x32\".maskprop.campaign.v1.BudgetStatus\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xca\x01\n\x0c\x42udgetStatus\x12\x14\n\x0cquestion_cap\x18\x01 \x01(\x04\x12\x18\n\x10questions_leased\x18\x02 \x01(\x04\x12\x13\n\x0bhours_spent\x18\x03 \x01(\x01\x12\x15\n\rdollars_spent\x18\x04 \x01(\x01\x12\x16\n\x0emasks_accepted\x18\x05 \x01(\x04\x12\x15\n\rmasks_decided\x18\x06 \x01(\x04\x12\r\n\x05masks\x18\x07 \x01(\x04\x12 \n\x18\x66orecast_masks_at_budget\x18\x08 \x01(\x01\"I\n\x15\x43reateCampaignRequest\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".maskprop.campaign.v1.CampaignSpec\"I\n\x15ReviseCampaignRequest\x12\x30\n\x04spec\x18\x01 \x01(\x0b\x32\".maskprop.campaign.v1.CampaignSpec\"\x16\n\x14ListCampaignsRequest\"J\n\x15ListCampaignsResponse\x12\x31\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1e.maskprop.campaign.v1.Campaign\" \n\x10GetStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x0fSetStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.maskprop.campaign.v1.CampaignState*\x9e\x01\n\rCampaignState\x12\x1e\n\x1a\x43\x41MPAIGN_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41MPAIGN_STATE_CREATED\x10\x01\x12\x1a\n\x16\x43\x41MPAIGN_STATE_RUNNING\x10\x02\x12\x19\n\x15\x43\x41MPAIGN_STATE_PAUSED\x10\x03\x12\x1a\n\x16\x43\x41MPAIGN_STATE_STOPPED\x10\x04\x32\xea\x03\n\x12\x43\x61mpaignController\x12]\n\x0e\x43reateCampaign\x12+.maskprop.campaign.v1.CreateCampaignRequest\x1a\x1e.maskprop.campaign.v1.Campaign\x12]\n\x0eReviseCampaign\x12+.maskprop.campaign.v1.ReviseCampaignRequest\x1a\x1e.maskprop.campaign.v1.Campaign\x12h\n\rListCampaigns\x12*.maskprop.campaign.v1.ListCampaignsRequest\x1a+.maskprop.campaign.v1.ListCampaignsResponse\x12Y\n\tGetStatus\x12&.maskprop.campaign.v1.GetStatusRequest\x1a$.maskprop.campaign.v1.CampaignStatus\x12Q\n\x08SetState\x12%.maskprop.campaign.v1.SetStateRequest\x1a\x1e.maskprop.campaign.v1.Campaignb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CAMPAIGNSTATUS_REFUSEDENTRY']._loaded_options = None
   _globals['_CAMPAIGNSTATUS_REFUSEDENTRY']._serialized_options = b'8\001'
-  _globals['_CAMPAIGNSTATE']._serialized_start=1931
-  _globals['_CAMPAIGNSTATE']._serialized_end=2089
+  _globals['_CAMPAIGNSTATE']._serialized_start=1974
+  _globals['_CAMPAIGNSTATE']._serialized_end=2132
   _globals['_ANNOTATIONSPEC']._serialized_start=62
   _globals['_ANNOTATIONSPEC']._serialized_end=518
   _globals['_BUDGET']._serialized_start=520
   _globals['_BUDGET']._serialized_end=616
   _globals['_CAMPAIGNSPEC']._serialized_start=619
-  _globals['_CAMPAIGNSPEC']._serialized_end=850
-  _globals['_CAMPAIGN']._serialized_start=853
-  _globals['_CAMPAIGN']._serialized_end=1009
-  _globals['_STAGECOUNT']._serialized_start=1011
-  _globals['_STAGECOUNT']._serialized_end=1067
-  _globals['_CAMPAIGNSTATUS']._serialized_start=1070
-  _globals['_CAMPAIGNSTATUS']._serialized_end=1354
-  _globals['_CAMPAIGNSTATUS_REFUSEDENTRY']._serialized_start=1308
-  _globals['_CAMPAIGNSTATUS_REFUSEDENTRY']._serialized_end=1354
-  _globals['_BUDGETSTATUS']._serialized_start=1357
-  _globals['_BUDGETSTATUS']._serialized_end=1559
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=1561
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=1634
-  _globals['_REVISECAMPAIGNREQUEST']._serialized_start=1636
-  _globals['_REVISECAMPAIGNREQUEST']._serialized_end=1709
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=1711
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=1733
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=1735
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=1809
-  _globals['_GETSTATUSREQUEST']._serialized_start=1811
-  _globals['_GETSTATUSREQUEST']._serialized_end=1843
-  _globals['_SETSTATEREQUEST']._serialized_start=1845
-  _globals['_SETSTATEREQUEST']._serialized_end=1928
-  _globals['_CAMPAIGNCONTROLLER']._serialized_start=2092
-  _globals['_CAMPAIGNCONTROLLER']._serialized_end=2582
+  _globals['_CAMPAIGNSPEC']._serialized_end=893
+  _globals['_CAMPAIGN']._serialized_start=896
+  _globals['_CAMPAIGN']._serialized_end=1052
+  _globals['_STAGECOUNT']._serialized_start=1054
+  _globals['_STAGECOUNT']._serialized_end=1110
+  _globals['_CAMPAIGNSTATUS']._serialized_start=1113
+  _globals['_CAMPAIGNSTATUS']._serialized_end=1397
+  _globals['_CAMPAIGNSTATUS_REFUSEDENTRY']._serialized_start=1351
+  _globals['_CAMPAIGNSTATUS_REFUSEDENTRY']._serialized_end=1397
+  _globals['_BUDGETSTATUS']._serialized_start=1400
+  _globals['_BUDGETSTATUS']._serialized_end=1602
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=1604
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=1677
+  _globals['_REVISECAMPAIGNREQUEST']._serialized_start=1679
+  _globals['_REVISECAMPAIGNREQUEST']._serialized_end=1752
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=1754
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=1776
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=1778
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=1852
+  _globals['_GETSTATUSREQUEST']._serialized_start=1854
+  _globals['_GETSTATUSREQUEST']._serialized_end=1886
+  _globals['_SETSTATEREQUEST']._serialized_start=1888
+  _globals['_SETSTATEREQUEST']._serialized_end=1971
+  _globals['_CAMPAIGNCONTROLLER']._serialized_start=2135
+  _globals['_CAMPAIGNCONTROLLER']._serialized_end=2625
 # @@protoc_insertion_point(module_scope)

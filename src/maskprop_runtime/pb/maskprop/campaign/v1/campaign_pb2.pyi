@@ -69,7 +69,7 @@ class Budget(_message.Message):
     def __init__(self, questions: _Optional[int] = ..., hours: _Optional[float] = ..., dollars: _Optional[float] = ..., hourly_wage: _Optional[float] = ..., rounds: _Optional[int] = ...) -> None: ...
 
 class CampaignSpec(_message.Message):
-    __slots__ = ("name", "classes", "images_root", "manifest", "detector_weights", "annotation", "budget", "version")
+    __slots__ = ("name", "classes", "images_root", "manifest", "detector_weights", "annotation", "budget", "version", "labelled", "labelled_images")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     IMAGES_ROOT_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class CampaignSpec(_message.Message):
     ANNOTATION_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     images_root: str
@@ -86,7 +88,9 @@ class CampaignSpec(_message.Message):
     annotation: AnnotationSpec
     budget: Budget
     version: int
-    def __init__(self, name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., images_root: _Optional[str] = ..., manifest: _Optional[str] = ..., detector_weights: _Optional[str] = ..., annotation: _Optional[_Union[AnnotationSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    labelled: str
+    labelled_images: str
+    def __init__(self, name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., images_root: _Optional[str] = ..., manifest: _Optional[str] = ..., detector_weights: _Optional[str] = ..., annotation: _Optional[_Union[AnnotationSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., version: _Optional[int] = ..., labelled: _Optional[str] = ..., labelled_images: _Optional[str] = ...) -> None: ...
 
 class Campaign(_message.Message):
     __slots__ = ("spec", "state", "created_unix", "updated_unix")
