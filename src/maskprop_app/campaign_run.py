@@ -96,6 +96,13 @@ def _image_entry(gid: int, rel: str, gt: dict[str, Any] | None, root: Path) -> d
         return {"id": gid, "file_name": rel, "width": im.width, "height": im.height}
 
 
+def _prefixed(progress: Progress, prefix: str) -> Progress:
+    def report(label: str, done: int, total: int) -> None:
+        progress(prefix + label, done, total)
+
+    return report
+
+
 def _merge_rounds(files: list[Path]) -> list[dict[str, Any]]:
     """Every round's accepted masks, earlier rounds first, de-duplicated across rounds (the
     retraining rule, :func:`maskprop.data.instances.deduplicate`): one dataset, each mask
@@ -210,7 +217,7 @@ def run_spec(
                 spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
                 accepted=accepted_files, out=new_weights, round_=r, base=weights,
                 steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
-                progress=lambda label, d, t, r=r: progress(f"r{r}: {label}", d, t),
+                progress=_prefixed(progress, f"r{r}: "),
             )  # fmt: skip
             weights = new_weights
             model, _ = load_model(weights, torch_device)
@@ -218,7 +225,7 @@ def run_spec(
             shutil.rmtree(rdir)
         dets = detect(
             model, dcfg, images(), total=len(paths), device=torch_device,
-            progress=lambda _l, d, t, r=r: progress(f"r{r}: detect", d, t),
+            progress=_prefixed(progress, f"r{r}: detect "),
         )  # fmt: skip
         ious = true_ious(dets.image_ids, dets.class_ids, dets.rles(), gt)
         pool = MaskPool(
@@ -248,7 +255,7 @@ def run_spec(
             seed=spec.seed + r - 1,
             params_for=registry.session_params,
             question_budget=cap - spent,
-            progress=lambda label, d, t, r=r: progress(f"r{r}: {label}", d, t),
+            progress=_prefixed(progress, f"r{r}: "),
         )
         metrics = campaign_metrics(pool, result, spec.params)
         spent += metrics["questions"]
