@@ -36,6 +36,9 @@ def demo(
     control: Annotated[
         bool, typer.Option(help="Also fine-tune on the labelled set alone, for comparison.")
     ] = True,
+    backend: Annotated[
+        str, typer.Option(help="Detector backend: torchvision or detectron2 (PointRend).")
+    ] = "torchvision",
     progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """The whole loop on images: synthesise, train, detect, cluster, verify (simulated crowd),
@@ -48,7 +51,7 @@ def demo(
         cfg = DemoConfig(
             images=images, rounds=rounds, train_steps=train_steps, retrain_steps=retrain_steps,
             annotator_error=annotator_error, seed=seed, device=device,
-            propagated_masks=propagated_masks, control=control,
+            propagated_masks=propagated_masks, control=control, backend=backend,
         )  # fmt: skip
         report = run_demo(cfg, out, RuntimeSettings(), progress=bars)
         bars.close()
@@ -74,6 +77,9 @@ def detector_train(
     image_size: Annotated[int, typer.Option(help="Resize images to fit this side.")] = 128,
     feature_dim: Annotated[int, typer.Option(help="d of the mask-attention feature.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="Detector backend: torchvision or detectron2 (PointRend).")
+    ] = "torchvision",
     progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Train the detector (from random weights) on a COCO-format labelled set."""
@@ -85,7 +91,9 @@ def detector_train(
 
         data = LabelledSet.from_coco(coco, images)
         names = tuple(c["name"] for c in sorted(data.categories, key=lambda c: c["id"]))
-        cfg = DetectorConfig(classes=names, image_size=image_size, feature_dim=feature_dim)
+        cfg = DetectorConfig(
+            classes=names, image_size=image_size, feature_dim=feature_dim, backend=backend
+        )
         losses = train(
             build_model(cfg), cfg, InstanceDataset(data, names, flip=True),
             TrainConfig(steps=steps, batch_size=batch_size, lr=lr),
@@ -102,6 +110,10 @@ def detector_predict(
     images: Annotated[Path, typer.Option(help="Folder the file_names are relative to.")],
     out: Annotated[Path, typer.Option(help="COCO results JSON to write.")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    backend: Annotated[
+        str | None,
+        typer.Option(help="Refuse weights of another backend (default: the checkpoint's)."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Predict masks on an image set: COCO results (RLE) with s, predicted IoU and feature f;
@@ -116,7 +128,7 @@ def detector_predict(
         from maskprop.data.instances import mask_ap
 
         dev = pick_device(device)
-        model, cfg = load_model(weights, dev)
+        model, cfg = load_model(weights, dev, backend=backend)
         data = LabelledSet.from_coco(coco, images)
         by_name = {c["name"]: int(c["id"]) for c in data.categories}
         missing = [n for n in cfg.classes if n not in by_name]

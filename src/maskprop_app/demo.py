@@ -64,6 +64,8 @@ class DemoConfig:
     # Also fine-tune the previous round's model on the labelled set alone for the same steps:
     # what the propagated labels add over plain extra training (reported, never used).
     control: bool = True
+    # Detector backend: "torchvision" (Mask R-CNN R18-FPN) or "detectron2" (PointRend R50-FPN).
+    backend: str = "torchvision"
 
     def validate(self) -> None:
         if self.images < 20:
@@ -153,7 +155,9 @@ def run_demo(
         next(int(c["id"]) for c in pool_set.categories if c["name"] == name) for name in classes
     ]
     class_of_category = {cid: k for k, cid in enumerate(category_ids)}
-    dcfg = DetectorConfig(classes=classes, image_size=cfg.image_size, projection_seed=cfg.seed)
+    dcfg = DetectorConfig(
+        classes=classes, image_size=cfg.image_size, projection_seed=cfg.seed, backend=cfg.backend
+    )
     params = AnnotationParams()
 
     def gt(ls: LabelledSet) -> list[dict[str, Any]]:

@@ -10,9 +10,9 @@ Per detected mask the model returns the two things the rest of maskprop needs:
 
 The default backend is torchvision's Mask R-CNN (installs from PyPI) with a small ResNet-18 +
 FPN backbone using GroupNorm, so it trains from scratch (no weights can be downloaded here,
-and frozen BatchNorm diverges from scratch).  ``backend = "detectron2"`` (PointRend, the
-paper's model) is recognised by the config and refused with a clear message: it is not built
-(see the detector's README section).
+and frozen BatchNorm diverges from scratch).  ``backend = "detectron2"`` (PointRend R50-FPN, the
+paper's model, in :mod:`maskprop_detector.d2model`) needs detectron2 installed by
+``bash scripts/bootstrap.sh detectron2``; it has the same inputs and outputs.
 
 Everything heavy is built in :func:`build_model`; nothing happens at import time.
 """
@@ -64,7 +64,7 @@ class DetectorConfig:
     min_box_area : drop detections whose box covers less than this fraction of the image
         (the paper's box-area filter).
     max_detections : per image.
-    backend : "torchvision" (default) or "detectron2" (PointRend; not built here).
+    backend : "torchvision" (default) or "detectron2" (PointRend R50-FPN, d2model.py).
     """
 
     classes: tuple[str, ...]
@@ -162,6 +162,25 @@ def _inside_fraction(gt_masks: Tensor, boxes: Tensor) -> Tensor:
     return (m & inside).sum(dim=(1, 2)).to(boxes.dtype) / total.clamp_min(1.0)
 
 
+def attention_features(mask_features: Tensor, mask_probs: Tensor, projection: Tensor) -> Tensor:
+    """The mask-attention feature f (shared by both backends).
+
+    mask_features float[n, C, m, m] (ROI features), mask_probs float[n, 2m, 2m] (sigmoid mask
+    probabilities on the same ROI), projection float[C, d] (fixed, seeded) -> float[n, d],
+    L2-normalised: the ROI features averaged with the mask probabilities as weights, projected.
+    """
+    attention = F.avg_pool2d(mask_probs[:, None], kernel_size=2)
+    weight = attention.sum(dim=(2, 3)).clamp_min(1e-6)
+    pooled = (mask_features * attention).sum(dim=(2, 3)) / weight
+    return F.normalize(pooled @ projection, dim=1)
+
+
+def random_projection(channels: int, cfg: DetectorConfig) -> Tensor:
+    """The fixed Gaussian projection float[channels, d] of f, from ``cfg.projection_seed``."""
+    generator = torch.Generator().manual_seed(cfg.projection_seed)
+    return torch.randn(channels, cfg.feature_dim, generator=generator) / cfg.feature_dim**0.5
+
+
 class MaskIoUHead(nn.Module):
     """Predicts the IoU of each class's mask from the ROI features and the predicted mask
     (max-pooled to the feature grid), one output per class, in [0, 1]."""
@@ -204,11 +223,8 @@ class MaskScoringRoIHeads(RoIHeads):
 
     def attention_features(self, mask_features: Tensor, mask_probs: Tensor) -> Tensor:
         """f: float[n, d] from mask_features float[n, C, m, m] and mask_probs float[n, 2m, 2m]."""
-        attention = F.avg_pool2d(mask_probs[:, None], kernel_size=2)
-        weight = attention.sum(dim=(2, 3)).clamp_min(1e-6)
-        pooled = (mask_features * attention).sum(dim=(2, 3)) / weight
         projection: Tensor = self.projection
-        return F.normalize(pooled @ projection, dim=1)
+        return attention_features(mask_features, mask_probs, projection)
 
     def forward(
         self,
@@ -330,14 +346,20 @@ def _backbone(cfg: DetectorConfig) -> BackboneWithFPN:
     )
 
 
-def build_model(cfg: DetectorConfig, *, scoring: bool = True) -> MaskRCNN:
-    """A randomly initialised model.  ``scoring=False`` gives plain torchvision Mask R-CNN with
-    the same backbone, heads and input size (the benchmark's baseline)."""
+def build_model(cfg: DetectorConfig, *, scoring: bool = True) -> nn.Module:
+    """A randomly initialised model of ``cfg.backend``.  ``scoring=False`` gives the plain
+    model (torchvision Mask R-CNN / PointRend) with the same backbone, heads and input size
+    (the benchmark's baseline).  Either backend takes float[3, h, w] images in [0, 1] and
+    torchvision-format targets, and returns torchvision-format losses or detections."""
     if cfg.backend == "detectron2":
-        raise MaskpropError(
-            "the detectron2 (PointRend) backend is not built in this release: detectron2 is not "
-            'on PyPI; use backend = "torchvision"'
-        )
+        from maskprop_detector.d2model import build_pointrend
+
+        return build_pointrend(cfg, scoring=scoring)
+    return build_torchvision(cfg, scoring=scoring)
+
+
+def build_torchvision(cfg: DetectorConfig, *, scoring: bool = True) -> MaskRCNN:
+    """The torchvision backend: Mask R-CNN, ResNet-18 + FPN with GroupNorm (module doc)."""
     torch.manual_seed(cfg.projection_seed)
     c = cfg.fpn_channels
     featmaps = ["0", "1", "2"]
@@ -365,8 +387,7 @@ def build_model(cfg: DetectorConfig, *, scoring: bool = True) -> MaskRCNN:
     model = MaskRCNN(_backbone(cfg), num_classes=None, **kwargs)
     if scoring:
         heads = model.roi_heads
-        generator = torch.Generator().manual_seed(cfg.projection_seed)
-        projection = torch.randn(c, cfg.feature_dim, generator=generator) / cfg.feature_dim**0.5
+        projection = random_projection(c, cfg)
         scoring_heads = MaskScoringRoIHeads(
             mask_iou_head=MaskIoUHead(c, cfg.num_classes),
             projection=projection,

@@ -40,6 +40,9 @@ class DetectorSettings(RuntimeSettings):
     image_root: Path = Path("images")
     device: str = "auto"
     detector_batch_size: int = Field(default=16, ge=1, le=256)
+    # "torchvision" or "detectron2": the weights must be of this backend ("": whichever the
+    # checkpoint names; the architecture is always the checkpoint's).
+    detector_backend: str = ""
 
 
 class DetectorHandler:
@@ -184,7 +187,9 @@ def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoo
     from maskprop_detector.train import load_model, pick_device
 
     device = pick_device(settings.device)
-    model, cfg = load_model(settings.detector_weights, device)
+    model, cfg = load_model(
+        settings.detector_weights, device, backend=settings.detector_backend or None
+    )
     handler = DetectorHandler(
         model, cfg, redis, image_root=settings.image_root, device=device,
         batch_size=settings.detector_batch_size,

@@ -92,10 +92,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_model(path: Path, device: torch.device | None = None) -> tuple[nn.Module, DetectorConfig]:
-    """Model (eval mode) and config from a checkpoint."""
+def load_model(
+    path: Path, device: torch.device | None = None, *, backend: str | None = None
+) -> tuple[nn.Module, DetectorConfig]:
+    """Model (eval mode) and config from a checkpoint, built by the backend the checkpoint
+    names; with ``backend``, weights of another backend are refused."""
     state = read_checkpoint(path)
     cfg = DetectorConfig.from_dict(state["config"])
+    if backend is not None and backend != cfg.backend:
+        raise MaskpropError(
+            f"{path} holds {cfg.backend!r} detector weights, but backend {backend!r} was asked for"
+        )
     model = build_model(cfg)
     try:
         model.load_state_dict(state["model"])

@@ -102,8 +102,8 @@ def test_config_validation_and_backends():
         DetectorConfig(classes=("a",), backend="mmdet")
     with pytest.raises(MaskpropError, match="distinct"):
         DetectorConfig(classes=("a", "a"))
-    with pytest.raises(MaskpropError, match="detectron2"):
-        build_model(DetectorConfig(classes=("a",), backend="detectron2"))
+    with pytest.raises(MaskpropError, match="fpn_channels must be a multiple of 32"):
+        build_model(DetectorConfig(classes=("a",), backend="detectron2", fpn_channels=16))
     with pytest.raises(MaskpropError, match="unknown detector config keys"):
         DetectorConfig.from_dict({"classes": ["a"], "colour": "red"})
 
