@@ -4,6 +4,7 @@ paused or after a stop, and status shows spent vs budget with a forecast."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import fakeredis
@@ -106,3 +107,22 @@ def test_the_cap_follows_hours_and_dollars_and_zero_is_refused(tmp_path: Path, p
     with pytest.raises(MaskpropError, match="buys no question"):
         _register(redis, tmp_path, pool, Budget(hours=0.0001), "e")
     assert not registry.exists("e")
+
+
+def test_cli_status_shows_spent_and_forecast(wired: Wired, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from maskprop_app import cmd_campaign
+    from maskprop_app.cli import app
+
+    monkeypatch.delenv("MASKPROP_CONTROLLER_ADDR", raising=False)
+    monkeypatch.setattr(cmd_campaign, "open_redis", lambda settings: wired.redis)
+    qs, _ = wired.core.lease("c1", 137)
+    wired.core.submit((q.question_id, bool(t)) for q, t in zip(qs, wired.truth(qs), strict=True))
+    res = CliRunner().invoke(app, ["campaign", "status", "c1"])
+    assert res.exit_code == 0, res.output
+    spent = json.loads(res.stdout)["spent"]
+    assert (spent["questions"], spent["of_questions"]) == (len(qs), 137)
+    assert spent["hours"] == round(len(qs) * 2.0 / 3600, 4)
+    st = budget_status(CampaignRegistry(wired.redis), "c1")
+    assert spent["forecast_masks_at_budget"] == round(st.forecast_masks_at_budget, 1) > 0
