@@ -80,9 +80,23 @@ def detector_train(
     backend: Annotated[
         str, typer.Option(help="Detector backend: torchvision or detectron2 (PointRend).")
     ] = "torchvision",
+    architecture: Annotated[
+        str,
+        typer.Option(
+            help="'' (small, from scratch), maskrcnn_resnet50_fpn[_v2] (torchvision) or "
+            "pointrend_r50_fpn (detectron2 model zoo): the layout --pretrained must have."
+        ),
+    ] = "",
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from these weights: torchvision COCO Mask R-CNN or ImageNet ResNet-50 "
+            "state_dict (.pt/.pth), or a detectron2 model-zoo .pkl (arrays only)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
-    """Train the detector (from random weights) on a COCO-format labelled set."""
+    """Train the detector (from random or --pretrained weights) on a COCO-format labelled set."""
     bars = Bars(progress)
     with user_errors(bars):
         from maskprop_detector.data import InstanceDataset, LabelledSet
@@ -92,10 +106,17 @@ def detector_train(
         data = LabelledSet.from_coco(coco, images)
         names = tuple(c["name"] for c in sorted(data.categories, key=lambda c: c["id"]))
         cfg = DetectorConfig(
-            classes=names, image_size=image_size, feature_dim=feature_dim, backend=backend
-        )
+            classes=names, image_size=image_size, feature_dim=feature_dim, backend=backend,
+            architecture=architecture,
+        )  # fmt: skip
+        model = build_model(cfg)
+        if pretrained is not None:
+            from maskprop_detector.pretrained import load_pretrained
+
+            done = load_pretrained(model, cfg, pretrained)
+            typer.echo(json.dumps({"pretrained": str(pretrained), **done}), err=True)
         losses = train(
-            build_model(cfg), cfg, InstanceDataset(data, names, flip=True),
+            model, cfg, InstanceDataset(data, names, flip=True),
             TrainConfig(steps=steps, batch_size=batch_size, lr=lr),
             checkpoint=out, device=pick_device(device), progress=bars,
         )  # fmt: skip

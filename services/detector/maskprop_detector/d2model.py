@@ -53,6 +53,13 @@ INSTALL_HINT = "install it with: bash scripts/bootstrap.sh detectron2"
 # ImageNet statistics in 0-255 RGB (inputs are RGB in [0, 1], scaled by 255 here).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+# detectron2's model zoo (MSRA ResNets): BGR, mean only.
+ZOO_PIXEL_MEAN = (103.53, 116.28, 123.675)
+
+
+def fpn_channels(cfg: DetectorConfig) -> int:
+    """FPN width: ``cfg.fpn_channels``, or 256 for the model-zoo layout."""
+    return 256 if cfg.arch == "pointrend_r50_fpn" else cfg.fpn_channels
 
 
 def build_pointrend(cfg: DetectorConfig, *, scoring: bool = True) -> nn.Module:
@@ -65,7 +72,7 @@ def build_pointrend(cfg: DetectorConfig, *, scoring: bool = True) -> nn.Module:
             f'the detector backend "detectron2" needs detectron2, which is not installed; '
             f"{INSTALL_HINT}"
         ) from None
-    if cfg.fpn_channels % 32:
+    if cfg.arch == "pointrend_r50_fpn_gn" and cfg.fpn_channels % 32:
         raise MaskpropError(
             "the detectron2 backend uses GroupNorm(32): fpn_channels must be a multiple of 32, "
             f"got {cfg.fpn_channels}"
@@ -97,7 +104,7 @@ def pointrend_config(cfg: DetectorConfig, *, scoring: bool = True) -> Any:
     m.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     m.RESNETS.NORM = "GN"
     m.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    m.FPN.OUT_CHANNELS = cfg.fpn_channels
+    m.FPN.OUT_CHANNELS = fpn_channels(cfg)
     m.FPN.NORM = "GN"
     m.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
     m.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
@@ -120,7 +127,7 @@ def pointrend_config(cfg: DetectorConfig, *, scoring: bool = True) -> Any:
     m.ROI_MASK_HEAD.NAME = "PointRendMaskHead"
     m.ROI_MASK_HEAD.POOLER_TYPE = ""
     m.ROI_MASK_HEAD.POOLER_RESOLUTION = ROI_RESOLUTION
-    m.ROI_MASK_HEAD.CONV_DIM = cfg.fpn_channels
+    m.ROI_MASK_HEAD.CONV_DIM = fpn_channels(cfg)
     m.ROI_MASK_HEAD.POINT_HEAD_ON = True
     m.POINT_HEAD.NUM_CLASSES = k
     # Subdivide from 28 x 28 until the ROI grid is about half the image (objects here are at
@@ -129,6 +136,20 @@ def pointrend_config(cfg: DetectorConfig, *, scoring: bool = True) -> Any:
     refine = min(3, max(1, math.ceil(math.log2(cfg.image_size / (2 * MASK_RESOLUTION)))))
     m.POINT_HEAD.SUBDIVISION_STEPS = 2 + refine
     c.TEST.DETECTIONS_PER_IMAGE = cfg.max_detections
+    if cfg.arch == "pointrend_r50_fpn":
+        # The model zoo's PointRend R50-FPN (COCO): frozen BatchNorm, FPN without norm, BGR
+        # 0-255 input with the MSRA mean, zoo anchors and heads, so its .pkl loads as is.
+        c.INPUT.FORMAT = "BGR"
+        m.PIXEL_MEAN = list(ZOO_PIXEL_MEAN)
+        m.PIXEL_STD = [1.0, 1.0, 1.0]
+        m.BACKBONE.FREEZE_AT = 2
+        m.RESNETS.NORM = "FrozenBN"
+        m.FPN.NORM = ""
+        m.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+        m.RPN.PRE_NMS_TOPK_TEST = 1000
+        m.RPN.POST_NMS_TOPK_TEST = 1000
+        m.ROI_BOX_HEAD.FC_DIM = 1024
+        m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
     return c
 
 
@@ -145,8 +166,10 @@ class PointRendDetector(nn.Module):
         self.model = d2_build_model(pointrend_config(cfg, scoring=scoring))
         if scoring:
             heads = self.model.roi_heads
-            heads.mask_iou_head = MaskIoUHead(cfg.fpn_channels, len(cfg.classes))
-            heads.register_buffer("projection", random_projection(cfg.fpn_channels, cfg))
+            c = fpn_channels(cfg)
+            heads.mask_iou_head = MaskIoUHead(c, len(cfg.classes))
+            heads.register_buffer("projection", random_projection(c, cfg))
+        self.bgr = cfg.arch == "pointrend_r50_fpn"
 
     @property
     def roi_heads(self) -> nn.Module:
@@ -179,7 +202,8 @@ class PointRendDetector(nn.Module):
         scale = self.cfg.image_size / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         pixels = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)
-        out: dict[str, Any] = {"image": pixels[0] * 255.0, "height": h, "width": w}
+        pixels = pixels[0].flip(0) if self.bgr else pixels[0]
+        out: dict[str, Any] = {"image": pixels * 255.0, "height": h, "width": w}
         if target is not None:
             inst = Instances((nh, nw))
             boxes = target["boxes"].float() * torch.tensor(

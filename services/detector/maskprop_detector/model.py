@@ -44,6 +44,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from maskprop.errors import MaskpropError
 
 BACKENDS = ("torchvision", "detectron2")
+# Architectures per backend; the first is the default ("" in the config).  The others match
+# published layouts so that users' pretrained checkpoints load (maskprop_detector.pretrained):
+# torchvision's COCO Mask R-CNN R50-FPN (v1, v2) and detectron2's model-zoo PointRend R50-FPN
+# (FrozenBN, 256-channel FPN without norm, BGR input).
+ARCHITECTURES = {
+    "torchvision": ("r18_fpn_gn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"),
+    "detectron2": ("pointrend_r50_fpn_gn", "pointrend_r50_fpn"),
+}
 # ROI grids: the mask head sees 14 x 14 features and predicts 28 x 28 masks (Mask R-CNN).
 ROI_RESOLUTION = 14
 MASK_RESOLUTION = 2 * ROI_RESOLUTION
@@ -65,6 +73,8 @@ class DetectorConfig:
         (the paper's box-area filter).
     max_detections : per image.
     backend : "torchvision" (default) or "detectron2" (PointRend R50-FPN, d2model.py).
+    architecture : one of :data:`ARCHITECTURES` of the backend ("": its first, the small
+        from-scratch model); a published layout ignores ``fpn_channels`` (it is 256).
     """
 
     classes: tuple[str, ...]
@@ -76,6 +86,7 @@ class DetectorConfig:
     min_box_area: float = 0.002
     max_detections: int = 50
     backend: str = "torchvision"
+    architecture: str = ""
 
     def __post_init__(self) -> None:
         if not self.classes or len(set(self.classes)) != len(self.classes):
@@ -83,6 +94,11 @@ class DetectorConfig:
         if self.backend not in BACKENDS:
             raise MaskpropError(
                 f"unknown detector backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
+        if self.architecture and self.architecture not in ARCHITECTURES[self.backend]:
+            raise MaskpropError(
+                f"unknown {self.backend} architecture {self.architecture!r}; choose one of "
+                f"{', '.join(ARCHITECTURES[self.backend])}"
             )
         if not 32 <= self.image_size <= 2048:
             raise MaskpropError(f"image_size must be 32-2048, got {self.image_size}")
@@ -96,6 +112,11 @@ class DetectorConfig:
             raise MaskpropError("min_box_area must be a fraction of the image in [0, 1)")
         if not 1 <= self.max_detections <= 1000:
             raise MaskpropError("max_detections must be 1-1000")
+
+    @property
+    def arch(self) -> str:
+        """The architecture, with the backend's default filled in."""
+        return self.architecture or ARCHITECTURES[self.backend][0]
 
     @property
     def num_classes(self) -> int:
@@ -359,8 +380,18 @@ def build_model(cfg: DetectorConfig, *, scoring: bool = True) -> nn.Module:
 
 
 def build_torchvision(cfg: DetectorConfig, *, scoring: bool = True) -> MaskRCNN:
-    """The torchvision backend: Mask R-CNN, ResNet-18 + FPN with GroupNorm (module doc)."""
+    """The torchvision backend: Mask R-CNN, ResNet-18 + FPN with GroupNorm (module doc), or
+    torchvision's own R50-FPN layouts (``cfg.architecture``) with its default heads."""
     torch.manual_seed(cfg.projection_seed)
+    if cfg.arch != "r18_fpn_gn":
+        from torchvision.models.detection import mask_rcnn
+
+        model = getattr(mask_rcnn, cfg.arch)(
+            weights=None, weights_backbone=None, num_classes=cfg.num_classes,
+            min_size=cfg.image_size, max_size=cfg.image_size,
+            box_detections_per_img=cfg.max_detections,
+        )  # fmt: skip
+        return _with_scoring(model, cfg, 256, batch_size_per_image=512) if scoring else model
     c = cfg.fpn_channels
     featmaps = ["0", "1", "2"]
     anchors = AnchorGenerator(
@@ -385,26 +416,32 @@ def build_torchvision(cfg: DetectorConfig, *, scoring: bool = True) -> MaskRCNN:
         "mask_predictor": MaskRCNNPredictor(c, c, cfg.num_classes),
     }
     model = MaskRCNN(_backbone(cfg), num_classes=None, **kwargs)
-    if scoring:
-        heads = model.roi_heads
-        projection = random_projection(c, cfg)
-        scoring_heads = MaskScoringRoIHeads(
-            mask_iou_head=MaskIoUHead(c, cfg.num_classes),
-            projection=projection,
-            box_roi_pool=heads.box_roi_pool,
-            box_head=heads.box_head,
-            box_predictor=heads.box_predictor,
-            fg_iou_thresh=0.5,
-            bg_iou_thresh=0.5,
-            batch_size_per_image=128,
-            positive_fraction=0.25,
-            bbox_reg_weights=None,
-            score_thresh=0.05,
-            nms_thresh=0.5,
-            detections_per_img=cfg.max_detections,
-            mask_roi_pool=heads.mask_roi_pool,
-            mask_head=heads.mask_head,
-            mask_predictor=heads.mask_predictor,
-        )
-        model.roi_heads = scoring_heads
+    return _with_scoring(model, cfg, c, batch_size_per_image=128) if scoring else model
+
+
+def _with_scoring(
+    model: MaskRCNN, cfg: DetectorConfig, channels: int, *, batch_size_per_image: int
+) -> MaskRCNN:
+    """``model`` with its ROI heads' modules moved into :class:`MaskScoringRoIHeads` (the
+    mask-IoU head and projection added on the mask head's ``channels``)."""
+    heads = model.roi_heads
+    scoring_heads = MaskScoringRoIHeads(
+        mask_iou_head=MaskIoUHead(channels, cfg.num_classes),
+        projection=random_projection(channels, cfg),
+        box_roi_pool=heads.box_roi_pool,
+        box_head=heads.box_head,
+        box_predictor=heads.box_predictor,
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        batch_size_per_image=batch_size_per_image,
+        positive_fraction=0.25,
+        bbox_reg_weights=None,
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=cfg.max_detections,
+        mask_roi_pool=heads.mask_roi_pool,
+        mask_head=heads.mask_head,
+        mask_predictor=heads.mask_predictor,
+    )
+    model.roi_heads = scoring_heads
     return model
