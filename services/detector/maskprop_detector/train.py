@@ -139,7 +139,12 @@ def train(
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint)
-        same = state["config"] == cfg.to_dict() and state["extra"].get("train") == _plain(tcfg)
+        # Compared as configs, so a checkpoint written before a field was added still resumes.
+        try:
+            same_cfg = DetectorConfig.from_dict(state["config"]) == cfg
+        except MaskpropError:  # another version's config: start afresh
+            same_cfg = False
+        same = same_cfg and state["extra"].get("train") == _plain(tcfg)
         if same and state["step"] >= tcfg.steps:  # finished earlier: nothing left to do
             model.load_state_dict(state["model"])
             model.eval()
