@@ -32,7 +32,13 @@ import redis as redis_lib
 from bench_session import hidden_truth, random_tree
 from maskprop_search import wire
 from maskprop_search.core import SearchCore
-from maskprop_search.store import OUTBOXES_KEY, class_prefix, classes_key, outbox_key
+from maskprop_search.store import (
+    OUTBOXES_KEY,
+    REPLICAS_KEY,
+    class_prefix,
+    classes_key,
+    outbox_key,
+)
 from maskprop_search.wire import ClassMasks
 
 from maskprop.data.masks import MaskTable
@@ -150,6 +156,7 @@ def run(r: redis_lib.Redis, n: int, answers: int, lease: int, seed: int, rle_byt
         r.delete(key)
     r.delete(classes_key(campaign))
     r.srem(OUTBOXES_KEY, campaign)
+    r.zrem(REPLICAS_KEY, core.store.replica_id)
     state_other = sent - outbox - meter.state_bytes  # survey, locks, leases, counters, keys
     before_path = meter.snapshot_bytes + state_other  # whole snapshot instead of chunk/base
     per = max(answered, 1)
