@@ -66,11 +66,14 @@ class SearchCore:
         cache_masks: int = CACHE_MASKS,
         replica_id: str | None = None,
         params_for: Callable[[str], SessionParams | None] | None = None,
+        label_bytes: int = topics.record_limit(),
     ) -> None:
         """``publish_inline``: each API call publishes the labels it decided before it
         returns (embedded mode, tests); with False a relay thread runs :meth:`run_relay`.
         ``cache_masks``: the masks of the classes kept in memory (:class:`SessionCache`).
         ``replica_id``: this replica's name among the live ones (default: random).
+        ``label_bytes``: the most bytes a label event may take (``topics.record_limit`` of
+        the topic's ``max.message.bytes``).
         ``params_for(campaign)``: the parameters a campaign's new sessions open with (the
         campaign registry, :meth:`CampaignRegistry.session_params`); ``None`` from it, or no
         ``params_for``, means this process's ``params``/``selection``/``strategy``/``seed``."""
@@ -83,7 +86,12 @@ class SearchCore:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.publish_inline = publish_inline
-        self.store = SearchStore(redis, cache_masks=cache_masks, replica_id=replica_id)
+        self.store = SearchStore(
+            redis,
+            cache_masks=cache_masks,
+            replica_id=replica_id,
+            label_bytes=label_bytes,
+        )
         self.outboxes = self.store.outboxes
         self.gate = CampaignGate(redis)  # a campaign's budget, pause and stop (issue #16)
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out

@@ -88,6 +88,7 @@ def build_search(
         publish_inline=not relay,
         cache_masks=settings.cache_masks,
         replica_id=settings.replica_id or None,
+        label_bytes=topics.record_limit(settings.kafka_max_message_bytes),
         # a registered campaign's sessions open with its own parameters (issue #16)
         params_for=CampaignRegistry(redis).session_params,
     )

@@ -114,3 +114,15 @@ def test_rejected_masks_cost_no_rle_bytes() -> None:
     assert not any(lab.accepted for ev in events for lab in ev.labels)
     per_label = sum(ev.ByteSize() for ev in events) / n
     assert per_label < 120  # ids and provenance only, not the 4000-byte RLEs
+
+
+def test_the_search_service_cuts_label_events_below_its_topic_setting(tmp_path):
+    """The one setting (MASKPROP_KAFKA_MAX_MESSAGE_BYTES) reaches the label events' bound."""
+    import fakeredis
+    from maskprop_search.service import SearchSettings, build_search
+
+    from maskprop_runtime.bus import InMemoryBus
+
+    settings = SearchSettings(data_dir=tmp_path, kafka_max_message_bytes=200_000)
+    core, _ = build_search(settings, InMemoryBus(), fakeredis.FakeRedis())
+    assert core.store.label_bytes == topics.record_limit(200_000) < topics.record_limit()
