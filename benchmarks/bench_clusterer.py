@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tree import _descendants, _pss_mib
+from bench_tree import run_child
 
 CHILD = r"""
 import json, resource, struct, sys, time
@@ -157,27 +154,7 @@ elif step in ("load-new", "load-old"):
 
 
 def run(step: str, work: Path, n: int, dim: int) -> dict[str, float]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, step, str(work), str(n), str(dim)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    peak = [0.0]
-
-    def sample() -> None:
-        while proc.poll() is None:
-            peak[0] = max(peak[0], _pss_mib(_descendants(proc.pid)))
-            time.sleep(0.5)  # smaps_rollup walks page tables: sampling costs CPU
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"step {step} failed with exit code {proc.returncode}")
-    res: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-    res["tree_pss_mib"] = peak[0]
-    return res
+    return run_child([CHILD, step, str(work), str(n), str(dim)])
 
 
 def main() -> None:

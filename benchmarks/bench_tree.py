@@ -91,10 +91,10 @@ def _pss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
-def run(n: int, which: str) -> dict[str, float]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(n), which], stdout=subprocess.PIPE, text=True
-    )
+def run_child(args: list[str]) -> dict[str, float]:
+    """Run ``python -c <args>`` whose last stdout line is a JSON object; returns it with
+    ``tree_pss_mib``: the peak PSS of the child and its descendants, sampled every 0.5 s."""
+    proc = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
     peak = [0.0]
 
     def sample() -> None:
@@ -107,10 +107,14 @@ def run(n: int, which: str) -> dict[str, float]:
     out, _ = proc.communicate()
     sampler.join()
     if proc.returncode:
-        raise SystemExit(f"child {which} n={n} failed with exit code {proc.returncode}")
+        raise SystemExit(f"child {args[1:]} failed with exit code {proc.returncode}")
     res: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     res["tree_pss_mib"] = peak[0]
     return res
+
+
+def run(n: int, which: str) -> dict[str, float]:
+    return run_child([CHILD, str(n), which])
 
 
 def compare(sizes: list[int]) -> None:
