@@ -1,5 +1,5 @@
 """``maskprop campaign``: create a campaign from a spec file, list, status, pause, resume, stop,
-revise, and add its images (issue #16 items 1-3).
+revise, add its images (issue #16 items 1-3), run it embedded, retrain and export it.
 
 ``create``, ``revise``, ``list``, ``status``, ``pause``, ``resume`` and ``stop`` go to the
 campaign controller (``MASKPROP_CONTROLLER_ADDR``, with ``MASKPROP_CONTROLLER_ADMIN_TOKEN``)
@@ -7,6 +7,7 @@ when it is set, else straight to the campaign registry in Redis (``MASKPROP_REDI
 ``add-images`` reads the images where it runs, so it always uses Redis and the broker
 (``MASKPROP_KAFKA_BOOTSTRAP``).  Without any of them there is nothing durable to talk to, so the
 commands refuse to run rather than create a campaign in a throw-away in-process store.
+``export`` reads the sink's dataset folder only (``MASKPROP_DATASET_DIR``).
 """
 
 from __future__ import annotations
@@ -389,3 +390,28 @@ def retrain(
             device=device, progress=bars,
         )  # fmt: skip
     typer.echo(json.dumps(result, indent=2))
+
+
+@campaign_app.command("export")
+def export(
+    name: NameArg,
+    out: Annotated[Path, typer.Option(help="COCO instances JSON to write.")],
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="The sink's dataset folder (default: MASKPROP_DATASET_DIR)."),
+    ] = None,
+    deduplicate: Annotated[
+        bool, typer.Option(help="Drop a mask that repeats an earlier round's (IoU > 0.5).")
+    ] = True,
+) -> None:
+    """Export the campaign's accepted masks of every round as one COCO file, each annotation's
+    round in ``maskprop_round`` (``maskprop_app.campaign_export``).  Prints counts (JSON)."""
+    from maskprop_app.campaign_export import export_campaign
+
+    with user_errors():
+        if dataset is None:
+            from maskprop_sink.service import SinkSettings
+
+            dataset = SinkSettings().dataset_dir
+        summary = export_campaign(dataset, name, out, deduplicate_rounds=deduplicate)
+    typer.echo(json.dumps(summary))

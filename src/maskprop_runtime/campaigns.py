@@ -29,6 +29,7 @@ their snapshots); classes whose trees arrive later use the new version.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,29 @@ TRANSITIONS = {
     "paused": ("created", "running"),
     "stopped": ("created", "running", "paused"),
 }
+
+
+# Round r > 1 of campaign ``name`` travels as the campaign ``<name>.r<r>`` (event ids, trees,
+# search sessions, the sink's dataset folder): a class's mask indexes restart with every round's
+# tree, so the round must be part of every key that names a class.  A user campaign's name
+# cannot end like that (``create`` refuses it), so the mapping is one-to-one.
+_ROUND_NAME = re.compile(r"^(?P<name>.+)\.r(?P<round>[1-9][0-9]*)$")
+
+
+def round_campaign(name: str, round_: int) -> str:
+    """The campaign name round ``round_`` of ``name`` travels under: ``name`` itself for round
+    1, ``<name>.r<round>`` after it."""
+    if round_ < 1:
+        raise CampaignError(f"rounds count from 1, not {round_}")
+    return name if round_ == 1 else check_name("campaign", f"{name}.r{round_}")
+
+
+def campaign_round(internal: str) -> tuple[str, int]:
+    """``(name, round)`` of a campaign name as it travels (inverse of :func:`round_campaign`)."""
+    m = _ROUND_NAME.match(internal)
+    if m is None or int(m["round"]) < 2:
+        return internal, 1
+    return m["name"], int(m["round"])
 
 
 def campaign_key(name: str) -> str:
@@ -254,6 +278,11 @@ class CampaignRegistry:
     def create(self, spec: CampaignSpec) -> campaign_pb2.Campaign:
         """Store a new campaign (version 1, state created); a taken name is refused."""
         name = self._name(spec.name)
+        if _ROUND_NAME.match(name):
+            raise CampaignError(
+                f"campaign name {name!r} ends like a later round's (<name>.r<round>): "
+                "choose another name"
+            )
         if spec.version != 1:
             raise CampaignError(f"a new campaign starts at version 1, not {spec.version}")
         blob = spec_to_proto(spec).SerializeToString()

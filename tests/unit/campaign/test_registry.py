@@ -136,3 +136,20 @@ def test_registry_is_shared_by_every_reader() -> None:
     redis = fakeredis.FakeRedis()
     CampaignRegistry(redis).create(make_spec())
     assert CampaignRegistry(redis).spec("shapes") == make_spec()
+
+
+def test_round_names_map_one_to_one(registry: CampaignRegistry) -> None:
+    from maskprop_runtime.campaigns import campaign_round, round_campaign
+
+    assert round_campaign("shapes", 1) == "shapes"
+    assert round_campaign("shapes", 2) == "shapes.r2"
+    assert campaign_round("shapes.r2") == ("shapes", 2)
+    assert campaign_round("shapes.r12") == ("shapes", 12)
+    assert campaign_round("shapes") == ("shapes", 1)
+    assert campaign_round("v1.r0") == ("v1.r0", 1) and campaign_round("a.r1") == ("a.r1", 1)
+    with pytest.raises(CampaignError, match="rounds count from 1"):
+        round_campaign("shapes", 0)
+    for taken in ("shapes.r2", "shapes.r1"):  # a user name cannot look like a round's
+        with pytest.raises(CampaignError, match="ends like a later round's"):
+            registry.create(make_spec(taken))
+    assert registry.names() == []
