@@ -20,8 +20,19 @@ straight to the search service.  Printed: answers/s (overall and sustained: the 
 the answers), p50/p99 latency of the answer requests and per answer, and the gateway's
 overhead ratio.
 
+Issue #15's run: ``--big-class 1000000 --seconds 120`` adds one class of 1M masks (class 0,
+``ade_like_class``) to a long tail of ``--masks`` over the other classes (``ade_class_sizes``);
+"window /s" is the mean over the whole ``--seconds`` window (a crowd that ran dry counts zero
+for the rest of it).  ``--search-replicas 2`` starts a second search process
+(``MASKPROP_REPLICA_ID`` search-0/search-1: the live replicas split the classes by rendezvous
+hashing) and a second gateway pointing at it, since a gateway takes one
+``MASKPROP_SEARCH_TARGET``; worker i of the load generator uses gateway (baseline: replica)
+i mod 2, so a worker's leases and answers always meet the same replica, as a client pinned to
+one gateway pod would.
+
     source .cache/dev-infra/env && .venv/bin/python benchmarks/bench_gateway.py   # 150k masks
     ... --profile 20   # also py-spy the gateway for 20 s under load (py-spy on PATH)
+    ... --big-class 1000000 --seconds 120 --search-replicas 2
 """
 
 from __future__ import annotations
@@ -125,8 +136,12 @@ class _Http:
 def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, Any]:
     import asyncio
 
-    host = args.target.split("//", 1)[1].split(":")[0]
-    port = int(args.target.rsplit(":", 1)[1])
+    # One gateway a search replica: worker i talks to gateway i mod n (its leases and answers
+    # all go through the same gateway, so to the same replica).
+    addresses = [
+        (t.split("//", 1)[1].split(":")[0], int(t.rsplit(":", 1)[1]))
+        for t in args.target.split(",")
+    ]
     deadline = time.monotonic() + args.seconds
     done: list[tuple[float, int, float]] = []
     leases: list[float] = []
@@ -149,7 +164,7 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
 
     async def worker(i: int) -> None:
         wid = f"w{i:04d}"
-        http = _Http(host, port, args.key)
+        http = _Http(*addresses[i % len(addresses)], args.key)
         while not state["finished"] and time.monotonic() < deadline:
             t0 = time.perf_counter()
             status, lease = await http.request(
@@ -219,8 +234,9 @@ def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, A
 
     from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 
-    channel = grpc.insecure_channel(args.target)
-    stub = search_pb2_grpc.SearchServiceStub(channel)
+    # One channel a search replica: worker i calls replica i mod n.
+    channels = [grpc.insecure_channel(t) for t in args.target.split(",")]
+    stubs = [search_pb2_grpc.SearchServiceStub(c) for c in channels]
     deadline = time.monotonic() + args.seconds
     finished = threading.Event()
     lock = threading.Lock()
@@ -229,6 +245,7 @@ def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, A
     sizes: list[int] = []
 
     def worker(i: int) -> None:
+        stub = stubs[i % len(stubs)]
         while not finished.is_set() and time.monotonic() < deadline:
             t0 = time.perf_counter()
             resp = stub.LeaseQuestions(
@@ -264,7 +281,8 @@ def load_direct(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, A
         t.start()
     for t in threads:
         t.join()
-    channel.close()
+    for channel in channels:
+        channel.close()
     out = summarize(done, started, time.monotonic())
     out.update(
         campaign_done=finished.is_set(),
@@ -281,6 +299,10 @@ def run_load(args: argparse.Namespace) -> None:
     t0 = time.process_time()
     result = (load_gateway if args.mode == "gateway" else load_direct)(args, truth)
     result["loadgen_cpu_s"] = time.process_time() - t0
+    # The mean over the whole window asked for: a crowd that ran dry (campaign done) before
+    # the window ended counts zero answers for the rest of it.
+    result["window_s"] = args.seconds
+    result["window_answers_per_s"] = result["answers"] / max(result["seconds"], args.seconds)
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -446,16 +468,18 @@ def redis_commands(r: Any) -> dict[str, tuple[int, int]]:
     return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in stats.items()}
 
 
-def search_calls(port: int) -> dict[str, int]:
-    """gRPC calls the search service served so far, by method (its Prometheus endpoint)."""
+def search_calls(ports: int | list[int]) -> dict[str, int]:
+    """gRPC calls the search service served so far, by method (its Prometheus endpoint; with
+    several ports, summed over those replicas)."""
     import urllib.request
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    out = {}
-    for line in text.decode().splitlines():
-        if line.startswith("maskprop_rpc_seconds_count{"):
-            method = line.split('method="', 1)[1].split('"', 1)[0]
-            out[method] = int(float(line.rsplit(" ", 1)[1]))
+    out: dict[str, int] = {}
+    for port in [ports] if isinstance(ports, int) else ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        for line in text.decode().splitlines():
+            if line.startswith("maskprop_rpc_seconds_count{"):
+                method = line.split('method="', 1)[1].split('"', 1)[0]
+                out[method] = out.get(method, 0) + int(float(line.rsplit(" ", 1)[1]))
     return out
 
 
@@ -477,6 +501,29 @@ def hotspots(path: Path, package: str, top: int = 12) -> str:
     return "\n".join(f"  {100 * n / max(total, 1):5.1f}%  {where}" for where, n in rows)
 
 
+def bench_pool(masks: int, classes: int, big: int = 0, *, seed: int = 11, dim: int = 16) -> Any:
+    """The simulated pool: ``ade_like_pool(masks, classes)`` (Zipf sizes, at most 30k masks a
+    class); with ``big``, class 0 is one ADE-like class of ``big`` masks and the other
+    ``classes - 1`` classes share ``masks`` with ADE20K's long-tailed class sizes
+    (``ade_class_sizes``), so the pool holds ``big + masks`` masks."""
+    import numpy as np
+
+    from maskprop.simulate.generator import ade_class_sizes, ade_like_class, ade_like_pool
+    from maskprop.simulate.pool import MaskPool
+
+    if not big:
+        return ade_like_pool(masks, classes, seed=seed, dim=dim)
+    sizes = [big, *(int(n) for n in ade_class_sizes(masks, classes - 1))]
+    parts = [ade_like_class(c, n, seed, dim)[:3] for c, n in enumerate(sizes)]
+    return MaskPool(
+        features=np.concatenate([p[0] for p in parts]),
+        scores=np.concatenate([p[1] for p in parts]),
+        ious=np.concatenate([p[2] for p in parts]),
+        class_ids=np.repeat(np.arange(classes, dtype=np.int32), sizes),
+        class_names=tuple(f"class_{k:03d}" for k in range(classes)),
+    )
+
+
 @dataclass
 class Stack:
     """Clusterer (stopped once the trees are in) and search processes on an empty Redis
@@ -492,6 +539,10 @@ class Stack:
     grpc_port: int
     metrics_port: int  # search's Prometheus endpoint
     truth: dict[str, bool]  # RLE counts -> correct
+    # every search replica (the first is ``search``) with its gRPC and metrics ports
+    searches: list[Proc]
+    grpc_ports: list[int]
+    metrics_ports: list[int]
 
 
 @contextmanager
@@ -504,14 +555,18 @@ def search_stack(
     search_env: dict[str, str] | None = None,
     db: int = 0,
     keep: bool = False,
+    big: int = 0,
+    replicas: int = 1,
 ) -> Iterator[Stack]:
     """Start the stack, wait until search has every tree, yield it; stop it and empty its
     Redis database afterwards (``db``: that database, which must be empty; else the first
-    empty one of 15..1)."""
+    empty one of 15..1).  ``big``: see :func:`bench_pool`.  ``replicas``: search processes
+    (``MASKPROP_REPLICA_ID`` search-0, search-1, ...); the others start once the first has
+    every tree (sessions live in Redis, the class files in the shared data directory) and
+    the live replicas split the classes between them (rendezvous hashing)."""
     import grpc
     import redis as redis_client
 
-    from maskprop.simulate.generator import ade_like_pool
     from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 
     kafka = os.environ.get("KAFKA_BOOTSTRAP") or os.environ.get("MASKPROP_IT_KAFKA")
@@ -539,9 +594,10 @@ def search_stack(
         "MASKPROP_LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
     }
-    pool = ade_like_pool(masks, classes, seed=11, dim=16)
+    pool = bench_pool(masks, classes, big)
     print(
-        f"pool: {len(pool)} masks, {classes} classes x {len(campaigns)} campaigns; redis db "
+        f"pool: {len(pool)} masks (largest class {int((pool.class_ids == 0).sum())}), "
+        f"{classes} classes x {len(campaigns)} campaigns; redis db "
         f"{redis_url.rsplit('/', 1)[1]}; logs {logs}",
         flush=True,
     )
@@ -564,6 +620,7 @@ def search_stack(
                 **(search_env or {}),
                 "MASKPROP_GRPC_PORT": str(grpc_port),
                 "MASKPROP_METRICS_PORT": str(metrics_port),
+                "MASKPROP_REPLICA_ID": "search-0",
             },
             logs,
         )
@@ -591,7 +648,42 @@ def search_stack(
         channel.close()
         procs[0].stop()  # the clusterer's work is done: give its core to the run
         print(f"trees built and loaded in {time.monotonic() - t0:.0f} s", flush=True)
-        yield Stack(kafka, r, work, logs, base, procs, search, grpc_port, metrics_port, truth)
+        searches, grpc_ports, metrics_ports = [search], [grpc_port], [metrics_port]
+        for i in range(1, replicas):
+            grpc_ports.append(free_port())
+            metrics_ports.append(free_port())
+            searches.append(
+                Proc(
+                    f"search{i}",
+                    [sys.executable, "-m", "maskprop_search"],
+                    {
+                        **base,
+                        **(search_env or {}),
+                        "MASKPROP_GRPC_PORT": str(grpc_ports[-1]),
+                        "MASKPROP_METRICS_PORT": str(metrics_ports[-1]),
+                        "MASKPROP_REPLICA_ID": f"search-{i}",
+                    },
+                    logs,
+                )
+            )
+            procs.append(searches[-1])
+        for port in grpc_ports[1:]:
+            wait_for(lambda p=port: _serving(p, campaigns[0]), 120, "a search replica", procs)
+        yield Stack(
+            kafka,
+            r,
+            work,
+            logs,
+            base,
+            procs,
+            search,
+            grpc_port,
+            metrics_port,
+            truth,
+            searches,
+            grpc_ports,
+            metrics_ports,
+        )
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -601,6 +693,21 @@ def search_stack(
             print(f"logs kept in {logs}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _serving(port: int, campaign: str) -> bool:
+    """Whether the search process on ``port`` answers GetProgress for ``campaign``."""
+    import grpc
+
+    from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            stub.GetProgress(search_pb2.GetProgressRequest(campaign=campaign), timeout=10)
+            return True
+        except grpc.RpcError:
+            return False
 
 
 def orchestrate(args: argparse.Namespace) -> None:
@@ -622,10 +729,11 @@ def orchestrate(args: argparse.Namespace) -> None:
         args.masks,
         args.classes,
         keep=bool(args.profile or args.keep),
+        big=args.big_class,
+        replicas=args.search_replicas,
     ) as st:
         r, work, logs, base, procs = st.r, st.work, st.logs, st.base, st.procs
         search, grpc_port, truth, kafka = st.search, st.grpc_port, st.truth, st.kafka
-        http_port = free_port()
         # Vendor and gold questions through the Python API, before the gateway starts.
         key = KeyStore(r, PEPPER).create(VENDOR, "Bench Crowd")
         held = ade_like_pool(2000, 4, seed=99, dim=8)
@@ -635,56 +743,73 @@ def orchestrate(args: argparse.Namespace) -> None:
         truth_file = work / "truth.json"
         truth_file.write_text(json.dumps(truth))
 
-        gateway = Proc(
-            "gateway",
-            [sys.executable, "-m", "maskprop_gateway"],
-            {
-                **base,
-                "MASKPROP_HTTP_PORT": str(http_port),
-                "MASKPROP_SEARCH_TARGET": f"127.0.0.1:{grpc_port}",
-                "MASKPROP_KEY_PEPPER": PEPPER,
-                "MASKPROP_RATE_PER_S": "1000000",
-                "MASKPROP_RATE_BURST": "1000000",
-            },
-            logs,
-        )
-        procs.append(gateway)
-        target = f"http://127.0.0.1:{http_port}"
+        # One gateway a search replica (the gateway takes one MASKPROP_SEARCH_TARGET); the
+        # load generator's worker i uses gateway i mod n.
+        gateways, targets = [], []
+        for i, port in enumerate(st.grpc_ports):
+            http_port = free_port()
+            gateways.append(
+                Proc(
+                    f"gateway{i or ''}",
+                    [sys.executable, "-m", "maskprop_gateway"],
+                    {
+                        **base,
+                        "MASKPROP_HTTP_PORT": str(http_port),
+                        "MASKPROP_SEARCH_TARGET": f"127.0.0.1:{port}",
+                        "MASKPROP_KEY_PEPPER": PEPPER,
+                        "MASKPROP_RATE_PER_S": "1000000",
+                        "MASKPROP_RATE_BURST": "1000000",
+                    },
+                    logs,
+                )
+            )
+            procs.append(gateways[-1])
+            targets.append(f"http://127.0.0.1:{http_port}")
+        gateway, target = gateways[0], ",".join(targets)
 
         def healthy() -> bool:
             try:
-                return httpx.get(f"{target}/healthz", timeout=2).status_code == 200
+                return all(httpx.get(f"{t}/healthz", timeout=2).status_code == 200 for t in targets)
             except httpx.HTTPError:
                 return False
 
         wait_for(healthy, 60, "the gateway", procs)
 
         pids = {
-            "search": search.proc.pid,
-            "gateway": gateway.proc.pid,
+            **{p.name: p.proc.pid for p in st.searches},
+            **{p.name: p.proc.pid for p in gateways},
             "redis": int(r.info("server")["process_id"]),
             "broker": listener_pid(int(kafka.rsplit(":", 1)[1])),
         }
-        print(f"baseline: {args.workers} workers x {args.batch} answers, gRPC", flush=True)
+        grpc_targets = ",".join(f"127.0.0.1:{p}" for p in st.grpc_ports)
+        print(
+            f"baseline: {args.workers} workers x {args.batch} answers, gRPC, "
+            f"{len(st.grpc_ports)} search replica(s)",
+            flush=True,
+        )
         meter = CpuMeter(pids)
         idle = meter.idle(3.0)
         meter.start()
         r.config_resetstat()
-        calls0 = search_calls(st.metrics_port)
+        calls0 = search_calls(st.metrics_ports)
         spy = (
             profile(search.proc.pid, args.profile, work / "search.pyspy") if args.profile else None
         )
-        base_res = run_loadgen("direct", f"127.0.0.1:{grpc_port}", direct, "", truth_file, args)
+        base_res = run_loadgen("direct", grpc_targets, direct, "", truth_file, args)
         base_res["cpu_s"] = meter.stop()
         base_res.update(sys_s=meter.system, wall_s=meter.wall, idle_cpu_per_s=idle)
         base_res["redis_commands"] = redis_commands(r)
         base_res["redis_in_bytes"] = int(r.info("stats")["total_net_input_bytes"])
-        calls1 = search_calls(st.metrics_port)
+        calls1 = search_calls(st.metrics_ports)
         base_res["search_calls"] = {k: v - calls0.get(k, 0) for k, v in calls1.items()}
         r.config_resetstat()
         if spy is not None:
             spy.wait(args.profile + 30)
-        print(f"gateway : {args.workers} workers x {args.batch} answers, HTTP", flush=True)
+        print(
+            f"gateway : {args.workers} workers x {args.batch} answers, HTTP, "
+            f"{len(gateways)} gateway(s)",
+            flush=True,
+        )
         spies = (
             [
                 profile(gateway.proc.pid, args.profile, work / "gateway.pyspy"),
@@ -700,7 +825,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         gw_res["redis_commands"] = redis_commands(r)
         gw_res["redis_in_bytes"] = int(r.info("stats")["total_net_input_bytes"])
         gw_res["search_calls"] = {
-            k: v - calls1.get(k, 0) for k, v in search_calls(st.metrics_port).items()
+            k: v - calls1.get(k, 0) for k, v in search_calls(st.metrics_ports).items()
         }
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
@@ -712,7 +837,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         for spy in spies:
             if spy is not None:
                 spy.wait(args.profile + 30)
-        report(base_res, gw_res)
+        report(base_res, gw_res, args.search_replicas)
         for name in ("search", "gateway", "search-gw"):
             if (work / f"{name}.pyspy").exists():
                 print(
@@ -720,18 +845,29 @@ def orchestrate(args: argparse.Namespace) -> None:
                 )
                 print(hotspots(work / f"{name}.pyspy", f"maskprop_{name.split('-')[0]}"))
         if args.json:
-            Path(args.json).write_text(json.dumps({"baseline": base_res, "gateway": gw_res}))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "replicas": args.search_replicas,
+                        "big_class": args.big_class,
+                        "baseline": base_res,
+                        "gateway": gw_res,
+                    }
+                )
+            )
 
 
-def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
+def report(base: dict[str, Any], gw: dict[str, Any], replicas: int = 1) -> None:
+    print(f"{replicas} search replica(s); window {gw.get('window_s', 0):.0f} s")
     print(
-        f"{'':36} {'answers':>8} {'s':>6} {'answers/s':>10} {'sustained/s':>12} "
+        f"{'':36} {'answers':>8} {'s':>6} {'window /s':>10} {'answers/s':>10} {'sustained/s':>12} "
         f"{'req p50 ms':>11} {'req p99 ms':>11} {'/answer p50':>12} {'/answer p99':>12} "
         f"{'lease p50':>10} {'lease p99':>10}"
     )
     for name, x in (("search gRPC SubmitAnswers directly", base), ("gateway (HTTP, QC, gRPC)", gw)):
         print(
-            f"{name:36} {x['answers']:>8} {x['seconds']:>6.1f} {x['answers_per_s']:>10.0f} "
+            f"{name:36} {x['answers']:>8} {x['seconds']:>6.1f} "
+            f"{x.get('window_answers_per_s', 0):>10.0f} {x['answers_per_s']:>10.0f} "
             f"{x.get('sustained_answers_per_s', 0):>12.0f} {x['p50_ms']:>11.1f} "
             f"{x['p99_ms']:>11.1f} {x['per_answer_p50_ms']:>12.3f} {x['per_answer_p99_ms']:>12.3f} "
             f"{x['lease_p50_ms']:>10.1f} {x['lease_p99_ms']:>10.1f}"
@@ -778,11 +914,20 @@ def report(base: dict[str, Any], gw: dict[str, Any]) -> None:
         )
     s_base = base.get("sustained_answers_per_s") or base["answers_per_s"]
     s_gw = gw.get("sustained_answers_per_s") or gw["answers_per_s"]
+    w_base = base.get("window_answers_per_s") or base["answers_per_s"]
+    w_gw = gw.get("window_answers_per_s") or gw["answers_per_s"]
     print(
         f"campaign done: direct {base['campaign_done']}, gateway {gw['campaign_done']}; "
+        f"window mean gateway/direct = {w_gw / w_base:.3f}; "
         f"sustained throughput gateway/direct = {s_gw / s_base:.3f}; "
-        f"answer-request p50 gateway/direct = {gw['p50_ms'] / base['p50_ms']:.1f}x; "
-        f"goal 5000 answers/s through the gateway: {'met' if s_gw >= 5000 else 'NOT met'}"
+        f"answer-request p50 gateway/direct = {gw['p50_ms'] / base['p50_ms']:.1f}x"
+    )
+    print(
+        f"goals through the gateway: window mean {w_gw:.0f} answers/s >= 5000 "
+        f"{'met' if w_gw >= 5000 else 'NOT met'}"
+        + ("" if not gw["campaign_done"] else " (the crowd ran dry: campaign done)")
+        + f"; answer-request p99 {gw['p99_ms']:.1f} ms < 50 ms "
+        f"{'met' if gw['p99_ms'] < 50 else 'NOT met'}"
     )
 
 
@@ -817,6 +962,20 @@ def main() -> None:
     # so its "sustained" rate was not one.
     common_args(ap, load, seconds=60.0, masks=150_000)
     ap.add_argument("--gold", type=int, default=400)
+    ap.add_argument(
+        "--big-class",
+        type=int,
+        default=0,
+        help="add one class of this many masks (class 0) to the pool; the other classes "
+        "share --masks with ADE20K's long-tailed sizes",
+    )
+    ap.add_argument(
+        "--search-replicas",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="search processes splitting the classes; one gateway each",
+    )
     ap.add_argument(
         "--profile",
         type=int,

@@ -1,0 +1,61 @@
+"""bench_gateway.py's pool with one large class and its whole-window figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from maskprop.simulate.generator import ade_class_sizes, ade_like_class
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gateway.py"
+
+
+@pytest.fixture(scope="module")
+def bg() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_gateway_under_test", _PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pool_with_a_big_class_puts_it_first_and_the_long_tail_after(bg: Any) -> None:
+    pool = bg.bench_pool(3000, 6, big=5000, seed=3, dim=4)
+    sizes = np.bincount(pool.class_ids, minlength=6)
+    assert len(pool) == 8000
+    assert sizes[0] == 5000
+    assert sizes[1:].tolist() == ade_class_sizes(3000, 5).tolist()
+    # class 0 is the simulator's class 0 generated on its own, untouched
+    features, scores, ious, _ = ade_like_class(0, 5000, 3, 4)
+    np.testing.assert_array_equal(pool.scores[:5000], scores)
+    np.testing.assert_array_equal(pool.features[:5000], features)
+    np.testing.assert_array_equal(pool.ious[:5000], ious)
+    np.testing.assert_array_equal(
+        pool.scores[5000:5100], ade_like_class(1, sizes[1], 3, 4)[1][:100]
+    )
+
+
+def test_pool_without_a_big_class_is_the_ade_like_pool(bg: Any) -> None:
+    from maskprop.simulate.generator import ade_like_pool
+
+    pool = bg.bench_pool(2000, 5, seed=11, dim=4)
+    ref = ade_like_pool(2000, 5, seed=11, dim=4)
+    np.testing.assert_array_equal(pool.features, ref.features)
+    np.testing.assert_array_equal(pool.class_ids, ref.class_ids)
+
+
+def test_summary_rates_and_latency_percentiles(bg: Any) -> None:
+    # 10 requests of 100 answers over 10 s, latencies 10..100 ms
+    done = [(100.0 + i + 1, 100, 0.01 * (i + 1)) for i in range(10)]
+    out = bg.summarize(done, 100.0, 110.0)
+    assert out["answers"] == 1000
+    assert out["answers_per_s"] == pytest.approx(100.0)
+    assert out["p50_ms"] == pytest.approx(50.0)  # sorted index round(0.5 * 9) = 4
+    assert out["p99_ms"] == pytest.approx(100.0)
+    assert sum(out["series"]) == 1000
