@@ -415,3 +415,72 @@ def export(
             dataset = SinkSettings().dataset_dir
         summary = export_campaign(dataset, name, out, deduplicate_rounds=deduplicate)
     typer.echo(json.dumps(summary))
+
+
+@campaign_app.command("next-round")
+def next_round(
+    name: NameArg,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="The retrained weights (campaign retrain's --out), as the detector finds them: "
+            "a path under its models root (MASKPROP_MODELS_ROOT)."
+        ),
+    ],
+    round_: Annotated[int, typer.Option("--round", help="The round to publish (2, 3, ...).")] = 2,
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Publish the campaign's images again as round ROUND, detected with the retrained
+    WEIGHTS: the detector re-detects them under the campaign ``<name>.r<round>``, whose classes
+    the clusterer and search open as new trees with the campaign's parameters, budget (shared
+    by every round) and folder; the sink keeps the round as provenance (``campaign export``
+    merges every round).  Needs round ROUND - 1 published whole; a rerun resumes."""
+    from maskprop_runtime.campaigns import CampaignRegistry
+    from maskprop_runtime.ingest import IngestSettings, publish_plan, read_plan
+
+    bars = Bars(progress)
+    with user_errors(bars):
+        settings = IngestSettings()
+        registry = CampaignRegistry(open_redis(settings))
+        spec = registry.spec(name)
+        if not 2 <= round_ <= spec.budget.rounds:
+            raise MaskpropError(
+                f"campaign {name!r} has rounds 1..{spec.budget.rounds} ([budget] rounds): "
+                f"round {round_} cannot be published"
+            )
+        if not weights.strip():
+            raise MaskpropError("--weights must name the retrained weights")
+        before = read_plan(registry.redis, name, round_ - 1)
+        if before is None or not before.done:
+            raise MaskpropError(
+                f"round {round_ - 1} of campaign {name!r} is not published whole yet "
+                f"({'add-images' if round_ == 2 else 'next-round'} first)"
+            )
+        state = registry.state(name)
+        if state != "running":
+            raise MaskpropError(f"campaign {name!r} is {state}: only a running one gets a round")
+        bus = open_bus(settings)
+        producer = bus.producer()
+        try:
+            plan = publish_plan(
+                registry, name, producer, batches_per_s=settings.ingest_batches_per_s,
+                progress=bars, round_=round_, weights=weights,
+            )  # fmt: skip
+        finally:
+            producer.close()
+    from maskprop_runtime.campaigns import round_campaign
+
+    typer.echo(
+        json.dumps(
+            {
+                "campaign": name,
+                "round": round_,
+                "travels_as": round_campaign(name, round_),
+                "weights": weights,
+                "batches": plan.batch_count,
+                "published": plan.published,
+            }
+        )
+    )
+    if not plan.done:
+        fail(f"campaign {name!r} was paused or stopped after {plan.published} batches")

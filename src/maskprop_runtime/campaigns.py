@@ -19,6 +19,10 @@ Key schema (the whole of it; this module is its only writer):
 * ``maskprop:campaign:{name}:ingest``  hash  ``batch_size``, ``batch_count``, ``published``
   (batches the broker acknowledged), ``accepted``, ``refused:<reason>`` counts
 
+A campaign's round r > 1 travels as ``<name>.r<r>`` (:func:`round_campaign`) and every key
+above maps it to ``<name>``'s; ``:ingest`` counts round r's published batches in
+``published:r<r>``.
+
 Every change is one Lua script or one MULTI, so a reader sees a campaign whole or not at all,
 and two writers cannot both create a name or both revise a version.
 
@@ -63,7 +67,10 @@ TRANSITIONS = {
 # Round r > 1 of campaign ``name`` travels as the campaign ``<name>.r<r>`` (event ids, trees,
 # search sessions, the sink's dataset folder): a class's mask indexes restart with every round's
 # tree, so the round must be part of every key that names a class.  A user campaign's name
-# cannot end like that (``create`` refuses it), so the mapping is one-to-one.
+# cannot end like that (``create`` refuses it), so the mapping is one-to-one.  The registry's
+# keys below name the campaign, not the round: ``<name>.r<r>`` reads ``<name>``'s spec, state,
+# images and budget, so search opens round r's sessions with the campaign's parameters, its
+# leases count against the one budget of every round, and the gateway serves its folder.
 _ROUND_NAME = re.compile(r"^(?P<name>.+)\.r(?P<round>[1-9][0-9]*)$")
 
 
@@ -84,23 +91,23 @@ def campaign_round(internal: str) -> tuple[str, int]:
 
 
 def campaign_key(name: str) -> str:
-    return f"maskprop:campaign:{name}"
+    return f"maskprop:campaign:{campaign_round(name)[0]}"
 
 
 def images_key(name: str) -> str:
-    return f"maskprop:campaign:{name}:images"
+    return f"maskprop:campaign:{campaign_round(name)[0]}:images"
 
 
 def plan_key(name: str) -> str:
-    return f"maskprop:campaign:{name}:plan"
+    return f"maskprop:campaign:{campaign_round(name)[0]}:plan"
 
 
 def ingest_key(name: str) -> str:
-    return f"maskprop:campaign:{name}:ingest"
+    return f"maskprop:campaign:{campaign_round(name)[0]}:ingest"
 
 
 def leased_key(name: str) -> str:
-    return f"maskprop:campaign:{name}:leased"
+    return f"maskprop:campaign:{campaign_round(name)[0]}:leased"
 
 
 def question_cap(spec: CampaignSpec) -> int:
@@ -303,6 +310,8 @@ class CampaignRegistry:
         version + 1 and the classes unchanged (the detector's model names them).  The same spec
         again at the current version is a no-op; any other change at it is refused."""
         name = self._name(spec.name)
+        if _ROUND_NAME.match(name):
+            raise CampaignError(f"{name!r} is a round's name: revise the campaign itself")
         current = self.spec(name)
         if spec.version == current.version:
             if spec_to_proto(spec) == spec_to_proto(current):

@@ -53,6 +53,7 @@ from maskprop_runtime.campaigns import (
     leased_key,
     plan_key,
     question_cap,
+    round_campaign,
     spec_from_proto,
 )
 from maskprop_runtime.files import resolve_under
@@ -62,7 +63,7 @@ from maskprop_runtime.settings import RuntimeSettings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MAX_MANIFEST_LINES = 10_000_000
-ROUND = 1  # retraining rounds (#16 item 5) will publish round 2, 3, ... under their own ids
+ROUND = 1  # add-images plans and publishes round 1; `campaign next-round` publishes round r > 1
 
 # Reasons an image is refused (the keys of IngestReport.refused)
 OUTSIDE = "outside the images folder"
@@ -220,7 +221,14 @@ class Plan:
         return self.published >= self.batch_count
 
 
-def read_plan(redis: Any, name: str) -> Plan | None:
+def published_field(round_: int) -> str:
+    """The ingest hash's field counting round ``round_``'s published batches."""
+    return "published" if round_ == 1 else f"published:r{round_}"
+
+
+def read_plan(redis: Any, name: str, round_: int = 1) -> Plan | None:
+    """The campaign's batch plan with round ``round_``'s published count (every round
+    publishes the same images in the same batches)."""
     raw = redis.hgetall(ingest_key(name))
     fields = {
         (k.decode() if isinstance(k, bytes) else k): int(v)
@@ -233,7 +241,7 @@ def read_plan(redis: Any, name: str) -> Plan | None:
         images=fields.get("accepted", 0),
         batch_size=fields["batch_size"],
         batch_count=fields["batch_count"],
-        published=fields.get("published", 0),
+        published=fields.get(published_field(round_), 0),
     )
 
 
@@ -308,14 +316,24 @@ def publish_plan(
     progress: Progress | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    round_: int = 1,
+    weights: str = "",
 ) -> Plan:
     """Send the plan's unpublished batches (module docstring, step 3); returns the plan as
-    published.  Stops early, published count saved, when the campaign is paused or stopped."""
+    published.  Stops early, published count saved, when the campaign is paused or stopped.
+
+    ``round_`` > 1 publishes the same batches again as campaign ``<name>.r<round>``
+    (:func:`~maskprop_runtime.campaigns.round_campaign`: the clusterer and search open new trees
+    for it, the sink keeps its labels apart) with ``weights``, the retrained checkpoint the
+    detector loads (a path under its models root), counted in ``published:r<round>``."""
     redis = registry.redis
-    plan = read_plan(redis, name)
+    plan = read_plan(redis, name, round_)
     if plan is None:
         raise CampaignError(f"campaign {name!r} has no images to publish: run add-images")
     classes = list(registry.spec(name).classes)
+    travels_as = round_campaign(name, round_)
+    if round_ > 1 and not weights:
+        raise CampaignError(f"round {round_} of {name!r} needs its retrained weights")
     started = clock()
     sent = 0
     published = plan.published
@@ -331,17 +349,18 @@ def publish_plan(
             image_id, path = (row.decode() if isinstance(row, bytes) else row).split("\t", 1)
             refs.append(detector_pb2.ImageRef(image_id=image_id, uri=path))
         event = detector_pb2.ImageBatch(
-            event_id=f"images.{name}.r{ROUND}.{b}",
-            campaign=name,
+            event_id=f"images.{name}.r{round_}.{b}",
+            campaign=travels_as,
             images=refs,
             batch_index=b,
             batch_count=plan.batch_count,
             class_names=classes,
+            weights=weights,
         )
-        producer.send(topics.IMAGES, name.encode(), event.SerializeToString())
+        producer.send(topics.IMAGES, travels_as.encode(), event.SerializeToString())
         producer.flush()  # the broker's ack before the batch counts as published
         published = b + 1
-        redis.hset(ingest_key(name), "published", published)
+        redis.hset(ingest_key(name), published_field(round_), published)
         sent += 1
         if progress is not None:
             progress("batches sent", published, plan.batch_count)

@@ -8,12 +8,19 @@ one field per batch index: a redelivered batch rewrites its own field); the batc
 the set also announces ``closed`` for every class, after its own masks on the same partitions.
 Unreadable images are skipped with a warning (and counted), so one bad file cannot stall a
 campaign; a batch that is malformed as a whole is dead-lettered with the reason.
+
+A campaign's round r > 1 (campaign ``<name>.r<r>``, ``maskprop campaign next-round``) names the
+retrained weights in ``ImageBatch.weights``: a path under ``MASKPROP_MODELS_ROOT``
+(``resolve_under``: ``..``, absolute paths and symlinks out are refused), loaded once with the
+service's backend setting and kept (the last one besides the service's own); weights outside the
+root, missing or unloadable dead-letter the batch with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ from pydantic import Field
 from maskprop.errors import MaskpropError
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Bus, Record
+from maskprop_runtime.files import resolve_under
 from maskprop_runtime.loop import DedupStore, Emit, EventLoop, InvalidEvent
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
@@ -37,6 +45,7 @@ MAX_IMAGES_PER_BATCH = 1024
 
 class DetectorSettings(RuntimeSettings):
     detector_weights: Path = Path("models/detector.pt")
+    models_root: Path = Path("models")  # where a round's ImageBatch.weights may point
     image_root: Path = Path("images")
     device: str = "auto"
     detector_batch_size: int = Field(default=16, ge=1, le=256)
@@ -58,17 +67,48 @@ class DetectorHandler:
         device: Any = None,
         batch_size: int = 16,
         max_bytes: int = topics.record_limit(),
+        models_root: Path | None = None,
+        load_weights: Callable[[Path], tuple[Any, Any]] | None = None,
     ) -> None:
         """``max_bytes``: the most bytes a ``maskprop.masks`` event may take
-        (:func:`maskprop_runtime.topics.record_limit` of ``kafka_max_message_bytes``)."""
+        (:func:`maskprop_runtime.topics.record_limit` of ``kafka_max_message_bytes``).
+        ``models_root`` and ``load_weights`` (path -> (model, cfg)): a round's weights; without
+        them a batch naming weights is dead-lettered."""
         self.model, self.cfg, self.redis = model, cfg, redis
+        self.models_root = models_root
+        self.load_weights = load_weights
+        self._round_model: tuple[Path, Any, Any] | None = None
         self.max_bytes = max_bytes
         self.image_root = Path(image_root)
         self.device = device
         self.batch_size = batch_size
         self.skipped_images = 0
 
-    def _check(self, msg: detector_pb2.ImageBatch) -> None:
+    def _model_for(self, weights: str) -> tuple[Any, Any]:
+        """(model, cfg) of a batch: the service's own, or the round's weights it names."""
+        if not weights:
+            return self.model, self.cfg
+        if self.models_root is None or self.load_weights is None:
+            raise InvalidEvent(f"this detector loads no round weights (asked for {weights!r})")
+        path = resolve_under(self.models_root, weights)
+        if path is None:
+            raise InvalidEvent(f"weights {weights!r} are not under the models root")
+        if self._round_model is not None and self._round_model[0] == path:
+            return self._round_model[1], self._round_model[2]
+        if not path.is_file():
+            raise InvalidEvent(f"weights {weights!r} do not exist under the models root")
+        try:
+            model, cfg = self.load_weights(path)
+        except MaskpropError as exc:
+            raise InvalidEvent(f"weights {weights!r}: {exc}") from None
+        self._round_model = (path, model, cfg)
+        log.info("round weights loaded", extra={"weights": str(path)})
+        return model, cfg
+
+    def _check(self, msg: detector_pb2.ImageBatch, cfg: Any = None) -> None:
+        """Raise :class:`InvalidEvent` for a malformed batch; ``cfg``: the model's (default
+        the service's own)."""
+        cfg = self.cfg if cfg is None else cfg
         try:
             check_name("campaign", msg.campaign)
         except ValueError as exc:
@@ -77,10 +117,10 @@ class DetectorHandler:
             raise InvalidEvent(f"an ImageBatch carries 1-{MAX_IMAGES_PER_BATCH} images")
         if msg.batch_count < 1 or msg.batch_index >= msg.batch_count:
             raise InvalidEvent("batch_index must be below batch_count (>= 1)")
-        if msg.class_names and tuple(msg.class_names) != tuple(self.cfg.classes):
+        if msg.class_names and tuple(msg.class_names) != tuple(cfg.classes):
             raise InvalidEvent(
                 f"campaign classes {list(msg.class_names)} differ from the model's "
-                f"{list(self.cfg.classes)}"
+                f"{list(cfg.classes)}"
             )
         ids = [ref.image_id for ref in msg.images]
         if any(not i for i in ids) or len(set(ids)) != len(ids):
@@ -92,7 +132,8 @@ class DetectorHandler:
         from maskprop_detector.infer import detect
 
         assert isinstance(msg, detector_pb2.ImageBatch)
-        self._check(msg)
+        model, cfg = self._model_for(msg.weights)
+        self._check(msg, cfg)
         pixels = []
         for ref in msg.images:
             try:
@@ -101,8 +142,8 @@ class DetectorHandler:
                 self.skipped_images += 1
                 log.warning("image skipped", extra={"image_id": ref.image_id, "reason": str(exc)})
         dets = detect(
-            self.model,
-            self.cfg,
+            model,
+            cfg,
             ((ref.image_id, px) for ref, px in pixels),
             batch_size=self.batch_size,
             device=self.device,
@@ -118,7 +159,7 @@ class DetectorHandler:
             Emit(topics.MASKS, key, ev)
             for key, ev in masks_events(
                 campaign=msg.campaign,
-                class_names=self.cfg.classes,
+                class_names=cfg.classes,
                 class_ids=dets.class_ids,
                 mask_ids=dets.mask_ids.tolist(),
                 image_ids=dets.image_ids.tolist(),
@@ -131,7 +172,7 @@ class DetectorHandler:
                 oversized=oversized,
             )
         ]
-        counts = {c: int((dets.class_ids == c).sum()) for c in range(len(self.cfg.classes))}
+        counts = {c: int((dets.class_ids == c).sum()) for c in range(len(cfg.classes))}
         for i, size in oversized:
             # A mask no event can carry is dead-lettered (with its metadata, not its RLE) and
             # left out of its class's expected count, so the class still closes.
@@ -147,7 +188,7 @@ class DetectorHandler:
                     total[int(c)] = total.get(int(c), 0) + int(n)
             out += [
                 Emit(topics.MASKS, k, ev)
-                for k, ev in closed_events(msg.campaign, self.cfg.classes, total)
+                for k, ev in closed_events(msg.campaign, cfg.classes, total)
             ]
             log.info(
                 "campaign detected", extra={"campaign": msg.campaign, "masks": sum(total.values())}
@@ -194,6 +235,10 @@ def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoo
         model, cfg, redis, image_root=settings.image_root, device=device,
         batch_size=settings.detector_batch_size,
         max_bytes=topics.record_limit(settings.kafka_max_message_bytes),
+        models_root=settings.models_root,
+        load_weights=lambda path: load_model(
+            path, device, backend=settings.detector_backend or None
+        ),
     )  # fmt: skip
     return EventLoop(
         service="detector",

@@ -68,17 +68,19 @@ class ImageRef(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class ImageBatch(_message.Message):
-    __slots__ = ("event_id", "campaign", "images", "batch_index", "batch_count", "class_names")
+    __slots__ = ("event_id", "campaign", "images", "batch_index", "batch_count", "class_names", "weights")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     BATCH_COUNT_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     campaign: str
     images: _containers.RepeatedCompositeFieldContainer[ImageRef]
     batch_index: int
     batch_count: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, event_id: _Optional[str] = ..., campaign: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ..., batch_index: _Optional[int] = ..., batch_count: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    weights: str
+    def __init__(self, event_id: _Optional[str] = ..., campaign: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ..., batch_index: _Optional[int] = ..., batch_count: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., weights: _Optional[str] = ...) -> None: ...
