@@ -394,16 +394,17 @@ def budget_status(
     redis = registry.redis
     spec = spec if spec is not None else registry.spec(name)
     cap = question_cap(spec)
-    leased = int(redis.get(leased_key(name)) or 0)
-    classes = [
-        k.decode() if isinstance(k, bytes) else str(k)
-        for k in redis.hkeys(_search_classes_key(name))
-    ]
+    leased = int(redis.get(leased_key(name)) or 0)  # every round's (one budget)
     pipe = redis.pipeline(transaction=False)
-    for k in classes:
-        pipe.hmget(_search_state_key(name, k), "masks", "accepted", "rejected")
+    queued = 0
+    for r in range(1, spec.budget.rounds + 1):  # every round's trees (campaign <name>.r<r>)
+        travels_as = round_campaign(name, r)
+        for raw in redis.hkeys(_search_classes_key(travels_as)):
+            k = raw.decode() if isinstance(raw, bytes) else str(raw)
+            pipe.hmget(_search_state_key(travels_as, k), "masks", "accepted", "rejected")
+            queued += 1
     masks = accepted = rejected = 0
-    for row in pipe.execute() if classes else []:
+    for row in pipe.execute() if queued else []:
         m, a, r = (int(v or 0) for v in row)
         masks, accepted, rejected = masks + m, accepted + a, rejected + r
     forecast = 0.0
@@ -426,7 +427,8 @@ def budget_status(
 def campaign_status(registry: CampaignRegistry, name: str) -> campaign_pb2.CampaignStatus:
     """The campaign with each stage's progress: images accepted, batches published (broker
     ack), batches detected and masks found (the detector's counts), classes whose trees
-    reached search; and the refused images by reason."""
+    reached search, each again as ``round r ...`` for rounds r > 1; and the refused images by
+    reason.  The budget counts every round."""
     redis = registry.redis
     campaign = registry.get(name)
     plan = read_plan(redis, name)
@@ -447,6 +449,30 @@ def campaign_status(registry: CampaignRegistry, name: str) -> campaign_pb2.Campa
             total=len(campaign.spec.classes),
         ),
     ]
+    for r in range(2, campaign.spec.budget.rounds + 1):  # `campaign next-round`'s rounds
+        travels_as = round_campaign(name, r)
+        published = read_plan(redis, name, r)
+        found = redis.hvals(_detector_counts_key(travels_as))
+        stages += [
+            campaign_pb2.StageCount(
+                stage=f"round {r} batches published",
+                done=published.published if published else 0,
+                total=batches,
+            ),
+            campaign_pb2.StageCount(
+                stage=f"round {r} batches detected", done=len(found), total=batches
+            ),
+            campaign_pb2.StageCount(
+                stage=f"round {r} masks detected",
+                done=sum(int(n) for raw in found for n in json.loads(raw).values()),
+                total=0,
+            ),
+            campaign_pb2.StageCount(
+                stage=f"round {r} classes in search",
+                done=int(redis.hlen(_search_classes_key(travels_as))),
+                total=len(campaign.spec.classes),
+            ),
+        ]
     return campaign_pb2.CampaignStatus(
         campaign=campaign,
         stages=stages,

@@ -25,6 +25,7 @@ from maskprop_runtime.bus import InMemoryBus  # noqa: E402
 from maskprop_runtime.campaigns import CampaignError, CampaignRegistry  # noqa: E402
 from maskprop_runtime.ingest import (  # noqa: E402
     IngestSettings,
+    campaign_status,
     check_images,
     publish_plan,
     read_plan,
@@ -108,6 +109,14 @@ def test_round_two_re_detects_with_its_weights_into_new_trees(tmp_path: Path) ->
             loaded = batch.held[k].loaded
             assert loaded is not None  # opened with the campaign's parameters, not the process's
             assert loaded.session.params == params and loaded.session.strategy == "bfs"
+
+    status = campaign_status(registry, "shapes")
+    stages = {st.stage: (st.done, st.total) for st in status.stages}
+    assert stages["batches detected"] == stages["round 2 batches detected"] == (2, 2)
+    assert stages["round 2 batches published"] == (2, 2)
+    assert stages["round 2 masks detected"][0] == sum(second.values())
+    assert stages["round 2 classes in search"] == (len(round2), 2)
+    assert status.budget.masks == stages["masks detected"][0] + sum(second.values())
 
     # one budget across rounds: round 2's leases count against the campaign's 30 questions
     gate = CampaignGate(redis)
