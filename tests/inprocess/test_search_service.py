@@ -629,3 +629,61 @@ def test_replicas_lease_their_own_classes_and_take_over_a_silent_one(tmp_path, p
     counts, _ = labels_on_bus(w.bus)
     assert set(counts) == {mask_id(i) for i in range(len(w.pool))}
     assert set(counts.values()) == {1}
+
+
+def test_a_lease_whose_caller_timed_out_commits_nothing(wired, caplog):
+    """Issue #15: a caller's gRPC deadline passed while its lease waited on a class lock; search
+    must not then commit the lease (nobody holds it: its questions would be lost to everyone
+    for lease_seconds).  The questions stay in the pool; the client logs the timeout."""
+    import logging
+    from concurrent import futures
+
+    import grpc
+    from maskprop_gateway.search_client import GrpcSearchClient, SearchUnavailable
+    from maskprop_search.grpc_api import SearchServicer
+
+    from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
+
+    wired.publish_pool()
+    wired.settle()
+    classes = wired.core.classes("c1")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(wired.core), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = GrpcSearchClient(f"127.0.0.1:{port}", timeout_s=0.6)
+    try:
+        # Another call holds every class: the lease waits past its caller's deadline.
+        with wired.core.store.locked("c1", classes, load=False):
+            with caplog.at_level(logging.WARNING), pytest.raises(SearchUnavailable):
+                client.lease("c1", 20, "w1")
+            time.sleep(0.3)  # the handler is still waiting on the locks
+        assert "LeaseQuestions timed out" in caplog.text
+    finally:
+        server.stop(grace=30).wait()  # the handler finishes (and must not commit)
+        client.close()
+    for k in classes:
+        assert wired.redis.zcard(class_key("c1", k, "leases")) == 0
+    # The budget reserved for it was refunded and its questions are in the pool: the campaign
+    # finishes (a lost lease would leave leases empty and the campaign not done for 600 s).
+    annotate(wired)
+    assert wired.core.progress("c1").done
+
+
+def test_a_lease_past_its_deadline_gives_back_every_question(wired, monkeypatch):
+    """The deadline passes while the lease holds its classes (after the start check): nothing
+    stays leased, the call raises CallerGone, and the next lease hands the questions out."""
+    import maskprop_search.core as core_mod
+    from maskprop_search.core import CallerGone
+
+    wired.publish_pool()
+    wired.settle()
+    ticks = iter([0.0])  # the first reading (the start check) is in time, later ones are late
+    monkeypatch.setattr(core_mod.time, "monotonic", lambda: next(ticks, 100.0))
+    with pytest.raises(CallerGone):
+        wired.core.lease("c1", 500, answer_by=50.0)
+    monkeypatch.undo()
+    for k in wired.core.classes("c1"):
+        assert wired.redis.zcard(class_key("c1", k, "leases")) == 0
+    annotate(wired)
+    assert wired.core.progress("c1").done

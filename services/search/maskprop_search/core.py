@@ -43,6 +43,11 @@ from maskprop_search.store import owner as store_owner
 log = logging.getLogger(__name__)
 
 
+class CallerGone(Exception):
+    """A lease whose caller's deadline passed before it could be committed: nothing was
+    leased (the questions stay in the pool), so the caller's retry finds them (issue #15)."""
+
+
 @functools.lru_cache(maxsize=65536)
 def _owner(live: tuple[str, ...], campaign: str, class_id: int) -> str:
     return store_owner(list(live), campaign, class_id)
@@ -173,17 +178,30 @@ class SearchCore:
 
     # ------------------------------------------------------------------ API
     def lease(
-        self, campaign: str, max_questions: int, owner: str = ""
+        self,
+        campaign: str,
+        max_questions: int,
+        owner: str = "",
+        *,
+        answer_by: float | None = None,
     ) -> tuple[list[search_pb2.Question], bool]:
         """:meth:`_lease` within the campaign's budget and state (:mod:`.budget`): the
         questions are reserved before they are handed out, none beyond the budget and none
         while the campaign is paused or stopped; ``done`` is also true once it is stopped or
-        its budget is spent (nothing will be handed out again)."""
+        its budget is spent (nothing will be handed out again).
+
+        ``answer_by``: the ``time.monotonic()`` by which the caller must have the answer (its
+        gRPC deadline less a margin).  A lease that waited on class locks past it commits
+        nothing and raises :class:`CallerGone`: a lease committed for a caller that already
+        gave up would keep its questions from everyone for ``lease_seconds`` (issue #15:
+        with two replicas a campaign stalled on such leases for its last 82 s)."""
+        if answer_by is not None and time.monotonic() > answer_by:
+            raise CallerGone("the caller's deadline passed before the lease started")
         grant = self.gate.reserve(campaign, max_questions)
         if grant.questions <= 0 and max_questions > 0:
             return [], grant.finished
         try:
-            out, done = self._lease(campaign, grant.questions, owner)
+            out, done = self._lease(campaign, grant.questions, owner, answer_by)
         except BaseException:
             self.gate.refund(grant, 0)
             raise
@@ -191,7 +209,7 @@ class SearchCore:
         return out, done
 
     def _lease(
-        self, campaign: str, max_questions: int, owner: str = ""
+        self, campaign: str, max_questions: int, owner: str = "", answer_by: float | None = None
     ) -> tuple[list[search_pb2.Question], bool]:
         """Up to ``max_questions`` questions over the campaign's classes; (questions, done).
 
@@ -205,8 +223,13 @@ class SearchCore:
         Replicas spread the classes: the classes this replica owns among the live ones
         (:func:`~maskprop_search.store.owner`) come first, the others only when those cannot
         fill the call (their owner serves them), so two replicas' leases rarely meet on a
-        class lock or make each other's copies stale."""
+        class lock or make each other's copies stale.
+
+        Past ``answer_by`` (checked with the classes locked, just before the save commits) the
+        batch's questions go back to its sessions unleased, those of earlier batches are
+        given back (:meth:`_give_back`), and :class:`CallerGone` is raised."""
         out: list[search_pb2.Question] = []
+        committed: list[tuple[str, Question]] = []  # (question id, question) saved as leased
         live, survey = self.store.survey(campaign, self.clock())  # one round trip
         if not survey:
             return out, False
@@ -238,7 +261,9 @@ class SearchCore:
                 taken += 1
             if not serve:
                 break
+            gone = False
             with self.store.locked(campaign, serve) as batch:
+                leased: dict[int, list[Question]] = {}
                 for k in serve:
                     loaded = batch.held[k].loaded
                     assert loaded is not None
@@ -253,16 +278,56 @@ class SearchCore:
                         held.drop_leases = expired
                     done[k] = loaded.session.done
                     if qs:
+                        leased[k] = qs
                         out += wire.questions(campaign, loaded.masks, qs, deadline)
+                if answer_by is not None and leased and time.monotonic() > answer_by:
+                    # The caller gave up: save the sessions with these questions back in
+                    # the pool (the decisions leasing made stand) and no lease entries.
+                    gone = True
+                    for k, qs in leased.items():
+                        held = batch.held[k]
+                        assert held.loaded is not None
+                        held.loaded.session.expire(qs)
+                        held.add_leases = {}
+                else:
+                    committed += [
+                        (wire.question_id(campaign, q), q) for qs in leased.values() for q in qs
+                    ]
             events += batch.events
+            if gone:
+                self._published(events)
+                self._give_back(campaign, committed)
+                raise CallerGone(
+                    f"the caller's deadline passed while the lease waited on classes {serve}"
+                )
             overdue = []
             at_least *= 2
             if len(out) >= max_questions or not candidates:
                 break
         self._published(events)
+        if answer_by is not None and committed and time.monotonic() > answer_by:
+            self._give_back(campaign, committed)
+            raise CallerGone("the caller's deadline passed while the lease went on")
         if out:
             log.debug("leased", extra={"campaign": campaign, "n": len(out), "owner": owner})
         return out, not out and all(done.values())
+
+    def _give_back(self, campaign: str, leased: list[tuple[str, Question]]) -> None:
+        """Return questions this call saved as leased to their sessions' pools and drop their
+        lease entries (their caller is gone)."""
+        if not leased:
+            return
+        by_class: dict[int, list[tuple[str, Question]]] = {}
+        for qid, q in leased:
+            by_class.setdefault(q.class_id, []).append((qid, q))
+        with self.store.locked(campaign, by_class) as batch:
+            for k, items in by_class.items():
+                held = batch.held[k]
+                assert held.loaded is not None
+                held.loaded.session.expire(q for _, q in items)
+                held.drop_leases = [qid for qid, _ in items]
+                held.changed = True
+        self._published(batch.events)
 
     def _expire(self, campaign: str, class_id: int, loaded: Loaded) -> list[str]:
         """Give overdue leases back to the pool; returns their question ids."""

@@ -11,12 +11,15 @@ import grpc
 from maskprop_runtime.metrics import RPC_SECONDS
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 from maskprop_runtime.treestore import check_name
-from maskprop_search.core import SearchCore
+from maskprop_search.core import CallerGone, SearchCore
 from maskprop_search.wire import BadRequest
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+#: A lease commits only while at least this much of its caller's deadline is left: the
+#: response still has to reach the caller (issue #15).
+COMMIT_MARGIN_S = 0.5
 
 
 def _campaign(context: Any, campaign: str) -> str:
@@ -36,10 +39,18 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         campaign = _campaign(context, request.campaign)
         if not 1 <= request.max_questions <= MAX_BATCH:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_questions must be 1..{MAX_BATCH}")
+        # A deadline-less call has an infinite time_remaining(): no bound.
+        remaining = context.time_remaining()
+        answer_by = None if remaining > 1e9 else time.monotonic() + remaining - COMMIT_MARGIN_S
         try:
-            qs, done = self.core.lease(campaign, request.max_questions, request.lease_owner)
+            qs, done = self.core.lease(
+                campaign, request.max_questions, request.lease_owner, answer_by=answer_by
+            )
         except BadRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except CallerGone as exc:
+            log.warning("lease not committed: its caller's deadline passed: %s", exc)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         RPC_SECONDS.labels("LeaseQuestions").observe(time.perf_counter() - started)
         return search_pb2.LeaseQuestionsResponse(questions=qs, campaign_done=done)
 

@@ -52,6 +52,7 @@ class GrpcSearchClient:
         self._timeout = timeout_s
 
     def _call(self, method: Any, request: Any) -> Any:
+        name = type(request).__name__.removesuffix("Request")
         try:
             return method(request, timeout=self._timeout)
         except grpc.RpcError as exc:
@@ -61,8 +62,14 @@ class GrpcSearchClient:
                 raise SearchRejected(f"search refused the request: {details}") from None
             if code == grpc.StatusCode.NOT_FOUND:
                 raise SearchNotFound(f"search: {details}") from None
-            if code not in _UNAVAILABLE:
-                log.error("search call failed: %s %s", code, details)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Logged (issue #15): a lease search committed after its caller gave up held
+                # its questions from everyone for the lease time, without a trace.
+                log.warning(
+                    "search call %s timed out after %.1f s: %s", name, self._timeout, details
+                )
+            elif code not in _UNAVAILABLE:
+                log.error("search call %s failed: %s %s", name, code, details)
             raise SearchUnavailable(details) from None
 
     def lease(self, campaign: str, n: int, owner: str) -> tuple[list[search_pb2.Question], bool]:
