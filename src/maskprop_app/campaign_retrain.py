@@ -17,6 +17,7 @@ round is its ``maskprop_round``, else the file's position (1, 2, ...).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ def _accepted(
     files: Sequence[Path], images_root: Path, category_of: dict[str, int]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(images, annotations) of every accepted file, image ids renumbered by file name (the
-    same image in two rounds is one image), annotations in round order."""
+    same image in two rounds is one image), in a canonical order (below)."""
     images: dict[str, dict[str, Any]] = {}
     anns: list[dict[str, Any]] = []
     for position, path in enumerate(files, start=1):
@@ -62,8 +63,23 @@ def _accepted(
                     maskprop_round=int(a.get("maskprop_round", position)),
                 )
             )
-    anns.sort(key=lambda a: a["maskprop_round"])  # stable: earlier rounds first, then order
-    return list(images.values()), anns
+    # One canonical order, whatever the files' (the embedded run writes its masks in detection
+    # order, the sink's export in its shards' order): images by file name, masks by round,
+    # image, class and RLE.  The order decides which of two repeats de-duplication keeps and
+    # the training set's indices, so the same accepted masks give the same weights.
+    names = sorted(images)
+    renumber = {images[n]["id"]: k for k, n in enumerate(names, start=1)}
+    ordered = [dict(images[n], id=renumber[images[n]["id"]]) for n in names]
+    for a in anns:
+        a["image_id"] = renumber[a["image_id"]]
+    anns.sort(
+        key=lambda a: (
+            a["maskprop_round"], names[a["image_id"] - 1], a["category_id"],
+            str(a["segmentation"].get("counts", "")) if isinstance(a["segmentation"], dict)
+            else json.dumps(a["segmentation"]),
+        )
+    )  # fmt: skip
+    return ordered, anns
 
 
 def retrain(

@@ -112,3 +112,33 @@ def test_bad_input_is_refused_before_training(pool, tmp_path) -> None:
     assert not (tmp_path / "w.pt").exists()
     res = CliRunner().invoke(app, ["campaign", "retrain", "--accepted", str(gt)])
     assert res.exit_code == 2 and "NAME" in res.output
+
+
+def test_the_accepted_masks_order_does_not_change_what_is_trained_on(pool, tmp_path) -> None:
+    """The embedded run writes its masks in detection order, the sink's export in its shards'
+    order: the same masks in another order (and under other image ids) must give the same
+    training set, or the two runs' next rounds would differ."""
+    from maskprop_app.campaign_retrain import _accepted
+
+    _, images_root, gt = pool
+    images, anns, cats = load_coco_instances(gt)
+    forward = _round_file(tmp_path / "a.json", gt, {im["id"] for im in images}, 1)
+    write_coco(
+        tmp_path / "b.json",
+        info={},
+        images=[dict(im, id=im["id"] + 100) for im in reversed(images)],
+        annotations=[
+            dict(a, id=k, image_id=a["image_id"] + 100, maskprop_round=1)
+            for k, a in enumerate(reversed(anns), start=1)
+        ],
+        categories=cats,
+    )
+    category_of = {str(c["name"]): int(c["id"]) for c in cats}
+    a_images, a_anns = _accepted([forward], images_root, category_of)
+    b_images, b_anns = _accepted([tmp_path / "b.json"], images_root, category_of)
+    assert a_images == b_images and len(a_anns) == len(anns) > 1
+
+    def strip(xs: list[dict]) -> list[tuple]:
+        return [(x["image_id"], x["category_id"], x["segmentation"]["counts"]) for x in xs]
+
+    assert strip(a_anns) == strip(b_anns)
