@@ -67,14 +67,14 @@ def _accepted(
     # order, the sink's export in its shards' order): images by file name, masks by round,
     # image, class and RLE.  The order decides which of two repeats de-duplication keeps and
     # the training set's indices, so the same accepted masks give the same weights.
-    files = sorted(images)
-    renumber = {images[n]["id"]: k for k, n in enumerate(files, start=1)}
-    ordered = [dict(images[n], id=renumber[images[n]["id"]]) for n in files]
+    image_names = sorted(images)
+    renumber = {images[n]["id"]: k for k, n in enumerate(image_names, start=1)}
+    ordered = [dict(images[n], id=renumber[images[n]["id"]]) for n in image_names]
     for a in anns:
         a["image_id"] = renumber[a["image_id"]]
     anns.sort(
         key=lambda a: (
-            a["maskprop_round"], files[a["image_id"] - 1], a["category_id"],
+            a["maskprop_round"], image_names[a["image_id"] - 1], a["category_id"],
             str(a["segmentation"].get("counts", "")) if isinstance(a["segmentation"], dict)
             else json.dumps(a["segmentation"]),
         )
