@@ -141,9 +141,18 @@ class SearchCore:
 
     # ------------------------------------------------------------------ the label relay
     def _publish(self, entries: list[tuple[bytes, bytes]]) -> None:
-        """Outbox ``publish``: send a batch of label events, one broker flush (the ack)."""
+        """Outbox ``publish``: send a batch of label events, one broker flush (the ack).  An
+        entry that is a record of decisions (what saves write: :func:`wire.pack_decisions`)
+        goes out as its label events (:func:`wire.expand_decisions`), built here, off the
+        class locks; a crash before the ack sends the same events (same ids) again."""
         for key, value in entries:
-            self.producer.send(topics.LABELS, key, value)
+            if wire.is_decisions(value):
+                for k, event in wire.expand_decisions(
+                    value, self.store.class_masks, max_bytes=self.store.label_bytes
+                ):
+                    self.producer.send(topics.LABELS, k, event)
+            else:  # an event saved before decisions records (or by an older replica)
+                self.producer.send(topics.LABELS, key, value)
         self.producer.flush()
 
     def drain_outbox(self, batch: int | None = None) -> int:

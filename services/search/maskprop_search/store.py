@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 from redis.exceptions import LockError
 
 from maskprop.errors import MaskpropError
-from maskprop.session import AnnotationSession, Decision
+from maskprop.session import AnnotationSession
 from maskprop.tree import Tree
 from maskprop_runtime import topics
 from maskprop_runtime.outbox import Outbox, Publish, relay_loop
@@ -74,6 +74,8 @@ REPLICAS_KEY = "maskprop:search:replicas"
 #: A replica that has not leased for this long no longer owns classes.
 REPLICA_TTL_S = 10.0
 RELAY_LOCK_MS = 10_000  # a relay killed mid-batch delays the outbox this long
+#: Mask tables of classes not cached that the relay keeps to expand decisions records.
+RELAY_TABLES = 2
 #: Events per broker flush when the relay publishes the outbox (an event is at most
 #: wire.LABELS_PER_EVENT labels, ~1 MB; sweeps make small ones).
 RELAY_BATCH = 200
@@ -455,6 +457,9 @@ class SearchStore:
         self.outboxes = LabelOutboxes(redis)
         self.cache = SessionCache(cache_masks)
         self._local_locks: dict[tuple[str, int], threading.Lock] = {}
+        # mask tables the relay loaded for classes not in the session cache
+        self._relay_masks: OrderedDict[tuple[str, int], ClassMasks] = OrderedDict()
+        self._relay_guard = threading.Lock()
         self._locks_guard = threading.Lock()
         # Script objects reload themselves after a Redis restart (NOSCRIPT).
         self._acquire_script = redis.register_script(_ACQUIRE)
@@ -539,6 +544,28 @@ class SearchStore:
         """Question ids of the class whose lease deadline is at or before ``now``."""
         key = class_key(campaign, class_id, "leases")
         return [q.decode() for q in self.r.zrangebyscore(key, "-inf", now)]
+
+    def class_masks(self, campaign: str, class_id: int) -> ClassMasks:
+        """A class's mask table for the label relay (:func:`wire.expand_decisions`): this
+        process's cached copy's, else the class file's (kept in a small LRU of its own)."""
+        copy = self.cache.get((campaign, class_id))
+        if copy is not None:
+            return copy.masks
+        key = (campaign, class_id)
+        with self._relay_guard:
+            masks = self._relay_masks.get(key)
+            if masks is not None:
+                self._relay_masks.move_to_end(key)
+                return masks
+        meta_raw = self.r.hget(classes_key(campaign), str(class_id))
+        if meta_raw is None:
+            raise BadRequest(f"campaign {campaign!r} has no class {class_id}")
+        _, masks = wire.load_class(Path(json.loads(meta_raw)["tree_uri"]))
+        with self._relay_guard:
+            self._relay_masks[key] = masks
+            while len(self._relay_masks) > RELAY_TABLES:
+                self._relay_masks.popitem(last=False)
+        return masks
 
     # ------------------------------------------------------------------ locked calls
     @contextmanager
@@ -702,10 +729,9 @@ class SearchStore:
             assert loaded is not None
             k, session = h.class_id, loaded.session
             decisions = [d for d in session.pop_decisions() if d.terminal]
-            entries = wire.label_entries(
-                campaign, k, loaded.masks, session, decisions, max_bytes=self.label_bytes
-            )
-            accepted, rejected = _decided(session, decisions)
+            # The decisions, not their label events: the relay expands them off the lock.
+            record, accepted, rejected = wire.pack_decisions(campaign, k, session, decisions)
+            entries = [(topics.class_key(campaign, k), record)] if record else []
             if session.needs_rebase():
                 mode, payload = "b", session.rebase()
             else:
@@ -740,13 +766,3 @@ class SearchStore:
         if events:
             self.outboxes.signal()
         return events
-
-
-def _decided(session: AnnotationSession, decisions: list[Decision]) -> tuple[int, int]:
-    """Masks the terminal ``decisions`` (of one class) labelled accepted and rejected: the
-    increments of the class's counters (a mask is decided once, its label never changes)."""
-    if not decisions:
-        return 0, 0
-    _, labels, _, _ = session.decisions_labels(decisions)
-    accepted = int((labels == 1).sum())
-    return accepted, int(labels.shape[0]) - accepted

@@ -114,3 +114,42 @@ def test_progress_is_done_only_with_classes_all_done() -> None:
     session, _ = _session(20, seed=3)
     msg, done = wire.class_progress(0, session, _masks(20))
     assert (msg.masks, msg.undecided_masks, msg.class_name, done) == (20, 20, "cat", False)
+
+
+def test_a_decisions_record_expands_into_the_same_events_byte_for_byte() -> None:
+    """What saves write to the outbox (issue #15): the decisions in ~5 bytes a mask; the relay
+    expands them into exactly the events label_entries makes (same ids, same bytes)."""
+    n = 300
+    session, iou = _session(n, seed=5)
+    masks = _masks(n)
+    records, decisions = [], []
+    while not session.done:
+        qs = session.lease(7)
+        # wrong answers too, so reused answers make VERIFIED labels against their cluster's
+        session.submit(
+            Answer(q.class_id, q.node, q.mask, bool(iou[q.mask] >= 0.5) != (q.mask % 5 == 0))
+            for q in qs
+        )
+        batch = [d for d in session.pop_decisions() if d.terminal]
+        if batch:
+            decisions.append(batch)
+            records.append(wire.pack_decisions("c1", 0, session, batch))
+    sources = set()
+    total = accepted = 0
+    for batch, (record, acc, rej) in zip(decisions, records, strict=True):
+        expected = wire.label_entries("c1", 0, masks, session, batch, max_bytes=900)
+        assert wire.is_decisions(record)
+        got = wire.expand_decisions(record, lambda c, k: masks, max_bytes=900)
+        assert got == expected
+        rows, values, src, _ = session.decisions_labels(batch)
+        assert (acc, rej) == (int((values == 1).sum()), int((values == 0).sum()))
+        assert len(record) < 200 + 40 * len(batch) + 5 * rows.shape[0]
+        sources |= set(src.tolist())
+        total += rows.shape[0]
+        accepted += acc
+    assert total == n and accepted == int((session.labels(0) == 1).sum())
+    assert sources == {1, 2}  # propagated and verified labels both went through the record
+    assert wire.pack_decisions("c1", 0, session, []) == (b"", 0, 0)
+    assert not wire.is_decisions(search_pb2.LabelsPropagated(event_id="x").SerializeToString())
+    with pytest.raises(ValueError):
+        wire.unpack_decisions(records[0][0][:-1])
