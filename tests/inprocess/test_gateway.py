@@ -72,6 +72,12 @@ def pending(stack) -> int:
     return int(stack.wired.redis.xlen(keys.LABEL_OUTBOX))
 
 
+def settled(client) -> None:
+    """Let the gateway's settler apply every answer marked so far (it runs in a thread, off
+    the request path, issue #18): tests check answers' effects right after their requests."""
+    client.app.state.gateway.settle_pending()
+
+
 def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
     """Workers lease and answer until the campaign is done; returns blocked workers."""
     blocked: dict[str, str] = {}
@@ -111,6 +117,7 @@ def run_crowd(client, stack, workers, batch=25, max_rounds=2000):
             )
             assert s.status_code == 200, s.text
             worked = True
+        settled(client)
         # A round without work can be the last one: search's remaining candidate clusters may
         # all be decided without a question (auto-reject / auto-split) while leasing, so the
         # next progress check says done.  Two in a row means the crowd is stuck.
@@ -144,6 +151,7 @@ def one_round(client, stack, worker, batch):
         headers=stack.headers(),
     )
     assert s.status_code == 200, s.text
+    settled(client)
     return lease, s.json()
 
 
@@ -539,6 +547,11 @@ def test_gold_and_real_questions_look_the_same_to_vendors_and_workers(tmp_path, 
                 )
             status = client.get(f"/v1/leases/{lid}", headers=h).json()
             assert status["answered"] == status["questions"] == len(lease["questions"])
+        settled(client)
+        # the campaign's progress counts every answer and no gold: it would tell which
+        # answers were gold to a vendor reading it after each one
+        prog = client.get("/v1/progress", params={"campaign": "gw"}, headers=h).json()
+        assert prog["gold_answers"] == 0 and prog["worker_answers"] >= counts["g"] + counts["r"]
     assert counts["g"] >= 5 and counts["r"] >= 40, counts
     # gold takes real questions' places: never more questions than asked for (with gold on
     # top, 21 for 20 said "one of these is gold"); a full lease may hold gold or not
@@ -582,14 +595,13 @@ def test_a_retry_takes_over_the_key_of_a_gateway_that_died_mid_request(tmp_path,
         # the dead request: it held the key and marked the answers, nothing after
         fp = IdempotencyStore.fingerprint(AnswersRequest.model_validate(body).model_dump())
         assert gw.idempotency.begin("acme", "retry-1", fp) is not None
-        refs = gw.lease("acme", lease["lease_id"])["refs"]
+        record = gw.lease("acme", lease["lease_id"])
+        refs = record["refs"]
         gw.leases.mark_answered(
+            record,
             lease["lease_id"],
-            "gw",
-            [
-                (a["question_id"], refs[a["question_id"]][0], a["elapsed_ms"])
-                for a in body["answers"]
-            ],
+            [(a["question_id"], a["answer"], a["elapsed_ms"]) for a in body["answers"]],
+            now=time.time(),
             tag="retry-1",
             times_key=gw.qc.times_key("acme:h0"),
             window=gw.qc.policy.window,
@@ -603,7 +615,9 @@ def test_a_retry_takes_over_the_key_of_a_gateway_that_died_mid_request(tmp_path,
         assert first.status_code == 200, first.text
         assert first.json()["accepted"] == n and first.json()["duplicates"] == 0
         real = sum(refs[a["question_id"]][0] == "r" for a in body["answers"])
+        settled(client)  # the dead request's marks reached the inbox with them: applied once
         assert answered() == before + real  # every real answer reached search, once
         again = client.post("/v1/answers", json=body, headers=h)
+        settled(client)
         assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
         assert answered() == before + real

@@ -10,7 +10,9 @@ loop although their Redis calls are synchronous.  Each call blocks the loop for 
 (~0.1 ms on loopback), which costs less than what it avoids: with route bodies on 8 worker
 threads, the GIL changed hands around every Redis call, and under 32 concurrent workers the
 same requests took ~30 % more CPU (bench_gateway.py).  Calls into search (tens of ms) stay off
-the loop: the forwarder thread sends decided labels, leases top up the question pool from a
+the loop: the settler thread applies answers (scoring, votes, labels: off the request path,
+so a response's time is the same for hidden gold and real questions), the forwarder thread
+sends decided labels, leases top up the question pool from a
 thread (one search call at a time per campaign), and progress, images and overlays run in
 worker threads (``MASKPROP_HTTP_THREADS``).  More throughput: more gateway processes.
 """
@@ -88,6 +90,8 @@ def create_app(
         stop_forwarder = (
             app.state.gateway.start_forwarder() if settings.forward_linger_s > 0 else None
         )
+        # answers are applied off the request path, in every mode (embedded too)
+        stop_settler = app.state.gateway.start_settler()
         app.state.expired_hooks = []
         stop_webhooks = webhooks.install(app, r)  # signed vendor callbacks, retried
         task = asyncio.create_task(_expire_loop(app, expiry_interval_s))
@@ -97,6 +101,7 @@ def create_app(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await asyncio.to_thread(stop_settler)  # applies what requests marked
         if stop_forwarder is not None:
             await asyncio.to_thread(stop_forwarder)  # sends what requests queued
         if isinstance(client, GrpcSearchClient):

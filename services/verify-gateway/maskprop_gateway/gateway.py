@@ -5,7 +5,9 @@
 * :mod:`~maskprop_gateway.quality`: worker quality control (qualification, hidden gold,
   suspension, the weighted vote; its rules in :mod:`~maskprop_gateway.qc_rules`);
 * :mod:`~maskprop_gateway.topups`: refills of the pool from search;
-* :mod:`~maskprop_gateway.forwarder`: decided labels to search, through the label outbox.
+* :mod:`~maskprop_gateway.forwarder`: decided labels to search, through the label outbox;
+* :mod:`~maskprop_gateway.settler`: answers applied off the request path (scoring, votes,
+  labels), from the answer inbox the request path appends to.
 
 Its Redis keys are all in :mod:`maskprop_gateway.keys`.  Gold answers never leave quality
 control, and gold ids never leave the gateway: a lease shows every question under an opaque id.
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from maskprop.metrics import cost_usd, human_hours
+from maskprop_gateway import keys
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.errors import Forbidden, Gone, Invalid
 from maskprop_gateway.forwarder import Forwarder
@@ -30,6 +33,7 @@ from maskprop_gateway.pool import QuestionPool
 from maskprop_gateway.quality import QualityControl, QualityError
 from maskprop_gateway.search_client import SearchClient
 from maskprop_gateway.settings import GatewaySettings
+from maskprop_gateway.settler import InboxEntry, Poison, Settler
 from maskprop_gateway.topups import TopUps
 from maskprop_gateway.views import ItemView, LeaseOffer
 
@@ -71,6 +75,13 @@ class Gateway:
         )
         self.forwarder = Forwarder(
             redis, search, self.pool, self.topups, linger_s=settings.forward_linger_s
+        )
+        # applies marked answers off the request path (a thread: start_settler)
+        self.settler = Settler(
+            redis,
+            self._apply,
+            on_settled=self.topups.announce,
+            reclaim_idle_s=settings.settle_reclaim_s,
         )
         # called with (vendor_id, lease_id) after answers were recorded (vendor callbacks)
         self.submitted_hooks: list[Callable[[str, str], None]] = []
@@ -170,11 +181,18 @@ class Gateway:
         the loop; topping up from search (tens of ms) runs in a thread, one call at a time per
         campaign whose result every lease waiting for it shares, and starts early
         (:meth:`TopUps.before_lease`); an empty pool waits a little for the questions answers
-        in flight open (:meth:`TopUps.wait_for_questions`)."""
+        in flight open (:meth:`TopUps.wait_for_questions`): answers not applied yet by the
+        settler, decided labels not yet in search."""
         n = min(max_questions, self.settings.max_lease_questions)
         ready = await self.topups.before_lease(campaign, n)
-        await self.topups.wait_for_questions(campaign, ready, self.forwarder.forwarding)
+        await self.topups.wait_for_questions(campaign, ready, self.answers_in_flight)
         return self.create_lease(vendor_id, worker_id, campaign, max_questions, refill=False)
+
+    def answers_in_flight(self) -> bool:
+        """Whether answers this process received may still free or open questions: marked
+        but not applied (:meth:`Settler.pending`), or decided labels on their way to search
+        (:meth:`Forwarder.forwarding`)."""
+        return self.settler.pending() or self.forwarder.forwarding()
 
     async def drain_refills(self) -> None:
         """At shutdown: let the top-ups in flight finish (their questions are in the pool)."""
@@ -217,91 +235,69 @@ class Gateway:
         request_key: str | None = None,
     ) -> dict[str, Any]:
         """Record one worker's answers (opaque id, answer, elapsed ms) to its lease: one
-        answer per question counts, gold is scored, real answers are votes; questions decided
-        by them go to search (:meth:`Forwarder.forward`).
+        answer per question counts.  The request path does only what is the same for hidden
+        gold and real questions (issue #18: one answer's response time must not tell them
+        apart): check the lease and the answers, mark the new answers answered and append
+        them to the answer inbox (one Lua step, :meth:`Leases.mark_answered`), read the
+        worker's standing (:meth:`QualityControl.status`).  Scoring gold, votes, suspension,
+        the tally and forwarding happen in the settler (:meth:`settle_pending`,
+        :mod:`~maskprop_gateway.settler`), shortly after; a qualification lease (its kind is
+        no secret) is applied before the response, so its answer says whether the worker
+        passed.
 
-        Answers already marked as answered in the lease (a retry) go through scoring, voting
-        and the tally again: the request that marked them may have died before it voted (a
-        killed gateway, issue #18).  Each of those steps keeps the first write (a vote per
-        worker and question, a gold score per worker and item, a qualification answer, a
-        label per question), so nothing counts twice and a retry, with or without an
-        Idempotency-Key, completes what the first attempt left.  A mark carries the
-        ``request_key`` (Idempotency-Key) of the request that made it, so the re-run of a key
-        taken over (:mod:`~maskprop_gateway.idempotency`) reports as accepted exactly what
-        the first response would have said: the answers it or the dead attempt marked, not
-        those an earlier request marked.  An answer's time is recorded in the step that marks
-        it, once."""
+        ``worker_status`` is the worker's standing when the answers were recorded, before the
+        settler applies them: a suspension these answers cause shows on the worker's next
+        request.  A retry is safe: an answer already marked is a duplicate, and its effects
+        come from the inbox entry of the request that marked it (appended in the same step).
+        A mark carries the ``request_key`` (Idempotency-Key) of the request that made it, so
+        the re-run of a key taken over (:mod:`~maskprop_gateway.idempotency`) reports as
+        accepted exactly what the first response would have said: the answers it or the dead
+        attempt marked, not those an earlier request marked."""
         lease = self.leases.get(vendor_id, lease_id)
         if lease["worker"] != worker_id:
             raise Forbidden("this lease belongs to another worker")
-        if float(lease["expires"]) < self.clock():
+        now = self.clock()
+        if float(lease["expires"]) < now:
             raise Gone("lease expired; its questions went back to the pool")
         refs: dict[str, list[str]] = lease["refs"]
         unknown = [oid for oid, _, _ in answers if oid not in refs]
         if unknown:
             raise Invalid(f"questions not in this lease: {unknown[:3]}")
         worker = f"{vendor_id}:{worker_id}"
-        campaign = lease["campaign"]
         try:
             self.qc.check_answer_times(ms for _, _, ms in answers)
         except QualityError as exc:
             raise Invalid(str(exc)) from None
 
-        codes, recent = self.leases.mark_answered(
+        codes, entry_id = self.leases.mark_answered(
+            lease,
             lease_id,
-            campaign,
-            ((oid, refs[oid][0], ms) for oid, _, ms in answers),
+            answers,
+            now=now,
             tag=request_key or "",
             times_key=self.qc.times_key(worker),
             window=self.qc.policy.window,
         )
-        self.qc.update_median(worker, recent)
-        fresh_ids = {a[0] for a, code in zip(answers, codes, strict=True) if code == 1}
-        # every question of the request once (its first answer): the fresh ones and those an
-        # earlier attempt marked, whose effects may be missing (first writes win)
-        first: dict[str, tuple[str, bool, int]] = {}
-        ours = 0  # questions this request (or a dead attempt of its key) answered first
-        for a, code in zip(answers, codes, strict=True):
-            if a[0] not in first:
-                first[a[0]] = a
-                ours += code in (1, 2)
-        applied = list(first.values())
-        accepted = ours
+        if entry_id is not None:
+            self.settler.added()
+        # questions this request (or a dead attempt of its key) answered first, each once
+        first: set[str] = set()
+        accepted = 0
+        for (oid, _, _), code in zip(answers, codes, strict=True):
+            if oid not in first:
+                first.add(oid)
+                accepted += code in (1, 2)
         duplicates = len(answers) - accepted
-        qualification: dict[str, bool] = {}
-        kept: dict[str, bool] = {}
-        golds: list[tuple[str, bool, int]] = []
-        votes: list[tuple[str, bool]] = []
-        for oid, label, ms in applied:
-            kind, ref = refs[oid]
-            if kind == "r":
-                votes.append((ref, label))
-            elif kind == "g":
-                golds.append((ref, label, ms))
-            elif oid in fresh_ids:
-                qualification[ref] = label
-            else:
-                kept[ref] = label
-        if qualification:
-            self.leases.add_qualification_answers(lease_id, qualification)
-        if kept:
-            self.leases.keep_qualification_answers(lease_id, kept)
-        self.qc.score_golds(worker, golds)
-        cast = self.qc.cast_votes(worker, votes)
-        if qualification or kept:
+        if lease["kind"] == "qualification" and entry_id is not None:
+            fresh = [a for a, code in zip(answers, codes, strict=True) if code == 1]
+            entry = InboxEntry(
+                entry_id, lease_id, vendor_id, worker_id, lease["campaign"], now, tuple(fresh)
+            )
             try:
-                self._finish_qualification(lease_id, worker, refs)
-            except QualityError as exc:
+                self._apply(entry)  # the settler applies it again: a no-op
+            except Poison as exc:
                 raise Invalid(str(exc)) from None
-        state, newly_suspended = self.qc.review_suspends(worker)
-        # Tally after the votes are in and release the worker's hold in the same Redis step,
-        # so no claim sees the slot free before the vote counts.
-        tally = self.qc.tally({qid: vs for qid, (_, vs) in cast.items()}, {worker: state})
-        self.pool.settle(worker, tally, campaign)
-        decided = sum(label is not None for _, label in tally.values())
-        if newly_suspended:
-            self.sweep()  # its recent votes no longer count: their questions need others
-        forwarded = self.forwarder.forward(decided)
+        status = self.qc.status(worker)
         ANSWERS.labels(vendor_id).inc(accepted)
         for hook in self.submitted_hooks:
             hook(vendor_id, lease_id)
@@ -312,21 +308,93 @@ class Gateway:
                 "lease_id": lease_id,
                 "accepted": accepted,
                 "duplicates": duplicates,
-                "forwarded": forwarded,
-                "worker_suspended": state.suspended,
+                "worker_status": status,
             },
         )
         return {
             "lease_id": lease_id,
             "accepted": accepted,
             "duplicates": duplicates,
-            "forwarded_to_search": forwarded,
-            "worker_status": "suspended" if state.suspended else state.qualification,
+            "worker_status": status,
         }
 
+    def settle_pending(self) -> int:
+        """Apply every answer marked so far that no live settler holds (see
+        :meth:`Settler.settle_pending`): tests call it to see an answer's effects, shutdown to
+        leave nothing behind.  Returns the inbox entries applied."""
+        return self.settler.settle_pending()
+
+    def start_settler(self) -> Callable[[], None]:
+        """Run the settler thread; returns the function that stops it (after a last pass)."""
+        return self.settler.start(linger_s=self.settings.settle_linger_s)
+
+    def _apply(self, entry: InboxEntry) -> None:
+        """Apply one inbox entry (the settler, and the request path of a qualification
+        lease): score gold, cast votes, keep qualification answers (and decide the test once
+        all are in), review the worker's suspension, tally, settle the pool (which queues
+        decided labels) and forward.  Every step keeps its first write, so applying an entry
+        again (a settler that died before acknowledging it) changes nothing.  Raises
+        :class:`Poison` for an entry that can never be applied."""
+        rec = self.leases.record(entry.lease_id)
+        if rec is None:
+            raise Poison("the lease's record is gone (retention passed)")
+        refs: dict[str, list[str]] = rec["refs"]
+        worker, campaign = entry.worker, entry.campaign
+        qualification: dict[str, bool] = {}
+        golds: list[tuple[str, bool, int]] = []
+        votes: list[tuple[str, bool]] = []
+        for oid, label, ms in entry.answers:
+            if oid not in refs:
+                raise Poison("an answer to a question not in its lease")
+            kind, ref = refs[oid]
+            if kind == "r":
+                votes.append((ref, label))
+            elif kind == "g":
+                golds.append((ref, label, ms))
+            else:
+                qualification[ref] = label
+        self.qc.refresh_median(worker)
+        try:
+            if qualification:
+                self.leases.keep_qualification_answers(entry.lease_id, qualification)
+                self._finish_qualification(entry.lease_id, worker, refs)
+            if golds:
+                self.qc.score_golds(worker, golds, stats_key=keys.stats(campaign))
+        except QualityError as exc:
+            raise Poison(str(exc)) from None
+        cast = self.qc.cast_votes(worker, votes, at=entry.at) if votes else {}
+        state, newly_suspended = self.qc.review_suspends(worker)
+        # Tally after the votes are in and release the worker's hold in the same Redis step,
+        # so no claim sees the slot free before the vote counts.
+        tally = self.qc.tally({qid: vs for qid, (_, vs) in cast.items()}, {worker: state})
+        self.pool.settle(worker, tally)
+        decided = sum(label is not None for _, label in tally.values())
+        if newly_suspended:
+            # Its recent votes no longer count: their questions need others.  (Re-applying
+            # this entry does not sweep again; the expiry loop's periodic sweep covers a
+            # settler that died in between.)
+            self.sweep()
+        forwarded = self.forwarder.forward(decided)
+        log.debug(
+            "answers applied",
+            extra={
+                "lease_id": entry.lease_id,
+                "answers": len(entry.answers),
+                "decided": decided,
+                "forwarded": forwarded,
+            },
+        )
+
     def _finish_qualification(self, lease_id: str, worker: str, refs: dict[str, Any]) -> None:
-        if self.leases.answered(lease_id) >= set(refs):
-            self.qc.submit_qualification(worker, self.leases.qualification_answers(lease_id))
+        """Decide the worker's qualification once every question of the lease is answered and
+        every answer kept; until another request's answers are applied (out of order, after a
+        crash), the test waits for them."""
+        if not self.leases.answered(lease_id) >= set(refs):
+            return
+        kept = self.leases.qualification_answers(lease_id)
+        if len(kept) < len(refs):
+            return  # answers marked by another request, not applied yet: its entry decides
+        self.qc.submit_qualification(worker, kept)  # decided once: a re-run returns it
 
     def start_forwarder(self) -> Callable[[], None]:
         """Run the forwarder's relay thread; returns the function that stops it (after
@@ -414,7 +482,9 @@ class Gateway:
             "done": resp.done,
             "classes": classes,
             "worker_answers": worker_answers,
-            "gold_answers": stats.get("gold_answers", 0),
+            # the campaign's gold count is not shown: it would tell a vendor which of its
+            # answers were gold (issue #18); operators read stats:<campaign> in Redis
+            "gold_answers": 0,
             "worker_hours": worker_hours,
             "worker_cost_usd": cost_usd(worker_hours, wage),
         }

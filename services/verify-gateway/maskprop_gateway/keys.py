@@ -19,8 +19,14 @@ key (after the prefix)                  type   owner            also written by
 ``lease:{id}:views``                    hash   leases           -
 ``lease:{id}:answered``                 hash   leases           -
 ``lease:{id}:qual``                     hash   leases           -
+``inbox:answers``                       stream settler          leases' answered script appends
+                                                                a request's new answers in the
+                                                                step that marks them
+``inbox:answers:dead``                  stream settler          -
 ``leases``                              zset   leases           -
-``stats:{campaign}``                    hash   leases           -
+``stats:{campaign}``                    hash   leases           quality's score script counts
+                                                                ``gold_answers`` in the step
+                                                                that scores a new gold answer
 ``campaigns``                           set    pool             -
 ``{campaign}:items``                    hash   pool             -
 ``{campaign}:open``                     zset   pool             -
@@ -90,6 +96,18 @@ def lease_answered(lease_id: str) -> str:
 
 def lease_qualification(lease_id: str) -> str:
     return f"{PREFIX}lease:{lease_id}:qual"
+
+
+#: Stream of marked answers waiting to be applied (scored, voted, tallied) by a settler
+#: (:mod:`maskprop_gateway.settler`), one entry per answer request with new answers: ``l``
+#: lease id, ``v`` vendor, ``w`` worker, ``c`` campaign, ``t`` unix s, ``a`` the answers as
+#: ``<question id>:<0|1>:<ms>`` joined by commas.  Read by the consumer group
+#: :data:`SETTLERS`; an entry is deleted once applied.
+ANSWER_INBOX = PREFIX + "inbox:answers"
+SETTLERS = "settlers"
+#: Stream of inbox entries no settler could apply (for operators); capped.
+ANSWER_DEAD = PREFIX + "inbox:answers:dead"
+ANSWER_DEAD_MAXLEN = 100_000
 
 
 def stats(campaign: str) -> str:

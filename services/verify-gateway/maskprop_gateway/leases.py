@@ -14,7 +14,8 @@ Keys (:mod:`maskprop_gateway.keys`):
 * ``leases`` zset lease id -> deadline: the expiry index; a lease being expired stays in it
   with its score pushed ``EXPIRY_CLAIM_S`` ahead (claimed) until :meth:`Leases.finish_expired`
   removes it, so an expiry cut off by a crash runs again (issue #18);
-* ``stats:{campaign}`` hash of counters (``answers``, ``gold_answers``).
+* ``stats:{campaign}`` hash of counters (``answers``, counted when an answer is marked, and
+  ``gold_answers``, counted by quality control when it scores a gold answer).
 
 Questions handed to vendors carry opaque ids (``q_<random>``) so a hidden gold question looks
 exactly like a real one; the refs (gold ids) never leave the gateway.
@@ -33,21 +34,25 @@ from maskprop_gateway.errors import NotFound
 from maskprop_gateway.qc_rules import GoldQuestion
 from maskprop_gateway.views import ItemView
 
-# KEYS: answered hash, stats hash, the worker's answer-times list.  ARGV: ttl, the request's
-# tag ("" or its Idempotency-Key), the times window, then (lease question id, kind g|r|q,
-# elapsed ms) triples.  One answer per (lease, question): per answer 1 if it is new (counted in
-# the campaign's stats, its time recorded in the same step, so a crash never separates them),
-# 2 if an earlier attempt with the same non-empty tag made it (a dead request of the same
-# Idempotency-Key), else 0.  Returns {per-answer codes, the worker's recent times}.
+# KEYS: answered hash, stats hash, the worker's answer-times list, the answer inbox (stream).
+# ARGV: ttl, the request's tag ("" or its Idempotency-Key), the times window, then the inbox
+# entry's lease id, vendor, worker, campaign and time (unix s), then (lease question id, answer
+# 0|1, elapsed ms) triples.  One answer per (lease, question): per answer 1 if it is new (counted
+# in the campaign's stats, its time recorded and the answer appended to the inbox in the same
+# step, so a crash never separates them), 2 if an earlier attempt with the same non-empty tag
+# made it (a dead request of the same Idempotency-Key), else 0.  The new answers of the call go
+# into one inbox entry (none without new answers); the settler (gateway.Gateway.settle_pending)
+# applies them.  Nothing here depends on the kind of a question (gold or real): the arguments
+# carry none, so every answer request costs the same work (issue #18).  Returns {the codes,
+# the entry's id or false}.
 _ANSWERED = """
-local fresh, golds, out = 0, 0, {}
+local fresh, out, entry = 0, {}, {}
 local tag = ARGV[2]
-for i = 4, #ARGV, 3 do
-  local new = redis.call('hsetnx', KEYS[1], ARGV[i], tag)
-  if new == 1 then
+for i = 9, #ARGV, 3 do
+  if redis.call('hsetnx', KEYS[1], ARGV[i], tag) == 1 then
     fresh = fresh + 1
-    if ARGV[i + 1] == 'g' then golds = golds + 1 end
     redis.call('lpush', KEYS[3], ARGV[i + 2])
+    entry[#entry + 1] = ARGV[i] .. ':' .. ARGV[i + 1] .. ':' .. ARGV[i + 2]
     out[#out + 1] = 1
   elseif tag ~= '' and redis.call('hget', KEYS[1], ARGV[i]) == tag then
     out[#out + 1] = 2
@@ -57,13 +62,13 @@ for i = 4, #ARGV, 3 do
 end
 redis.call('expire', KEYS[1], ARGV[1])
 redis.call('hincrby', KEYS[2], 'answers', fresh)
-redis.call('hincrby', KEYS[2], 'gold_answers', golds)
-local recent = {}
+local id = false
 if fresh > 0 then
   redis.call('ltrim', KEYS[3], 0, tonumber(ARGV[3]) - 1)
-  recent = redis.call('lrange', KEYS[3], 0, -1)
+  id = redis.call('xadd', KEYS[4], '*', 'l', ARGV[4], 'v', ARGV[5], 'w', ARGV[6], 'c', ARGV[7],
+    't', ARGV[8], 'a', table.concat(entry, ','))
 end
-return {out, recent}
+return {out, id}
 """
 
 # Claim the due leases: push their score to ARGV[2] so no other replica takes them while this
@@ -172,37 +177,50 @@ class Leases:
 
     def mark_answered(
         self,
+        lease: dict[str, Any],
         lease_id: str,
-        campaign: str,
-        answered: Iterable[tuple[str, str, int]],
+        answers: Iterable[tuple[str, bool, int]],
         *,
+        now: float,
         tag: str = "",
         times_key: str,
         window: int,
-    ) -> tuple[list[int], list[int]]:
-        """Record answers (opaque id, code, elapsed ms) in one step: per answer 1 if it is the
-        first to that question of the lease, 2 if an earlier attempt tagged ``tag`` (the same
-        Idempotency-Key) answered it, else 0.  New answers are counted in the campaign's
-        stats and their times pushed on the worker's ``times_key`` list (QC's, trimmed to
-        ``window``) in the same step; returns (codes, the list after, empty if nothing new)."""
-        args: list[Any] = [self.record_ttl_s, tag, int(window)]
-        for oid, code, ms in answered:
-            args += (oid, code, int(ms))
-        codes, recent = self._answered(
-            keys=[keys.lease_answered(lease_id), keys.stats(campaign), times_key], args=args
+    ) -> tuple[list[int], str | None]:
+        """Record answers (opaque id, answer, elapsed ms) to ``lease`` (its record) in one
+        step: per answer 1 if it is the first to that question of the lease, 2 if an earlier
+        attempt tagged ``tag`` (the same Idempotency-Key) answered it, else 0.  New answers
+        are counted in the campaign's stats, their times pushed on the worker's ``times_key``
+        list (QC's, trimmed to ``window``) and appended, together, as one entry to the answer
+        inbox (:data:`keys.ANSWER_INBOX`, read by :mod:`~maskprop_gateway.settler`) in the
+        same step: an answer marked is an answer the settler will apply.  Returns (codes, the
+        inbox entry's id or None when nothing was new)."""
+        args: list[Any] = [
+            self.record_ttl_s,
+            tag,
+            int(window),
+            lease_id,
+            lease["vendor"],
+            lease["worker"],
+            lease["campaign"],
+            repr(float(now)),
+        ]
+        for oid, label, ms in answers:
+            args += (oid, int(bool(label)), int(ms))
+        codes, entry_id = self._answered(
+            keys=[
+                keys.lease_answered(lease_id),
+                keys.stats(lease["campaign"]),
+                times_key,
+                keys.ANSWER_INBOX,
+            ],
+            args=args,
         )
-        return [int(c) for c in codes], [int(t) for t in recent]
-
-    def add_qualification_answers(self, lease_id: str, answers: dict[str, bool]) -> None:
-        """Keep a qualification lease's answers (gold id -> answer) until all are in."""
-        self.r.hset(
-            keys.lease_qualification(lease_id),
-            mapping={g: "1" if v else "0" for g, v in answers.items()},
-        )
+        return [int(c) for c in codes], (_s(entry_id) if entry_id else None)
 
     def keep_qualification_answers(self, lease_id: str, answers: dict[str, bool]) -> None:
-        """:meth:`add_qualification_answers` without replacing an answer already kept (a
-        re-run after a crash: the first answer to a question is the one that counts)."""
+        """Keep a qualification lease's answers (gold id -> answer) until all are in, without
+        replacing an answer already kept (a re-run after a crash: the first answer to a
+        question is the one that counts)."""
         if not answers:
             return
         pipe = self.r.pipeline(transaction=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS = Counter(
@@ -19,6 +19,26 @@ GOLD_SHORT = Counter(
 )
 BLOCKED = Counter(
     "maskprop_gateway_workers_blocked_total", "Lease requests refused to a worker", ["reason"]
+)
+
+# The settler (settler.py): answers are marked on the request path and applied off it.
+SETTLE_BACKLOG = Gauge(
+    "maskprop_gateway_settle_backlog",
+    "Answer requests in the inbox not applied yet (scoring, votes, labels), all replicas",
+)
+SETTLE_LAG = Gauge(
+    "maskprop_gateway_settle_lag_seconds",
+    "Age of the oldest answer request in the inbox not applied yet (0: none waiting)",
+)
+SETTLE_DELAY = Histogram(
+    "maskprop_gateway_settle_delay_seconds",
+    "Seconds from an answer request marking its answers to their being applied",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+SETTLED = Counter("maskprop_gateway_settled_answers_total", "Answers applied by the settler")
+SETTLE_DEAD = Counter(
+    "maskprop_gateway_settle_dead_total",
+    "Answer requests the settler could not apply (dead-lettered to inbox:answers:dead)",
 )
 
 

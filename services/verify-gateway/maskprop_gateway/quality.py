@@ -29,9 +29,11 @@ Redis keys (:mod:`maskprop_gateway.keys`; ``{w}`` worker id such as ``"<vendor>:
 Call order in the gateway: :meth:`QualityControl.qualification_questions` ->
 :meth:`~QualityControl.submit_qualification`; then per lease :meth:`~QualityControl.gold_due_many`
 picks hidden gold (:meth:`~QualityControl.next_golds`) among the real work; per answer batch
-:meth:`~QualityControl.record_answer_times` (every answer), :meth:`~QualityControl.score_golds`
-(gold), :meth:`~QualityControl.cast_votes` (real), :meth:`~QualityControl.review_suspends`, then
-:meth:`~QualityControl.tally` of the votes cast.
+the answer times are recorded (every answer, on the request path: the gateway's answered
+script, or :meth:`~QualityControl.record_answer_times`), then, off the request path (the
+gateway's settler), :meth:`~QualityControl.score_golds` (gold), :meth:`~QualityControl.cast_votes`
+(real), :meth:`~QualityControl.review_suspends`, then :meth:`~QualityControl.tally` of the votes
+cast.
 
 Gold answers never leave this module: :meth:`QualityControl.next_golds` and
 :meth:`QualityControl.qualification_questions` return :class:`GoldQuestion` (no answer), no
@@ -104,11 +106,12 @@ return picked
 """
 
 # KEYS: the worker's seen set, the gold hash, the worker's scored hash, gold window list and
-# worker hash.  ARGV: window, then (gold id, answer 0|1) pairs.  Refuses the whole batch
-# ('UNKNOWN') unless every item was served to the worker; else per item 1/0: whether the answer
-# matches the item's (qc_rules.gold_correct's rule: equality), its first result for an item
-# scored before (HSETNX keeps it), and the new results go on the rolling window.  One round
-# trip, run even for a batch without gold (see QualityControl.score_golds).
+# worker hash, optionally the campaign's stats hash (leases' ``stats:{c}``: its ``gold_answers``
+# counts the new ones).  ARGV: window, then (gold id, answer 0|1) pairs.  Refuses the whole
+# batch ('UNKNOWN') unless every item was served to the worker; else per item 1/0: whether the
+# answer matches the item's (qc_rules.gold_correct's rule: equality), its first result for an
+# item scored before (HSETNX keeps it), and the new results go on the rolling window.  One
+# round trip.
 _SCORE = """
 local items = {}
 for i = 2, #ARGV, 2 do
@@ -131,6 +134,7 @@ end
 if new > 0 then
   redis.call('ltrim', KEYS[4], 0, tonumber(ARGV[1]) - 1)
   redis.call('hincrby', KEYS[5], 'gold_total', new)
+  if KEYS[6] then redis.call('hincrby', KEYS[6], 'gold_answers', new) end
 end
 return out
 """
@@ -385,11 +389,18 @@ class QualityControl:
 
     # ------------------------------------------------------------------ answers and times
 
-    def score_golds(self, worker: str, answers: list[tuple[str, bool, int]]) -> list[bool]:
+    def score_golds(
+        self,
+        worker: str,
+        answers: list[tuple[str, bool, int]],
+        *,
+        stats_key: str | None = None,
+    ) -> list[bool]:
         """Score a submitted batch of ``worker``'s gold answers (gold id, answer, elapsed ms):
-        whether each matches its gold item, in one round trip whatever the batch's size, and
-        one round trip too for an empty batch: the answer path's Redis calls must not depend
-        on whether a request held gold (a timing side channel, issue #18).
+        whether each matches its gold item, in one round trip whatever the batch's size.  The
+        gateway scores off the request path (its settler), so no request's time depends on
+        whether it held gold (issue #18).  With ``stats_key`` (the campaign's answer counters)
+        the newly scored answers are counted there as ``gold_answers`` in the same step.
 
         Updates the rolling gold window.  ``elapsed_ms`` is validated but not recorded here:
         the gateway records every answer's time when it marks the answer, gold included, and
@@ -403,17 +414,17 @@ class QualityControl:
                 raise QualityError("a gold answer must be true or false")
             self._check_elapsed(elapsed_ms)
             args += (gold_id, int(answer))
+        score_keys = [
+            keys.worker(worker, "seen"),
+            keys.GOLD,
+            keys.worker(worker, "scored"),
+            keys.worker(worker, "gold"),
+            keys.worker(worker),
+        ]
+        if stats_key is not None:
+            score_keys.append(stats_key)
         try:
-            flat = self._score(
-                keys=[
-                    keys.worker(worker, "seen"),
-                    keys.GOLD,
-                    keys.worker(worker, "scored"),
-                    keys.worker(worker, "gold"),
-                    keys.worker(worker),
-                ],
-                args=args,
-            )
+            flat = self._score(keys=score_keys, args=args)
         except ResponseError as exc:
             if "UNKNOWN" in str(exc):
                 raise UnknownGold("gold item not served to this worker") from None
@@ -440,6 +451,11 @@ class QualityControl:
         """Cache the worker's median answer time from its recent times (after new ones)."""
         if recent:
             self.r.hset(keys.MEDIANS, worker, float(np.median([float(t) for t in recent])))
+
+    def refresh_median(self, worker: str) -> None:
+        """Cache the worker's median answer time from the times recorded so far (the gateway's
+        settler, after the request path recorded new ones)."""
+        self.update_median(worker, [int(t) for t in self.r.lrange(self.times_key(worker), 0, -1)])
 
     def record_answer_times(self, worker: str, elapsed_ms: list[int]) -> None:
         """Record several answer times of one worker in one round trip (a submitted batch)."""
@@ -503,6 +519,22 @@ class QualityControl:
         and suspension, at a fraction of the cost (no answer times, no crowd median)."""
         return self._states([worker], timing=False)[worker]
 
+    #: The fields of a worker's record :meth:`status` reads.
+    _STATUS_FIELDS = ("qual_ids", "qual_result", "suspended_at")
+
+    def status(self, worker: str) -> str:
+        """The worker's standing in a word: ``suspended``, else its qualification
+        (``passed``, ``failed``, ``in_progress``, ``required``), from one read of a fixed set
+        of fields: what an answer's response says, so its cost must not depend on the worker's
+        gold history (the gold window :meth:`standing` reads grows with each gold answer
+        scored, issue #18)."""
+        values = self.r.hmget(keys.worker(worker), self._STATUS_FIELDS)
+        record = {
+            k: _s(v) for k, v in zip(self._STATUS_FIELDS, values, strict=True) if v is not None
+        }
+        st = qc_rules.worker_state(worker, record, [], [], None, self.policy)
+        return "suspended" if st.suspended else st.qualification
+
     def review_suspends(self, worker: str) -> tuple[WorkerState, bool]:
         """Apply the suspension rules (:func:`qc_rules.suspension_reasons`): the worker's state
         after them, and whether this call is the one that suspended it.  Suspension is for
@@ -532,14 +564,16 @@ class QualityControl:
     # ------------------------------------------------------------------ votes
 
     def cast_votes(
-        self, worker: str, votes: list[tuple[str, bool]]
+        self, worker: str, votes: list[tuple[str, bool]], *, at: float | None = None
     ) -> dict[str, tuple[bool, dict[str, tuple[bool, float]]]]:
-        """Record a batch of one worker's votes and read back every vote on those questions,
-        in one Lua call: question id -> (this vote is new, all votes) for :meth:`tally`."""
+        """Record a batch of one worker's votes, cast at ``at`` (unix s; default now: the
+        gateway passes the time the answers were marked, as it applies them later), and read
+        back every vote on those questions, in one Lua call: question id -> (this vote is
+        new, all votes) for :meth:`tally`."""
         if any(not isinstance(label, bool) for _, label in votes):
             raise QualityError("a vote must be true or false")
-        # run even without votes: one round trip either way (no timing side channel, #18)
-        args: list[Any] = [keys.VOTES, worker, repr(self.clock()), self.policy.vote_ttl_s]
+        cast_at = self.clock() if at is None else at
+        args: list[Any] = [keys.VOTES, worker, repr(float(cast_at)), self.policy.vote_ttl_s]
         for qid, label in votes:
             args += (qid, int(label))
         flat = self._cast(args=args)

@@ -118,7 +118,13 @@ class ProgressOut(Strict):
     done: bool
     classes: list[ClassProgressOut]
     worker_answers: int
-    gold_answers: int
+    gold_answers: Literal[0] = Field(
+        default=0,
+        deprecated=True,
+        description="Deprecated, always 0.  It counted the campaign's hidden-gold answers, so a "
+        "vendor answering one question and reading it again could tell gold from a real "
+        "question (issue #18).  ``worker_answers`` counts every answer, gold included.",
+    )
     worker_hours: float
     worker_cost_usd: float
 

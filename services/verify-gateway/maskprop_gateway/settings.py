@@ -27,6 +27,12 @@ class GatewaySettings(RuntimeSettings):
     # each request's labels before it answers (tests, embedded).  Search saves every class a
     # call touches, so fewer, larger calls cost it less.
     forward_linger_s: float = Field(default=0.05, ge=0, le=5)
+    # Answers are applied off the request path by a settler thread (settler.py), woken by
+    # each answer request and lingering this long for more.
+    settle_linger_s: float = Field(default=0.01, ge=0, le=5)
+    # An answer request whose gateway died before applying it is taken over by another
+    # replica's settler after this long.
+    settle_reclaim_s: float = Field(default=30.0, ge=0, le=3600)
     # Questions asked of search per top-up of the gateway's pool (one call at a time per
     # campaign; a top-up starts once fewer are ready).  Search pays per call for every class
     # it touches, so a few large calls cost it less than many small ones.

@@ -111,10 +111,45 @@ def world(n_questions: int, clock: Clock):
     return r, search, gw
 
 
+def replica(gw: Gateway, clock: Clock) -> Gateway:
+    """Another gateway process on the same Redis (its own settler consumer), which takes
+    over what a dead one left at once (``settle_reclaim_s`` 0)."""
+    settings = gw.settings.model_copy(update={"settle_reclaim_s": 0.0})
+    return Gateway(gw.r, gw.search, gw.qc, settings, clock=clock)
+
+
+#: Where a process dies: on the request path once the answers are marked (before it could
+#: answer), or in its settler part-way through applying them (the entry stays unacknowledged).
+DEATHS = {
+    "after_mark": lambda gw: (gw.qc, "status"),
+    "before_votes": lambda gw: (gw.qc, "cast_votes"),
+    "after_votes": lambda gw: (gw.pool, "settle"),
+    "after_settle": lambda gw: (gw.forwarder, "forward"),
+}
+
+
+def dies(gw: Gateway, die_at: str, then: object) -> None:
+    """Run ``then()`` with ``gw``'s process dying at ``die_at``."""
+    owner, name = DEATHS[die_at](gw)
+    real = getattr(owner, name)
+
+    def die(*a, **k):
+        if die_at == "after_settle":
+            real(*a, **k)  # the labels are in the outbox, not yet sent
+        raise Killed
+
+    setattr(owner, name, die)
+    try:
+        with pytest.raises(Killed):
+            then()  # type: ignore[operator]
+    finally:
+        setattr(owner, name, real)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     labels=st.lists(st.booleans(), min_size=1, max_size=12),
-    die_at=st.sampled_from(["after_mark", "after_golds", "after_votes", "after_settle"]),
+    die_at=st.sampled_from(sorted(DEATHS)),
 )
 def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_once(labels, die_at):
     clock = Clock()
@@ -126,74 +161,125 @@ def test_death_between_begin_and_completion_then_retry_applies_answers_exactly_o
     idem = gw.idempotency
     fp = idem.fingerprint([list(a) for a in answers])
 
-    # the first request: holds the key, then its process dies part-way
+    # the first request: holds the key, then its process dies part-way (on the request path,
+    # or in the settler applying what the request marked, before the key was finished)
     first = idem.begin("v", "key-1", fp)
     assert isinstance(first, Held)
-    target = {
-        "after_mark": (gw.qc, "score_golds"),
-        "after_golds": (gw.qc, "cast_votes"),
-        "after_votes": (gw.pool, "settle"),
-        "after_settle": (gw.forwarder, "forward"),
-    }[die_at]
-    real = getattr(*target)
 
-    def die(*a, **k):
-        if die_at == "after_settle":
-            real(*a, **k)  # the labels are in the outbox, not yet sent
-        raise Killed
-
-    setattr(target[0], target[1], die)
-    with pytest.raises(Killed):
+    def request_then_settle() -> None:
         gw.submit("v", offer.lease_id, "w1", answers, request_key="key-1")
-    setattr(target[0], target[1], real)
+        gw.settle_pending()
 
-    # a retry at once is told to wait; once the lease lapses it takes the key over
+    dies(gw, die_at, request_then_settle)
+    assert search.sent == [] or die_at == "after_settle"
+
+    # a retry at once is told to wait; once the lease lapses it takes the key over, on
+    # another gateway process
+    other = replica(gw, clock)
     with pytest.raises(IdempotencyConflict):
         idem.begin("v", "key-1", fp)
     clock.t += idem.running_lease_s + 0.1
     retry = idem.begin("v", "key-1", fp)
     assert isinstance(retry, Held) and retry.recovering
-    out = gw.submit("v", offer.lease_id, "w1", answers, request_key="key-1")
+    out = other.submit("v", offer.lease_id, "w1", answers, request_key="key-1")
     assert idem.finish("v", "key-1", fp, 200, out, retry.owner)
     assert out["accepted"] == len(labels) and out["duplicates"] == 0
+    # the other process's settler applies what the dead one marked (or took and dropped)
+    other.settle_pending()
 
     # exactly once: every question decided with the worker's label and sent to search once
-    gw.forwarder.forward(0)
-    assert gw.forwarder.outbox.pending() == 0
+    assert gw.forwarder.outbox.pending() == 0 and other.settler.backlog() == 0
     assert sorted(search.sent) == sorted(truth.items())
     assert gw.answered_count(offer.lease_id) == len(labels)
     # a further retry replays the stored response
     assert idem.begin("v", "key-1", fp) == Stored(200, out)
-    # and a plain duplicate request changes nothing
-    again = gw.submit("v", offer.lease_id, "w1", answers)
+    # and a plain duplicate request changes nothing, nor does settling again anywhere
+    again = other.submit("v", offer.lease_id, "w1", answers)
     assert again["accepted"] == 0 and again["duplicates"] == len(labels)
-    gw.forwarder.forward(0)
+    other.settle_pending()
+    gw.settle_pending()
     assert sorted(search.sent) == sorted(truth.items())
 
 
-@pytest.mark.parametrize("die_at", ["after_mark", "after_votes"])
+@pytest.mark.parametrize("die_at", sorted(DEATHS))
 def test_a_plain_retry_without_a_key_also_completes_a_dead_request(die_at):
-    """The annotator page's route has no Idempotency-Key: a worker's retry after the gateway
-    died between marking the answers and voting must still count them, once."""
+    """The annotator page's route has no Idempotency-Key: after the gateway died between
+    marking the answers and applying them, a worker's retry is told they are in, and another
+    process's settler applies them, once."""
     clock = Clock()
     _, search, gw = world(6, clock)
     offer = gw.create_lease("v", "w1", "c", 6, refill=False)
     answers = [(oid, i % 2 == 0, 1500) for i, (oid, _) in enumerate(offer.questions)]
     refs = gw.lease("v", offer.lease_id)["refs"]
     truth = {refs[oid][1]: lab for oid, lab, _ in answers}
-    target = (gw.qc, "cast_votes") if die_at == "after_mark" else (gw.pool, "settle")
-    real = getattr(*target)
-    setattr(*target, lambda *a, **k: (_ for _ in ()).throw(Killed()))
-    with pytest.raises(Killed):
+
+    def request_then_settle() -> None:
         gw.submit("v", offer.lease_id, "w1", answers)
-    setattr(*target, real)
-    out = gw.submit("v", offer.lease_id, "w1", answers)
+        gw.settle_pending()
+
+    dies(gw, die_at, request_then_settle)
+    other = replica(gw, clock)
+    out = other.submit("v", offer.lease_id, "w1", answers)
     assert out["accepted"] == 0 and out["duplicates"] == 6  # as answered before
-    gw.forwarder.forward(0)
+    other.settle_pending()
     assert sorted(search.sent) == sorted(truth.items())
-    gw.submit("v", offer.lease_id, "w1", [(oid, not lab, ms) for oid, lab, ms in answers])
-    gw.forwarder.forward(0)
+    other.submit("v", offer.lease_id, "w1", [(oid, not lab, ms) for oid, lab, ms in answers])
+    other.settle_pending()
     assert sorted(search.sent) == sorted(truth.items())  # a changed retry changes nothing
+
+
+def test_answers_marked_by_a_gateway_killed_before_its_settler_ran_are_applied_once():
+    """Issue #18, kill -9 between the mark and the settler: one process marks answers (the
+    inbox entry is written in the same step) and dies before its settler reads them; another
+    has its settler read them after the first took them and died too.  A third process's
+    settler takes both over after the idle time and applies every answer exactly once: votes,
+    labels, the gold score and its counters."""
+    clock = Clock()
+    r = fakeredis.FakeRedis()
+    settings = GatewaySettings(key_pepper="p" * 20, forward_linger_s=0, settle_reclaim_s=30)
+    search = Search()
+    policy = QualityPolicy(qualification_size=0, gold_share=0.5, gold_exposure=5)
+    qc = QualityControl(r, policy, clock=clock)
+    from maskprop_gateway.qc_rules import GoldItem
+
+    qc.import_gold(GoldItem(f"g{i}", "c", "cat", "i.png", 4, 4, b"0g0", True) for i in range(9))
+    dead_a = Gateway(r, search, qc, settings, clock=clock)
+    dead_b = Gateway(r, search, qc, settings, clock=clock)
+    qids = [f"c:0:{i}:{i}" for i in range(8)]
+    dead_a.pool.add("c", {q: views.render("cat", "i.png", 4, 4, "0g0") for q in qids}, clock())
+    truth, golds, marked = {}, 0, 0
+    for w, gw in (("w1", dead_a), ("w2", dead_b)):
+        offer = gw.create_lease("v", w, "c", 8, refill=False)
+        refs = gw.lease("v", offer.lease_id)["refs"]
+        answers = [(oid, w == "w1", 1500) for oid, _ in offer.questions]
+        out = gw.submit("v", offer.lease_id, w, answers)
+        assert out["accepted"] == len(answers)
+        marked += len(answers)
+        truth.update({ref: w == "w1" for code, ref in refs.values() if code == "r"})
+        golds += sum(code == "g" for code, _ in refs.values())
+    assert golds and truth
+    # dead_b's settler took the inbox's entries (its consumer holds them) and died unapplied
+    dead_b.settler.ensure_group()
+    taken = r.xreadgroup(keys.SETTLERS, dead_b.settler.consumer, {keys.ANSWER_INBOX: ">"})
+    assert len(taken[0][1]) == 2
+    assert search.sent == [] and not r.hgetall(keys.votes(qids[0]))
+
+    survivor = Gateway(r, search, qc, settings, clock=clock)
+    assert survivor.settle_pending() == 0  # not idle long enough: the holder may be alive
+    survivor.settler.reclaim_idle_s = 0.0  # (as if settle_reclaim_s had passed)
+    assert survivor.settle_pending() == 2
+    assert sorted(search.sent) == sorted(truth.items())
+    assert survivor.settler.backlog() == 0
+    assert r.xpending(keys.ANSWER_INBOX, keys.SETTLERS)["pending"] == 0
+    stats = survivor.leases.stats("c")
+    assert stats == {"answers": marked, "gold_answers": golds}
+    gold_total = sum(int(qc.state(f"v:{w}").gold_answers) for w in ("w1", "w2"))
+    assert gold_total == golds
+    # applying them again (a settler that died after applying, before acknowledging) is a no-op
+    for gw in (dead_a, dead_b, survivor):
+        assert gw.settle_pending() == 0
+    assert sorted(search.sent) == sorted(truth.items())
+    assert survivor.leases.stats("c") == stats
 
 
 def test_two_replicas_expiring_leases_take_each_lease_once():
@@ -257,8 +343,7 @@ def test_an_expiry_cut_off_by_a_crash_runs_again_and_queues_one_callback():
     assert len(gw.create_lease("v", "w3", "c", 3, refill=False).questions) == 3
 
 
-@pytest.mark.parametrize("die_at", ["after_mark", "after_votes"])
-def test_a_taken_over_key_counts_only_its_own_answers_and_records_each_time_once(die_at):
+def test_a_taken_over_key_counts_only_its_own_answers_and_records_each_time_once():
     """Issue #18: the re-run of a taken-over key reported as accepted every answer of the
     request, also those an earlier request without the key had applied; and the answer times
     the dead attempt marked were never recorded for QC.  Marks carry the request's key and
@@ -268,15 +353,15 @@ def test_a_taken_over_key_counts_only_its_own_answers_and_records_each_time_once
     offer = gw.create_lease("v", "w1", "c", 6, refill=False)
     answers = [(oid, True, 1000 + i) for i, (oid, _) in enumerate(offer.questions)]
     gw.submit("v", offer.lease_id, "w1", answers[:2])  # an earlier request, no key
-    target = (gw.qc, "cast_votes") if die_at == "after_mark" else (gw.pool, "settle")
-    real = getattr(*target)
-    setattr(*target, lambda *a, **k: (_ for _ in ()).throw(Killed()))
-    with pytest.raises(Killed):  # the keyed request marks all six, then dies
-        gw.submit("v", offer.lease_id, "w1", answers, request_key="key-2")
-    setattr(*target, real)
+    # the keyed request marks all six, then dies before it answers
+    dies(
+        gw, "after_mark", lambda: gw.submit("v", offer.lease_id, "w1", answers, request_key="key-2")
+    )
     out = gw.submit("v", offer.lease_id, "w1", answers, request_key="key-2")
     assert out["accepted"] == 4 and out["duplicates"] == 2  # what the first response said
     times = [int(t) for t in r.lrange(gw.qc.times_key("v:w1"), 0, -1)]
     assert sorted(times) == [ms for _, _, ms in answers]  # each answer's time once
     again = gw.submit("v", offer.lease_id, "w1", answers, request_key="key-3")
     assert again["accepted"] == 0 and again["duplicates"] == 6  # another key: none its own
+    gw.settle_pending()
+    assert gw.leases.stats("c")["answers"] == 6

@@ -163,6 +163,7 @@ def test_the_forwarder_tops_up_once_search_has_the_answers():
     lease = gw.create_lease("v", "w1", CAMPAIGN, 50).to_dict()
     assert search.leases == [200]
     halt = gw.start_forwarder()
+    halt_settler = gw.start_settler()
     try:
         gw.submit(
             "v",
@@ -174,8 +175,43 @@ def test_the_forwarder_tops_up_once_search_has_the_answers():
         while len(search.leases) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
+        halt_settler()
         halt()
     assert [len(c) for c in search.submits] == [50]
     # 150 were left ready, fewer than a batch: the forwarder asked search right after it
     # delivered the answers, which may have opened new clusters
     assert search.leases == [200, 200]
+
+
+def test_an_empty_lease_waits_for_answers_the_settler_has_not_applied_yet():
+    """Answers are applied off the request path (issue #18): between a request marking them
+    and the settler deciding their labels, they are in flight too, so a lease that finds the
+    pool empty meanwhile waits for the questions they open rather than come back empty."""
+    search = SlowSearch(available=5)
+    gw = gateway(search, forward_linger_s=0.01, refill_questions=5, lease_wait_s=5.0)
+    first = gw.create_lease("v", "w1", CAMPAIGN, 5).to_dict()
+    assert len(first["questions"]) == 5 and search.available == 0
+    answers = [(q["question_id"], True, 1500) for q in first["questions"]]
+
+    async def main() -> int:
+        gw.submit("v", first["lease_id"], "w1", answers)  # marked, not applied
+        assert gw.answers_in_flight()
+        search.available = 40  # what the answers will open once search has them
+        loop = asyncio.get_running_loop()
+
+        def settle_later() -> None:
+            time.sleep(0.3)
+            gw.settle_pending()  # decides the labels: the forwarder sends them, then tops up
+
+        waiting = loop.run_in_executor(None, settle_later)
+        lease = await gw.create_lease_on_loop("v", "w2", CAMPAIGN, 100)
+        await waiting
+        return real(lease)
+
+    halt = gw.start_forwarder()
+    try:
+        n = asyncio.run(main())
+    finally:
+        halt()
+    assert n == 40  # it waited: the pool was empty when it asked
+    assert [len(c) for c in search.submits] == [5]

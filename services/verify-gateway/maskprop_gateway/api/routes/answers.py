@@ -30,7 +30,17 @@ async def submit_answers(
     ] = None,
 ) -> dict[str, Any]:
     """Answers of one worker for one lease: one answer per question; with an
-    ``Idempotency-Key`` a retried request is applied once and gets the first response."""
+        ``Idempotency-Key`` a retried request is applied once and gets the first response.
+
+        The answers are recorded before the response; quality control and the labels they decide
+        are applied shortly after, off the request (``GET /v1/progress`` shows them then).
+        ``accepted``: answers recorded by this request (a retry's answers already recorded are
+        ``duplicates``).  ``worker_status``: the worker's standing when the answers were recorded
+        (``passed``, ``in_progress``, ``required``, ``failed`` or ``suspended``; a qualification
+        lease's last answer
+    already says whether the worker passed; a suspension these answers cause shows from
+        the next request).  ``forwarded_to_search``: deprecated, always 0.  No field depends on
+        which questions were hidden gold."""
     answers = [(a.question_id, a.answer, a.elapsed_ms) for a in body.answers]
     with http_errors():
         if idempotency_key is None:
