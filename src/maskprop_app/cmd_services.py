@@ -8,12 +8,15 @@ import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from maskprop.errors import MaskpropError
 from maskprop_app.console import Bars, fail, user_errors
+
+if TYPE_CHECKING:
+    from maskprop.simulate.pool import MaskPool
 
 export_app = typer.Typer(help="Export a propagated-label dataset.", no_args_is_help=True)
 
@@ -100,11 +103,17 @@ def feed_simulated(
     classes: Annotated[int, typer.Option(help="Object classes.")] = 10,
     seed: Annotated[int, typer.Option(help="Pool seed.")] = 0,
     dim: Annotated[int, typer.Option(help="Feature dimension.")] = 32,
+    big_class: Annotated[
+        int,
+        typer.Option(
+            help="Class 0 holds this many of the masks (one ADE-like class, no size cap); "
+            "the other classes share the rest with ADE20K's long-tailed sizes."
+        ),
+    ] = 0,
 ) -> None:
     """Publish a simulated detector's masks to the real broker (MASKPROP_KAFKA_BOOTSTRAP)."""
     from maskprop_detector.simulated import pool_events
 
-    from maskprop.simulate.generator import ade_like_pool
     from maskprop_runtime import topics
     from maskprop_runtime.bus import make_bus
     from maskprop_runtime.settings import RuntimeSettings
@@ -115,7 +124,7 @@ def feed_simulated(
         settings = RuntimeSettings()
         if not settings.distributed:
             raise MaskpropError("feed-simulated needs MASKPROP_KAFKA_BOOTSTRAP (a real broker)")
-        pool = ade_like_pool(masks, classes, seed=seed, dim=dim)
+        pool = simulated_pool(masks, classes, seed=seed, dim=dim, big_class=big_class)
         bus = make_bus(settings.kafka_bootstrap, **settings.bus_options())
         producer = bus.producer()
         n = 0
@@ -126,3 +135,30 @@ def feed_simulated(
     except (MaskpropError, ValueError, ConnectionError) as exc:
         fail(str(exc))
     typer.echo(json.dumps({"campaign": campaign, "masks": len(pool), "events": n}))
+
+
+def simulated_pool(
+    masks: int, classes: int, *, seed: int, dim: int, big_class: int = 0
+) -> MaskPool:
+    """The pool ``feed-simulated`` publishes: ``ade_like_pool`` (at most 30k masks a class),
+    or with ``big_class`` one ADE-like class 0 of that many masks and the other
+    ``classes - 1`` classes sharing ``masks - big_class`` with ADE20K's long-tailed sizes
+    (the shape of issue #15's scale campaign: a 1M-mask class among a long tail)."""
+    import numpy as np
+
+    from maskprop.simulate.generator import ade_class_sizes, ade_like_class, ade_like_pool
+    from maskprop.simulate.pool import MaskPool
+
+    if not big_class:
+        return ade_like_pool(masks, classes, seed=seed, dim=dim)
+    if classes < 2 or not 0 < big_class < masks:
+        raise MaskpropError("--big-class needs at least 2 classes and 0 < big-class < masks")
+    sizes = [big_class, *(int(n) for n in ade_class_sizes(masks - big_class, classes - 1))]
+    parts = [ade_like_class(c, n, seed, dim)[:3] for c, n in enumerate(sizes)]
+    return MaskPool(
+        features=np.concatenate([p[0] for p in parts]),
+        scores=np.concatenate([p[1] for p in parts]),
+        ious=np.concatenate([p[2] for p in parts]),
+        class_ids=np.repeat(np.arange(classes, dtype=np.int32), sizes),
+        class_names=tuple(f"class_{k:03d}" for k in range(classes)),
+    )
