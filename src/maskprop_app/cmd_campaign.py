@@ -435,41 +435,36 @@ def next_round(
     the clusterer and search open as new trees with the campaign's parameters, budget (shared
     by every round) and folder; the sink keeps the round as provenance (``campaign export``
     merges every round).  Needs round ROUND - 1 published whole; a rerun resumes."""
-    from maskprop_runtime.campaigns import CampaignRegistry
-    from maskprop_runtime.ingest import IngestSettings, publish_plan, read_plan
+    from maskprop_runtime.campaigns import round_campaign
 
     bars = Bars(progress)
     with user_errors(bars):
-        settings = IngestSettings()
-        registry = CampaignRegistry(open_redis(settings))
-        spec = registry.spec(name)
-        if not 2 <= round_ <= spec.budget.rounds:
-            raise MaskpropError(
-                f"campaign {name!r} has rounds 1..{spec.budget.rounds} ([budget] rounds): "
-                f"round {round_} cannot be published"
-            )
-        if not weights.strip():
-            raise MaskpropError("--weights must name the retrained weights")
-        before = read_plan(registry.redis, name, round_ - 1)
-        if before is None or not before.done:
-            raise MaskpropError(
-                f"round {round_ - 1} of campaign {name!r} is not published whole yet "
-                f"({'add-images' if round_ == 2 else 'next-round'} first)"
-            )
-        state = registry.state(name)
-        if state != "running":
-            raise MaskpropError(f"campaign {name!r} is {state}: only a running one gets a round")
-        bus = open_bus(settings)
-        producer = bus.producer()
-        try:
-            plan = publish_plan(
-                registry, name, producer, batches_per_s=settings.ingest_batches_per_s,
-                progress=bars, round_=round_, weights=weights,
-            )  # fmt: skip
-        finally:
-            producer.close()
-    from maskprop_runtime.campaigns import round_campaign
+        settings = CampaignCliSettings()
+        if settings.controller_addr:  # the controller publishes (no broker or Redis here)
+            client = _registry()
+            try:
+                sent = client.next_round(name, round_, weights)
+            finally:
+                client.close()
+            batches, published, done = sent.batches, sent.published, sent.done
+        else:
+            from maskprop_controller.rounds import check_next_round, publish_next_round
 
+            from maskprop_runtime.campaigns import CampaignRegistry
+            from maskprop_runtime.ingest import IngestSettings
+
+            ingest = IngestSettings()
+            registry = CampaignRegistry(open_redis(ingest))
+            check_next_round(registry, name, round_, weights)  # before asking for a broker
+            producer = open_bus(ingest).producer()
+            try:
+                plan = publish_next_round(
+                    registry, name, round_, weights, producer,
+                    batches_per_s=ingest.ingest_batches_per_s, progress=bars,
+                )  # fmt: skip
+            finally:
+                producer.close()
+            batches, published, done = plan.batch_count, plan.published, plan.done
     typer.echo(
         json.dumps(
             {
@@ -477,10 +472,10 @@ def next_round(
                 "round": round_,
                 "travels_as": round_campaign(name, round_),
                 "weights": weights,
-                "batches": plan.batch_count,
-                "published": plan.published,
+                "batches": batches,
+                "published": published,
             }
         )
     )
-    if not plan.done:
-        fail(f"campaign {name!r} was paused or stopped after {plan.published} batches")
+    if not done:
+        fail(f"campaign {name!r} was paused or stopped after {published} batches")

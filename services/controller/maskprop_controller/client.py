@@ -39,9 +39,10 @@ class ControllerClient:
         self.timeout_s = timeout_s
         self.target = target
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any, *, deadline: bool = True) -> Any:
         try:
-            return method(request, metadata=self.metadata, timeout=self.timeout_s)
+            timeout = self.timeout_s if deadline else None
+            return method(request, metadata=self.metadata, timeout=timeout)
         except grpc.RpcError as exc:
             kind = ERRORS.get(exc.code())
             if kind is not None:
@@ -70,6 +71,12 @@ class ControllerClient:
             raise MaskpropError(f"a campaign cannot be set {state!r}")
         request = campaign_pb2.SetStateRequest(name=name, state=STATE_PB[state])
         return self._call(self.stub.SetState, request)
+
+    def next_round(self, name: str, round_: int, weights: str) -> campaign_pb2.NextRoundResponse:
+        """Publish round ``round_`` (returns once published; no deadline: a round publishes at
+        a bounded rate)."""
+        request = campaign_pb2.NextRoundRequest(name=name, round=round_, weights=weights)
+        return self._call(self.stub.NextRound, request, deadline=False)
 
     def close(self) -> None:
         self.channel.close()

@@ -10,12 +10,15 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from maskprop.errors import MaskpropError
+from maskprop_controller.rounds import publish_next_round
+from maskprop_runtime.bus import Producer
 from maskprop_runtime.campaigns import (
     STATE_NAME,
     CampaignConflict,
     CampaignExists,
     CampaignNotFound,
     CampaignRegistry,
+    round_campaign,
     spec_from_proto,
 )
 from maskprop_runtime.ingest import campaign_status
@@ -39,11 +42,22 @@ def _abort(context: Any, exc: Exception) -> NoReturn:
 
 class ControllerServicer(campaign_pb2_grpc.CampaignControllerServicer):
     """``admin_token``: callers send ``authorization: Bearer <token>``; ``None`` (dev only,
-    refused by the settings in prod) lets every caller in."""
+    refused by the settings in prod) lets every caller in.  ``producer``: where ``NextRound``
+    publishes a round's image batches (none: ``NextRound`` is refused), at most
+    ``batches_per_s``."""
 
-    def __init__(self, registry: CampaignRegistry, *, admin_token: str | None) -> None:
+    def __init__(
+        self,
+        registry: CampaignRegistry,
+        *,
+        admin_token: str | None,
+        producer: Producer | None = None,
+        batches_per_s: float = 20.0,
+    ) -> None:
         self.registry = registry
         self.admin_token = admin_token
+        self.producer = producer
+        self.batches_per_s = batches_per_s
 
     def _call(self, context: Any, fn: Callable[[], T]) -> T:
         if self.admin_token is not None:
@@ -77,3 +91,19 @@ class ControllerServicer(campaign_pb2_grpc.CampaignControllerServicer):
             return self.registry.set_state(request.name, STATE_NAME[request.state])
 
         return self._call(context, set_state)
+
+    def NextRound(self, request: Any, context: Any) -> campaign_pb2.NextRoundResponse:
+        def next_round() -> campaign_pb2.NextRoundResponse:
+            if self.producer is None:
+                raise MaskpropError("this controller has no broker to publish a round on")
+            plan = publish_next_round(
+                self.registry, request.name, request.round, request.weights, self.producer,
+                batches_per_s=self.batches_per_s,
+            )  # fmt: skip
+            return campaign_pb2.NextRoundResponse(
+                campaign=request.name, round=request.round,
+                travels_as=round_campaign(request.name, request.round), weights=request.weights,
+                batches=plan.batch_count, published=plan.published, done=plan.done,
+            )  # fmt: skip
+
+        return self._call(context, next_round)

@@ -27,6 +27,8 @@ class ControllerSettings(RuntimeSettings):
     # Bearer token every call must carry; required in prod (MASKPROP_CONTROLLER_ADMIN_TOKEN).
     controller_admin_token: SecretStr | None = None
     controller_grpc_workers: int = Field(default=2, ge=1)
+    # NextRound's pace: image batches published a second at most (as add-images').
+    ingest_batches_per_s: float = Field(default=20.0, gt=0)
 
     @model_validator(mode="after")
     def _token_in_prod(self) -> ControllerSettings:
@@ -41,10 +43,16 @@ class ControllerSettings(RuntimeSettings):
         return self
 
 
-def build_controller(settings: ControllerSettings, redis: Any) -> ControllerServicer:
+def build_controller(
+    settings: ControllerSettings, redis: Any, bus: Any = None
+) -> ControllerServicer:
+    """The servicer; with ``bus`` its ``NextRound`` publishes rounds on it."""
     token = settings.controller_admin_token
     return ControllerServicer(
-        CampaignRegistry(redis), admin_token=token.get_secret_value() if token else None
+        CampaignRegistry(redis),
+        admin_token=token.get_secret_value() if token else None,
+        producer=bus.producer() if bus is not None else None,
+        batches_per_s=settings.ingest_batches_per_s,
     )
 
 
@@ -52,7 +60,7 @@ def build_controller(settings: ControllerSettings, redis: Any) -> ControllerServ
 def main() -> None:
     settings = ControllerSettings()
     run = start_service(settings, "controller")
-    servicer = build_controller(settings, run.redis)
+    servicer = build_controller(settings, run.redis, run.bus)
     server, health = build_server(
         lambda s: campaign_pb2_grpc.add_CampaignControllerServicer_to_server(servicer, s),
         [SERVICE_NAME],

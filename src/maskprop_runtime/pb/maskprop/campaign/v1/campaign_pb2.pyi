@@ -188,3 +188,31 @@ class SetStateRequest(_message.Message):
     name: str
     state: CampaignState
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[CampaignState, str]] = ...) -> None: ...
+
+class NextRoundRequest(_message.Message):
+    __slots__ = ("name", "round", "weights")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    round: int
+    weights: str
+    def __init__(self, name: _Optional[str] = ..., round: _Optional[int] = ..., weights: _Optional[str] = ...) -> None: ...
+
+class NextRoundResponse(_message.Message):
+    __slots__ = ("campaign", "round", "travels_as", "weights", "batches", "published", "done")
+    CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TRAVELS_AS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    campaign: str
+    round: int
+    travels_as: str
+    weights: str
+    batches: int
+    published: int
+    done: bool
+    def __init__(self, campaign: _Optional[str] = ..., round: _Optional[int] = ..., travels_as: _Optional[str] = ..., weights: _Optional[str] = ..., batches: _Optional[int] = ..., published: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...

@@ -61,6 +61,11 @@ class CampaignControllerStub:
                 request_serializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.SetStateRequest.SerializeToString,
                 response_deserializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.Campaign.FromString,
                 _registered_method=True)
+        self.NextRound = channel.unary_unary(
+                '/maskprop.campaign.v1.CampaignController/NextRound',
+                request_serializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.NextRoundRequest.SerializeToString,
+                response_deserializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.NextRoundResponse.FromString,
+                _registered_method=True)
 
 
 class CampaignControllerServicer:
@@ -98,6 +103,15 @@ class CampaignControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NextRound(self, request, context):
+        """Publish the campaign's images again as round `round` (campaign `<name>.r<round>`),
+        detected with `weights` (a path under the detector's models root); returns when published
+        (or paused/stopped part way: `done` false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CampaignControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +139,11 @@ def add_CampaignControllerServicer_to_server(servicer, server):
                     servicer.SetState,
                     request_deserializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.SetStateRequest.FromString,
                     response_serializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.Campaign.SerializeToString,
+            ),
+            'NextRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextRound,
+                    request_deserializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.NextRoundRequest.FromString,
+                    response_serializer=maskprop_dot_campaign_dot_v1_dot_campaign__pb2.NextRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class CampaignController:
             '/maskprop.campaign.v1.CampaignController/SetState',
             maskprop_dot_campaign_dot_v1_dot_campaign__pb2.SetStateRequest.SerializeToString,
             maskprop_dot_campaign_dot_v1_dot_campaign__pb2.Campaign.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maskprop.campaign.v1.CampaignController/NextRound',
+            maskprop_dot_campaign_dot_v1_dot_campaign__pb2.NextRoundRequest.SerializeToString,
+            maskprop_dot_campaign_dot_v1_dot_campaign__pb2.NextRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,
