@@ -59,3 +59,36 @@ def test_summary_rates_and_latency_percentiles(bg: Any) -> None:
     assert out["p50_ms"] == pytest.approx(50.0)  # sorted index round(0.5 * 9) = 4
     assert out["p99_ms"] == pytest.approx(100.0)
     assert sum(out["series"]) == 1000
+
+
+def test_tail_pool_is_the_big_pool_without_its_big_class(bg: Any) -> None:
+    full = bg.bench_pool(3000, 6, big=5000, seed=3, dim=4)
+    tail = bg.bench_pool(3000, 6, big=5000, seed=3, dim=4, tail=True)
+    assert len(tail) == 3000 and 0 not in set(tail.class_ids.tolist())
+    np.testing.assert_array_equal(tail.class_ids, full.class_ids[5000:])
+    np.testing.assert_array_equal(tail.features, full.features[5000:])
+    np.testing.assert_array_equal(tail.ious, full.ious[5000:])
+    assert tail.class_names == full.class_names
+
+
+def test_the_report_says_whether_the_crowd_ran_dry(bg: Any) -> None:
+    ran_dry = {
+        "window_s": 120.0,
+        "seconds": 31.0,
+        "campaign_done": True,
+        "campaigns": 1,
+        "campaigns_done": {"gw": 30.5},
+    }
+    assert bg.dry(ran_dry).startswith("YES: all 1 campaign(s) done at 31.0 s")
+    busy = {
+        "window_s": 120.0,
+        "seconds": 120.2,
+        "campaign_done": False,
+        "campaigns": 4,
+        "campaigns_done": {"gw1": 80.0},
+        "lease_sizes": [100, 0, 100],
+        "empty_series": [0, 0, 1],
+    }
+    text = bg.dry(busy)
+    assert text.startswith("no: the load ran the whole window")
+    assert "campaigns done 1/4 (at 80 s)" in text and "1 empty leases, the first at 1.0 s" in text
