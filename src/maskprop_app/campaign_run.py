@@ -46,7 +46,6 @@ from maskprop.files import atomic_file
 from maskprop.metrics import cost_usd, human_hours
 from maskprop.progress import Progress, no_progress
 from maskprop.simulate.pool import MaskPool
-from maskprop.simulate.scenes import mask_id
 from maskprop_app.campaign_retrain import retrain
 from maskprop_app.embedded import campaign_metrics, run_campaign
 from maskprop_runtime.campaigns import CampaignRegistry
@@ -180,13 +179,17 @@ def run_spec(
             gid = spare
         ids.append(gid)
     paths = {gid: acc.path for gid, acc in zip(ids, report_in.accepted, strict=True)}
+    # The ids the distributed path gives (ingest's image ids, the detector's "<image id>.<k>"
+    # mask ids): the clusterer orders a tree's masks by mask id and search samples a cluster's
+    # masks in that order, so the same ids make the same questions as a distributed run.
+    wire_image = {gid: acc.image_id for gid, acc in zip(ids, report_in.accepted, strict=True)}
 
     entries = {
         gid: _image_entry(gid, rel, by_id.get(gid), spec.images_root) for gid, rel in paths.items()
     }
     infos = {
-        str(gid): common_pb2.ImageInfo(
-            image_id=str(gid), width=int(e["width"]), height=int(e["height"]),
+        wire_image[gid]: common_pb2.ImageInfo(
+            image_id=wire_image[gid], width=int(e["width"]), height=int(e["height"]),
             file_name=e["file_name"],
         )
         for gid, e in entries.items()
@@ -236,10 +239,14 @@ def run_spec(
             class_names=spec.classes,
         )
         n = len(dets)
+        wire_masks = [
+            f"{wire_image[int(g)]}.{str(m).rsplit('.', 1)[1]}"
+            for g, m in zip(dets.image_ids.tolist(), dets.mask_ids.tolist(), strict=True)
+        ]
         events = masks_events(
             campaign=campaign, class_names=spec.classes, class_ids=dets.class_ids,
-            mask_ids=[mask_id(i) for i in range(n)],
-            image_ids=[str(int(i)) for i in dets.image_ids], scores=dets.scores,
+            mask_ids=wire_masks,
+            image_ids=[wire_image[int(i)] for i in dets.image_ids], scores=dets.scores,
             features=dets.features, encode=table_encoder(dets), images=infos,
             event_prefix=f"masks.{campaign}.r{r}",
         )  # fmt: skip
@@ -255,6 +262,7 @@ def run_spec(
             seed=spec.seed + r - 1,
             params_for=registry.session_params,
             question_budget=cap - spent,
+            mask_index={m: i for i, m in enumerate(wire_masks)},
             progress=_prefixed(progress, f"r{r}: "),
         )
         metrics = campaign_metrics(pool, result, spec.params)

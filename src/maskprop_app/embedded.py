@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,7 @@ def run_campaign(
     progress: Progress = no_progress,
     params_for: Callable[[str], SessionParams | None] | None = None,
     question_budget: int | None = None,
+    mask_index: Mapping[str, int] | None = None,
 ) -> CampaignResult:
     """Publish ``events`` (the detector's output for ``pool``; mask ids ``mask_id(i)``), let the
     clusterer and search services build and search the trees, answer their questions with a
@@ -195,7 +196,10 @@ def run_campaign(
     ``params_for``: the parameters search opens a campaign's sessions with (a campaign
     registry's ``session_params``, as in the distributed services); default: the registry in
     this run's Redis, then ``search``.  ``question_budget``: no question is leased beyond it;
-    masks still undecided then get no label (``missing_labels``)."""
+    masks still undecided then get no label (``missing_labels``).  ``mask_index``: mask id ->
+    pool index when the events' mask ids are not ``mask_id(i)`` (a campaign's ids are the
+    detector's ``<image id>.<k>``, which order the trees as the distributed detector's do)."""
+    index_of = mask_index.__getitem__ if mask_index is not None else pool_index
     if (out / "dataset" / campaign).exists():
         raise MaskpropError(
             f"{out} already holds a dataset for campaign {campaign!r}; "
@@ -248,7 +252,7 @@ def run_campaign(
                 break
             if not qs:
                 raise RuntimeError("search has no questions but the campaign is not done")
-            ids = np.array([pool_index(q.mask_id) for q in qs], dtype=np.int64)
+            ids = np.array([index_of(q.mask_id) for q in qs], dtype=np.int64)
             labels = annotator.answer(ids)
             core.submit((q.question_id, bool(v)) for q, v in zip(qs, labels, strict=True))
             sink.step(0.0)
@@ -280,7 +284,7 @@ def run_campaign(
         coco = export_coco(out / "dataset", campaign, out / "annotations.json")
         stats = reader.ledger_stats(campaign)
         accepted = np.array(
-            [pool_index(r["mask_id"]) for r in reader.labels(campaign, accepted_only=True)],
+            [index_of(r["mask_id"]) for r in reader.labels(campaign, accepted_only=True)],
             dtype=np.int64,
         )
         return CampaignResult(
