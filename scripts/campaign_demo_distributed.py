@@ -620,6 +620,37 @@ def run_distributed(
         http.close()
 
 
+def compare_decided(embedded: Path, dataset: Path, name: str) -> dict[str, Any]:
+    """Every decided mask's label (accepted and rejected) in the two runs' sink datasets, by
+    mask id (both runs use the detector's ``<image id>.<k>`` ids): per round, masks decided in
+    both, how many of them disagree, and masks decided in one run only (a binding budget
+    stops the runs at different clusters)."""
+    from maskprop_sink.dataset import DatasetReader
+
+    from maskprop_runtime.campaigns import round_campaign
+
+    out: dict[str, Any] = {}
+    for r in (1, 2):
+        if not (embedded / f"r{r}" / "dataset" / name).exists():
+            continue
+        travels = name if r == 1 else round_campaign(name, r)
+        dist = {x["mask_id"]: int(x["accepted"]) for x in DatasetReader(dataset).labels(travels)}
+        emb = {
+            x["mask_id"]: int(x["accepted"])
+            for x in DatasetReader(embedded / f"r{r}" / "dataset").labels(name)
+        }
+        both = dist.keys() & emb.keys()
+        out[f"round{r}"] = {
+            "decided_in_both": len(both),
+            "disagree": sum(dist[m] != emb[m] for m in both),
+            "distributed_only": len(dist.keys() - emb.keys()),
+            "distributed_only_accepted": sum(dist[m] for m in dist.keys() - emb.keys()),
+            "embedded_only": len(emb.keys() - dist.keys()),
+            "embedded_only_accepted": sum(emb[m] for m in emb.keys() - dist.keys()),
+        }
+    return out
+
+
 def compare(embedded: Path, distributed_raw: Path, distributed_merged: Path) -> dict[str, Any]:
     """Accepted masks (image file, class, RLE) of each round and of the merged dataset."""
     out: dict[str, Any] = {}
@@ -648,10 +679,10 @@ def compare(embedded: Path, distributed_raw: Path, distributed_merged: Path) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/campaign-demo"))
-    ap.add_argument("--images", type=int, default=1000, help="synth images (10%% train, 80%% pool)")
+    ap.add_argument("--images", type=int, default=800, help="synth images (10%% train, 80%% pool)")
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--retrain-steps", type=int, default=100)
+    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--retrain-steps", type=int, default=40)
     ap.add_argument("--samples-per-cluster", type=int, default=5)
     ap.add_argument("--accept-threshold", type=float, default=0.85)
     ap.add_argument("--iou-threshold", type=float, default=0.75)
@@ -805,6 +836,7 @@ def main(argv: list[str] | None = None) -> None:
         if calibration
         else None,
         "labels": compare(emb_dir, work / "export-rounds.json", work / "export.json"),
+        "decided_labels": compare_decided(emb_dir, stack.data / "dataset", name),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
