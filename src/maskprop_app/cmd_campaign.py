@@ -392,6 +392,52 @@ def retrain(
     typer.echo(json.dumps(result, indent=2))
 
 
+@campaign_app.command("learn-priors")
+def learn_priors(
+    heldout: Annotated[Path, typer.Option(help="Labelled held-out set (COCO instances).")],
+    heldout_images: Annotated[Path, typer.Option(help="Folder of the held-out set's images.")],
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Campaign name: its spec is revised with the learned K_pr/K_pa."),
+    ] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(help="The campaign's spec file instead: prints them, stores nothing."),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Detector weights (default: the spec's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, auto.")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Learn K_pr/K_pa (paper Sec. 4.2) from a labelled held-out set with the campaign's
+    detector; with NAME the campaign's spec is revised to them (the next version: sessions
+    opened from then on use them).  Prints the thresholds (JSON)."""
+    from maskprop.campaign_spec import load_spec
+    from maskprop_runtime.campaigns import spec_from_proto
+
+    bars = Bars(progress)
+    with user_errors(bars):
+        if (name is None) == (spec is None):
+            raise MaskpropError("give the campaign's NAME (registry) or --spec FILE, not both")
+        registry = None
+        if spec is not None:
+            parsed = load_spec(spec)
+        else:
+            assert name is not None
+            registry = _registry()
+            parsed = spec_from_proto(registry.status(name).campaign.spec)
+        from maskprop_app.campaign_priors import learn_priors as run_learn
+
+        result = run_learn(
+            parsed, heldout, heldout_images, weights=weights, device=device, progress=bars
+        )
+        revised = result.pop("revised_spec")
+        if registry is not None:
+            result["version"] = registry.revise(revised).spec.version
+    typer.echo(json.dumps(result, indent=2))
+
+
 @campaign_app.command("export")
 def export(
     name: NameArg,
