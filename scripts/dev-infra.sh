@@ -360,8 +360,11 @@ stop_redis() { stop_pid "$redis_pid" redis-server 30 redis; }
 write_env() {
   mkdir -p "$state"
   local kb="$HOST:$KAFKA_PORT" ru="redis://$HOST:$REDIS_PORT/0"
+  # MASKPROP_IT_*: the integration tier's servers (tests/integration/conftest.py), so a
+  # sourced env runs those tests instead of skipping them.
   printf 'export KAFKA_BOOTSTRAP=%s\nexport REDIS_URL=%s\nexport MASKPROP_KAFKA_MAX_MESSAGE_BYTES=%s\n' \
     "$kb" "$ru" "$KAFKA_MAX_MESSAGE_BYTES" >"$env_file"
+  printf 'export MASKPROP_IT_KAFKA=%s\nexport MASKPROP_IT_REDIS=%s\n' "$kb" "$ru" >>"$env_file"
   printf 'KAFKA_BOOTSTRAP=%s\nREDIS_URL=%s\n' "$kb" "$ru"
 }
 
