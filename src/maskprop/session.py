@@ -24,18 +24,19 @@ a *base* and then an append-only *log* of what changed, bytes proportional to th
 not to n (issue #14)::
 
     base = session.rebase()          # a snapshot; the log starts afresh over it
-    ...                              # lease / submit / expire / pop_decisions
+    ...                              # lease / submit / expire / pop_decisions /
+                                     # decide_without_asking
     chunk = session.take_log()       # the changes since the last save (b"" if none)
     if session.needs_rebase():       # the log reached a quarter of the base: compact
         base = session.rebase()      # (save it in place of the base, drop the chunks)
     AnnotationSession.restore(base, trees, log=chunks)   # == the live session, byte for byte
 
 The log records the calls that changed the state (a lease's arguments, the answers applied, the
-questions expired, a pop of the outbox), not their effects: the session is deterministic (each
-cluster's sample is seeded by (seed, class, node)), so replaying them over the base rebuilds the
-same state exactly, RNG included, and costs what the calls cost live.  Chunk format:
-``b"MPL1"``, 8 bytes naming the base (:func:`base_tag`), a sequence number, records (see
-``_LOG_MAGIC``); a chunk over another base or out of order is refused.
+questions expired, a pop of the outbox, a decide-without-asking), not their effects: the
+session is deterministic (each cluster's sample is seeded by (seed, class, node)), so replaying
+them over the base rebuilds the same state exactly, RNG included, and costs what the calls cost
+live.  Chunk format: ``b"MPL1"``, 8 bytes naming the base (:func:`base_tag`), a sequence
+number, records (see ``_LOG_MAGIC``); a chunk over another base or out of order is refused.
 
 Per-node and per-mask state lives in numpy arrays; recording an answer is O(1) (answers are
 indexed by depth-first position, with a count per block of 1024 positions for finding a
@@ -88,6 +89,7 @@ def _empty_positions(n: int) -> NDArray[np.int8]:
 #   b"S" k:uint32 then k x (class:int32 node:int32 mask:int32 label:uint8)  applied answers
 #   b"E" k:uint32 then k x (class:int32 node:int32 mask:int32)            expired questions
 #   b"P"                                                                  pop_decisions
+#   b"D"                                                          decide_without_asking
 # all little-endian.
 _LOG_MAGIC = b"MPL1"
 _CHUNK_HEAD = struct.Struct("<4s8sI")
@@ -440,6 +442,25 @@ class AnnotationSession:
             out.append(Question(c, node, mask))
         oc.leased += take
 
+    def decide_without_asking(self) -> int:
+        """Advance every candidate left on the frontier without handing out a question.
+
+        What needs no question is decided as a lease would decide it: a prior reject, a split
+        (its children are advanced in turn), a cluster the answers already given settle.  Any
+        other cluster is opened and waits, its questions not handed out (its masks stay
+        undecided; a later :meth:`lease` serves it first).  For when asking has ended (the
+        campaign's budget is spent): the decisions that cost nothing still come, so a run
+        whose budget is exactly the questions it needs labels the same masks as one with
+        budget to spare.  Returns the candidates advanced (0: nothing changed, nothing
+        logged)."""
+        n = 0
+        while len(self._frontier):
+            self._advance()
+            n += 1
+        if n and self._log is not None:
+            self._log.add(b"D")
+        return n
+
     def expire(self, questions: Iterable[Question]) -> None:
         """Give leased but unanswered questions back so they are leased again."""
         expired: list[tuple[int, int, int]] = []
@@ -764,6 +785,9 @@ class AnnotationSession:
                 elif kind == b"P":
                     i += 1
                     self.pop_decisions()
+                elif kind == b"D":
+                    i += 1
+                    self.decide_without_asking()
                 else:
                     raise MaskpropError(f"session log chunk is corrupt (record {kind!r})")
         except struct.error:

@@ -244,8 +244,9 @@ def run_campaign(
             room = annotator_batch
             if question_budget is not None:
                 room = min(room, question_budget - leased)
-                if room <= 0:
-                    break  # the budget is spent: nothing more is asked
+                if room <= 0:  # the budget is spent: nothing more is asked, but what needs
+                    core.decide_without_asking(campaign)  # no question is still decided
+                    break
             qs, done = core.lease(campaign, room, owner="simulated-crowd")
             leased += len(qs)
             if done:

@@ -126,3 +126,40 @@ def test_cli_status_shows_spent_and_forecast(wired: Wired, monkeypatch: pytest.M
     assert spent["hours"] == round(len(qs) * 2.0 / 3600, 4)
     st = budget_status(CampaignRegistry(wired.redis), "c1")
     assert spent["forecast_masks_at_budget"] == round(st.forecast_masks_at_budget, 1) > 0
+
+
+def _run(tmp_path: Path, pool, budget: Budget, sizes: list[int]) -> tuple[Wired, int]:
+    """The campaign through two search replicas leasing in ``sizes`` by turns, every question
+    answered from the truth, until search says done; returns the stack and questions asked."""
+    redis = fakeredis.FakeRedis()
+    _register(redis, tmp_path, pool, budget)
+    w = Wired(tmp_path, pool, redis=redis)
+    w.publish_pool()
+    w.settle()
+    other, _ = build_search(SearchSettings(data_dir=w.tmp / "state"), w.bus, w.redis)
+    handed, n = 0, 0
+    while True:
+        qs, done = (w.core, other)[n % 2].lease("c1", sizes[n % len(sizes)])
+        handed += len(qs)
+        if done:
+            return w, handed
+        # answers go to the other replica than the one that leased (as two gateways might)
+        (other, w.core)[n % 2].submit(
+            (q.question_id, bool(t)) for q, t in zip(qs, w.truth(qs), strict=True)
+        )
+        n += 1
+
+
+def test_a_budget_of_exactly_the_questions_needed_labels_what_budget_to_spare_labels(
+    tmp_path: Path, pool
+) -> None:
+    """Asking stops at the budget; the decisions that need no question (prior rejects,
+    splits, answers already given) still come, on whichever replica gets the last answers."""
+    sizes = [1, 7, 50, 3, 64]
+    free, need = _run(tmp_path / "free", pool, Budget(questions=10**6), sizes)
+    assert need > 0 and all(p.undecided_masks == 0 for p in free.core.progress("c1").classes)
+    capped, handed = _run(tmp_path / "capped", pool, Budget(questions=need), sizes)
+    assert handed == need and capped.core.gate.leased("c1") == need
+    for k in free.core.classes("c1"):
+        assert (capped.core.labels("c1", k) == free.core.labels("c1", k)).all(), k
+    assert all(p.undecided_masks == 0 for p in capped.core.progress("c1").classes)

@@ -200,6 +200,52 @@ def test_has_questions_false_means_lease_would_do_nothing(params):
     assert checked
 
 
+def leased_and_answered(session, ious, batch, cap=None):
+    """Lease and answer ``batch`` at a time until done or ``cap`` questions were handed out
+    (a budget); returns the questions handed out."""
+    leased = 0
+    while not session.done and (cap is None or leased < cap):
+        qs = session.lease(batch if cap is None else min(batch, cap - leased))
+        if not qs:
+            break
+        leased += len(qs)
+        session.submit(answer(qs, ious))
+    return leased
+
+
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_a_budget_of_exactly_the_questions_needed_labels_what_a_free_run_labels(params, batch):
+    """Asking ends at the budget; what needs no question is still decided, so the spent
+    budget leaves no mask undecided that a run with budget to spare decides."""
+    trees, ious = make_trees([300, 120, 1], seed=2)
+    free = AnnotationSession(trees, params, Selection(0.2, 0.55), seed=3)
+    need = leased_and_answered(free, ious, batch)
+    assert free.done and need > 0
+    capped = AnnotationSession(trees, params, Selection(0.2, 0.55), seed=3)
+    assert leased_and_answered(capped, ious, batch, cap=need) == need
+    capped.decide_without_asking()
+    for c in trees:
+        np.testing.assert_array_equal(capped.labels(c), free.labels(c))
+    assert capped.done
+    assert capped.decide_without_asking() == 0  # nothing left: nothing done, nothing logged
+
+
+def test_decide_without_asking_opens_what_needs_questions_and_asks_nothing():
+    """With questions still needed, it hands none out: those clusters wait, open, and a
+    later lease (a budget revised upwards) serves them."""
+    trees, ious = make_trees([300], seed=5)
+    params = AnnotationParams()
+    session = AnnotationSession(trees, params, Selection(0.2, 0.55), seed=3)
+    session.submit(answer(session.lease(10), ious))
+    before = session.snapshot()
+    assert session.decide_without_asking() > 0
+    assert session.snapshot() != before
+    assert not session.done and (session.labels(0) < 0).any()
+    drive(session, ious, 7)  # a revised budget: the rest is asked and decided
+    assert session.done and (session.labels(0) >= 0).all()
+
+
 def drive_mixed(session, ious, rng, steps):
     """Lease, answer some, expire some, pop decisions: every call the log records."""
     held: list[Question] = []
@@ -216,6 +262,8 @@ def drive_mixed(session, ious, rng, steps):
             held = held[1:]
         if rng.random() < 0.5:
             session.pop_decisions()
+        if rng.random() < 0.1:  # asking ended for a while (a spent budget, then revised)
+            session.decide_without_asking()
     return held
 
 

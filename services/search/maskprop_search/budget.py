@@ -22,8 +22,9 @@ from typing import Any
 from maskprop_runtime.campaigns import campaign_key, leased_key
 
 # KEYS: campaign hash, leased counter.  ARGV: questions wanted.
-# {granted, code}: code 0 open, 1 paused, 2 stopped, 3 budget spent, -1 not a registered
-# campaign (granted = wanted, nothing counted).
+# {granted, code}: code 0 open, 1 paused, 2 stopped, 3 budget spent, 4 open and this grant
+# takes the budget's last questions, -1 not a registered campaign (granted = wanted, nothing
+# counted).
 _RESERVE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {tonumber(ARGV[1]), -1} end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -36,11 +37,22 @@ if cap then
   if left <= 0 then return {0, 3} end
   if want > left then want = left end
 end
-if want > 0 then redis.call('INCRBY', KEYS[2], want) end
+if want > 0 then
+  local used = redis.call('INCRBY', KEYS[2], want)
+  if cap and used >= tonumber(cap) then return {want, 4} end
+end
 return {want, 0}
 """
 
-OPEN, PAUSED, STOPPED, SPENT, UNREGISTERED = 0, 1, 2, 3, -1
+# KEYS: campaign hash, leased counter.  1 when the campaign has a cap and it is all handed out.
+_SPENT = """
+local cap = redis.call('HGET', KEYS[1], 'question_cap')
+if not cap then return 0 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(cap) then return 1 end
+return 0
+"""
+
+OPEN, PAUSED, STOPPED, SPENT, LAST, UNREGISTERED = 0, 1, 2, 3, 4, -1
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,11 @@ class Grant:
     campaign: str
     questions: int
     code: int
+
+    def spends_budget(self, handed_out: int) -> bool:
+        """Whether a lease that handed out ``handed_out`` of this grant spent the budget (it
+        took the last questions and gave none back)."""
+        return self.code == LAST and handed_out >= self.questions
 
     @property
     def finished(self) -> bool:
@@ -63,6 +80,7 @@ class CampaignGate:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._reserve = redis.register_script(_RESERVE)
+        self._spent = redis.register_script(_SPENT)
 
     def reserve(self, campaign: str, want: int) -> Grant:
         """Reserve up to ``want`` questions of ``campaign``'s budget (one round trip)."""
@@ -74,8 +92,13 @@ class CampaignGate:
     def refund(self, grant: Grant, handed_out: int) -> None:
         """Give back the reserved questions a lease did not hand out."""
         unused = grant.questions - handed_out
-        if grant.code == OPEN and unused > 0:
+        if grant.code in (OPEN, LAST) and unused > 0:
             self.redis.decrby(leased_key(grant.campaign), unused)
+
+    def spent(self, campaign: str) -> bool:
+        """Whether ``campaign``'s budget is all handed out (one round trip; False for a
+        campaign without a budget)."""
+        return bool(self._spent(keys=[campaign_key(campaign), leased_key(campaign)]))
 
     def leased(self, campaign: str) -> int:
         """Questions of ``campaign`` handed out so far."""

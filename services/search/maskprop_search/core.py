@@ -36,7 +36,7 @@ from maskprop_runtime.pb.maskprop.clusterer.v1 import clusterer_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.treestore import check_name
 from maskprop_search import wire
-from maskprop_search.budget import CampaignGate
+from maskprop_search.budget import SPENT, CampaignGate
 from maskprop_search.store import CACHE_MASKS, Loaded, SearchStore
 from maskprop_search.store import owner as store_owner
 
@@ -99,6 +99,8 @@ class SearchCore:
         )
         self.outboxes = self.store.outboxes
         self.gate = CampaignGate(redis)  # a campaign's budget, pause and stop (issue #16)
+        # Campaigns whose spent budget this replica has acted on (decide_without_asking).
+        self._spent: set[str] = set()
         self._rr = 0  # round-robin start over classes, so concurrent workers spread out
 
     def classes(self, campaign: str) -> list[int]:
@@ -207,15 +209,44 @@ class SearchCore:
         if answer_by is not None and time.monotonic() > answer_by:
             raise CallerGone("the caller's deadline passed before the lease started")
         grant = self.gate.reserve(campaign, max_questions)
+        if grant.code == SPENT and campaign not in self._spent:
+            self.decide_without_asking(campaign)  # first seen here (or after a restart)
         if grant.questions <= 0 and max_questions > 0:
             return [], grant.finished
+        self._spent.discard(campaign)  # a revised budget hands out again
         try:
             out, done = self._lease(campaign, grant.questions, owner, answer_by)
         except BaseException:
             self.gate.refund(grant, 0)
             raise
         self.gate.refund(grant, len(out))
+        if grant.spends_budget(len(out)):
+            self.decide_without_asking(campaign)
         return out, done
+
+    def decide_without_asking(self, campaign: str) -> int:
+        """Asking has ended for ``campaign`` (its budget is spent): every class makes the
+        decisions that need no question (:meth:`AnnotationSession.decide_without_asking`), so
+        a budget of exactly the questions a campaign needs labels what a budget to spare
+        labels; :meth:`submit` does the same after each answer still to come.  Returns the
+        candidates advanced.  Embedded runs, whose loop holds the budget, call it when they
+        stop asking."""
+        self._spent.add(campaign)
+        _, survey = self.store.survey(campaign, self.clock())
+        pending = [s.class_id for s in survey if not s.done]
+        if not pending:
+            return 0
+        advanced = 0
+        with self.store.locked(campaign, pending) as batch:
+            for k in pending:
+                loaded = batch.held[k].loaded
+                assert loaded is not None
+                n = loaded.session.decide_without_asking()
+                if n:
+                    batch.held[k].changed = True
+                    advanced += n
+        self._published(batch.events)
+        return advanced
 
     def _lease(
         self, campaign: str, max_questions: int, owner: str = "", answer_by: float | None = None
@@ -355,6 +386,9 @@ class SearchCore:
             by_class.setdefault(q.class_id, []).append((qid, q, bool(ok)))
         applied = duplicates = stale = events = 0
         for campaign, by_class in sorted(by_campaign.items()):
+            # Asking has ended: what these answers leave that needs no question is decided
+            # now (one round trip a campaign a call; any replica may get the last answers).
+            spent = self.gate.spent(campaign)
             with self.store.locked(campaign, by_class) as batch:
                 for k, items in sorted(by_class.items()):
                     held = batch.held[k]
@@ -373,6 +407,8 @@ class SearchCore:
                             continue
                         applied += 1
                         drop.append(qid)
+                    if spent:
+                        session.decide_without_asking()
                     held.changed = True
             events += batch.events
         self._published(events)
