@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from maskprop.data.coco import write_coco
-from maskprop.data.instances import deduplicate
+from maskprop.data.instances import canonical_key, deduplicate
 from maskprop.errors import MaskpropError
 from maskprop_runtime.campaigns import campaign_round
 
@@ -98,6 +98,10 @@ def export_campaign(
                 a["maskprop"]["round"] = round_
                 anns.append(a)
             per_round[round_] = len(doc["annotations"])
+    # The embedded run's merge keeps the same masks (canonical_key: the same order whatever
+    # the shards' order, which decides which of two repeats de-duplication keeps).
+    names = {int(im["id"]): str(im["file_name"]) for im in images.values()}
+    anns.sort(key=lambda a: canonical_key(a, names[int(a["image_id"])]))
     kept = deduplicate(anns) if deduplicate_rounds and len(rounds) > 1 else range(len(anns))
     final = [dict(anns[i], id=n) for n, i in enumerate(kept, start=1)]
     now = dt.datetime.now(dt.UTC)

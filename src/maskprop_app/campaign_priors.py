@@ -16,14 +16,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from maskprop.campaign_spec import CampaignSpec
 from maskprop.data.coco import load_coco_instances
-from maskprop.data.instances import true_ious
+from maskprop.data.instances import detections_pool
 from maskprop.errors import MaskpropError
 from maskprop.progress import Progress, no_progress
-from maskprop.simulate.pool import MaskPool
 from maskprop_runtime.files import resolve_under
 
 
@@ -88,14 +85,7 @@ def learn_priors(
         model, dcfg, pixels(), total=len(paths), device=torch_device,
         progress=lambda _l, d, t: progress("detect held-out", d, t),
     )  # fmt: skip
-    ious = true_ious(dets.image_ids, dets.class_ids, dets.rles(), gt)
-    pool = MaskPool(
-        features=dets.features.astype(np.float32),
-        scores=dets.scores.astype(np.float32),
-        ious=ious.astype(np.float32),
-        class_ids=dets.class_ids.astype(np.int32),
-        class_names=spec.classes,
-    )
+    pool = detections_pool(dets, gt, spec.classes)
     unset = dataclasses.replace(
         spec.params, prior_reject_threshold=None, prior_accept_threshold=None
     )

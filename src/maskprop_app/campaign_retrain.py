@@ -17,14 +17,13 @@ round is its ``maskprop_round``, else the file's position (1, 2, ...).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from maskprop.campaign_spec import CampaignSpec
 from maskprop.data.coco import load_coco_instances
-from maskprop.data.instances import deduplicate
+from maskprop.data.instances import canonical_key, deduplicate
 from maskprop.errors import MaskpropError
 from maskprop.progress import Progress, no_progress
 from maskprop_runtime.files import resolve_under
@@ -63,22 +62,14 @@ def _accepted(
                     maskprop_round=int(a.get("maskprop_round", position)),
                 )
             )
-    # One canonical order, whatever the files' (the embedded run writes its masks in detection
-    # order, the sink's export in its shards' order): images by file name, masks by round,
-    # image, class and RLE.  The order decides which of two repeats de-duplication keeps and
-    # the training set's indices, so the same accepted masks give the same weights.
+    # One canonical order, whatever the files' (canonical_key): images by file name, masks by
+    # round, image, class and RLE, so the same accepted masks give the same weights.
     image_names = sorted(images)
     renumber = {images[n]["id"]: k for k, n in enumerate(image_names, start=1)}
     ordered = [dict(images[n], id=renumber[images[n]["id"]]) for n in image_names]
     for a in anns:
         a["image_id"] = renumber[a["image_id"]]
-    anns.sort(
-        key=lambda a: (
-            a["maskprop_round"], image_names[a["image_id"] - 1], a["category_id"],
-            str(a["segmentation"].get("counts", "")) if isinstance(a["segmentation"], dict)
-            else json.dumps(a["segmentation"]),
-        )
-    )  # fmt: skip
+    anns.sort(key=lambda a: canonical_key(a, image_names[a["image_id"] - 1]))
     return ordered, anns
 
 

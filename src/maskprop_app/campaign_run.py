@@ -35,17 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
-import numpy as np
 from PIL import Image
 
 from maskprop.campaign_spec import CampaignSpec
 from maskprop.data.coco import instance, load_coco_instances, write_coco
-from maskprop.data.instances import deduplicate, true_ious
+from maskprop.data.instances import canonical_key, deduplicate, detections_pool
 from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
 from maskprop.metrics import cost_usd, human_hours
 from maskprop.progress import Progress, no_progress
-from maskprop.simulate.pool import MaskPool
 from maskprop_app.campaign_retrain import retrain
 from maskprop_app.embedded import campaign_metrics, run_campaign
 from maskprop_runtime.campaigns import CampaignRegistry
@@ -108,8 +106,12 @@ def _merge_rounds(files: list[Path]) -> list[dict[str, Any]]:
     with its ``maskprop_round``."""
     anns: list[dict[str, Any]] = []
     for path in files:
-        anns += json.loads(Path(path).read_text())["annotations"]
-    return [anns[i] for i in deduplicate(anns)]
+        doc = json.loads(Path(path).read_text())
+        names = {int(im["id"]): str(im["file_name"]) for im in doc["images"]}
+        anns += [dict(a, file_name=names[int(a["image_id"])]) for a in doc["annotations"]]
+    # canonical_key: the distributed export's order, so both keep the same repeats
+    anns.sort(key=lambda a: canonical_key(a, a["file_name"]))
+    return [{k: v for k, v in anns[i].items() if k != "file_name"} for i in deduplicate(anns)]
 
 
 def run_spec(
@@ -230,14 +232,7 @@ def run_spec(
             model, dcfg, images(), total=len(paths), device=torch_device,
             progress=_prefixed(progress, f"r{r}: detect "),
         )  # fmt: skip
-        ious = true_ious(dets.image_ids, dets.class_ids, dets.rles(), gt)
-        pool = MaskPool(
-            features=dets.features.astype(np.float32),
-            scores=dets.scores.astype(np.float32),
-            ious=ious.astype(np.float32),
-            class_ids=dets.class_ids.astype(np.int32),
-            class_names=spec.classes,
-        )
+        pool = detections_pool(dets, gt, spec.classes)
         n = len(dets)
         wire_masks = [
             f"{wire_image[int(g)]}.{str(m).rsplit('.', 1)[1]}"

@@ -24,10 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from maskprop.data.coco import instance, write_coco
-from maskprop.data.instances import deduplicate, mask_ap, true_ious
+from maskprop.data.instances import deduplicate, detections_pool, mask_ap
 from maskprop.data.masks import MaskTable
 from maskprop.data.synth import DEFAULT_CLASSES, synth_scenes
 from maskprop.errors import MaskpropError
@@ -95,16 +93,6 @@ def _synth(cfg: DemoConfig, data: Path, progress: Progress) -> dict[str, Any]:
     with atomic_file(marker) as f:
         f.write(json.dumps(summary, indent=2).encode())
     return dict(summary)
-
-
-def _pool(dets: Any, ious: np.ndarray, classes: tuple[str, ...]) -> MaskPool:
-    return MaskPool(
-        features=dets.features.astype(np.float32),
-        scores=dets.scores.astype(np.float32),
-        ious=ious.astype(np.float32),
-        class_ids=dets.class_ids.astype(np.int32),
-        class_names=classes,
-    )
 
 
 def _prefixed(progress: Progress, prefix: str) -> Progress:
@@ -253,16 +241,11 @@ def run_demo(
             twin_dets = run_detect(twin, val_set, f"round {r}: control val")
             control_ap = mask_ap(val_set.doc(), twin_dets.coco_results(category_ids))["ap"]
             del twin
-        val_pool = _pool(
-            val_dets,
-            true_ious(val_dets.image_ids, val_dets.class_ids, val_dets.rles(), val_gt),
-            classes,
-        )
+        val_pool = detections_pool(val_dets, val_gt, classes)
         selection = _learn(val_pool, params)
 
         pool_dets = run_detect(model, pool_set, f"round {r}: detect pool")
-        pool_ious = true_ious(pool_dets.image_ids, pool_dets.class_ids, pool_dets.rles(), pool_gt)
-        pool = _pool(pool_dets, pool_ious, classes)
+        pool = detections_pool(pool_dets, pool_gt, classes)
         pool_trees = build_class_trees(pool)
         fig4 = fig4_correlations(pool_trees, pool) if len(pool) > 1 else None
 

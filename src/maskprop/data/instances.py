@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskprop.data.coco import to_pycoco
+from maskprop.data.masks import MaskTable
+from maskprop.simulate.pool import MaskPool
 
 __all__ = ["deduplicate", "mask_ap", "true_ious"]
 
@@ -56,6 +59,32 @@ def true_ious(
         iou = np.asarray(mask_utils.iou(preds, targets, [0] * len(targets)), dtype=np.float64)
         out[idx] = iou.reshape(len(preds), len(targets)).max(axis=1)
     return out
+
+
+def detections_pool(
+    dets: MaskTable, gt: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+) -> MaskPool:
+    """The detector's masks as the pool the simulator, :func:`learn_selection` and a simulated
+    crowd read: features, scores, classes, and each mask's true IoU against ``gt``
+    (:func:`true_ious`)."""
+    return MaskPool(
+        features=dets.features.astype(np.float32),
+        scores=dets.scores.astype(np.float32),
+        ious=true_ious(dets.image_ids, dets.class_ids, dets.rles(), gt).astype(np.float32),
+        class_ids=dets.class_ids.astype(np.int32),
+        class_names=tuple(class_names),
+    )
+
+
+def canonical_key(ann: Mapping[str, Any], image_name: str) -> tuple[int, str, int, str]:
+    """One order for a campaign's accepted masks, whatever file or shard they come from (the
+    embedded run writes them in detection order, the sink's export in its shards' order):
+    round (``maskprop_round``), image file name, category id, RLE.  The order decides which of
+    two repeats :func:`deduplicate` keeps and a training set's indices, so the same masks give
+    the same dataset and the same weights."""
+    seg = ann["segmentation"]
+    rle = str(seg.get("counts", "")) if isinstance(seg, dict) else json.dumps(seg)
+    return (int(ann.get("maskprop_round", 0)), image_name, int(ann["category_id"]), rle)
 
 
 def deduplicate(annotations: Sequence[Mapping[str, Any]], iou_threshold: float = 0.5) -> list[int]:
