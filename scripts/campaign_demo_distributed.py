@@ -31,8 +31,11 @@ assumes an answer's effect: an empty lease means "wait", and a round ends when t
 progress says done, or when the budget is spent and every question search handed out has been
 applied there.
 
-``--budget auto`` (default) first runs the spec embedded without a binding budget and sets the
-budget to round 1's questions plus half of round 2's, so the budget runs out in round 2.
+``--budget exact`` (default) first runs the spec embedded without a binding budget and sets the
+budget to the questions that run asked: both runs spend it to the last question and must label
+the same masks the same way.  ``--budget auto`` sets it to round 1's questions plus half of
+round 2's, so it runs out mid-round 2 (which clusters the last questions reach then depends on
+the order of the leases, so the two runs may decide different masks at that frontier).
 Writes ``report.json`` (the figures) under ``--out``; nothing in the Redis is flushed (names
 are unique per run).
 """
@@ -686,7 +689,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples-per-cluster", type=int, default=5)
     ap.add_argument("--accept-threshold", type=float, default=0.85)
     ap.add_argument("--iou-threshold", type=float, default=0.75)
-    ap.add_argument("--budget", default="auto", help="questions, or auto (binds in round 2)")
+    ap.add_argument(
+        "--budget",
+        default="exact",
+        help="questions; exact (what the campaign needs); auto (runs out mid-round 2)",
+    )
     ap.add_argument(
         "--kafka",
         default=os.environ.get("MASKPROP_KAFKA_BOOTSTRAP") or os.environ.get("KAFKA_BOOTSTRAP"),
@@ -773,14 +780,14 @@ def main(argv: list[str] | None = None) -> None:
         "--no-progress",
     ]
     calibration = None
-    if args.budget == "auto":
+    if args.budget in ("auto", "exact"):
         spec = write_spec(out / "spec-calibration.toml", 1_000_000, **spec_kw)
         cal = out / f"calibration-{tag}"
         calibration = json.loads(
             maskprop(env, "campaign", "run", "--spec", str(spec), "--out", str(cal), *embed_args)
         )
         q1, q2 = (r["questions"] for r in calibration["rounds"])
-        cap = q1 + max(1, q2 // 2)
+        cap = q1 + (q2 if args.budget == "exact" else max(1, q2 // 2))
         log(f"calibration (embedded, no binding budget): round questions {q1}, {q2}; budget {cap}")
     else:
         cap = int(args.budget)
