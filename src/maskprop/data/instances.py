@@ -23,7 +23,7 @@ from maskprop.data.coco import to_pycoco
 from maskprop.data.masks import MaskTable
 from maskprop.simulate.pool import MaskPool
 
-__all__ = ["deduplicate", "mask_ap", "true_ious"]
+__all__ = ["canonical_key", "deduplicate", "detections_pool", "mask_ap", "true_ious"]
 
 Rle = Mapping[str, Any]
 
