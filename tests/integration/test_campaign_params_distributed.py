@@ -21,22 +21,11 @@ from maskprop_runtime import topics
 from maskprop_runtime.bus import KafkaBus
 from maskprop_runtime.campaigns import CampaignRegistry
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
+from tests.inprocess.test_campaign_search import CAMPAIGNS  # the in-process test's parameters
 from tests.integration.conftest import Deployment, wait_for
 from tests.integration.test_distributed import call
 
 pytestmark = pytest.mark.integration
-
-# Far from the process's (paper) settings, and from each other (as the in-process test).
-CAMPAIGNS = {
-    "strict": {"samples_per_cluster": 5, "accept_threshold": 0.95, "seed": 4, "strategy": "bfs"},
-    "loose": {
-        "samples_per_cluster": 9,
-        "accept_threshold": 0.7,
-        "prior_accept_threshold": 0.4,
-        "seed": 1,
-        "strategy": "heuristic",
-    },
-}
 
 
 def test_two_campaigns_with_their_own_parameters_on_the_same_services(infra, tmp_path) -> None:
