@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from maskprop_runtime.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PEPPER = "bench-pepper-0123456789"
@@ -324,12 +325,6 @@ def run_load(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- orchestration
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Proc:
     """One service process with its log file."""
 

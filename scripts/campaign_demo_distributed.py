@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from maskprop_runtime.server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -241,14 +243,6 @@ class HttpCrowd:
 
 
 # --------------------------------------------------------------------------- the services
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Stack:
     """detector, clusterer, search, sink and controller (``maskprop serve``) and the verify
     gateway as processes, one topic namespace, logs under ``logs``."""

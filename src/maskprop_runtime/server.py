@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -31,6 +32,9 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then
+            # share it silently and answer the first one's clients UNIMPLEMENTED.
+            ("grpc.so_reuseport", 0),
         ],
     )
     register(server)
@@ -39,6 +43,30 @@ def build_server(
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, health_servicer
+
+
+def listen(server: grpc.Server, host: str, port: int) -> int:
+    """Bind ``server`` to ``host:port`` (0: any free port); the port it got. A taken port ends
+    the service with one clear error instead of a traceback."""
+    try:
+        return int(server.add_insecure_port(f"{host}:{port}"))
+    except RuntimeError:
+        raise MaskpropError(f"cannot listen on {host}:{port}: the port is taken") from None
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now on ``host``, never the same one twice in this process: services started
+    one after another each get their own even before the first of them has bound its port."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def install_shutdown(stop: threading.Event) -> None:
@@ -68,7 +96,7 @@ def start_health_only(host: str, port: int, service_name: str) -> tuple[grpc.Ser
     """For services without a gRPC API (clusterer, sink): grpc.health.v1 alone, so every
     service is probed the same way on Kubernetes."""
     server, health_servicer = build_server(lambda _s: None, [service_name], workers=2)
-    server.add_insecure_port(f"{host}:{port}")
+    listen(server, host, port)
     server.start()
     return server, health_servicer
 

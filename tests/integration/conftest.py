@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from maskprop_runtime.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,12 +30,6 @@ def infra() -> dict[str, str]:
             pytest.fail(msg)
         pytest.skip(msg)
     return {"kafka": kafka, "redis": redis}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Service:

@@ -15,7 +15,13 @@ from pydantic import Field, SecretStr, model_validator
 from maskprop_controller.grpc_api import ControllerServicer
 from maskprop_runtime.campaigns import CampaignRegistry
 from maskprop_runtime.pb.maskprop.campaign.v1 import campaign_pb2_grpc
-from maskprop_runtime.server import build_server, entrypoint, serve_until, start_service
+from maskprop_runtime.server import (
+    build_server,
+    entrypoint,
+    listen,
+    serve_until,
+    start_service,
+)
 from maskprop_runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -66,7 +72,7 @@ def main() -> None:
         [SERVICE_NAME],
         workers=settings.controller_grpc_workers,
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    port = listen(server, settings.grpc_host, settings.grpc_port)
     server.start()
     log.info("controller started", extra={"grpc_port": port})
     serve_until(server, health, run.stop)

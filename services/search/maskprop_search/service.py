@@ -15,7 +15,13 @@ from maskprop_runtime.bus import Bus, Producer
 from maskprop_runtime.campaigns import CampaignRegistry
 from maskprop_runtime.loop import DedupStore, EventLoop
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
-from maskprop_runtime.server import build_server, entrypoint, serve_until, start_service
+from maskprop_runtime.server import (
+    build_server,
+    entrypoint,
+    listen,
+    serve_until,
+    start_service,
+)
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_search.core import SearchCore
 from maskprop_search.grpc_api import SearchServicer
@@ -123,7 +129,7 @@ def main() -> None:
         ["maskprop.search.v1.SearchService"],
         workers=settings.grpc_workers,
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    port = listen(server, settings.grpc_host, settings.grpc_port)
     server.start()
     log.info("search started", extra={"grpc_port": port, "republished_events": republished})
     consumer = threading.Thread(target=loop.run, args=(stop,), name="trees-consumer", daemon=True)
