@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from maskprop.errors import MaskpropError
-from maskprop.metrics import SECONDS_PER_HOUR
+from maskprop.metrics import SECONDS_PER_HOUR, human_hours
 from maskprop.params import AnnotationParams
 from maskprop.search import STRATEGIES
 
@@ -83,25 +83,32 @@ class Budget:
         if self.rounds < 1:
             raise MaskpropError("[budget] rounds must be at least 1")
 
-    def question_cap(self, seconds_per_question: float) -> int:
+    def question_cap(self, seconds_per_question: float, redundancy: int = 1) -> int:
         """The most questions the campaign may hand out: the smallest of ``questions``,
         ``hours`` and ``dollars`` converted with :func:`maskprop.metrics.human_hours` and
-        :func:`~maskprop.metrics.cost_usd`'s formula (``q`` questions cost
-        ``q * seconds_per_question / 3600`` hours, times ``hourly_wage`` dollars), rounded down
-        so the spent hours and dollars never exceed theirs.  Limits that are 0 do not count.
+        :func:`~maskprop.metrics.cost_usd`'s formula (``q`` questions, each answered by
+        ``redundancy`` people, cost ``q * redundancy * seconds_per_question / 3600`` hours,
+        times ``hourly_wage`` dollars), rounded down so the spent hours and dollars never
+        exceed theirs.  ``questions`` counts questions, not answers.  Limits that are 0 do not
+        count.
 
         >>> Budget(questions=500, hours=0.25).question_cap(2.0)
         450
+        >>> Budget(questions=500, hours=0.25).question_cap(2.0, redundancy=3)
+        150
         """
         if seconds_per_question <= 0:
             raise MaskpropError("seconds_per_question must be positive")
+        if redundancy < 1:
+            raise MaskpropError("redundancy must be at least 1")
+        per_question = seconds_per_question * redundancy
         caps = [self.questions] if self.questions else []
         # A relative 1e-9 forgives float error in the division (0.3 h at 2 s is 540, not 539).
         if self.hours:
-            caps.append(math.floor(self.hours * SECONDS_PER_HOUR / seconds_per_question + 1e-9))
+            caps.append(math.floor(self.hours * SECONDS_PER_HOUR / per_question + 1e-9))
         if self.dollars:
             hours = self.dollars / self.hourly_wage
-            caps.append(math.floor(hours * SECONDS_PER_HOUR / seconds_per_question + 1e-9))
+            caps.append(math.floor(hours * SECONDS_PER_HOUR / per_question + 1e-9))
         return max(0, min(caps))
 
 
@@ -160,11 +167,20 @@ class CampaignSpec:
             raise MaskpropError("version must be at least 1")
         if self.params.hourly_wage != self.budget.hourly_wage:
             raise MaskpropError("params.hourly_wage must equal the budget's wage")
-        if self.budget.question_cap(self.params.seconds_per_question) < 1:
+        if self.question_cap() < 1:
             raise MaskpropError(
-                f"[budget] buys no question at {self.params.seconds_per_question} s a question: "
-                "raise questions, hours or dollars"
+                f"[budget] buys no question at {self.params.seconds_per_question} s a question "
+                f"and {self.redundancy} answer(s) a question: raise questions, hours or dollars"
             )
+
+    def question_cap(self) -> int:
+        """The questions the budget buys at this spec's pace and redundancy
+        (:meth:`Budget.question_cap`)."""
+        return self.budget.question_cap(self.params.seconds_per_question, self.redundancy)
+
+    def hours(self, questions: int) -> float:
+        """Human hours ``questions`` cost: ``redundancy`` answers each."""
+        return human_hours(questions * self.redundancy, self.params.seconds_per_question)
 
     def same_method(self, other: CampaignSpec) -> bool:
         """Whether ``other`` decides exactly as this spec (parameters, strategy, seed,

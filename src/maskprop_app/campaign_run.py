@@ -42,7 +42,7 @@ from maskprop.data.coco import instance, load_coco_instances, write_coco
 from maskprop.data.instances import canonical_key, deduplicate, detections_pool
 from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
-from maskprop.metrics import cost_usd, human_hours
+from maskprop.metrics import cost_usd
 from maskprop.progress import Progress, no_progress
 from maskprop_app.campaign_retrain import retrain
 from maskprop_app.embedded import campaign_metrics, run_campaign
@@ -197,7 +197,7 @@ def run_spec(
         for gid, e in entries.items()
     }  # fmt: skip
     categories = [{"id": cid, "name": c} for c, cid in zip(spec.classes, category_ids, strict=True)]
-    cap = spec.budget.question_cap(spec.params.seconds_per_question)
+    cap = spec.question_cap()
     campaign = spec.name
 
     def images() -> Any:
@@ -258,9 +258,10 @@ def run_spec(
             params_for=registry.session_params,
             question_budget=cap - spent,
             mask_index={m: i for i, m in enumerate(wire_masks)},
+            redundancy=spec.redundancy,
             progress=_prefixed(progress, f"r{r}: "),
         )
-        metrics = campaign_metrics(pool, result, spec.params)
+        metrics = campaign_metrics(pool, result, spec.params, spec.redundancy)
         spent += metrics["questions"]
         accepted = [
             instance(
@@ -296,7 +297,7 @@ def run_spec(
         annotations=(dict(a, id=k) for k, a in enumerate(merged, start=1)),
         categories=categories,
     )  # fmt: skip
-    hours = human_hours(spent, spec.params.seconds_per_question)
+    hours = spec.hours(spent)
     report = {
         "campaign": campaign,
         "mode": "embedded",
@@ -305,7 +306,9 @@ def run_spec(
         "images_refused": dict(report_in.refused),
         "budget": {
             "questions": cap,
+            "redundancy": spec.redundancy,
             "spent_questions": spent,
+            "spent_answers": spent * spec.redundancy,
             "spent_hours": hours,
             "spent_dollars": cost_usd(hours, spec.budget.hourly_wage),
         },

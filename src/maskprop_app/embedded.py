@@ -186,6 +186,7 @@ def run_campaign(
     params_for: Callable[[str], SessionParams | None] | None = None,
     question_budget: int | None = None,
     mask_index: Mapping[str, int] | None = None,
+    redundancy: int = 1,
 ) -> CampaignResult:
     """Publish ``events`` (the detector's output for ``pool``; mask ids ``mask_id(i)``), let the
     clusterer and search services build and search the trees, answer their questions with a
@@ -198,7 +199,12 @@ def run_campaign(
     this run's Redis, then ``search``.  ``question_budget``: no question is leased beyond it;
     masks still undecided then get no label (``missing_labels``).  ``mask_index``: mask id ->
     pool index when the events' mask ids are not ``mask_id(i)`` (a campaign's ids are the
-    detector's ``<image id>.<k>``, which order the trees as the distributed detector's do)."""
+    detector's ``<image id>.<k>``, which order the trees as the distributed detector's do).
+    ``redundancy``: each question is answered by that many simulated workers (independent
+    mistakes at ``annotator_error``), the majority's answer goes to search (a tie: the first
+    worker's)."""
+    if redundancy < 1:
+        raise MaskpropError("redundancy must be at least 1")
     index_of = mask_index.__getitem__ if mask_index is not None else pool_index
     if (out / "dataset" / campaign).exists():
         raise MaskpropError(
@@ -236,9 +242,13 @@ def run_campaign(
             runtime.distributed,
             lambda: len(core.classes(campaign)) == n_classes,
         )
-        annotator = SimulatedAnnotator(
-            pool.ious, search_settings.iou_threshold, error_rate=annotator_error, seed=seed
-        )
+        annotators = [
+            SimulatedAnnotator(
+                pool.ious, search_settings.iou_threshold, error_rate=annotator_error,
+                seed=seed + 1_000_003 * j,
+            )
+            for j in range(redundancy)
+        ]  # fmt: skip
         leased = 0
         while len(pool):
             room = annotator_batch
@@ -254,7 +264,9 @@ def run_campaign(
             if not qs:
                 raise RuntimeError("search has no questions but the campaign is not done")
             ids = np.array([index_of(q.mask_id) for q in qs], dtype=np.int64)
-            labels = annotator.answer(ids)
+            votes = np.stack([a.answer(ids) for a in annotators]).astype(np.int64)
+            yes = votes.sum(axis=0)
+            labels = np.where(2 * yes == redundancy, votes[0] == 1, 2 * yes > redundancy)
             core.submit((q.question_id, bool(v)) for q, v in zip(qs, labels, strict=True))
             sink.step(0.0)
             decided = sum(
@@ -305,18 +317,21 @@ def run_campaign(
 
 
 def campaign_metrics(
-    pool: MaskPool, result: CampaignResult, params: AnnotationParams
+    pool: MaskPool, result: CampaignResult, params: AnnotationParams, redundancy: int = 1
 ) -> dict[str, Any]:
     """masks, sq, precision, questions, hours, speedup_vs_manual of a campaign's accepted masks
-    against the pool's true IoUs (the paper's Sec. 5.2 measures)."""
+    against the pool's true IoUs (the paper's Sec. 5.2 measures); a question costs
+    ``redundancy`` answers."""
     ious = pool.ious[result.accepted].astype(np.float64)
-    seconds = human_seconds(result.questions, params.seconds_per_question)
+    answers = result.questions * redundancy
+    seconds = human_seconds(answers, params.seconds_per_question)
     return {
         "masks": len(result.accepted),
         "sq": segmentation_quality(ious),
         "precision": float((ious >= params.iou_threshold).mean()) if ious.size else None,
         "questions": result.questions,
-        "hours": human_hours(result.questions, params.seconds_per_question),
+        "answers": answers,
+        "hours": human_hours(answers, params.seconds_per_question),
         "speedup_vs_manual": speedup_vs_manual(
             len(result.accepted), seconds, params.seconds_per_polygon
         ),

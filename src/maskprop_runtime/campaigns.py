@@ -111,8 +111,9 @@ def leased_key(name: str) -> str:
 
 
 def question_cap(spec: CampaignSpec) -> int:
-    """The questions ``spec``'s budget buys (questions, hours, dollars: the least)."""
-    return spec.budget.question_cap(spec.params.seconds_per_question)
+    """The questions ``spec``'s budget buys (questions, hours, dollars: the least, at its
+    redundancy)."""
+    return spec.question_cap()
 
 
 class CampaignError(MaskpropError):

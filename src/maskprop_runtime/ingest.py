@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from maskprop.campaign_spec import CampaignSpec
-from maskprop.metrics import cost_usd, human_hours
+from maskprop.metrics import cost_usd
 from maskprop.progress import Progress
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Producer
@@ -411,7 +411,7 @@ def budget_status(
     if leased:
         left = max(cap - leased, 0)
         forecast = min(accepted + accepted / leased * left, float(masks - rejected))
-    hours = human_hours(leased, spec.params.seconds_per_question)
+    hours = spec.hours(leased)
     return campaign_pb2.BudgetStatus(
         question_cap=cap,
         questions_leased=leased,

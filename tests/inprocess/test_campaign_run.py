@@ -79,6 +79,26 @@ def test_the_budget_is_met_exactly(pool, tmp_path) -> None:
     assert hours["questions"] == cap and hours["hours"] <= cap * 2 / 3600
 
 
+def test_redundancy_asks_each_question_that_many_times_and_the_budget_pays_for_it(
+    pool, tmp_path
+) -> None:
+    """redundancy = 3: three simulated workers a question, the majority to search.  Noise-free
+    they agree, so the labels are those of redundancy 1; the hours are three times as many,
+    and an hours budget buys a third of the questions."""
+    one = run_spec(_spec(pool), tmp_path / "one", pool[2])
+    three = run_spec(_spec(pool, redundancy=3), tmp_path / "three", pool[2])
+    a, b = one["rounds"][0], three["rounds"][0]
+    assert (a["questions"], a["masks"]) == (b["questions"], b["masks"])
+    assert b["answers"] == 3 * b["questions"] and b["hours"] == pytest.approx(3 * a["hours"])
+    assert three["budget"]["spent_answers"] == 3 * three["budget"]["spent_questions"]
+    same = [(tmp_path / d / "annotations.json").read_text() for d in ("one", "three")]
+    assert same[0] == same[1]
+    cap = a["questions"] // 2
+    hours = Budget(hours=cap * 3 * 2 / 3600)  # cap questions at 3 answers of 2 s
+    capped = run_spec(_spec(pool, redundancy=3, budget=hours), tmp_path / "capped", pool[2])
+    assert capped["rounds"][0]["questions"] == cap == capped["budget"]["questions"]
+
+
 def test_the_specs_parameters_decide(pool, tmp_path) -> None:
     """reject_action = "split" (a parameter search's own settings cannot even express) keeps
     asking inside rejected clusters; the paper's "reject" stops at them: the spec, not

@@ -209,6 +209,32 @@ def test_workers_who_turn_bad_after_qualifying_are_suspended_and_discounted(tmp_
     assert mixed.labels() == honest_labels
 
 
+def test_a_registered_campaign_is_answered_at_its_specs_redundancy(tmp_path, pool):
+    """The gateway reads a registered campaign's redundancy from the campaign registry (issue
+    #16: parameters stored once, read by every service), not its own MASKPROP_REDUNDANCY: a
+    spec saying 3 gets exactly 3 answers on every question search asked (no dynamic overlap
+    beyond them: the budget pays 3 answers a question), with the gateway set to 1."""
+    from maskprop.campaign_spec import Budget, CampaignSpec
+    from maskprop_runtime.campaigns import CampaignRegistry
+
+    st = Stack(tmp_path, pool, redundancy=1)
+    CampaignRegistry(st.wired.redis).create(
+        CampaignSpec(
+            name="gw", classes=("c0", "c1", "c2"), images_root=tmp_path / "images" / "gw",
+            detector_weights=tmp_path / "d.pt", budget=Budget(questions=10**6), redundancy=3,
+        )
+    )  # fmt: skip
+    honest = [SimWorker(f"h{i}", "honest", seed=40 + i) for i in range(4)]
+    with TestClient(st.app) as client:
+        assert run_crowd(client, st, honest) == {}
+        stats = client.app.state.gateway.leases.stats("gw")
+        prog = client.get("/v1/progress", params={"campaign": "gw"}, headers=st.headers()).json()
+    questions = sum(c["questions_answered"] for c in prog["classes"])
+    qualification = len(honest) * policy_from(st.settings).qualification_size
+    real_answers = stats["answers"] - stats["gold_answers"] - qualification
+    assert questions > 0 and real_answers == 3 * questions
+
+
 def test_security_basics(tmp_path, pool):
     st = Stack(tmp_path, pool)
     with TestClient(st.app) as client:

@@ -23,10 +23,10 @@ from typing import Any
 from maskprop.metrics import cost_usd, human_hours
 from maskprop_gateway import keys
 from maskprop_gateway.auth import WorkerClaims
+from maskprop_gateway.campaigns import CampaignSpecs
 from maskprop_gateway.errors import Forbidden, Gone, Invalid
 from maskprop_gateway.forwarder import Forwarder
 from maskprop_gateway.idempotency import IdempotencyStore
-from maskprop_gateway.images import CampaignRoots
 from maskprop_gateway.leases import Leases, gold_view, opaque_ids
 from maskprop_gateway.metrics import ANSWERS, BLOCKED, GOLD_SHORT
 from maskprop_gateway.pool import QuestionPool
@@ -61,7 +61,8 @@ class Gateway:
         self.clock = clock
         self.token_for = token_for
         self.pool = QuestionPool(redis)
-        self.campaign_roots = CampaignRoots(redis)  # registered campaigns' image folders
+        # registered campaigns' image folders and redundancy
+        self.campaigns = CampaignSpecs(redis, qc.policy)
         self.idempotency = IdempotencyStore(redis, clock=clock)
         self.leases = Leases(
             redis, lease_ttl_s=settings.lease_ttl_s, retention_s=settings.lease_retention_s
@@ -204,7 +205,7 @@ class Gateway:
         """Up to ``n`` real questions (question id, view) this worker has not seen, claimed
         atomically (one Lua call); with ``refill``, topping up from search when the pool runs
         short."""
-        redundancy = self.qc.policy.redundancy
+        redundancy = self.campaigns.policy(campaign).redundancy
         got = self.pool.claim(campaign, worker, n, expires, self.clock(), redundancy)
         if refill and len(got) < n and self.topups.refill(campaign, 2 * (n - len(got))):
             got += self.pool.claim(
@@ -366,7 +367,11 @@ class Gateway:
         state, newly_suspended = self.qc.review_suspends(worker)
         # Tally after the votes are in and release the worker's hold in the same Redis step,
         # so no claim sees the slot free before the vote counts.
-        tally = self.qc.tally({qid: vs for qid, (_, vs) in cast.items()}, {worker: state})
+        tally = self.qc.tally(
+            {qid: vs for qid, (_, vs) in cast.items()},
+            {worker: state},
+            policy=self.campaigns.policy(campaign),
+        )
         self.pool.settle(worker, tally)
         decided = sum(label is not None for _, label in tally.values())
         if newly_suspended:
@@ -444,7 +449,7 @@ class Gateway:
         now = self.clock()
         for campaign in self.pool.campaigns():
             for qids in self.pool.unheld(campaign, now):
-                tally = self.qc.tally_many(qids)
+                tally = self.qc.tally_many(qids, self.campaigns.policy(campaign))
                 self.pool.settle("", tally)
                 decided += sum(label is not None for _, label in tally.values())
                 n += len(qids)
@@ -453,13 +458,15 @@ class Gateway:
 
     def progress(self, campaign: str) -> dict[str, Any]:
         """Per class of ``campaign``: clusters and masks (search's), questions answered and
-        their estimated human hours and cost; the gateway's own answer counts."""
+        their estimated human hours and cost (``redundancy`` answers a question); the
+        gateway's own answer counts."""
         resp = self.search.progress(campaign)
         stats = self.leases.stats(campaign)
         sec, wage = self.settings.seconds_per_question, self.settings.hourly_wage
+        redundancy = self.campaigns.policy(campaign).redundancy  # answers a question
         classes = []
         for c in resp.classes:
-            hours = human_hours(c.questions, sec)
+            hours = human_hours(c.questions * redundancy, sec)
             classes.append(
                 {
                     "class_id": c.class_id,

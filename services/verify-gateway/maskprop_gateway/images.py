@@ -12,17 +12,12 @@ Other campaigns (``feed-simulated`` pools) keep the gateway's store,
 from __future__ import annotations
 
 import io
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from maskprop.data import coco
-from maskprop_runtime.campaigns import CampaignError, CampaignRegistry
 from maskprop_runtime.files import resolve_under
 
 
@@ -53,37 +48,6 @@ def image_path(image_root: Path, campaign: str, relative: str, campaign_root: Pa
         if path is not None and path.is_relative_to(folder) and path.is_file():
             return path
     raise ImageMissing(relative)
-
-
-class CampaignRoots:
-    """Each registered campaign's images folder, read from the campaign registry and kept
-    ``ttl_s`` seconds (a revision may move it); ``None`` for a campaign the registry does
-    not know."""
-
-    def __init__(
-        self, redis: Any, *, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.registry = CampaignRegistry(redis)
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self._cache: dict[str, tuple[float, Path | None]] = {}
-        self._lock = threading.Lock()
-
-    def root(self, campaign: str) -> Path | None:
-        now = self.clock()
-        with self._lock:
-            hit = self._cache.get(campaign)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
-        try:
-            found: Path | None = Path(self.registry.get(campaign).spec.images_root)
-        except CampaignError:  # not registered (or not a campaign name): the gateway's store
-            found = None
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[campaign] = (now, found)
-        return found
 
 
 def overlay_png(

@@ -584,7 +584,9 @@ class QualityControl:
             out[qid] = (bool(flat[2 * k]), self._parse_votes(raw))
         return out
 
-    def tally_many(self, question_ids: list[str]) -> dict[str, tuple[int, bool | None]]:
+    def tally_many(
+        self, question_ids: list[str], policy: QualityPolicy | None = None
+    ) -> dict[str, tuple[int, bool | None]]:
         """:meth:`tally` of the votes stored on ``question_ids``, from one read of the votes and
         one of the voters' states (the repair sweep)."""
         if not question_ids:
@@ -596,23 +598,27 @@ class QualityControl:
             {
                 qid: self._parse_votes(raw)
                 for qid, raw in zip(question_ids, pipe.execute(), strict=True)
-            }
+            },
+            policy=policy,
         )
 
     def tally(
         self,
         votes: dict[str, dict[str, tuple[bool, float]]],
         known: dict[str, WorkerState] | None = None,
+        *,
+        policy: QualityPolicy | None = None,
     ) -> dict[str, tuple[int, bool | None]]:
         """Per question of ``votes`` (question id -> worker -> (label, cast at unix s), as
         :meth:`cast_votes` read them): (counted votes still missing, decided label or None),
-        by :func:`qc_rules.missing_votes` and :func:`qc_rules.decide`.  ``known`` states (read
-        after the last review) are not read again."""
+        by :func:`qc_rules.missing_votes` and :func:`qc_rules.decide` under ``policy`` (the
+        campaign's; default this QC's).  ``known`` states (read after the last review) are not
+        read again."""
         known = known or {}
         workers = sorted({w for vs in votes.values() for w in vs} - set(known))
         states = {**known, **(self._states(workers, timing=False) if workers else {})}
         out: dict[str, tuple[int, bool | None]] = {}
-        p = self.policy
+        p = policy or self.policy
         for qid, vs in votes.items():
             counted = qc_rules.counted_votes(vs, states, p)
             out[qid] = (

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import fakeredis
 import pytest
-from maskprop_gateway.images import CampaignRoots, ImageMissing, image_path
+from maskprop_gateway.campaigns import CampaignSpecs
+from maskprop_gateway.images import ImageMissing, image_path
+from maskprop_gateway.qc_rules import QualityPolicy
 
 from maskprop.campaign_spec import Budget, CampaignSpec
 from maskprop_runtime.campaigns import CampaignRegistry
@@ -53,7 +55,7 @@ def test_unregistered_campaigns_use_the_gateway_store(tmp_path) -> None:
 def test_campaign_roots_come_from_the_registry_and_are_cached(tmp_path) -> None:
     redis = fakeredis.FakeRedis()
     now = [0.0]
-    roots = CampaignRoots(redis, ttl_s=30, clock=lambda: now[0])
+    roots = CampaignSpecs(redis, QualityPolicy(), ttl_s=30, clock=lambda: now[0])
     assert roots.root("shapes") is None
     assert roots.root("../bad") is None
     CampaignRegistry(redis).create(
@@ -65,3 +67,20 @@ def test_campaign_roots_come_from_the_registry_and_are_cached(tmp_path) -> None:
     assert roots.root("shapes") is None  # the miss is kept ttl_s
     now[0] = 31.0
     assert roots.root("shapes") == tmp_path / "pool"
+
+
+def test_a_registered_campaign_is_answered_at_its_redundancy_exactly(tmp_path) -> None:
+    redis = fakeredis.FakeRedis()
+    base = QualityPolicy(redundancy=1, max_redundancy=3)
+    specs = CampaignSpecs(redis, base)
+    assert specs.policy("feed-simulated-pool") is base  # not registered: the gateway's own
+    CampaignRegistry(redis).create(
+        CampaignSpec(
+            name="shapes", classes=("disc",), images_root=tmp_path / "pool",
+            detector_weights=tmp_path / "d.pt", budget=Budget(questions=5), redundancy=3,
+        )
+    )  # fmt: skip
+    got = specs.policy("shapes")
+    # the budget pays redundancy answers a question: no dynamic overlap beyond them
+    assert (got.redundancy, got.vote_cap) == (3, 3)
+    assert got.window == base.window and got.gold_share == base.gold_share

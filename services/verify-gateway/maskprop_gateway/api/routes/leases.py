@@ -86,7 +86,7 @@ def image_response(gateway: Gateway, vendor_id: str, lease_id: str, oid: str) ->
             gateway.settings.image_root,
             campaign,
             view.image_file,
-            gateway.campaign_roots.root(campaign),
+            gateway.campaigns.root(campaign),
         )
     except ImageMissing:
         raise HTTPException(404, "image not in the gateway's image store") from None
