@@ -21,13 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 from maskprop.metrics import cost_usd, human_hours
-from maskprop_gateway import keys
+from maskprop_gateway import keys, views
 from maskprop_gateway.auth import WorkerClaims
 from maskprop_gateway.campaigns import CampaignSpecs
-from maskprop_gateway.errors import Forbidden, Gone, Invalid
+from maskprop_gateway.errors import Forbidden, Gone, Invalid, NotFound
 from maskprop_gateway.forwarder import Forwarder
 from maskprop_gateway.idempotency import IdempotencyStore
-from maskprop_gateway.leases import Leases, gold_view, opaque_ids
+from maskprop_gateway.leases import VIEW_GRACE_S, Leases, gold_view, opaque_ids
 from maskprop_gateway.metrics import ANSWERS, BLOCKED, GOLD_SHORT
 from maskprop_gateway.pool import QuestionPool
 from maskprop_gateway.quality import QualityControl, QualityError
@@ -60,7 +60,10 @@ class Gateway:
         self.settings = settings
         self.clock = clock
         self.token_for = token_for
-        self.pool = QuestionPool(redis)
+        # a decided question's view outlives every lease that may still show it
+        self.pool = QuestionPool(
+            redis, keep_views_s=settings.lease_ttl_s + VIEW_GRACE_S, clock=clock
+        )
         # registered campaigns' image folders and redundancy
         self.campaigns = CampaignSpecs(redis, qc.policy)
         self.idempotency = IdempotencyStore(redis, clock=clock)
@@ -222,8 +225,21 @@ class Gateway:
         return self.leases.answered_count(lease_id)
 
     def item_view(self, vendor_id: str, lease_id: str, oid: str) -> ItemView:
-        self.leases.get(vendor_id, lease_id)  # the vendor's own lease, or NotFound
-        return self.leases.view(lease_id, oid)
+        """What the worker was shown as question ``oid`` of the vendor's own lease, during
+        the lease and ``VIEW_GRACE_S`` after (else NotFound); gold and real questions alike:
+        one HGET each, the same answers."""
+        rec = self.leases.get(vendor_id, lease_id)
+        ref = rec["refs"].get(oid)
+        if ref is None or self.clock() > float(rec["expires"]) + VIEW_GRACE_S:
+            raise NotFound("no such question in this lease")
+        code, target = ref
+        if code == "r":
+            raw = self.pool.view(rec["campaign"], target)
+        else:
+            raw = self.leases.gold_view(lease_id, oid)
+        if raw is None:
+            raise NotFound("no such question in this lease")
+        return views.parse(raw)
 
     # ------------------------------------------------------------------ answers
     def submit(
@@ -412,6 +428,7 @@ class Gateway:
         what expired (for the vendors' "lease.expired" callbacks); call
         :meth:`finish_expired` with their ids once the callbacks are queued (until then a
         crash leaves them to be expired again, see :meth:`Leases.take_expired`)."""
+        self.pool.purge()  # decided questions' views no lease can show any more
         out = []
         for lease_id, rec in self.leases.take_expired(self.clock()):
             refs = rec["refs"]

@@ -125,6 +125,12 @@ def items(campaign: str) -> str:
     return f"{PREFIX}{campaign}:items"
 
 
+def retired(campaign: str) -> str:
+    """zset question id -> unix s after which its view leaves ``items`` (:meth:`QuestionPool.done`
+    keeps it for the image and overlay routes while a lease may still show it)."""
+    return f"{PREFIX}{campaign}:retired"
+
+
 def open_questions(campaign: str) -> str:
     return f"{PREFIX}{campaign}:open"
 

@@ -6,8 +6,9 @@ Keys (:mod:`maskprop_gateway.keys`):
 * ``lease:{id}`` hash: vendor, worker, campaign, kind (``work``/``qualification``), created
   and expires (unix s), ``refs``: JSON opaque id -> [code, gold or question id], code ``q``
   qualification gold, ``g`` hidden gold, ``r`` real question;
-* ``lease:{id}:views`` hash opaque id -> view (:mod:`maskprop_gateway.views`), for the image
-  and overlay routes during the lease only;
+* ``lease:{id}:views`` hash opaque id -> view (:mod:`maskprop_gateway.views`) of its gold
+  questions, for the image and overlay routes during the lease (and ``VIEW_GRACE_S`` after);
+  a real question's view is read from the question pool (``{c}:items``), never copied;
 * ``lease:{id}:answered`` hash opaque id -> tag of the request that answered it (its
   Idempotency-Key, or ""): one answer per (lease, question);
 * ``lease:{id}:qual`` hash gold id -> ``"1"``/``"0"``: a qualification lease's answers so far;
@@ -32,7 +33,6 @@ from typing import Any
 from maskprop_gateway import keys, views
 from maskprop_gateway.errors import NotFound
 from maskprop_gateway.qc_rules import GoldQuestion
-from maskprop_gateway.views import ItemView
 
 # KEYS: answered hash, stats hash, the worker's answer-times list, the answer inbox (stream).
 # ARGV: ttl, the request's tag ("" or its Idempotency-Key), the times window, then the inbox
@@ -85,6 +85,10 @@ EXPIRY_CLAIM_S = 60.0
 _FIELDS = ("vendor", "worker", "campaign", "kind", "expires", "created", "refs")
 
 
+#: Seconds after its deadline that a lease's images and overlays are still served.
+VIEW_GRACE_S = 60
+
+
 class Leases:
     """Lease records: written once at creation, read by every later call on the lease.
 
@@ -115,9 +119,10 @@ class Leases:
         now: float,
         expires: float,
     ) -> str:
-        """Record a new lease of ``refs`` (opaque id -> (code, gold or question id)) showing
-        ``shown`` (opaque id -> view), created ``now`` and running until ``expires`` (unix s);
-        returns its id."""
+        """Record a new lease of ``refs`` (opaque id -> (code, gold or question id)), created
+        ``now`` and running until ``expires`` (unix s); of ``shown`` (opaque id -> view) the
+        gold questions' views are kept (real ones are in the question pool); returns its id."""
+        shown = {oid: v for oid, v in shown.items() if refs[oid][0] != "r"}
         lease_id = "l_" + secrets.token_urlsafe(12)
         key, ttl = keys.lease(lease_id), self.record_ttl_s
         pipe = self.r.pipeline(transaction=True)  # a lease exists with its expiry or not at all
@@ -137,7 +142,7 @@ class Leases:
         if shown:  # for the image and overlay routes, during the lease only
             views_key = keys.lease_views(lease_id)
             pipe.hset(views_key, mapping=shown)
-            pipe.expire(views_key, int(self.lease_ttl_s) + 60)
+            pipe.expire(views_key, int(self.lease_ttl_s) + VIEW_GRACE_S)
         pipe.zadd(keys.LEASES, {lease_id: expires})
         pipe.execute()
         return lease_id
@@ -168,12 +173,10 @@ class Leases:
     def answered_count(self, lease_id: str) -> int:
         return int(self.r.hlen(keys.lease_answered(lease_id)))
 
-    def view(self, lease_id: str, oid: str) -> ItemView:
-        """What the worker was shown as question ``oid`` (during the lease only)."""
+    def gold_view(self, lease_id: str, oid: str) -> str | None:
+        """The JSON view of gold question ``oid`` of the lease (during it only)."""
         view = self.r.hget(keys.lease_views(lease_id), oid)
-        if view is None:
-            raise NotFound("no such question in this lease")
-        return views.parse(_s(view))
+        return None if view is None else _s(view)
 
     def mark_answered(
         self,

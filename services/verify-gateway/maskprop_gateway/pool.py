@@ -4,7 +4,11 @@ Keys (:mod:`maskprop_gateway.keys`; ``{c}`` campaign, ``{q}`` search question id
 with the campaign):
 
 * ``campaigns``  set  campaigns that ever had questions here (the repair sweep walks them)
-* ``{c}:items``  hash  question id -> JSON view (class name, image file, RLE)
+* ``{c}:items``  hash  question id -> JSON view (class name, image file, RLE): the one copy of
+  a real question's view, which the lease routes read (a lease stores gold views only)
+* ``{c}:retired``  zset  question id -> unix s: a decided question's view stays in ``items``
+  until then (``keep_views_s`` after search acknowledged its label, longer than any lease that
+  showed it may still run), then :meth:`QuestionPool.purge` drops it
 * ``{c}:open``  zset  question id -> arrival (unix s): every question search has not yet
   acknowledged a label for
 * ``{c}:ready``  zset  the subset that may need another worker, same scores; a lease claims
@@ -29,7 +33,8 @@ keys from the prefixes :data:`keys.ITEM` and :data:`keys.VOTES`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from maskprop_gateway import keys
@@ -136,27 +141,44 @@ end
 return 0
 """
 
-# KEYS: want, open, ready, items (of one campaign).  ARGV: item prefix, votes prefix, qid,
-# qid, ...  Search acknowledged these labels: the questions leave the pool and their
-# per-question keys (holders, seen-by, votes) go.
+# KEYS: want, open, ready, retired (of one campaign).  ARGV: item prefix, votes prefix, purge
+# at (unix s), qid, qid, ...  Search acknowledged these labels: the questions leave the pool,
+# their per-question keys (holders, seen-by, votes) go, their views are retired.
 _DONE = """
-local want, open, ready, items = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local prefix, votes = ARGV[1], ARGV[2]
-local qids, keys = {}, {}
-for i = 3, #ARGV do
+local want, open, ready, retired = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix, votes, at = ARGV[1], ARGV[2], ARGV[3]
+local qids, keys, when = {}, {}, {}
+for i = 4, #ARGV do
   local qid = ARGV[i]
   qids[#qids + 1] = qid
   keys[#keys + 1] = prefix .. qid .. ':holders'
   keys[#keys + 1] = prefix .. qid .. ':seen'
   keys[#keys + 1] = votes .. qid
+  when[#when + 1] = at
+  when[#when + 1] = qid
 end
 if #qids == 0 then return 0 end
 redis.call('hdel', want, unpack(qids))
 redis.call('zrem', open, unpack(qids))
 redis.call('zrem', ready, unpack(qids))
-redis.call('hdel', items, unpack(qids))
+redis.call('zadd', retired, unpack(when))
 redis.call('del', unpack(keys))
 return 0
+"""
+
+# KEYS: retired, items, open.  ARGV: now, limit.  Retired views past their time leave items,
+# unless search sent the question again meanwhile (it is open then).
+_PURGE = """
+local retired, items, open = KEYS[1], KEYS[2], KEYS[3]
+local due = redis.call('zrangebyscore', retired, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #due == 0 then return 0 end
+local gone = {}
+for _, qid in ipairs(due) do
+  if not redis.call('zscore', open, qid) then gone[#gone + 1] = qid end
+end
+if #gone > 0 then redis.call('hdel', items, unpack(gone)) end
+redis.call('zrem', retired, unpack(due))
+return #due
 """
 
 #: Questions per script call where a script unpacks them into one command's arguments (Lua's
@@ -171,14 +193,24 @@ class QuestionPool:
     id, ``v`` ``"0"``/``"1"``; :data:`keys.LABEL_OUTBOX`, relayed by
     :mod:`maskprop_gateway.forwarder`)."""
 
-    def __init__(self, redis: Any, *, outbox_key: str = keys.LABEL_OUTBOX) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        outbox_key: str = keys.LABEL_OUTBOX,
+        keep_views_s: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.r = redis
         self.outbox_key = outbox_key
+        self.keep_views_s = keep_views_s
+        self.clock = clock
         # Script objects reload themselves after a Redis restart (NOSCRIPT).
         self._claim = redis.register_script(_CLAIM)
         self._settle = redis.register_script(_SETTLE)
         self._release = redis.register_script(_RELEASE)
         self._done = redis.register_script(_DONE)
+        self._purge = redis.register_script(_PURGE)
 
     @staticmethod
     def campaign_of(qid: str) -> str:
@@ -245,9 +277,15 @@ class QuestionPool:
                 args=[keys.ITEM, worker, *qids],
             )
 
+    def view(self, campaign: str, qid: str) -> str | None:
+        """The JSON view of question ``qid`` (open, or retired less than ``keep_views_s`` ago)."""
+        raw = self.r.hget(keys.items(campaign), qid)
+        return None if raw is None else _s(raw)
+
     def done(self, qids: Iterable[str]) -> None:
         """Search acknowledged the labels of ``qids``: remove them and their keys (their
-        votes included)."""
+        votes included); their views stay ``keep_views_s`` more (:meth:`purge`)."""
+        purge_at = repr(self.clock() + self.keep_views_s)
         by_campaign: dict[str, list[str]] = {}
         for qid in qids:
             by_campaign.setdefault(self.campaign_of(qid), []).append(qid)
@@ -258,10 +296,27 @@ class QuestionPool:
                         keys.WANT,
                         keys.open_questions(c),
                         keys.ready(c),
-                        keys.items(c),
+                        keys.retired(c),
                     ],
-                    args=[keys.ITEM, keys.VOTES, *group[lo : lo + BATCH]],
+                    args=[keys.ITEM, keys.VOTES, purge_at, *group[lo : lo + BATCH]],
                 )
+
+    def purge(self) -> int:
+        """Drop the views retired long enough ago (:meth:`done`), every campaign's; returns how
+        many left.  The gateway's expiry loop calls it."""
+        now, n = repr(self.clock()), 0
+        for c in self.campaigns():
+            while True:
+                got = int(
+                    self._purge(
+                        keys=[keys.retired(c), keys.items(c), keys.open_questions(c)],
+                        args=[now, BATCH],
+                    )
+                )
+                n += got
+                if got < BATCH:
+                    break
+        return n
 
     def campaigns(self) -> list[str]:
         return sorted(_s(c) for c in self.r.smembers(keys.CAMPAIGNS))

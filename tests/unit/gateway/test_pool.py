@@ -84,9 +84,29 @@ def test_settle_queues_decisions_and_done_forgets_the_question():
     assert not r.exists(keys.votes(qids[0]))
     assert r.hget(keys.WANT, qids[0]) is None
     assert r.zscore(keys.open_questions(C), qids[0]) is None
-    assert r.hget(keys.items(C), qids[0]) is None
+    assert pool.purge() == 1 and pool.view(C, qids[0]) is None  # keep_views_s = 0
     assert not r.exists(keys.seen(qids[0]), keys.holders(qids[0]))
     assert r.zscore(keys.open_questions(C), qids[1]) is not None
+
+
+def test_a_decided_questions_view_stays_while_a_lease_may_show_it():
+    """The question pool holds the one copy of a real question's view (a lease keeps none):
+    after search acknowledged the label it stays ``keep_views_s`` more, then goes; a question
+    search sent again meanwhile keeps its view."""
+    r = fakeredis.FakeRedis()
+    now = [NOW]
+    pool = QuestionPool(r, keep_views_s=660, clock=lambda: now[0])
+    qids = [f"{C}:0:1:{i}" for i in range(3)]
+    pool.add(C, {q: f'{{"i": {i}}}' for i, q in enumerate(qids)}, NOW)
+    pool.done(qids[:2])
+    now[0] += 600
+    assert pool.purge() == 0 and pool.view(C, qids[0]) == '{"i": 0}'
+    pool.add(C, {qids[1]: '{"i": 1}'}, now[0])  # sent again: open once more
+    now[0] += 61
+    assert pool.purge() == 2
+    assert pool.view(C, qids[0]) is None
+    assert pool.view(C, qids[1]) == '{"i": 1}' and pool.view(C, qids[2]) == '{"i": 2}'
+    assert r.zcard(keys.retired(C)) == 0
 
 
 def test_a_decided_question_is_queued_for_search_once():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import doctest
 
 import fakeredis
+import pytest
 from maskprop_gateway import keys, views
+from maskprop_gateway.errors import NotFound
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
@@ -51,14 +53,26 @@ def test_a_lease_record_outlives_its_deadline_by_the_retention_and_its_views_do_
     settings = GatewaySettings(
         key_pepper="p" * 20, forward_linger_s=0, lease_ttl_s=600, lease_retention_s=3600
     )
-    gw = Gateway(r, OneQuestion(), qc, settings)
+    now = [1_000_000.0]
+    gw = Gateway(r, OneQuestion(), qc, settings, clock=lambda: now[0])
     gw.pool.add("c", {"c:0:5:5": views.render("cat", "i.png", 4, 4, "0g0")}, 1.0)
     offer = gw.create_lease("v", "w1", "c", 10, refill=False)
     assert len(offer.questions) == 1
     gw.submit("v", offer.lease_id, "w1", [(offer.questions[0][0], True, 1500)])
+    gw.settle_pending()  # applied, decided, sent to search: the question is done
     key = keys.lease(offer.lease_id)
     # ~4.2k s, not a day: at 5,000 answers/s every hour of records holds ~2 GB of Redis
     assert 600 + 3600 - 5 <= r.ttl(key) <= 600 + 3600 + 1
     assert 600 + 3600 - 5 <= r.ttl(keys.lease_answered(offer.lease_id)) <= 600 + 3600 + 1
-    # images and overlays: during the lease only
-    assert 600 <= r.ttl(keys.lease_views(offer.lease_id)) <= 660
+    # images and overlays: during the lease (and a minute after) only, from the pool's one copy
+    # of the view (a lease copies gold views only)
+    assert not r.exists(keys.lease_views(offer.lease_id))
+    oid = offer.questions[0][0]
+    now[0] += 600 + 59
+    assert gw.expire_leases() and gw.item_view("v", offer.lease_id, oid).class_name == "cat"
+    now[0] += 2
+    with pytest.raises(NotFound):
+        gw.item_view("v", offer.lease_id, oid)
+    now[0] += 3600
+    gw.expire_leases()  # purges the retired view
+    assert not r.hexists(keys.items("c"), "c:0:5:5")
