@@ -25,9 +25,11 @@ answers the crowd gave: every client, gateway QC included), Kafka bytes per labe
 topic's log segments on disk / labels the sink holds), the sink's ledger (labels, distinct
 masks, duplicates) and its labels against the library's.
 
-``--faults``: kill -9 of the clusterer's process tree during class 0's build, of search while
-answers flow (its saves), of the sink while it writes, and a broker restart
-(``scripts/dev-infra.sh restart-kafka``), each service started again at once.  The broker
+``--faults``: kill -9 of the clusterer's process tree ``--kill-build-after`` s after it logged
+"tree build started" for class 0 (the largest build), of search while answers flow (its
+saves), of the sink while it writes, and a broker restart (``scripts/dev-infra.sh
+restart-kafka``), each service started again at once; ``--faults clusterer,sink`` injects
+those alone.  The broker
 restart needs ``--infra private``: a broker and Redis of this run's own on free ports
 (``scripts/dev-infra.sh up`` with ``MASKPROP_INFRA_DIR`` and the ports set, ``down --wipe``
 at the end), never the shared dev-infra broker.  ``--infra shared`` (default) uses
@@ -69,6 +71,7 @@ from tests.integration.conftest import Service, free_port  # noqa: E402
 
 PEPPER = "bench-scale-pepper-0123456789"
 SERVICES = ("clusterer", "search", "sink", "gateway")
+FAULTS = ("clusterer", "search", "sink", "broker")
 MODULES = {
     "clusterer": "maskprop_clusterer",
     "search": "maskprop_search",
@@ -452,8 +455,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from maskprop_app.embedded import reference_labels
     from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
 
-    if args.faults and args.infra != "private":
-        raise SystemExit("error: --faults restarts the broker: it needs --infra private")
+    faults = {f.strip() for f in args.faults.split(",") if f.strip()}
+    if faults - set(FAULTS):
+        raise SystemExit(f"error: --faults: unknown {sorted(faults - set(FAULTS))}; of {FAULTS}")
+    if "broker" in faults and args.infra != "private":
+        raise SystemExit("error: --faults broker restarts the broker: it needs --infra private")
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.workdir or None))
     logs = work / "logs"
     logs.mkdir()
@@ -476,10 +482,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     grpc_port, http_port, sink_port = free_port(), free_port(), free_port()
     search_env = {"MASKPROP_GRPC_PORT": str(grpc_port), "MASKPROP_METRICS_PORT": str(free_port())}
-    if args.faults:
+    if "search" in faults:
         search_env["MASKPROP_LEASE_SECONDS"] = "10"  # questions of a killed search come back
     envs = {
-        "clusterer": {**base, "MASKPROP_GRPC_PORT": str(free_port())},
+        # INFO: its "tree build started" lines time the kill during class 0's build (one a class)
+        "clusterer": {**base, "MASKPROP_GRPC_PORT": str(free_port()), "MASKPROP_LOG_LEVEL": "INFO"},
         "search": {**base, **search_env},
         "sink": {**base, "MASKPROP_GRPC_PORT": str(sink_port)},
         "gateway": {
@@ -498,7 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "big_class": args.big_class,
         "classes": args.classes,
         "infra": args.infra,
-        "faults": args.faults,
+        "faults": ",".join(f for f in FAULTS if f in faults) or False,
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
@@ -540,26 +547,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
         trees = data / "trees"
-        if args.faults:
-            # kill -9 of the clusterer's process tree while class 0 (the big class) builds: a
-            # build worker (a child of the forkserver) is alive and class 0 has no tree yet
-            # One build a worker process: a worker that has lived --kill-build-after seconds
-            # while class 0 has no tree is taken for class 0's (the longest) build; the event
-            # records whether class 0's tree was stored already (then the kill missed it).
-            first_seen: dict[int, float] = {}
+        if "clusterer" in faults:
+            # kill -9 of the clusterer's process tree --kill-build-after seconds after it logged
+            # "tree build started" for class 0 (the 1M-mask build, in a worker process); the
+            # event records whether class 0's tree was stored already (then the kill missed it).
+            started_at: list[float] = []
 
             def building() -> bool:
-                if services["clusterer"].proc is None:
-                    return False
                 if (trees / campaign / "0" / "tree").exists():
-                    return True  # stored before any build ran that long: killed, reported missed
-                now = time.monotonic()
-                for fs in _children(services["clusterer"].proc.pid):
-                    for w in _children(fs):
-                        first_seen.setdefault(w, now)
-                        if now - first_seen[w] >= args.kill_build_after:
-                            return True
-                return False
+                    return True  # built before the kill: killed anyway, reported as missed
+                if not started_at:
+                    log = logs / f"{MODULES['clusterer']}.{services['clusterer'].starts}.log"
+                    for line in log.read_text(errors="replace").splitlines():
+                        if '"tree build started"' in line and json.loads(line).get("class_id") == 0:
+                            started_at.append(time.monotonic())
+                            break
+                return (
+                    bool(started_at) and time.monotonic() - started_at[0] >= args.kill_build_after
+                )
 
             wait_for(building, 3600, "class 0's build", services)
             was_built = (trees / campaign / "0" / "tree").exists()
@@ -616,25 +621,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         aof0 = r.info("persistence")
         crowd = Crowd(http_port, api_key, campaign, Truth(keys, answers, gold_truth), args).start()
         lines = LineCounter(data / "dataset")
-        if args.faults:
+        if faults - {"clusterer"}:
             every = args.kill_search_after or max(args.masks // 60, 500)
 
             def answered(k: int) -> Any:
                 return lambda: crowd.answers >= k or crowd.done
 
             wait_for(answered(every), 3600, "answers", services)
-            services["search"].kill9()
-            event("kill -9 search while answers flow", answers=crowd.answers, done=crowd.done)
-            services["search"].start()
-            held_before = lines()
-            wait_for(lambda: lines() > held_before + 1000, 3600, "the sink writing", services)
-            services["sink"].kill9()
-            event("kill -9 sink while it writes", labels_on_disk=lines(), answers=crowd.answers)
-            services["sink"].start()
-            wait_for(answered(2 * every), 3600, "answers", services)
-            at = crowd.answers
-            took = infra.restart_broker()
-            event("broker restart", answers=at, done=crowd.done, restart_s=round(took, 1))
+            if "search" in faults:
+                services["search"].kill9()
+                event("kill -9 search while answers flow", answers=crowd.answers, done=crowd.done)
+                services["search"].start()
+            if "sink" in faults:
+                held_before = lines()
+                wait_for(lambda: lines() > held_before + 1000, 3600, "the sink writing", services)
+                services["sink"].kill9()
+                event("kill -9 sink while it writes", labels_on_disk=lines(), answers=crowd.answers)
+                services["sink"].start()
+            if "broker" in faults:
+                wait_for(answered(2 * every), 3600, "answers", services)
+                at = crowd.answers
+                took = infra.restart_broker()
+                event("broker restart", answers=at, done=crowd.done, restart_s=round(took, 1))
         stages["answer"] = {}
         crowd_out = crowd.join()
         stages["answer"] = {"wall_s": round(time.monotonic() - t0, 1), **crowd_out}
@@ -771,7 +779,13 @@ def main() -> None:
     ap.add_argument("--max-answers", type=int, default=0, help="the crowd's budget (0: none)")
     ap.add_argument("--answer-timeout", type=float, default=3600.0)
     ap.add_argument("--infra", choices=["shared", "private"], default="shared")
-    ap.add_argument("--faults", action="store_true")
+    ap.add_argument(
+        "--faults",
+        nargs="?",
+        const=",".join(FAULTS),
+        default="",
+        help=f"the faults to inject, comma-separated, of {','.join(FAULTS)} (alone: all)",
+    )
     ap.add_argument("--kill-build-after", type=float, default=2.0, help="s into the build")
     ap.add_argument(
         "--kill-search-after",

@@ -53,10 +53,14 @@ def test_bench_scale_small_campaign_keeps_its_invariants(infra, tmp_path):
 
 
 def test_bench_scale_faults_lose_and_duplicate_nothing(infra, tmp_path):
-    rep = bench(tmp_path, "--faults", "--infra", "private", "--kill-search-after", "1000")
+    rep = bench(
+        tmp_path,
+        *("--faults", "--infra", "private", "--kill-search-after", "1000"),
+        *("--kill-build-after", "0.5"),
+    )
     check_invariants(rep)
     whats = [ev["what"] for ev in rep["fault_events"]]
     assert len(whats) == 4
     assert whats[0].startswith("kill -9 clusterer") and whats[-1] == "broker restart"
-    assert rep["fault_events"][0]["trees_stored"] < 20  # killed while trees were being built
+    assert rep["fault_events"][0]["tree_0_stored"] is False  # killed during class 0's build
     assert rep["fault_events"][1]["done"] is False  # search killed while answers flowed

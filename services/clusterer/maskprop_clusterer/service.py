@@ -183,6 +183,10 @@ class Clusterer:
         campaign, k = closed.campaign, int(closed.class_id)
         stored = self.store.stored_tree(campaign, k)
         if stored is None:
+            log.info(
+                "tree build started",
+                extra={"campaign": campaign, "class_id": k, "masks": closed.expected_masks},
+            )
             result = self._build(
                 BuildJob(
                     root=str(self.store.root),
