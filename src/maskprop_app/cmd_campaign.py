@@ -1,5 +1,6 @@
 """``maskprop campaign``: create a campaign from a spec file, list, status, pause, resume, stop,
-revise, add its images (issue #16 items 1-3), run it embedded, retrain and export it.
+revise, add its images (issue #16 items 1-3), run it embedded, retrain and export it, and run
+its rounds without an operator (``autopilot``).
 
 ``create``, ``revise``, ``list``, ``status``, ``pause``, ``resume`` and ``stop`` go to the
 campaign controller (``MASKPROP_CONTROLLER_ADDR``, with ``MASKPROP_CONTROLLER_ADMIN_TOKEN``)
@@ -525,3 +526,61 @@ def next_round(
     )
     if not done:
         fail(f"campaign {name!r} was paused or stopped after {published} batches")
+
+
+@campaign_app.command("autopilot")
+def autopilot(
+    name: NameArg,
+    labelled: Annotated[Path, typer.Option(help="The human-labelled set (COCO).")],
+    labelled_images: Annotated[Path, typer.Option(help="Folder of the labelled set's images.")],
+    models_root: Annotated[
+        Path,
+        typer.Option(
+            help="The detector's models root (MASKPROP_MODELS_ROOT): round weights go to "
+            "<root>/<campaign>/round<R>.pt."
+        ),
+    ],
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="The sink's dataset folder (default: MASKPROP_DATASET_DIR)."),
+    ] = None,
+    poll_s: Annotated[float, typer.Option(help="Seconds between looks at the round.")] = 10.0,
+    timeout_s: Annotated[
+        float, typer.Option(help="Give up when a round has not ended in this many s (0: never).")
+    ] = 0.0,
+    steps: Annotated[int, typer.Option(help="Retraining: optimiser steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Retraining: images a step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Retraining: learning rate.")] = 5e-4,
+    device: Annotated[str, typer.Option(help="Retraining: cpu, cuda, auto.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
+) -> None:
+    """Run the campaign's rounds without an operator: when round R is decided and its labels
+    are in the sink's dataset, export the accepted masks, retrain into
+    <models-root>/<campaign>/round<R+1>.pt and publish round R+1; stop at the last round, a
+    spent budget, a pause or a stop (``maskprop_app.campaign_autopilot``).  Resumable.  Prints
+    what each round did (JSON)."""
+    from maskprop_app.campaign_autopilot import run_autopilot
+
+    bars = Bars(progress)
+    with user_errors(bars):
+        if steps < 1 or batch_size < 1 or lr <= 0 or poll_s <= 0 or timeout_s < 0:
+            raise MaskpropError("steps, batch size, learning rate and poll must be positive")
+        from maskprop_runtime.campaigns import CampaignRegistry
+        from maskprop_runtime.ingest import IngestSettings
+
+        if dataset is None:
+            from maskprop_sink.service import SinkSettings
+
+            dataset = SinkSettings().dataset_dir
+        ingest = IngestSettings()
+        registry = CampaignRegistry(open_redis(ingest))
+        report = run_autopilot(
+            registry, name, dataset=dataset, models_root=models_root, labelled=labelled,
+            labelled_images=labelled_images, producer=lambda: open_bus(ingest).producer(),
+            batches_per_s=ingest.ingest_batches_per_s,
+            retrain_options={"steps": steps, "batch_size": batch_size, "lr": lr,
+                             "device": device},
+            poll_s=poll_s, timeout_s=timeout_s or None, progress=bars,
+            log=lambda msg: typer.echo(msg, err=True),
+        )  # fmt: skip
+    typer.echo(json.dumps(report))

@@ -424,6 +424,65 @@ def budget_status(
     )
 
 
+@dataclass(frozen=True)
+class RoundProgress:
+    """Where round ``round`` of a campaign stands, from the registry's Redis: its batches
+    (``batches`` planned, ``published`` by ingest, ``detected`` by the detector), the classes
+    with masks (``classes``, each a tree) and those search holds (``in_search``), the masks
+    detected and those search decided."""
+
+    round: int
+    batches: int
+    published: int
+    detected: int
+    classes: int
+    in_search: int
+    masks: int
+    decided: int
+
+    @property
+    def stage(self) -> str:
+        """``unpublished``, ``publishing``, ``detecting``, ``clustering``, ``annotating`` or
+        ``decided`` (every mask of the round has its label in search)."""
+        if self.published == 0:
+            return "unpublished"
+        if self.published < self.batches:
+            return "publishing"
+        if self.detected < self.batches:
+            return "detecting"
+        if self.in_search < self.classes:
+            return "clustering"
+        return "annotating" if self.decided < self.masks else "decided"
+
+
+def round_progress(registry: CampaignRegistry, name: str, round_: int) -> RoundProgress:
+    """:class:`RoundProgress` of round ``round_`` of campaign ``name``."""
+    redis = registry.redis
+    plan = read_plan(redis, name, round_)
+    travels_as = round_campaign(name, round_)
+    per_class: Counter[int] = Counter()
+    found = redis.hvals(_detector_counts_key(travels_as))
+    for raw in found:
+        for c, n in json.loads(raw).items():
+            per_class[int(c)] += int(n)
+    ids = [k.decode() if isinstance(k, bytes) else str(k) for k in redis.hkeys(
+        _search_classes_key(travels_as))]  # fmt: skip
+    pipe = redis.pipeline(transaction=False)
+    for k in ids:
+        pipe.hmget(_search_state_key(travels_as, k), "accepted", "rejected")
+    decided = sum(int(a or 0) + int(r or 0) for a, r in (pipe.execute() if ids else []))
+    return RoundProgress(
+        round=round_,
+        batches=plan.batch_count if plan else 0,
+        published=plan.published if plan else 0,
+        detected=len(found),
+        classes=sum(1 for n in per_class.values() if n),
+        in_search=len(ids),
+        masks=sum(per_class.values()),
+        decided=decided,
+    )
+
+
 def campaign_status(registry: CampaignRegistry, name: str) -> campaign_pb2.CampaignStatus:
     """The campaign with each stage's progress: images accepted, batches published (broker
     ack), batches detected and masks found (the detector's counts), classes whose trees
