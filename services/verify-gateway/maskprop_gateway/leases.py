@@ -122,7 +122,7 @@ class Leases:
         """Record a new lease of ``refs`` (opaque id -> (code, gold or question id)), created
         ``now`` and running until ``expires`` (unix s); of ``shown`` (opaque id -> view) the
         gold questions' views are kept (real ones are in the question pool); returns its id."""
-        shown = {oid: v for oid, v in shown.items() if refs[oid][0] != "r"}
+        gold = {oid: v for oid, v in shown.items() if refs[oid][0] != "r"}
         lease_id = "l_" + secrets.token_urlsafe(12)
         key, ttl = keys.lease(lease_id), self.record_ttl_s
         pipe = self.r.pipeline(transaction=True)  # a lease exists with its expiry or not at all
@@ -139,10 +139,12 @@ class Leases:
             },
         )
         pipe.expire(key, ttl)
-        if shown:  # for the image and overlay routes, during the lease only
-            views_key = keys.lease_views(lease_id)
-            pipe.hset(views_key, mapping=shown)
-            pipe.expire(views_key, int(self.lease_ttl_s) + VIEW_GRACE_S)
+        # For the image and overlay routes, during the lease only.  Written for every lease,
+        # gold or not (the field "" is no opaque id): what creating a lease costs must not tell
+        # whether it holds gold (issue #18).
+        views_key = keys.lease_views(lease_id)
+        pipe.hset(views_key, mapping={"": "", **gold})
+        pipe.expire(views_key, int(self.lease_ttl_s) + VIEW_GRACE_S)
         pipe.zadd(keys.LEASES, {lease_id: expires})
         pipe.execute()
         return lease_id

@@ -114,3 +114,21 @@ def test_an_answer_request_sends_identical_redis_commands_for_gold_and_real_ques
     assert gw.forwarder.outbox.pending() == counts["r"]
     assert gw.settler.backlog() == 0 and gw.leases.stats("c")["gold_answers"] == counts["g"]
     assert r.xlen(keys.ANSWER_INBOX) == 0
+
+
+def test_creating_a_lease_costs_the_same_commands_with_or_without_gold():
+    """A lease keeps its gold questions' views (real ones are in the question pool); it writes
+    its views hash whether or not it holds gold, so a lease request's Redis work does not tell
+    a worker that gold is among its questions."""
+    r = Recording()
+    gw = Gateway(
+        r, Search(), QualityControl(r, QualityPolicy()), GatewaySettings(key_pepper="p" * 20)
+    )
+    view = views.render("cat", "i.png", 4, 4, "0g0")
+    shapes = []
+    for refs in ({"q_1": ("r", "c:0:1:1"), "q_2": ("r", "c:0:2:2")},
+                 {"q_1": ("g", "g7"), "q_2": ("r", "c:0:2:2")}):  # fmt: skip
+        r.calls = []
+        gw.leases.create("v", "w", "c", "work", refs, dict.fromkeys(refs, view), 1.0, 600.0)
+        shapes.append([(c[0], len(c)) if c[0] != "HSET" else (c[0],) for c in r.calls])
+    assert shapes[0] == shapes[1], shapes

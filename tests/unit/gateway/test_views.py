@@ -66,7 +66,8 @@ def test_a_lease_record_outlives_its_deadline_by_the_retention_and_its_views_do_
     assert 600 + 3600 - 5 <= r.ttl(keys.lease_answered(offer.lease_id)) <= 600 + 3600 + 1
     # images and overlays: during the lease (and a minute after) only, from the pool's one copy
     # of the view (a lease copies gold views only)
-    assert not r.exists(keys.lease_views(offer.lease_id))
+    assert r.hkeys(keys.lease_views(offer.lease_id)) == [b""]  # no copy of a real view
+    assert 600 <= r.ttl(keys.lease_views(offer.lease_id)) <= 660
     oid = offer.questions[0][0]
     now[0] += 600 + 59
     assert gw.expire_leases() and gw.item_view("v", offer.lease_id, oid).class_name == "cat"
