@@ -10,7 +10,12 @@ decided and its label is in the dataset it
    to ``<models>/<campaign>/accepted-r<r>.json``,
 2. retrains the detector (``campaign retrain``) from round r's weights (round 1: the spec's) on
    the labelled set plus those masks into ``<models>/<campaign>/round<r+1>.pt``,
-3. publishes round r+1 with those weights (``campaign next-round``),
+3. with a labelled held-out set, learns K_pr/K_pa anew with those weights (``campaign
+   learn-priors``, paper Sec. 4.2, what ``maskprop demo`` does every round) and revises the
+   spec to them, so round r+1's sessions open with them (``priors-r<r+1>.json`` records it; a
+   held-out set the new detector finds too few masks on keeps the thresholds, said in the
+   report),
+4. publishes round r+1 with those weights (``campaign next-round``),
 
 and watches round r+1.  It stops when the last round (``[budget] rounds``) is decided, when the
 budget is spent (no question is left to ask in another round), or when the campaign is paused
@@ -21,6 +26,8 @@ restarts (deploy/k8s/base/campaign-autopilot.yaml).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +72,7 @@ def run_autopilot(
     producer: Callable[[], Producer],
     batches_per_s: float,
     retrain_options: dict[str, Any] | None = None,
+    heldout: tuple[Path, Path] | None = None,
     poll_s: float = 10.0,
     timeout_s: float | None = None,
     progress: Progress = no_progress,
@@ -75,15 +83,19 @@ def run_autopilot(
     why it stopped (``stopped``: ``last round``, ``budget spent``, ``paused``, ``stopped``).
     ``producer`` opens a bus producer for a round's batches; ``retrain_options`` go to
     :func:`maskprop_app.campaign_retrain.retrain` (steps, batch_size, lr, device, seed);
-    ``timeout_s``: give up (``MaskpropError``) when a round has not ended by then."""
+    ``heldout``: (COCO, images folder) of a labelled held-out set to learn K_pr/K_pa on every
+    round; ``timeout_s``: give up (``MaskpropError``) when a round has not ended by then."""
     from maskprop_controller.rounds import publish_next_round
 
     from maskprop_app.campaign_export import export_campaign
+    from maskprop_app.campaign_priors import learn_priors
     from maskprop_app.campaign_retrain import retrain
 
     spec = registry.spec(name)
     if not Path(labelled).is_file():
         raise MaskpropError(f"labelled set {labelled} does not exist")
+    if heldout is not None and not Path(heldout[0]).is_file():
+        raise MaskpropError(f"held-out set {heldout[0]} does not exist")
     folder = Path(models_root) / name
     r = current_round(registry, name)
     if r == 0:
@@ -129,6 +141,25 @@ def run_autopilot(
                 **(retrain_options or {}),
             )  # fmt: skip
             report["rounds"][-1]["retrain"] = trained
+        learned = folder / f"priors-r{nxt}.json"
+        if heldout is not None and not learned.exists():
+            device = (retrain_options or {}).get("device", "cpu")
+            spec = registry.spec(name)  # an operator may have revised it meanwhile
+            try:
+                got_priors = learn_priors(
+                    spec, heldout[0], heldout[1], weights=weights, device=device,
+                    progress=progress,
+                )  # fmt: skip
+                revised = got_priors.pop("revised_spec")
+                got_priors["version"] = registry.revise(
+                    dataclasses.replace(revised, version=registry.spec(name).version + 1)
+                ).spec.version
+                spec = registry.spec(name)
+            except MaskpropError as exc:  # too few held-out masks: keep the thresholds
+                got_priors = {"kept": str(exc)}
+            learned.write_text(json.dumps(got_priors))
+            log(f"round {nxt} priors: {got_priors}")
+            report["rounds"][-1]["priors"] = got_priors
         relative = str(weights.relative_to(models_root))
         sender = producer()
         try:

@@ -544,6 +544,13 @@ def autopilot(
         Path | None,
         typer.Option(help="The sink's dataset folder (default: MASKPROP_DATASET_DIR)."),
     ] = None,
+    heldout: Annotated[
+        Path | None,
+        typer.Option(help="A labelled held-out set (COCO): K_pr/K_pa learned on it every round."),
+    ] = None,
+    heldout_images: Annotated[
+        Path | None, typer.Option(help="Folder of the held-out set's images.")
+    ] = None,
     poll_s: Annotated[float, typer.Option(help="Seconds between looks at the round.")] = 10.0,
     timeout_s: Annotated[
         float, typer.Option(help="Give up when a round has not ended in this many s (0: never).")
@@ -556,7 +563,8 @@ def autopilot(
 ) -> None:
     """Run the campaign's rounds without an operator: when round R is decided and its labels
     are in the sink's dataset, export the accepted masks, retrain into
-    <models-root>/<campaign>/round<R+1>.pt and publish round R+1; stop at the last round, a
+    <models-root>/<campaign>/round<R+1>.pt, learn K_pr/K_pa anew on --heldout (revising the
+    spec) and publish round R+1; stop at the last round, a
     spent budget, a pause or a stop (``maskprop_app.campaign_autopilot``).  Resumable.  Prints
     what each round did (JSON)."""
     from maskprop_app.campaign_autopilot import run_autopilot
@@ -565,6 +573,8 @@ def autopilot(
     with user_errors(bars):
         if steps < 1 or batch_size < 1 or lr <= 0 or poll_s <= 0 or timeout_s < 0:
             raise MaskpropError("steps, batch size, learning rate and poll must be positive")
+        if (heldout is None) != (heldout_images is None):
+            raise MaskpropError("give --heldout and --heldout-images together")
         from maskprop_runtime.campaigns import CampaignRegistry
         from maskprop_runtime.ingest import IngestSettings
 
@@ -580,6 +590,7 @@ def autopilot(
             batches_per_s=ingest.ingest_batches_per_s,
             retrain_options={"steps": steps, "batch_size": batch_size, "lr": lr,
                              "device": device},
+            heldout=(heldout, heldout_images) if heldout and heldout_images else None,
             poll_s=poll_s, timeout_s=timeout_s or None, progress=bars,
             log=lambda msg: typer.echo(msg, err=True),
         )  # fmt: skip

@@ -1,8 +1,9 @@
 """A campaign's second round starts by itself (issue #16 item 5): ``maskprop campaign
 autopilot`` as its own process beside detector, clusterer, search and sink on the real broker
 and Redis.  Once the crowd has decided round 1 and the sink holds its labels, the autopilot
-exports the accepted masks, retrains the detector into ``<models>/<campaign>/round2.pt`` and
-publishes round 2, which the detector detects with those weights; after round 2 it stops."""
+exports the accepted masks, retrains the detector into ``<models>/<campaign>/round2.pt``,
+learns K_pr/K_pa on a held-out set with them (revising the spec) and publishes round 2, which
+the detector detects with those weights; after round 2 it stops."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def test_the_next_round_starts_by_itself(infra, tmp_path: Path) -> None:
             [sys.executable, "-m", "maskprop", "campaign", "autopilot", name,
              "--labelled", str(labelled), "--labelled-images", str(root),
              "--models-root", str(models), "--dataset", str(dataset), "--poll-s", "0.5",
+             "--heldout", str(labelled), "--heldout-images", str(root),
              "--timeout-s", "400", "--steps", "2", "--batch-size", "2", "--device", "cpu",
              "--no-progress"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -88,7 +90,10 @@ def test_the_next_round_starts_by_itself(infra, tmp_path: Path) -> None:
         assert (models / name / "round2.pt").is_file()
         assert (models / name / "accepted-r1.json").is_file()
         assert has("round 2 batches detected")
-        assert answer(stub, dep, f"{name}.r2", None)[1]
+        # round 2's sessions opened with the K_pr/K_pa the autopilot learned on the held-out
+        # set with round 2's weights: every held-out mask wrong (an untrained detector), so
+        # K_pr = 1 rejects every cluster unasked
+        assert answer(stub, dep, f"{name}.r2", None) == (0, True)
         out, err = pilot.communicate(timeout=400)
         assert pilot.returncode == 0, err
         report = json.loads(out.strip().splitlines()[-1])
@@ -96,6 +101,11 @@ def test_the_next_round_starts_by_itself(infra, tmp_path: Path) -> None:
         r1, r2 = report["rounds"]
         assert r1["round"] == 1 and r1["decided"] == r1["masks"] > 0
         assert r1["retrain"]["accepted_masks"] >= 0 and r2["decided"] == r2["masks"]
+        priors = r1["priors"]
+        assert priors["heldout_correct_share"] == 0.0 and priors["prior_reject_threshold"] == 1.0
+        assert priors["version"] == registry.spec(name).version == 2
+        assert registry.spec(name).params.prior_reject_threshold == 1.0
+        assert json.loads((models / name / "priors-r2.json").read_text()) == priors
         exported = maskprop(env, "export", name, "--out", str(tmp_path / "x.json"),
                             "--dataset", str(dataset))  # fmt: skip
         assert set(json.loads(exported.stdout)["rounds"]) == {"1", "2"}, exported.stderr
