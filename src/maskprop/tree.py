@@ -44,10 +44,11 @@ is the exact tree.  ``"auto"`` (default) is exact up to :data:`AUTO_EXACT_MAX` m
 
 Measured (2-core shared machine, 2026-12-03; ``benchmarks/bench_tree.py``, README there):
 
-* scale, d = 32, against exact linkage at 20k timed in the same run: 1M masks 25.2 s = 2.85x
-  exact-20k (goal 3x: met), peak 515 MiB PSS (goal < 1 GB: met); 10M masks 438.4 s = 48.7x
-  (goal 36x: missed), peak 4.0 GiB PSS (goal < 8 GB: met).  Most of the time is the per-block
-  O(block^2) distances and NN-chain, i.e. ~O(n * block_size).
+* scale, d = 32, against exact linkage at 20k timed in the same run, on an otherwise idle
+  machine: 1M masks 16.4 s = 1.36x exact-20k (goal 3x: met), peak 513 MiB PSS (goal < 1 GB:
+  met); 10M masks 232-236 s = 19.2-22.2x (goal 36x: met), peak 4.0 GiB PSS (goal < 8 GB: met).
+  (On a machine shared with other jobs the 10M build took 438 s = 48.7x.)  Most of the time is
+  the per-block O(block^2) distances and NN-chain, i.e. ~O(n * block_size).
 * quality, Algorithm 1 with Q~ = Q on 20k-mask classes (seeds 0-2, the easiest and hardest of
   8 classes each): summed over the 6 classes two-level accepts 122 % / 119 % / 108 % of the
   exact tree's masks after 100 / 300 / 1000 annotated clusters, but per class the ratio ranges
