@@ -20,8 +20,14 @@ pytest.importorskip("torch", reason="the detector needs torch")
 from maskprop_runtime.campaigns import CampaignRegistry
 from maskprop_runtime.ingest import round_progress
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
-from tests.integration.conftest import Deployment, Service, free_port, wait_for
-from tests.integration.test_campaign_rounds_distributed import CLASSES, SPEC, answer, maskprop
+from tests.integration.conftest import Deployment, wait_for
+from tests.integration.test_campaign_rounds_distributed import (
+    CLASSES,
+    SPEC,
+    add_detector,
+    answer,
+    maskprop,
+)
 from tests.unit.detector.conftest import untrained_pool
 
 pytestmark = pytest.mark.integration
@@ -34,13 +40,7 @@ def test_the_next_round_starts_by_itself(infra, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     dep = Deployment(infra, tmp_path)
-    dep.services["detector"] = Service(
-        "maskprop_detector",
-        {**dep.env, "MASKPROP_GRPC_PORT": str(free_port()),
-         "MASKPROP_DETECTOR_WEIGHTS": str(weights), "MASKPROP_IMAGE_ROOT": str(root),
-         "MASKPROP_MODELS_ROOT": str(models), "MASKPROP_DEVICE": "cpu"},
-        dep.logs,
-    )  # fmt: skip
+    add_detector(dep, weights, root, models)
     env = {**dep.env, "MASKPROP_INGEST_BATCH_SIZE": "4"}
     name = dep.campaign
     spec = tmp_path / "spec.toml"

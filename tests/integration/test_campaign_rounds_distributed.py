@@ -84,6 +84,18 @@ def answer(stub, dep: Deployment, campaign: str, most: int | None) -> tuple[int,
     return handed, False
 
 
+def add_detector(dep: Deployment, weights: Path, root: Path, models: Path) -> None:
+    """The detector service as one more process of ``dep``: ``weights`` for round 1, images
+    under ``root``, a round's retrained weights under ``models``."""
+    dep.services["detector"] = Service(
+        "maskprop_detector",
+        {**dep.env, "MASKPROP_GRPC_PORT": str(free_port()),
+         "MASKPROP_DETECTOR_WEIGHTS": str(weights), "MASKPROP_IMAGE_ROOT": str(root),
+         "MASKPROP_MODELS_ROOT": str(models), "MASKPROP_DEVICE": "cpu"},
+        dep.logs,
+    )  # fmt: skip
+
+
 def test_two_rounds_one_budget_and_one_export(infra, tmp_path: Path) -> None:
     weights = untrained_pool(tmp_path, 6, max_detections=8, classes=CLASSES)
     root = tmp_path / "synth" / "images" / "pool"
@@ -92,13 +104,7 @@ def test_two_rounds_one_budget_and_one_export(infra, tmp_path: Path) -> None:
     models.mkdir()
     shutil.copy(tmp_path / "r2" / "w.pt", models / "r2.pt")
     dep = Deployment(infra, tmp_path)
-    dep.services["detector"] = Service(
-        "maskprop_detector",
-        {**dep.env, "MASKPROP_GRPC_PORT": str(free_port()),
-         "MASKPROP_DETECTOR_WEIGHTS": str(weights), "MASKPROP_IMAGE_ROOT": str(root),
-         "MASKPROP_MODELS_ROOT": str(models), "MASKPROP_DEVICE": "cpu"},
-        dep.logs,
-    )  # fmt: skip
+    add_detector(dep, weights, root, models)
     env = {**dep.env, "MASKPROP_INGEST_BATCH_SIZE": "4"}
     name = dep.campaign
     spec = tmp_path / "spec.toml"
