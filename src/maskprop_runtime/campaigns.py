@@ -8,7 +8,7 @@ Key schema (the whole of it; this module is its only writer):
   serialized ``campaign.v1.CampaignSpec`` of every version, kept: sessions opened under an
   older version keep deciding by it), ``state`` (created | running | paused | stopped),
   ``created``, ``updated`` (unix seconds), ``question_cap`` (the current version's
-  :meth:`~maskprop.campaign_spec.Budget.question_cap`: search's budget script reads it)
+  :meth:`~maskprop.campaign_spec.CampaignSpec.question_cap`: search's budget script reads it)
 * ``maskprop:campaign:{name}:leased``  string  questions search handed out (its budget script,
   ``maskprop_search.budget``, is the only writer: reserved atomically against
   ``question_cap`` before a lease returns)
@@ -108,12 +108,6 @@ def ingest_key(name: str) -> str:
 
 def leased_key(name: str) -> str:
     return f"maskprop:campaign:{campaign_round(name)[0]}:leased"
-
-
-def question_cap(spec: CampaignSpec) -> int:
-    """The questions ``spec``'s budget buys (questions, hours, dollars: the least, at its
-    redundancy)."""
-    return spec.question_cap()
 
 
 class CampaignError(MaskpropError):
@@ -295,7 +289,8 @@ class CampaignRegistry:
             raise CampaignError(f"a new campaign starts at version 1, not {spec.version}")
         blob = spec_to_proto(spec).SerializeToString()
         created = self._create(
-            keys=[campaign_key(name), LIST_KEY], args=[blob, self.clock(), name, question_cap(spec)]
+            keys=[campaign_key(name), LIST_KEY],
+            args=[blob, self.clock(), name, spec.question_cap()],
         )
         if not created:
             current = self.get(name)
@@ -328,7 +323,7 @@ class CampaignRegistry:
             )
         blob = spec_to_proto(spec).SerializeToString()
         code, got = self._revise(
-            keys=[campaign_key(name)], args=[spec.version, blob, self.clock(), question_cap(spec)]
+            keys=[campaign_key(name)], args=[spec.version, blob, self.clock(), spec.question_cap()]
         )
         if code == 0:
             raise CampaignNotFound(f"no campaign named {name!r}")

@@ -52,7 +52,6 @@ from maskprop_runtime.campaigns import (
     ingest_key,
     leased_key,
     plan_key,
-    question_cap,
     round_campaign,
     spec_from_proto,
 )
@@ -381,6 +380,33 @@ def _search_state_key(name: str, class_id: str) -> str:
     return f"maskprop:search:{name}:{class_id}:state"
 
 
+def _detected(redis: Any, travels_as: str) -> tuple[int, Counter[int]]:
+    """(batches the detector counted, masks per class) of a round."""
+    found = redis.hvals(_detector_counts_key(travels_as))
+    per_class: Counter[int] = Counter()
+    for raw in found:
+        for c, n in json.loads(raw).items():
+            per_class[int(c)] += int(n)
+    return len(found), per_class
+
+
+def _searched(redis: Any, rounds: list[str]) -> tuple[int, int, int, int]:
+    """(classes, masks, accepted, rejected) search holds for the rounds (campaign names as
+    they travel), from its per-class counters: one pipeline."""
+    pipe = redis.pipeline(transaction=False)
+    classes = 0
+    for travels_as in rounds:
+        for raw in redis.hkeys(_search_classes_key(travels_as)):
+            k = raw.decode() if isinstance(raw, bytes) else str(raw)
+            pipe.hmget(_search_state_key(travels_as, k), "masks", "accepted", "rejected")
+            classes += 1
+    masks = accepted = rejected = 0
+    for row in pipe.execute() if classes else []:
+        m, a, r = (int(v or 0) for v in row)
+        masks, accepted, rejected = masks + m, accepted + a, rejected + r
+    return classes, masks, accepted, rejected
+
+
 def budget_status(
     registry: CampaignRegistry, name: str, spec: CampaignSpec | None = None
 ) -> campaign_pb2.BudgetStatus:
@@ -393,20 +419,11 @@ def budget_status(
     clusters first, so it tends to over-estimate late in a campaign)."""
     redis = registry.redis
     spec = spec if spec is not None else registry.spec(name)
-    cap = question_cap(spec)
+    cap = spec.question_cap()
     leased = int(redis.get(leased_key(name)) or 0)  # every round's (one budget)
-    pipe = redis.pipeline(transaction=False)
-    queued = 0
-    for r in range(1, spec.budget.rounds + 1):  # every round's trees (campaign <name>.r<r>)
-        travels_as = round_campaign(name, r)
-        for raw in redis.hkeys(_search_classes_key(travels_as)):
-            k = raw.decode() if isinstance(raw, bytes) else str(raw)
-            pipe.hmget(_search_state_key(travels_as, k), "masks", "accepted", "rejected")
-            queued += 1
-    masks = accepted = rejected = 0
-    for row in pipe.execute() if queued else []:
-        m, a, r = (int(v or 0) for v in row)
-        masks, accepted, rejected = masks + m, accepted + a, rejected + r
+    # every round's trees (campaign <name>.r<r>)
+    rounds = [round_campaign(name, r) for r in range(1, spec.budget.rounds + 1)]
+    _, masks, accepted, rejected = _searched(redis, rounds)
     forecast = 0.0
     if leased:
         left = max(cap - leased, 0)
@@ -460,26 +477,17 @@ def round_progress(registry: CampaignRegistry, name: str, round_: int) -> RoundP
     redis = registry.redis
     plan = read_plan(redis, name, round_)
     travels_as = round_campaign(name, round_)
-    per_class: Counter[int] = Counter()
-    found = redis.hvals(_detector_counts_key(travels_as))
-    for raw in found:
-        for c, n in json.loads(raw).items():
-            per_class[int(c)] += int(n)
-    ids = [k.decode() if isinstance(k, bytes) else str(k) for k in redis.hkeys(
-        _search_classes_key(travels_as))]  # fmt: skip
-    pipe = redis.pipeline(transaction=False)
-    for k in ids:
-        pipe.hmget(_search_state_key(travels_as, k), "accepted", "rejected")
-    decided = sum(int(a or 0) + int(r or 0) for a, r in (pipe.execute() if ids else []))
+    detected, per_class = _detected(redis, travels_as)
+    in_search, _, accepted, rejected = _searched(redis, [travels_as])
     return RoundProgress(
         round=round_,
         batches=plan.batch_count if plan else 0,
         published=plan.published if plan else 0,
-        detected=len(found),
+        detected=detected,
         classes=sum(1 for n in per_class.values() if n),
-        in_search=len(ids),
+        in_search=in_search,
         masks=sum(per_class.values()),
-        decided=decided,
+        decided=accepted + rejected,
     )
 
 
@@ -492,15 +500,15 @@ def campaign_status(registry: CampaignRegistry, name: str) -> campaign_pb2.Campa
     campaign = registry.get(name)
     plan = read_plan(redis, name)
     batches = plan.batch_count if plan else 0
-    detected = redis.hvals(_detector_counts_key(name))
-    masks = sum(int(n) for raw in detected for n in json.loads(raw).values())
+    detected, per_class = _detected(redis, name)
+    masks = sum(per_class.values())
     accepted = plan.images if plan else 0
     stages = [
         campaign_pb2.StageCount(stage="images accepted", done=accepted, total=accepted),
         campaign_pb2.StageCount(
             stage="batches published", done=plan.published if plan else 0, total=batches
         ),
-        campaign_pb2.StageCount(stage="batches detected", done=len(detected), total=batches),
+        campaign_pb2.StageCount(stage="batches detected", done=detected, total=batches),
         campaign_pb2.StageCount(stage="masks detected", done=masks, total=0),
         campaign_pb2.StageCount(
             stage="classes in search",
@@ -511,20 +519,16 @@ def campaign_status(registry: CampaignRegistry, name: str) -> campaign_pb2.Campa
     for r in range(2, campaign.spec.budget.rounds + 1):  # `campaign next-round`'s rounds
         travels_as = round_campaign(name, r)
         published = read_plan(redis, name, r)
-        found = redis.hvals(_detector_counts_key(travels_as))
+        found, found_per_class = _detected(redis, travels_as)
         stages += [
             campaign_pb2.StageCount(
                 stage=f"round {r} batches published",
                 done=published.published if published else 0,
                 total=batches,
             ),
+            campaign_pb2.StageCount(stage=f"round {r} batches detected", done=found, total=batches),
             campaign_pb2.StageCount(
-                stage=f"round {r} batches detected", done=len(found), total=batches
-            ),
-            campaign_pb2.StageCount(
-                stage=f"round {r} masks detected",
-                done=sum(int(n) for raw in found for n in json.loads(raw).values()),
-                total=0,
+                stage=f"round {r} masks detected", done=sum(found_per_class.values()), total=0
             ),
             campaign_pb2.StageCount(
                 stage=f"round {r} classes in search",

@@ -2,8 +2,8 @@
 
 Before a lease returns, :meth:`CampaignGate.reserve` takes the questions it may hand out from
 the campaign's counter in one Lua script (atomic across replicas): no more than the budget's
-``question_cap`` (:func:`maskprop_runtime.campaigns.question_cap`, stored by the registry
-beside the spec) minus what was handed out before, and none while the campaign is paused or
+``question_cap`` (:meth:`maskprop.campaign_spec.CampaignSpec.question_cap`, stored by the
+registry beside the spec) minus what was handed out before, and none while the campaign is paused or
 stopped.  The lease then hands out at most that many, and :meth:`CampaignGate.refund` gives
 back what it did not use, so the counter is exactly the questions handed out.  At any moment
 the counter is at most the cap: no question is ever handed out beyond the budget, whatever
