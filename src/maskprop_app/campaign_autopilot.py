@@ -36,8 +36,8 @@ from typing import Any
 from maskprop.errors import MaskpropError
 from maskprop.progress import Progress, no_progress
 from maskprop_runtime.bus import Producer
-from maskprop_runtime.campaigns import CampaignRegistry, round_campaign
-from maskprop_runtime.ingest import RoundProgress, budget_status, read_plan, round_progress
+from maskprop_runtime.campaigns import CampaignRegistry, leased_key, round_campaign
+from maskprop_runtime.ingest import read_plan, round_progress
 
 
 def _sink_holds(dataset: Path, travels_as: str, decided: int) -> bool:
@@ -109,8 +109,8 @@ def run_autopilot(
             return report
         got = round_progress(registry, name, r)
         travels_as = round_campaign(name, r)
-        budget = budget_status(registry, name, spec)
-        spent = budget.questions_leased >= budget.question_cap
+        # every round's questions count against the one budget
+        spent = int(registry.redis.get(leased_key(name)) or 0) >= spec.question_cap()
         over = got.stage == "decided" or (spent and got.stage == "annotating")
         progress(f"round {r}: {got.stage}", got.decided, max(got.masks, 1))
         if not (over and _sink_holds(dataset, travels_as, got.decided)):
@@ -121,7 +121,7 @@ def run_autopilot(
                 )
             sleep(poll_s)
             continue
-        report["rounds"].append(_round_summary(got))
+        report["rounds"].append(dataclasses.asdict(got))
         if spent:
             report["stopped"] = "budget spent"
             return report
@@ -150,11 +150,9 @@ def run_autopilot(
                     spec, heldout[0], heldout[1], weights=weights, device=device,
                     progress=progress,
                 )  # fmt: skip
-                revised = got_priors.pop("revised_spec")
-                got_priors["version"] = registry.revise(
-                    dataclasses.replace(revised, version=registry.spec(name).version + 1)
-                ).spec.version
-                spec = registry.spec(name)
+                revised = got_priors.pop("revised_spec")  # the next version, learned K_pr/K_pa
+                got_priors["version"] = registry.revise(revised).spec.version
+                spec = revised
             except MaskpropError as exc:  # too few held-out masks: keep the thresholds
                 got_priors = {"kept": str(exc)}
             learned.write_text(json.dumps(got_priors))
@@ -174,13 +172,3 @@ def run_autopilot(
         log(f"round {nxt} published with {relative}")
         r = nxt
         started = time.monotonic()
-
-
-def _round_summary(got: RoundProgress) -> dict[str, Any]:
-    return {
-        "round": got.round,
-        "batches": got.batches,
-        "classes": got.classes,
-        "masks": got.masks,
-        "decided": got.decided,
-    }

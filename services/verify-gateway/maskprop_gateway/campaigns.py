@@ -21,8 +21,10 @@ from maskprop_runtime.pb.maskprop.campaign.v1 import campaign_pb2
 
 
 class CampaignSpecs:
-    """Each campaign's current spec from the registry, or ``None`` for a campaign the
-    registry does not know, kept ``ttl_s`` seconds (a revision may change it)."""
+    """Each campaign's current spec from the registry (``None`` for a campaign the registry
+    does not know) and the quality policy derived from it, kept ``ttl_s`` seconds (a revision
+    may change them); read on every lease and every applied answer, so the policy is derived
+    once per read of the registry, not per call."""
 
     def __init__(
         self,
@@ -36,24 +38,37 @@ class CampaignSpecs:
         self.policy_default = policy
         self.ttl_s = ttl_s
         self.clock = clock
-        self._cache: dict[str, tuple[float, campaign_pb2.CampaignSpec | None]] = {}
+        self._cache: dict[str, tuple[float, campaign_pb2.CampaignSpec | None, QualityPolicy]] = {}
         self._lock = threading.Lock()
 
-    def spec(self, campaign: str) -> campaign_pb2.CampaignSpec | None:
+    def _entry(self, campaign: str) -> tuple[campaign_pb2.CampaignSpec | None, QualityPolicy]:
         now = self.clock()
         with self._lock:
             hit = self._cache.get(campaign)
         if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
+            return hit[1], hit[2]
         try:
             found: campaign_pb2.CampaignSpec | None = self.registry.get(campaign).spec
         except CampaignError:  # not registered (or not a campaign name)
             found = None
+        policy = self._policy(found)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[campaign] = (now, found)
-        return found
+            self._cache[campaign] = (now, found, policy)
+        return found, policy
+
+    def _policy(self, spec: campaign_pb2.CampaignSpec | None) -> QualityPolicy:
+        base = self.policy_default
+        if spec is None:
+            return base
+        r = max(1, int(spec.annotation.redundancy))
+        if (base.redundancy, base.vote_cap) == (r, r):
+            return base
+        return replace(base, redundancy=r, max_redundancy=r)
+
+    def spec(self, campaign: str) -> campaign_pb2.CampaignSpec | None:
+        return self._entry(campaign)[0]
 
     def root(self, campaign: str) -> Path | None:
         """The campaign's images folder; ``None``: the gateway's own store."""
@@ -63,11 +78,4 @@ class CampaignSpecs:
     def policy(self, campaign: str) -> QualityPolicy:
         """The quality policy of ``campaign``'s questions: the gateway's, with a registered
         campaign's redundancy as both the votes asked for and the cap."""
-        spec = self.spec(campaign)
-        base = self.policy_default
-        if spec is None:
-            return base
-        r = max(1, int(spec.annotation.redundancy))
-        if (base.redundancy, base.vote_cap) == (r, r):
-            return base
-        return replace(base, redundancy=r, max_redundancy=r)
+        return self._entry(campaign)[1]
