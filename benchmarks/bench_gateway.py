@@ -618,6 +618,7 @@ def search_stack(
     base = {
         **os.environ,
         "MASKPROP_ENV": "prod",
+        "MASKPROP_SINK_ADMIN_TOKEN": uuid.uuid4().hex,
         "MASKPROP_KAFKA_BOOTSTRAP": kafka,
         "MASKPROP_REDIS_URL": redis_url,
         "MASKPROP_TOPIC_NAMESPACE": f"{prefix.replace('-', '')}{uuid.uuid4().hex[:8]}",

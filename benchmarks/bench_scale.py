@@ -471,6 +471,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = {
         **os.environ,
         "MASKPROP_ENV": "prod",
+        "MASKPROP_SINK_ADMIN_TOKEN": uuid.uuid4().hex,
         "MASKPROP_KAFKA_BOOTSTRAP": infra.kafka,
         "MASKPROP_REDIS_URL": infra.redis_url,
         "MASKPROP_TOPIC_NAMESPACE": namespace,

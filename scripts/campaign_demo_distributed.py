@@ -276,6 +276,7 @@ class Stack:
             "MASKPROP_CONNECT_TIMEOUT_S": "120",
             "MASKPROP_CONTROLLER_ADDR": f"127.0.0.1:{self.controller_port}",
             "MASKPROP_CONTROLLER_ADMIN_TOKEN": self.admin_token,
+            "MASKPROP_SINK_ADMIN_TOKEN": self.admin_token,
             "MASKPROP_KEY_PEPPER": self.pepper,
             "PYTHONUNBUFFERED": "1",
         }

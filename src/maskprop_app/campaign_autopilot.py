@@ -86,8 +86,8 @@ def run_autopilot(
     ``heldout``: (COCO, images folder) of a labelled held-out set to learn K_pr/K_pa on every
     round; ``timeout_s``: give up (``MaskpropError``) when a round has not ended by then."""
     from maskprop_controller.rounds import publish_next_round
+    from maskprop_sink.campaign_export import export_campaign
 
-    from maskprop_app.campaign_export import export_campaign
     from maskprop_app.campaign_priors import learn_priors
     from maskprop_app.campaign_retrain import retrain
 

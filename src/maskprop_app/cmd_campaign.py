@@ -8,7 +8,9 @@ when it is set, else straight to the campaign registry in Redis (``MASKPROP_REDI
 ``add-images`` reads the images where it runs, so it always uses Redis and the broker
 (``MASKPROP_KAFKA_BOOTSTRAP``).  Without any of them there is nothing durable to talk to, so the
 commands refuse to run rather than create a campaign in a throw-away in-process store.
-``export`` reads the sink's dataset folder only (``MASKPROP_DATASET_DIR``).
+``export`` streams the campaign from the sink's gRPC ``Dataset`` service (``MASKPROP_SINK_ADDR``,
+with ``MASKPROP_SINK_ADMIN_TOKEN``) when it is set, else reads the sink's dataset folder
+(``--dataset`` or ``MASKPROP_DATASET_DIR``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ NameArg = Annotated[str, typer.Argument(help="Campaign name.")]
 
 
 class CampaignCliSettings(BaseSettings):
-    """Where the campaign commands find the controller (``MASKPROP_CONTROLLER_*``)."""
+    """Where the campaign commands find the controller (``MASKPROP_CONTROLLER_*``) and the
+    sink's export (``MASKPROP_SINK_*``)."""
 
     model_config = SettingsConfigDict(env_prefix="MASKPROP_", extra="ignore")
 
     controller_addr: str | None = None  # host:port of the campaign controller's gRPC
     controller_admin_token: SecretStr | None = None
+    sink_addr: str | None = None  # host:port of the sink's gRPC (campaign export)
+    sink_admin_token: SecretStr | None = None
 
 
 def open_redis(settings: Any) -> Any:
@@ -445,22 +450,38 @@ def export(
     out: Annotated[Path, typer.Option(help="COCO instances JSON to write.")],
     dataset: Annotated[
         Path | None,
-        typer.Option(help="The sink's dataset folder (default: MASKPROP_DATASET_DIR)."),
+        typer.Option(
+            help="The sink's dataset folder, read here (default: the sink's gRPC at "
+            "MASKPROP_SINK_ADDR when set, else MASKPROP_DATASET_DIR)."
+        ),
     ] = None,
     deduplicate: Annotated[
         bool, typer.Option(help="Drop a mask that repeats an earlier round's (IoU > 0.5).")
     ] = True,
 ) -> None:
     """Export the campaign's accepted masks of every round as one COCO file, each annotation's
-    round in ``maskprop_round`` (``maskprop_app.campaign_export``).  Prints counts (JSON)."""
-    from maskprop_app.campaign_export import export_campaign
-
+    round in ``maskprop_round`` (``maskprop_sink.campaign_export``): from the dataset folder, or
+    streamed from the sink's gRPC ``Dataset`` service (``MASKPROP_SINK_ADDR`` with
+    ``MASKPROP_SINK_ADMIN_TOKEN``) when no ``--dataset`` is given.  Prints counts (JSON)."""
     with user_errors():
-        if dataset is None:
-            from maskprop_sink.service import SinkSettings
+        settings = CampaignCliSettings()
+        if dataset is None and settings.sink_addr:
+            from maskprop_sink.client import export_over_grpc
 
-            dataset = SinkSettings().dataset_dir
-        summary = export_campaign(dataset, name, out, deduplicate_rounds=deduplicate)
+            token = settings.sink_admin_token
+            summary = export_over_grpc(
+                settings.sink_addr, name, out,
+                admin_token=token.get_secret_value() if token else None,
+                keep_duplicates=not deduplicate,
+            )  # fmt: skip
+        else:
+            from maskprop_sink.campaign_export import export_campaign
+
+            if dataset is None:
+                from maskprop_sink.service import SinkSettings
+
+                dataset = SinkSettings().dataset_dir
+            summary = export_campaign(dataset, name, out, deduplicate_rounds=deduplicate)
     typer.echo(json.dumps(summary))
 
 

@@ -4,6 +4,7 @@ reflection-free, graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import gc
+import hmac
 import logging
 import signal
 import socket
@@ -90,6 +91,16 @@ def serve_until(
     stop.wait()
     health_servicer.enter_graceful_shutdown()  # probes fail first, so traffic drains
     server.stop(grace_s).wait()
+
+
+def require_bearer(context: Any, token: str | None) -> None:
+    """Abort the call UNAUTHENTICATED unless it carries ``authorization: Bearer <token>``;
+    ``token`` None (dev only: each service's settings refuse it in prod) lets every caller in."""
+    if token is None:
+        return
+    sent = dict(context.invocation_metadata()).get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid admin token is required")
 
 
 def start_health_only(host: str, port: int, service_name: str) -> tuple[grpc.Server, Any]:

@@ -18,6 +18,8 @@ import pytest
 from maskprop_runtime.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# Every sink here runs with MASKPROP_ENV=prod, which needs its Dataset service's admin token.
+SINK_TOKEN = "sink-admin-token-for-tests"
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +90,7 @@ class Deployment:
         base = {
             **os.environ,
             "MASKPROP_ENV": "prod",
+            "MASKPROP_SINK_ADMIN_TOKEN": SINK_TOKEN,
             "MASKPROP_KAFKA_BOOTSTRAP": infra["kafka"],
             "MASKPROP_REDIS_URL": redis_url,
             "MASKPROP_TOPIC_NAMESPACE": f"it{self.tag}",

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch", reason="the detector needs torch")
 
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2, search_pb2_grpc
-from tests.integration.conftest import Deployment, Service, free_port, wait_for
+from tests.integration.conftest import SINK_TOKEN, Deployment, Service, free_port, wait_for
 from tests.integration.test_distributed import call
 from tests.unit.detector.conftest import untrained_pool
 
@@ -161,5 +161,17 @@ def test_two_rounds_one_budget_and_one_export(infra, tmp_path: Path) -> None:
         assert sum(by_round.values()) == summary["annotations"] > 0
         assert by_round["1"] == summary["rounds"]["1"]  # the earliest round loses nothing
         assert by_round["2"] + summary["duplicates_dropped"] == summary["rounds"]["2"]
+
+        # The same export streamed from the sink's gRPC Dataset service (no dataset mount).
+        sink_port = dep.services["sink"].env["MASKPROP_GRPC_PORT"]
+        remote_env = {**env, "MASKPROP_SINK_ADDR": f"127.0.0.1:{sink_port}",
+                      "MASKPROP_SINK_ADMIN_TOKEN": SINK_TOKEN}  # fmt: skip
+        remote = maskprop(remote_env, "export", name, "--out", str(tmp_path / "remote.json"))
+        assert remote.returncode == 0, remote.stderr
+        assert json.loads(remote.stdout) == summary
+        got = json.loads((tmp_path / "remote.json").read_text())
+        for d in (got, doc):
+            d["info"].pop("date_created")
+        assert got == doc
     finally:
         dep.stop()

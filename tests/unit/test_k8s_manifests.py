@@ -246,3 +246,57 @@ def test_topics_set_max_message_bytes_and_services_bound_their_records_by_it(
     assert isinstance(value, int) and topics.record_limit(value) > 0, name
     (config,) = [d for d in docs if d["kind"] == "ConfigMap" and "MASKPROP_ENV" in d["data"]]
     assert int(config["data"]["MASKPROP_KAFKA_MAX_MESSAGE_BYTES"]) == value, name
+
+
+SETTINGS = {
+    "detector": "maskprop_detector.service:DetectorSettings",
+    "clusterer": "maskprop_clusterer.service:ClustererSettings",
+    "search": "maskprop_search.service:SearchSettings",
+    "sink": "maskprop_sink.service:SinkSettings",
+    "verify-gateway": "maskprop_gateway.settings:GatewaySettings",
+    "controller": "maskprop_controller.service:ControllerSettings",
+}
+
+
+def test_every_service_starts_with_the_env_its_manifest_gives_it(
+    overlay: tuple[str, list[Doc]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each service's settings validate in its container's env (ConfigMap values, explicit
+    values, every Secret reference filled with a stand-in): a setting that prod requires and
+    the manifest forgets (an admin token, say) fails here, not in the cluster."""
+    import importlib
+    import os
+
+    name, docs = overlay
+    configmaps = {
+        d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
+    }
+    workloads = {
+        d["metadata"]["labels"].get("app.kubernetes.io/name"): d
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
+    for service, target in SETTINGS.items():
+        module, cls = target.split(":")
+        settings_cls = getattr(importlib.import_module(module), cls)
+        (container,) = workloads[service]["spec"]["template"]["spec"]["containers"]
+        env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            env.update(configmaps[source["configMapRef"]["name"]])
+        for e in container.get("env", []):
+            secret = e.get("valueFrom", {}).get("secretKeyRef")
+            if secret is not None:
+                env[e["name"]] = (
+                    "redis://redis:6379/0" if e["name"] == "MASKPROP_REDIS_URL" else "s" * 32
+                )
+            elif "value" in e:
+                env[e["name"]] = e["value"]
+        for key in [k for k in os.environ if k.startswith("MASKPROP_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        try:
+            settings = settings_cls()
+        except ValueError as exc:
+            raise AssertionError(f"{name}: {service} refuses its manifest's env: {exc}") from None
+        assert settings.env == "prod", f"{name}: {service}"

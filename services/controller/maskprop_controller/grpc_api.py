@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -23,6 +22,7 @@ from maskprop_runtime.campaigns import (
 )
 from maskprop_runtime.ingest import campaign_status
 from maskprop_runtime.pb.maskprop.campaign.v1 import campaign_pb2, campaign_pb2_grpc
+from maskprop_runtime.server import require_bearer
 
 T = TypeVar("T")
 # Most specific first: every CampaignError is a MaskpropError.
@@ -60,11 +60,7 @@ class ControllerServicer(campaign_pb2_grpc.CampaignControllerServicer):
         self.batches_per_s = batches_per_s
 
     def _call(self, context: Any, fn: Callable[[], T]) -> T:
-        if self.admin_token is not None:
-            sent = dict(context.invocation_metadata()).get("authorization", "")
-            expected = f"Bearer {self.admin_token}"
-            if not hmac.compare_digest(sent.encode(), expected.encode()):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid admin token is required")
+        require_bearer(context, self.admin_token)
         try:
             return fn()
         except MaskpropError as exc:

@@ -1,6 +1,8 @@
 """The sink: writes the search service's propagated labels as a dataset.
 
 Consumes ``maskprop.labels`` (LabelsPropagated) as group ``maskprop-sink``; produces nothing.
+Serves gRPC ``maskprop.sink.v1.Dataset`` (``campaign export`` without the volume,
+:mod:`maskprop_sink.grpc_api`) beside its health service.
 State: the dataset directory (:mod:`maskprop_sink.dataset`).  Exactly-once comes from the
 writer's ledger (a bitmap per class over mask indices, checkpointed beside the shards and
 completed from the shards' tail at start), so the loop needs no Redis dedup set; a redelivered
@@ -16,17 +18,20 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import Message
 from prometheus_client import Counter
-from pydantic import model_validator
+from pydantic import SecretStr, model_validator
 
 from maskprop.data import coco
 from maskprop_runtime import topics
 from maskprop_runtime.bus import Bus, Record
 from maskprop_runtime.loop import Emit, EventLoop, InvalidEvent
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
-from maskprop_runtime.server import entrypoint, start_health_only, start_service
+from maskprop_runtime.pb.maskprop.sink.v1 import sink_pb2_grpc
+from maskprop_runtime.server import build_server, entrypoint, listen, start_service
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
 from maskprop_sink.dataset import DatasetWriter, UnwritableEvent
+from maskprop_sink.grpc_api import SERVICE_NAME as DATASET_SERVICE
+from maskprop_sink.grpc_api import DatasetServicer
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +50,27 @@ LABELS_SKIPPED = Counter(
 
 
 class SinkSettings(RuntimeSettings):
-    """``MASKPROP_DATASET_DIR`` (default ``<data_dir>/dataset``) on top of the runtime's."""
+    """``MASKPROP_DATASET_DIR`` (default ``<data_dir>/dataset``) on top of the runtime's, and
+    the bearer token of its gRPC ``Dataset`` service (``MASKPROP_SINK_ADMIN_TOKEN``, required
+    in prod: an export hands out the whole dataset)."""
 
     dataset_dir: Path = Path("dataset")
+    sink_admin_token: SecretStr | None = None
+    # Where exports are written before they are streamed (default: the system's temp folder).
+    sink_export_scratch: Path | None = None
 
     @model_validator(mode="after")
     def _default_dataset_dir(self) -> SinkSettings:
         if "dataset_dir" not in self.model_fields_set:
             self.dataset_dir = self.data_dir / "dataset"
+        if self.env == "prod" and self.sink_admin_token is None:
+            raise ValueError(
+                "MASKPROP_ENV=prod needs MASKPROP_SINK_ADMIN_TOKEN: the sink's Dataset service "
+                "exports whole campaigns"
+            )
+        token = self.sink_admin_token
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("MASKPROP_SINK_ADMIN_TOKEN must be at least 16 characters")
         return self
 
 
@@ -147,7 +165,19 @@ def main() -> None:
     # Wait for a previous sink (a pod still draining) to let go of the directory; health
     # answers only once the lock is held and the ledger rebuilt, so probes see a ready sink.
     writer = DatasetWriter(settings.dataset_dir, lock_timeout_s=settings.connect_timeout_s)
-    server, health = start_health_only(settings.grpc_host, settings.grpc_port, SERVICE)
+    token = settings.sink_admin_token
+    datasets = DatasetServicer(
+        settings.dataset_dir,
+        admin_token=token.get_secret_value() if token else None,
+        scratch=settings.sink_export_scratch,
+    )
+    server, health = build_server(
+        lambda s: sink_pb2_grpc.add_DatasetServicer_to_server(datasets, s),
+        [SERVICE, DATASET_SERVICE],
+        workers=4,
+    )
+    listen(server, settings.grpc_host, settings.grpc_port)
+    server.start()
     log.info("sink started", extra={"dataset_dir": str(settings.dataset_dir)})
     try:
         build_sink(settings, bus, writer=writer).run(stop)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from maskprop_sink.dataset import DatasetWriter
 
 from maskprop_runtime import codec
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
@@ -88,3 +91,19 @@ def build_event(
 @pytest.fixture
 def make_event() -> Callable[..., Built]:
     return build_event
+
+
+@pytest.fixture
+def dataset(tmp_path: Path, make_event: Any) -> tuple[Path, dict[str, np.ndarray]]:
+    """Campaign "shapes": round 1 has m0-0..m0-3 (m0-1 rejected); round 2 ("shapes.r2", the
+    pool detected again) has m0-2..m0-5, where m0-2 and m0-3 are round 1's masks again;
+    another campaign "other" shares the dataset."""
+    r1 = make_event(campaign="shapes", n=4, accepted=[True, False, True, True])
+    r2 = make_event(campaign="shapes.r2", first=2, n=4)
+    other = make_event(campaign="other", n=2, class_id=1, class_name="dog")
+    root = tmp_path / "dataset"
+    with DatasetWriter(root) as w:
+        w.write(r1.event, 0)
+        w.write(r2.event, 1)
+        w.write(other.event, 0)
+    return root, {**r1.masks, **r2.masks}

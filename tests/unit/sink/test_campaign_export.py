@@ -9,29 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from maskprop_sink.dataset import DatasetWriter
+from maskprop_sink.campaign_export import dataset_rounds, export_campaign
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from maskprop.errors import MaskpropError
-from maskprop_app.campaign_export import dataset_rounds, export_campaign
 from maskprop_app.cli import app
-
-
-@pytest.fixture
-def dataset(tmp_path: Path, make_event: Any) -> tuple[Path, dict[str, np.ndarray]]:
-    """Campaign "shapes": round 1 has m0-0..m0-3 (m0-1 rejected); round 2 ("shapes.r2", the
-    pool detected again) has m0-2..m0-5, where m0-2 and m0-3 are round 1's masks again;
-    another campaign "other" shares the dataset."""
-    r1 = make_event(campaign="shapes", n=4, accepted=[True, False, True, True])
-    r2 = make_event(campaign="shapes.r2", first=2, n=4)
-    other = make_event(campaign="other", n=2, class_id=1, class_name="dog")
-    root = tmp_path / "dataset"
-    with DatasetWriter(root) as w:
-        w.write(r1.event, 0)
-        w.write(r2.event, 1)
-        w.write(other.event, 0)
-    return root, {**r1.masks, **r2.masks}
 
 
 def test_rounds_merge_with_provenance_and_repeats_dropped(tmp_path: Path, dataset: Any) -> None:

@@ -1,5 +1,6 @@
 """``maskprop campaign export``: a campaign's accepted masks of every round as one COCO file
-with the round as provenance (issue #16 item 2's ``export``).
+with the round as provenance (issue #16 item 2's ``export``), run where the dataset is mounted
+or by the sink for a caller of its gRPC ``Dataset`` service (:mod:`maskprop_sink.grpc_api`).
 
 The sink keeps round 1 of campaign ``name`` under the dataset folder ``name`` and round r > 1
 under ``name.r<r>`` (:func:`maskprop_runtime.campaigns.round_campaign`: a round's trees restart
@@ -28,6 +29,10 @@ from maskprop.data.coco import write_coco
 from maskprop.data.instances import canonical_key, deduplicate
 from maskprop.errors import MaskpropError
 from maskprop_runtime.campaigns import campaign_round
+
+
+class NoLabels(MaskpropError):
+    """The dataset holds no label of the campaign (unknown, or nothing decided yet)."""
 
 
 def dataset_rounds(dataset: Path, name: str) -> list[tuple[int, str]]:
@@ -59,7 +64,7 @@ def export_campaign(
     dataset, out = Path(dataset), Path(out)
     rounds = dataset_rounds(dataset, name)
     if not rounds:
-        raise MaskpropError(
+        raise NoLabels(
             f"no labels of campaign {name!r} under {dataset} (the sink's MASKPROP_DATASET_DIR)"
         )
     try:
