@@ -29,7 +29,7 @@ from maskprop.progress import Progress, no_progress
 from maskprop_runtime.files import resolve_under
 
 
-def _accepted(
+def load_accepted(
     files: Sequence[Path], images_root: Path, category_of: dict[str, int]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(images, annotations) of every accepted file, image ids renumbered by file name (the
@@ -87,6 +87,7 @@ def retrain(
     lr: float = 5e-4,
     device: str = "cpu",
     seed: int = 0,
+    propagated_masks: bool = False,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Fine-tune ``base`` (default: the spec's weights) into ``out`` for round ``round_``
@@ -94,7 +95,7 @@ def retrain(
     that exists, a labelled set without the campaign's classes, accepted masks naming images
     outside the campaign's folder, and a detector naming other classes."""
     import torch
-    from maskprop_detector.data import BOX_ONLY, InstanceDataset, LabelledSet
+    from maskprop_detector.data import LabelledSet, mixed_training_set, propagated_set
     from maskprop_detector.train import (
         TrainConfig,
         load_model,
@@ -117,7 +118,7 @@ def retrain(
     missing = [c for c in spec.classes if c not in category_of]
     if missing:
         raise MaskpropError(f"labelled set {labelled} has no category {missing[0]!r}")
-    images, anns = _accepted(accepted, spec.images_root, category_of)
+    images, anns = load_accepted(accepted, spec.images_root, category_of)
     keep = deduplicate(anns)
     kept = [anns[i] for i in keep]
     torch_device = pick_device(device)
@@ -127,20 +128,11 @@ def retrain(
             f"the detector names classes {list(dcfg.classes)}, the campaign {list(spec.classes)}"
         )
     torch.manual_seed(seed)
-    labelled_data = InstanceDataset(train_set, spec.classes, flip=True)
-    data: Any = labelled_data
+    extra = propagated_set(
+        images, spec.images_root, train_set.categories, kept, masks=propagated_masks
+    )
+    data = mixed_training_set(train_set, extra, spec.classes)
     used = {int(a["image_id"]) for a in kept}
-    if kept:
-        extra = LabelledSet(
-            images=[im for im in images if int(im["id"]) in used],
-            annotations=[dict(a, id=i + 1, **{BOX_ONLY: True}) for i, a in enumerate(kept)],
-            categories=train_set.categories,
-            image_root=spec.images_root,
-        )
-        repeat = max(1, round(len(used) / max(len(train_set.images), 1)))
-        data = torch.utils.data.ConcatDataset(
-            [labelled_data] * repeat + [InstanceDataset(extra, spec.classes, flip=True)]
-        )
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed + round_)
     partial = out.with_name(out.name + ".partial")
     losses = train(

@@ -28,6 +28,7 @@ under the campaign's folder, ``maskprop_round`` as provenance) and ``report.json
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -44,6 +45,8 @@ from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
 from maskprop.metrics import cost_usd
 from maskprop.progress import Progress, no_progress
+from maskprop.simulate.runner import build_class_trees, fig4_correlations
+from maskprop_app.campaign_priors import detect_heldout, learned_params, load_heldout
 from maskprop_app.campaign_retrain import retrain
 from maskprop_app.embedded import campaign_metrics, run_campaign
 from maskprop_runtime.campaigns import CampaignRegistry
@@ -123,6 +126,10 @@ def run_spec(
     device: str = "cpu",
     retrain_steps: int = 200,
     batch_size: int = 8,
+    heldout: tuple[Path, Path] | None = None,
+    control: bool = False,
+    propagated_masks: bool = False,
+    runtime: RuntimeSettings | None = None,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Run ``spec`` embedded with a crowd simulated from ``ground_truth`` (COCO instances whose
@@ -130,6 +137,16 @@ def run_spec(
 
     Returns (and writes to ``out/report.json``) per round: masks detected and accepted, SQ
     (mean true IoU of the accepted masks), questions, hours and dollars, and the budget.
+
+    ``heldout`` (COCO, images folder: a labelled held-out set): every round measures the
+    detector's mask AP there and learns K_pr/K_pa on it (Sec. 4.2; the spec's thresholds when
+    too few masks to fit), revising the campaign's parameters for that round's sessions, and
+    writes ``rounds.png`` and ``fig4_scores.png``.  ``control``: rounds after the first also
+    fine-tune the previous round's weights on the labelled set alone, the same steps, and
+    report its held-out AP (what the propagated labels add over plain extra training).
+    ``propagated_masks``: accepted masks also teach the mask head when retraining.
+    ``runtime``: the services' bus and store (default in memory; a real broker and Redis run
+    the same services distributed).
     Refuses, before writing anything, a spec whose detector names other classes, a ground
     truth without the spec's classes, a campaign folder with no acceptable image, and an
     ``out`` that holds a finished run."""
@@ -152,6 +169,9 @@ def run_spec(
             "retrained on between rounds)"
         )
     files, gt, gt_images, category_ids = _ground_truth(ground_truth, spec.classes)
+    held = load_heldout(spec.classes, *heldout) if heldout is not None else None
+    if control and held is None:
+        raise MaskpropError("a control model is scored on a held-out set: give heldout too")
     torch_device = pick_device(device)
     model, dcfg = load_model(spec.detector_weights, torch_device)
     if tuple(dcfg.classes) != spec.classes:
@@ -208,6 +228,7 @@ def run_spec(
     accepted_files: list[Path] = []
     weights = spec.detector_weights
     spent = 0
+    last: tuple[Any, Any] | None = None  # the last round's pool and trees (Fig. 4)
     for r in range(1, spec.budget.rounds + 1):
         if spent >= cap:
             break  # the budget is spent: no round left to ask in
@@ -222,10 +243,45 @@ def run_spec(
                 spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
                 accepted=accepted_files, out=new_weights, round_=r, base=weights,
                 steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
-                progress=_prefixed(progress, f"r{r}: "),
+                propagated_masks=propagated_masks, progress=_prefixed(progress, f"r{r}: "),
             )  # fmt: skip
-            weights = new_weights
+            previous, weights = weights, new_weights
             model, _ = load_model(weights, torch_device)
+            if control:
+                assert held is not None
+                twin_weights = out / "models" / f"round{r}_control.pt"
+                twin_weights.unlink(missing_ok=True)
+                retrain(
+                    spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
+                    accepted=[], out=twin_weights, round_=r, base=previous,
+                    steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
+                    progress=_prefixed(progress, f"r{r}: control "),
+                )  # fmt: skip
+                twin, _ = load_model(twin_weights, torch_device)
+                control_ap = detect_heldout(held, twin, dcfg, device=torch_device)[1]["ap"]
+                del twin
+        scored: dict[str, Any] = {}
+        if held is not None:
+            held_pool, ap = detect_heldout(
+                held, model, dcfg, device=torch_device, progress=_prefixed(progress, f"r{r}: ")
+            )
+            try:
+                params, _ = learned_params(spec.params, held_pool)
+                learned = True
+            except MaskpropError:  # too few held-out masks (an untrained detector)
+                params, learned = spec.params, False
+            current = registry.spec(spec.name)
+            registry.revise(
+                dataclasses.replace(current, params=params, version=current.version + 1)
+            )
+            scored = {
+                "detector_ap": ap["ap"],
+                "detector_ap50": ap["ap50"],
+                "detector_ap_control_labelled_only": control_ap if control and r > 1 else None,
+                "priors_learned": learned,
+                "prior_reject_threshold": params.prior_reject_threshold,
+                "prior_accept_threshold": params.prior_accept_threshold,
+            }
         if rdir.exists():  # an interrupted earlier attempt of this round: start it again
             shutil.rmtree(rdir)
         dets = detect(
@@ -233,6 +289,8 @@ def run_spec(
             progress=_prefixed(progress, f"r{r}: detect "),
         )  # fmt: skip
         pool = detections_pool(dets, gt, spec.classes)
+        trees = build_class_trees(pool)
+        last = (pool, trees)
         n = len(dets)
         wire_masks = [
             f"{wire_image[int(g)]}.{str(m).rsplit('.', 1)[1]}"
@@ -251,7 +309,7 @@ def run_spec(
             [*events, *closed_events(campaign, spec.classes, counts)],
             campaign=campaign,
             out=rdir,
-            runtime=RuntimeSettings(kafka_bootstrap=None, redis_url=None),
+            runtime=runtime or RuntimeSettings(kafka_bootstrap=None, redis_url=None),
             search={"iou_threshold": spec.params.iou_threshold, "seed": spec.seed},
             annotator_error=crowd_error,
             seed=spec.seed + r - 1,
@@ -276,6 +334,7 @@ def run_spec(
             info={"description": f"maskprop campaign {campaign}: round {r} accepted masks"},
             images=list(entries.values()), annotations=accepted, categories=categories,
         )  # fmt: skip
+        total = len(_merge_rounds(accepted_files))
         rounds.append(
             {
                 "round": r,
@@ -286,6 +345,10 @@ def run_spec(
                 "undecided_masks": result.missing_labels,
                 **metrics,
                 "dollars": cost_usd(metrics["hours"], spec.budget.hourly_wage),
+                "new_masks_after_dedup": total - (rounds[-1]["total_masks"] if rounds else 0),
+                "total_masks": total,
+                **scored,
+                "fig4": fig4_correlations(trees, pool) if len(pool) > 1 else None,
                 "retrain": retrained,
             }
         )
@@ -317,6 +380,13 @@ def run_spec(
         "annotations": str(out / "annotations.json"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    if held is not None and rounds:
+        from maskprop_app.plots import demo_fig4, demo_rounds
+
+        demo_rounds(rounds, out / "rounds.png")
+        assert last is not None
+        demo_fig4(*last, out / "fig4_scores.png")
+        report["plots"] = [str(out / "rounds.png"), str(out / "fig4_scores.png")]
     with atomic_file(out / "report.json") as f:
         f.write((json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -314,11 +314,28 @@ def run(
         int, typer.Option(help="Optimiser steps of each retraining between rounds.")
     ] = 200,
     batch_size: Annotated[int, typer.Option(help="Images a retraining step.")] = 8,
+    heldout: Annotated[
+        Path | None,
+        typer.Option(
+            help="A labelled held-out set (COCO): each round's mask AP there, K_pr/K_pa "
+            "learned on it, and the plots."
+        ),
+    ] = None,
+    heldout_images: Annotated[
+        Path | None, typer.Option(help="Folder of the held-out set's images.")
+    ] = None,
+    control: Annotated[
+        bool,
+        typer.Option(
+            help="Also retrain on the labelled set alone each round and report its held-out AP."
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Progress bars on stderr.")] = True,
 ) -> None:
     """Run a campaign embedded, in one process with no servers (in-memory bus and Redis): its
     images through the detector, clusterer, search and sink, with the spec's parameters and
-    budget, a simulated crowd answering (``maskprop_app.campaign_run``).  Prints the report."""
+    budget, a simulated crowd answering (``maskprop_app.campaign_run``; ``maskprop demo`` is
+    this path on synthetic data).  Prints the report."""
     from maskprop.campaign_spec import load_spec
 
     bars = Bars(progress)
@@ -328,12 +345,16 @@ def run(
                 "campaign run needs --simulated-crowd GT_COCO.json: in one process nobody else "
                 "can answer (a real crowd answers a distributed campaign through the gateway)"
             )
+        if (heldout is None) != (heldout_images is None):
+            raise MaskpropError("--heldout and --heldout-images go together")
         parsed = load_spec(spec)
         from maskprop_app.campaign_run import run_spec
 
         report = run_spec(
             parsed, out, simulated_crowd, crowd_error=crowd_error, device=device,
-            retrain_steps=retrain_steps, batch_size=batch_size, progress=bars,
+            retrain_steps=retrain_steps, batch_size=batch_size,
+            heldout=(heldout, heldout_images) if heldout and heldout_images else None,
+            control=control, progress=bars,
         )  # fmt: skip
     typer.echo(json.dumps(report, indent=2))
 

@@ -118,7 +118,7 @@ def test_the_accepted_masks_order_does_not_change_what_is_trained_on(pool, tmp_p
     """The embedded run writes its masks in detection order, the sink's export in its shards'
     order: the same masks in another order (and under other image ids) must give the same
     training set, or the two runs' next rounds would differ."""
-    from maskprop_app.campaign_retrain import _accepted
+    from maskprop_app.campaign_retrain import load_accepted
 
     _, images_root, gt = pool
     images, anns, cats = load_coco_instances(gt)
@@ -134,8 +134,8 @@ def test_the_accepted_masks_order_does_not_change_what_is_trained_on(pool, tmp_p
         categories=cats,
     )
     category_of = {str(c["name"]): int(c["id"]) for c in cats}
-    a_images, a_anns = _accepted([forward], images_root, category_of)
-    b_images, b_anns = _accepted([tmp_path / "b.json"], images_root, category_of)
+    a_images, a_anns = load_accepted([forward], images_root, category_of)
+    b_images, b_anns = load_accepted([tmp_path / "b.json"], images_root, category_of)
     assert a_images == b_images and len(a_anns) == len(anns) > 1
 
     def strip(xs: list[dict]) -> list[tuple]:

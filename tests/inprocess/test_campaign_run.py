@@ -180,3 +180,35 @@ def test_rounds_need_a_labelled_set(pool, tmp_path) -> None:
     with pytest.raises(MaskpropError, match="needs \\[detector\\] labelled"):
         run_spec(_spec(pool, budget=Budget(questions=5, rounds=2)), tmp_path / "x", pool[2])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_heldout_set_scores_each_round_learns_priors_and_trains_a_control(pool, tmp_path) -> None:
+    """What ``maskprop demo`` adds to the campaign path: mask AP on a held-out set every round,
+    K_pr/K_pa learned there (the spec's own when too few masks to fit, as with this untrained
+    detector), a labelled-only control model from round 2, and the plots."""
+    _, images, gt = pool
+    spec = _spec(
+        pool, budget=Budget(questions=10_000, rounds=2), labelled=gt, labelled_images=images
+    )
+    report = run_spec(
+        spec, tmp_path, gt, retrain_steps=1, batch_size=2, heldout=(gt, images), control=True
+    )
+    r1, r2 = report["rounds"]
+    for r in (r1, r2):
+        assert 0.0 <= r["detector_ap"] <= 1.0 and 0.0 <= r["detector_ap50"] <= 1.0
+        assert r["total_masks"] <= sum(x["masks"] for x in report["rounds"])
+        if not r["priors_learned"]:
+            assert r["prior_accept_threshold"] == SPLIT.prior_accept_threshold
+    assert r1["detector_ap_control_labelled_only"] is None
+    assert 0.0 <= r2["detector_ap_control_labelled_only"] <= 1.0
+    assert (tmp_path / "models" / "round2_control.pt").exists()
+    assert r2["total_masks"] == r1["total_masks"] + r2["new_masks_after_dedup"]
+    for plot in ("rounds.png", "fig4_scores.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+    with pytest.raises(MaskpropError, match="control model is scored on a held-out set"):
+        run_spec(spec, tmp_path / "c", gt, control=True)
+    res = CliRunner().invoke(app, [
+        "campaign", "run", "--spec", "s.toml", "--out", str(tmp_path / "d"),
+        "--simulated-crowd", str(gt), "--heldout", str(gt),
+    ])  # fmt: skip
+    assert res.exit_code == 2 and "--heldout and --heldout-images go together" in res.output

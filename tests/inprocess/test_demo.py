@@ -65,7 +65,7 @@ def test_an_interrupted_demo_resumes_without_retraining_finished_rounds(tmp_path
     )
 
     def kill_in_round_2(label, done, total):
-        if label.startswith("round 2: train") and done >= 1:
+        if label.startswith("r2: train") and done >= 1:
             raise _Killed
 
     with pytest.raises(_Killed):

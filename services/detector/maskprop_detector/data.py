@@ -172,3 +172,40 @@ class InstanceDataset(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]
             boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
             return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
         return image, target
+
+
+def propagated_set(
+    images: Sequence[dict[str, Any]],
+    image_root: Path,
+    categories: Sequence[dict[str, Any]],
+    accepted: Sequence[dict[str, Any]],
+    ignore: Sequence[dict[str, Any]] = (),
+    *,
+    masks: bool = False,
+) -> LabelledSet:
+    """The retraining loop's extra labelled set (paper Sec. 5.1): the images of ``images`` that
+    hold an ``accepted`` mask, with those masks (box and class only unless ``masks``) and the
+    ``ignore`` regions (annotations carrying :data:`IGNORE` and a ``bbox``) on them."""
+    used = {int(a["image_id"]) for a in accepted}
+    marks = {} if masks else {BOX_ONLY: True}
+    return LabelledSet(
+        images=[im for im in images if int(im["id"]) in used],
+        annotations=[dict(a, id=10_000_000 + i, **marks) for i, a in enumerate(accepted)]
+        + [dict(a, id=20_000_000 + i) for i, a in enumerate(ignore) if int(a["image_id"]) in used],
+        categories=list(categories),
+        image_root=image_root,
+    )
+
+
+def mixed_training_set(
+    labelled: LabelledSet, extra: LabelledSet, classes: Sequence[str]
+) -> torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]:
+    """``labelled`` repeated to the size of ``extra``, then ``extra``: about half of every
+    shuffled batch comes from the human-labelled set, however many images propagation added."""
+    base = InstanceDataset(labelled, classes, flip=True)
+    if not extra.images:
+        return base
+    repeat = max(1, round(len(extra.images) / max(len(labelled.images), 1)))
+    return torch.utils.data.ConcatDataset(
+        [base] * repeat + [InstanceDataset(extra, classes, flip=True)]
+    )
