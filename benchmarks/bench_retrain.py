@@ -13,6 +13,8 @@ and is scored by mask AP on the held-out split.  The variants take one cause awa
   recipe);
 * ``ignore``: the same, and round r's other detections on those images as ignore regions
   (neither positives nor negatives; the pool is re-detected with round r's weights to find them);
+* ``partial``: boxes and classes as ``demo``, the pool images marked partially labelled: no
+  anchor or proposal there is taught as background (``propagated_set(partial=True)``);
 * ``masks``: the accepted masks also teach the mask head;
 * ``clean``: each accepted mask replaced by the ground-truth mask it matches (IoU >= 0.5,
   same class, each object once; the unmatched are dropped): no label noise;
@@ -57,7 +59,17 @@ from maskprop.data.coco import to_pycoco
 from maskprop.data.instances import deduplicate, mask_ap
 from maskprop_app.campaign_retrain import load_accepted
 
-VARIANTS = ("start", "control", "demo", "ignore", "masks", "clean", "complete", "gt-pool")
+VARIANTS = (
+    "start",
+    "control",
+    "demo",
+    "ignore",
+    "partial",
+    "masks",
+    "clean",
+    "complete",
+    "gt-pool",
+)
 
 
 def _by_key(anns: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
@@ -173,6 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         "control": (InstanceDataset(train_set, classes, flip=True), 0, 0),
         "demo": (extra(accepted, [], False), len(accepted), len(used)),
         "ignore": (extra(accepted, ignore, False), len(accepted), len(used)),
+        "partial": (
+            propagated_set(
+                pool_set.images,
+                pool_set.image_root,
+                pool_set.categories,
+                accepted,
+                partial=True,
+            ),
+            len(accepted),
+            len(used),
+        ),
         "masks": (extra(accepted, [], True), len(accepted), len(used)),
         "clean": (extra(clean, [], True), len(clean), len(used)),
         "complete": (extra(in_used, [], True), len(in_used), len(used)),

@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install, then
 #  0. `maskprop demo`: the paper's loop on images end to end (synthetic scenes -> train the
 #     detector -> detect -> cluster -> verify with a simulated crowd -> propagate -> retrain,
-#     2 rounds; out/demo/report.json, annotations.json, plots; ~8 minutes on 2 CPU cores);
+#     2 rounds; out/demo/report.json, annotations.json, plots; ~10 minutes on 2 CPU cores);
 #  1. the whole pipeline in one process (embedded: in-memory bus, embedded store): a simulated
 #     detector's 20,000 masks -> clusterer -> search -> a simulated crowd -> sink -> COCO,
 #     checked against the library (out/run/run_report.json, out/run/annotations.json);

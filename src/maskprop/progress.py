@@ -14,3 +14,12 @@ Progress = Callable[[str, int, int], None]
 
 def no_progress(label: str, done: int, total: int) -> None:
     """The default callback: report nothing."""
+
+
+def prefixed(progress: Progress, prefix: str) -> Progress:
+    """``progress`` with every label prefixed (a round's stages: ``"r2: train"``)."""
+
+    def report(label: str, done: int, total: int) -> None:
+        progress(prefix + label, done, total)
+
+    return report

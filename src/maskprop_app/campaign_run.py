@@ -44,7 +44,7 @@ from maskprop.data.instances import canonical_key, deduplicate, detections_pool
 from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
 from maskprop.metrics import cost_usd
-from maskprop.progress import Progress, no_progress
+from maskprop.progress import Progress, no_progress, prefixed
 from maskprop.simulate.runner import build_class_trees, fig4_correlations
 from maskprop_app.campaign_priors import detect_heldout, learned_params, load_heldout
 from maskprop_app.campaign_retrain import retrain
@@ -94,13 +94,6 @@ def _image_entry(gid: int, rel: str, gt: dict[str, Any] | None, root: Path) -> d
         return {"id": gid, "file_name": rel, "width": gt["width"], "height": gt["height"]}
     with Image.open(root / rel) as im:
         return {"id": gid, "file_name": rel, "width": im.width, "height": im.height}
-
-
-def _prefixed(progress: Progress, prefix: str) -> Progress:
-    def report(label: str, done: int, total: int) -> None:
-        progress(prefix + label, done, total)
-
-    return report
 
 
 def _merge_rounds(files: list[Path]) -> list[dict[str, Any]]:
@@ -243,7 +236,7 @@ def run_spec(
                 spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
                 accepted=accepted_files, out=new_weights, round_=r, base=weights,
                 steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
-                propagated_masks=propagated_masks, progress=_prefixed(progress, f"r{r}: "),
+                propagated_masks=propagated_masks, progress=prefixed(progress, f"r{r}: "),
             )  # fmt: skip
             previous, weights = weights, new_weights
             model, _ = load_model(weights, torch_device)
@@ -255,7 +248,7 @@ def run_spec(
                     spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
                     accepted=[], out=twin_weights, round_=r, base=previous,
                     steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
-                    progress=_prefixed(progress, f"r{r}: control "),
+                    progress=prefixed(progress, f"r{r}: control "),
                 )  # fmt: skip
                 twin, _ = load_model(twin_weights, torch_device)
                 control_ap = detect_heldout(held, twin, dcfg, device=torch_device)[1]["ap"]
@@ -263,7 +256,7 @@ def run_spec(
         scored: dict[str, Any] = {}
         if held is not None:
             held_pool, ap = detect_heldout(
-                held, model, dcfg, device=torch_device, progress=_prefixed(progress, f"r{r}: ")
+                held, model, dcfg, device=torch_device, progress=prefixed(progress, f"r{r}: ")
             )
             try:
                 params, _ = learned_params(spec.params, held_pool)
@@ -286,7 +279,7 @@ def run_spec(
             shutil.rmtree(rdir)
         dets = detect(
             model, dcfg, images(), total=len(paths), device=torch_device,
-            progress=_prefixed(progress, f"r{r}: detect "),
+            progress=prefixed(progress, f"r{r}: detect "),
         )  # fmt: skip
         pool = detections_pool(dets, gt, spec.classes)
         trees = build_class_trees(pool)
@@ -317,7 +310,7 @@ def run_spec(
             question_budget=cap - spent,
             mask_index={m: i for i, m in enumerate(wire_masks)},
             redundancy=spec.redundancy,
-            progress=_prefixed(progress, f"r{r}: "),
+            progress=prefixed(progress, f"r{r}: "),
         )
         metrics = campaign_metrics(pool, result, spec.params, spec.redundancy)
         spent += metrics["questions"]

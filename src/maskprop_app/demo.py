@@ -32,7 +32,7 @@ from maskprop.data.synth import DEFAULT_CLASSES, synth_scenes
 from maskprop.errors import MaskpropError
 from maskprop.files import atomic_file
 from maskprop.params import AnnotationParams
-from maskprop.progress import Progress, no_progress
+from maskprop.progress import Progress, no_progress, prefixed
 from maskprop_app.campaign_run import run_spec
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
@@ -57,7 +57,8 @@ class DemoConfig:
     campaign: str = "demo"
     device: str = "auto"
     # Propagated masks teach the box and class heads; the mask head learns from the human-drawn
-    # labelled set only (training it on its own accepted masks lowered AP here: 0.453 vs 0.470).
+    # labelled set only (training it on its own accepted masks lowered AP here: 0.461 vs 0.471,
+    # benchmarks/README.md "bench_retrain.py").
     propagated_masks: bool = False
     # Also fine-tune the previous round's model on the labelled set alone for the same steps:
     # what the propagated labels add over plain extra training (reported, never used).
@@ -95,20 +96,6 @@ def _synth(cfg: DemoConfig, data: Path, progress: Progress) -> dict[str, Any]:
     return dict(summary)
 
 
-def _prefixed(progress: Progress, prefix: str) -> Progress:
-    def report(label: str, done: int, total: int) -> None:
-        progress(prefix + label, done, total)
-
-    return report
-
-
-def _prefixed(progress: Progress, prefix: str) -> Progress:
-    def report(label: str, done: int, total: int) -> None:
-        progress(prefix + label, done, total)
-
-    return report
-
-
 def run_demo(
     cfg: DemoConfig, out: Path, runtime: RuntimeSettings, progress: Progress = no_progress
 ) -> dict[str, Any]:
@@ -142,7 +129,7 @@ def run_demo(
         build_model(dcfg), dcfg, InstanceDataset(train_set, classes, flip=True),
         TrainConfig(steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                     seed=cfg.seed + 1),
-        checkpoint=weights, device=device, progress=_prefixed(progress, "round 1: "),
+        checkpoint=weights, device=device, progress=prefixed(progress, "r1: "),
     )  # fmt: skip
     train_seconds = time.perf_counter() - t0
     spec = CampaignSpec(

@@ -100,6 +100,9 @@ def to_tensor(image: NDArray[np.uint8]) -> Tensor:
 IGNORE = "maskprop_ignore"
 # An annotation with this key set teaches the box and class heads but not the mask head.
 BOX_ONLY = "maskprop_box_only"
+# An image with this key set is partially labelled (propagated labels cover some of its objects):
+# training teaches its labelled objects and never its background (the torchvision backend).
+PARTIAL = "maskprop_partial"
 
 
 class InstanceDataset(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]):
@@ -158,6 +161,8 @@ class InstanceDataset(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]
             masks = torch.cat([masks, torch.zeros((int(ok.sum()), h, w), dtype=torch.uint8)])
             mask_valid = torch.cat([mask_valid, torch.zeros(int(ok.sum()), dtype=torch.bool)])
         target = {"boxes": boxes, "labels": labels, "masks": masks}
+        if img.get(PARTIAL):
+            target["partial"] = torch.ones((), dtype=torch.bool)
         if not bool(mask_valid.all()):
             target["mask_valid"] = mask_valid
         return to_tensor(pixels), target
@@ -182,14 +187,17 @@ def propagated_set(
     ignore: Sequence[dict[str, Any]] = (),
     *,
     masks: bool = False,
+    partial: bool = False,
 ) -> LabelledSet:
     """The retraining loop's extra labelled set (paper Sec. 5.1): the images of ``images`` that
     hold an ``accepted`` mask, with those masks (box and class only unless ``masks``) and the
-    ``ignore`` regions (annotations carrying :data:`IGNORE` and a ``bbox``) on them."""
+    ``ignore`` regions (annotations carrying :data:`IGNORE` and a ``bbox``) on them; with
+    ``partial`` the images are marked :data:`PARTIAL` (no background taught there)."""
     used = {int(a["image_id"]) for a in accepted}
     marks = {} if masks else {BOX_ONLY: True}
+    flag = {PARTIAL: True} if partial else {}
     return LabelledSet(
-        images=[im for im in images if int(im["id"]) in used],
+        images=[dict(im, **flag) for im in images if int(im["id"]) in used],
         annotations=[dict(a, id=10_000_000 + i, **marks) for i, a in enumerate(accepted)]
         + [dict(a, id=20_000_000 + i) for i, a in enumerate(ignore) if int(a["image_id"]) in used],
         categories=list(categories),

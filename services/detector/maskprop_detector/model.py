@@ -38,6 +38,7 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_inference,
     project_masks_on_boxes,
 )
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -228,6 +229,26 @@ class MaskIoUHead(nn.Module):
         return torch.sigmoid(self.fc(x))
 
 
+def _partial(targets: list[dict[str, Tensor]]) -> list[bool]:
+    """Which images of a batch are partially labelled (``target["partial"]``): their unlabelled
+    objects are unknown, so nothing there may be taught as background."""
+    return [bool(t["partial"]) if "partial" in t else False for t in targets]
+
+
+class PartialLabelRPN(RegionProposalNetwork):
+    """torchvision's RPN, except that on a partially labelled image no anchor is a negative
+    (label 0 -> -1, which its sampler skips): objects only, never background."""
+
+    def assign_targets_to_anchors(
+        self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        labels, matched = super().assign_targets_to_anchors(anchors, targets)
+        for lab, partial in zip(labels, _partial(targets), strict=True):
+            if partial:
+                lab[lab == 0] = -1.0
+        return labels, matched
+
+
 class MaskScoringRoIHeads(RoIHeads):
     """torchvision's RoIHeads plus the mask-IoU head and the mask-attention feature.
 
@@ -241,6 +262,20 @@ class MaskScoringRoIHeads(RoIHeads):
         super().__init__(**kwargs)
         self.mask_iou_head = mask_iou_head
         self.register_buffer("projection", projection)
+
+    def select_training_samples(
+        self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        self._partial_batch = _partial(targets or [])
+        return super().select_training_samples(proposals, targets)
+
+    def subsample(self, labels: list[Tensor]) -> list[Tensor]:
+        # A partially labelled image's background proposals are neither positives nor
+        # negatives (label -1 is skipped by the sampler), as its RPN anchors are.
+        for lab, partial in zip(labels, getattr(self, "_partial_batch", []), strict=False):
+            if partial:
+                lab[lab == 0] = -1
+        return super().subsample(labels)
 
     def attention_features(self, mask_features: Tensor, mask_probs: Tensor) -> Tensor:
         """f: float[n, d] from mask_features float[n, C, m, m] and mask_probs float[n, 2m, 2m]."""
@@ -444,4 +479,5 @@ def _with_scoring(
         mask_predictor=heads.mask_predictor,
     )
     model.roi_heads = scoring_heads
+    model.rpn.__class__ = PartialLabelRPN  # the same module and weights, partial labels known
     return model

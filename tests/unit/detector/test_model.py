@@ -143,3 +143,32 @@ def test_ignore_boxes_are_neither_positive_nor_negative(tiny_cfg):
     proposals = [torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 40.0, 60.0, 60.0]])]
     _, labels = heads.assign_targets_to_proposals(proposals, [box], [torch.tensor([-1])])
     assert labels[0].tolist() == [-1, 0]  # on the ignore box: skipped by the sampler; else bg
+
+
+def test_a_partially_labelled_image_teaches_no_background(tiny_cfg):
+    """Propagated labels cover some objects of a pool image: neither the RPN's anchors nor the
+    ROI heads' proposals there become negatives, while a fully labelled image's still do."""
+    model = build_model(tiny_cfg).train()
+    images, targets = scene_batch(2)
+    targets[0]["partial"] = torch.ones((), dtype=torch.bool)
+    anchors = [
+        torch.tensor([[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 9.0, 9.0], [40.0, 40.0, 60.0, 60.0]])
+    ] * 2
+    far = {
+        "boxes": torch.tensor([[40.0, 40.0, 60.0, 60.0]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.zeros((1, 64, 64), dtype=torch.uint8),
+    }
+    labels, _ = model.rpn.assign_targets_to_anchors(
+        anchors, [{**far, "partial": targets[0]["partial"]}, far]
+    )
+    assert labels[0].tolist() == [-1.0, -1.0, 1.0] and labels[1].tolist() == [0.0, 0.0, 1.0]
+    proposals = [torch.tensor([[0.0, 0.0, 8.0, 8.0], [40.0, 40.0, 60.0, 60.0]])] * 2
+    heads = model.roi_heads
+    _, _, sampled, _ = heads.select_training_samples([p.clone() for p in proposals], [
+        {**far, "partial": targets[0]["partial"]}, far
+    ])  # fmt: skip
+    assert 0 not in sampled[0].tolist() and 1 in sampled[0].tolist()
+    assert 0 in sampled[1].tolist()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
