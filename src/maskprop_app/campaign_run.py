@@ -282,8 +282,11 @@ def run_spec(
             progress=prefixed(progress, f"r{r}: detect "),
         )  # fmt: skip
         pool = detections_pool(dets, gt, spec.classes)
-        trees = build_class_trees(pool)
-        last = (pool, trees)
+        # Fig. 4 on the real detector, for the held-out mode's report and plot only: the trees
+        # are the clusterer's to build, and a campaign of millions of masks should not pay twice.
+        trees = build_class_trees(pool) if held is not None else None
+        if trees is not None:
+            last = (pool, trees)
         n = len(dets)
         wire_masks = [
             f"{wire_image[int(g)]}.{str(m).rsplit('.', 1)[1]}"
@@ -341,7 +344,9 @@ def run_spec(
                 "new_masks_after_dedup": total - (rounds[-1]["total_masks"] if rounds else 0),
                 "total_masks": total,
                 **scored,
-                "fig4": fig4_correlations(trees, pool) if len(pool) > 1 else None,
+                "fig4": fig4_correlations(trees, pool)
+                if trees is not None and len(pool) > 1
+                else None,
                 "retrain": retrained,
             }
         )
@@ -377,9 +382,11 @@ def run_spec(
         from maskprop_app.plots import demo_fig4, demo_rounds
 
         demo_rounds(rounds, out / "rounds.png")
-        assert last is not None
-        demo_fig4(*last, out / "fig4_scores.png")
-        report["plots"] = [str(out / "rounds.png"), str(out / "fig4_scores.png")]
+        plots = [str(out / "rounds.png")]
+        if last is not None:
+            demo_fig4(*last, out / "fig4_scores.png")
+            plots.append(str(out / "fig4_scores.png"))
+        report["plots"] = plots
     with atomic_file(out / "report.json") as f:
         f.write((json.dumps(report, indent=2) + "\n").encode())
     return report
