@@ -222,6 +222,7 @@ def run_spec(
     weights = spec.detector_weights
     spent = 0
     last: tuple[Any, Any] | None = None  # the last round's pool and trees (Fig. 4)
+    merged: list[dict[str, Any]] = []  # every round's accepted masks so far, de-duplicated
     for r in range(1, spec.budget.rounds + 1):
         if spent >= cap:
             break  # the budget is spent: no round left to ask in
@@ -330,7 +331,8 @@ def run_spec(
             info={"description": f"maskprop campaign {campaign}: round {r} accepted masks"},
             images=list(entries.values()), annotations=accepted, categories=categories,
         )  # fmt: skip
-        total = len(_merge_rounds(accepted_files))
+        before = len(merged)
+        merged = _merge_rounds(accepted_files)
         rounds.append(
             {
                 "round": r,
@@ -341,8 +343,8 @@ def run_spec(
                 "undecided_masks": result.missing_labels,
                 **metrics,
                 "dollars": cost_usd(metrics["hours"], spec.budget.hourly_wage),
-                "new_masks_after_dedup": total - (rounds[-1]["total_masks"] if rounds else 0),
-                "total_masks": total,
+                "new_masks_after_dedup": len(merged) - before,
+                "total_masks": len(merged),
                 **scored,
                 "fig4": fig4_correlations(trees, pool)
                 if trees is not None and len(pool) > 1
@@ -350,7 +352,6 @@ def run_spec(
                 "retrain": retrained,
             }
         )
-    merged = _merge_rounds(accepted_files)
     write_coco(
         out / "annotations.json",
         info={"description": f"maskprop campaign {campaign}: accepted masks, every round"},

@@ -89,6 +89,25 @@ def _service_workloads(docs: list[Doc]) -> dict[str, Doc]:
     return found
 
 
+def _container_env(docs: list[Doc], container: Doc, secret: Any = None) -> dict[str, str]:
+    """A container's env as the kubelet builds it: its ConfigMaps, then its explicit values;
+    a Secret reference becomes ``secret(name)`` (left out when ``secret`` is None)."""
+    configmaps = {
+        d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
+    }
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source["configMapRef"]["name"]
+        assert ref in configmaps, f"{container['name']} reads missing ConfigMap {ref}"
+        env.update(configmaps[ref])
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif secret is not None and "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = secret(e["name"])
+    return env
+
+
 def _containers(workload: Doc) -> list[Doc]:
     pod = workload["spec"]["template"]["spec"]
     return [*pod.get("initContainers", []), *pod["containers"]]
@@ -199,18 +218,10 @@ def test_services_run_with_prod_settings(overlay: tuple[str, list[Doc]]) -> None
     """Every service reads the shared ConfigMap (MASKPROP_ENV=prod refuses the in-memory bus
     and store) and takes the Redis URL from the out-of-band Secret, never from a value."""
     name, docs = overlay
-    configmaps = {
-        d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
-    }
     for service, workload in _service_workloads(docs).items():
         (container,) = workload["spec"]["template"]["spec"]["containers"]
-        env: dict[str, str] = {}
-        for source in container.get("envFrom", []):
-            ref = source["configMapRef"]["name"]
-            assert ref in configmaps, f"{name}: {service} reads missing ConfigMap {ref}"
-            env.update(configmaps[ref])
+        env = _container_env(docs, container)
         explicit = {e["name"]: e for e in container.get("env", [])}
-        env.update({k: e["value"] for k, e in explicit.items() if "value" in e})
         assert env.get("MASKPROP_ENV") == "prod", f"{name}: {service}"
         assert env.get("MASKPROP_KAFKA_BOOTSTRAP"), f"{name}: {service}"
         redis_url = explicit["MASKPROP_REDIS_URL"]
@@ -268,29 +279,20 @@ def test_every_service_starts_with_the_env_its_manifest_gives_it(
     import os
 
     name, docs = overlay
-    configmaps = {
-        d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
-    }
     workloads = {
         d["metadata"]["labels"].get("app.kubernetes.io/name"): d
         for d in docs
         if d["kind"] == "Deployment"
     }
+
+    def stand_in(key: str) -> str:
+        return "redis://redis:6379/0" if key == "MASKPROP_REDIS_URL" else "s" * 32
+
     for service, target in SETTINGS.items():
         module, cls = target.split(":")
         settings_cls = getattr(importlib.import_module(module), cls)
         (container,) = workloads[service]["spec"]["template"]["spec"]["containers"]
-        env: dict[str, str] = {}
-        for source in container.get("envFrom", []):
-            env.update(configmaps[source["configMapRef"]["name"]])
-        for e in container.get("env", []):
-            secret = e.get("valueFrom", {}).get("secretKeyRef")
-            if secret is not None:
-                env[e["name"]] = (
-                    "redis://redis:6379/0" if e["name"] == "MASKPROP_REDIS_URL" else "s" * 32
-                )
-            elif "value" in e:
-                env[e["name"]] = e["value"]
+        env = _container_env(docs, container, stand_in)
         for key in [k for k in os.environ if k.startswith("MASKPROP_")]:
             monkeypatch.delenv(key)
         for key, value in env.items():
