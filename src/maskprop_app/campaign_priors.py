@@ -69,7 +69,13 @@ def load_heldout(classes: Sequence[str], heldout: Path, heldout_images: Path) ->
         for a in anns
         if int(a["category_id"]) in class_of
     ]  # fmt: skip
-    doc = {"images": images, "annotations": anns, "categories": cats}
+    # Scored on the campaign's classes only: a held-out file's other categories would count
+    # as classes the detector never finds (AP 0 each).
+    doc = {
+        "images": images,
+        "annotations": [a for a in anns if int(a["category_id"]) in class_of],
+        "categories": [c for c in cats if int(c["id"]) in class_of],
+    }
     return Heldout(Path(heldout_images), paths, gt, doc, [by_name[c] for c in classes])
 
 

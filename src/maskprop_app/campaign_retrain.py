@@ -17,6 +17,8 @@ round is its ``maskprop_round``, else the file's position (1, 2, ...).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,12 +90,16 @@ def retrain(
     device: str = "cpu",
     seed: int = 0,
     propagated_masks: bool = False,
+    resume: bool = False,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Fine-tune ``base`` (default: the spec's weights) into ``out`` for round ``round_``
     (module docstring); returns what it trained on.  Refuses, before training, an ``out``
     that exists, a labelled set without the campaign's classes, accepted masks naming images
-    outside the campaign's folder, and a detector naming other classes."""
+    outside the campaign's folder, and a detector naming other classes.  ``resume`` is for a
+    runner that owns ``out``'s folder (``campaign run``, the demo): an ``out`` that an earlier
+    run finished from the very same inputs (files and settings, by sha256) is kept and its
+    record returned (``reused``: True); one from other inputs is trained anew."""
     import torch
     from maskprop_detector.data import LabelledSet, mixed_training_set, propagated_set
     from maskprop_detector.train import (
@@ -109,7 +115,7 @@ def retrain(
         raise MaskpropError("retraining makes the weights of round 2 or later: --round >= 2")
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise MaskpropError("steps, batch size and learning rate must be positive")
-    if out.exists():
+    if out.exists() and not resume:
         raise MaskpropError(f"{out} exists: retraining never overwrites weights")
     if not Path(labelled).is_file():
         raise MaskpropError(f"labelled set {labelled} does not exist")
@@ -119,6 +125,15 @@ def retrain(
     if missing:
         raise MaskpropError(f"labelled set {labelled} has no category {missing[0]!r}")
     images, anns = load_accepted(accepted, spec.images_root, category_of)
+    inputs = _inputs_digest(
+        [labelled, *accepted, base or spec.detector_weights],
+        [spec.name, list(spec.classes), round_, steps, batch_size, lr, seed, propagated_masks],
+    )
+    if out.exists():  # resume
+        done = _finished(out, inputs)
+        if done is not None:
+            return {**done, "weights": str(out), "reused": True}
+        out.unlink()  # from other inputs: this run's owner trains it anew
     keep = deduplicate(anns)
     kept = [anns[i] for i in keep]
     torch_device = pick_device(device)
@@ -141,6 +156,7 @@ def retrain(
     provenance = {
         "campaign": spec.name,
         "round": round_,
+        "inputs_sha256": inputs,
         "accepted_masks": len(kept),
         "duplicates_dropped": len(anns) - len(kept),
         "accepted_images": len(used),
@@ -148,6 +164,30 @@ def retrain(
         "steps": steps,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    provenance["final_losses"] = {k: float(v) for k, v in losses.items()}
     save_checkpoint(out, model, dcfg, step=steps, extra={"maskprop_campaign": provenance})
     partial.unlink(missing_ok=True)
-    return {**provenance, "weights": str(out), "final_losses": losses}
+    return {**provenance, "weights": str(out)}
+
+
+def _inputs_digest(files: Sequence[Path], settings: list[Any]) -> str:
+    """sha256 over the files' bytes and the settings: what a retraining's weights depend on."""
+    h = hashlib.sha256(json.dumps(settings).encode())
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+        except OSError as exc:
+            raise MaskpropError(f"cannot read {f}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def _finished(out: Path, inputs: str) -> dict[str, Any] | None:
+    """The record of weights ``out`` if an earlier run trained them from ``inputs``."""
+    from maskprop_detector.train import read_checkpoint
+
+    try:
+        saved = read_checkpoint(out).get("extra", {}).get("maskprop_campaign", {})
+    except MaskpropError:
+        return None
+    return dict(saved) if saved.get("inputs_sha256") == inputs else None

@@ -49,7 +49,7 @@ from maskprop.simulate.runner import build_class_trees, fig4_correlations
 from maskprop_app.campaign_priors import detect_heldout, learned_params, load_heldout
 from maskprop_app.campaign_retrain import retrain
 from maskprop_app.embedded import campaign_metrics, run_campaign
-from maskprop_runtime.campaigns import CampaignRegistry
+from maskprop_runtime.campaigns import CampaignRegistry, round_campaign
 from maskprop_runtime.ingest import IngestSettings, check_images
 from maskprop_runtime.settings import RuntimeSettings
 
@@ -211,7 +211,6 @@ def run_spec(
     }  # fmt: skip
     categories = [{"id": cid, "name": c} for c, cid in zip(spec.classes, category_ids, strict=True)]
     cap = spec.question_cap()
-    campaign = spec.name
 
     def images() -> Any:
         for gid, rel in paths.items():
@@ -227,29 +226,30 @@ def run_spec(
         if spent >= cap:
             break  # the budget is spent: no round left to ask in
         rdir = out / f"r{r}"
+        campaign = round_campaign(spec.name, r)
         retrained = None
         if r > 1:
             assert spec.labelled is not None and spec.labelled_images is not None
             new_weights = out / "models" / f"round{r}.pt"
-            if new_weights.exists():  # an earlier, interrupted run got this far
-                new_weights.unlink()
+            # An earlier, interrupted run that finished these weights from the same inputs
+            # keeps them (resume=True); from other inputs they are trained anew.
             retrained = retrain(
                 spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
                 accepted=accepted_files, out=new_weights, round_=r, base=weights,
                 steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
-                propagated_masks=propagated_masks, progress=prefixed(progress, f"r{r}: "),
+                propagated_masks=propagated_masks, resume=True,
+                progress=prefixed(progress, f"r{r}: "),
             )  # fmt: skip
             previous, weights = weights, new_weights
             model, _ = load_model(weights, torch_device)
             if control:
                 assert held is not None
                 twin_weights = out / "models" / f"round{r}_control.pt"
-                twin_weights.unlink(missing_ok=True)
                 retrain(
                     spec, labelled=spec.labelled, labelled_images=spec.labelled_images,
                     accepted=[], out=twin_weights, round_=r, base=previous,
                     steps=retrain_steps, batch_size=batch_size, device=device, seed=spec.seed,
-                    progress=prefixed(progress, f"r{r}: control "),
+                    resume=True, progress=prefixed(progress, f"r{r}: control "),
                 )  # fmt: skip
                 twin, _ = load_model(twin_weights, torch_device)
                 control_ap = detect_heldout(held, twin, dcfg, device=torch_device)[1]["ap"]
@@ -298,9 +298,12 @@ def run_spec(
             mask_ids=wire_masks,
             image_ids=[wire_image[int(i)] for i in dets.image_ids], scores=dets.scores,
             features=dets.features, encode=table_encoder(dets), images=infos,
-            event_prefix=f"masks.{campaign}.r{r}",
+            event_prefix=f"masks.{spec.name}.r{r}",
         )  # fmt: skip
         counts = {c: int((dets.class_ids == c).sum()) for c in range(len(spec.classes))}
+        # Each round travels under its own name, as the distributed rounds do: search keeps a
+        # finished round's sessions, so a real Redis refuses a second round under the first's
+        # name (the registry maps every round's name to the campaign's parameters).
         result = run_campaign(
             pool,
             [*events, *closed_events(campaign, spec.classes, counts)],
@@ -328,7 +331,7 @@ def run_spec(
         accepted_files.append(rdir / "accepted.json")
         write_coco(
             accepted_files[-1],
-            info={"description": f"maskprop campaign {campaign}: round {r} accepted masks"},
+            info={"description": f"maskprop campaign {spec.name}: round {r} accepted masks"},
             images=list(entries.values()), annotations=accepted, categories=categories,
         )  # fmt: skip
         before = len(merged)
@@ -354,14 +357,14 @@ def run_spec(
         )
     write_coco(
         out / "annotations.json",
-        info={"description": f"maskprop campaign {campaign}: accepted masks, every round"},
+        info={"description": f"maskprop campaign {spec.name}: accepted masks, every round"},
         images=list(entries.values()),
         annotations=(dict(a, id=k) for k, a in enumerate(merged, start=1)),
         categories=categories,
     )  # fmt: skip
     hours = spec.hours(spent)
     report = {
-        "campaign": campaign,
+        "campaign": spec.name,
         "mode": "embedded",
         "classes": list(spec.classes),
         "images_accepted": len(report_in.accepted),

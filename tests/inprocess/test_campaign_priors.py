@@ -69,3 +69,27 @@ def test_bad_input_is_refused_and_nothing_stored(pool, tmp_path) -> None:
     (tmp_path / "escape.json").write_text(json.dumps(doc))
     with pytest.raises(MaskpropError, match="is not under"):
         learn_priors(spec, tmp_path / "escape.json", images)
+
+
+def test_the_heldout_ap_counts_the_campaigns_classes_only(pool, tmp_path) -> None:
+    from maskprop.data.instances import mask_ap
+    from maskprop_app.campaign_priors import load_heldout
+
+    _, images, gt = pool
+    doc: dict[str, Any] = json.loads(gt.read_text())
+    # A held-out file with a category the campaign does not have, holding objects too.
+    doc["categories"].append({"id": 99, "name": "tree"})
+    doc["annotations"] += [
+        dict(a, id=10_000 + k, category_id=99) for k, a in enumerate(doc["annotations"])
+    ]
+    (tmp_path / "more.json").write_text(json.dumps(doc))
+    held = load_heldout(("disc", "square"), tmp_path / "more.json", images)
+    assert {c["name"] for c in held.doc["categories"]} == {"disc", "square"}
+    assert all(a["category_id"] != 99 for a in held.doc["annotations"])
+    # The ground truth itself as detections: a perfect detector of the campaign's classes.
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"],
+         "segmentation": a["segmentation"], "score": 1.0}
+        for a in held.doc["annotations"]
+    ]  # fmt: skip
+    assert mask_ap(held.doc, perfect)["ap"] == pytest.approx(1.0)

@@ -146,15 +146,26 @@ def test_cli_runs_a_spec_file_and_refuses_without_a_crowd(pool, tmp_path) -> Non
     assert json.loads(res.stdout)["rounds"][0]["questions"] == 7
 
 
-def test_two_rounds_retrain_between_and_share_the_budget(pool, tmp_path) -> None:
+def test_two_rounds_retrain_between_and_share_the_budget(pool, tmp_path, monkeypatch) -> None:
+    import fakeredis
     from maskprop_detector.train import read_checkpoint
 
+    import maskprop_app.embedded as embedded
+
+    # One store for both rounds, as a real Redis is: round 1's sessions are still there when
+    # round 2 starts, so round 2 must travel under a name of its own.
+    shared = fakeredis.FakeRedis()
+    monkeypatch.setattr(embedded, "make_redis", lambda url, **kw: shared)
     _, images, gt = pool
     spec = _spec(
         pool, budget=Budget(questions=10_000, rounds=2), labelled=gt, labelled_images=images
     )
     report = run_spec(spec, tmp_path, gt, crowd_error=0.3, retrain_steps=2, batch_size=2)
     r1, r2 = report["rounds"]
+    assert report["campaign"] == "shapes"
+    # Both rounds' sessions are in the one store, each under its round's name.
+    assert shared.exists("maskprop:search:shapes:classes")
+    assert shared.exists("maskprop:search:shapes.r2:classes")
     assert r1["retrain"] is None and r2["retrain"]["round"] == 2
     assert r2["retrain"]["accepted_masks"] == r1["masks"] > 0  # round 1's masks trained on
     saved = read_checkpoint(tmp_path / "models" / "round2.pt")["extra"]["maskprop_campaign"]
@@ -163,6 +174,28 @@ def test_two_rounds_retrain_between_and_share_the_budget(pool, tmp_path) -> None
     anns = json.loads((tmp_path / "annotations.json").read_text())["annotations"]
     assert len(anns) == report["total_masks"] <= r1["masks"] + r2["masks"]
     assert {a["maskprop_round"] for a in anns} <= {1, 2} and anns[0]["maskprop_round"] == 1
+
+
+def test_a_rerun_keeps_round_weights_trained_from_the_same_inputs(pool, tmp_path) -> None:
+    _, images, gt = pool
+    spec = _spec(
+        pool, budget=Budget(questions=10_000, rounds=2), labelled=gt, labelled_images=images
+    )
+    first = run_spec(spec, tmp_path, gt, retrain_steps=2, batch_size=2)
+    weights = tmp_path / "models" / "round2.pt"
+    trained_at = weights.stat().st_mtime_ns
+    (tmp_path / "report.json").unlink()  # as if the run had been killed before its end
+    again = run_spec(spec, tmp_path, gt, retrain_steps=2, batch_size=2)
+    assert weights.stat().st_mtime_ns == trained_at  # kept, not trained again
+    assert again["rounds"][1]["retrain"]["reused"] is True
+    assert (
+        again["rounds"][1]["retrain"]["inputs_sha256"]
+        == (first["rounds"][1]["retrain"]["inputs_sha256"])
+    )
+    (tmp_path / "report.json").unlink()
+    other = run_spec(spec, tmp_path, gt, retrain_steps=3, batch_size=2)  # other inputs
+    assert "reused" not in other["rounds"][1]["retrain"]
+    assert other["rounds"][1]["retrain"]["steps"] == 3
 
 
 def test_the_budget_spans_rounds(pool, tmp_path) -> None:
