@@ -10,6 +10,7 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py scale 1000000           # exact-20k baseline, then two_level
     python benchmarks/bench_tree.py scale 10000000
     python benchmarks/bench_tree.py quality                 # two_level vs exact, 20k classes
+    python benchmarks/bench_tree.py quality 0 1 2 --block-size 500   # another block size
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
 build timed in the same run (the issue's goals: 1M within 3x and < 1 GB, 10M within 36x and
@@ -199,9 +200,12 @@ def accepted_after(tree, ious: np.ndarray) -> list[int]:  # type: ignore[no-unty
     return out
 
 
-def quality(seeds: list[int]) -> None:
+def quality(seeds: list[int], block_size: int | None = None) -> None:
     from maskprop.simulate.generator import ade_like_class
-    from maskprop.tree import build_tree
+    from maskprop.tree import DEFAULT_BLOCK_SIZE, build_tree
+
+    block_size = block_size or DEFAULT_BLOCK_SIZE
+    print(f"two-level block size {block_size}", flush=True)
 
     n = 20_000
     print(
@@ -225,7 +229,7 @@ def quality(seeds: list[int]) -> None:
             t0 = time.perf_counter()
             exact = build_tree(f, s, method="exact")
             t1 = time.perf_counter()
-            two = build_tree(f, s, method="two_level")
+            two = build_tree(f, s, method="two_level", block_size=block_size)
             t2 = time.perf_counter()
             # Noise floor: the exact tree of the same class with features moved by 1e-3 of
             # their spread (an equally valid input) -- how much this metric moves by itself.
@@ -267,6 +271,11 @@ def quality(seeds: list[int]) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
+    block_size = None
+    if "--block-size" in args:  # quality: the two-level tree's target block size
+        at = args.index("--block-size")
+        block_size = int(args[at + 1])
+        del args[at : at + 2]
     mode = args[0] if args and not args[0].isdigit() else "compare"
     rest = [int(a) for a in args[1:]] if args and not args[0].isdigit() else [int(a) for a in args]
     if mode == "compare":
@@ -274,7 +283,7 @@ def main() -> None:
     elif mode == "scale":
         scale(rest or [1_000_000])
     elif mode == "quality":
-        quality(rest or [0, 1, 2])
+        quality(rest or [0, 1, 2], block_size)
     else:
         raise SystemExit(f"unknown mode {mode!r}: compare, scale or quality")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import Message
 from prometheus_client import Counter
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from maskprop.data import coco
 from maskprop_runtime import topics
@@ -58,6 +58,8 @@ class SinkSettings(RuntimeSettings):
     sink_admin_token: SecretStr | None = None
     # Where exports are written before they are streamed (default: the system's temp folder).
     sink_export_scratch: Path | None = None
+    # The export child's address-space cap (None: none); the pod's memory limit must cover it.
+    sink_export_memory_limit_mb: int | None = Field(default=None, ge=64)
 
     @model_validator(mode="after")
     def _default_dataset_dir(self) -> SinkSettings:
@@ -170,6 +172,7 @@ def main() -> None:
         settings.dataset_dir,
         admin_token=token.get_secret_value() if token else None,
         scratch=settings.sink_export_scratch,
+        memory_limit_mb=settings.sink_export_memory_limit_mb,
     )
     server, health = build_server(
         lambda s: sink_pb2_grpc.add_DatasetServicer_to_server(datasets, s),

@@ -146,3 +146,39 @@ def test_prod_needs_a_sink_token(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 16 characters"):
         SinkSettings(**base, sink_admin_token="short")
     assert SinkSettings(**base, sink_admin_token=TOKEN).sink_admin_token is not None
+
+
+def test_an_export_too_large_for_its_memory_cap_fails_alone(
+    tmp_path: Path, dataset: Any, serve: Any
+) -> None:
+    """The export runs in a child process under MASKPROP_SINK_EXPORT_MEMORY_LIMIT_MB: past it
+    the call fails RESOURCE_EXHAUSTED, no file is left, and the same sink serves the next
+    export (the sink process itself never grew)."""
+    servicer = DatasetServicer(dataset[0], admin_token=None, memory_limit_mb=64)
+    target = serve(servicer)
+    out = tmp_path / "out" / "x.json"
+    with pytest.raises(MaskpropError, match="RESOURCE_EXHAUSTED: the export needs more than 64 MB"):
+        export_over_grpc(target, "shapes", out)
+    assert list(out.parent.iterdir()) == []
+    servicer.memory_limit_mb = None
+    assert export_over_grpc(target, "shapes", out)["annotations"] == 5
+
+
+def test_a_caller_that_leaves_stops_the_export_and_frees_the_slot(
+    dataset: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+
+    class Gone:  # a call cancelled (or past its deadline) while the export runs
+        def is_active(self) -> bool:
+            return False
+
+        def abort(self, code: Any, details: str) -> None:
+            raise AssertionError(f"aborted {code}: {details}")
+
+    monkeypatch.setattr(grpc_api, "POLL_S", 0.001)  # the child cannot finish in 1 ms
+    servicer = DatasetServicer(dataset[0], admin_token=None)
+    request = sink_pb2.ExportCampaignRequest(name="shapes")
+    assert list(servicer.ExportCampaign(request, Gone())) == []  # nothing streamed
+    assert not multiprocessing.active_children()  # the export child was killed and reaped
+    assert servicer._slots.acquire(blocking=False)  # the slot is free again
