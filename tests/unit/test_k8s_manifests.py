@@ -263,7 +263,7 @@ SETTINGS = {
     "detector": "maskprop_detector.service:DetectorSettings",
     "clusterer": "maskprop_clusterer.service:ClustererSettings",
     "search": "maskprop_search.service:SearchSettings",
-    "sink": "maskprop_sink.service:SinkSettings",
+    "sink": "maskprop_sink.service:ServingSinkSettings",
     "verify-gateway": "maskprop_gateway.settings:GatewaySettings",
     "controller": "maskprop_controller.service:ControllerSettings",
 }

@@ -51,8 +51,9 @@ LABELS_SKIPPED = Counter(
 
 class SinkSettings(RuntimeSettings):
     """``MASKPROP_DATASET_DIR`` (default ``<data_dir>/dataset``) on top of the runtime's, and
-    the bearer token of its gRPC ``Dataset`` service (``MASKPROP_SINK_ADMIN_TOKEN``, required
-    in prod: an export hands out the whole dataset)."""
+    the bearer token of its gRPC ``Dataset`` service (``MASKPROP_SINK_ADMIN_TOKEN``; the serving
+    sink, :class:`ServingSinkSettings`, requires it in prod: an export hands out the whole
+    dataset).  The CLI reads the dataset folder with this class, serving nothing."""
 
     dataset_dir: Path = Path("dataset")
     sink_admin_token: SecretStr | None = None
@@ -65,14 +66,22 @@ class SinkSettings(RuntimeSettings):
     def _default_dataset_dir(self) -> SinkSettings:
         if "dataset_dir" not in self.model_fields_set:
             self.dataset_dir = self.data_dir / "dataset"
+        token = self.sink_admin_token
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("MASKPROP_SINK_ADMIN_TOKEN must be at least 16 characters")
+        return self
+
+
+class ServingSinkSettings(SinkSettings):
+    """The sink process's settings: it serves ``Dataset``, so prod needs the admin token."""
+
+    @model_validator(mode="after")
+    def _token_in_prod(self) -> ServingSinkSettings:
         if self.env == "prod" and self.sink_admin_token is None:
             raise ValueError(
                 "MASKPROP_ENV=prod needs MASKPROP_SINK_ADMIN_TOKEN: the sink's Dataset service "
                 "exports whole campaigns"
             )
-        token = self.sink_admin_token
-        if token is not None and len(token.get_secret_value()) < 16:
-            raise ValueError("MASKPROP_SINK_ADMIN_TOKEN must be at least 16 characters")
         return self
 
 
@@ -161,7 +170,7 @@ def build_sink(
 
 @entrypoint
 def main() -> None:
-    settings = SinkSettings()
+    settings = ServingSinkSettings()
     run = start_service(settings, SERVICE, needs_redis=False)
     bus, stop = run.bus, run.stop
     # Wait for a previous sink (a pod still draining) to let go of the directory; health

@@ -137,15 +137,17 @@ def test_a_damaged_stream_is_refused(tmp_path: Path, dataset: Any, serve: Any) -
     assert list(out.parent.iterdir()) == []
 
 
-def test_prod_needs_a_sink_token(tmp_path: Path) -> None:
-    from maskprop_sink.service import SinkSettings
+def test_prod_needs_a_sink_token_to_serve_but_not_to_read_the_dataset(tmp_path: Path) -> None:
+    from maskprop_sink.service import ServingSinkSettings, SinkSettings
 
     base = {"env": "prod", "kafka_bootstrap": "k:9092", "redis_url": "redis://r:6379/0"}
     with pytest.raises(ValueError, match="MASKPROP_SINK_ADMIN_TOKEN"):
-        SinkSettings(**base)
+        ServingSinkSettings(**base)
     with pytest.raises(ValueError, match="at least 16 characters"):
-        SinkSettings(**base, sink_admin_token="short")
-    assert SinkSettings(**base, sink_admin_token=TOKEN).sink_admin_token is not None
+        ServingSinkSettings(**base, sink_admin_token="short")
+    assert ServingSinkSettings(**base, sink_admin_token=TOKEN).sink_admin_token is not None
+    # The CLI (`campaign export --out F` on the volume, the autopilot) serves nothing.
+    assert SinkSettings(**base, dataset_dir=tmp_path).dataset_dir == tmp_path
 
 
 def test_an_export_too_large_for_its_memory_cap_fails_alone(
