@@ -57,7 +57,13 @@ from maskprop.simulate.annotator import SimulatedAnnotator
 from maskprop.simulate.baselines import _accept_threshold, _reject_threshold, _stratified_halves
 from maskprop.simulate.pool import MaskPool
 from maskprop.simulate.result import Curve
-from maskprop.tree import AUTO_EXACT_MAX, Tree, available_memory, build_tree
+from maskprop.tree import (
+    AUTO_EXACT_MAX,
+    Tree,
+    available_memory,
+    build_tree,
+    single_threaded_worker,
+)
 
 #: Bins of a priority or score key in [0, 1] (finer than float32 scores).
 KEY_BINS = 2**30
@@ -886,7 +892,10 @@ def _map(
         return
     # fork: workers share the parent's imports and the source (no pickling of a pool); a
     # class's big arrays are numpy buffers, returned to the system when the class is done.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+    # One BLAS/OpenMP thread a worker: the workers already fill the cores.
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("fork"), initializer=single_threaded_worker
+    ) as pool:
         running: dict[Future[Any], int] = {}
         pending = list(order)
         done = 0
