@@ -629,13 +629,13 @@ def compare_decided(embedded: Path, dataset: Path, name: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for r in (1, 2):
-        if not (embedded / f"r{r}" / "dataset" / name).exists():
+        travels = round_campaign(name, r)  # both runs store round r under this name
+        if not (embedded / f"r{r}" / "dataset" / travels).exists():
             continue
-        travels = name if r == 1 else round_campaign(name, r)
         dist = {x["mask_id"]: int(x["accepted"]) for x in DatasetReader(dataset).labels(travels)}
         emb = {
             x["mask_id"]: int(x["accepted"])
-            for x in DatasetReader(embedded / f"r{r}" / "dataset").labels(name)
+            for x in DatasetReader(embedded / f"r{r}" / "dataset").labels(travels)
         }
         both = dist.keys() & emb.keys()
         out[f"round{r}"] = {

@@ -4,8 +4,9 @@ Layers (a module may import its own package or a lower layer, never a higher one
 service never imports another service):
 
 0. ``maskprop``: the science. Third-party imports: the standard library plus numpy, scipy,
-   sklearn, fastcluster and faiss. ``pycocotools`` and ``PIL`` are allowed under ``maskprop.data``
-   only: COCO masks (RLE, mask AP) and scene rendering are what that subpackage is for.
+   sklearn, fastcluster, faiss and threadpoolctl. ``pycocotools`` and ``PIL`` are allowed
+   under ``maskprop.data`` only: COCO masks (RLE, mask AP) and scene rendering are what that
+   subpackage is for.
    Nothing else: no typer, tqdm, matplotlib, kafka, redis, grpc, fastapi, torch, pandas,
    pydantic.
 1. ``maskprop_runtime``: the plumbing (bus, loop, store, settings, ...).
@@ -48,7 +49,10 @@ LAYER = {
 }
 # _fastcluster: fastcluster's C extension, which tree.py calls directly for its linkage
 # faiss: k-means blocks of tree.py's two-level tree (imported only when one is built)
-SCIENCE_THIRD_PARTY = {"numpy", "scipy", "sklearn", "fastcluster", "_fastcluster", "faiss"}
+# threadpoolctl: one BLAS thread in each of tree.py's pooled block workers
+SCIENCE_THIRD_PARTY = {
+    "numpy", "scipy", "sklearn", "fastcluster", "_fastcluster", "faiss", "threadpoolctl",
+}  # fmt: skip
 DATA_THIRD_PARTY = {"pycocotools", "PIL"}  # under maskprop.data only (COCO masks, rendering)
 ENTRY_POINT_EXCEPTIONS = {("src/maskprop/__main__.py", "maskprop_app")}
 GENERATED = "src/maskprop_runtime/pb"

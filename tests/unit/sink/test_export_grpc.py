@@ -181,6 +181,9 @@ def test_a_caller_that_leaves_stops_the_export_and_frees_the_slot(
     monkeypatch.setattr(grpc_api, "POLL_S", 0.001)  # the child cannot finish in 1 ms
     servicer = DatasetServicer(dataset[0], admin_token=None)
     request = sink_pb2.ExportCampaignRequest(name="shapes")
+    # other tests in this process may leave pool workers alive: only the export child counts
+    before = {p.pid for p in multiprocessing.active_children()}
     assert list(servicer.ExportCampaign(request, Gone())) == []  # nothing streamed
-    assert not multiprocessing.active_children()  # the export child was killed and reaped
+    after = {p.pid for p in multiprocessing.active_children()}
+    assert after <= before  # the export child was killed and reaped
     assert servicer._slots.acquire(blocking=False)  # the slot is free again
