@@ -186,13 +186,11 @@ def universal_cut(tree: Tree, n_clusters: int) -> NDArray[np.int64]:
     """
     n = tree.n_leaves
     k = int(min(max(n_clusters, 1), n))
-    # Internal nodes in decreasing merge order are n+n-2, ..., so undo the k-1 last merges.
-    undone = set(range(tree.n_nodes - 1, tree.n_nodes - k, -1))
-    nodes: list[int] = []
-    for node in undone:
-        for ch in tree.children(node):
-            if ch not in undone:
-                nodes.append(ch)
-    if not undone:
-        nodes = [tree.root]
-    return np.array(sorted(nodes), dtype=np.int64)
+    if k == 1:
+        return np.array([tree.root], dtype=np.int64)
+    # Internal nodes in decreasing merge order are n+n-2, ..., so the k-1 last merges are the
+    # nodes from ``first_undone`` up; the clusters are their children below it.
+    first_undone = tree.n_nodes - k + 1
+    undone = np.arange(first_undone, tree.n_nodes)
+    children = np.concatenate([tree.left[undone], tree.right[undone]]).astype(np.int64)
+    return np.sort(children[children < first_undone])

@@ -61,7 +61,7 @@ from numpy.typing import NDArray
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.search import Frontier, make_frontier
-from maskprop.selection import PRIOR_REJECT, PRIOR_SPLIT, Selection
+from maskprop.selection import PRIOR_ASK, PRIOR_REJECT, PRIOR_SPLIT, Selection
 from maskprop.tree import Tree
 from maskprop.verification import Verdict, questions_per_round, target_answers, verdict
 
@@ -316,7 +316,7 @@ class AnnotationSession:
             raise MaskpropError("decisions_labels takes decisions of one class")
         tree = self._trees[c]
         nodes = np.fromiter((d.node for d in decisions), np.int64, len(decisions))
-        terminal = np.fromiter((d.terminal for d in decisions), bool, len(decisions))
+        terminal = np.fromiter((d.outcome not in SPLITS for d in decisions), bool, len(decisions))
         sizes = np.where(terminal, tree.size[nodes], 0).astype(np.int64)
         which = np.repeat(np.arange(len(decisions)), sizes)
         # Position of every mask in ``tree.order``: its cluster's start plus its rank in it.
@@ -420,7 +420,7 @@ class AnnotationSession:
         while len(out) < max_questions and len(self._frontier):
             if max_new_clusters is not None and opened >= max_new_clusters:
                 break
-            new_key = self._advance()
+            new_key, _ = self._advance(until_open=True)
             if new_key is not None:
                 opened += 1
                 self._lease_from(new_key, self._open[new_key], max_questions - len(out), out)
@@ -453,10 +453,7 @@ class AnnotationSession:
         whose budget is exactly the questions it needs labels the same masks as one with
         budget to spare.  Returns the candidates advanced (0: nothing changed, nothing
         logged)."""
-        n = 0
-        while len(self._frontier):
-            self._advance()
-            n += 1
+        _, n = self._advance(until_open=False)
         if n and self._log is not None:
             self._log.add(b"D")
         return n
@@ -479,29 +476,62 @@ class AnnotationSession:
             rows = np.array(expired, dtype=np.int64).astype("<i4")
             self._log.add(_COUNT.pack(b"E", len(expired)) + rows.tobytes())
 
-    def _advance(self) -> tuple[int, int] | None:
-        """Pop one candidate and apply selection; return its key if it now awaits answers."""
-        c, node = self._frontier.pop()
-        prior = self._priors[c][node]
+    def _advance(self, *, until_open: bool) -> tuple[tuple[int, int] | None, int]:
+        """Pop candidates and apply selection; returns (the key of the candidate opened or
+        None, the candidates popped).
+
+        ``until_open``: until one is opened and awaits answers, or the frontier is empty.
+        Otherwise until the frontier is empty, opened candidates left waiting.
+        """
+        frontier, priors, reuse = self._frontier, self._priors, self.params.reuse_answers
+        popped = 0
+        while len(frontier):
+            c, node = frontier.pop()
+            popped += 1
+            prior = priors[c].item(node)
+            if prior != PRIOR_ASK:
+                self._finish(c, node, self._quiet_outcome(c, node, prior), 0, 0, 0)
+                continue
+            tree = self._trees[c]
+            inherited = self._inherited(c, node) if reuse else {}
+            size = int(tree.size[node])
+            need = max(target_answers(size, self.params) - len(inherited), 0)
+            oc = _Open(sample=self._sample(c, node, need, inherited), answered=dict(inherited))
+            key = (c, node)
+            self._open[key] = oc
+            if self._try_decide(key, oc) or not until_open:
+                continue
+            return key, popped
+        return None, popped
+
+    def _quiet_outcome(self, c: int, node: int, prior: int) -> str:
+        """The decision a candidate gets without a question: a prior reject, a split without
+        asking, or (a leaf: nothing to split) a skip."""
         if prior == PRIOR_REJECT:
-            self._finish(c, node, "auto_reject", 0, 0, 0)
-            return None
-        if prior == PRIOR_SPLIT:
-            if self._left[c][node] < 0:  # a leaf
-                self._finish(c, node, "skip", 0, 0, 0)
+            return "auto_reject"
+        return "skip" if self._left[c].item(node) < 0 else "auto_split"
+
+    def _expand(self, c: int, node: int) -> None:
+        """Make a split cluster's children candidates.
+
+        A child decided without a question and without children of its own (a prior reject,
+        a leaf to skip: about half the nodes of a large tree) is decided here rather than
+        pushed and popped.  What else the frontier holds, and so the order the other
+        candidates pop in, does not change: the heuristic order is a total order over the
+        items present (priority, class, node), bfs and dfs keep their insertion order, and
+        a terminal item only ever left them again.  Nor do its labels: no cluster holding
+        its masks can be opened meanwhile.  Only its decision comes earlier in the outbox.
+        """
+        priors, lefts = self._priors[c], self._left[c]
+        kids: list[tuple[int, int]] = []
+        for j in (lefts.item(node), self._right[c].item(node)):
+            prior = priors.item(j)
+            if prior == PRIOR_REJECT or (prior == PRIOR_SPLIT and lefts.item(j) < 0):
+                self._finish(c, j, self._quiet_outcome(c, j, prior), 0, 0, 0)
             else:
-                self._finish(c, node, "auto_split", 0, 0, 0)
-            return None
-        tree = self._trees[c]
-        inherited = self._inherited(c, node) if self.params.reuse_answers else {}
-        size = int(tree.size[node])
-        need = max(target_answers(size, self.params) - len(inherited), 0)
-        oc = _Open(sample=self._sample(c, node, need, inherited), answered=dict(inherited))
-        key = (c, node)
-        self._open[key] = oc
-        if self._try_decide(key, oc):
-            return None
-        return key
+                kids.append((c, j))
+        if kids:
+            self._frontier.push_children((c, node), kids)
 
     def _inherited(self, c: int, node: int) -> dict[int, bool]:
         """Answers people gave about masks of ``node``, in depth-first order."""
@@ -621,41 +651,37 @@ class AnnotationSession:
     def _finish(
         self, c: int, node: int, outcome: str, yes: int, answered: int, new_answers: int
     ) -> None:
-        d = Decision(c, node, outcome, yes, answered, new_answers)
-        if not d.terminal:
-            self._frontier.push_children(
-                (c, node), [(c, int(self._left[c][node])), (c, int(self._right[c][node]))]
-            )
-        else:
-            tree = self._trees[c]
-            labels, source = self._labels[c], self._label_source[c]
-            if self._left[c][node] < 0:
-                # A leaf is mask ``node`` alone (most decisions of a sweep): scalar updates,
-                # the same as the general case below.
-                if labels[node] >= 0:
-                    raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
-                own = int(self._answer_codes[c][node]) if self.params.reuse_answers else -1
-                if own < 0:
-                    labels[node] = 1 if outcome == "accept" else 0
-                    source[node] = _PROPAGATED
-                else:
-                    labels[node] = own
-                    source[node] = _VERIFIED
-                self._label_node[c][node] = node
-            else:
-                masks = tree.leaves(node)
-                if (labels[masks] >= 0).any():
-                    raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
-                labels[masks] = 1 if outcome == "accept" else 0
-                self._label_node[c][masks] = node
-                source[masks] = LabelSource.PROPAGATED
-                if self.params.reuse_answers:
-                    # A person's answer about a mask beats the label propagated to it.
-                    for m, label in self._inherited(c, node).items():
-                        labels[m] = int(label)
-                        source[m] = LabelSource.VERIFIED
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        self._outbox.append(d)
+        self._outbox.append(Decision(c, node, outcome, yes, answered, new_answers))
+        if outcome in SPLITS:
+            self._expand(c, node)  # after the split: its children's decisions follow it
+            return
+        labels, source = self._labels[c], self._label_source[c]
+        if self._left[c].item(node) < 0:
+            # A leaf is mask ``node`` alone (most decisions of a sweep): scalar updates,
+            # the same as the general case below.
+            if labels.item(node) >= 0:
+                raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
+            own = self._answer_codes[c].item(node) if self.params.reuse_answers else -1
+            if own < 0:
+                labels[node] = 1 if outcome == "accept" else 0
+                source[node] = _PROPAGATED
+            else:
+                labels[node] = own
+                source[node] = _VERIFIED
+            self._label_node[c][node] = node
+            return
+        masks = self._trees[c].leaves(node)
+        if (labels[masks] >= 0).any():
+            raise RuntimeError(f"class {c}: cluster {node} overlaps an earlier decision")
+        labels[masks] = 1 if outcome == "accept" else 0
+        self._label_node[c][masks] = node
+        source[masks] = LabelSource.PROPAGATED
+        if self.params.reuse_answers:
+            # A person's answer about a mask beats the label propagated to it.
+            for m, label in self._inherited(c, node).items():
+                labels[m] = int(label)
+                source[m] = LabelSource.VERIFIED
 
     # ------------------------------------------------------------------ persistence
     def _checksum(self, class_id: int) -> str:

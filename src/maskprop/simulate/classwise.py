@@ -602,7 +602,6 @@ def _run_session(
     ev_obtained: list[int] = []
     ev_iou: list[float] = []
     got: list[NDArray[np.int64]] = []
-    outcomes: dict[str, int] = {}
     questions_seen = clusters_seen = 0
     while not session.done:
         qs = session.lease(batch, max_new_clusters=1)
@@ -617,8 +616,6 @@ def _run_session(
             if not qs and not session.done:
                 raise RuntimeError("session stalled: no questions to ask but not done")
             continue
-        for d in decisions:
-            outcomes[d.outcome] = outcomes.get(d.outcome, 0) + 1
         masks, labels_, _, _ = session.decisions_labels(decisions)
         yes = masks[labels_ == 1]
         got.append(yes)
@@ -642,7 +639,7 @@ def _run_session(
         0,
         session.clusters_annotated,
         log,
-        outcomes,
+        dict(session.outcomes),  # every decision was popped: the session's own count
     )
 
 
@@ -797,7 +794,8 @@ def _lsun(
 def simulate_class(job: Job) -> ClassOutcome:
     """Phase 2: every method on one class."""
     params = job.params
-    assert job.selection is not None
+    selection = job.selection
+    assert selection is not None
     cls, _ = job.source.get(job.class_id)
     tree = build_tree(cls.features, cls.scores, workers=job.tree_workers)
     parent = _parents(tree)
@@ -808,12 +806,15 @@ def simulate_class(job: Job) -> ClassOutcome:
     base_strategy = "heuristic" if job.strategy == "oracle" else job.strategy
     priorities = mean_iou if job.strategy == "oracle" else None
 
+    ours_bins: list[NDArray[np.int64]] = []  # the same for every variant: computed once
+
     def ours(p: AnnotationParams) -> MethodOutcome:
         if job.strategy == "universal":
             return _run_universal(tree, cls, job, job.rank)
-        pri = priorities if priorities is not None else scores
-        bins = _order_bins(tree, parent, base_strategy, pri, job.rank)
-        return _run_session(tree, cls, job, p, job.selection, base_strategy, bins, priorities)  # type: ignore[arg-type]
+        if not ours_bins:
+            pri = priorities if priorities is not None else scores
+            ours_bins.append(_order_bins(tree, parent, base_strategy, pri, job.rank))
+        return _run_session(tree, cls, job, p, selection, base_strategy, ours_bins[0], priorities)
 
     annotator = SimulatedAnnotator(
         cls.ious,
