@@ -200,6 +200,40 @@ def test_has_questions_false_means_lease_would_do_nothing(params):
     assert checked
 
 
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("strategy", ["heuristic", "bfs", "dfs", "dfs_heuristic"])
+def test_deciding_terminal_children_with_their_split_changes_only_the_outbox_order(
+    params, strategy, monkeypatch
+):
+    """A split's children that need neither a question nor a pop are decided with it; a
+    session that pushes and pops them (as before) asks the same questions in the same order
+    and ends with the same labels and outcome counts, only its outbox order differs."""
+    trees, ious = make_trees([300, 120, 1], seed=6)
+
+    def run(session):
+        asked, decided = [], []
+        while not session.done:
+            qs = session.lease(7)
+            asked += qs
+            session.submit(answer(qs, ious))
+            decided += session.pop_decisions()
+        return asked, decided, session
+
+    now = run(AnnotationSession(trees, params, Selection(0.2, 0.55), strategy=strategy, seed=3))
+
+    def push_both(self, c, node):  # the old way: every child through the frontier
+        kids = [(c, int(self._left[c][node])), (c, int(self._right[c][node]))]
+        self._frontier.push_children((c, node), kids)
+
+    monkeypatch.setattr(AnnotationSession, "_expand", push_both)
+    old = run(AnnotationSession(trees, params, Selection(0.2, 0.55), strategy=strategy, seed=3))
+    assert now[0] == old[0] and len(now[0]) > 0  # the same questions in the same order
+    assert sorted(now[1]) == sorted(old[1]) and now[2].outcomes == old[2].outcomes
+    assert now[2].outcomes.get("skip", 0) > 0  # some children were decided with their split
+    for c in trees:
+        np.testing.assert_array_equal(now[2].labels(c), old[2].labels(c))
+
+
 def leased_and_answered(session, ious, batch, cap=None):
     """Lease and answer ``batch`` at a time until done or ``cap`` questions were handed out
     (a budget); returns the questions handed out."""
