@@ -886,6 +886,7 @@ def _map(
     memory (``weights``) stays within ``budget``; yields results in completion order."""
     order = sorted(range(len(jobs)), key=lambda i: -weights[i])
     total = len(jobs)
+    progress(label, 0, total)  # the stage is shown (and timed) from its start
     if workers == 1 or total == 1:
         for done, i in enumerate(order, 1):
             yield fn(jobs[i])
