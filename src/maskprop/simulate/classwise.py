@@ -806,15 +806,20 @@ def simulate_class(job: Job) -> ClassOutcome:
     base_strategy = "heuristic" if job.strategy == "oracle" else job.strategy
     priorities = mean_iou if job.strategy == "oracle" else None
 
-    ours_bins: list[NDArray[np.int64]] = []  # the same for every variant: computed once
+    # The search-order bins are the same for the main run and every ablation variant (the
+    # strategy curves below compute their own ``bins``).
+    ours_bins = (
+        None
+        if job.strategy == "universal"
+        else _order_bins(
+            tree, parent, base_strategy, priorities if priorities is not None else scores, job.rank
+        )
+    )
 
     def ours(p: AnnotationParams) -> MethodOutcome:
-        if job.strategy == "universal":
+        if ours_bins is None:
             return _run_universal(tree, cls, job, job.rank)
-        if not ours_bins:
-            pri = priorities if priorities is not None else scores
-            ours_bins.append(_order_bins(tree, parent, base_strategy, pri, job.rank))
-        return _run_session(tree, cls, job, p, selection, base_strategy, ours_bins[0], priorities)
+        return _run_session(tree, cls, job, p, selection, base_strategy, ours_bins, priorities)
 
     annotator = SimulatedAnnotator(
         cls.ious,
