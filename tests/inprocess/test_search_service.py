@@ -508,6 +508,32 @@ def test_lru_bound_evicts_classes_and_reloads_them(tmp_path, pool):
     assert values == expected
 
 
+def test_a_lease_serves_the_classes_it_holds_before_loading_others(tmp_path, pool):
+    """With more classes than the cache holds, round robin loaded (and evicted) a class on
+    nearly every lease; a lease that its cached classes can fill loads nothing."""
+    from tests.inprocess.conftest import Wired
+
+    w = Wired(tmp_path / "bounded", pool, cache_masks=1)  # one class at a time
+    w.publish_pool()
+    w.settle()
+    store = w.core.store
+    restored: list[int] = []
+    restore = store._restore
+
+    def counted(campaign, class_id, *args):
+        restored.append(class_id)
+        return restore(campaign, class_id, *args)
+
+    store._restore = counted
+    first, _ = w.core.lease("c1", 3)
+    held = {q.class_id for q in first}
+    assert len(held) == 1 and len(store.cache) == 1
+    for _ in range(3):  # the rotation would start at another class each time
+        qs, _ = w.core.lease("c1", 3)
+        assert {q.class_id for q in qs} == held
+    assert len(set(restored)) <= 1  # at most the first lease's class was loaded
+
+
 def test_a_lease_locks_only_the_classes_it_serves(wired):
     wired.publish_pool()
     wired.settle()

@@ -283,6 +283,13 @@ class SearchCore:
             for s in order
             if len(live) < 2 or _owner(tuple(live), campaign, s.class_id) == me
         }
+        # Classes this process holds a copy of come first (still in round-robin order among
+        # themselves): a lease that could be filled from them never evicts one to load another.
+        # With a working set larger than the cache (`cache_masks`), plain round robin loaded a
+        # class on nearly every lease (40 campaigns of 7M masks on a 4M cache: search 438 us
+        # of CPU an answer, 1,987 answers/s).
+        cached = self.store.cache
+        order.sort(key=lambda s: (campaign, s.class_id) not in cached)  # stable
         mine = [s for s in order if s.class_id in owned]
         others = [s for s in order if s.class_id not in owned]
         # Classes with overdue leases first: their questions are already sampled and waiting.
