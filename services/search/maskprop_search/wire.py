@@ -216,6 +216,10 @@ def _label_events(
             for im in dict.fromkeys(image_ids)
         },
     )
+    # What labels of one decision share (its provenance, accepted, source) is set once, in a
+    # template each label copies: one C call instead of ten keyword arguments parsed a label
+    # (~3x faster; the serialized bytes are the same).
+    templates: dict[tuple[int, bool, int], search_pb2.PropagatedLabel] = {}
     out = []
     for chunk, (lo, hi, oversized) in enumerate(chunks):
         ev = search_pb2.LabelsPropagated(
@@ -225,21 +229,26 @@ def _label_events(
             class_name=masks.class_name,
             class_masks=n_masks,
         )
-        labels = ev.labels
+        add = ev.labels.add
         for i in range(lo, hi):
-            d = decisions[which[i]]
-            lab = labels.add(
-                mask_id=mask_ids[i],
-                image_id=image_ids[i],
-                accepted=accepted[i],
-                source=sources[i],
-                score=scores[i],
-                node=d.node,
-                outcome=d.outcome,
-                yes=d.yes,
-                answered=d.answered,
-                mask_index=index[i],
-            )
+            shared = (which[i], accepted[i], sources[i])
+            template = templates.get(shared)
+            if template is None:
+                d = decisions[which[i]]
+                template = templates[shared] = search_pb2.PropagatedLabel(
+                    accepted=accepted[i],
+                    source=sources[i],
+                    node=d.node,
+                    outcome=d.outcome,
+                    yes=d.yes,
+                    answered=d.answered,
+                )
+            lab = add()
+            lab.CopyFrom(template)
+            lab.mask_id = mask_ids[i]
+            lab.image_id = image_ids[i]
+            lab.score = scores[i]
+            lab.mask_index = index[i]
             if oversized:
                 lab.omitted_rle_bytes = ends[i] - starts[i]
                 log.error(
