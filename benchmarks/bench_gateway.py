@@ -30,6 +30,15 @@ hashing) and a second gateway pointing at it, since a gateway takes one
 i mod 2, so a worker's leases and answers always meet the same replica, as a client pinned to
 one gateway pod would.
 
+Closed or open loop.  By default each worker sends its next request as soon as the last one
+returned (closed loop): the most the services can take, but at that load every request queues
+behind the other workers' (Little's law: 32 workers at ~130 requests/s wait ~250 ms a request
+in all), so its latencies measure the queue, not the service.  ``--rate R`` is an open loop:
+worker i leases at fixed slots, one every ``workers * batch / R`` seconds, and answers half a
+period later, whatever the server's pace (a crowd does not wait for it); the latencies are then
+those of a crowd offering R answers/s, and a server that cannot keep up shows as leases sent
+late (their lag), short or empty leases and a window mean below R.
+
     source .cache/dev-infra/env && .venv/bin/python benchmarks/bench_gateway.py   # 150k masks
     ... --profile 20   # also py-spy the gateway for 20 s under load (py-spy on PATH)
     ... --big-class 1000000 --seconds 120 --search-replicas 2
@@ -58,6 +67,8 @@ from maskprop_runtime.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PEPPER = "bench-pepper-0123456789"
+#: An open-loop lease sent this long after its slot is late (the server fell behind).
+LATE_S = 0.01
 VENDOR = "bench"
 
 
@@ -155,6 +166,14 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
     done_at: dict[str, float] = {}  # campaign -> when it was found done (s from the start)
     last_check: dict[str, float] = {}
     state = {"finished": False}
+    # Open loop (``--rate R``): worker i leases at its own slots, one every ``period`` (the
+    # workers together offer R answers/s), and answers half a period after its slot, however
+    # long the requests take (a crowd's pace does not wait for the server); a worker behind
+    # its schedule goes at once, and how late it went is kept (``lag``).  Closed loop (no
+    # rate): every worker sends its next request as soon as the last one returns.  A lease
+    # sent more than LATE_S after its slot counts as late.
+    period = args.workers * args.batch / args.rate if args.rate else 0.0
+    lags: list[float] = []
 
     def error(what: str) -> None:
         errors[what] = errors.get(what, 0) + 1
@@ -179,10 +198,20 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
         wid = f"w{i:04d}"
         http = _Http(*addresses[i % len(addresses)], args.key)
         mine = i % len(campaigns)
+        slot = started + period * i / args.workers
         while not state["finished"] and time.monotonic() < deadline:
             while campaigns[mine] in done_at:
                 mine = (mine + 1) % len(campaigns)
             campaign = campaigns[mine]
+            if period:
+                if slot >= deadline:
+                    break
+                now = time.monotonic()
+                if slot > now:
+                    await asyncio.sleep(slot - now)
+                elif now - slot > LATE_S:
+                    lags.append(now - slot)
+                slot += period
             t0 = time.perf_counter()
             status, lease = await http.request(
                 "POST",
@@ -201,7 +230,7 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
             if not lease["questions"]:
                 empty_at.append(time.monotonic() - started)
             if not lease["questions"]:
-                if not await campaign_done(http, campaign):
+                if not await campaign_done(http, campaign) and not period:
                     await asyncio.sleep(0.2)
                 continue
             answers = [
@@ -212,6 +241,10 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
                 }
                 for q in lease["questions"]
             ]
+            if period:  # the worker looks at the questions until half a period past its slot
+                think = slot - period / 2 - time.monotonic()
+                if think > 0:
+                    await asyncio.sleep(think)
             t0 = time.perf_counter()
             status, out = await http.request(
                 "POST",
@@ -241,6 +274,9 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
         lease_p50_ms=percentile(leases, 50) * 1e3,
         lease_p99_ms=percentile(leases, 99) * 1e3,
         lease_sizes=sizes,
+        rate=args.rate,
+        late_leases=len(lags),
+        lag_p99_ms=percentile(lags, 99) * 1e3 if lags else 0.0,
         empty_series=[sum(int(t * 2) == i for t in empty_at) for i in range(len(out["series"]))],
         errors=errors,
     )
@@ -406,7 +442,7 @@ def run_loadgen(
     argv = [sys.executable, __file__, "load", "--mode", mode, "--target", target]
     argv += ["--campaign", campaign, "--key", key, "--truth", str(truth), "--out", str(out)]
     argv += ["--workers", str(args.workers), "--batch", str(args.batch)]
-    argv += ["--seconds", str(args.seconds)]
+    argv += ["--seconds", str(args.seconds), "--rate", str(args.rate)]
     subprocess.run(argv, check=True, cwd=ROOT, timeout=args.seconds + 300)
     return dict(json.loads(out.read_text()))
 
@@ -773,6 +809,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         big=args.big_class,
         replicas=args.search_replicas,
         tail_campaigns=tails,
+        search_env={"MASKPROP_CACHE_MASKS": str(args.cache_masks)} if args.cache_masks else None,
     ) as st:
         r, work, logs, base, procs = st.r, st.work, st.logs, st.base, st.procs
         search, grpc_port, truth, kafka = st.search, st.grpc_port, st.truth, st.kafka
@@ -952,6 +989,14 @@ def report(base: dict[str, Any] | None, gw: dict[str, Any], replicas: int = 1) -
             f"{x['p99_ms']:>11.1f} {x['per_answer_p50_ms']:>12.3f} {x['per_answer_p99_ms']:>12.3f} "
             f"{x['lease_p50_ms']:>10.1f} {x['lease_p99_ms']:>10.1f}"
         )
+    if gw.get("rate"):
+        print(
+            f"open loop: the crowd offered {gw['rate']:.0f} answers/s (each worker on a fixed "
+            f"schedule); leases sent over {LATE_S * 1e3:.0f} ms behind it {gw['late_leases']} of "
+            f"{len(gw.get('lease_sizes', []))}, p99 of their lag {gw['lag_p99_ms']:.1f} ms"
+        )
+    else:
+        print("closed loop: each worker's next request as soon as its last one returned")
     if gw["errors"]:
         print(f"gateway errors: {gw['errors']}")
     # Where the two cores went: CPU time per answer of each process (the load generator's is
@@ -1043,7 +1088,23 @@ def main() -> None:
     # 150k masks: the gateway phase of a 60k campaign lasts ~5 s, mostly ramp-up and tail,
     # so its "sustained" rate was not one.
     common_args(ap, load, seconds=60.0, masks=150_000)
+    for p in (ap, load):
+        p.add_argument(
+            "--rate",
+            type=float,
+            default=0.0,
+            help="open loop: the answers/s the crowd offers, each worker on a fixed schedule "
+            "(the gateway run only); 0: closed loop, each worker's next request as soon as "
+            "its last one returns",
+        )
     ap.add_argument("--gold", type=int, default=400)
+    ap.add_argument(
+        "--cache-masks",
+        type=int,
+        default=0,
+        help="search's MASKPROP_CACHE_MASKS (0: the service's default, 4M masks); a pool "
+        "larger than it makes search load classes under load",
+    )
     ap.add_argument(
         "--big-class",
         type=int,
@@ -1083,6 +1144,8 @@ def main() -> None:
         help="py-spy search under the baseline, then gateway and search, N seconds each",
     )
     args = ap.parse_args()
+    if args.rate < 0 or getattr(args, "cache_masks", 0) < 0:  # the load parser has no cache
+        ap.error("--rate and --cache-masks must not be negative")
     if args.cmd == "load":
         run_load(args)
     else:

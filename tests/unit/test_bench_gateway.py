@@ -92,3 +92,62 @@ def test_the_report_says_whether_the_crowd_ran_dry(bg: Any) -> None:
     text = bg.dry(busy)
     assert text.startswith("no: the load ran the whole window")
     assert "campaigns done 1/4 (at 80 s)" in text and "1 empty leases, the first at 1.0 s" in text
+
+
+def test_the_open_loop_keeps_each_workers_schedule(bg: Any) -> None:
+    """``--rate``: 4 workers offering 40 answers/s in leases of 10 lease once a second each,
+    one worker a quarter second after the other, and answer half a second after leasing,
+    however fast the server is."""
+    import http.server
+    import json
+    import threading
+    import time
+    from argparse import Namespace
+
+    seen: list[tuple[str, float]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _reply(self, status: int, body: Any) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, time.monotonic()))
+            if self.path == "/v1/leases":
+                qs = [{"question_id": f"q{i}", "mask": {"counts": "x"}} for i in range(10)]
+                self._reply(201, {"lease_id": "l", "questions": qs})
+            else:
+                self._reply(200, {"accepted": len(body["answers"])})
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = Namespace(
+            target=f"http://127.0.0.1:{server.server_address[1]}",
+            key="k",
+            campaign="c",
+            seconds=2.0,
+            workers=4,
+            batch=10,
+            rate=40.0,
+        )
+        out = bg.load_gateway(args, {})
+    finally:
+        server.shutdown()
+    leases = [t for path, t in seen if path == "/v1/leases"]
+    answers = [t for path, t in seen if path == "/v1/answers"]
+    assert len(leases) == len(answers) == 8  # slots at 0, 0.25, ..., 1.75 s
+    assert out["answers"] == 80 and out["rate"] == 40.0 and out["late_leases"] == 0
+    gaps = np.diff(sorted(leases))
+    assert 0.1 < gaps.min() and gaps.max() < 0.5  # a quarter second apart
+    lag = np.array(sorted(answers)) - np.array(sorted(leases))
+    assert (abs(lag - 0.5) < 0.25).all()  # each answered half a period after its lease
