@@ -218,7 +218,7 @@ def _label_events(
     )
     # What labels of one decision share (its provenance, accepted, source) is set once, in a
     # template each label copies: one C call instead of ten keyword arguments parsed a label
-    # (~3x faster; the serialized bytes are the same).
+    # (label_entries 1.67 -> 1.25 us a label; the serialized bytes are the same).
     templates: dict[tuple[int, bool, int], search_pb2.PropagatedLabel] = {}
     out = []
     for chunk, (lo, hi, oversized) in enumerate(chunks):
