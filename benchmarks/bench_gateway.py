@@ -229,7 +229,6 @@ def load_gateway(args: argparse.Namespace, truth: dict[str, bool]) -> dict[str, 
             sizes.append(len(lease["questions"]))
             if not lease["questions"]:
                 empty_at.append(time.monotonic() - started)
-            if not lease["questions"]:
                 if not await campaign_done(http, campaign) and not period:
                     await asyncio.sleep(0.2)
                 continue
