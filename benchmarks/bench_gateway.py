@@ -39,6 +39,11 @@ period later, whatever the server's pace (a crowd does not wait for it); the lat
 those of a crowd offering R answers/s, and a server that cannot keep up shows as leases sent
 late (their lag), short or empty leases and a window mean below R.
 
+``--relay-nice N`` publishes the labels through a relay process of its own (search's
+``MASKPROP_LABEL_RELAY=process``, ``python -m maskprop_search.relay``, as deploy/k8s runs it)
+at nice level N, instead of a thread inside search: on a shared machine a large class's bursts
+of labels then wait while the crowd's calls are served.
+
     source .cache/dev-infra/env && .venv/bin/python benchmarks/bench_gateway.py   # 150k masks
     ... --profile 20   # also py-spy the gateway for 20 s under load (py-spy on PATH)
     ... --big-class 1000000 --seconds 120 --search-replicas 2
@@ -607,6 +612,7 @@ class Stack:
     searches: list[Proc]
     grpc_ports: list[int]
     metrics_ports: list[int]
+    relay: Proc | None = None  # the label relay process (``relay_nice``)
 
 
 @contextmanager
@@ -622,6 +628,7 @@ def search_stack(
     big: int = 0,
     replicas: int = 1,
     tail_campaigns: list[str] | None = None,
+    relay_nice: int | None = None,
 ) -> Iterator[Stack]:
     """Start the stack, wait until search has every tree, yield it; stop it and empty its
     Redis database afterwards (``db``: that database, which must be empty; else the first
@@ -630,7 +637,10 @@ def search_stack(
     every tree (sessions live in Redis, the class files in the shared data directory) and
     the live replicas split the classes between them (rendezvous hashing).
     ``tail_campaigns``: more campaigns fed with the long tail alone (``bench_pool(...,
-    tail=True)``: the pool without its big class), each clustered like the others."""
+    tail=True)``: the pool without its big class), each clustered like the others.
+    ``relay_nice``: search's labels go out through a relay process of their own
+    (``MASKPROP_LABEL_RELAY=process``, ``python -m maskprop_search.relay``) run at this nice
+    level; None: the relay thread inside each search replica."""
     import grpc
     import redis as redis_client
 
@@ -674,7 +684,10 @@ def search_stack(
         + f"; redis db {redis_url.rsplit('/', 1)[1]}; logs {logs}",
         flush=True,
     )
+    if relay_nice is not None:
+        search_env = {**(search_env or {}), "MASKPROP_LABEL_RELAY": "process"}
     procs: list[Proc] = []
+    relay: Proc | None = None
     r = redis_client.Redis.from_url(redis_url)
     try:
         procs.append(
@@ -698,6 +711,14 @@ def search_stack(
             logs,
         )
         procs.append(search)
+        if relay_nice is not None:
+            relay = Proc(
+                "relay",
+                ["nice", "-n", str(relay_nice), sys.executable, "-m", "maskprop_search.relay"],
+                {**base, **search_env, "MASKPROP_GRPC_PORT": str(free_port())},
+                logs,
+            )
+            procs.append(relay)
         t0 = time.monotonic()
         truth = feed(kafka, base["MASKPROP_TOPIC_NAMESPACE"], pool, campaigns, tail, tails)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -756,6 +777,7 @@ def search_stack(
             searches,
             grpc_ports,
             metrics_ports,
+            relay,
         )
     finally:
         for proc in reversed(procs):
@@ -809,6 +831,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         replicas=args.search_replicas,
         tail_campaigns=tails,
         search_env={"MASKPROP_CACHE_MASKS": str(args.cache_masks)} if args.cache_masks else None,
+        relay_nice=args.relay_nice,
     ) as st:
         r, work, logs, base, procs = st.r, st.work, st.logs, st.base, st.procs
         search, grpc_port, truth, kafka = st.search, st.grpc_port, st.truth, st.kafka
@@ -860,6 +883,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         pids = {
             **{p.name: p.proc.pid for p in st.searches},
             **{p.name: p.proc.pid for p in gateways},
+            **({"relay": st.relay.proc.pid} if st.relay else {}),
             "redis": int(r.info("server")["process_id"]),
             "broker": listener_pid(int(kafka.rsplit(":", 1)[1])),
         }
@@ -1103,6 +1127,16 @@ def main() -> None:
         default=0,
         help="search's MASKPROP_CACHE_MASKS (0: the service's default, 4M masks); a pool "
         "larger than it makes search load classes under load",
+    )
+    ap.add_argument(
+        "--relay-nice",
+        type=int,
+        choices=range(0, 20),
+        metavar="N",
+        default=None,
+        help="publish labels through a relay process of their own (search's "
+        "MASKPROP_LABEL_RELAY=process) at nice level N (0-19); default: the relay thread "
+        "inside search",
     )
     ap.add_argument(
         "--big-class",

@@ -250,6 +250,35 @@ def test_the_relay_publishes_many_classes_in_one_flush(wired):
     assert producer.flushes < len(wired.bus.read(topics.LABELS))
 
 
+def test_a_relay_process_publishes_with_the_mask_tables_its_budget_holds(wired, monkeypatch):
+    """``maskprop_search.relay``: a core with no session publishes what the API's core saved,
+    each class's mask table loaded once while ``relay_masks`` holds them all."""
+    from maskprop_search import wire
+    from maskprop_search.service import build_core
+
+    wired.publish_pool()
+    wired.settle()
+    wired.core.publish_inline = False  # search with label_relay=process
+    annotate(wired)
+    assert not wired.bus.read(topics.LABELS)
+    loads = Counter()
+    load_class = wire.load_class
+
+    def counted(path):
+        loads[path] += 1
+        return load_class(path)
+
+    monkeypatch.setattr(wire, "load_class", counted)
+    relay = build_core(
+        wired.search_settings, wired.bus, wired.redis, relay=True, relay_masks=len(wired.pool)
+    )
+    assert relay.drain_outbox() > 0
+    counts, _ = labels_on_bus(wired.bus)
+    assert set(counts) == {mask_id(i) for i in range(len(wired.pool))}
+    assert set(counts.values()) == {1}
+    assert len(loads) == 4 and set(loads.values()) == {1}  # 4 classes, more than RELAY_TABLES
+
+
 def test_a_save_after_the_class_lock_expired_is_refused(wired):
     from redis.exceptions import ResponseError
 

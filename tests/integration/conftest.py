@@ -72,9 +72,12 @@ class Service:
 
 
 class Deployment:
-    """clusterer + search + sink for one campaign, isolated by a topic namespace."""
+    """clusterer + search + sink for one campaign, isolated by a topic namespace;
+    ``relay_process``: search's labels go out through ``maskprop_search.relay`` ("relay")."""
 
-    def __init__(self, infra: dict[str, str], tmp: Path, **search_env: str) -> None:
+    def __init__(
+        self, infra: dict[str, str], tmp: Path, *, relay_process: bool = False, **search_env: str
+    ) -> None:
         self.tag = uuid.uuid4().hex[:8]
         self.campaign = f"it-{self.tag}"
         self.grpc_port = free_port()
@@ -100,6 +103,9 @@ class Deployment:
             "PYTHONUNBUFFERED": "1",
         }
         self.env = base
+        self.redis_url = redis_url
+        if relay_process:
+            search_env = {**search_env, "MASKPROP_LABEL_RELAY": "process"}
         self.services = {
             "clusterer": Service(
                 "maskprop_clusterer", {**base, "MASKPROP_GRPC_PORT": str(free_port())}, self.logs
@@ -113,6 +119,12 @@ class Deployment:
                 "maskprop_sink", {**base, "MASKPROP_GRPC_PORT": str(free_port())}, self.logs
             ),
         }
+        if relay_process:
+            self.services["relay"] = Service(
+                "maskprop_search.relay",
+                {**base, "MASKPROP_GRPC_PORT": str(free_port())},
+                self.logs,
+            )
 
     def start(self) -> Deployment:
         for s in self.services.values():

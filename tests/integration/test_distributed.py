@@ -168,6 +168,34 @@ def test_kill9_of_search_and_sink_and_a_broker_restart_lose_and_duplicate_nothin
         dep.stop()
 
 
+def test_a_relay_process_publishes_every_label_once_across_its_kill9(infra, tmp_path):
+    """search with ``label_relay=process`` publishes nothing itself: with the relay process
+    killed, decided labels wait in the outboxes; a new relay sends each exactly once."""
+    import redis as redis_client
+    from maskprop_search.store import LabelOutboxes
+
+    pool = ade_like_pool(2400, 4, seed=13, dim=16)
+    dep = Deployment(infra, tmp_path, relay_process=True)
+    outboxes = LabelOutboxes(redis_client.Redis.from_url(dep.redis_url))
+    try:
+        channel, stub = start_and_open(dep, pool, 4)
+        annotate(dep, pool, stub, until_fraction=0.3)
+        wait_for(lambda: sink_stats(dep)["unique_masks"] > 0, 60, "the relay's first labels", dep)
+        dep.services["relay"].kill9()
+        annotate(dep, pool, stub, until_fraction=0.7)
+        time.sleep(1.0)  # a search that published its own labels would have emptied them
+        assert outboxes.pending() > 0, dep.log_tail()
+        dep.services["relay"].start()
+        annotate(dep, pool, stub)
+        check_sink_equals_library(dep, pool, SearchSettings())
+        wait_for(lambda: outboxes.pending() == 0, 30, "the outboxes to empty", dep)
+        channel.close()
+    finally:
+        dep.stop()
+    for name, svc in dep.services.items():
+        assert svc.proc is not None and svc.proc.returncode == 0, f"{name} did not drain cleanly"
+
+
 def test_a_service_that_cannot_reach_redis_says_so(infra, tmp_path):
     dep = Deployment(infra, tmp_path)
     env = {

@@ -25,7 +25,7 @@ OVERLAYS = ROOT / "deploy" / "k8s" / "overlays"
 KUBERNETES_VERSION = "1.31"
 CRD_GROUPS = {"kafka.strimzi.io", "keda.sh"}
 NAMESPACES = {"dev": "maskprop-dev", "prod": "maskprop"}
-SERVICES = {"detector", "clusterer", "search", "sink", "verify-gateway"}
+SERVICES = {"detector", "clusterer", "search", "label-relay", "sink", "verify-gateway"}
 GRPC_PORT = 50051
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 GPU = "nvidia.com/gpu"
@@ -209,6 +209,35 @@ def test_detector_gets_a_gpu_and_autoscaling_in_prod_only(overlay: tuple[str, li
         assert scaled is None
 
 
+def test_search_publishes_its_labels_through_the_relay_deployment(
+    overlay: tuple[str, list[Doc]],
+) -> None:
+    """search runs with MASKPROP_LABEL_RELAY=process and publishes no label itself: the relay
+    Deployment must run ``maskprop_search.relay`` from search's image and see the class files
+    at the paths search saved in Redis (the same claim, mounted where search mounts it)."""
+    name, docs = overlay
+    workloads = _service_workloads(docs)
+    (search,) = workloads["search"]["spec"]["template"]["spec"]["containers"]
+    (relay,) = workloads["label-relay"]["spec"]["template"]["spec"]["containers"]
+    assert _container_env(docs, search).get("MASKPROP_LABEL_RELAY") == "process", name
+    assert relay["command"] == ["python", "-m", "maskprop_search.relay"], name
+    assert relay["image"] == search["image"], name
+
+    def data(workload: Doc, container: Doc) -> set[tuple[str, str]]:
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in workload["spec"]["template"]["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        return {
+            (claims[m["name"]], m["mountPath"])
+            for m in container["volumeMounts"]
+            if m["name"] in claims
+        }
+
+    assert data(workloads["label-relay"], relay) == data(workloads["search"], search) != set()
+
+
 def test_no_secret_is_rendered(overlay: tuple[str, list[Doc]]) -> None:
     name, docs = overlay
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [], name
@@ -263,6 +292,7 @@ SETTINGS = {
     "detector": "maskprop_detector.service:DetectorSettings",
     "clusterer": "maskprop_clusterer.service:ClustererSettings",
     "search": "maskprop_search.service:SearchSettings",
+    "label-relay": "maskprop_search.service:SearchSettings",
     "sink": "maskprop_sink.service:ServingSinkSettings",
     "verify-gateway": "maskprop_gateway.settings:GatewaySettings",
     "controller": "maskprop_controller.service:ControllerSettings",

@@ -72,6 +72,7 @@ class SearchCore:
         replica_id: str | None = None,
         params_for: Callable[[str], SessionParams | None] | None = None,
         label_bytes: int = topics.record_limit(),
+        relay_masks: int = 0,
     ) -> None:
         """``publish_inline``: each API call publishes the labels it decided before it
         returns (embedded mode, tests); with False a relay thread runs :meth:`run_relay`.
@@ -79,6 +80,7 @@ class SearchCore:
         ``replica_id``: this replica's name among the live ones (default: random).
         ``label_bytes``: the most bytes a label event may take (``topics.record_limit`` of
         the topic's ``max.message.bytes``).
+        ``relay_masks``: the relay's own cache of mask tables (:class:`SearchStore`).
         ``params_for(campaign)``: the parameters a campaign's new sessions open with (the
         campaign registry, :meth:`CampaignRegistry.session_params`); ``None`` from it, or no
         ``params_for``, means this process's ``params``/``selection``/``strategy``/``seed``."""
@@ -96,6 +98,7 @@ class SearchCore:
             cache_masks=cache_masks,
             replica_id=replica_id,
             label_bytes=label_bytes,
+            relay_masks=relay_masks,
         )
         self.outboxes = self.store.outboxes
         self.gate = CampaignGate(redis)  # a campaign's budget, pause and stop (issue #16)

@@ -50,9 +50,19 @@ class SearchSettings(RuntimeSettings):
     #: The label relay, woken by a save, waits this long for more saves before it publishes:
     #: fewer, fuller broker batches (labels reach the topic at most this much later).
     relay_linger_s: float = Field(default=0.05, ge=0)
+    #: Who builds and publishes the label events that saves leave in the outboxes: "thread",
+    #: a thread of this process; "process", none here: `python -m maskprop_search.relay` runs
+    #: apart (its own Deployment on Kubernetes; a lower CPU priority on a shared machine), so a
+    #: large class's bursts of decisions (hundreds of thousands of labels at once) take neither
+    #: this process's GIL nor the API's CPU.  Outboxes are locked per campaign: any number of
+    #: relays may run.
+    label_relay: Literal["thread", "process"] = "thread"
+    #: The relay process, which no save wakes, looks for new outbox records this often.
+    relay_poll_s: float = Field(default=0.1, gt=0, le=10)
     #: Masks of the classes whose sessions (with trees and mask tables, ~0.9 KB a mask) this
     #: process keeps in memory, least recently used out first; the others load when a call
-    #: needs them (GET base + LRANGE log, one round trip).
+    #: needs them (GET base + LRANGE log, one round trip).  In the relay process: the masks of
+    #: the mask tables it keeps (no sessions there).
     cache_masks: int = Field(default=CACHE_MASKS, ge=1)
     #: This replica's name among the live ones that leases spread classes over (the pod's
     #: name under Kubernetes); empty: a random one per process.
@@ -73,17 +83,19 @@ class SearchSettings(RuntimeSettings):
         return Selection(self.prior_reject_threshold, self.prior_accept_threshold)
 
 
-def build_search(
+def build_core(
     settings: SearchSettings,
     bus: Bus,
     redis: Any,
     producer: Producer | None = None,
     *,
     relay: bool = False,
-) -> tuple[SearchCore, EventLoop]:
-    """``relay``: labels are published by a thread running ``core.run_relay`` (the service
-    process) instead of by each API call before it returns (embedded mode)."""
-    core = SearchCore(
+    relay_masks: int = 0,
+) -> SearchCore:
+    """``relay``: labels are published by a relay running ``core.run_relay`` (a thread of the
+    service process, or the relay process) instead of by each API call before it returns
+    (embedded mode).  ``relay_masks``: the relay's cache of mask tables (:class:`SearchCore`)."""
+    return SearchCore(
         redis,
         settings.params(),
         settings.selection(),
@@ -95,9 +107,22 @@ def build_search(
         cache_masks=settings.cache_masks,
         replica_id=settings.replica_id or None,
         label_bytes=topics.record_limit(settings.kafka_max_message_bytes),
+        relay_masks=relay_masks,
         # a registered campaign's sessions open with its own parameters (issue #16)
         params_for=CampaignRegistry(redis).session_params,
     )
+
+
+def build_search(
+    settings: SearchSettings,
+    bus: Bus,
+    redis: Any,
+    producer: Producer | None = None,
+    *,
+    relay: bool = False,
+) -> tuple[SearchCore, EventLoop]:
+    """The core (:func:`build_core`) and its consumer of ``maskprop.trees``."""
+    core = build_core(settings, bus, redis, producer, relay=relay)
     loop = EventLoop(
         service="search",
         bus=bus,
@@ -115,15 +140,18 @@ def main() -> None:
     run = start_service(settings, "search")
     stop = run.stop
     core, loop = build_search(settings, run.bus, run.redis, relay=True)
-    republished = core.recover()
-    relay = threading.Thread(
-        target=core.run_relay,
-        args=(stop,),
-        kwargs={"linger_s": settings.relay_linger_s},
-        name="label-relay",
-        daemon=True,
-    )
-    relay.start()
+    relay: threading.Thread | None = None
+    republished = 0
+    if settings.label_relay == "thread":
+        republished = core.recover()
+        relay = threading.Thread(
+            target=core.run_relay,
+            args=(stop,),
+            kwargs={"linger_s": settings.relay_linger_s},
+            name="label-relay",
+            daemon=True,
+        )
+        relay.start()
     server, health = build_server(
         lambda s: search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(core), s),
         ["maskprop.search.v1.SearchService"],
@@ -131,11 +159,20 @@ def main() -> None:
     )
     port = listen(server, settings.grpc_host, settings.grpc_port)
     server.start()
-    log.info("search started", extra={"grpc_port": port, "republished_events": republished})
+    log.info(
+        "search started",
+        extra={
+            "grpc_port": port,
+            "label_relay": settings.label_relay,
+            "republished_events": republished,
+        },
+    )
     consumer = threading.Thread(target=loop.run, args=(stop,), name="trees-consumer", daemon=True)
     consumer.start()
     serve_until(server, health, stop)
     consumer.join(timeout=15)
+    if relay is None:  # the relay process publishes what the last calls decided
+        return
     relay.join(timeout=15)
     try:
         core.drain_outbox()  # what the last calls decided; otherwise the next start sends it

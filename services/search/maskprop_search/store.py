@@ -74,7 +74,8 @@ REPLICAS_KEY = "maskprop:search:replicas"
 #: A replica that has not leased for this long no longer owns classes.
 REPLICA_TTL_S = 10.0
 RELAY_LOCK_MS = 10_000  # a relay killed mid-batch delays the outbox this long
-#: Mask tables of classes not cached that the relay keeps to expand decisions records.
+#: Mask tables of classes not cached that the relay keeps to expand decisions records (at
+#: least; a relay process keeps up to its ``relay_masks`` of masks).
 RELAY_TABLES = 2
 #: Events per broker flush when the relay publishes the outbox (an event is at most
 #: wire.LABELS_PER_EVENT labels, ~1 MB; sweeps make small ones).
@@ -441,7 +442,9 @@ class SearchStore:
     ``outboxes``: the label outboxes; a save appends to its campaign's and signals the relay.
     ``cache_masks``: the bound of :class:`SessionCache`.  ``label_bytes``: the most bytes a
     label event may take (:func:`maskprop_runtime.topics.record_limit` of the setting
-    ``kafka_max_message_bytes``)."""
+    ``kafka_max_message_bytes``).  ``relay_masks``: the masks of the mask tables the relay
+    keeps for classes not in the session cache, least recently used out first (at least
+    ``RELAY_TABLES`` tables): the only cache of a relay process, which holds no sessions."""
 
     def __init__(
         self,
@@ -450,6 +453,7 @@ class SearchStore:
         cache_masks: int = CACHE_MASKS,
         replica_id: str | None = None,
         label_bytes: int = topics.record_limit(),
+        relay_masks: int = 0,
     ) -> None:
         self.r = redis
         self.label_bytes = label_bytes
@@ -459,6 +463,8 @@ class SearchStore:
         self._local_locks: dict[tuple[str, int], threading.Lock] = {}
         # mask tables the relay loaded for classes not in the session cache
         self._relay_masks: OrderedDict[tuple[str, int], ClassMasks] = OrderedDict()
+        self._relay_held = 0  # masks of those tables
+        self.relay_masks = relay_masks
         self._relay_guard = threading.Lock()
         self._locks_guard = threading.Lock()
         # Script objects reload themselves after a Redis restart (NOSCRIPT).
@@ -562,9 +568,12 @@ class SearchStore:
             raise BadRequest(f"campaign {campaign!r} has no class {class_id}")
         _, masks = wire.load_class(Path(json.loads(meta_raw)["tree_uri"]))
         with self._relay_guard:
+            old = self._relay_masks.pop(key, None)
+            self._relay_held += len(masks.table) - (len(old.table) if old else 0)
             self._relay_masks[key] = masks
-            while len(self._relay_masks) > RELAY_TABLES:
-                self._relay_masks.popitem(last=False)
+            while len(self._relay_masks) > RELAY_TABLES and self._relay_held > self.relay_masks:
+                _, out = self._relay_masks.popitem(last=False)
+                self._relay_held -= len(out.table)
         return masks
 
     # ------------------------------------------------------------------ locked calls
