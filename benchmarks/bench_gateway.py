@@ -927,6 +927,11 @@ def orchestrate(args: argparse.Namespace) -> None:
             [
                 profile(gateway.proc.pid, args.profile, work / "gateway.pyspy"),
                 profile(search.proc.pid, args.profile, work / "search-gw.pyspy"),
+                *(
+                    [profile(st.relay.proc.pid, args.profile, work / "relay.pyspy")]
+                    if st.relay
+                    else []
+                ),
             ]
             if args.profile
             else []
@@ -940,6 +945,15 @@ def orchestrate(args: argparse.Namespace) -> None:
         gw_res["search_calls"] = {
             k: v - calls1.get(k, 0) for k, v in search_calls(st.metrics_ports).items()
         }
+        # Label work the window's CPU figures do not hold yet: decisions records still waiting
+        # in the outboxes, the masks they label, and how long the relay takes to send them.
+        from maskprop_search.store import LabelOutboxes
+
+        gw_res["outbox_at_end"] = LabelOutboxes(r).pending()
+        drained = time.monotonic()
+        while LabelOutboxes(r).pending() and time.monotonic() - drained < 300:
+            time.sleep(0.5)
+        gw_res["outbox_drain_s"] = time.monotonic() - drained
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = search_pb2_grpc.SearchServiceStub(channel)
         for res, cs in ((base_res, [direct]), (gw_res, [via_gw, *tails])):
@@ -955,12 +969,13 @@ def orchestrate(args: argparse.Namespace) -> None:
             if spy is not None:
                 spy.wait(args.profile + 30)
         report(base_res, gw_res, args.search_replicas)
-        for name in ("search", "gateway", "search-gw"):
+        for name in ("search", "gateway", "search-gw", "relay"):
             if (work / f"{name}.pyspy").exists():
                 print(
                     f"\n{name} hotspots (py-spy, {args.profile} s under load): {work / name}.pyspy"
                 )
-                print(hotspots(work / f"{name}.pyspy", f"maskprop_{name.split('-')[0]}"))
+                package = "maskprop_gateway" if name == "gateway" else "maskprop_search"
+                print(hotspots(work / f"{name}.pyspy", package))
         if args.json:
             Path(args.json).write_text(
                 json.dumps(
@@ -1051,6 +1066,12 @@ def report(base: dict[str, Any] | None, gw: dict[str, Any], replicas: int = 1) -
             f"{calls.get('SubmitAnswers', 0)} SubmitAnswers calls "
             f"({applied / max(calls.get('SubmitAnswers', 0), 1):.0f} answers a call)"
         )
+        if "outbox_at_end" in x:
+            print(
+                f"{'':8} label outboxes at the window's end: {x['outbox_at_end']} records of "
+                f"decisions waiting (their labels' CPU is not in the figures above), sent "
+                f"{x['outbox_drain_s']:.1f} s later"
+            )
         print(f"{'':8} answers per 0.5 s: {x.get('series', [])}")
         if "empty_series" in x:
             print(f"{'':8} empty leases per 0.5 s: {x['empty_series']}")

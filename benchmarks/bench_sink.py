@@ -9,6 +9,15 @@ by today's (cut by bytes under the topic's limit, RLEs on accepted masks only). 
 simulated detector's ellipses (``maskprop.simulate.scenes.ellipses``, 64 x 64), scaled up by
 ``--scale`` so that RLEs have a photo's length (8: 512 x 512).
 
+``expand``: the label relay's CPU a label (``wire.expand_decisions``: a decisions record of
+the outbox -> serialized ``LabelsPropagated`` events), today's against the builder of commit
+``--before`` (default 4ef67e3: an ``ImageInfo`` built for every image of every event), loaded
+from git and run in the same process on the same records and masks, alternately, ``--repeats``
+times each: mean microseconds a label over all repeats, p50/p99 of the repeats, and whether
+both made the same bytes.  One ADE-like class of ``--masks`` masks, annotated to the end by a
+noise-free crowd; its terminal decisions packed ``--per-record`` to a record (search's saves
+pack a call's decisions of a class).
+
 ``restart``: the sink's start-up at ``--labels`` labels.  Shards of that many labels (30 %
 accepted with a 512 x 512 ellipse's RLE, the rest rejected without one, over ``--classes``
 classes) are written in the sink's format, with the ledger checkpoint a sink would have left,
@@ -21,6 +30,7 @@ Run (restart at 10M labels writes ~2.5 GB under --dir and takes a few minutes; s
 machine)::
 
     flock /tmp/mp7/heavy.lock .venv/bin/python benchmarks/bench_sink.py labels
+    .venv/bin/python benchmarks/bench_sink.py expand --masks 60000
     flock /tmp/mp7/heavy.lock .venv/bin/python benchmarks/bench_sink.py restart --labels 10000000
 """
 
@@ -44,16 +54,16 @@ BEFORE = "01eef6d"  # the last commit with label events cut by count
 
 
 # --------------------------------------------------------------------------- labels
-def _old_wire() -> types.ModuleType:
-    """``maskprop_search.wire`` as it was at BEFORE, loaded from git as its own module."""
+def _old_wire(rev: str = BEFORE) -> types.ModuleType:
+    """``maskprop_search.wire`` as it was at ``rev``, loaded from git as its own module."""
     src = subprocess.run(
-        ["git", "show", f"{BEFORE}:services/search/maskprop_search/wire.py"],
+        ["git", "show", f"{rev}:services/search/maskprop_search/wire.py"],
         cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    mod = types.ModuleType("wire_before")
+    mod = types.ModuleType(f"wire_{rev}")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up
     exec(compile(src, "wire_before.py", "exec"), mod.__dict__)
     return mod
@@ -81,6 +91,13 @@ def _class_masks(wire: types.ModuleType, pool_index: np.ndarray, name: str, scal
         rle_blob=b"".join(counts),
         rle_offsets=np.concatenate([[0], np.cumsum([len(c) for c in counts])]).astype(np.int64),
     )
+    if hasattr(wire.ClassMasks, "of"):  # as search loads a class file
+        images = list(dict.fromkeys(image_ids))
+        table.img_ids = np.array(images)
+        table.img_w = np.full(len(images), size, np.int32)
+        table.img_h = np.full(len(images), size, np.int32)
+        table.img_files = np.array([f"images/{im}.png" for im in images])
+        return wire.ClassMasks.of(table, name)
     images = {im: (size, size, f"images/{im}.png") for im in dict.fromkeys(image_ids)}
     return wire.ClassMasks(table, name, images)
 
@@ -137,6 +154,62 @@ def bench_labels(args: argparse.Namespace) -> None:
             f"{total[f'ev_{label}']} events, largest {max_event[label] / 1024:.0f} KiB"
         )
     print(f"  after/before: {total['after'] / total['before']:.3f}")
+
+
+def bench_expand(args: argparse.Namespace) -> None:
+    from maskprop_search import wire
+
+    from maskprop.params import AnnotationParams
+    from maskprop.selection import Selection
+    from maskprop.session import AnnotationSession, Answer
+    from maskprop.simulate.generator import ade_like_class
+    from maskprop.tree import build_tree
+
+    old = _old_wire(args.before)
+    params = AnnotationParams()
+    n = args.masks
+    features, scores, ious, _ = ade_like_class(0, n, seed=args.seed)
+    session = AnnotationSession(
+        {0: build_tree(features, scores)}, params, Selection(0.0, 0.7), seed=args.seed
+    )
+    decisions = []
+    while not session.done:
+        qs = session.lease(500)
+        session.submit(
+            Answer(q.class_id, q.node, q.mask, bool(ious[q.mask] >= params.iou_threshold))
+            for q in qs
+        )
+        decisions += [d for d in session.pop_decisions() if d.terminal]
+    records = [
+        r
+        for lo in range(0, len(decisions), args.per_record)
+        if (r := wire.pack_decisions("bench", 0, session, decisions[lo : lo + args.per_record])[0])
+    ]
+    index = np.arange(n)
+    times: dict[str, list[float]] = {"before": [], "today": []}
+    made: dict[str, list[tuple[bytes, bytes]]] = {}
+    for _ in range(args.repeats):
+        for name, w in (("before", old), ("today", wire)):
+            masks = _class_masks(w, index, "class0", 1)  # a fresh table: no warm caches
+            t0 = time.perf_counter()
+            made[name] = [
+                e for r in records for e in w.expand_decisions(r, lambda c, k, m=masks: m)
+            ]
+            times[name].append((time.perf_counter() - t0) / n * 1e6)
+    same = made["before"] == made["today"]
+    print(
+        f"one class, {n} masks, {len(decisions)} terminal decisions in {len(records)} records, "
+        f"{len(made['today'])} events, {sum(len(v) for _k, v in made['today']) / n:.1f} B a label"
+    )
+    for name in ("before", "today"):
+        t = np.array(times[name])
+        print(
+            f"  {name:6s} ({args.before if name == 'before' else 'HEAD'}): "
+            f"{t.mean():.2f} us a label (p50 {np.percentile(t, 50):.2f}, "
+            f"p99 {np.percentile(t, 99):.2f} over {len(t)} repeats)"
+        )
+    ratio = np.mean(times["today"]) / np.mean(times["before"])
+    print(f"  today/before: {ratio:.3f}; the same bytes: {same}")
 
 
 # --------------------------------------------------------------------------- restart
@@ -327,6 +400,12 @@ def main() -> None:
     lab.add_argument("--class-sizes", nargs="+", default=[20000, 8000, 3000, 1000, 300, 100])
     lab.add_argument("--scale", type=int, default=8)
     lab.add_argument("--seed", type=int, default=0)
+    ex = sub.add_parser("expand", help="the label relay's CPU a label, before/after")
+    ex.add_argument("--masks", type=int, default=60000)
+    ex.add_argument("--per-record", type=int, default=50)
+    ex.add_argument("--repeats", type=int, default=7)
+    ex.add_argument("--before", default="4ef67e3")
+    ex.add_argument("--seed", type=int, default=0)
     rs = sub.add_parser("restart", help="sink start-up time, checkpoint + tail vs full scan")
     rs.add_argument("--labels", type=int, default=10_000_000)
     rs.add_argument("--classes", type=int, default=100)
@@ -340,6 +419,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "labels":
         bench_labels(args)
+    elif args.cmd == "expand":
+        bench_expand(args)
     elif args.cmd == "restart":
         bench_restart(args)
     else:

@@ -272,7 +272,10 @@ def test_a_relay_process_publishes_with_the_mask_tables_its_budget_holds(wired, 
     relay = build_core(
         wired.search_settings, wired.bus, wired.redis, relay=True, relay_masks=len(wired.pool)
     )
-    assert relay.drain_outbox() > 0
+    waiting = relay.outbox_backlog()  # the relay's gauge maskprop_label_outbox_pending
+    assert waiting > 0
+    assert relay.drain_outbox() == waiting
+    assert relay.outbox_backlog() == 0
     counts, _ = labels_on_bus(wired.bus)
     assert set(counts) == {mask_id(i) for i in range(len(wired.pool))}
     assert set(counts.values()) == {1}

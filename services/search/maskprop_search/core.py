@@ -172,6 +172,14 @@ class SearchCore:
         ``stop``."""
         self.outboxes.run_relay(self._publish, stop, idle_s=idle_s, linger_s=linger_s)
 
+    def outbox_backlog(self) -> float:
+        """Records waiting in every campaign's label outbox; NaN when Redis does not answer
+        (a metrics scrape must not fail)."""
+        try:
+            return float(self.outboxes.pending())
+        except Exception:
+            return float("nan")
+
     def _published(self, events: int) -> None:
         """After an API call: in embedded mode, publish what it decided before returning.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from maskprop_runtime.metrics import LABEL_OUTBOX_PENDING
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_search.service import SearchSettings, build_core
 
@@ -26,6 +27,7 @@ def main() -> None:
     run = start_service(settings, "label-relay")
     # no sessions here: the mask tables it expands decisions with are its only cache
     core = build_core(settings, run.bus, run.redis, relay=True, relay_masks=settings.cache_masks)
+    LABEL_OUTBOX_PENDING.set_function(core.outbox_backlog)
     server, health = start_health_only(settings.grpc_host, settings.grpc_port, "label-relay")
     log.info("label relay started", extra={"grpc_port": settings.grpc_port})
     # no wake-up from the saves of other processes: the relay polls the outboxes

@@ -14,6 +14,7 @@ from maskprop_runtime import topics
 from maskprop_runtime.bus import Bus, Producer
 from maskprop_runtime.campaigns import CampaignRegistry
 from maskprop_runtime.loop import DedupStore, EventLoop
+from maskprop_runtime.metrics import LABEL_OUTBOX_PENDING
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
 from maskprop_runtime.server import (
     build_server,
@@ -144,6 +145,7 @@ def main() -> None:
     republished = 0
     if settings.label_relay == "thread":
         republished = core.recover()
+        LABEL_OUTBOX_PENDING.set_function(core.outbox_backlog)
         relay = threading.Thread(
             target=core.run_relay,
             args=(stop,),
