@@ -46,6 +46,7 @@ import time
 import types
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -102,35 +103,42 @@ def _class_masks(wire: types.ModuleType, pool_index: np.ndarray, name: str, scal
     return wire.ClassMasks(table, name, images)
 
 
-def bench_labels(args: argparse.Namespace) -> None:
-    from maskprop_search import wire
-
+def _annotated(c: int, n: int, seed: int) -> tuple[Any, list[Any]]:
+    """An ADE-like class ``c`` of ``n`` masks annotated to the end by a noise-free crowd with
+    search's default thresholds: (its session, its terminal decisions in order)."""
     from maskprop.params import AnnotationParams
     from maskprop.selection import Selection
     from maskprop.session import AnnotationSession, Answer
     from maskprop.simulate.generator import ade_like_class
     from maskprop.tree import build_tree
 
-    old = _old_wire()
     params = AnnotationParams()
-    selection = Selection(0.0, 0.7)  # search's defaults (SearchSettings)
+    features, scores, ious, _ = ade_like_class(c, n, seed=seed)
+    session = AnnotationSession(
+        {c: build_tree(features, scores)}, params, Selection(0.0, 0.7), seed=seed
+    )
+    decisions = []
+    while not session.done:
+        qs = session.lease(500)
+        session.submit(
+            Answer(q.class_id, q.node, q.mask, bool(ious[q.mask] >= params.iou_threshold))
+            for q in qs
+        )
+        decisions += [d for d in session.pop_decisions() if d.terminal]
+    return session, decisions
+
+
+def bench_labels(args: argparse.Namespace) -> None:
+    from maskprop_search import wire
+
+    old = _old_wire()
     sizes = [int(s) for s in args.class_sizes]
     total = {"labels": 0, "accepted": 0, "before": 0, "after": 0, "ev_before": 0, "ev_after": 0}
     max_event = {"before": 0, "after": 0}
     start = 0
     t0 = time.perf_counter()
     for c, n in enumerate(sizes):
-        features, scores, ious, _ = ade_like_class(c, n, seed=args.seed)
-        tree = build_tree(features, scores)
-        session = AnnotationSession({c: tree}, params, selection, seed=args.seed)
-        decisions = []
-        while not session.done:
-            qs = session.lease(500)
-            session.submit(
-                Answer(q.class_id, q.node, q.mask, bool(ious[q.mask] >= params.iou_threshold))
-                for q in qs
-            )
-            decisions += [d for d in session.pop_decisions() if d.terminal]
+        session, decisions = _annotated(c, n, args.seed)
         index = np.arange(start, start + n)
         start += n
         for label, w in (("before", old), ("after", wire)):
@@ -159,27 +167,9 @@ def bench_labels(args: argparse.Namespace) -> None:
 def bench_expand(args: argparse.Namespace) -> None:
     from maskprop_search import wire
 
-    from maskprop.params import AnnotationParams
-    from maskprop.selection import Selection
-    from maskprop.session import AnnotationSession, Answer
-    from maskprop.simulate.generator import ade_like_class
-    from maskprop.tree import build_tree
-
     old = _old_wire(args.before)
-    params = AnnotationParams()
     n = args.masks
-    features, scores, ious, _ = ade_like_class(0, n, seed=args.seed)
-    session = AnnotationSession(
-        {0: build_tree(features, scores)}, params, Selection(0.0, 0.7), seed=args.seed
-    )
-    decisions = []
-    while not session.done:
-        qs = session.lease(500)
-        session.submit(
-            Answer(q.class_id, q.node, q.mask, bool(ious[q.mask] >= params.iou_threshold))
-            for q in qs
-        )
-        decisions += [d for d in session.pop_decisions() if d.terminal]
+    session, decisions = _annotated(0, n, args.seed)
     records = [
         r
         for lo in range(0, len(decisions), args.per_record)
