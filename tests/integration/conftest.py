@@ -104,8 +104,13 @@ class Deployment:
         }
         self.env = base
         self.redis_url = redis_url
+        self.search_metrics_port = free_port()
         if relay_process:
-            search_env = {**search_env, "MASKPROP_LABEL_RELAY": "process"}
+            search_env = {
+                **search_env,
+                "MASKPROP_LABEL_RELAY": "process",
+                "MASKPROP_METRICS_PORT": str(self.search_metrics_port),
+            }
         self.services = {
             "clusterer": Service(
                 "maskprop_clusterer", {**base, "MASKPROP_GRPC_PORT": str(free_port())}, self.logs

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -184,7 +185,18 @@ def test_a_relay_process_publishes_every_label_once_across_its_kill9(infra, tmp_
         dep.services["relay"].kill9()
         annotate(dep, pool, stub, until_fraction=0.7)
         time.sleep(1.0)  # a search that published its own labels would have emptied them
-        assert outboxes.pending() > 0, dep.log_tail()
+        waiting = outboxes.pending()
+        assert waiting > 0, dep.log_tail()
+        # search's gauge shows the records a missing relay leaves
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{dep.search_metrics_port}/metrics", timeout=10
+        ).read()
+        (gauge,) = [
+            line
+            for line in metrics.decode().splitlines()
+            if line.startswith("maskprop_label_outbox_pending ")
+        ]
+        assert float(gauge.split()[1]) == waiting
         dep.services["relay"].start()
         annotate(dep, pool, stub)
         check_sink_equals_library(dep, pool, SearchSettings())

@@ -141,11 +141,12 @@ def main() -> None:
     run = start_service(settings, "search")
     stop = run.stop
     core, loop = build_search(settings, run.bus, run.redis, relay=True)
+    # exported in both modes: a search whose relay process is not running shows it here
+    LABEL_OUTBOX_PENDING.set_function(core.outbox_backlog)
     relay: threading.Thread | None = None
     republished = 0
     if settings.label_relay == "thread":
         republished = core.recover()
-        LABEL_OUTBOX_PENDING.set_function(core.outbox_backlog)
         relay = threading.Thread(
             target=core.run_relay,
             args=(stop,),
