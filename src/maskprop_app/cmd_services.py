@@ -25,6 +25,7 @@ class Service(StrEnum):
     detector = "detector"
     clusterer = "clusterer"
     search = "search"
+    label_relay = "label-relay"  # search's labels, with search's MASKPROP_LABEL_RELAY=process
     sink = "sink"
     controller = "controller"
 
@@ -44,6 +45,10 @@ def service_main(name: Service) -> Callable[[], None]:
         from maskprop_search.service import main as search_main
 
         return search_main
+    if name is Service.label_relay:
+        from maskprop_search.relay import main as relay_main
+
+        return relay_main
     if name is Service.controller:
         from maskprop_controller.service import main as controller_main
 

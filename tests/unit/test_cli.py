@@ -136,6 +136,14 @@ def test_serve_picks_each_service_main(name):
     assert service_main(Service(name)) is importlib.import_module(f"maskprop_{name}.service").main
 
 
+def test_serve_label_relay_is_the_relay_process():
+    from maskprop_search import relay
+
+    from maskprop_app.cmd_services import Service, service_main
+
+    assert service_main(Service("label-relay")) is relay.main
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
