@@ -946,12 +946,13 @@ def orchestrate(args: argparse.Namespace) -> None:
             k: v - calls1.get(k, 0) for k, v in search_calls(st.metrics_ports).items()
         }
         # Label work the window's CPU figures do not hold yet: decisions records still waiting
-        # in the outboxes, the masks they label, and how long the relay takes to send them.
+        # in the outboxes, and how long the relay takes to send them.
         from maskprop_search.store import LabelOutboxes
 
-        gw_res["outbox_at_end"] = LabelOutboxes(r).pending()
+        outboxes = LabelOutboxes(r)
+        gw_res["outbox_at_end"] = outboxes.pending()
         drained = time.monotonic()
-        while LabelOutboxes(r).pending() and time.monotonic() - drained < 300:
+        while outboxes.pending() and time.monotonic() - drained < 300:
             time.sleep(0.5)
         gw_res["outbox_drain_s"] = time.monotonic() - drained
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")

@@ -104,8 +104,9 @@ class Deployment:
         }
         self.env = base
         self.redis_url = redis_url
-        self.search_metrics_port = free_port()
+        self.search_metrics_port: int | None = None  # search's /metrics, with relay_process
         if relay_process:
+            self.search_metrics_port = free_port()
             search_env = {
                 **search_env,
                 "MASKPROP_LABEL_RELAY": "process",

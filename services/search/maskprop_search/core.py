@@ -172,6 +172,14 @@ class SearchCore:
         ``stop``."""
         self.outboxes.run_relay(self._publish, stop, idle_s=idle_s, linger_s=linger_s)
 
+    def drain_at_shutdown(self) -> None:
+        """The last :meth:`drain_outbox` of a process that relays labels: what the last calls
+        decided; whatever it cannot send now, the next relay sends (logged, not raised)."""
+        try:
+            self.drain_outbox()
+        except Exception as exc:
+            log.warning("labels left in the outbox at shutdown", extra={"error": str(exc)})
+
     def outbox_backlog(self) -> float:
         """Records waiting in every campaign's label outbox; NaN when Redis does not answer
         (a metrics scrape must not fail)."""

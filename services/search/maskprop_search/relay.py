@@ -33,10 +33,7 @@ def main() -> None:
     # no wake-up from the saves of other processes: the relay polls the outboxes
     core.run_relay(run.stop, idle_s=settings.relay_poll_s, linger_s=settings.relay_linger_s)
     health.enter_graceful_shutdown()
-    try:
-        core.drain_outbox()  # what was saved since the last drain
-    except Exception as exc:
-        log.warning("labels left in the outbox at shutdown", extra={"error": str(exc)})
+    core.drain_at_shutdown()
     server.stop(5).wait()
 
 

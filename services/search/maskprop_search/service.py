@@ -177,7 +177,4 @@ def main() -> None:
     if relay is None:  # the relay process publishes what the last calls decided
         return
     relay.join(timeout=15)
-    try:
-        core.drain_outbox()  # what the last calls decided; otherwise the next start sends it
-    except Exception as exc:
-        log.warning("labels left in the outbox at shutdown", extra={"error": str(exc)})
+    core.drain_at_shutdown()
