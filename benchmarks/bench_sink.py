@@ -16,7 +16,9 @@ from git and run in the same process on the same records and masks, alternately,
 times each: mean microseconds a label over all repeats, p50/p99 of the repeats, and whether
 both made the same bytes.  One ADE-like class of ``--masks`` masks, annotated to the end by a
 noise-free crowd; its terminal decisions packed ``--per-record`` to a record (search's saves
-pack a call's decisions of a class).
+pack a call's decisions of a class).  Today's side is timed twice: a record a call
+(``expand_decisions``) and the relay's way, ``--batch`` records a call (``wire.expand_many``,
+what one drain of an outbox hands the relay; the before side has no such call).
 
 ``restart``: the sink's start-up at ``--labels`` labels.  Shards of that many labels (30 %
 accepted with a 512 x 512 ellipse's RLE, the rest rejected without one, over ``--classes``
@@ -176,30 +178,43 @@ def bench_expand(args: argparse.Namespace) -> None:
         if (r := wire.pack_decisions("bench", 0, session, decisions[lo : lo + args.per_record])[0])
     ]
     index = np.arange(n)
-    times: dict[str, list[float]] = {"before": [], "today": []}
+    times: dict[str, list[float]] = {"before": [], "today": [], "batched": []}
     made: dict[str, list[tuple[bytes, bytes]]] = {}
     for _ in range(args.repeats):
-        for name, w in (("before", old), ("today", wire)):
+        for name, w in (("before", old), ("today", wire), ("batched", wire)):
             masks = _class_masks(w, index, "class0", 1)  # a fresh table: no warm caches
             t0 = time.perf_counter()
-            made[name] = [
-                e for r in records for e in w.expand_decisions(r, lambda c, k, m=masks: m)
-            ]
+            if name == "batched":
+                made[name] = [
+                    e
+                    for lo in range(0, len(records), args.batch)
+                    for events in wire.expand_many(
+                        records[lo : lo + args.batch], lambda c, k, m=masks: m
+                    )
+                    for e in events
+                ]
+            else:
+                made[name] = [
+                    e for r in records for e in w.expand_decisions(r, lambda c, k, m=masks: m)
+                ]
             times[name].append((time.perf_counter() - t0) / n * 1e6)
-    same = made["before"] == made["today"]
+    same = made["before"] == made["today"] == made["batched"]
     print(
         f"one class, {n} masks, {len(decisions)} terminal decisions in {len(records)} records, "
         f"{len(made['today'])} events, {sum(len(v) for _k, v in made['today']) / n:.1f} B a label"
     )
-    for name in ("before", "today"):
+    for name in ("before", "today", "batched"):
         t = np.array(times[name])
         print(
-            f"  {name:6s} ({args.before if name == 'before' else 'HEAD'}): "
+            f"  {name:7s} ({args.before if name == 'before' else 'HEAD'}): "
             f"{t.mean():.2f} us a label (p50 {np.percentile(t, 50):.2f}, "
             f"p99 {np.percentile(t, 99):.2f} over {len(t)} repeats)"
         )
-    ratio = np.mean(times["today"]) / np.mean(times["before"])
-    print(f"  today/before: {ratio:.3f}; the same bytes: {same}")
+    before = np.mean(times["before"])
+    print(
+        f"  today/before: {np.mean(times['today']) / before:.3f}, batched/before: "
+        f"{np.mean(times['batched']) / before:.3f}; the same bytes: {same}"
+    )
 
 
 # --------------------------------------------------------------------------- restart
@@ -393,6 +408,7 @@ def main() -> None:
     ex = sub.add_parser("expand", help="the label relay's CPU a label, before/after")
     ex.add_argument("--masks", type=int, default=60000)
     ex.add_argument("--per-record", type=int, default=50)
+    ex.add_argument("--batch", type=int, default=200, help="records a relay call (its drain)")
     ex.add_argument("--repeats", type=int, default=7)
     ex.add_argument("--before", default="4ef67e3")
     ex.add_argument("--seed", type=int, default=0)

@@ -148,13 +148,16 @@ class SearchCore:
     def _publish(self, entries: list[tuple[bytes, bytes]]) -> None:
         """Outbox ``publish``: send a batch of label events, one broker flush (the ack).  An
         entry that is a record of decisions (what saves write: :func:`wire.pack_decisions`)
-        goes out as its label events (:func:`wire.expand_decisions`), built here, off the
-        class locks; a crash before the ack sends the same events (same ids) again."""
+        goes out as its label events (:func:`wire.expand_many`: the batch's records encoded
+        together), built here, off the class locks; a crash before the ack sends the same
+        events (same ids) again."""
+        records = [value for _key, value in entries if wire.is_decisions(value)]
+        expanded = iter(
+            wire.expand_many(records, self.store.class_masks, max_bytes=self.store.label_bytes)
+        )
         for key, value in entries:
             if wire.is_decisions(value):
-                for k, event in wire.expand_decisions(
-                    value, self.store.class_masks, max_bytes=self.store.label_bytes
-                ):
+                for k, event in next(expanded):
                     self.producer.send(topics.LABELS, k, event)
             else:  # an event saved before decisions records (or by an older replica)
                 self.producer.send(topics.LABELS, key, value)
