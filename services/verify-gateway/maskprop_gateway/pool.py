@@ -56,11 +56,14 @@ local chunk = math.max(2 * n, 32)
 while got < n do
   local ids = redis.call('zrange', ready, start, start + chunk - 1)
   if #ids == 0 then break end
-  start = start + #ids  -- `drop` leaves `ready` after the loop: ranks do not shift before
   local wants = redis.call('hmget', want, unpack(ids))
-  local views = redis.call('hmget', items, unpack(ids))
+  local cand, full = {}, {}
+  local used = #ids
   for i, qid in ipairs(ids) do
-    if got >= n then break end
+    if got + #cand >= n then
+      used = i - 1
+      break
+    end
     local base = prefix .. qid
     if redis.call('sismember', base .. ':seen', worker) == 0 then
       local w = redundancy
@@ -71,16 +74,28 @@ while got < n do
           if tonumber(t) > now then active = active + 1 end
         end
       end
+      if active < w then
+        cand[#cand + 1] = qid
+        full[#full + 1] = active + 1 >= w
+      else
+        drop[#drop + 1] = qid
+      end
+    end
+  end
+  start = start + used  -- `drop` leaves `ready` after the loop: ranks do not shift before
+  if #cand > 0 then  -- the views of the questions taken only (a view is ~1 KB)
+    local views = redis.call('hmget', items, unpack(cand))
+    for i, qid in ipairs(cand) do
       local view = views[i]
-      if view and active < w then
+      if view then
+        local base = prefix .. qid
         redis.call('sadd', base .. ':seen', worker)
         redis.call('hset', base .. ':holders', worker, expires)
         out[#out + 1] = qid
         out[#out + 1] = view
         got = got + 1
-        active = active + 1
       end
-      if not view or active >= w then drop[#drop + 1] = qid end
+      if not view or full[i] then drop[#drop + 1] = qid end
     end
   end
 end
