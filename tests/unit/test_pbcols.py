@@ -59,3 +59,8 @@ def test_gather_takes_slices_in_row_order() -> None:
 def test_only_one_byte_keys() -> None:
     with pytest.raises(ValueError):
         pbcols.uint_field(16, np.array([1]))
+
+
+def test_negative_integers_are_refused() -> None:
+    with pytest.raises(ValueError):
+        pbcols.uint_field(3, np.array([1, -1]))
