@@ -59,13 +59,21 @@ class ClassMasks:
         return cls(table, class_name, images)
 
     @cached_property
-    def image_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``images`` as columns sorted by id (ids, widths, heights, file names): the label
-        encoder looks up a call's distinct images with one ``searchsorted``."""
-        ids = np.array(sorted(self.images), dtype=str)
-        rows = [self.images[i] for i in ids.tolist()]
+    def image_columns(self) -> tuple[np.ndarray, ...]:
+        """``images`` as columns (ids, the order that sorts them, widths, heights, file
+        names): the label encoder looks up a call's distinct images with one
+        ``searchsorted``.  A class file's table has them already (memory-mapped): only the
+        order is new (8 bytes an image); a table without image columns (tests) gets them
+        from ``images``."""
+        t = self.table
+        if hasattr(t, "img_ids") and np.asarray(t.img_ids).dtype.kind == "U":
+            ids = np.asarray(t.img_ids)
+            return ids, np.argsort(ids, kind="stable"), t.img_w, t.img_h, t.img_files
+        ids = np.array(list(self.images), dtype=str)
+        rows = list(self.images.values())
         return (
             ids,
+            np.argsort(ids, kind="stable"),
             np.array([r[0] for r in rows], np.uint64),
             np.array([r[1] for r in rows], np.uint64),
             np.array([r[2] for r in rows], dtype=str),
@@ -253,12 +261,12 @@ def _label_bytes(batch: list[_Decided], max_bytes: int) -> list[list[bytes]]:
         ):
             cols.setdefault(name, []).append(values)
         blobs.append(np.frombuffer(t.rle_blob, np.uint8))
-        ids, *image_cols = masks.image_columns
-        at = np.minimum(np.searchsorted(ids, u), max(len(ids) - 1, 0))
+        ids, by_id, *image_cols = masks.image_columns
+        at = by_id[np.minimum(np.searchsorted(ids, u, sorter=by_id), max(len(ids) - 1, 0))]
         if not len(ids) or (ids[at] != u).any():
             missing = u if not len(ids) else u[ids[at] != u]
             raise KeyError(f"images not in the class's image table: {missing[:3].tolist()}")
-        for column, values in zip(info, (u, *(c[at] for c in image_cols)), strict=True):
+        for column, values in zip(info, (u, *(np.asarray(c)[at] for c in image_cols)), strict=True):
             column.append(values)
         n_images += u.shape[0]
     col = {name: np.concatenate(parts) for name, parts in cols.items()}

@@ -155,3 +155,27 @@ def test_a_relay_batch_of_records_expands_as_each_record_alone() -> None:
         assert wire.expand_many(records, masks_of, max_bytes=limit) == alone
         assert any(len(events) > 1 for events in alone) == (limit == 2_000)
     assert wire.expand_many([], masks_of) == []
+
+
+def test_a_class_files_image_columns_give_the_same_events() -> None:
+    """A class file's table carries its images as columns (memory-mapped, unsorted): the
+    encoder looks them up there instead of in ``images``; same bytes."""
+    rng = np.random.default_rng(3)
+    masks = _class(90, rng, 20)
+    ids = list(masks.images)[::-1]  # not sorted
+    t = masks.table
+    t.img_ids = np.array(ids)
+    t.img_w = np.array([masks.images[i][0] for i in ids], np.uint32)
+    t.img_h = np.array([masks.images[i][1] for i in ids], np.uint32)
+    t.img_files = np.array([masks.images[i][2] for i in ids])
+    with_columns = ClassMasks(t, masks.class_name, masks.images)
+    plain = ClassMasks(
+        SimpleNamespace(**{k: v for k, v in vars(t).items() if not k.startswith("img_")}),
+        masks.class_name,
+        masks.images,
+    )
+    session, batches = _decided(90, seed=4)
+    for batch in batches:
+        assert wire.label_entries("c", 1, with_columns, session, batch) == wire.label_entries(
+            "c", 1, plain, session, batch
+        )
