@@ -49,20 +49,17 @@ def varint_lengths(values: np.ndarray) -> np.ndarray:
     return n
 
 
-def _with_varint(head: int | None, values: np.ndarray, present: np.ndarray | None) -> Part:
-    """Per present row (``None``: every row): the byte ``head`` (a key, or none), then
-    ``values`` (>= 0) as a varint."""
+def _with_varint(head: int, values: np.ndarray, present: np.ndarray) -> Part:
+    """Per present row: the byte ``head`` (a key), then ``values`` (>= 0) as a varint."""
     v = np.asarray(values)
     n = v.shape[0]
     top = int(v.max()) if n else 0
     width = max(1, (top.bit_length() + 6) // 7)
-    h = 0 if head is None else 1
-    out = np.empty((n, h + width), np.uint8)
-    if head is not None:
-        out[:, 0] = head
+    out = np.empty((n, 1 + width), np.uint8)  # the key, then the varint's bytes
+    out[:, 0] = head
     if width == 1:
-        out[:, h] = v
-        total = np.full(n, 1 + h, np.int64)
+        out[:, 1] = v
+        total = np.full(n, 2, np.int64)
         uniform = True
     else:
         v = v.astype(np.uint64, copy=False)
@@ -70,15 +67,15 @@ def _with_varint(head: int | None, values: np.ndarray, present: np.ndarray | Non
         shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
         groups = (v[:, None] >> shifts) & np.uint64(0x7F)
         groups[np.arange(width) < (lens - 1)[:, None]] |= np.uint64(0x80)
-        out[:, h:] = groups
-        total = lens + h
+        out[:, 1:] = groups
+        total = lens + 1
         uniform = bool((lens == width).all())
-    if present is not None and not present.all():
+    if not present.all():
         total = np.where(present, total, 0)
         uniform = False
     if uniform:
         return out.reshape(-1), total
-    return out[np.arange(h + width) < total[:, None]], total
+    return out[np.arange(1 + width) < total[:, None]], total
 
 
 def uint_field(field: int, values: np.ndarray) -> Part:

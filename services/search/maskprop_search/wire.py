@@ -497,21 +497,10 @@ def is_decisions(value: bytes) -> bool:
 
 def unpack_decisions(
     record: bytes,
-) -> tuple[str, int, list[Decision], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(campaign, class id, decisions, rows, labels, sources, index of each mask's decision)
-    of a :func:`pack_decisions` record (``new_answers`` of the decisions is not kept: 0)."""
-    campaign, c, (table, outcomes), rows, values, sources, which = _unpack(record)
-    decisions = [
-        Decision(c, node, outcomes[o], yes, answered, 0)
-        for node, yes, answered, o in table.tolist()
-    ]
-    return campaign, c, decisions, rows, values, sources, which
-
-
-def _unpack(
-    record: bytes,
 ) -> tuple[str, int, tuple[np.ndarray, list[str]], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`unpack_decisions` with the decisions as :func:`_decision_table` gives them."""
+    """(campaign, class id, the decisions as :func:`_decision_table` gives them, rows,
+    labels, sources, index of each mask's decision) of a :func:`pack_decisions` record;
+    ``ValueError`` if it is not one."""
     magic, hlen = _HEAD.unpack_from(record)
     if magic != DECISIONS_MAGIC:
         raise ValueError("not a decisions record")
@@ -561,7 +550,7 @@ def expand_many(
     max_bytes: int = topics.record_limit(),
 ) -> list[list[tuple[bytes, bytes]]]:
     """:func:`expand_decisions` of each of ``records``, encoded together (the encoder's cost
-    a call is ~0.5 ms however many labels it takes; a save's record holds tens to
+    a call is ~1 ms however many labels it takes; a save's record holds tens to
     hundreds of labels)."""
     out: list[list[tuple[bytes, bytes]]] = []
     group: list[_Decided] = []
@@ -574,7 +563,7 @@ def expand_many(
         group.clear()
 
     for record in records:
-        campaign, k, (decided, outcomes), rows, values, sources, which = _unpack(record)
+        campaign, k, (decided, outcomes), rows, values, sources, which = unpack_decisions(record)
         masks = masks_of(campaign, k)
         group.append(_Decided(campaign, k, masks, decided, outcomes, rows, values, sources, which))
         labels += int(rows.shape[0])
