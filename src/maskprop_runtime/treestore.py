@@ -217,7 +217,20 @@ class TreeStore:
         to ``bytes``); the table has no features (``float32[n, 0]``) and NaN ``boxes`` and
         ``mask_ious`` (not kept).  ``verify``: also check every file's sha256 (reads them all).
         :class:`StoreFormatError` for a file of another format or a damaged one."""
-        path = Path(path)
+        tree, table, name = TreeStore._load(Path(path), verify=verify, with_tree=True)
+        assert tree is not None
+        return tree, table, name
+
+    @staticmethod
+    def load_masks(path: Path) -> tuple[MaskTable, str]:
+        """:meth:`load_tree` without the tree: ``(masks in leaf order, class name)``, for a
+        reader that never walks the tree (the label relay), which then neither maps the
+        linkage nor derives the tree's arrays (~a third of a small class's load)."""
+        _, table, name = TreeStore._load(Path(path), verify=False, with_tree=False)
+        return table, name
+
+    @staticmethod
+    def _load(path: Path, *, verify: bool, with_tree: bool) -> tuple[Tree | None, MaskTable, str]:
         manifest = _read_manifest(path)
         folder = path.parent
         arrays: dict[str, NDArray[Any]] = {}
@@ -225,6 +238,8 @@ class TreeStore:
             n = int(manifest["n_masks"])
             files = manifest["files"]
             for name, (kinds, ndim) in _ARRAYS.items():
+                if name == "linkage" and not with_tree:
+                    continue
                 entry = files[name]
                 f = folder / _plain(entry["file"])
                 if verify:
@@ -256,10 +271,14 @@ class TreeStore:
                 img_h=arrays["img_h"],
                 img_files=arrays["img_files"],
             )
-            linkage = arrays["linkage"]
-            if linkage.shape != (max(n - 1, 0), 4):
-                raise StoreFormatError(f"{path}: linkage of shape {linkage.shape} for {n} masks")
-            tree = Tree.from_arrays({"linkage": linkage, "scores": table.scores})
+            tree = None
+            if with_tree:
+                linkage = arrays["linkage"]
+                if linkage.shape != (max(n - 1, 0), 4):
+                    raise StoreFormatError(
+                        f"{path}: linkage of shape {linkage.shape} for {n} masks"
+                    )
+                tree = Tree.from_arrays({"linkage": linkage, "scores": table.scores})
         except (KeyError, TypeError, ValueError, MaskpropError) as exc:
             if isinstance(exc, StoreFormatError):
                 raise

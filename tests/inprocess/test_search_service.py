@@ -252,7 +252,8 @@ def test_the_relay_publishes_many_classes_in_one_flush(wired):
 
 def test_a_relay_process_publishes_with_the_mask_tables_its_budget_holds(wired, monkeypatch):
     """``maskprop_search.relay``: a core with no session publishes what the API's core saved,
-    each class's mask table loaded once while ``relay_masks`` holds them all."""
+    each class's mask table loaded once while ``relay_masks`` holds them all, and never its
+    tree (the relay does not walk it)."""
     from maskprop_search import wire
     from maskprop_search.service import build_core
 
@@ -262,13 +263,17 @@ def test_a_relay_process_publishes_with_the_mask_tables_its_budget_holds(wired, 
     annotate(wired)
     assert not wired.bus.read(topics.LABELS)
     loads = Counter()
-    load_class = wire.load_class
+    load_masks = wire.load_masks
 
     def counted(path):
         loads[path] += 1
-        return load_class(path)
+        return load_masks(path)
 
-    monkeypatch.setattr(wire, "load_class", counted)
+    def no_tree(path):
+        raise AssertionError("the relay loaded a tree")
+
+    monkeypatch.setattr(wire, "load_masks", counted)
+    monkeypatch.setattr(wire, "load_class", no_tree)
     relay = build_core(
         wired.search_settings, wired.bus, wired.redis, relay=True, relay_masks=len(wired.pool)
     )

@@ -93,6 +93,11 @@ def test_the_class_file_is_memory_mapped_and_keeps_no_features(tmp_path):
     assert masks.class_ids.tolist() == [2] * 5
     np.testing.assert_array_equal(loaded.to_linkage(), tree.to_linkage())
     np.testing.assert_array_equal(loaded.cluster_scores(), tree.cluster_scores())
+    # the masks alone (the label relay's read): the same table, the linkage never opened
+    (path.parent / manifest["files"]["linkage"]["file"]).unlink()
+    alone, name = TreeStore.load_masks(path)
+    assert name == "cat" and alone.rles() == table.rles()
+    assert alone.img_files.tolist() == masks.img_files.tolist()
 
 
 def test_a_second_put_tree_keeps_the_stored_tree_and_batches_can_be_dropped(tmp_path):

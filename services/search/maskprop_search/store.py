@@ -566,7 +566,7 @@ class SearchStore:
         meta_raw = self.r.hget(classes_key(campaign), str(class_id))
         if meta_raw is None:
             raise BadRequest(f"campaign {campaign!r} has no class {class_id}")
-        _, masks = wire.load_class(Path(json.loads(meta_raw)["tree_uri"]))
+        masks = wire.load_masks(Path(json.loads(meta_raw)["tree_uri"]))  # no tree: not walked
         with self._relay_guard:
             old = self._relay_masks.pop(key, None)
             self._relay_held += len(masks.table) - (len(old.table) if old else 0)

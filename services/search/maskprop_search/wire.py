@@ -36,41 +36,49 @@ class BadRequest(ValueError):
 @dataclass(frozen=True)
 class ClassMasks:
     """What a class's questions and label events say about its masks: the mask table in tree
-    leaf order, the class name, and ``images``: image id -> (width, height, file name) as plain
-    Python values (questions and label events read them per mask; numpy scalar indexing cost
-    ~2 us an image)."""
+    leaf order and the class name.  Images (id, width, height, file name) are read from the
+    table's own image columns (:attr:`image_columns`); ``given_images`` (image id -> (width,
+    height, file name)) stands in for them where a table has none (tests)."""
 
     table: MaskTable
     class_name: str
-    images: dict[str, tuple[int, int, str]]
+    given_images: dict[str, tuple[int, int, str]] | None = None
 
     @classmethod
     def of(cls, table: MaskTable, class_name: str) -> ClassMasks:
-        images = {
+        return cls(table, class_name)
+
+    @cached_property
+    def images(self) -> dict[str, tuple[int, int, str]]:
+        """Image id -> (width, height, file name) as plain Python values (readers that want
+        a dict; the encoders use :attr:`image_columns`).  Built on first use: a class load
+        no longer pays for it (~0.4 ms a small class; a relay or search loads hundreds)."""
+        if self.given_images is not None:
+            return self.given_images
+        t = self.table
+        return {
             str(i): (w, h, str(f))
             for i, w, h, f in zip(
-                table.img_ids.tolist(),
-                table.img_w.tolist(),
-                table.img_h.tolist(),
-                table.img_files.tolist(),
+                t.img_ids.tolist(),
+                t.img_w.tolist(),
+                t.img_h.tolist(),
+                t.img_files.tolist(),
                 strict=True,
             )
         }
-        return cls(table, class_name, images)
 
     @cached_property
     def image_columns(self) -> tuple[np.ndarray, ...]:
-        """``images`` as columns (ids, the order that sorts them, widths, heights, file
-        names): the label encoder looks up a call's distinct images with one
-        ``searchsorted``.  A class file's table has them already (memory-mapped): only the
-        order is new (8 bytes an image); a table without image columns (tests) gets them
-        from ``images``."""
+        """The images as columns (ids, the order that sorts them, widths, heights, file
+        names): the encoders look up a call's distinct images with one ``searchsorted``.  A
+        class file's table has them already (memory-mapped): only the order is new (8 bytes
+        an image); a table without image columns (tests) gets them from ``given_images``."""
         t = self.table
-        if hasattr(t, "img_ids") and np.asarray(t.img_ids).dtype.kind == "U":
+        if self.given_images is None:
             ids = np.asarray(t.img_ids)
             return ids, np.argsort(ids, kind="stable"), t.img_w, t.img_h, t.img_files
-        ids = np.array(list(self.images), dtype=str)
-        rows = list(self.images.values())
+        ids = np.array(list(self.given_images), dtype=str)
+        rows = list(self.given_images.values())
         return (
             ids,
             np.argsort(ids, kind="stable"),
@@ -79,11 +87,34 @@ class ClassMasks:
             np.array([r[2] for r in rows], dtype=str),
         )
 
+    def image_rows(self, image_ids: np.ndarray) -> np.ndarray:
+        """Rows of :attr:`image_columns` holding ``image_ids``; ``KeyError`` naming the
+        ids the class's image table lacks."""
+        ids, order = self.image_columns[:2]
+        if ids.shape[0] == 0:
+            if image_ids.shape[0]:
+                raise KeyError(f"images not in the class's image table: {image_ids[:3].tolist()}")
+            return np.zeros(0, np.int64)
+        at = np.minimum(np.searchsorted(ids, image_ids, sorter=order), ids.shape[0] - 1)
+        rows = order[at]
+        missing = ids[rows] != image_ids
+        if missing.any():
+            raise KeyError(
+                f"images not in the class's image table: {image_ids[missing][:3].tolist()}"
+            )
+        return rows
+
 
 def load_class(path: Path) -> tuple[Tree, ClassMasks]:
     """A class's tree and masks from the clusterer's tree file (``OSError`` if unreadable)."""
     tree, table, class_name = TreeStore.load_tree(path)
     return tree, ClassMasks.of(table, class_name)
+
+
+def load_masks(path: Path) -> ClassMasks:
+    """A class's masks alone from its tree file (the label relay's read: no tree)."""
+    table, class_name = TreeStore.load_masks(path)
+    return ClassMasks.of(table, class_name)
 
 
 def question_id(campaign: str, q: Question) -> str:
@@ -118,12 +149,14 @@ def questions(
     column-wise like the label events."""
     t = masks.table
     rows = np.fromiter((q.mask for q in qs), np.int64, len(qs))
-    image_ids = t.image_ids[rows].tolist()
+    image_ids = np.asarray(t.image_ids[rows])
+    files = np.asarray(masks.image_columns[4])[masks.image_rows(image_ids)].tolist()
     out = []
-    for q, mask_id, image_id, h, w, lo, hi in zip(
+    for q, mask_id, image_id, image_file, h, w, lo, hi in zip(
         qs,
         t.mask_ids[rows].tolist(),
-        image_ids,
+        image_ids.tolist(),
+        files,
         t.rle_h[rows].tolist(),
         t.rle_w[rows].tolist(),
         t.rle_offsets[rows].tolist(),
@@ -140,7 +173,7 @@ def questions(
                 image_id=image_id,
                 rle=common_pb2.RleMask(height=h, width=w, counts=t.rle_blob[lo:hi]),
                 lease_expires_unix=deadline,
-                image_file=masks.images[image_id][2],
+                image_file=image_file,
             )
         )
     return out
@@ -261,11 +294,8 @@ def _label_bytes(batch: list[_Decided], max_bytes: int) -> list[list[bytes]]:
         ):
             cols.setdefault(name, []).append(values)
         blobs.append(np.frombuffer(t.rle_blob, np.uint8))
-        ids, by_id, *image_cols = masks.image_columns
-        at = by_id[np.minimum(np.searchsorted(ids, u, sorter=by_id), max(len(ids) - 1, 0))]
-        if not len(ids) or (ids[at] != u).any():
-            missing = u if not len(ids) else u[ids[at] != u]
-            raise KeyError(f"images not in the class's image table: {missing[:3].tolist()}")
+        at = masks.image_rows(u)
+        image_cols = masks.image_columns[2:]
         for column, values in zip(info, (u, *(np.asarray(c)[at] for c in image_cols)), strict=True):
             column.append(values)
         n_images += u.shape[0]

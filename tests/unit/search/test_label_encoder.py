@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from maskprop_search import wire
@@ -14,7 +15,7 @@ from maskprop_search.wire import ClassMasks
 
 from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
-from maskprop.session import AnnotationSession, Answer, LabelSource
+from maskprop.session import AnnotationSession, Answer, LabelSource, Question
 from maskprop.tree import build_tree
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
 from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
@@ -159,7 +160,8 @@ def test_a_relay_batch_of_records_expands_as_each_record_alone() -> None:
 
 def test_a_class_files_image_columns_give_the_same_events() -> None:
     """A class file's table carries its images as columns (memory-mapped, unsorted): the
-    encoder looks them up there instead of in ``images``; same bytes."""
+    encoder looks them up there instead of in ``given_images``; same bytes, and the same
+    ``images`` dict built from them."""
     rng = np.random.default_rng(3)
     masks = _class(90, rng, 20)
     ids = list(masks.images)[::-1]  # not sorted
@@ -168,14 +170,35 @@ def test_a_class_files_image_columns_give_the_same_events() -> None:
     t.img_w = np.array([masks.images[i][0] for i in ids], np.uint32)
     t.img_h = np.array([masks.images[i][1] for i in ids], np.uint32)
     t.img_files = np.array([masks.images[i][2] for i in ids])
-    with_columns = ClassMasks(t, masks.class_name, masks.images)
+    with_columns = ClassMasks(t, masks.class_name)  # the class file's way: no dict
     plain = ClassMasks(
         SimpleNamespace(**{k: v for k, v in vars(t).items() if not k.startswith("img_")}),
         masks.class_name,
         masks.images,
     )
+    assert {k: (int(w), int(h), f) for k, (w, h, f) in with_columns.images.items()} == masks.images
     session, batches = _decided(90, seed=4)
     for batch in batches:
         assert wire.label_entries("c", 1, with_columns, session, batch) == wire.label_entries(
             "c", 1, plain, session, batch
         )
+
+
+def test_questions_read_image_files_from_the_columns() -> None:
+    """A question's image file comes from the class's image columns (no per-class dict is
+    built on load); the same file names as the dict gives."""
+    rng = np.random.default_rng(5)
+    masks = _class(60, rng, 12)
+    ids = list(masks.images)[::-1]
+    t = masks.table
+    t.img_ids = np.array(ids)
+    t.img_w = np.array([masks.images[i][0] for i in ids], np.uint32)
+    t.img_h = np.array([masks.images[i][1] for i in ids], np.uint32)
+    t.img_files = np.array([masks.images[i][2] for i in ids])
+    qs = [Question(1, m, m) for m in range(0, 60, 7)]
+    got = wire.questions("c", ClassMasks(t, masks.class_name), qs, 10.0)
+    assert [q.image_file for q in got] == [masks.images[t.image_ids[q.mask]][2] for q in qs]
+    gone = t.image_ids[qs[0].mask]
+    t.img_ids = np.array([i if i != gone else "elsewhere" for i in ids])  # a clear KeyError
+    with pytest.raises(KeyError, match="images not in the class's image table"):
+        wire.questions("c", ClassMasks(t, masks.class_name), qs, 10.0)
