@@ -2,8 +2,8 @@
 
 The prefix ``maskprop:gw:`` is declared once (:data:`PREFIX`).  Lua scripts that build
 per-question keys themselves receive the prefix of those keys from here (:data:`ITEM`,
-:data:`VOTES`) and append ``<question id>:holders`` / ``<question id>:seen`` / ``<question
-id>`` exactly as :func:`holders`, :func:`seen` and :func:`votes` do.  The gateway needs a
+:data:`VOTES`) and append ``<question id>:workers`` / ``<question id>`` exactly as
+:func:`workers` and :func:`votes` do.  The gateway needs a
 standalone Redis (or a cluster with every key on one slot), like the rest of the project.
 
 Each key has one owner module, which defines its layout; "also written by" lists the
@@ -32,8 +32,7 @@ key (after the prefix)                  type   owner            also written by
 ``{campaign}:open``                     zset   pool             -
 ``{campaign}:ready``                    zset   pool             -
 ``want``                                hash   pool             -
-``item:{q}:holders``                    hash   pool             -
-``item:{q}:seen``                       set    pool             -
+``item:{q}:workers``                    hash   pool             -
 ``outbox:labels``                       stream forwarder        pool's settle script appends a
                                                                 decided label in the step that
                                                                 decides it (once per question)
@@ -117,7 +116,7 @@ def stats(campaign: str) -> str:
 # ---------------------------------------------------------------- question pool
 CAMPAIGNS = PREFIX + "campaigns"
 WANT = PREFIX + "want"
-#: Prefix of the per-question pool keys (the pool's Lua scripts append ``{q}:holders``...).
+#: Prefix of the per-question pool keys (the pool's Lua scripts append ``{q}:workers``).
 ITEM = PREFIX + "item:"
 
 
@@ -139,12 +138,10 @@ def ready(campaign: str) -> str:
     return f"{PREFIX}{campaign}:ready"
 
 
-def holders(qid: str) -> str:
-    return f"{ITEM}{qid}:holders"
-
-
-def seen(qid: str) -> str:
-    return f"{ITEM}{qid}:seen"
+def workers(qid: str) -> str:
+    """hash worker -> lease deadline while it holds question ``qid``, ``0`` after (it saw it):
+    :mod:`maskprop_gateway.pool`'s seen-by and holders in one key."""
+    return f"{ITEM}{qid}:workers"
 
 
 # ---------------------------------------------------------------- forwarding

@@ -16,8 +16,10 @@ with the campaign):
   other workers hold)
 * ``want``  hash  question id -> counted votes still missing (absent: the policy's
   redundancy; ``0``: decided, its label on its way to search)
-* ``item:{q}:holders``  hash  worker -> lease deadline; ``item:{q}:seen``  set  workers it was
-  ever served to (a worker never sees a question twice)
+* ``item:{q}:workers``  hash  every worker it was ever served to (a worker never sees a
+  question twice) -> its lease deadline while it holds the question, ``0`` once it answered or
+  its lease expired: one key and one read a question for a claim, which used to read a
+  holders hash and a seen-by set
 
 Two writes outside the pool's keys, each in the script that makes it necessary (listed in
 :mod:`maskprop_gateway.keys`): :meth:`QuestionPool.settle` appends a decided label to the label
@@ -45,6 +47,7 @@ from maskprop_gateway import keys
 # KEYS: ready, items, want.  ARGV: item prefix, worker, n, expires, now, redundancy.
 # Returns [qid, view, qid, view, ...] for up to n questions this worker never saw, each with a
 # free slot (fewer unexpired holders than votes still wanted); full or gone ones leave `ready`.
+# One HGETALL a question says both (seen: the worker is a field; holders: deadlines > now).
 _CLAIM = """
 local ready, items, want = KEYS[1], KEYS[2], KEYS[3]
 local prefix, worker = ARGV[1], ARGV[2]
@@ -64,16 +67,18 @@ while got < n do
       used = i - 1
       break
     end
-    local base = prefix .. qid
-    if redis.call('sismember', base .. ':seen', worker) == 0 then
+    local seen, active = false, 0
+    local held = redis.call('hgetall', prefix .. qid .. ':workers')
+    for j = 1, #held, 2 do
+      if held[j] == worker then
+        seen = true
+        break
+      end
+      if tonumber(held[j + 1]) > now then active = active + 1 end
+    end
+    if not seen then
       local w = redundancy
       if wants[i] then w = tonumber(wants[i]) end
-      local active = 0
-      if w > 0 then
-        for _, t in ipairs(redis.call('hvals', base .. ':holders')) do
-          if tonumber(t) > now then active = active + 1 end
-        end
-      end
       if active < w then
         cand[#cand + 1] = qid
         full[#full + 1] = active + 1 >= w
@@ -88,9 +93,7 @@ while got < n do
     for i, qid in ipairs(cand) do
       local view = views[i]
       if view then
-        local base = prefix .. qid
-        redis.call('sadd', base .. ':seen', worker)
-        redis.call('hset', base .. ':holders', worker, expires)
+        redis.call('hset', prefix .. qid .. ':workers', worker, expires)
         out[#out + 1] = qid
         out[#out + 1] = view
         got = got + 1
@@ -105,7 +108,8 @@ return out
 
 # KEYS: ready, open, want, label outbox.  ARGV: item prefix, worker, then (qid, missing, label)
 # triples.  After `worker` voted (or a sweep re-tallied): record the votes each question still
-# misses and drop the worker's hold in the same step, so no claim sees a free slot in between.
+# misses and end the worker's hold (its deadline becomes 0: it saw the question) in the same
+# step, so no claim sees a free slot in between; a question no longer open keeps no keys.
 # A question decided now (missing 0, label "0"/"1", its `want` not already 0) has its label
 # appended to the outbox for search, once: a second settle of a decided question appends
 # nothing.  Decided questions leave `ready`; one still missing votes goes back to `ready` at its
@@ -121,9 +125,9 @@ local before = redis.call('hmget', want, unpack(qids))
 local wants, back, out = {}, {}, {}
 for k, qid in ipairs(qids) do
   local w, label = tonumber(ARGV[3 * k + 1]), ARGV[3 * k + 2]
-  redis.call('hdel', prefix .. qid .. ':holders', worker)
   local at = arrived[k]
   if at then
+    if worker ~= '' then redis.call('hset', prefix .. qid .. ':workers', worker, '0') end
     wants[#wants + 1] = qid
     wants[#wants + 1] = w
     if w > 0 then
@@ -144,21 +148,23 @@ return 0
 """
 
 # KEYS: ready, open.  ARGV: item prefix, worker, qid, qid, ...  A worker's expired lease: its
-# unanswered questions lose that holder and may be claimed again.
+# unanswered questions lose that holder (seen still) and may be claimed again.
 _RELEASE = """
 local ready, open = KEYS[1], KEYS[2]
 for i = 3, #ARGV do
   local qid = ARGV[i]
-  redis.call('hdel', ARGV[1] .. qid .. ':holders', ARGV[2])
   local at = redis.call('zscore', open, qid)
-  if at then redis.call('zadd', ready, at, qid) end
+  if at then
+    redis.call('hset', ARGV[1] .. qid .. ':workers', ARGV[2], '0')
+    redis.call('zadd', ready, at, qid)
+  end
 end
 return 0
 """
 
 # KEYS: want, open, ready, retired (of one campaign).  ARGV: item prefix, votes prefix, purge
 # at (unix s), qid, qid, ...  Search acknowledged these labels: the questions leave the pool,
-# their per-question keys (holders, seen-by, votes) go, their views are retired.
+# their per-question keys (workers, votes) go, their views are retired.
 _DONE = """
 local want, open, ready, retired = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, votes, at = ARGV[1], ARGV[2], ARGV[3]
@@ -166,8 +172,7 @@ local qids, keys, when = {}, {}, {}
 for i = 4, #ARGV do
   local qid = ARGV[i]
   qids[#qids + 1] = qid
-  keys[#keys + 1] = prefix .. qid .. ':holders'
-  keys[#keys + 1] = prefix .. qid .. ':seen'
+  keys[#keys + 1] = prefix .. qid .. ':workers'
   keys[#keys + 1] = votes .. qid
   when[#when + 1] = at
   when[#when + 1] = qid
@@ -349,7 +354,7 @@ class QuestionPool:
             pipe = self.r.pipeline(transaction=False)
             for qid in qids:
                 pipe.zscore(ready_key, qid)
-                pipe.hvals(keys.holders(qid))
+                pipe.hvals(keys.workers(qid))
             replies = pipe.execute()
             out = [
                 qid

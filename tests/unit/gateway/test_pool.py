@@ -77,7 +77,7 @@ def test_settle_queues_decisions_and_done_forgets_the_question():
     pool.settle("a", {qids[0]: (0, True), qids[1]: (1, None)})
     assert outbox(r).get(qids[0]) == "1"
     assert outbox(r).get(qids[1]) is None
-    assert r.hlen(keys.holders(qids[0])) == 0  # the hold went with the vote
+    assert r.hgetall(keys.workers(qids[0])) == {b"a": b"0"}  # the hold went with the vote
     assert [q for q, _ in pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1)] == [qids[1]]
     r.hset(keys.votes(qids[0]), "a", "1:0")
     pool.done([qids[0]])
@@ -85,7 +85,7 @@ def test_settle_queues_decisions_and_done_forgets_the_question():
     assert r.hget(keys.WANT, qids[0]) is None
     assert r.zscore(keys.open_questions(C), qids[0]) is None
     assert pool.purge() == 1 and pool.view(C, qids[0]) is None  # keep_views_s = 0
-    assert not r.exists(keys.seen(qids[0]), keys.holders(qids[0]))
+    assert not r.exists(keys.workers(qids[0]))
     assert r.zscore(keys.open_questions(C), qids[1]) is not None
 
 
