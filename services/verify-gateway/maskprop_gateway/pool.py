@@ -164,7 +164,9 @@ return 0
 
 # KEYS: want, open, ready, retired (of one campaign).  ARGV: item prefix, votes prefix, purge
 # at (unix s), qid, qid, ...  Search acknowledged these labels: the questions leave the pool,
-# their per-question keys (workers, votes) go, their views are retired.
+# their per-question keys (workers, votes) go, their views are retired.  The seen-by set and
+# holders hash of the layout before `:workers` go too (questions in flight across an upgrade;
+# a DEL of a missing key costs Redis ~0.1 us).
 _DONE = """
 local want, open, ready, retired = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, votes, at = ARGV[1], ARGV[2], ARGV[3]
@@ -173,6 +175,8 @@ for i = 4, #ARGV do
   local qid = ARGV[i]
   qids[#qids + 1] = qid
   keys[#keys + 1] = prefix .. qid .. ':workers'
+  keys[#keys + 1] = prefix .. qid .. ':holders'
+  keys[#keys + 1] = prefix .. qid .. ':seen'
   keys[#keys + 1] = votes .. qid
   when[#when + 1] = at
   when[#when + 1] = qid

@@ -80,7 +80,11 @@ def test_settle_queues_decisions_and_done_forgets_the_question():
     assert r.hgetall(keys.workers(qids[0])) == {b"a": b"0"}  # the hold went with the vote
     assert [q for q, _ in pool.claim(C, "b", 2, NOW + 60, NOW, redundancy=1)] == [qids[1]]
     r.hset(keys.votes(qids[0]), "a", "1:0")
+    legacy = [f"{keys.ITEM}{qids[0]}:holders", f"{keys.ITEM}{qids[0]}:seen"]
+    r.hset(legacy[0], "a", "1")  # keys of the layout before `:workers` (an upgrade) go too
+    r.sadd(legacy[1], "a")
     pool.done([qids[0]])
+    assert not r.exists(*legacy)
     assert not r.exists(keys.votes(qids[0]))
     assert r.hget(keys.WANT, qids[0]) is None
     assert r.zscore(keys.open_questions(C), qids[0]) is None
