@@ -205,6 +205,32 @@ redis.call('zrem', retired, unpack(due))
 return #due
 """
 
+# KEYS: open, ready.  ARGV: item prefix, now, start, count.  The repair sweep's read of one
+# chunk of `open` (ranks start .. start + count - 1): returns [questions read, then those of them
+# outside `ready` with no unexpired holder].  One call a chunk; holders are read only for the
+# questions outside `ready` (the sweep used to pipeline a ZSCORE and an HVALS a question).
+_UNHELD = """
+local first = tonumber(ARGV[3])
+local ids = redis.call('zrange', KEYS[1], first, first + tonumber(ARGV[4]) - 1)
+local out = {#ids}
+if #ids == 0 then return out end
+local prefix, now = ARGV[1], tonumber(ARGV[2])
+local ready = redis.call('zmscore', KEYS[2], unpack(ids))
+for i, qid in ipairs(ids) do
+  if not ready[i] then
+    local held = false
+    for _, t in ipairs(redis.call('hvals', prefix .. qid .. ':workers')) do
+      if tonumber(t) > now then
+        held = true
+        break
+      end
+    end
+    if not held then out[#out + 1] = qid end
+  end
+end
+return out
+"""
+
 #: Questions per script call where a script unpacks them into one command's arguments (Lua's
 #: C stack takes a few thousand).
 BATCH = 500
@@ -235,6 +261,7 @@ class QuestionPool:
         self._release = redis.register_script(_RELEASE)
         self._done = redis.register_script(_DONE)
         self._purge = redis.register_script(_PURGE)
+        self._unheld = redis.register_script(_UNHELD)
 
     @staticmethod
     def campaign_of(qid: str) -> str:
@@ -345,28 +372,21 @@ class QuestionPool:
     def campaigns(self) -> list[str]:
         return sorted(_s(c) for c in self.r.smembers(keys.CAMPAIGNS))
 
-    def unheld(self, campaign: str, now: float, chunk: int = 500) -> Iterable[list[str]]:
+    def unheld(self, campaign: str, now: float, chunk: int = BATCH) -> Iterable[list[str]]:
         """Open questions outside ``ready`` with no unexpired holder, a chunk at a time: those
-        a repair sweep re-tallies (a suspended voter's discounted vote, an interrupted call)."""
+        a repair sweep re-tallies (a suspended voter's discounted vote, an interrupted call).
+        One Lua call a chunk of ``open``."""
         start = 0
         open_key, ready_key = keys.open_questions(campaign), keys.ready(campaign)
         while True:
-            qids = [_s(q) for q in self.r.zrange(open_key, start, start + chunk - 1)]
-            if not qids:
+            got = self._unheld(
+                keys=[open_key, ready_key], args=[keys.ITEM, repr(now), start, chunk]
+            )
+            if not int(got[0]):
                 return
-            start += len(qids)
-            pipe = self.r.pipeline(transaction=False)
-            for qid in qids:
-                pipe.zscore(ready_key, qid)
-                pipe.hvals(keys.workers(qid))
-            replies = pipe.execute()
-            out = [
-                qid
-                for k, qid in enumerate(qids)
-                if replies[2 * k] is None and not any(float(t) > now for t in replies[2 * k + 1])
-            ]
-            if out:
-                yield out
+            start += int(got[0])
+            if len(got) > 1:
+                yield [_s(q) for q in got[1:]]
 
 
 def _s(value: Any) -> str:

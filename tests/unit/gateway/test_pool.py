@@ -131,3 +131,17 @@ def test_unheld_lists_what_a_sweep_must_retally():
     pool.settle("b", {qids[1]: (0, True)})  # decided, out of ready, unheld
     assert [q for chunk in pool.unheld(C, NOW) for q in chunk] == [qids[1]]
     assert pool.campaigns() == [C]
+
+
+def test_unheld_reads_open_a_chunk_at_a_time_and_ignores_lapsed_holds():
+    """The sweep's one Lua call a chunk: every chunk of ``open`` is read, questions in
+    ``ready`` are never listed, and a hold past its deadline no longer holds."""
+    _, pool, _ = filled(7)
+    got = pool.claim(C, "a", 5, NOW + 60, NOW, redundancy=1)
+    held = [q for q, _ in got]
+    pool.settle("a", {held[0]: (0, True), held[1]: (0, False)})  # decided: unheld
+    for chunk in (1, 2, 3, 500):
+        found = [q for c in pool.unheld(C, NOW, chunk=chunk) for q in c]
+        assert found == [held[0], held[1]]  # held[2:] still held, qids[5:] ready
+        later = [q for c in pool.unheld(C, NOW + 61, chunk=chunk) for q in c]
+        assert later == held  # the other holds lapsed
