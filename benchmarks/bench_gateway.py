@@ -85,6 +85,10 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
+#: Seconds of each bucket of ``tail_series`` (answer-request p99 over time).
+TAIL_BUCKET_S = 10
+
+
 def summarize(done: list[tuple[float, int, float]], started: float, ended: float) -> dict[str, Any]:
     """``done``: (finished at, answers in the request, latency s) of every answer request."""
     done = sorted(done)
@@ -117,6 +121,15 @@ def summarize(done: list[tuple[float, int, float]], started: float, ended: float
     out["p50_ms"], out["p99_ms"] = percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3
     out["per_answer_p50_ms"] = percentile(per, 50) * 1e3
     out["per_answer_p99_ms"] = percentile(per, 99) * 1e3
+    # Where the tail is: p99 and the requests over 50 ms of each 10 s (start-up transients,
+    # periodic jobs such as the gateway's 30 s repair sweep, a large class's label bursts).
+    buckets: dict[int, list[float]] = {}
+    for t, _, dt in done:
+        buckets.setdefault(int((t - started) / TAIL_BUCKET_S), []).append(dt)
+    out["tail_series"] = [
+        (percentile(b, 99) * 1e3, sum(dt > 0.05 for dt in b), len(b))
+        for b in (buckets.get(i, []) for i in range(max(buckets, default=-1) + 1))
+    ]
     return out
 
 
@@ -1074,6 +1087,11 @@ def report(base: dict[str, Any] | None, gw: dict[str, Any], replicas: int = 1) -
                 f"{x['outbox_drain_s']:.1f} s later"
             )
         print(f"{'':8} answers per 0.5 s: {x.get('series', [])}")
+        if x.get("tail_series"):
+            print(
+                f"{'':8} answer requests per {TAIL_BUCKET_S} s, p99 ms (over 50 ms / all): "
+                + ", ".join(f"{p:.0f} ({n}/{m})" for p, n, m in x["tail_series"])
+            )
         if "empty_series" in x:
             print(f"{'':8} empty leases per 0.5 s: {x['empty_series']}")
         cmds = sorted(x.get("redis_commands", {}).items(), key=lambda kv: -kv[1][1])

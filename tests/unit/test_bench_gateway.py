@@ -59,6 +59,9 @@ def test_summary_rates_and_latency_percentiles(bg: Any) -> None:
     assert out["p50_ms"] == pytest.approx(50.0)  # sorted index round(0.5 * 9) = 4
     assert out["p99_ms"] == pytest.approx(100.0)
     assert sum(out["series"]) == 1000
+    # finished at 101..110 s: the first 10 s bucket holds 9 requests (50..90 ms: 4 over 50 ms),
+    # the second the last one (100 ms)
+    assert out["tail_series"] == [(pytest.approx(90.0), 4, 9), (pytest.approx(100.0), 1, 1)]
 
 
 def test_tail_pool_is_the_big_pool_without_its_big_class(bg: Any) -> None:
