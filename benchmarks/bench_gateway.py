@@ -877,6 +877,11 @@ def orchestrate(args: argparse.Namespace) -> None:
                         "MASKPROP_RATE_PER_S": "1000000",
                         "MASKPROP_RATE_BURST": "1000000",
                         "MASKPROP_REDUNDANCY": str(args.redundancy),
+                        **(
+                            {"MASKPROP_SWITCH_INTERVAL_S": str(args.gateway_switch_interval)}
+                            if args.gateway_switch_interval
+                            else {}
+                        ),
                     },
                     logs,
                 )
@@ -1204,6 +1209,14 @@ def main() -> None:
         type=int,
         default=1,
         help="the gateway's MASKPROP_REDUNDANCY: answers asked for each question",
+    )
+    ap.add_argument(
+        "--gateway-switch-interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="the gateway's MASKPROP_SWITCH_INTERVAL_S (how long a busy thread may keep the GIL "
+        "from the event loop; 0: the service default, 0.02)",
     )
     ap.add_argument(
         "--no-baseline",
