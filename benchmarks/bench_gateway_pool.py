@@ -112,13 +112,13 @@ def sweep(r: Any, cls: Any, n: int, batch: int) -> dict[str, float]:
 
 
 def _row(name: str, runs: list[dict[str, float]]) -> str:
+    from bench_gateway import percentile
+
     parts = []
     for key in runs[0]:
-        xs = sorted(run[key] for run in runs)
-        p99 = xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
-        parts.append(
-            f"{key} {statistics.fmean(xs):.2f} (p50 {statistics.median(xs):.2f}, p99 {p99:.2f})"
-        )
+        xs = [run[key] for run in runs]
+        mean, p50, p99 = statistics.fmean(xs), percentile(xs, 50), percentile(xs, 99)
+        parts.append(f"{key} {mean:.2f} (p50 {p50:.2f}, p99 {p99:.2f})")
     return f"{name:>8}: " + ", ".join(parts)
 
 
