@@ -464,13 +464,19 @@ def run_loadgen(
     return dict(json.loads(out.read_text()))
 
 
-def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None:
+def profile(
+    pid: int, seconds: int, out: Path, after: float = 0.0
+) -> subprocess.Popen[bytes] | None:
+    """py-spy ``pid`` for ``seconds``, starting ``after`` seconds from now (a shell sleeps
+    first, so the start-up of a run can be left out of its profile)."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         print("py-spy not on PATH: no profile", file=sys.stderr)
         return None
     argv = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw"]
     argv += ["--output", str(out), "--rate", "200", "--nonblocking", "--gil"]
+    if after > 0:
+        argv = ["sh", "-c", f'sleep {after:.3f} && exec "$0" "$@"', *argv]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -935,6 +941,9 @@ def orchestrate(args: argparse.Namespace) -> None:
         r.config_resetstat()
         calls1 = search_calls(st.metrics_ports)
         redis_in0 = int(r.info("stats")["total_net_input_bytes"])
+        # AOF rewrites fork Redis and copy what the run writes: each one slowed commands by
+        # 10-70 ms here while the child ran (issue #15's tail), so a run counts them.
+        aof0 = int(r.info("persistence").get("aof_rewrites", 0))
         print(
             f"gateway : {args.workers} workers x {args.batch} answers, HTTP, "
             f"{len(gateways)} gateway(s), {1 + len(tails)} campaign(s), "
@@ -943,10 +952,19 @@ def orchestrate(args: argparse.Namespace) -> None:
         )
         spies = (
             [
-                profile(gateway.proc.pid, args.profile, work / "gateway.pyspy"),
-                profile(search.proc.pid, args.profile, work / "search-gw.pyspy"),
+                profile(gateway.proc.pid, args.profile, work / "gateway.pyspy", args.profile_after),
+                profile(
+                    search.proc.pid, args.profile, work / "search-gw.pyspy", args.profile_after
+                ),
                 *(
-                    [profile(st.relay.proc.pid, args.profile, work / "relay.pyspy")]
+                    [
+                        profile(
+                            st.relay.proc.pid,
+                            args.profile,
+                            work / "relay.pyspy",
+                            args.profile_after,
+                        )
+                    ]
                     if st.relay
                     else []
                 ),
@@ -960,6 +978,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         gw_res.update(sys_s=meter.system, wall_s=meter.wall, idle_cpu_per_s=idle)
         gw_res["redis_commands"] = redis_commands(r)
         gw_res["redis_in_bytes"] = int(r.info("stats")["total_net_input_bytes"]) - redis_in0
+        gw_res["aof_rewrites"] = int(r.info("persistence").get("aof_rewrites", 0)) - aof0
         gw_res["search_calls"] = {
             k: v - calls1.get(k, 0) for k, v in search_calls(st.metrics_ports).items()
         }
@@ -986,7 +1005,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         channel.close()
         for spy in spies:
             if spy is not None:
-                spy.wait(args.profile + 30)
+                spy.wait(args.profile + args.profile_after + 30)
         report(base_res, gw_res, args.search_replicas)
         for name in ("search", "gateway", "search-gw", "relay"):
             if (work / f"{name}.pyspy").exists():
@@ -1075,6 +1094,7 @@ def report(base: dict[str, Any] | None, gw: dict[str, Any], replicas: int = 1) -
             + "; idle cost over this run's wall time: "
             + ", ".join(f"{k} {1e6 * v * wall / n:.0f}" for k, v in idle.items())
             + f"; into Redis {x.get('redis_in_bytes', 0) / n:.0f} bytes per answer"
+            + (f", {x['aof_rewrites']} AOF rewrites" if "aof_rewrites" in x else "")
         )
         sizes, calls = x.get("lease_sizes", []), x.get("search_calls", {})
         applied = x.get("applied_at_search", 0) or 0
@@ -1228,6 +1248,13 @@ def main() -> None:
         type=int,
         default=0,
         help="py-spy search under the baseline, then gateway and search, N seconds each",
+    )
+    ap.add_argument(
+        "--profile-after",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="start the gateway run's profiles S seconds into the load (past its start-up)",
     )
     args = ap.parse_args()
     if args.rate < 0 or getattr(args, "cache_masks", 0) < 0:  # the load parser has no cache

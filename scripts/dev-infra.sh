@@ -126,8 +126,9 @@ start_redis() {
     port_open "$REDIS_PORT" && die "port $REDIS_PORT is taken by another process (set REDIS_PORT)"
     mkdir -p "$redis_dir"
     # AOF with fsync every second: data survives a kill -9, no RDB snapshots (NOTES.md).
+    # AOF rewrites wait for 1 GB of log (deploy/k8s/base/redis.yaml says why).
     redis-server --bind "$HOST" --port "$REDIS_PORT" --dir "$redis_dir" \
-      --appendonly yes --appendfsync everysec --save '' \
+      --appendonly yes --appendfsync everysec --save '' --auto-aof-rewrite-min-size 1gb \
       --daemonize yes --pidfile "$redis_pid" --logfile "$redis_log" \
       || { log_tail "$redis_log"; die "redis-server failed to start"; }
   fi
