@@ -132,3 +132,37 @@ def test_creating_a_lease_costs_the_same_commands_with_or_without_gold():
         gw.leases.create("v", "w", "c", "work", refs, dict.fromkeys(refs, view), 1.0, 600.0)
         shapes.append([(c[0], len(c)) if c[0] != "HSET" else (c[0],) for c in r.calls])
     assert shapes[0] == shapes[1], shapes
+
+
+def test_exhausted_hidden_gold_is_counted_every_lease_and_logged_once_a_minute(caplog):
+    """Once a campaign's gold is used up every lease is short of it: the metric counts every
+    empty slot, the log says so once a minute a campaign with the slots missed since (a
+    line a lease was 5,106 lines in one 120 s benchmark run)."""
+    from maskprop_gateway.metrics import GOLD_SHORT
+
+    r = fakeredis.FakeRedis()
+    now = [1000.0]
+    policy = QualityPolicy(qualification_size=0, gold_share=0.5)
+    gw = Gateway(
+        r,
+        Search(),
+        QualityControl(r, policy),
+        GatewaySettings(key_pepper="p" * 20),
+        clock=lambda: now[0],
+    )
+    view = views.render("cat", "i.png", 4, 4, "0g0")
+    gw.pool.add("gs", {f"gs:0:{i}:{i}": view for i in range(200)}, now[0])
+    warned, per_lease = [], []
+    caplog.set_level("WARNING", logger="maskprop_gateway.gateway")
+    for t in (0.0, 1.0, 30.0, 59.0, 61.0, 62.0):
+        now[0] = 1000.0 + t
+        caplog.clear()
+        before = GOLD_SHORT.labels("gs")._value.get()
+        offer = gw.create_lease("v", f"w{t}", "gs", 6, refill=False)
+        assert offer.questions  # real questions still go out
+        per_lease.append(GOLD_SHORT.labels("gs")._value.get() - before)
+        warned += [(t, rec.short) for rec in caplog.records if "gold exhausted" in rec.message]
+    assert all(n > 0 for n in per_lease)  # every lease was short, and counted
+    # one line at 0 s, the next a minute later with the slots missed since (1-61 s); the
+    # 62 s lease's slots wait for the next line
+    assert warned == [(0.0, per_lease[0]), (61.0, sum(per_lease[1:5]))]
