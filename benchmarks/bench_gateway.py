@@ -856,7 +856,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         search, grpc_port, truth, kafka = st.search, st.grpc_port, st.truth, st.kafka
         # Vendor and gold questions through the Python API, before the gateway starts.
         key = KeyStore(r, PEPPER).create(VENDOR, "Bench Crowd")
-        held = ade_like_pool(2000, 4, seed=99, dim=8)
+        # gold comes from a labelled pool of its own, about half of it wrong masks
+        held = ade_like_pool(max(2000, 4 * args.gold), 4, seed=99, dim=8)
         for j, campaign in enumerate([via_gw, *tails]):
             # gold ids are g<seed>-<n>: a seed a campaign, or a worker qualified on one
             # campaign has "seen" the other's gold

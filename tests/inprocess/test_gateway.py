@@ -647,3 +647,13 @@ def test_a_retry_takes_over_the_key_of_a_gateway_that_died_mid_request(tmp_path,
         settled(client)
         assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
         assert answered() == before + real
+
+
+def test_simulated_gold_larger_than_its_pool_is_one_clear_error():
+    """Asking for more gold than the labelled pool's wrong masks can fill says so (it was
+    numpy's "Cannot take a larger sample than population", eleven minutes into a benchmark)."""
+    held = ade_like_pool(200, 2, seed=3, dim=8)
+    wrong = int((held.ious < 0.75).sum())
+    with pytest.raises(ValueError, match=rf"labelled pool has \d+ and {wrong}$"):
+        simulated_gold(held, "gw", 2 * wrong + 200)
+    assert len(simulated_gold(held, "gw", 20)) == 20

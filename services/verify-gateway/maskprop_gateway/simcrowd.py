@@ -37,6 +37,11 @@ def simulated_gold(
     good = np.flatnonzero(pool.ious >= iou_threshold)
     bad = np.flatnonzero(pool.ious < iou_threshold)
     k = min(n // 2, good.size, bad.size)
+    if n - k > bad.size:
+        raise ValueError(
+            f"{n} gold questions need about {n // 2} correct and {n - n // 2} wrong masks; "
+            f"the labelled pool has {good.size} and {bad.size}"
+        )
     picked = np.concatenate(
         [rng.choice(good, k, replace=False), rng.choice(bad, n - k, replace=False)]
     )
