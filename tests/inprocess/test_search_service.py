@@ -340,6 +340,30 @@ def test_a_call_locks_and_saves_all_its_classes_in_one_round_trip_each(wired):
     assert calls == {"acquire": 2, "save": 2}  # one each for the lease and for the answers
 
 
+def test_a_slow_save_is_logged_with_what_it_wrote(wired, monkeypatch, caplog):
+    """One save is one Lua call, and every Redis client waits while it runs: a save slower than
+    ``SLOW_SAVE_S`` is logged with each class's mode, bytes and lease changes (issue #15's
+    start-up tail: saves of 56-174 ms that SLOWLOG could not tell apart)."""
+    import logging
+
+    from maskprop_search import store
+
+    wired.publish_pool()
+    wired.settle()
+    core = wired.core
+    qs, _ = core.lease("c1", 400)
+    caplog.set_level(logging.WARNING, logger="maskprop_search.store")
+    caplog.clear()
+    monkeypatch.setattr(store, "SLOW_SAVE_S", -1.0)  # every save counts as slow
+    core.submit(answers_for(wired, qs))
+    slow = [r for r in caplog.records if r.message == "slow save"]
+    assert slow and all(r.campaign == "c1" and r.ms >= 0 for r in slow)
+    classes = [c for r in slow for c in r.classes]
+    assert {c["class_id"] for c in classes} <= {q.class_id for q in qs}
+    assert all(c["mode"] in ("b", "l", "n") and c["state_bytes"] >= 0 for c in classes)
+    assert sum(c["leases_dropped"] for c in classes) == len(qs)  # the answered questions
+
+
 def test_a_call_saves_all_its_classes_or_none(wired):
     from redis.exceptions import ResponseError
 

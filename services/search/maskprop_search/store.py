@@ -82,6 +82,9 @@ RELAY_TABLES = 2
 RELAY_BATCH = 200
 #: Arguments per Lua ``unpack`` (Lua's C stack limit is 8000).
 _UNPACK = 1000
+#: A save (one Lua call: every Redis client waits while it runs) slower than this is logged
+#: with what it wrote.
+SLOW_SAVE_S = 0.05
 #: Default bound on the masks of the classes this process keeps in memory (~0.9 KB a mask
 #: with its tree and mask table: ~3.6 GB).  A class larger than the bound is still served
 #: (it is then the only one cached).
@@ -733,6 +736,8 @@ class SearchStore:
         keys: list[str] = [outbox_key(campaign)]
         args: list[Any] = [held[0].token, _UNPACK, len(changed)]
         events = 0
+        # per class saved: (class id, mode, state bytes, leases added, dropped, record bytes)
+        saved: list[tuple[int, str, int, int, int, int]] = []
         for h in changed:
             loaded = h.loaded
             assert loaded is not None
@@ -766,8 +771,34 @@ class SearchStore:
             for entry in entries:
                 args += entry
             events += len(entries)
+            saved.append(
+                (k, mode, len(payload), len(h.add_leases), len(h.drop_leases), len(record or b""))
+            )
         keys += [class_key(campaign, h.class_id, "lock") for h in held if not h.changed]
+        started = time.perf_counter()
         replies = self._save_script(keys=keys, args=args)
+        took = time.perf_counter() - started
+        if took > SLOW_SAVE_S:
+            # One Lua call blocks every Redis client while it runs: say what made it long.
+            log.warning(
+                "slow save",
+                extra={
+                    "campaign": campaign,
+                    "ms": round(took * 1e3, 1),
+                    "classes": [
+                        {
+                            "class_id": c,
+                            "mode": m,
+                            "state_bytes": b,
+                            "leases_added": a,
+                            "leases_dropped": d,
+                            "decisions_bytes": e,
+                        }
+                        for c, m, b, a, d, e in saved
+                    ],
+                    "locks_released": len(held) - len(changed),
+                },
+            )
         for j, h in enumerate(changed):
             assert h.loaded is not None
             h.loaded.version = h.version = int(replies[2 * j])
