@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +34,15 @@ BEFORE = "0656b1e"  # the last commit with item:{q}:seen and item:{q}:holders
 VIEW = '{"view": "' + "x" * 1000 + '"}'
 
 
-def _module(rev: str, path: str, name: str) -> types.ModuleType:
-    src = subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    mod = types.ModuleType(name)
-    sys.modules[name] = mod
-    exec(compile(src, f"{name}.py", "exec"), mod.__dict__)
-    return mod
-
-
 def pool_classes(before: str) -> dict[str, Any]:
     """``{"today": QuestionPool, before: QuestionPool}``; the old one reads the key schema of
     its own commit (its functions look ``keys`` up in their module's globals)."""
+    from bench_sink import module_at
     from maskprop_gateway.pool import QuestionPool
 
     folder = "services/verify-gateway/maskprop_gateway"
-    old_keys = _module(before, f"{folder}/keys.py", f"keys_{before}")
-    old_pool = _module(before, f"{folder}/pool.py", f"pool_{before}")
+    old_keys = module_at(before, f"{folder}/keys.py", f"keys_{before}")
+    old_pool = module_at(before, f"{folder}/pool.py", f"pool_{before}")
     old_pool.keys = old_keys  # type: ignore[attr-defined]
     return {"today": QuestionPool, before: old_pool.QuestionPool}
 

@@ -57,19 +57,21 @@ BEFORE = "01eef6d"  # the last commit with label events cut by count
 
 
 # --------------------------------------------------------------------------- labels
-def _old_wire(rev: str = BEFORE) -> types.ModuleType:
-    """``maskprop_search.wire`` as it was at ``rev``, loaded from git as its own module."""
+def module_at(rev: str, path: str, name: str) -> types.ModuleType:
+    """The Python file ``path`` as it was at commit ``rev``, loaded from git as module
+    ``name`` (a baseline run in the same process as today's code)."""
     src = subprocess.run(
-        ["git", "show", f"{rev}:services/search/maskprop_search/wire.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
-    mod = types.ModuleType(f"wire_{rev}")
-    sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, "wire_before.py", "exec"), mod.__dict__)
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod  # dataclasses look their module up
+    exec(compile(src, f"{name}.py", "exec"), mod.__dict__)
     return mod
+
+
+def _old_wire(rev: str = BEFORE) -> types.ModuleType:
+    """``maskprop_search.wire`` as it was at ``rev``."""
+    return module_at(rev, "services/search/maskprop_search/wire.py", f"wire_{rev}")
 
 
 def _class_masks(wire: types.ModuleType, pool_index: np.ndarray, name: str, scale: int) -> object:

@@ -736,8 +736,7 @@ class SearchStore:
         keys: list[str] = [outbox_key(campaign)]
         args: list[Any] = [held[0].token, _UNPACK, len(changed)]
         events = 0
-        # per class saved: (class id, mode, state bytes, leases added, dropped, record bytes)
-        saved: list[tuple[int, str, int, int, int, int]] = []
+        saved: list[dict[str, Any]] = []  # what each class wrote, for the slow-save log
         for h in changed:
             loaded = h.loaded
             assert loaded is not None
@@ -772,7 +771,14 @@ class SearchStore:
                 args += entry
             events += len(entries)
             saved.append(
-                (k, mode, len(payload), len(h.add_leases), len(h.drop_leases), len(record or b""))
+                {
+                    "class_id": k,
+                    "mode": mode,
+                    "state_bytes": len(payload),
+                    "leases_added": len(h.add_leases),
+                    "leases_dropped": len(h.drop_leases),
+                    "decisions_bytes": len(record),
+                }
             )
         keys += [class_key(campaign, h.class_id, "lock") for h in held if not h.changed]
         started = time.perf_counter()
@@ -785,17 +791,7 @@ class SearchStore:
                 extra={
                     "campaign": campaign,
                     "ms": round(took * 1e3, 1),
-                    "classes": [
-                        {
-                            "class_id": c,
-                            "mode": m,
-                            "state_bytes": b,
-                            "leases_added": a,
-                            "leases_dropped": d,
-                            "decisions_bytes": e,
-                        }
-                        for c, m, b, a, d, e in saved
-                    ],
+                    "classes": saved,
                     "locks_released": len(held) - len(changed),
                 },
             )
