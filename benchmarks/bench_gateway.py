@@ -761,6 +761,15 @@ def search_stack(
         channel.close()
         procs[0].stop()  # the clusterer's work is done: give its core to the run
         print(f"trees built and loaded in {time.monotonic() - t0:.0f} s", flush=True)
+        # Search decides each class's opening sweep as its tree arrives (the 1M-mask class:
+        # ~470k leaves); the window starts once their labels are published, as they would
+        # be long before a crowd arrives at a class.
+        from maskprop_search.store import LabelOutboxes
+
+        outboxes, t1 = LabelOutboxes(r), time.monotonic()
+        while outboxes.pending() and time.monotonic() - t1 < 600:
+            time.sleep(0.5)
+        print(f"opening sweeps' labels published {time.monotonic() - t1:.0f} s later", flush=True)
         searches, grpc_ports, metrics_ports = [search], [grpc_port], [metrics_port]
         for i in range(1, replicas):
             grpc_ports.append(free_port())

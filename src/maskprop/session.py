@@ -25,7 +25,7 @@ not to n (issue #14)::
 
     base = session.rebase()          # a snapshot; the log starts afresh over it
     ...                              # lease / submit / expire / pop_decisions /
-                                     # decide_without_asking
+                                     # decide_without_asking / prepare
     chunk = session.take_log()       # the changes since the last save (b"" if none)
     if session.needs_rebase():       # the log reached a quarter of the base: compact
         base = session.rebase()      # (save it in place of the base, drop the chunks)
@@ -53,6 +53,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -90,6 +91,7 @@ def _empty_positions(n: int) -> NDArray[np.int8]:
 #   b"E" k:uint32 then k x (class:int32 node:int32 mask:int32)            expired questions
 #   b"P"                                                                  pop_decisions
 #   b"D"                                                          decide_without_asking
+#   b"O" questions:uint32                                                 prepare
 # all little-endian.
 _LOG_MAGIC = b"MPL1"
 _CHUNK_HEAD = struct.Struct("<4s8sI")
@@ -318,8 +320,10 @@ class AnnotationSession:
         if any(d.class_id != c for d in decisions):
             raise MaskpropError("decisions_labels takes decisions of one class")
         tree = self._trees[c]
-        nodes = np.fromiter((d.node for d in decisions), np.int64, len(decisions))
-        terminal = np.fromiter((d.outcome not in SPLITS for d in decisions), bool, len(decisions))
+        n = len(decisions)
+        nodes = np.fromiter(map(itemgetter(1), decisions), np.int64, n)
+        terminal = np.fromiter(map(SPLITS.__contains__, map(itemgetter(2), decisions)), bool, n)
+        terminal = ~terminal
         sizes = np.where(terminal, tree.size[nodes], 0).astype(np.int64)
         which = np.repeat(np.arange(len(decisions)), sizes)
         # Position of every mask in ``tree.order``: its cluster's start plus its rank in it.
@@ -459,6 +463,41 @@ class AnnotationSession:
         _, n = self._advance(until_open=False)
         if n and self._log is not None:
             self._log.add(b"D")
+        return n
+
+    def prepare(self, questions: int) -> int:
+        """Open clusters in search order, deciding what needs no question on the way, until
+        ``questions`` questions could be leased at once or no candidate is left; their
+        questions wait for the next :meth:`lease`, which serves open clusters first.
+
+        The steps an unbounded lease of ``questions`` would take, done ahead of it.  A service
+        calls it when a class arrives: the sweep a large tree starts with (a 1M-mask class
+        decided ~470k leaves in ~3 s here, inside its first lease) then runs there, not
+        inside a crowd's lease.  A cluster's sample and decision do not depend on when it
+        was opened (its ancestors are decided before it becomes a candidate), so labels are
+        those of a session that never prepared.  Returns the candidates advanced (0:
+        nothing changed, nothing logged)."""
+        if questions < 0:
+            raise MaskpropError("questions must not be negative")
+        questions = min(questions, _INT32_MAX)
+        popped = 0
+        while len(self._frontier) and self._leasable() < questions:
+            popped += self._advance(until_open=True)[1]
+        if popped and self._log is not None:
+            self._log.add(_COUNT.pack(b"O", questions))
+        return popped
+
+    def _leasable(self) -> int:
+        """The questions an unbounded :meth:`lease` would hand out from open clusters now."""
+        n = 0
+        for (c, node), oc in self._open.items():
+            left = len(oc.sample) - oc.leased
+            if self.params.sequential != "off":
+                if oc.outstanding:
+                    continue
+                size = int(self._trees[c].size[node])
+                left = min(left, questions_per_round(len(oc.answered), size, self.params))
+            n += left
         return n
 
     def expire(self, questions: Iterable[Question]) -> None:
@@ -821,6 +860,10 @@ class AnnotationSession:
                 elif kind == b"D":
                     i += 1
                     self.decide_without_asking()
+                elif kind == b"O":
+                    _, k = _COUNT.unpack_from(chunk, i)
+                    i += _COUNT.size
+                    self.prepare(k)
                 else:
                     raise MaskpropError(f"session log chunk is corrupt (record {kind!r})")
         except struct.error:

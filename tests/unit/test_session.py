@@ -280,6 +280,30 @@ def test_decide_without_asking_opens_what_needs_questions_and_asks_nothing():
     assert session.done and (session.labels(0) >= 0).all()
 
 
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("questions", [1, 30, 1000])
+def test_prepare_asks_nothing_and_changes_no_label(params, questions):
+    """A session that opened clusters ahead of its first lease (a service, as a tree
+    arrives) hands out the same first questions as one that did not, and ends with the
+    same labels, whatever the lease sizes after."""
+    trees, ious = make_trees([300, 120, 1], seed=4)
+    plain = AnnotationSession(trees, params, Selection(0.2, 0.55), seed=3)
+    ready = AnnotationSession(trees, params, Selection(0.2, 0.55), seed=3)
+    assert ready.prepare(questions) > 0
+    assert ready.questions == 0 and ready.prepare(0) == 0  # asked nothing; 0: nothing to do
+    first = ready.lease(questions)
+    assert first == plain.lease(questions)
+    ready.submit(answer(first, ious))
+    plain.submit(answer(first, ious))
+    drive(plain, ious, 7)
+    drive(ready, ious, 5)
+    for c in trees:
+        np.testing.assert_array_equal(ready.labels(c), plain.labels(c))
+    assert ready.questions == plain.questions
+    with pytest.raises(MaskpropError):
+        ready.prepare(-1)
+
+
 def drive_mixed(session, ious, rng, steps):
     """Lease, answer some, expire some, pop decisions: every call the log records."""
     held: list[Question] = []
@@ -298,6 +322,8 @@ def drive_mixed(session, ious, rng, steps):
             session.pop_decisions()
         if rng.random() < 0.1:  # asking ended for a while (a spent budget, then revised)
             session.decide_without_asking()
+        if rng.random() < 0.1:  # a service opening clusters ahead of its leases
+            session.prepare(int(rng.integers(0, 20)))
     return held
 
 

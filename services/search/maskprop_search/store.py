@@ -497,11 +497,20 @@ class SearchStore:
         tree: Tree,
         masks: ClassMasks,
         meta: dict[str, Any],
+        decided: tuple[bytes, int, int] = (b"", 0, 0),
     ) -> None:
         """Store a new class's first base, counters and ``meta`` (one MULTI); call with the
-        class locked.  The copy stays cached: questions come next."""
+        class locked.  ``decided``: the session's decisions so far as
+        :func:`wire.pack_decisions` gave them (record, accepted, rejected), put in the outbox
+        in the same MULTI.  The copy stays cached: questions come next."""
         n = tree.n_leaves
-        state: dict[str, int] = {"masks": n, "accepted": 0, "rejected": 0, "undecided": n}
+        record, accepted, rejected = decided
+        state: dict[str, int] = {
+            "masks": n,
+            "accepted": accepted,
+            "rejected": rejected,
+            "undecided": n - accepted - rejected,
+        }
         state.update(zip(_SET_FIELDS, counters(session, class_id), strict=True))
         pipe = self.r.pipeline(transaction=True)
         pipe.set(class_key(campaign, class_id, "base"), session.rebase())
@@ -511,9 +520,15 @@ class SearchStore:
         pipe.incr(class_key(campaign, class_id, "version"))
         pipe.hset(classes_key(campaign), str(class_id), json.dumps(meta))
         pipe.sadd(OUTBOXES_KEY, campaign)
+        if record:
+            pipe.xadd(
+                outbox_key(campaign), {"k": topics.class_key(campaign, class_id), "v": record}
+            )
         replies = pipe.execute()
         epoch, version = int(replies[3]), int(replies[4])
         self.cache.put((campaign, class_id), Loaded(version, epoch, session, tree, masks))
+        if record:
+            self.outboxes.signal()
 
     # ------------------------------------------------------------------ counters
     def survey(self, campaign: str, now: float) -> tuple[list[str], list[Survey]]:

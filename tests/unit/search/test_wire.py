@@ -116,6 +116,30 @@ def test_progress_is_done_only_with_classes_all_done() -> None:
     assert (msg.masks, msg.undecided_masks, msg.class_name, done) == (20, 20, "cat", False)
 
 
+def _v1_record(record: bytes) -> bytes:
+    """``record`` rewritten in the first format (``MPD1``: int64 decision columns, int32
+    counts), as outboxes written before the eighteenth session hold it."""
+    import json
+    import struct
+
+    campaign, k, (table, outcomes), rows, values, sources, which = wire.unpack_decisions(record)
+    n, m = table.shape[0], rows.shape[0]
+    head = json.dumps(
+        {"campaign": campaign, "class_id": k, "outcomes": outcomes, "n": n, "m": m}
+    ).encode()
+    packed = (values.astype(np.uint8) & 1) | (sources.astype(np.uint8) << 1)
+    return b"".join(
+        (
+            struct.pack("<4sI", b"MPD1", len(head)),
+            head,
+            table.astype("<i8").tobytes(),
+            np.bincount(which, minlength=n).astype("<i4").tobytes(),
+            rows.astype("<i4").tobytes(),
+            packed.tobytes(),
+        )
+    )
+
+
 def test_a_decisions_record_expands_into_the_same_events_byte_for_byte() -> None:
     """What saves write to the outbox (issue #15): the decisions in ~5 bytes a mask; the relay
     expands them into exactly the events label_entries makes (same ids, same bytes)."""
@@ -143,7 +167,9 @@ def test_a_decisions_record_expands_into_the_same_events_byte_for_byte() -> None
         assert got == expected
         rows, values, src, _ = session.decisions_labels(batch)
         assert (acc, rej) == (int((values == 1).sum()), int((values == 0).sum()))
-        assert len(record) < 200 + 40 * len(batch) + 5 * rows.shape[0]
+        # a decision in 13 bytes at most (node u4, yes and answered u2, outcome u1, count u4)
+        assert len(record) < 200 + 13 * len(batch) + 5 * rows.shape[0]
+        assert wire.expand_decisions(_v1_record(record), lambda c, k: masks, max_bytes=900) == got
         sources |= set(src.tolist())
         total += rows.shape[0]
         accepted += acc
@@ -151,5 +177,6 @@ def test_a_decisions_record_expands_into_the_same_events_byte_for_byte() -> None
     assert sources == {1, 2}  # propagated and verified labels both went through the record
     assert wire.pack_decisions("c1", 0, session, []) == (b"", 0, 0)
     assert not wire.is_decisions(search_pb2.LabelsPropagated(event_id="x").SerializeToString())
-    with pytest.raises(ValueError):
-        wire.unpack_decisions(records[0][0][:-1])
+    for bad in (records[0][0][:-1], records[0][0] + b"x", b"MPD2", records[0][0][:12]):
+        with pytest.raises(ValueError):
+            wire.unpack_decisions(bad)
