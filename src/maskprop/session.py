@@ -322,8 +322,8 @@ class AnnotationSession:
         tree = self._trees[c]
         n = len(decisions)
         nodes = np.fromiter(map(itemgetter(1), decisions), np.int64, n)
-        terminal = np.fromiter(map(SPLITS.__contains__, map(itemgetter(2), decisions)), bool, n)
-        terminal = ~terminal
+        splits = np.fromiter(map(SPLITS.__contains__, map(itemgetter(2), decisions)), bool, n)
+        terminal = ~splits
         sizes = np.where(terminal, tree.size[nodes], 0).astype(np.int64)
         which = np.repeat(np.arange(len(decisions)), sizes)
         # Position of every mask in ``tree.order``: its cluster's start plus its rank in it.
@@ -481,24 +481,27 @@ class AnnotationSession:
             raise MaskpropError("questions must not be negative")
         questions = min(questions, _INT32_MAX)
         popped = 0
-        while len(self._frontier) and self._leasable() < questions:
-            popped += self._advance(until_open=True)[1]
+        ready = sum(self._leasable(key, oc) for key, oc in self._open.items())
+        while len(self._frontier) and ready < questions:
+            key, n = self._advance(until_open=True)
+            popped += n
+            if key is not None:
+                ready += self._leasable(key, self._open[key])
         if popped and self._log is not None:
             self._log.add(_COUNT.pack(b"O", questions))
         return popped
 
-    def _leasable(self) -> int:
-        """The questions an unbounded :meth:`lease` would hand out from open clusters now."""
-        n = 0
-        for (c, node), oc in self._open.items():
-            left = len(oc.sample) - oc.leased
-            if self.params.sequential != "off":
-                if oc.outstanding:
-                    continue
-                size = int(self._trees[c].size[node])
-                left = min(left, questions_per_round(len(oc.answered), size, self.params))
-            n += left
-        return n
+    def _leasable(self, key: tuple[int, int], oc: _Open) -> int:
+        """The questions an unbounded :meth:`lease` would hand out from open cluster ``key``
+        now (as :meth:`_lease_from` counts them)."""
+        left = len(oc.sample) - oc.leased
+        if self.params.sequential == "off":
+            return left
+        if oc.outstanding:
+            return 0
+        c, node = key
+        size = int(self._trees[c].size[node])
+        return min(left, questions_per_round(len(oc.answered), size, self.params))
 
     def expire(self, questions: Iterable[Question]) -> None:
         """Give leased but unanswered questions back so they are leased again."""
