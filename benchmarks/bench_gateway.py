@@ -480,6 +480,17 @@ def profile(
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def drain_wait(r: Any, limit_s: float) -> float:
+    """Seconds until every label outbox in ``r`` is empty (the relay sent them), polled every
+    0.5 s for at most ``limit_s``."""
+    from maskprop_search.store import LabelOutboxes
+
+    outboxes, t0 = LabelOutboxes(r), time.monotonic()
+    while outboxes.pending() and time.monotonic() - t0 < limit_s:
+        time.sleep(0.5)
+    return time.monotonic() - t0
+
+
 def cpu_seconds(pid: int, system: bool = False) -> float:
     """User + system CPU seconds a process (and its reaped children) used so far; with
     ``system`` only the kernel's part (syscalls, context switches)."""
@@ -764,12 +775,8 @@ def search_stack(
         # Search decides each class's opening sweep as its tree arrives (the 1M-mask class:
         # ~470k leaves); the window starts once their labels are published, as they would
         # be long before a crowd arrives at a class.
-        from maskprop_search.store import LabelOutboxes
-
-        outboxes, t1 = LabelOutboxes(r), time.monotonic()
-        while outboxes.pending() and time.monotonic() - t1 < 600:
-            time.sleep(0.5)
-        print(f"opening sweeps' labels published {time.monotonic() - t1:.0f} s later", flush=True)
+        waited = drain_wait(r, 600)
+        print(f"opening sweeps' labels published {waited:.0f} s later", flush=True)
         searches, grpc_ports, metrics_ports = [search], [grpc_port], [metrics_port]
         for i in range(1, replicas):
             grpc_ports.append(free_port())
@@ -996,12 +1003,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         # in the outboxes, and how long the relay takes to send them.
         from maskprop_search.store import LabelOutboxes
 
-        outboxes = LabelOutboxes(r)
-        gw_res["outbox_at_end"] = outboxes.pending()
-        drained = time.monotonic()
-        while outboxes.pending() and time.monotonic() - drained < 300:
-            time.sleep(0.5)
-        gw_res["outbox_drain_s"] = time.monotonic() - drained
+        gw_res["outbox_at_end"] = LabelOutboxes(r).pending()
+        gw_res["outbox_drain_s"] = drain_wait(r, 300)
         # Hidden gold a campaign may still show: none left means part of the window ran
         # without gold (cheaper: no gold to score), so its figures flatter the gateway.
         qc = QualityControl(r, QualityPolicy())

@@ -147,18 +147,15 @@ class SearchCore:
             # crowd's lease (a 1M-mask class: ~470k leaves decided in ~3 s).
             started = time.perf_counter()
             session.prepare(PREPARE_QUESTIONS)
-            decisions = [d for d in session.pop_decisions() if d.terminal]
-            opening = wire.pack_decisions(campaign, k, session, decisions)
             meta = {"class_name": masks.class_name, "tree_uri": str(path), "masks": tree.n_leaves}
-            self.store.create(campaign, k, session, tree, masks, meta, opening)
-        self._published(1 if opening[0] else 0)
+            decided = self.store.create(campaign, k, session, tree, masks, meta)
+        self._published(decided)
         log.info(
             "session opened",
             extra={
                 "campaign": campaign,
                 "class_id": k,
-                "decided_first": len(decisions),
-                "decisions_bytes": len(opening[0]),
+                "decided_masks": decided,
                 "s": round(time.perf_counter() - started, 3),
             },
         )

@@ -426,6 +426,14 @@ class LabelOutboxes:
         return sum(self.of(c).pending() for c in self.campaigns())
 
 
+def _pop_record(campaign: str, class_id: int, session: AnnotationSession) -> tuple[bytes, int, int]:
+    """The session's terminal decisions since the last pop as one outbox record, and the
+    masks they labelled accepted and rejected (:func:`wire.pack_decisions`): the decisions,
+    not their label events, which the relay expands off the class lock."""
+    decisions = [d for d in session.pop_decisions() if d.terminal]
+    return wire.pack_decisions(campaign, class_id, session, decisions)
+
+
 def counters(session: AnnotationSession, class_id: int) -> list[int]:
     """The _SET_FIELDS values of a class's session (O(open clusters), no per-mask pass)."""
     outcomes = session.outcomes
@@ -497,14 +505,13 @@ class SearchStore:
         tree: Tree,
         masks: ClassMasks,
         meta: dict[str, Any],
-        decided: tuple[bytes, int, int] = (b"", 0, 0),
-    ) -> None:
-        """Store a new class's first base, counters and ``meta`` (one MULTI); call with the
-        class locked.  ``decided``: the session's decisions so far as
-        :func:`wire.pack_decisions` gave them (record, accepted, rejected), put in the outbox
-        in the same MULTI.  The copy stays cached: questions come next."""
+    ) -> int:
+        """Store a new class's first base, counters and ``meta``, and the decisions its
+        session already made (a :meth:`AnnotationSession.prepare` as its tree arrived) in its
+        outbox, all in one MULTI; call with the class locked.  The copy stays cached:
+        questions come next.  Returns the masks those decisions labelled."""
         n = tree.n_leaves
-        record, accepted, rejected = decided
+        record, accepted, rejected = _pop_record(campaign, class_id, session)
         state: dict[str, int] = {
             "masks": n,
             "accepted": accepted,
@@ -529,6 +536,7 @@ class SearchStore:
         self.cache.put((campaign, class_id), Loaded(version, epoch, session, tree, masks))
         if record:
             self.outboxes.signal()
+        return accepted + rejected
 
     # ------------------------------------------------------------------ counters
     def survey(self, campaign: str, now: float) -> tuple[list[str], list[Survey]]:
@@ -756,9 +764,7 @@ class SearchStore:
             loaded = h.loaded
             assert loaded is not None
             k, session = h.class_id, loaded.session
-            decisions = [d for d in session.pop_decisions() if d.terminal]
-            # The decisions, not their label events: the relay expands them off the lock.
-            record, accepted, rejected = wire.pack_decisions(campaign, k, session, decisions)
+            record, accepted, rejected = _pop_record(campaign, k, session)
             entries = [(topics.class_key(campaign, k), record)] if record else []
             if session.needs_rebase():
                 mode, payload = "b", session.rebase()
