@@ -42,7 +42,10 @@ late (their lag), short or empty leases and a window mean below R.
 ``--relay-nice N`` publishes the labels through a relay process of its own (search's
 ``MASKPROP_LABEL_RELAY=process``, ``python -m maskprop_search.relay``, as deploy/k8s runs it)
 at nice level N, instead of a thread inside search: on a shared machine a large class's bursts
-of labels then wait while the crowd's calls are served.
+of labels then wait while the crowd's calls are served.  ``--gateway-background process``
+(the default, as deploy/k8s runs it) runs each gateway's settler and forwarder in a child
+process (``MASKPROP_BACKGROUND``) at nice level ``--background-nice`` (10, as deployed); its
+CPU is printed as ``gateway-bg``.
 
     source .cache/dev-infra/env && .venv/bin/python benchmarks/bench_gateway.py   # 150k masks
     ... --profile 20   # also py-spy the gateway for 20 s under load (py-spy on PATH)
@@ -504,6 +507,23 @@ def cpu_seconds(pid: int, system: bool = False) -> float:
     return sum(int(x) for x in picked) / ticks
 
 
+def child_pid(pid: int) -> int | None:
+    """The gateway ``pid``'s background process (a multiprocessing spawn child, not its
+    resource tracker), or None (Linux)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            return int(child)
+    return None
+
+
 def listener_pid(port: int) -> int | None:
     """The pid of the process listening on 127.0.0.1:``port`` (the broker), from /proc."""
     inodes = set()
@@ -900,6 +920,8 @@ def orchestrate(args: argparse.Namespace) -> None:
                         "MASKPROP_RATE_PER_S": "1000000",
                         "MASKPROP_RATE_BURST": "1000000",
                         "MASKPROP_REDUNDANCY": str(args.redundancy),
+                        "MASKPROP_BACKGROUND": args.gateway_background,
+                        "MASKPROP_BACKGROUND_NICE": str(args.background_nice),
                         **(
                             {"MASKPROP_SWITCH_INTERVAL_S": str(args.gateway_switch_interval)}
                             if args.gateway_switch_interval
@@ -924,6 +946,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         pids = {
             **{p.name: p.proc.pid for p in st.searches},
             **{p.name: p.proc.pid for p in gateways},
+            # MASKPROP_BACKGROUND=process: each gateway's settler and forwarder
+            **{f"{p.name}-bg": child_pid(p.proc.pid) for p in gateways},
             **({"relay": st.relay.proc.pid} if st.relay else {}),
             "redis": int(r.info("server")["process_id"]),
             "broker": listener_pid(int(kafka.rsplit(":", 1)[1])),
@@ -1273,6 +1297,20 @@ def main() -> None:
         metavar="S",
         help="the gateway's MASKPROP_SWITCH_INTERVAL_S (how long a busy thread may keep the GIL "
         "from the event loop; 0: the service default, 0.02)",
+    )
+    ap.add_argument(
+        "--gateway-background",
+        choices=["thread", "process"],
+        default="process",
+        help="where each gateway's settler and forwarder run (MASKPROP_BACKGROUND; deployed: "
+        "process)",
+    )
+    ap.add_argument(
+        "--background-nice",
+        type=int,
+        default=10,
+        metavar="N",
+        help="the background process's nice value (MASKPROP_BACKGROUND_NICE; deployed: 10)",
     )
     ap.add_argument(
         "--no-baseline",

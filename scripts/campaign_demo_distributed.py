@@ -307,6 +307,8 @@ class Stack:
                     "MASKPROP_IMAGE_ROOT": str(image_root),
                     "MASKPROP_RATE_PER_S": "100000",
                     "MASKPROP_RATE_BURST": "100000",
+                    # as deployed: the settler and forwarder in a child process
+                    "MASKPROP_BACKGROUND": "process",
                 },
             ),
         }

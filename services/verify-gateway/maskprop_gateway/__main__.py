@@ -1,3 +1,4 @@
 from maskprop_gateway.app import main
 
-main()
+if __name__ == "__main__":  # not in a child process the gateway spawns (background.py)
+    main()

@@ -15,6 +15,9 @@ so a response's time is the same for hidden gold and real questions), the forwar
 sends decided labels, leases top up the question pool from a
 thread (one search call at a time per campaign), and progress, images and overlays run in
 worker threads (``MASKPROP_HTTP_THREADS``).  More throughput: more gateway processes.
+With ``MASKPROP_BACKGROUND=process`` (deployed) the settler and the forwarder run in a child
+process instead (:mod:`~maskprop_gateway.background`), so the event loop never waits for the
+GIL behind them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from maskprop_gateway import metrics, webhooks
+from maskprop_gateway import background, metrics, webhooks
 from maskprop_gateway.api.routes import answers, leases, progress, worker
 from maskprop_gateway.auth import KeyStore
 from maskprop_gateway.gateway import Gateway
@@ -62,6 +66,14 @@ def policy_from(settings: GatewaySettings) -> QualityPolicy:
     )
 
 
+def build_gateway(settings: GatewaySettings, r: Any, search: SearchClient) -> Gateway:
+    """The gateway's domain facade over Redis ``r`` and ``search`` (the HTTP process's, and
+    a background process's: background.py)."""
+    keys = KeyStore(r, settings.key_pepper.get_secret_value())
+    qc = QualityControl(r, policy_from(settings))
+    return Gateway(r, search, qc, settings, token_for=keys.worker_token)
+
+
 def create_app(
     settings: GatewaySettings | None = None,
     *,
@@ -81,17 +93,25 @@ def create_app(
         if r is None:
             url = settings.redis_url.get_secret_value() if settings.redis_url else None
             r = make_redis(url, connect_timeout_s=settings.connect_timeout_s)
+        if settings.background == "process" and search is not None:
+            raise ValueError("MASKPROP_BACKGROUND=process needs search over gRPC, not in process")
         client = search or GrpcSearchClient(settings.search_target)
-        keys = KeyStore(r, settings.key_pepper.get_secret_value())
-        qc = QualityControl(r, policy_from(settings))
-        app.state.keys = keys
+        app.state.keys = KeyStore(r, settings.key_pepper.get_secret_value())
         app.state.limiter = RateLimiter(r, settings.rate_per_s, settings.rate_burst)
-        app.state.gateway = Gateway(r, client, qc, settings, token_for=keys.worker_token)
-        stop_forwarder = (
-            app.state.gateway.start_forwarder() if settings.forward_linger_s > 0 else None
-        )
-        # answers are applied off the request path, in every mode (embedded too)
-        stop_settler = app.state.gateway.start_settler()
+        app.state.gateway = build_gateway(settings, r, client)
+        # answers are applied off the request path, in every mode (embedded too): by threads
+        # of this process, or by a child process (background.py)
+        stops: list[Callable[[], None]] = []
+        app.state.background = None
+        if settings.background == "process":
+            app.state.background = background.start(settings)
+            heard = threading.Event()
+            background.listen(r, app.state.gateway.topups, heard)
+            stops += [app.state.background.stop, heard.set]
+        else:
+            if settings.forward_linger_s > 0:
+                stops.append(app.state.gateway.start_forwarder())
+            stops.insert(0, app.state.gateway.start_settler())  # stopped first: it queues labels
         app.state.expired_hooks = []
         stop_webhooks = webhooks.install(app, r)  # signed vendor callbacks, retried
         task = asyncio.create_task(_expire_loop(app, expiry_interval_s))
@@ -101,9 +121,8 @@ def create_app(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await asyncio.to_thread(stop_settler)  # applies what requests marked
-        if stop_forwarder is not None:
-            await asyncio.to_thread(stop_forwarder)  # sends what requests queued
+        for halt in stops:  # applies what requests marked, then sends what they decided
+            await asyncio.to_thread(halt)
         if isinstance(client, GrpcSearchClient):
             client.close()
 
@@ -151,6 +170,8 @@ async def _expire_loop(app: FastAPI, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
+            if app.state.background is not None:
+                await asyncio.to_thread(app.state.background.ensure_alive)
             expired = await asyncio.to_thread(app.state.gateway.expire_leases)
             for hook in app.state.expired_hooks:
                 hook(expired)  # raises if a callback could not be queued: expired again later

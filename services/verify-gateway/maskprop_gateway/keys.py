@@ -107,6 +107,11 @@ SETTLERS = "settlers"
 #: Stream of inbox entries no settler could apply (for operators); capped.
 ANSWER_DEAD = PREFIX + "inbox:answers:dead"
 ANSWER_DEAD_MAXLEN = 100_000
+#: Pub/sub channel on which a background process (``MASKPROP_BACKGROUND=process``,
+#: :mod:`maskprop_gateway.background`) says which campaigns' answers it applied or forwarded
+#: (a message: campaign names joined by newlines): its gateway's leases waiting for questions
+#: look again.
+ARRIVALS = PREFIX + "arrivals"
 
 
 def stats(campaign: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -30,6 +31,14 @@ class GatewaySettings(RuntimeSettings):
     # Answers are applied off the request path by a settler thread (settler.py), woken by
     # each answer request and lingering this long for more.
     settle_linger_s: float = Field(default=0.01, ge=0, le=5)
+    # Where the settler and the forwarder run: "thread" (threads of the HTTP process: tests,
+    # embedded) or "process" (a child process, background.py: the event loop serving requests
+    # then never waits for the GIL behind them; deployed).
+    background: Literal["thread", "process"] = "thread"
+    # With "process": the child's nice value (above 0 it yields the CPU to the requests),
+    # and the port its metrics (the settler's backlog, lag and delays) are served on.
+    background_nice: int = Field(default=0, ge=0, le=19)
+    background_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # An answer request whose gateway died before applying it is taken over by another
     # replica's settler after this long.
     settle_reclaim_s: float = Field(default=30.0, ge=0, le=3600)

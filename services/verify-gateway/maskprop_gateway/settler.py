@@ -122,6 +122,8 @@ class Settler:
         self._own_pending = True  # look at entries delivered to us but not acknowledged
         self._reclaimed_at = float("-inf")
         self._failures: dict[str, int] = {}
+        # How long a pass may wait for a new entry when it found none (start(wait_s=...)).
+        self.wait_s = 0.0
 
     # ------------------------------------------------------------------ the request path
     def added(self) -> None:
@@ -152,7 +154,9 @@ class Settler:
                 self._reclaimed_at = time.monotonic()
                 n += self._reclaim()
             while True:
-                got = self._read(">")
+                # nothing applied yet this pass: wait up to wait_s for an entry (a background
+                # process, which no request of its own wakes)
+                got = self._read(">", wait_s=0.0 if n else self.wait_s)
                 if not got:
                     break
                 n += self._run(got)
@@ -160,10 +164,15 @@ class Settler:
             self._observe_backlog()
             return n
 
-    def start(self, *, idle_s: float = 0.5, linger_s: float = 0.0) -> Callable[[], None]:
+    def start(
+        self, *, idle_s: float = 0.5, linger_s: float = 0.0, wait_s: float = 0.0
+    ) -> Callable[[], None]:
         """Run passes in a thread, woken by :meth:`added` (lingering ``linger_s`` for more)
-        and every ``idle_s`` (other processes' entries, reclaims).  Returns the function that
-        stops it after a last pass."""
+        and every ``idle_s`` (other processes' entries, reclaims); with ``wait_s`` a pass
+        that finds nothing waits that long in Redis for a new entry (XREADGROUP BLOCK: a
+        process no request wakes, background.py).  Returns the function that stops it after
+        a last pass."""
+        self.wait_s = wait_s
         stop = threading.Event()
         thread = threading.Thread(
             target=relay_loop,
@@ -198,12 +207,16 @@ class Settler:
                 raise
         self._group_ready = True
 
-    def _read(self, start: str) -> list[tuple[Any, dict[Any, Any]]]:
+    def _read(self, start: str, *, wait_s: float = 0.0) -> list[tuple[Any, dict[Any, Any]]]:
         """Entries delivered to this consumer: new ones (``">"``) or its unacknowledged ones
-        (``"0"``)."""
+        (``"0"``); with ``wait_s``, waiting that long for one when there is none."""
         try:
             got = self.r.xreadgroup(
-                keys.SETTLERS, self.consumer, {keys.ANSWER_INBOX: start}, count=self.batch
+                keys.SETTLERS,
+                self.consumer,
+                {keys.ANSWER_INBOX: start},
+                count=self.batch,
+                block=int(wait_s * 1000) or None,  # 0 would block for good
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

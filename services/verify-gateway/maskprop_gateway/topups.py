@@ -56,6 +56,8 @@ class TopUps:
         # the forwarder thread through the loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrivals: dict[str, asyncio.Event] = {}
+        # Set in a background process (background.py): tells the HTTP process's leases too.
+        self.broadcast: Callable[[Iterable[str]], None] | None = None
 
     def refill(self, campaign: str, want: int, *, fresh: bool = False) -> int:
         """Lease up to ``want`` questions (at least ``refill_questions``, at most what one
@@ -139,11 +141,14 @@ class TopUps:
 
     def announce(self, campaigns: Iterable[str]) -> None:
         """From the forwarder thread: search has new answers of ``campaigns`` and the pool
-        was topped up; leases waiting on the event loop look again."""
+        was topped up; leases waiting on the event loop look again (and, from a background
+        process, those of the HTTP process: :attr:`broadcast`)."""
+        campaigns = list(campaigns)
+        if self.broadcast is not None:
+            self.broadcast(campaigns)
         loop = self._loop
         if loop is None:
             return
-        campaigns = list(campaigns)
 
         def wake() -> None:
             for campaign in campaigns:

@@ -9,6 +9,8 @@ import threading
 import time
 
 import fakeredis
+import pytest
+from maskprop_gateway import keys
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
@@ -215,3 +217,61 @@ def test_an_empty_lease_waits_for_answers_the_settler_has_not_applied_yet():
         halt()
     assert n == 40  # it waited: the pool was empty when it asked
     assert [len(c) for c in search.submits] == [5]
+
+
+def test_with_a_background_process_an_empty_lease_waits_for_its_arrivals():
+    """MASKPROP_BACKGROUND=process: the settler and forwarder run in another process (here
+    another Gateway on the same Redis, as background.py builds it) and share nothing with the
+    HTTP process but Redis: answers in flight are the inbox's and outbox's lengths, and the
+    leases waiting for questions are woken by its message on keys.ARRIVALS."""
+    from maskprop_gateway import background
+
+    search = SlowSearch(available=5)
+    http = gateway(
+        search, background="process", forward_linger_s=0.01, refill_questions=5, lease_wait_s=5.0
+    )
+    bg = Gateway(http.r, search, http.qc, http.settings)
+    bg.topups.broadcast = lambda cs: http.r.publish(keys.ARRIVALS, "\n".join(cs))
+    first = http.create_lease("v", "w1", CAMPAIGN, 5).to_dict()
+    assert len(first["questions"]) == 5 and search.available == 0
+    assert not http.answers_in_flight()  # nothing marked, nothing queued
+    http.submit(
+        "v", first["lease_id"], "w1", [(q["question_id"], True, 1500) for q in first["questions"]]
+    )
+    assert http.answers_in_flight()  # marked in the inbox, not applied by anyone yet
+    search.available = 40  # what the answers will open once search has them
+    heard = threading.Event()
+    background.listen(http.r, http.topups, heard)
+    halts: list = []
+
+    async def main() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+
+        def start_later() -> None:
+            time.sleep(0.3)
+            halts.append(bg.start_forwarder())
+            halts.insert(0, bg.settler.start(idle_s=0.0, wait_s=background.WAIT_S))
+
+        t0 = time.monotonic()
+        waiting = loop.run_in_executor(None, start_later)
+        lease = await http.create_lease_on_loop("v", "w2", CAMPAIGN, 100)
+        await waiting
+        return real(lease), time.monotonic() - t0
+
+    try:
+        n, waited = asyncio.run(main())
+    finally:
+        for halt in halts:
+            halt()
+        heard.set()
+    assert n == 40  # the background applied and forwarded the answers, then topped up
+    assert 0.25 < waited < 3.0  # woken by the background's message, not by the 5 s limit
+    assert [len(c) for c in search.submits] == [5]
+    assert not http.answers_in_flight()
+
+
+def test_a_background_process_needs_redis_over_the_network():
+    from maskprop_gateway import background
+
+    with pytest.raises(ValueError, match="MASKPROP_REDIS_URL"):
+        background.start(GatewaySettings(key_pepper="p" * 20, background="process"))
