@@ -16,8 +16,8 @@ sends decided labels, leases top up the question pool from a
 thread (one search call at a time per campaign), and progress, images and overlays run in
 worker threads (``MASKPROP_HTTP_THREADS``).  More throughput: more gateway processes.
 With ``MASKPROP_BACKGROUND=process`` (deployed) the settler and the forwarder run in a child
-process instead (:mod:`~maskprop_gateway.background`), so the event loop never waits for the
-GIL behind them.
+process instead (:mod:`~maskprop_gateway.background`), at a lower CPU priority than the
+requests.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """The gateway's background work in a process of its own (``MASKPROP_BACKGROUND=process``).
 
 The settler (answers applied: gold scored, votes tallied, labels decided) and the forwarder
-(decided labels sent to search, then the question pool topped up) are CPU-bound Python.  As
-threads of the HTTP process they hold the GIL while the event loop waits to take it back
-after each Redis round trip of a request, up to a switch interval a wait.  Here they run in
-a child process that the HTTP process starts (:func:`start`) and stops; they share nothing
-with it but Redis:
+(decided labels sent to search, then the question pool topped up) are CPU-bound Python, ~40 %
+of a gateway's CPU.  As threads of the HTTP process they share its GIL and its CPU priority
+with the event loop serving requests.  Here they run in a child process that the HTTP process
+starts (:func:`start`) and stops, at ``background_nice``: on a busy machine the kernel runs the
+requests first and the settling waits, which it can (nothing on the request path waits for
+it).  The lower priority is what cuts the requests' tail; the split alone, at nice 0, did not
+(benchmarks/README.md, nineteenth session).  The child shares nothing with the HTTP process
+but Redis:
 
 * answers marked by requests: the answer inbox, which this process's settler reads with a
   blocking read (:data:`WAIT_S`: no request of this process wakes it);
@@ -91,10 +94,8 @@ class Background:
 
 
 def start(settings: GatewaySettings) -> Background:
-    """Start the child process of ``settings`` (which must name Redis and search over the
-    network: it shares no object with this process)."""
-    if settings.redis_url is None:
-        raise ValueError("MASKPROP_BACKGROUND=process needs MASKPROP_REDIS_URL (a Redis server)")
+    """Start the child process of ``settings`` (which name Redis and search over the network:
+    it shares no object with this process)."""
     return Background(settings)
 
 
@@ -140,9 +141,8 @@ def _main(settings: GatewaySettings, parent: int) -> None:
     start_metrics(settings.background_metrics_port, settings.metrics_host)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(
-        signal.SIGINT, signal.SIG_IGN
-    )  # a terminal's ^C goes to both: the parent stops us
+    # a terminal's ^C reaches both processes: the parent stops this one
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     assert settings.redis_url is not None
     r = make_redis(
         settings.redis_url.get_secret_value(), connect_timeout_s=settings.connect_timeout_s

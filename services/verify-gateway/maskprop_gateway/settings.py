@@ -32,8 +32,8 @@ class GatewaySettings(RuntimeSettings):
     # each answer request and lingering this long for more.
     settle_linger_s: float = Field(default=0.01, ge=0, le=5)
     # Where the settler and the forwarder run: "thread" (threads of the HTTP process: tests,
-    # embedded) or "process" (a child process, background.py: the event loop serving requests
-    # then never waits for the GIL behind them; deployed).
+    # embedded) or "process" (a child process, background.py, at background_nice: the
+    # requests get the CPU first; deployed; needs MASKPROP_REDIS_URL).
     background: Literal["thread", "process"] = "thread"
     # With "process": the child's nice value (above 0 it yields the CPU to the requests),
     # and the port its metrics (the settler's backlog, lag and delays) are served on.
@@ -82,4 +82,8 @@ class GatewaySettings(RuntimeSettings):
             raise ValueError("MASKPROP_KEY_PEPPER must be set to a secret in prod")
         if len(self.key_pepper.get_secret_value()) < 16:
             raise ValueError("MASKPROP_KEY_PEPPER must be at least 16 characters")
+        if self.background == "process" and self.redis_url is None:
+            raise ValueError(
+                "MASKPROP_BACKGROUND=process needs MASKPROP_REDIS_URL (a Redis server)"
+            )
         return self

@@ -228,7 +228,12 @@ def test_with_a_background_process_an_empty_lease_waits_for_its_arrivals():
 
     search = SlowSearch(available=5)
     http = gateway(
-        search, background="process", forward_linger_s=0.01, refill_questions=5, lease_wait_s=5.0
+        search,
+        background="process",
+        redis_url="redis://127.0.0.1:1/0",  # named, not used: both share one fakeredis here
+        forward_linger_s=0.01,
+        refill_questions=5,
+        lease_wait_s=5.0,
     )
     bg = Gateway(http.r, search, http.qc, http.settings)
     bg.topups.broadcast = lambda cs: http.r.publish(keys.ARRIVALS, "\n".join(cs))
@@ -270,8 +275,7 @@ def test_with_a_background_process_an_empty_lease_waits_for_its_arrivals():
     assert not http.answers_in_flight()
 
 
-def test_a_background_process_needs_redis_over_the_network():
-    from maskprop_gateway import background
-
-    with pytest.raises(ValueError, match="MASKPROP_REDIS_URL"):
-        background.start(GatewaySettings(key_pepper="p" * 20, background="process"))
+def test_a_background_process_needs_redis_over_the_network(monkeypatch):
+    monkeypatch.delenv("MASKPROP_REDIS_URL", raising=False)
+    with pytest.raises(ValueError, match="MASKPROP_BACKGROUND=process needs MASKPROP_REDIS_URL"):
+        GatewaySettings(key_pepper="p" * 20, background="process")
