@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 
 #: Questions (and answers) per search call: search refuses more (search.proto).
 SEARCH_MAX_ANSWERS = 1000
-#: Seconds a campaign counts as dry after a top-up came back short (search had no more
-#: questions then), unless answers of it arrive sooner (:meth:`TopUps.announce`).
-DRY_S = 0.5
 
 
 class TopUps:
@@ -59,10 +56,6 @@ class TopUps:
         # the forwarder thread through the loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrivals: dict[str, asyncio.Event] = {}
-        # campaign -> time.monotonic() when its last top-up that came back short asked, and
-        # when answers of it last arrived (_dried_up)
-        self._dry: dict[str, float] = {}
-        self._arrived: dict[str, float] = {}
         # Set in a background process (background.py): tells the HTTP process's leases too.
         self.broadcast: Callable[[Iterable[str]], None] | None = None
 
@@ -84,15 +77,10 @@ class TopUps:
             lock.acquire()
         try:
             want = min(max(want, self.refill_questions), SEARCH_MAX_ANSWERS)
-            asked = time.monotonic()
             try:
                 questions, _done = self.search.lease(campaign, want, "gateway")
             except SearchUnavailable:
                 return 0
-            if len(questions) < want:
-                self._dry[campaign] = asked
-            else:
-                self._dry.pop(campaign, None)
             self.pool.add(
                 campaign,
                 {
@@ -116,7 +104,7 @@ class TopUps:
         when fewer than ``refill_questions`` are ready, and wait for it only when fewer than
         ``n`` are.  Returns the questions ready then."""
         ready = self.pool.ready_count(campaign)
-        if ready < self.refill_questions and not self._dried_up(campaign):
+        if ready < self.refill_questions:
             task = self._tasks.get(campaign)
             if task is None or task.done():
                 # refill asks for at least refill_questions
@@ -127,17 +115,6 @@ class TopUps:
                 await asyncio.shield(task)
                 ready = self.pool.ready_count(campaign)
         return ready
-
-    def _dried_up(self, campaign: str) -> bool:
-        """Whether search had no more questions of ``campaign`` at its last top-up, under
-        :data:`DRY_S` ago, and no answers of it arrived since: only those can open new
-        clusters, so asking again would cost search a survey for nothing.  Under overload
-        (answers applied late) every lease asked, 10,392 calls for 6,600 leases, and Redis
-        took 11.7 commands an answer instead of 9.2."""
-        since = self._dry.get(campaign)
-        if since is None or time.monotonic() - since >= DRY_S:
-            return False
-        return since > self._arrived.get(campaign, float("-inf"))
 
     async def wait_for_questions(
         self, campaign: str, ready: int, forwarding: Callable[[], bool]
@@ -167,9 +144,6 @@ class TopUps:
         was topped up; leases waiting on the event loop look again (and, from a background
         process, those of the HTTP process: :attr:`broadcast`)."""
         campaigns = list(campaigns)
-        now = time.monotonic()
-        for campaign in campaigns:
-            self._arrived[campaign] = now  # its new answers may have opened clusters
         if self.broadcast is not None:
             self.broadcast(campaigns)
         loop = self._loop

@@ -190,7 +190,7 @@ def test_an_empty_lease_waits_for_answers_the_settler_has_not_applied_yet():
     and the settler deciding their labels, they are in flight too, so a lease that finds the
     pool empty meanwhile waits for the questions they open rather than come back empty."""
     search = SlowSearch(available=5)
-    gw = gateway(search, forward_linger_s=0.01, refill_questions=50, lease_wait_s=5.0)
+    gw = gateway(search, forward_linger_s=0.01, refill_questions=5, lease_wait_s=5.0)
     first = gw.create_lease("v", "w1", CAMPAIGN, 5).to_dict()
     assert len(first["questions"]) == 5 and search.available == 0
     answers = [(q["question_id"], True, 1500) for q in first["questions"]]
@@ -198,11 +198,11 @@ def test_an_empty_lease_waits_for_answers_the_settler_has_not_applied_yet():
     async def main() -> int:
         gw.submit("v", first["lease_id"], "w1", answers)  # marked, not applied
         assert gw.answers_in_flight()
+        search.available = 40  # what the answers will open once search has them
         loop = asyncio.get_running_loop()
 
         def settle_later() -> None:
             time.sleep(0.3)
-            search.available = 40  # what the answers open once search has them
             gw.settle_pending()  # decides the labels: the forwarder sends them, then tops up
 
         waiting = loop.run_in_executor(None, settle_later)
@@ -232,7 +232,7 @@ def test_with_a_background_process_an_empty_lease_waits_for_its_arrivals():
         background="process",
         redis_url="redis://127.0.0.1:1/0",  # named, not used: both share one fakeredis here
         forward_linger_s=0.01,
-        refill_questions=50,
+        refill_questions=5,
         lease_wait_s=5.0,
     )
     bg = Gateway(http.r, search, http.qc, http.settings)
@@ -244,6 +244,7 @@ def test_with_a_background_process_an_empty_lease_waits_for_its_arrivals():
         "v", first["lease_id"], "w1", [(q["question_id"], True, 1500) for q in first["questions"]]
     )
     assert http.answers_in_flight()  # marked in the inbox, not applied by anyone yet
+    search.available = 40  # what the answers will open once search has them
     heard = threading.Event()
     background.listen(http.r, http.topups, heard)
     halts: list = []
@@ -253,7 +254,6 @@ def test_with_a_background_process_an_empty_lease_waits_for_its_arrivals():
 
         def start_later() -> None:
             time.sleep(0.3)
-            search.available = 40  # what the answers open once search has them
             halts.append(bg.start_forwarder())
             halts.insert(0, bg.settler.start(idle_s=0.0, wait_s=background.WAIT_S))
 
@@ -279,31 +279,3 @@ def test_a_background_process_needs_redis_over_the_network(monkeypatch):
     monkeypatch.delenv("MASKPROP_REDIS_URL", raising=False)
     with pytest.raises(ValueError, match="MASKPROP_BACKGROUND=process needs MASKPROP_REDIS_URL"):
         GatewaySettings(key_pepper="p" * 20, background="process")
-
-
-def test_a_dry_campaign_is_not_asked_again_until_answers_of_it_arrive(monkeypatch):
-    """A top-up that came back short means search had no more questions of the campaign;
-    only its answers can open new clusters, so leases do not ask again until some arrive
-    (TopUps.announce) or topups.DRY_S passes.  Under overload every lease asked: 10,392
-    calls for 6,600 leases, 46 questions a call."""
-    from maskprop_gateway import topups
-
-    search = SlowSearch(available=3)
-    gw = gateway(search, refill_questions=50, lease_wait_s=0.0)
-
-    async def lease(worker: str) -> int:
-        return real(await gw.create_lease_on_loop("v", worker, CAMPAIGN, 10))
-
-    async def main() -> list[tuple[int, int]]:
-        seen = [(await lease("w1"), len(search.leases))]  # asked 50, got 3: dry
-        seen.append((await lease("w2"), len(search.leases)))  # not asked again
-        search.available = 20
-        gw.topups.announce([CAMPAIGN])  # answers of it arrived: it may have more
-        seen.append((await lease("w3"), len(search.leases)))  # asked 50, got 20: dry again
-        seen.append((await lease("w4"), len(search.leases)))  # the 10 left, no call
-        seen.append((await lease("w5"), len(search.leases)))
-        monkeypatch.setattr(topups, "DRY_S", 0.0)  # the dry spell is over: ask again
-        seen.append((await lease("w6"), len(search.leases)))
-        return seen
-
-    assert asyncio.run(main()) == [(3, 1), (0, 1), (10, 2), (10, 2), (0, 2), (0, 3)]
