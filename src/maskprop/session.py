@@ -435,15 +435,7 @@ class AnnotationSession:
 
     def _lease_from(self, key: tuple[int, int], oc: _Open, limit: int, out: list[Question]) -> None:
         c, node = key
-        size = int(self._trees[c].size[node])
-        if self.params.sequential == "off":
-            wanted = len(oc.sample) - oc.leased
-        else:
-            # Ask the next batch only once the previous one is answered.
-            if oc.outstanding:
-                return
-            wanted = questions_per_round(len(oc.answered), size, self.params)
-        take = min(wanted, limit, len(oc.sample) - oc.leased)
+        take = min(self._leasable(key, oc), limit)
         for mask in oc.sample[oc.leased : oc.leased + take]:
             oc.outstanding.add(mask)
             out.append(Question(c, node, mask))
@@ -493,12 +485,12 @@ class AnnotationSession:
 
     def _leasable(self, key: tuple[int, int], oc: _Open) -> int:
         """The questions an unbounded :meth:`lease` would hand out from open cluster ``key``
-        now (as :meth:`_lease_from` counts them)."""
+        now (:meth:`_lease_from` hands out up to this many)."""
         left = len(oc.sample) - oc.leased
         if self.params.sequential == "off":
             return left
         if oc.outstanding:
-            return 0
+            return 0  # sequential: the next batch only once the previous one is answered
         c, node = key
         size = int(self._trees[c].size[node])
         return min(left, questions_per_round(len(oc.answered), size, self.params))

@@ -104,7 +104,7 @@ def create_app(
         stops: list[Callable[[], None]] = []
         app.state.background = None
         if settings.background == "process":
-            app.state.background = background.start(settings)
+            app.state.background = background.Background(settings)
             heard = threading.Event()
             background.listen(r, app.state.gateway.topups, heard)
             stops += [app.state.background.stop, heard.set]

@@ -3,12 +3,12 @@
 The settler (answers applied: gold scored, votes tallied, labels decided) and the forwarder
 (decided labels sent to search, then the question pool topped up) are CPU-bound Python, ~40 %
 of a gateway's CPU.  As threads of the HTTP process they share its GIL and its CPU priority
-with the event loop serving requests.  Here they run in a child process that the HTTP process
-starts (:func:`start`) and stops, at ``background_nice``: on a busy machine the kernel runs the
-requests first and the settling waits, which it can (nothing on the request path waits for
-it).  The lower priority is what cuts the requests' tail; the split alone, at nice 0, did not
-(benchmarks/README.md, nineteenth session).  The child shares nothing with the HTTP process
-but Redis:
+with the event loop serving requests.  Here they run in a child process that the HTTP
+process starts (:class:`Background`) and stops, at ``background_nice``: on a busy machine the
+kernel runs the requests first and the settling waits, which it can (nothing on the request
+path waits for it).  The lower priority is what cuts the requests' tail; the split alone, at
+nice 0, did not (benchmarks/README.md, nineteenth session).  The child shares nothing with
+the HTTP process but Redis:
 
 * answers marked by requests: the answer inbox, which this process's settler reads with a
   blocking read (:data:`WAIT_S`: no request of this process wakes it);
@@ -50,7 +50,8 @@ STOP_WAIT_S = 20.0
 
 
 class Background:
-    """The child process, as the HTTP process sees it."""
+    """The child process, as the HTTP process sees it: started at once with ``settings``
+    (which name Redis and search over the network: it shares no object with this process)."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -65,10 +66,6 @@ class Background:
         )
         self._proc.start()
         log.info("background process started", extra={"pid": self._proc.pid})
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
 
     def ensure_alive(self) -> bool:
         """Start the child again if it died (its inbox entries wait in Redis meanwhile);
@@ -91,12 +88,6 @@ class Background:
             log.error("the background process did not stop; killing it")
             self._proc.kill()
             self._proc.join(5)
-
-
-def start(settings: GatewaySettings) -> Background:
-    """Start the child process of ``settings`` (which name Redis and search over the network:
-    it shares no object with this process)."""
-    return Background(settings)
 
 
 def listen(redis: Any, topups: TopUps, stop: threading.Event) -> threading.Thread:

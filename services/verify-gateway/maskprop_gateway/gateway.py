@@ -214,13 +214,10 @@ class Gateway:
         """Whether answers this process received may still free or open questions: marked
         but not applied (:meth:`Settler.pending`), or decided labels on their way to search
         (:meth:`Forwarder.forwarding`).  With the settler and forwarder in a background
-        process: whether the answer inbox or the label outbox holds anything (one round
-        trip, made only by leases that found the pool empty)."""
+        process: whether the answer inbox or the label outbox holds anything (read only by
+        leases that found the pool empty)."""
         if self.settings.background == "process":
-            pipe = self.r.pipeline(transaction=False)
-            pipe.xlen(keys.ANSWER_INBOX)
-            pipe.xlen(keys.LABEL_OUTBOX)
-            return any(int(n) for n in pipe.execute())
+            return bool(self.settler.backlog() or self.forwarder.outbox.pending())
         return self.settler.pending() or self.forwarder.forwarding()
 
     async def drain_refills(self) -> None:
