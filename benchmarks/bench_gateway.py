@@ -55,6 +55,7 @@ CPU is printed as ``gateway-bg``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -71,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskprop_runtime.bus import KafkaBus
 from maskprop_runtime.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,7 +431,6 @@ def feed(
 
     from maskprop.simulate.scenes import pool_index
     from maskprop_runtime import topics
-    from maskprop_runtime.bus import KafkaBus
 
     producer = KafkaBus(bootstrap, namespace=namespace).producer()
     truth: dict[str, bool] = {}
@@ -838,6 +839,10 @@ def search_stack(
         for proc in reversed(procs):
             proc.stop()
         r.flushdb()
+        with contextlib.suppress(ConnectionError):  # its topics hold GBs a run
+            KafkaBus(
+                kafka, namespace=base["MASKPROP_TOPIC_NAMESPACE"], connect_timeout_s=10
+            ).drop_namespace()
         (work / "truth.json").unlink(missing_ok=True)
         if keep:
             print(f"logs kept in {logs}")

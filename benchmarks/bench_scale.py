@@ -45,6 +45,7 @@ at the end), never the shared dev-infra broker.  ``--infra shared`` (default) us
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -67,6 +68,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_gateway import _Http, percentile  # noqa: E402
 
+from maskprop_runtime.bus import KafkaBus  # noqa: E402
 from tests.integration.conftest import Service, free_port  # noqa: E402
 
 PEPPER = "bench-scale-pepper-0123456789"
@@ -209,9 +211,12 @@ class Infra:
         self._script("restart-kafka")
         return time.monotonic() - t0
 
-    def close(self) -> None:
+    def close(self, namespace: str) -> None:
         if self.kind == "private":
             self._script("down", "--wipe")
+        else:  # the shared broker keeps no benchmark's topics (GBs a run at 3M masks)
+            with contextlib.suppress(ConnectionError):
+                KafkaBus(self.kafka, namespace=namespace, connect_timeout_s=10).drop_namespace()
 
 
 def _empty_db(base_url: str) -> str:
@@ -716,7 +721,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             r.flushdb()
         except Exception:  # a private Redis may be gone already
             pass
-        infra.close()
+        infra.close(namespace)
         if args.keep:
             print(f"kept {work}")
         else:

@@ -232,6 +232,27 @@ class KafkaBus:
             admin.close()
         self._created.update(missing)
 
+    def drop_namespace(self) -> list[str]:
+        """Delete every topic of this bus's namespace (a benchmark's or a test run's, when it
+        ends, so a shared broker's disk does not fill with them); returns their names.  Refused
+        without a namespace: the topics of a deployment are never deleted by code."""
+        from kafka.admin import KafkaAdminClient
+
+        if not self.namespace:
+            raise ValueError("drop_namespace needs a namespace: it never deletes shared topics")
+        admin = self._retry(
+            "admin",
+            lambda: KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="maskprop"),
+        )
+        try:
+            ours = sorted(t for t in admin.list_topics() if t.startswith(f"{self.namespace}."))
+            if ours:
+                admin.delete_topics(ours, timeout_ms=30_000)
+        finally:
+            admin.close()
+        self._created.clear()
+        return ours
+
     def physical(self, topic: str) -> str:
         return f"{self.namespace}.{topic}" if self.namespace else topic
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 
 import grpc
 import pytest
@@ -268,3 +269,15 @@ def test_embedded_and_distributed_modes_give_identical_outputs(infra, tmp_path):
 
     # Shard order follows partitions, so compare the exported content, not byte order.
     assert coco(tmp_path / "embedded") == coco(tmp_path / "distributed")
+
+
+def test_a_namespace_is_dropped_with_its_topics_and_nothing_else(infra):
+    ours, other = (KafkaBus(infra["kafka"], namespace=f"drop{uuid.uuid4().hex[:8]}") for _ in "ab")
+    ours.ensure_topics([topics.MASKS, topics.LABELS])
+    other.ensure_topics([topics.MASKS])
+    dropped = ours.drop_namespace()
+    assert dropped == sorted([ours.physical(topics.LABELS), ours.physical(topics.MASKS)])
+    assert ours.drop_namespace() == []  # gone; the other namespace's topic stays
+    assert other.drop_namespace() == [other.physical(topics.MASKS)]
+    with pytest.raises(ValueError, match="needs a namespace"):
+        KafkaBus(infra["kafka"]).drop_namespace()
