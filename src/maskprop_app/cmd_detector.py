@@ -20,8 +20,11 @@ detector_app = typer.Typer(help="Train the detector and predict masks.", no_args
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/demo"),
     images: Annotated[
-        int, typer.Option(help="Synthetic images (10% train, 80% pool, 10% val).")
+        int, typer.Option(help="Synthetic images (--labelled train, 10% val, the rest pool).")
     ] = 2000,
+    labelled: Annotated[
+        float, typer.Option(help="Share of the images in the labelled split (paper Fig. 7: 0.05).")
+    ] = 0.1,
     rounds: Annotated[int, typer.Option(help="Annotate-and-retrain rounds.")] = 2,
     train_steps: Annotated[int, typer.Option(help="Training steps in round 1.")] = 300,
     retrain_steps: Annotated[int, typer.Option(help="Fine-tuning steps in later rounds.")] = 200,
@@ -49,7 +52,8 @@ def demo(
     bars = Bars(progress)
     with user_errors(bars):
         cfg = DemoConfig(
-            images=images, rounds=rounds, train_steps=train_steps, retrain_steps=retrain_steps,
+            images=images, labelled=labelled, rounds=rounds, train_steps=train_steps,
+            retrain_steps=retrain_steps,
             annotator_error=annotator_error, seed=seed, device=device,
             propagated_masks=propagated_masks, control=control, backend=backend,
         )  # fmt: skip

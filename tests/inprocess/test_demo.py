@@ -45,6 +45,8 @@ def test_demo_writes_report_annotations_and_plots(tmp_path):
         ({"rounds": 0}, "rounds must be"),
         ({"annotator_error": 0.9}, "annotator error"),
         ({"campaign": "../x"}, "campaign name"),
+        ({"labelled": 0.0}, "labelled share"),
+        ({"labelled": 0.85}, "labelled share"),
     ],
 )
 def test_demo_rejects_bad_settings(tmp_path, kwargs, needle):
@@ -77,3 +79,17 @@ def test_an_interrupted_demo_resumes_without_retraining_finished_rounds(tmp_path
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert (tmp_path / "models/round1.pt").stat().st_mtime_ns == round1  # not trained again
     assert "images" not in seen  # the synthetic scenes were reused, not rendered again
+
+
+def test_the_labelled_share_sizes_the_train_split_and_a_new_share_renders_new_scenes(tmp_path):
+    from maskprop.progress import no_progress
+    from maskprop_app.demo import _synth
+
+    few = _synth(DemoConfig(images=40, labelled=0.05), tmp_path, no_progress)
+    assert {k: v["images"] for k, v in few["splits"].items()} == {"train": 2, "pool": 34, "val": 4}
+    again = _synth(DemoConfig(images=40, labelled=0.2), tmp_path, no_progress)
+    assert {k: v["images"] for k, v in again["splits"].items()} == {
+        "train": 8,
+        "pool": 28,
+        "val": 4,
+    }
