@@ -95,16 +95,17 @@ def _split(cfg: DemoConfig) -> dict[str, float]:
 def _synth(cfg: DemoConfig, data: Path, progress: Progress) -> dict[str, Any]:
     """The synthetic scenes, reused when a previous run made the same ones."""
     marker = data / "summary.json"
-    want = {"images": cfg.images, "seed": cfg.seed, "size": cfg.image_size, "split": _split(cfg)}
+    split = _split(cfg)
+    want = {"images": cfg.images, "seed": cfg.seed, "size": cfg.image_size, "split": split}
     if marker.exists():
         old = json.loads(marker.read_text())
         if {k: old.get(k) for k in want} == want:
             return dict(old)
     summary = synth_scenes(
-        cfg.images, data, seed=cfg.seed, size=cfg.image_size, split=want["split"],
+        cfg.images, data, seed=cfg.seed, size=cfg.image_size, split=split,
         progress=progress,
     )  # fmt: skip
-    summary = {**json.loads(json.dumps(summary, default=str)), "split": want["split"]}
+    summary = {**json.loads(json.dumps(summary, default=str)), "split": split}
     with atomic_file(marker) as f:
         f.write(json.dumps(summary, indent=2).encode())
     return dict(summary)
