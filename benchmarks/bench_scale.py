@@ -502,6 +502,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "MASKPROP_KEY_PEPPER": PEPPER,
             "MASKPROP_RATE_PER_S": "1000000",
             "MASKPROP_RATE_BURST": "1000000",
+            # as deployed (deploy/k8s): settler and forwarder in a child process at nice 10,
+            # counted in the gateway's process tree
+            "MASKPROP_BACKGROUND": "process",
+            "MASKPROP_BACKGROUND_NICE": "10",
         },
     }
     services = {name: Service(MODULES[name], envs[name], logs) for name in SERVICES}
