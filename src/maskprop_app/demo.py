@@ -1,9 +1,10 @@
 """``maskprop demo``: the whole loop of the paper on images, end to end, in one process, as a
 thin wrapper over the campaign path (``maskprop campaign run``, :func:`run_spec`).
 
-The demo makes what a dataset team brings: a synthetic pool (``data synth``: a labelled ~10 %
-train split, the unlabelled pool, a held-out val split) and a detector trained on the labelled
-split (``detector train``: round 1's weights, resumable).  Then it runs the campaign over the
+The demo makes what a dataset team brings: a synthetic pool (``data synth``: a labelled train
+split of ``labelled`` of the images, a held-out val split of 10 %, the rest the unlabelled pool)
+and a detector trained on the labelled split (``detector train``: round 1's weights,
+resumable).  Then it runs the campaign over the
 pool folder exactly as ``campaign run`` does with a spec (the paper's parameters, the rounds, an
 unbounded question budget, the labelled split to retrain on) and a simulated crowd answering
 from the pool's ground truth with ``annotator_error`` noise, adding what a demo measures: every
