@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 import torchvision
-from maskprop_detector.data import InstanceDataset, LabelledSet, read_image
-from maskprop_detector.infer import detect
+from bench_retrain import minus_baseline
+from maskprop_detector.data import InstanceDataset, LabelledSet
 from maskprop_detector.model import DetectorConfig, build_model
 from maskprop_detector.pretrained import load_pretrained
 from maskprop_detector.train import TrainConfig, train
 
-from maskprop.data.instances import mask_ap
 from maskprop.data.synth import DEFAULT_CLASSES, synth_scenes
+from maskprop_app.campaign_priors import detect_heldout, load_heldout
 
 ARMS = ("scratch", "coco", "imagenet")
 
@@ -76,26 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         train_set = LabelledSet.from_coco(
             folder / "data/annotations/train.json", folder / "data/images/train"
         )
-        val_set = LabelledSet.from_coco(
-            folder / "data/annotations/val.json", folder / "data/images/val"
-        )
         classes = tuple(DEFAULT_CLASSES)
-        by_name = {c["name"]: int(c["id"]) for c in val_set.categories}
-        category_ids = [by_name[n] for n in classes]
+        held = load_heldout(
+            classes, folder / "data/annotations/val.json", folder / "data/images/val"
+        )
         cfg = DetectorConfig(classes=classes, architecture=args.architecture)
         paths = checkpoints(args.architecture, folder, args.seed)
 
-        def val_ap(model: Any) -> float:
-            def images() -> Any:
-                for im in val_set.images:
-                    yield int(im["id"]), read_image(val_set.image_root, im["file_name"])
-
-            dets = detect(model, cfg, images(), total=len(val_set.images))
-            return float(mask_ap(val_set.doc(), dets.coco_results(category_ids))["ap"])
-
         print(
             f"# {args.architecture}: {len(train_set.images)} labelled images, "
-            f"{len(val_set.images)} val; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
+            f"{len(held.paths)} val; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
             f"seed {args.seed}, {args.threads} threads; checkpoints of random values"
         )
         print(f"{'arm':<9} {'loaded':>7} {'reinit':>7} {'final loss':>11} {'mask AP':>8} {'s':>6}")
@@ -111,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, cfg, InstanceDataset(train_set, classes, flip=True),
                 TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed),
             )  # fmt: skip
-            score = val_ap(model)
+            score = float(detect_heldout(held, model, cfg)[1]["ap"])
             loss = sum(losses.values())
             results[arm] = {
                 "loaded": done["loaded"],
@@ -127,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if "scratch" in results:
-        base = results["scratch"]["mask_ap"]
-        print("# mask AP minus scratch's: " + ", ".join(
-            f"{k} {v['mask_ap'] - base:+.4f}" for k, v in results.items() if k != "scratch"
-        ))  # fmt: skip
+        print(minus_baseline(results, "scratch", "mask_ap", "mask AP"))
     if args.out:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
                                         "results": results}, indent=2) + "\n")  # fmt: skip

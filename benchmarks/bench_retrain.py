@@ -56,7 +56,8 @@ from maskprop_detector.train import TrainConfig, load_model, train
 from pycocotools import mask as mask_utils
 
 from maskprop.data.coco import to_pycoco
-from maskprop.data.instances import deduplicate, mask_ap
+from maskprop.data.instances import deduplicate
+from maskprop_app.campaign_priors import detect_heldout, load_heldout
 from maskprop_app.campaign_retrain import load_accepted
 
 VARIANTS = (
@@ -128,6 +129,14 @@ def _ignore_regions(
     return out
 
 
+def minus_baseline(results: dict[str, Any], baseline: str, key: str, what: str) -> str:
+    """The line that reads every other arm's ``key`` against the named baseline's."""
+    base = results[baseline][key]
+    return f"# {what} minus {baseline}'s: " + ", ".join(
+        f"{k} {v[key] - base:+.4f}" for k, v in results.items() if k != baseline
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", type=Path, required=True, help="a finished `maskprop demo` --out")
@@ -151,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     data = demo / "data"
     train_set = LabelledSet.from_coco(data / "annotations/train.json", data / "images/train")
-    val_set = LabelledSet.from_coco(data / "annotations/val.json", data / "images/val")
     pool_set = LabelledSet.from_coco(data / "annotations/pool.json", data / "images/pool")
     model, dcfg = load_model(weights)
     classes = tuple(dcfg.classes)
@@ -203,13 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     batch, lr = 8, 5e-4  # the demo's retraining (campaign retrain's defaults)
 
-    def val_ap(model: Any) -> float:
-        def images() -> Any:
-            for im in val_set.images:
-                yield int(im["id"]), read_image(val_set.image_root, im["file_name"])
+    held = load_heldout(classes, data / "annotations/val.json", data / "images/val")
 
-        dets = detect(model, dcfg, images(), total=len(val_set.images))
-        return float(mask_ap(val_set.doc(), dets.coco_results(category_ids))["ap"])
+    def val_ap(model: Any) -> float:
+        return float(detect_heldout(held, model, dcfg)[1]["ap"])
 
     seeds = [int(s) for s in args.seeds.split(",")]
     print(
@@ -245,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if "control" in results:
-        base = results["control"]["mean_ap"]
-        print("# mean AP minus control's: " + ", ".join(
-            f"{k} {v['mean_ap'] - base:+.4f}" for k, v in results.items() if k != "control"
-        ))  # fmt: skip
+        print(minus_baseline(results, "control", "mean_ap", "mean AP"))
     if args.out:
         args.out.write_text(json.dumps({
             "demo": str(demo), "round": args.round, "steps": args.steps, "seeds": seeds,
