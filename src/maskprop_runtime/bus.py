@@ -8,7 +8,8 @@ import threading
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -204,18 +205,28 @@ class KafkaBus:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def ensure_topics(self, topics: Iterable[str]) -> None:
-        from kafka.admin import KafkaAdminClient, NewTopic
-        from kafka.errors import TopicAlreadyExistsError
+    @contextmanager
+    def _admin(self) -> Iterator[Any]:
+        """A Kafka admin client (retried while the broker is unreachable), closed after."""
+        from kafka.admin import KafkaAdminClient
 
-        missing = [self.physical(t) for t in topics if self.physical(t) not in self._created]
-        if not missing:
-            return
         admin = self._retry(
             "admin",
             lambda: KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="maskprop"),
         )
         try:
+            yield admin
+        finally:
+            admin.close()
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        missing = [self.physical(t) for t in topics if self.physical(t) not in self._created]
+        if not missing:
+            return
+        with self._admin() as admin:
             existing = set(admin.list_topics())
             config = {"max.message.bytes": str(self.max_message_bytes)}
             new = [
@@ -228,28 +239,18 @@ class KafkaBus:
                     admin.create_topics(new)
                 except TopicAlreadyExistsError:
                     pass
-        finally:
-            admin.close()
         self._created.update(missing)
 
     def drop_namespace(self) -> list[str]:
         """Delete every topic of this bus's namespace (a benchmark's or a test run's, when it
         ends, so a shared broker's disk does not fill with them); returns their names.  Refused
         without a namespace: the topics of a deployment are never deleted by code."""
-        from kafka.admin import KafkaAdminClient
-
         if not self.namespace:
             raise ValueError("drop_namespace needs a namespace: it never deletes shared topics")
-        admin = self._retry(
-            "admin",
-            lambda: KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="maskprop"),
-        )
-        try:
+        with self._admin() as admin:
             ours = sorted(t for t in admin.list_topics() if t.startswith(f"{self.namespace}."))
             if ours:
                 admin.delete_topics(ours, timeout_ms=30_000)
-        finally:
-            admin.close()
         self._created.clear()
         return ours
 
