@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from maskprop_runtime import metrics, topics
 from maskprop_runtime.bus import Bus, Consumer, Producer, Record
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
+from maskprop_runtime.watchdog import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class EventLoop:
         self.max_records = max_records
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        # Beaten each time :meth:`run` goes round (an idle poll returns every ``poll_s``):
+        # the service's watchdog fails its health check when it stops (watchdog.py).
+        self.heartbeat = Heartbeat(f"{service} consumer")
 
     def _ensure(self) -> tuple[Consumer, Producer]:
         if self._producer is None:
@@ -177,6 +181,7 @@ class EventLoop:
         """For a handler that runs long (the clusterer waiting for a tree build): keep the
         consumer's group membership without consuming (:meth:`Consumer.keep_alive`).  Call it
         from the loop's own thread, every few seconds."""
+        self.heartbeat.beat()
         if self._consumer is not None:
             self._consumer.keep_alive()
 
@@ -184,6 +189,7 @@ class EventLoop:
         """Run until ``stop`` is set; on an infrastructure error, reconnect and go on."""
         delay = 0.5
         while not stop.is_set():
+            self.heartbeat.beat()
             try:
                 self.step(poll_s)
                 delay = 0.5

@@ -26,6 +26,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from maskprop_runtime.watchdog import Heartbeat
+
 log = logging.getLogger(__name__)
 
 #: Arguments per Lua ``unpack`` (Lua's C stack limit is 8000).
@@ -169,12 +171,15 @@ def relay_loop(
     idle_s: float = 0.2,
     linger_s: float = 0.0,
     name: str = "",
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """The loop of :meth:`Outbox.run_relay` over any ``drain()`` (returns entries published),
     for a relay of several outboxes too: drain when ``wake`` is set and every ``idle_s``
     seconds, lingering ``linger_s`` for more after a wake, until ``stop``; errors are logged
-    and retried after ~1 s."""
+    and retried after ~1 s.  ``heartbeat`` is beaten each time round (watchdog.py)."""
     while not stop.is_set():
+        if heartbeat is not None:
+            heartbeat.beat()
         wake.clear()
         try:
             sent = drain()

@@ -51,6 +51,10 @@ class RuntimeSettings(BaseSettings):
     # between busy threads (route bodies, gRPC workers, relays) only add context switches
     # (bench_gateway: ~10 % less CPU an answer at 0.02).
     switch_interval_s: float = Field(default=0.02, gt=0, le=1)
+    # Seconds a service's work loop (Kafka consumer, label relay) may go without going round
+    # before its gRPC health turns NOT_SERVING and the liveness probe restarts the pod
+    # (maskprop_runtime.watchdog); longer than any one handler call.  0: not watched.
+    loop_stall_s: float = Field(default=600.0, ge=0)
 
     @model_validator(mode="after")
     def _refuse_unsafe_prod(self) -> RuntimeSettings:

@@ -41,6 +41,7 @@ from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import TreeStore, check_name
+from maskprop_runtime.watchdog import watch
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,7 @@ def main() -> None:
     server, health = start_health_only(settings.grpc_host, settings.grpc_port, "clusterer")
     log.info("clusterer started", extra={"tree_dir": str(settings.trees)})
     clusterer, loop = wire_clusterer(settings, run.bus, run.redis)
+    watch(health, ["clusterer"], [loop.heartbeat], settings.loop_stall_s, run.stop)
     try:
         loop.run(run.stop)
     finally:

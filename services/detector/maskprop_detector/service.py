@@ -37,6 +37,7 @@ from maskprop_runtime.pb.maskprop.detector.v1 import detector_pb2
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
+from maskprop_runtime.watchdog import watch
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,8 @@ def main() -> None:
     settings = DetectorSettings()
     run = start_service(settings, "detector", needs_redis=True)
     server, health = start_health_only(settings.grpc_host, settings.grpc_port, "detector")
-    build_detector(settings, run.bus, run.redis).run(run.stop)
+    loop = build_detector(settings, run.bus, run.redis)
+    watch(health, ["detector"], [loop.heartbeat], settings.loop_stall_s, run.stop)
+    loop.run(run.stop)
     health.enter_graceful_shutdown()
     server.stop(5).wait()

@@ -16,6 +16,7 @@ import logging
 
 from maskprop_runtime.metrics import LABEL_OUTBOX_PENDING
 from maskprop_runtime.server import entrypoint, start_health_only, start_service
+from maskprop_runtime.watchdog import watch
 from maskprop_search.service import SearchSettings, build_core
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def main() -> None:
     LABEL_OUTBOX_PENDING.set_function(core.outbox_backlog)
     server, health = start_health_only(settings.grpc_host, settings.grpc_port, "label-relay")
     log.info("label relay started", extra={"grpc_port": settings.grpc_port})
+    watch(health, ["label-relay"], [core.outboxes.heartbeat], settings.loop_stall_s, run.stop)
     # no wake-up from the saves of other processes: the relay polls the outboxes
     core.run_relay(run.stop, idle_s=settings.relay_poll_s, linger_s=settings.relay_linger_s)
     health.enter_graceful_shutdown()

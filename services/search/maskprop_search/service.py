@@ -24,6 +24,7 @@ from maskprop_runtime.server import (
     start_service,
 )
 from maskprop_runtime.settings import RuntimeSettings
+from maskprop_runtime.watchdog import watch
 from maskprop_search.core import SearchCore
 from maskprop_search.grpc_api import SearchServicer
 from maskprop_search.store import CACHE_MASKS
@@ -172,6 +173,8 @@ def main() -> None:
     )
     consumer = threading.Thread(target=loop.run, args=(stop,), name="trees-consumer", daemon=True)
     consumer.start()
+    beats = [loop.heartbeat] + ([core.outboxes.heartbeat] if relay is not None else [])
+    watch(health, ["maskprop.search.v1.SearchService"], beats, settings.loop_stall_s, stop)
     serve_until(server, health, stop)
     consumer.join(timeout=15)
     if relay is None:  # the relay process publishes what the last calls decided

@@ -61,6 +61,7 @@ from maskprop.session import AnnotationSession
 from maskprop.tree import Tree
 from maskprop_runtime import topics
 from maskprop_runtime.outbox import Outbox, Publish, relay_loop
+from maskprop_runtime.watchdog import Heartbeat
 from maskprop_search import wire
 from maskprop_search.wire import BadRequest, ClassMasks
 
@@ -371,6 +372,7 @@ class LabelOutboxes:
         self._outboxes: dict[str, Outbox] = {}
         self._guard = threading.Lock()
         self._wake = threading.Event()
+        self.heartbeat = Heartbeat("label relay")  # beaten by run_relay (watchdog.py)
 
     def of(self, campaign: str) -> Outbox:
         """The campaign's outbox (its stream key, relay lock, drain)."""
@@ -415,6 +417,7 @@ class LabelOutboxes:
             idle_s=idle_s,
             linger_s=linger_s,
             name=OUTBOXES_KEY,
+            heartbeat=self.heartbeat,
         )
 
     def signal(self) -> None:

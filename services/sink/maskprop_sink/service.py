@@ -29,6 +29,7 @@ from maskprop_runtime.pb.maskprop.sink.v1 import sink_pb2_grpc
 from maskprop_runtime.server import build_server, entrypoint, listen, start_service
 from maskprop_runtime.settings import RuntimeSettings
 from maskprop_runtime.treestore import check_name
+from maskprop_runtime.watchdog import watch
 from maskprop_sink.dataset import DatasetWriter, UnwritableEvent
 from maskprop_sink.grpc_api import SERVICE_NAME as DATASET_SERVICE
 from maskprop_sink.grpc_api import DatasetServicer
@@ -191,8 +192,10 @@ def main() -> None:
     listen(server, settings.grpc_host, settings.grpc_port)
     server.start()
     log.info("sink started", extra={"dataset_dir": str(settings.dataset_dir)})
+    loop = build_sink(settings, bus, writer=writer)
+    watch(health, [SERVICE, DATASET_SERVICE], [loop.heartbeat], settings.loop_stall_s, stop)
     try:
-        build_sink(settings, bus, writer=writer).run(stop)
+        loop.run(stop)
     finally:
         health.enter_graceful_shutdown()
         server.stop(5).wait()
