@@ -23,7 +23,11 @@ def demo(
         int, typer.Option(help="Synthetic images (--labelled train, 10% val, the rest pool).")
     ] = 2000,
     labelled: Annotated[
-        float, typer.Option(help="Share of the images in the labelled split (paper Fig. 7: 0.05).")
+        float,
+        typer.Option(
+            help="Share of the images in the labelled split (paper Fig. 7: 0.05; here the "
+            "propagated labels beat the labelled-only control at 0.02 and below)."
+        ),
     ] = 0.1,
     rounds: Annotated[int, typer.Option(help="Annotate-and-retrain rounds.")] = 2,
     train_steps: Annotated[int, typer.Option(help="Training steps in round 1.")] = 300,
