@@ -125,3 +125,21 @@ def test_masks_no_event_can_carry_are_dead_lettered_and_left_out_of_the_count(st
     assert len({e.masks.masks[0].mask_id for e in letters}) == len(dead)
     # nothing sent, so no class expects masks: none is closed with a count it never gets
     assert _masks(bus) == []
+
+
+def test_a_long_batch_keeps_the_consumer_alive_between_inference_batches(stack, monkeypatch):
+    """A batch of many images on a CPU outlasts the group's max.poll.interval: the handler
+    calls the loop's keep-alive (which also beats its watchdog) while the model works."""
+    import maskprop_detector.service as service
+
+    bus, detector, _, _ = stack
+    monkeypatch.setattr(service, "KEEP_ALIVE_S", 0.0)  # every image, instead of every 5 s
+    handler = detector.handlers[topics.IMAGES].__self__
+    assert handler.keep_alive == detector.keep_alive  # wired by build_detector
+    beats = []
+    beat = detector.heartbeat.beat
+    monkeypatch.setattr(detector.heartbeat, "beat", lambda: (beats.append(1), beat()))
+    _send(bus, _batch(0, 1, [1, 2, 3, 4, 5, 6, 7]))
+    run_until_idle([detector])
+    assert len(beats) >= 6  # before each image the model takes but the first
+    assert _masks(bus)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from pydantic import Field
@@ -42,6 +43,9 @@ from maskprop_runtime.watchdog import watch
 log = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_BATCH = 1024
+#: Seconds between the consumer keep-alives of a batch going through the model.
+KEEP_ALIVE_S = 5.0
+T = TypeVar("T")
 
 
 class DetectorSettings(RuntimeSettings):
@@ -84,6 +88,10 @@ class DetectorHandler:
         self.device = device
         self.batch_size = batch_size
         self.skipped_images = 0
+        #: Called at most every :data:`KEEP_ALIVE_S` while a batch's images go through the
+        #: model (the loop's consumer keep-alive, which also beats its watchdog): 1,024 images
+        #: on a CPU take longer than the group's max.poll.interval (600 s).
+        self.keep_alive: Callable[[], None] = lambda: None
 
     def _model_for(self, weights: str) -> tuple[Any, Any]:
         """(model, cfg) of a batch: the service's own, or the round's weights it names."""
@@ -127,6 +135,15 @@ class DetectorHandler:
         if any(not i for i in ids) or len(set(ids)) != len(ids):
             raise InvalidEvent("image ids must be non-empty and unique within a batch")
 
+    def _kept_alive(self, items: Iterator[T]) -> Iterator[T]:
+        """``items`` as the model takes them (a batch at a time), keeping the consumer alive."""
+        last = time.monotonic()
+        for item in items:
+            if time.monotonic() - last >= KEEP_ALIVE_S:
+                self.keep_alive()
+                last = time.monotonic()
+            yield item
+
     def handle(self, msg: Message, record: Record) -> list[Emit]:
         from maskprop_detector.data import read_image
         from maskprop_detector.events import closed_events, masks_events, table_encoder
@@ -145,7 +162,7 @@ class DetectorHandler:
         dets = detect(
             model,
             cfg,
-            ((ref.image_id, px) for ref, px in pixels),
+            self._kept_alive((ref.image_id, px) for ref, px in pixels),
             batch_size=self.batch_size,
             device=self.device,
         )
@@ -241,7 +258,7 @@ def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoo
             path, device, backend=settings.detector_backend or None
         ),
     )  # fmt: skip
-    return EventLoop(
+    loop = EventLoop(
         service="detector",
         bus=bus,
         group="maskprop-detector",
@@ -249,6 +266,8 @@ def build_detector(settings: DetectorSettings, bus: Bus, redis: Any) -> EventLoo
         dedup=DedupStore(redis, "detector", ttl_s=settings.dedup_ttl_s),
         max_records=1,
     )
+    handler.keep_alive = loop.keep_alive
+    return loop
 
 
 @entrypoint
