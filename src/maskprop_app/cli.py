@@ -32,6 +32,8 @@ def build_app() -> typer.Typer:
         add_completion=False,
         no_args_is_help=True,
         pretty_exceptions_enable=False,
+        # the commands' docstrings are their help: ``code`` in them renders as code
+        rich_markup_mode="markdown",
         help="Label instance masks at scale by clustering, verifying a few and propagating.",
     )
     root.command()(simulate)

@@ -605,7 +605,7 @@ def autopilot(
 ) -> None:
     """Run the campaign's rounds without an operator: when round R is decided and its labels
     are in the sink's dataset, export the accepted masks, retrain into
-    <models-root>/<campaign>/round<R+1>.pt, learn K_pr/K_pa anew on --heldout (revising the
+    ``<models-root>/<campaign>/round<R+1>.pt``, learn K_pr/K_pa anew on --heldout (revising the
     spec) and publish round R+1; stop at the last round, a
     spent budget, a pause or a stop (``maskprop_app.campaign_autopilot``).  Resumable.  Prints
     what each round did (JSON)."""
