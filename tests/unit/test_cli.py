@@ -168,3 +168,33 @@ def test_the_paper_scale_is_accepted_within_memory(tmp_path):
 
     source = AdeSource(100_000_000, 5_000_000, 100, seed=0)
     assert plan_workers(source.sizes(), 32, 2, budget=16 * 2**30) == 2
+
+
+def _command_paths():
+    import typer
+
+    paths = []
+
+    def walk(command, path):
+        paths.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_group(app), [])
+    return paths
+
+
+def test_every_help_page_renders_its_docstring_as_text():
+    """Docstrings are the help: ``code`` must not show its backticks, nor [sections] vanish as
+    rich markup."""
+    paths = _command_paths()
+    assert len(paths) > 30
+    runner = CliRunner()
+    for path in paths:
+        res = runner.invoke(app, [*path, "--help"], terminal_width=120)
+        assert res.exit_code == 0, (path, res.output)
+        assert "``" not in res.output, path
+    config = runner.invoke(app, ["run", "--help"], terminal_width=120).output
+    assert "[campaign] [pool]" in config
+    autopilot = runner.invoke(app, ["campaign", "autopilot", "--help"], terminal_width=200).output
+    assert "<models-root>/<campaign>/round<R+1>.pt" in autopilot
