@@ -163,3 +163,23 @@ def test_a_budget_of_exactly_the_questions_needed_labels_what_budget_to_spare_la
     for k in free.core.classes("c1"):
         assert (capped.core.labels("c1", k) == free.core.labels("c1", k)).all(), k
     assert all(p.undecided_masks == 0 for p in capped.core.progress("c1").classes)
+
+
+def test_top_ups_with_answers_count_against_the_budget(wired: Wired) -> None:
+    """Questions leased by SubmitAnswers' top-ups are reserved like LeaseQuestions': the
+    campaign hands out exactly its budget, however its questions are asked for."""
+    handed, pending = 0, []
+    while True:
+        if not pending:
+            qs, done = wired.core.lease("c1", 10)
+            handed += len(qs)
+            if done:
+                break
+            pending = list(qs)
+        take, pending = pending[:10], pending[10:]
+        answers = [(q.question_id, bool(t)) for q, t in zip(take, wired.truth(take), strict=True)]
+        *_, new = wired.core.submit_and_lease(answers, {"c1": 40})
+        handed += len(new)
+        pending += new
+    assert handed == 137 == wired.core.gate.leased("c1")
+    assert wired.core.submit_and_lease([], {"c1": 5})[3] == []

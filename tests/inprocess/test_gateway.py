@@ -375,10 +375,10 @@ def test_answers_decided_while_search_is_down_are_kept_and_forwarded_later(tmp_p
     class FlakySearch(LocalSearchClient):
         down = False
 
-        def submit(self, answers):
+        def submit(self, answers, top_ups=None, owner=""):
             if self.down:
                 raise SearchUnavailable("search is down")
-            return super().submit(answers)
+            return super().submit(answers, top_ups, owner)
 
     st = Stack(tmp_path, pool)
     flaky = FlakySearch(st.wired.core)
@@ -434,9 +434,9 @@ def test_forwarder_batches_many_requests_labels_and_reaches_the_same_labels(tmp_
     class Counting(LocalSearchClient):
         calls = 0
 
-        def submit(self, answers):
+        def submit(self, answers, top_ups=None, owner=""):
             Counting.calls += 1
-            return super().submit(answers)
+            return super().submit(answers, top_ups, owner)
 
     def run(where, linger):
         st = Stack(tmp_path / where, pool, forward_linger_s=linger)

@@ -797,3 +797,105 @@ def test_a_lease_past_its_deadline_gives_back_every_question(wired, monkeypatch)
         assert wired.redis.zcard(class_key("c1", k, "leases")) == 0
     annotate(wired)
     assert wired.core.progress("c1").done
+
+
+def annotate_with_top_ups(w, batch=37, top_up=60):
+    """A forwarder's pattern: answers delivered with a top-up for their campaign, the pool it
+    keeps answered next; a lease only when the pool is dry.  Returns (leases, questions that
+    came with answers)."""
+    pending, leases, topped = [], 0, 0
+    while True:
+        if not pending:
+            qs, done = w.core.lease(w.campaign, batch)
+            leases += 1
+            if done:
+                return leases, topped
+            pending = list(qs)
+        take, pending = pending[:batch], pending[batch:]
+        applied, dup, stale, new = w.core.submit_and_lease(answers_for(w, take), {"c1": top_up})
+        assert (applied, dup, stale) == (len(take), 0, 0)
+        topped += len(new)
+        pending += new
+
+
+def test_answers_with_a_top_up_lease_their_classes_new_questions_and_label_the_same(tmp_path, pool):
+    """The questions a SubmitAnswers top-up leases come from the classes its answers reached,
+    are leased like LeaseQuestions' (answerable once, in Redis), and a run that takes its
+    questions so labels every mask as one that only leases."""
+    from tests.inprocess.conftest import Wired
+
+    w = Wired(tmp_path / "a", pool)
+    w.publish_pool()
+    w.settle()
+    qs, _ = w.core.lease("c1", 20)
+    answered = {q.class_id for q in qs}
+    *_, new = w.core.submit_and_lease(answers_for(w, qs), {"c1": 50}, "gateway")
+    assert new and {q.class_id for q in new} <= answered
+    assert not {q.question_id for q in new} & {q.question_id for q in qs}
+    leased = sum(w.redis.zcard(class_key("c1", k, "leases")) for k in w.core.classes("c1"))
+    assert leased == len(new)
+    assert w.core.submit(answers_for(w, new)) == (len(new), 0, 0)
+    assert w.core.submit_and_lease([], {"c1": 10}) == (0, 0, 0, [])  # no answers, no top-up
+
+    leases, topped = annotate_with_top_ups(w)
+    assert topped > 10 * leases  # most questions came with the answers
+    plain = Wired(tmp_path / "b", pool)
+    plain.publish_pool()
+    plain.settle()
+    annotate(plain)
+    assert labels_on_bus(w.bus)[1] == labels_on_bus(plain.bus)[1]
+    counts, _ = labels_on_bus(w.bus)
+    assert set(counts.values()) == {1}
+
+
+def test_a_top_up_past_its_callers_deadline_saves_the_answers_and_leases_nothing(
+    wired, monkeypatch
+):
+    import maskprop_search.core as core_mod
+
+    wired.publish_pool()
+    wired.settle()
+    qs, _ = wired.core.lease("c1", 20)
+    monkeypatch.setattr(core_mod.time, "monotonic", lambda: 100.0)
+    applied, _, _, new = wired.core.submit_and_lease(
+        answers_for(wired, qs), {"c1": 200}, answer_by=50.0
+    )
+    monkeypatch.undo()
+    assert applied == len(qs) and new == []
+    for k in wired.core.classes("c1"):
+        assert wired.redis.zcard(class_key("c1", k, "leases")) == 0
+    annotate(wired)
+    assert wired.core.progress("c1").done
+
+
+def test_the_grpc_api_checks_top_ups_and_returns_their_questions(wired):
+    from concurrent import futures
+
+    import grpc
+    from maskprop_gateway.search_client import GrpcSearchClient, SearchRejected
+    from maskprop_search.grpc_api import MAX_TOP_UPS, SearchServicer
+
+    from maskprop_runtime.pb.maskprop.search.v1 import search_pb2_grpc
+
+    wired.publish_pool()
+    wired.settle()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(wired.core), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = GrpcSearchClient(f"127.0.0.1:{port}")
+    try:
+        qs, _ = client.lease("c1", 20, "w1")
+        answers = answers_for(wired, qs)
+        for bad in ({"c1": 0}, {"c1": 1001}, {"../x": 5}):
+            with pytest.raises(SearchRejected):
+                client.submit(answers, bad)
+        many = {f"c{i}": 1 for i in range(MAX_TOP_UPS + 1)}
+        with pytest.raises(SearchRejected, match="top-ups"):
+            client.submit(answers, many)
+        done = client.submit(answers, {"c1": 30}, "gateway")
+        assert done.applied == len(qs) and 0 < len(done.questions) <= 30
+        assert all(q.campaign == "c1" and q.rle.counts for q in done.questions)
+    finally:
+        server.stop(0)
+        client.close()

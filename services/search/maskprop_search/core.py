@@ -18,7 +18,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ from maskprop_search.store import CACHE_MASKS, Loaded, SearchStore
 from maskprop_search.store import owner as store_owner
 
 log = logging.getLogger(__name__)
+
+#: Bytes of masks (RLE counts) the top-ups of one SubmitAnswers call lease at most; the class
+#: that passes it finishes its batch (a lease's worth at most), so a response stays well under
+#: gRPC's 8 MiB (maskprop_runtime.server.MAX_MESSAGE_BYTES) as LeaseQuestions' does.
+TOP_UP_BYTES = 4 * 1024 * 1024
 
 #: Questions a new class's session opens clusters for as its tree arrives
 #: (:meth:`AnnotationSession.prepare`): the most one LeaseQuestions call asks (search.proto).
@@ -425,41 +430,104 @@ class SearchCore:
 
     def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
         """Record ``(question_id, is_correct)`` answers; returns (applied, duplicates, stale)."""
+        applied, duplicates, stale, _ = self.submit_and_lease(answers)
+        return applied, duplicates, stale
+
+    def submit_and_lease(
+        self,
+        answers: Iterable[tuple[str, bool]],
+        top_ups: Mapping[str, int] | None = None,
+        owner: str = "",
+        *,
+        answer_by: float | None = None,
+    ) -> tuple[int, int, int, list[search_pb2.Question]]:
+        """:meth:`submit`, and for each campaign of ``top_ups`` (campaign -> questions) among
+        the answers', up to that many new questions from the classes the answers reached,
+        leased under the same class locks and saved with the answers; returns (applied,
+        duplicates, stale, questions).
+
+        Answers open new clusters in the classes they reach, so a forwarder that tops up its
+        pool after delivering answers finds its questions there; asking LeaseQuestions instead
+        locked, loaded and saved the same classes again (past capacity ~20 calls of ~46
+        questions after each SubmitAnswers; a call's fixed cost is ~2.8 ms of search's CPU:
+        benchmarks/README.md, twenty-first session).  The budget and the campaign's state
+        apply as in :meth:`lease`.  Past ``answer_by`` (checked with the classes locked) the
+        answers are saved and the questions go back to their sessions unleased: a caller that
+        gave up would keep them from everyone for ``lease_seconds``."""
         by_campaign: dict[str, dict[int, list[tuple[str, Question, bool]]]] = {}
         known: set[str] = set()
         for qid, ok in answers:
             campaign, q = wire.parse_question_id(qid, known)
             by_class = by_campaign.setdefault(campaign, {})
             by_class.setdefault(q.class_id, []).append((qid, q, bool(ok)))
+        top_ups = top_ups or {}
         applied = duplicates = stale = events = 0
+        out: list[search_pb2.Question] = []
+        room_bytes = TOP_UP_BYTES
         for campaign, by_class in sorted(by_campaign.items()):
             # Asking has ended: what these answers leave that needs no question is decided
             # now (one round trip a campaign a call; any replica may get the last answers).
             spent = self.gate.spent(campaign)
-            with self.store.locked(campaign, by_class) as batch:
-                for k, items in sorted(by_class.items()):
-                    held = batch.held[k]
-                    assert held.loaded is not None
-                    session = held.loaded.session
-                    drop = held.drop_leases
-                    for qid, q, ok in items:
-                        if session.is_answered(k, q.mask):
-                            duplicates += 1
+            want = 0 if spent else top_ups.get(campaign, 0)
+            grant = self.gate.reserve(campaign, want) if want > 0 else None
+            room = grant.questions if grant is not None else 0
+            got: list[search_pb2.Question] = []
+            try:
+                with self.store.locked(campaign, by_class) as batch:
+                    deadline = self.clock() + self.lease_seconds
+                    leased: dict[int, list[Question]] = {}
+                    for k, items in sorted(by_class.items()):
+                        held = batch.held[k]
+                        assert held.loaded is not None
+                        session = held.loaded.session
+                        drop = held.drop_leases
+                        for qid, q, ok in items:
+                            if session.is_answered(k, q.mask):
+                                duplicates += 1
+                                drop.append(qid)
+                                continue
+                            try:
+                                session.submit((Answer(k, q.node, q.mask, ok),))
+                            except MaskpropError:
+                                stale += 1  # lease expired (or never leased): the answer is unused
+                                continue
+                            applied += 1
                             drop.append(qid)
-                            continue
-                        try:
-                            session.submit((Answer(k, q.node, q.mask, ok),))
-                        except MaskpropError:
-                            stale += 1  # lease expired (or never leased): the answer is unused
-                            continue
-                        applied += 1
-                        drop.append(qid)
-                    if spent:
-                        session.decide_without_asking()
-                    held.changed = True
+                        if spent:
+                            session.decide_without_asking()
+                        held.changed = True
+                        if room > len(got) and room_bytes > 0:
+                            qs = session.lease(room - len(got))
+                            if qs:
+                                add = {wire.question_id(campaign, q): deadline for q in qs}
+                                held.add_leases = add
+                                leased[k] = qs
+                                new = wire.questions(campaign, held.loaded.masks, qs, deadline)
+                                room_bytes -= sum(len(q.rle.counts) for q in new)
+                                got += new
+                    if leased and answer_by is not None and time.monotonic() > answer_by:
+                        for k, qs in leased.items():  # saved with the answers, not leased
+                            held = batch.held[k]
+                            assert held.loaded is not None
+                            held.loaded.session.expire(qs)
+                            held.add_leases = {}
+                        got = []
+            except BaseException:
+                if grant is not None:
+                    self.gate.refund(grant, 0)
+                raise
             events += batch.events
+            if grant is not None:
+                self.gate.refund(grant, len(got))
+                if grant.spends_budget(len(got)):
+                    self._published(events)
+                    events = 0
+                    self.decide_without_asking(campaign)
+            out += got
         self._published(events)
-        return applied, duplicates, stale
+        if out:
+            log.debug("leased with answers", extra={"n": len(out), "owner": owner})
+        return applied, duplicates, stale, out
 
     def progress(self, campaign: str) -> search_pb2.GetProgressResponse:
         """The campaign's progress from the counters each save keeps in Redis: one round trip,

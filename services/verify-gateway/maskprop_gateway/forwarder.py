@@ -13,7 +13,8 @@ Two modes (``forward_linger_s``):
 * relay (> 0, deployed): a thread (:meth:`Forwarder.start`) sends the labels of many requests
   together, woken by a request's labels and lingering ``forward_linger_s`` for more: search
   saves each class a call touches once, so one call of 300 labels costs it far less than three
-  of 100.  After each call it tops the pool up and wakes the leases waiting for questions.
+  of 100.  Each call also asks for the new questions of campaigns whose pool runs short
+  (search leases them with the answers); then it wakes the leases waiting for questions.
 * inline (0: tests, embedded): a request's labels are sent before it answers; labels whose
   sending failed are retried by :meth:`Forwarder.retry`, which the expiry loop calls.
 """
@@ -100,9 +101,11 @@ class Forwarder:
         """Whether an inline send failed and :meth:`retry` has labels to send."""
         return self._failed
 
-    def _send(self, entries: list[tuple[bytes, bytes]]) -> None:
+    def _send(self, entries: list[tuple[bytes, bytes]], *, top_up: bool = True) -> None:
         """Send one outbox batch to search; raises (the batch stays queued) unless search
-        acknowledged it, then the questions leave the pool.
+        acknowledged it, then the questions leave the pool.  With ``top_up`` the call also
+        asks for new questions of the batch's campaigns whose pool runs short
+        (:meth:`TopUps.wanted`), which join the pool.
 
         The outbox is read from its head, so a label search refuses for good (its campaign or
         class is gone) would block every later label of every campaign.  A refused batch is
@@ -110,16 +113,23 @@ class Forwarder:
         stream (``keys.LABEL_DEAD``) and leave the pool, and the rest is delivered.  Search
         unavailable still raises: the whole batch waits."""
         answers = [(k.decode(), v == b"1") for k, v in entries]
+        want = (
+            self.topups.wanted({QuestionPool.campaign_of(q) for q, _ in answers}) if top_up else {}
+        )
         try:
-            self.search.submit(answers)
+            submitted = self.search.submit(answers, want, "gateway")
         except (SearchRejected, SearchNotFound) as exc:
             if len(entries) > 1:
                 half = len(entries) // 2
-                self._send(entries[:half])  # delivered halves are resent only as duplicates
-                self._send(entries[half:])
+                # delivered halves are resent only as duplicates
+                self._send(entries[:half], top_up=False)
+                self._send(entries[half:], top_up=False)
                 return
             self._dead_letter(entries[0], exc)
+            submitted = None
         self.pool.done([q for q, _ in answers])
+        if submitted is not None and submitted.questions:
+            self.topups.take(submitted.questions)
 
     def _dead_letter(self, entry: tuple[bytes, bytes], exc: Exception) -> None:
         """Park one label search refused alone, with the reason, so the queue moves on."""
@@ -136,17 +146,13 @@ class Forwarder:
         )
 
     def _publish(self, entries: list[tuple[bytes, bytes]]) -> None:
-        """The relay's publish: send the batch, then top up the pool and wake waiting
-        leases (search just applied these answers, which may open new clusters)."""
+        """The relay's publish: send the batch (its call tops the pool up: search just
+        applied these answers, which may open new clusters), then wake waiting leases."""
         self._queued = 0
         self._in_flight = len(entries)
         campaigns = {QuestionPool.campaign_of(k.decode()) for k, _ in entries}
         try:
             self._send(entries)
-            try:
-                self.topups.after_forward(campaigns)
-            except Exception:  # the labels are delivered; the next lease tops up
-                log.exception("topping up after forwarding failed")
         finally:
             self._in_flight = 0
             self.topups.announce(campaigns)

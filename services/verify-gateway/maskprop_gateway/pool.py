@@ -285,6 +285,14 @@ class QuestionPool:
         """Questions of ``campaign`` that may need another worker (claimable, seen-by aside)."""
         return int(self.r.zcard(keys.ready(campaign)))
 
+    def ready_counts(self, campaigns: Iterable[str]) -> dict[str, int]:
+        """:meth:`ready_count` of each of ``campaigns``, in one round trip."""
+        names = sorted(set(campaigns))
+        pipe = self.r.pipeline(transaction=False)
+        for campaign in names:
+            pipe.zcard(keys.ready(campaign))
+        return {c: int(n) for c, n in zip(names, pipe.execute(), strict=True)}
+
     def claim(
         self, campaign: str, worker: str, n: int, expires: float, now: float, redundancy: int
     ) -> list[tuple[str, str]]:

@@ -4,9 +4,9 @@ tests).  Both expose the same three calls with the search protos."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
@@ -37,11 +37,30 @@ _UNAVAILABLE = {
 }
 
 
+class Submitted(NamedTuple):
+    """What SubmitAnswers did: answers applied, duplicates, stale, and the questions its
+    top-ups leased."""
+
+    applied: int
+    duplicates: int
+    stale: int
+    questions: list[search_pb2.Question]
+
+
 class SearchClient(Protocol):
     def lease(
         self, campaign: str, n: int, owner: str
     ) -> tuple[list[search_pb2.Question], bool]: ...
-    def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]: ...
+    def submit(
+        self,
+        answers: Iterable[tuple[str, bool]],
+        top_ups: Mapping[str, int] | None = None,
+        owner: str = "",
+    ) -> Submitted:
+        """Deliver answers; with ``top_ups`` (campaign -> questions) also lease new questions
+        of those campaigns from the classes the answers reached (search.proto, TopUp)."""
+        ...
+
     def progress(self, campaign: str) -> search_pb2.GetProgressResponse: ...
 
 
@@ -79,12 +98,24 @@ class GrpcSearchClient:
         )
         return list(resp.questions), resp.campaign_done
 
-    def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
+    def submit(
+        self,
+        answers: Iterable[tuple[str, bool]],
+        top_ups: Mapping[str, int] | None = None,
+        owner: str = "",
+    ) -> Submitted:
         items = [search_pb2.AnswerItem(question_id=q, is_correct=ok) for q, ok in answers]
         if not items:
-            return 0, 0, 0
-        resp = self._call(self._stub.SubmitAnswers, search_pb2.SubmitAnswersRequest(answers=items))
-        return resp.applied, resp.duplicates, resp.stale
+            return Submitted(0, 0, 0, [])
+        request = search_pb2.SubmitAnswersRequest(
+            answers=items,
+            top_ups=[
+                search_pb2.TopUp(campaign=c, max_questions=n) for c, n in (top_ups or {}).items()
+            ],
+            lease_owner=owner,
+        )
+        resp = self._call(self._stub.SubmitAnswers, request)
+        return Submitted(resp.applied, resp.duplicates, resp.stale, list(resp.questions))
 
     def progress(self, campaign: str) -> search_pb2.GetProgressResponse:
         return self._call(self._stub.GetProgress, search_pb2.GetProgressRequest(campaign=campaign))
@@ -104,9 +135,15 @@ class LocalSearchClient:
         with _rejected():
             return self.core.lease(check_name("campaign", campaign), n, owner)
 
-    def submit(self, answers: Iterable[tuple[str, bool]]) -> tuple[int, int, int]:
+    def submit(
+        self,
+        answers: Iterable[tuple[str, bool]],
+        top_ups: Mapping[str, int] | None = None,
+        owner: str = "",
+    ) -> Submitted:
         with _rejected():
-            return self.core.submit(list(answers))
+            top_ups = {check_name("campaign", c): n for c, n in (top_ups or {}).items()}
+            return Submitted(*self.core.submit_and_lease(list(answers), top_ups, owner))
 
     def progress(self, campaign: str) -> search_pb2.GetProgressResponse:
         with _rejected():

@@ -5,8 +5,11 @@ Search pays per call for every class it locks and saves, so the pool is topped u
 calls (``refill_questions`` or more, at most :data:`SEARCH_MAX_ANSWERS`), one at a time per
 campaign: the thread calling search holds the campaign's lock, and the event loop's leases
 share one task per campaign.  A top-up starts early, when the pool falls below
-``refill_questions``, so leases seldom wait for it; after the forwarder delivered answers
-(which may open new clusters) it tops up again and wakes the leases waiting for questions.
+``refill_questions``, so leases seldom wait for it.  The forwarder asks for the new questions
+answers open in the SubmitAnswers call that delivers them (:meth:`TopUps.wanted`,
+:meth:`TopUps.take`): search leases them under the class locks the answers take anyway, where
+a LeaseQuestions call after it would lock, load and save those classes again.  Then it wakes the
+leases waiting for questions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterable
 from maskprop_gateway import views
 from maskprop_gateway.pool import QuestionPool
 from maskprop_gateway.search_client import SearchClient, SearchUnavailable
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +85,32 @@ class TopUps:
                 questions, _done = self.search.lease(campaign, want, "gateway")
             except SearchUnavailable:
                 return 0
-            self.pool.add(
-                campaign,
-                {
-                    q.question_id: views.render(
-                        q.class_name,
-                        q.image_file,
-                        q.rle.height,
-                        q.rle.width,
-                        q.rle.counts.decode("ascii"),
-                    )
-                    for q in questions
-                },
-                self.clock(),
-            )
+            self.take(questions)
             return len(questions)
         finally:
             lock.release()
+
+    def take(self, questions: Iterable[search_pb2.Question]) -> None:
+        """Put questions search leased to this gateway in the pool, each campaign's at once."""
+        by_campaign: dict[str, dict[str, str]] = {}
+        for q in questions:
+            by_campaign.setdefault(q.campaign, {})[q.question_id] = views.render(
+                q.class_name, q.image_file, q.rle.height, q.rle.width, q.rle.counts.decode("ascii")
+            )
+        now = self.clock()
+        for campaign, items in by_campaign.items():
+            self.pool.add(campaign, items, now)
+
+    def wanted(self, campaigns: Iterable[str]) -> dict[str, int]:
+        """The top-ups to ask with answers of ``campaigns`` (SubmitAnswers' ``top_ups``):
+        ``refill_questions`` for each whose pool runs short.  Answers may open new clusters,
+        so the forwarder asks for them as it delivers the answers, before leases find the
+        pool dry (they would wait for a top-up of their own)."""
+        return {
+            campaign: self.refill_questions
+            for campaign, ready in self.pool.ready_counts(campaigns).items()
+            if ready < self.refill_questions
+        }
 
     async def before_lease(self, campaign: str, n: int) -> int:
         """On the event loop, before a lease of ``n`` questions: start a top-up (off the loop)
@@ -130,14 +143,6 @@ class TopUps:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(arrival.wait(), left)
             ready = self.pool.ready_count(campaign)
-
-    def after_forward(self, campaigns: Iterable[str]) -> None:
-        """From the forwarder thread, once search has new answers of ``campaigns``: they may
-        open new clusters, so top up now where the pool runs short, before leases find it
-        dry (they would wait for it)."""
-        for campaign in campaigns:
-            if self.pool.ready_count(campaign) < self.refill_questions:
-                self.refill(campaign, self.refill_questions, fresh=True)
 
     def announce(self, campaigns: Iterable[str]) -> None:
         """From the forwarder thread: search has new answers of ``campaigns`` and the pool

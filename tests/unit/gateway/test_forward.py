@@ -10,7 +10,7 @@ from maskprop_gateway.app import policy_from
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
-from maskprop_gateway.search_client import SearchNotFound, SearchUnavailable
+from maskprop_gateway.search_client import SearchNotFound, SearchUnavailable, Submitted
 from maskprop_gateway.settings import GatewaySettings
 from maskprop_gateway.topups import SEARCH_MAX_ANSWERS
 
@@ -21,11 +21,11 @@ class RecordingSearch:
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, bool]]] = []
 
-    def submit(self, answers):
+    def submit(self, answers, top_ups=None, owner=""):
         answers = list(answers)
         assert 1 <= len(answers) <= SEARCH_MAX_ANSWERS
         self.calls.append(answers)
-        return len(answers), 0, 0
+        return Submitted(len(answers), 0, 0, [])
 
     def lease(self, campaign, n, owner):
         assert 1 <= n <= SEARCH_MAX_ANSWERS  # search refuses larger leases
@@ -73,10 +73,10 @@ def test_a_large_lease_asks_search_for_at_most_one_call():
 class Down(RecordingSearch):
     down = True
 
-    def submit(self, answers):
+    def submit(self, answers, top_ups=None, owner=""):
         if self.down:
             raise SearchUnavailable("search is down")
-        return super().submit(answers)
+        return super().submit(answers, top_ups, owner)
 
 
 def test_inline_a_request_sends_its_labels_and_a_failed_send_is_retried():
@@ -105,11 +105,11 @@ def test_inline_a_request_sends_its_labels_and_a_failed_send_is_retried():
 class RefusingSearch(RecordingSearch):
     """Refuses a whole call when any answer names a campaign it does not know, as search does."""
 
-    def submit(self, answers):
+    def submit(self, answers, top_ups=None, owner=""):
         answers = list(answers)
         if any(q.startswith("gone:") for q, _ in answers):
             raise SearchNotFound("campaign 'gone' has no class 0")
-        return super().submit(answers)
+        return super().submit(answers, top_ups, owner)
 
 
 def test_a_label_search_refuses_is_dead_lettered_and_the_labels_behind_it_are_delivered():

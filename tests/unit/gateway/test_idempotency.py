@@ -12,6 +12,7 @@ from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.idempotency import Held, IdempotencyConflict, IdempotencyStore, Stored
 from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
+from maskprop_gateway.search_client import Submitted
 from maskprop_gateway.settings import GatewaySettings
 
 
@@ -27,10 +28,10 @@ class Search:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bool]] = []
 
-    def submit(self, answers):
+    def submit(self, answers, top_ups=None, owner=""):
         answers = list(answers)
         self.sent += answers
-        return len(answers), 0, 0
+        return Submitted(len(answers), 0, 0, [])
 
     def lease(self, campaign, n, owner):
         return [], False

@@ -14,6 +14,7 @@ from maskprop_gateway import keys
 from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
+from maskprop_gateway.search_client import Submitted
 from maskprop_gateway.settings import GatewaySettings
 from maskprop_gateway.topups import SEARCH_MAX_ANSWERS
 from maskprop_gateway.views import LeaseOffer
@@ -43,6 +44,7 @@ class SlowSearch:
         self.delay = delay
         self.leases: list[int] = []
         self.submits: list[list[tuple[str, bool]]] = []
+        self.top_ups: list[dict[str, int]] = []
         self.lock = threading.Lock()
 
     def lease(self, campaign, n, owner):
@@ -50,15 +52,22 @@ class SlowSearch:
         time.sleep(self.delay)
         with self.lock:
             self.leases.append(n)
-            k = min(n, self.available)
-            out = [question(self.next + i) for i in range(k)]
-            self.next += k
-            self.available -= k
-        return out, False
+            return self._hand_out(n), False
 
-    def submit(self, answers):
-        self.submits.append(list(answers))
-        return len(self.submits[-1]), 0, 0
+    def _hand_out(self, n):
+        k = min(n, self.available)
+        out = [question(self.next + i) for i in range(k)]
+        self.next += k
+        self.available -= k
+        return out
+
+    def submit(self, answers, top_ups=None, owner=""):
+        """Like search: the top-ups lease what the answers left available."""
+        with self.lock:
+            self.submits.append(list(answers))
+            self.top_ups.append(dict(top_ups or {}))
+            got = [q for n in (top_ups or {}).values() for q in self._hand_out(n)]
+        return Submitted(len(self.submits[-1]), 0, 0, got)
 
 
 def gateway(search: SlowSearch, **settings) -> Gateway:
@@ -174,15 +183,17 @@ def test_the_forwarder_tops_up_once_search_has_the_answers():
             [(q["question_id"], True, 1500) for q in lease["questions"]],
         )
         deadline = time.monotonic() + 5
-        while len(search.leases) < 2 and time.monotonic() < deadline:
+        while gw.pool.ready_count(CAMPAIGN) < 350 and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         halt_settler()
         halt()
     assert [len(c) for c in search.submits] == [50]
-    # 150 were left ready, fewer than a batch: the forwarder asked search right after it
-    # delivered the answers, which may have opened new clusters
-    assert search.leases == [200, 200]
+    # 150 were left ready, fewer than a batch: the forwarder asked for new questions in the
+    # call that delivered the answers, which may have opened new clusters; no lease of its own
+    assert search.top_ups == [{CAMPAIGN: 200}]
+    assert search.leases == [200]
+    assert gw.pool.ready_count(CAMPAIGN) == 150 + 200
 
 
 def test_an_empty_lease_waits_for_answers_the_settler_has_not_applied_yet():

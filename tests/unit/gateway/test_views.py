@@ -13,6 +13,7 @@ from maskprop_gateway.gateway import Gateway
 from maskprop_gateway.qc_rules import QualityPolicy
 from maskprop_gateway.quality import QualityControl
 from maskprop_gateway.schemas import LeaseOut
+from maskprop_gateway.search_client import Submitted
 from maskprop_gateway.settings import GatewaySettings
 
 
@@ -42,9 +43,9 @@ def test_a_rendered_view_is_valid_json_whatever_its_strings():
 
 
 class OneQuestion:
-    def submit(self, answers):
+    def submit(self, answers, top_ups=None, owner=""):
         self.answers = list(answers)
-        return len(self.answers), 0, 0
+        return Submitted(len(self.answers), 0, 0, [])
 
 
 def test_a_lease_record_outlives_its_deadline_by_the_retention_and_its_views_do_not():

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from maskprop_runtime.pb.maskprop.common.v1 import common_pb2 as maskprop_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmaskprop/search/v1/search.proto\x12\x12maskprop.search.v1\x1a\x1fmaskprop/common/v1/common.proto\"\xd4\x01\n\x08Question\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x10\n\x08\x63lass_id\x18\x03 \x01(\r\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x0f\n\x07mask_id\x18\x05 \x01(\t\x12\x10\n\x08image_id\x18\x06 \x01(\t\x12(\n\x03rle\x18\x07 \x01(\x0b\x32\x1b.maskprop.common.v1.RleMask\x12\x1a\n\x12lease_expires_unix\x18\x08 \x01(\x01\x12\x12\n\nimage_file\x18\t \x01(\t\"U\n\x15LeaseQuestionsRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x15\n\rmax_questions\x18\x02 \x01(\r\x12\x13\n\x0blease_owner\x18\x03 \x01(\t\"`\n\x16LeaseQuestionsResponse\x12/\n\tquestions\x18\x01 \x03(\x0b\x32\x1c.maskprop.search.v1.Question\x12\x15\n\rcampaign_done\x18\x02 \x01(\x08\"5\n\nAnswerItem\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x12\n\nis_correct\x18\x02 \x01(\x08\"G\n\x14SubmitAnswersRequest\x12/\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1e.maskprop.search.v1.AnswerItem\"K\n\x15SubmitAnswersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\r\n\x05stale\x18\x03 \x01(\r\"&\n\x12GetProgressRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\"\xed\x01\n\rClassProgress\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\r\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\r\n\x05masks\x18\x03 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_masks\x18\x04 \x01(\x04\x12\x16\n\x0erejected_masks\x18\x05 \x01(\x04\x12\x17\n\x0fundecided_masks\x18\x06 \x01(\x04\x12\x15\n\ropen_clusters\x18\x07 \x01(\x04\x12\x11\n\tquestions\x18\x08 \x01(\x04\x12\x19\n\x11\x63lusters_accepted\x18\t \x01(\x04\x12\x19\n\x11\x63lusters_rejected\x18\n \x01(\x04\"j\n\x13GetProgressResponse\x12\x32\n\x07\x63lasses\x18\x01 \x03(\x0b\x32!.maskprop.search.v1.ClassProgress\x12\x11\n\tquestions\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x9d\x02\n\x0fPropagatedLabel\x12\x0f\n\x07mask_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12/\n\x06source\x18\x04 \x01(\x0e\x32\x1f.maskprop.search.v1.LabelSource\x12(\n\x03rle\x18\x05 \x01(\x0b\x32\x1b.maskprop.common.v1.RleMask\x12\r\n\x05score\x18\x06 \x01(\x02\x12\x0c\n\x04node\x18\x07 \x01(\x04\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x0b\n\x03yes\x18\t \x01(\r\x12\x10\n\x08\x61nswered\x18\n \x01(\r\x12\x12\n\nmask_index\x18\x0b \x01(\r\x12\x19\n\x11omitted_rle_bytes\x18\x0c \x01(\x04\"\xdb\x01\n\x10LabelsPropagated\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x10\n\x08\x63lass_id\x18\x03 \x01(\r\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.maskprop.search.v1.PropagatedLabel\x12-\n\x06images\x18\n \x03(\x0b\x32\x1d.maskprop.common.v1.ImageInfo\x12\x13\n\x0b\x63lass_masks\x18\x0b \x01(\rJ\x04\x08\x05\x10\t*c\n\x0bLabelSource\x12\x1c\n\x18LABEL_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LABEL_SOURCE_PROPAGATED\x10\x01\x12\x19\n\x15LABEL_SOURCE_VERIFIED\x10\x02\x32\xbe\x02\n\rSearchService\x12g\n\x0eLeaseQuestions\x12).maskprop.search.v1.LeaseQuestionsRequest\x1a*.maskprop.search.v1.LeaseQuestionsResponse\x12\x64\n\rSubmitAnswers\x12(.maskprop.search.v1.SubmitAnswersRequest\x1a).maskprop.search.v1.SubmitAnswersResponse\x12^\n\x0bGetProgress\x12&.maskprop.search.v1.GetProgressRequest\x1a\'.maskprop.search.v1.GetProgressResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmaskprop/search/v1/search.proto\x12\x12maskprop.search.v1\x1a\x1fmaskprop/common/v1/common.proto\"\xd4\x01\n\x08Question\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x10\n\x08\x63lass_id\x18\x03 \x01(\r\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x0f\n\x07mask_id\x18\x05 \x01(\t\x12\x10\n\x08image_id\x18\x06 \x01(\t\x12(\n\x03rle\x18\x07 \x01(\x0b\x32\x1b.maskprop.common.v1.RleMask\x12\x1a\n\x12lease_expires_unix\x18\x08 \x01(\x01\x12\x12\n\nimage_file\x18\t \x01(\t\"U\n\x15LeaseQuestionsRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x15\n\rmax_questions\x18\x02 \x01(\r\x12\x13\n\x0blease_owner\x18\x03 \x01(\t\"`\n\x16LeaseQuestionsResponse\x12/\n\tquestions\x18\x01 \x03(\x0b\x32\x1c.maskprop.search.v1.Question\x12\x15\n\rcampaign_done\x18\x02 \x01(\x08\"5\n\nAnswerItem\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x12\n\nis_correct\x18\x02 \x01(\x08\"0\n\x05TopUp\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x15\n\rmax_questions\x18\x02 \x01(\r\"\x88\x01\n\x14SubmitAnswersRequest\x12/\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1e.maskprop.search.v1.AnswerItem\x12*\n\x07top_ups\x18\x02 \x03(\x0b\x32\x19.maskprop.search.v1.TopUp\x12\x13\n\x0blease_owner\x18\x03 \x01(\t\"|\n\x15SubmitAnswersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\r\n\x05stale\x18\x03 \x01(\r\x12/\n\tquestions\x18\x04 \x03(\x0b\x32\x1c.maskprop.search.v1.Question\"&\n\x12GetProgressRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\"\xed\x01\n\rClassProgress\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\r\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\r\n\x05masks\x18\x03 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_masks\x18\x04 \x01(\x04\x12\x16\n\x0erejected_masks\x18\x05 \x01(\x04\x12\x17\n\x0fundecided_masks\x18\x06 \x01(\x04\x12\x15\n\ropen_clusters\x18\x07 \x01(\x04\x12\x11\n\tquestions\x18\x08 \x01(\x04\x12\x19\n\x11\x63lusters_accepted\x18\t \x01(\x04\x12\x19\n\x11\x63lusters_rejected\x18\n \x01(\x04\"j\n\x13GetProgressResponse\x12\x32\n\x07\x63lasses\x18\x01 \x03(\x0b\x32!.maskprop.search.v1.ClassProgress\x12\x11\n\tquestions\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x9d\x02\n\x0fPropagatedLabel\x12\x0f\n\x07mask_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12/\n\x06source\x18\x04 \x01(\x0e\x32\x1f.maskprop.search.v1.LabelSource\x12(\n\x03rle\x18\x05 \x01(\x0b\x32\x1b.maskprop.common.v1.RleMask\x12\r\n\x05score\x18\x06 \x01(\x02\x12\x0c\n\x04node\x18\x07 \x01(\x04\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x0b\n\x03yes\x18\t \x01(\r\x12\x10\n\x08\x61nswered\x18\n \x01(\r\x12\x12\n\nmask_index\x18\x0b \x01(\r\x12\x19\n\x11omitted_rle_bytes\x18\x0c \x01(\x04\"\xdb\x01\n\x10LabelsPropagated\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x10\n\x08\x63lass_id\x18\x03 \x01(\r\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.maskprop.search.v1.PropagatedLabel\x12-\n\x06images\x18\n \x03(\x0b\x32\x1d.maskprop.common.v1.ImageInfo\x12\x13\n\x0b\x63lass_masks\x18\x0b \x01(\rJ\x04\x08\x05\x10\t*c\n\x0bLabelSource\x12\x1c\n\x18LABEL_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LABEL_SOURCE_PROPAGATED\x10\x01\x12\x19\n\x15LABEL_SOURCE_VERIFIED\x10\x02\x32\xbe\x02\n\rSearchService\x12g\n\x0eLeaseQuestions\x12).maskprop.search.v1.LeaseQuestionsRequest\x1a*.maskprop.search.v1.LeaseQuestionsResponse\x12\x64\n\rSubmitAnswers\x12(.maskprop.search.v1.SubmitAnswersRequest\x1a).maskprop.search.v1.SubmitAnswersResponse\x12^\n\x0bGetProgress\x12&.maskprop.search.v1.GetProgressRequest\x1a\'.maskprop.search.v1.GetProgressResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maskprop.search.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LABELSOURCE']._serialized_start=1591
-  _globals['_LABELSOURCE']._serialized_end=1690
+  _globals['_LABELSOURCE']._serialized_start=1756
+  _globals['_LABELSOURCE']._serialized_end=1855
   _globals['_QUESTION']._serialized_start=89
   _globals['_QUESTION']._serialized_end=301
   _globals['_LEASEQUESTIONSREQUEST']._serialized_start=303
@@ -42,20 +42,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASEQUESTIONSRESPONSE']._serialized_end=486
   _globals['_ANSWERITEM']._serialized_start=488
   _globals['_ANSWERITEM']._serialized_end=541
-  _globals['_SUBMITANSWERSREQUEST']._serialized_start=543
-  _globals['_SUBMITANSWERSREQUEST']._serialized_end=614
-  _globals['_SUBMITANSWERSRESPONSE']._serialized_start=616
-  _globals['_SUBMITANSWERSRESPONSE']._serialized_end=691
-  _globals['_GETPROGRESSREQUEST']._serialized_start=693
-  _globals['_GETPROGRESSREQUEST']._serialized_end=731
-  _globals['_CLASSPROGRESS']._serialized_start=734
-  _globals['_CLASSPROGRESS']._serialized_end=971
-  _globals['_GETPROGRESSRESPONSE']._serialized_start=973
-  _globals['_GETPROGRESSRESPONSE']._serialized_end=1079
-  _globals['_PROPAGATEDLABEL']._serialized_start=1082
-  _globals['_PROPAGATEDLABEL']._serialized_end=1367
-  _globals['_LABELSPROPAGATED']._serialized_start=1370
-  _globals['_LABELSPROPAGATED']._serialized_end=1589
-  _globals['_SEARCHSERVICE']._serialized_start=1693
-  _globals['_SEARCHSERVICE']._serialized_end=2011
+  _globals['_TOPUP']._serialized_start=543
+  _globals['_TOPUP']._serialized_end=591
+  _globals['_SUBMITANSWERSREQUEST']._serialized_start=594
+  _globals['_SUBMITANSWERSREQUEST']._serialized_end=730
+  _globals['_SUBMITANSWERSRESPONSE']._serialized_start=732
+  _globals['_SUBMITANSWERSRESPONSE']._serialized_end=856
+  _globals['_GETPROGRESSREQUEST']._serialized_start=858
+  _globals['_GETPROGRESSREQUEST']._serialized_end=896
+  _globals['_CLASSPROGRESS']._serialized_start=899
+  _globals['_CLASSPROGRESS']._serialized_end=1136
+  _globals['_GETPROGRESSRESPONSE']._serialized_start=1138
+  _globals['_GETPROGRESSRESPONSE']._serialized_end=1244
+  _globals['_PROPAGATEDLABEL']._serialized_start=1247
+  _globals['_PROPAGATEDLABEL']._serialized_end=1532
+  _globals['_LABELSPROPAGATED']._serialized_start=1535
+  _globals['_LABELSPROPAGATED']._serialized_end=1754
+  _globals['_SEARCHSERVICE']._serialized_start=1858
+  _globals['_SEARCHSERVICE']._serialized_end=2176
 # @@protoc_insertion_point(module_scope)

@@ -65,21 +65,35 @@ class AnswerItem(_message.Message):
     is_correct: bool
     def __init__(self, question_id: _Optional[str] = ..., is_correct: _Optional[bool] = ...) -> None: ...
 
+class TopUp(_message.Message):
+    __slots__ = ("campaign", "max_questions")
+    CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    campaign: str
+    max_questions: int
+    def __init__(self, campaign: _Optional[str] = ..., max_questions: _Optional[int] = ...) -> None: ...
+
 class SubmitAnswersRequest(_message.Message):
-    __slots__ = ("answers",)
+    __slots__ = ("answers", "top_ups", "lease_owner")
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    TOP_UPS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
     answers: _containers.RepeatedCompositeFieldContainer[AnswerItem]
-    def __init__(self, answers: _Optional[_Iterable[_Union[AnswerItem, _Mapping]]] = ...) -> None: ...
+    top_ups: _containers.RepeatedCompositeFieldContainer[TopUp]
+    lease_owner: str
+    def __init__(self, answers: _Optional[_Iterable[_Union[AnswerItem, _Mapping]]] = ..., top_ups: _Optional[_Iterable[_Union[TopUp, _Mapping]]] = ..., lease_owner: _Optional[str] = ...) -> None: ...
 
 class SubmitAnswersResponse(_message.Message):
-    __slots__ = ("applied", "duplicates", "stale")
+    __slots__ = ("applied", "duplicates", "stale", "questions")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     applied: int
     duplicates: int
     stale: int
-    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., stale: _Optional[int] = ...) -> None: ...
+    questions: _containers.RepeatedCompositeFieldContainer[Question]
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., stale: _Optional[int] = ..., questions: _Optional[_Iterable[_Union[Question, _Mapping]]] = ...) -> None: ...
 
 class GetProgressRequest(_message.Message):
     __slots__ = ("campaign",)
