@@ -463,6 +463,7 @@ class SearchCore:
         top_ups = top_ups or {}
         applied = duplicates = stale = events = 0
         out: list[search_pb2.Question] = []
+        committed: dict[str, list[tuple[str, Question]]] = {}  # saved as leased, by campaign
         room_bytes = TOP_UP_BYTES
         for campaign, by_class in sorted(by_campaign.items()):
             # Asking has ended: what these answers leave that needs no question is decided
@@ -511,7 +512,7 @@ class SearchCore:
                             assert held.loaded is not None
                             held.loaded.session.expire(qs)
                             held.add_leases = {}
-                        got = []
+                        got, leased = [], {}
             except BaseException:
                 if grant is not None:
                     self.gate.refund(grant, 0)
@@ -524,7 +525,15 @@ class SearchCore:
                     events = 0
                     self.decide_without_asking(campaign)
             out += got
+            if leased:
+                committed[campaign] = [
+                    (wire.question_id(campaign, q), q) for qs in leased.values() for q in qs
+                ]
         self._published(events)
+        if committed and answer_by is not None and time.monotonic() > answer_by:
+            for campaign, taken in committed.items():  # the caller gave up meanwhile
+                self._give_back(campaign, taken)
+            out = []
         if out:
             log.debug("leased with answers", extra={"n": len(out), "owner": owner})
         return applied, duplicates, stale, out
