@@ -113,9 +113,12 @@ class Forwarder:
         stream (``keys.LABEL_DEAD``) and leave the pool, and the rest is delivered.  Search
         unavailable still raises: the whole batch waits."""
         answers = [(k.decode(), v == b"1") for k, v in entries]
-        want = (
-            self.topups.wanted({QuestionPool.campaign_of(q) for q, _ in answers}) if top_up else {}
-        )
+        want: dict[str, int] = {}
+        if top_up:
+            try:
+                want = self.topups.wanted({QuestionPool.campaign_of(q) for q, _ in answers})
+            except Exception:  # the answers go anyway; leases top up by themselves
+                log.exception("reading which campaigns need questions failed")
         try:
             submitted = self.search.submit(answers, want, "gateway")
         except (SearchRejected, SearchNotFound) as exc:
@@ -129,7 +132,14 @@ class Forwarder:
             submitted = None
         self.pool.done([q for q, _ in answers])
         if submitted is not None and submitted.questions:
-            self.topups.take(submitted.questions)
+            try:
+                self.topups.take(submitted.questions)
+            except Exception:  # the answers are delivered: this batch must not be sent again
+                log.exception(
+                    "adding the questions search leased with the answers failed; they go back "
+                    "to its pool when their lease expires",
+                    extra={"questions": len(submitted.questions)},
+                )
 
     def _dead_letter(self, entry: tuple[bytes, bytes], exc: Exception) -> None:
         """Park one label search refused alone, with the reason, so the queue moves on."""

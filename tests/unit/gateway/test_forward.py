@@ -14,6 +14,9 @@ from maskprop_gateway.search_client import SearchNotFound, SearchUnavailable, Su
 from maskprop_gateway.settings import GatewaySettings
 from maskprop_gateway.topups import SEARCH_MAX_ANSWERS
 
+from maskprop_runtime.pb.maskprop.common.v1 import common_pb2
+from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
+
 
 class RecordingSearch:
     """Accepts up to SEARCH_MAX_ANSWERS answers a call, like the search service."""
@@ -130,3 +133,53 @@ def test_a_label_search_refuses_is_dead_lettered_and_the_labels_behind_it_are_de
     gw.forwarder.outbox.append([("c:0:99:99", "0")])
     assert gw.forwarder.retry() == 1
     assert search.calls[-1] == [("c:0:99:99", False)]
+
+
+class ToppingUpSearch(RecordingSearch):
+    """Answers each top-up with a question of its campaign, as search leases them."""
+
+    def submit(self, answers, top_ups=None, owner=""):
+        done = super().submit(answers, top_ups, owner)
+        self.top_ups = dict(top_ups or {})
+        questions = [
+            search_pb2.Question(
+                question_id=f"{c}:0:9:9{i}",
+                campaign=c,
+                class_name="cat",
+                image_file="i.png",
+                rle=common_pb2.RleMask(height=2, width=2, counts=b"4"),
+            )
+            for c in self.top_ups
+            for i in range(3)
+        ]
+        return done._replace(questions=questions)
+
+
+def test_answers_carry_top_ups_for_short_campaigns_and_their_questions_join_the_pool():
+    r = fakeredis.FakeRedis()
+    settings = GatewaySettings(key_pepper="p" * 20, refill_questions=2)
+    search = ToppingUpSearch()
+    gw = Gateway(r, search, QualityControl(r, policy_from(settings)), settings)
+    gw.pool.add(
+        "full", {f"full:0:{i}:{i}": views.render("cat", "i.png", 2, 2, "4") for i in (1, 2)}, 0
+    )
+    gw.forwarder.outbox.append([("short:0:1:1", "1"), ("full:0:3:3", "0")])
+    assert gw.forwarder.retry() == 2
+    assert search.top_ups == {"short": 2}  # "full" holds 2 ready: not short
+    assert gw.pool.ready_count("short") == 3
+
+
+def test_questions_that_fail_to_join_the_pool_do_not_send_the_answers_again(caplog):
+    r = fakeredis.FakeRedis()
+    settings = GatewaySettings(key_pepper="p" * 20)
+    search = ToppingUpSearch()
+    gw = Gateway(r, search, QualityControl(r, policy_from(settings)), settings)
+
+    def broken(*_a, **_k):
+        raise ConnectionError("Redis went away")
+
+    gw.pool.add = broken  # type: ignore[method-assign]
+    gw.forwarder.outbox.append([("c:0:1:1", "1")])
+    assert gw.forwarder.retry() == 1
+    assert gw.forwarder.outbox.pending() == 0 and len(search.calls) == 1
+    assert "go back to its pool when their lease expires" in caplog.text
