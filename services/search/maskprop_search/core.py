@@ -37,7 +37,7 @@ from maskprop_runtime.pb.maskprop.search.v1 import search_pb2
 from maskprop_runtime.treestore import check_name
 from maskprop_search import wire
 from maskprop_search.budget import SPENT, CampaignGate
-from maskprop_search.store import CACHE_MASKS, Loaded, SearchStore
+from maskprop_search.store import CACHE_MASKS, Batch, Loaded, SearchStore
 from maskprop_search.store import owner as store_owner
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,16 @@ class CallerGone(Exception):
 @functools.lru_cache(maxsize=65536)
 def _owner(live: tuple[str, ...], campaign: str, class_id: int) -> str:
     return store_owner(list(live), campaign, class_id)
+
+
+def _unlease(batch: Batch, leased: dict[int, list[Question]]) -> None:
+    """Put the questions a call leased back in their (locked) sessions' pools and save no
+    lease entry for them: the caller gave up before the save."""
+    for k, qs in leased.items():
+        held = batch.held[k]
+        assert held.loaded is not None
+        held.loaded.session.expire(qs)
+        held.add_leases = {}
 
 
 class SearchCore:
@@ -376,11 +386,7 @@ class SearchCore:
                     # The caller gave up: save the sessions with these questions back in
                     # the pool (the decisions leasing made stand) and no lease entries.
                     gone = True
-                    for k, qs in leased.items():
-                        held = batch.held[k]
-                        assert held.loaded is not None
-                        held.loaded.session.expire(qs)
-                        held.add_leases = {}
+                    _unlease(batch, leased)
                 else:
                     committed += [
                         (wire.question_id(campaign, q), q) for qs in leased.values() for q in qs
@@ -507,11 +513,7 @@ class SearchCore:
                                 room_bytes -= sum(len(q.rle.counts) for q in new)
                                 got += new
                     if leased and answer_by is not None and time.monotonic() > answer_by:
-                        for k, qs in leased.items():  # saved with the answers, not leased
-                            held = batch.held[k]
-                            assert held.loaded is not None
-                            held.loaded.session.expire(qs)
-                            held.add_leases = {}
+                        _unlease(batch, leased)  # saved with the answers, not leased
                         got, leased = [], {}
             except BaseException:
                 if grant is not None:
