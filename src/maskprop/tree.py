@@ -28,19 +28,25 @@ matrix, ~4 n^2 bytes: ~1.6 GB at 20k masks, out of reach past ~40-70k on 24 GB).
    grown so there are at most :data:`MAX_BLOCKS` blocks) by recursive k-means (faiss, at
    most 64 centroids a split, a median split as fallback) on the same embedding, in float32;
 2. each block gets its exact complete-linkage tree, blocks spread over worker processes;
-3. the blocks are linked by complete linkage on the dissimilarity
+3. each block's highest merges are undone, cutting it into *fragments* (by default
+   ``n // FRAGMENT_SIZE`` fragments in all, at most :data:`MAX_FRAGMENTS`, at least one a
+   block, shared in proportion to block size: ~7 masks a fragment at 20k, ~330 at 1M);
+4. the fragments of all blocks are linked by complete linkage on the dissimilarity
    ``max(D_rep(A, B), h_A, h_B)``, where ``D_rep`` is the largest distance between the
-   ``representatives`` (default 8) farthest-first points of each block (a lower bound of the
-   true complete-linkage distance, reaching it when the farthest pair is among the
-   representatives) and ``h`` is a block's exact diameter (its root height), which keeps
-   merge heights monotone;
-4. everything is grafted into ONE full binary tree in scipy numbering, merges sorted by
-   height as scipy writes them (block roots become the leaves of the block-level tree).
+   ``representatives`` (default 8) farthest-first points of each fragment (a lower bound of the
+   true complete-linkage distance, exact when both fragments have at most that many masks) and
+   ``h`` is a fragment's exact diameter (its root height), which keeps merge heights monotone;
+5. everything is grafted into ONE full binary tree in scipy numbering, merges sorted by
+   height as scipy writes them (fragment roots become the leaves of the top-level tree).
 
-Inside a block the tree is exact; the approximation is only (a) which masks share a block (a
-k-means cut may separate masks that exact linkage would merge early) and (b) the order of
-merges above the blocks.  When the class fits one block (``n <= 2 * block_size``) the result
-is the exact tree.  ``"auto"`` (default) is exact up to :data:`AUTO_EXACT_MAX` masks.
+Below the fragments the tree is exact; the approximation is (a) which masks share a block (a
+k-means cut may separate masks that exact linkage would merge early: fragments of different
+blocks can still merge at the top level, which is what fragments are for) and (b) the
+distances between fragments of more than ``representatives`` masks.  With one fragment a
+block (``fragments=0``) the top level links whole blocks, the tree before fragments existed;
+with one a mask it is the exact tree.  When the class fits one block (``n <= 2 *
+block_size``) the result is the exact tree.  ``"auto"`` (default) is exact up to
+:data:`AUTO_EXACT_MAX` masks.
 
 Measured (2-core shared machine, 2026-12-03; ``benchmarks/bench_tree.py``, README there):
 
@@ -316,6 +322,14 @@ MAX_BLOCKS = 8192
 #: Farthest-first representatives per block for the inter-block distance.
 DEFAULT_REPRESENTATIVES = 8
 
+#: Mean masks a fragment the block level links by default: ``n // FRAGMENT_SIZE`` fragments,
+#: at most :data:`MAX_FRAGMENTS`, and never fewer than one a block.
+FRAGMENT_SIZE = 5
+
+#: Most fragments linked by default.  The top level costs ~O(fragments^2 r^2): one thread,
+#: 8 representatives, ~0.7 s at 3072 fragments, ~1.2 s at 4096, ~6 s at 8192.
+MAX_FRAGMENTS = 3072
+
 #: Fraction of available memory a build may plan to use before it refuses.
 _MEMORY_FRACTION = 0.8
 
@@ -469,55 +483,117 @@ def _block_sq_distances(x: NDArray[np.float64]) -> NDArray[np.float64]:
 _SHARED: dict[str, Any] = {}
 
 
+def _fragment_roots(z: NDArray[np.float64], m: int, f: int) -> NDArray[np.int64]:
+    """Local node id of every fragment of a block: the nodes left when the block's ``f - 1``
+    highest merges (the last rows of its height-sorted ``z``) are undone, ascending."""
+    if f <= 1:
+        return np.array([2 * m - 2 if m > 1 else 0], dtype=np.int64)
+    top = np.arange(2 * m - f, 2 * m - 1)  # the undone merges' node ids
+    kids = z[top - m, :2].astype(np.int64).ravel()
+    return np.sort(kids[kids < 2 * m - f])
+
+
+def _fragment_of_leaf(
+    z: NDArray[np.float64], m: int, roots: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """For each of a block's ``m`` leaves, the index in ``roots`` of its fragment (pointer
+    jumping over the kept merges: no Python loop over masks)."""
+    kept = 2 * m - 1 - (roots.shape[0] - 1)  # nodes 0 .. kept-1 belong to fragments
+    up = np.arange(kept, dtype=np.int64)
+    rows = z[: kept - m, :2].astype(np.int64)
+    up[rows[:, 0]] = np.arange(m, kept)
+    up[rows[:, 1]] = np.arange(m, kept)
+    up[roots] = roots
+    while True:
+        nxt = up[up]
+        if np.array_equal(nxt, up):
+            break
+        up = nxt
+    index = np.full(kept, -1, dtype=np.int64)
+    index[roots] = np.arange(roots.shape[0])
+    return index[up[:m]]
+
+
 def _link_blocks(
     lo: int, hi: int
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
     """Exact complete linkage of blocks ``lo..hi-1`` of the shared sorted embedding.
 
-    Returns the blocks' local linkage rows (concatenated), each block's root height and its
-    farthest-first representatives (float64[(hi - lo) * r, k], padded by repeating a row).
+    Block ``j`` is cut into ``nfrag[j]`` fragments by undoing its highest merges.  Returns the
+    blocks' kept local linkage rows (concatenated), each fragment's local root id and height
+    (its exact diameter, 0 for a single mask) and its farthest-first representatives
+    (float64[fragments * r, k], padded by repeating a row).
     """
     x: NDArray[np.float32] = _SHARED["x"]
     bounds: NDArray[np.int64] = _SHARED["bounds"]
+    nfrag: NDArray[np.int64] = _SHARED["nfrag"]
     r: int = _SHARED["r"]
     zs = []
-    roots = np.zeros(hi - lo)
-    reps = np.empty(((hi - lo) * r, x.shape[1]))
+    froots = []
+    fheights = []
+    reps = np.empty((int(nfrag[lo:hi].sum()) * r, x.shape[1]))
+    at = 0
     method = fastcluster.mthidx["complete"]
     for j in range(lo, hi):
         block = x[bounds[j] : bounds[j + 1]].astype(np.float64)
         m = block.shape[0]
-        rep = _farthest_first(block, r)
-        reps[(j - lo) * r : (j - lo + 1) * r] = rep[np.arange(r) % rep.shape[0]]
+        f = int(nfrag[j])
+        z = np.empty((max(m - 1, 0), 4), dtype=np.float64)
         if m > 1:
-            z = np.empty((m - 1, 4), dtype=np.float64)
             # Complete linkage only compares distances, so it runs on squared ones (same
             # merges, no square roots over m^2 / 2 entries) and the heights are rooted after.
             linkage_wrap(m, _block_sq_distances(block), z, method)
             np.sqrt(z[:, 2], out=z[:, 2])
-            zs.append(z)
-            roots[j - lo] = z[-1, 2]
+        roots = _fragment_roots(z, m, f)
+        zs.append(z[: m - f])
+        froots.append(roots)
+        heights = np.zeros(f)
+        internal = roots >= m
+        heights[internal] = z[roots[internal] - m, 2]
+        fheights.append(heights)
+        members = [block] if f == 1 else _split_by(block, _fragment_of_leaf(z, m, roots), f)
+        for part in members:
+            rep = _farthest_first(part, r)
+            reps[at : at + r] = rep[np.arange(r) % rep.shape[0]]
+            at += r
     zcat = np.concatenate(zs) if zs else np.zeros((0, 4))
-    return zcat, roots, reps
+    return zcat, np.concatenate(froots), np.concatenate(fheights), reps
+
+
+def _split_by(
+    block: NDArray[np.float64], label: NDArray[np.int64], f: int
+) -> list[NDArray[np.float64]]:
+    """Rows of ``block`` grouped by ``label`` (0..f-1), in label order."""
+    grouping = np.argsort(label, kind="stable")
+    return np.split(block[grouping], np.cumsum(np.bincount(label, minlength=f))[:-1])
 
 
 def _block_distances(
     reps: NDArray[np.float64], roots: NDArray[np.float64], r: int
 ) -> NDArray[np.float64]:
-    """Condensed inter-block dissimilarity: ``max(D_rep(A, B), h_A, h_B)`` where ``D_rep`` is
-    the largest distance between the blocks' representatives and ``h`` a block's diameter
-    (its exact root height); the ``h`` terms keep every merge height >= its children's."""
+    """Condensed inter-fragment dissimilarity: ``max(D_rep(A, B), h_A, h_B)`` where ``D_rep``
+    is the largest distance between the fragments' representatives and ``h`` a fragment's
+    diameter (its exact root height); the ``h`` terms keep every merge height >= its children's.
+
+    The r x r distances of a pair are squared distances from one float32 GEMM, reduced by their
+    maximum before the one square root a pair.
+    """
     k = roots.shape[0]
     out = np.empty(k * (k - 1) // 2, dtype=np.float64)
-    sq = np.einsum("ij,ij->i", reps, reps)
+    x = (reps - reps.mean(axis=0)).astype(np.float32)
+    sq = np.einsum("ij,ij->i", x, x)
     rows = max(1, (1 << 22) // max(1, k * r * r))
     pos = 0
     for lo in range(0, k - 1, rows):
         hi = min(lo + rows, k - 1)
-        a = reps[lo * r : hi * r]
-        b = reps[lo * r :]
-        d2 = sq[lo * r : hi * r, None] + sq[None, lo * r :] - 2.0 * (a @ b.T)
-        dmax = np.sqrt(np.maximum(d2, 0.0)).reshape(hi - lo, r, k - lo, r).max(axis=(1, 3))
+        g = x[lo * r : hi * r] @ x[lo * r :].T
+        g *= -2.0
+        g += sq[lo * r : hi * r, None]
+        g += sq[None, lo * r :]
+        # Max over A's representatives first (r whole rows, elementwise: fast), then over B's.
+        d2 = np.maximum.reduce(g.reshape(hi - lo, r, (k - lo) * r), axis=1)
+        d2 = d2.reshape(hi - lo, k - lo, r).max(axis=2)
+        dmax = np.sqrt(np.maximum(d2, 0.0), dtype=np.float64)
         for t in range(hi - lo):
             row = lo + t
             vals = np.maximum(dmax[t, t + 1 :], roots[row + 1 :])
@@ -525,6 +601,14 @@ def _block_distances(
             out[pos : pos + length] = np.maximum(vals, roots[row])
             pos += length
     return out
+
+
+def _fragment_count(n: int, blocks: int, fragments: int | None) -> int:
+    """How many fragments the block level links: ``fragments`` when given, else
+    ``min(n // FRAGMENT_SIZE, MAX_FRAGMENTS)``; never fewer than the blocks, never more than
+    the masks or MAX_BLOCKS (unless there are more blocks)."""
+    want = min(n // FRAGMENT_SIZE, MAX_FRAGMENTS) if fragments is None else fragments
+    return int(min(max(want, blocks), max(MAX_BLOCKS, blocks), n))
 
 
 def _build_two_level(
@@ -535,6 +619,7 @@ def _build_two_level(
     representatives: int,
     workers: int,
     seed: int,
+    fragments: int | None = None,
 ) -> Tree:
     n = scores.shape[0]
     d = features.shape[1]
@@ -546,8 +631,12 @@ def _build_two_level(
     xs = x[perm]
     del x
     k = bounds.shape[0] - 1
+    m = np.diff(bounds)
+    # One fragment a block, and the rest shared in proportion to block size (at most m each).
+    extra = _fragment_count(n, k, fragments) - k
+    nfrag = np.minimum(1 + (m * extra) // n, m)
     r = representatives
-    _SHARED.update(x=xs, bounds=bounds, r=r)
+    _SHARED.update(x=xs, bounds=bounds, r=r, nfrag=nfrag)
     try:
         chunks = np.linspace(0, k, min(k, 16 * max(1, workers)) + 1).astype(int)
         spans = [(int(a), int(b)) for a, b in itertools.pairwise(chunks) if b > a]
@@ -563,13 +652,15 @@ def _build_two_level(
         _SHARED.clear()
     del xs
     zloc = np.concatenate([p[0] for p in parts])
-    roots = np.concatenate([p[1] for p in parts])
-    reps = np.concatenate([p[2] for p in parts])
+    froot = np.concatenate([p[1] for p in parts])
+    fheight = np.concatenate([p[2] for p in parts])
+    reps = np.concatenate([p[3] for p in parts])
     del parts
-    m = np.diff(bounds)
-    # Raw numbering: every block's merges in block order, then the block-level merges.
-    ioff = np.concatenate(([0], np.cumsum(m - 1)))  # first raw merge of each block
-    row_block = np.repeat(np.arange(k), m - 1)
+    nf = int(nfrag.sum())
+    kept = m - nfrag  # merges kept inside each block
+    # Raw numbering: every block's kept merges in block order, then the fragment-level merges.
+    ioff = np.concatenate(([0], np.cumsum(kept)))  # first raw merge of each block
+    row_block = np.repeat(np.arange(k), kept)
     m_row = m[row_block]
     off_row = bounds[:-1][row_block]
     ioff_row = ioff[:-1][row_block]
@@ -577,27 +668,38 @@ def _build_two_level(
     for col in (0, 1):
         c = zloc[:, col].astype(np.int64)
         leaf = c < m_row
-        z[: n - k, col] = np.where(
+        z[: n - nf, col] = np.where(
             leaf, perm[off_row + np.where(leaf, c, 0)], n + ioff_row + (c - m_row)
         )
-    z[: n - k, 2:] = zloc[:, 2:]
+    z[: n - nf, 2:] = zloc[:, 2:]
     del zloc, row_block, m_row, off_row, ioff_row
-    root_raw = np.where(m == 1, perm[bounds[:-1]], n + ioff[:-1] + m - 2)
-    if k > 1:
-        _check_memory(8 * k * k, "the block-level linkage")
-        dist = _block_distances(reps, roots, r)
-        zb = np.empty((k - 1, 4), dtype=np.float64)
-        linkage_wrap(k, dist, zb, fastcluster.mthidx["complete"])
+    f_block = np.repeat(np.arange(k), nfrag)
+    f_m = m[f_block]
+    leaf = froot < f_m
+    root_raw = np.where(
+        leaf,
+        perm[bounds[:-1][f_block] + np.where(leaf, froot, 0)],
+        n + ioff[:-1][f_block] + (froot - f_m),
+    )
+    fsize = np.ones(nf, dtype=np.int64)
+    fsize[~leaf] = z[root_raw[~leaf] - n, 3].astype(np.int64)
+    if nf > 1:
+        _check_memory(8 * nf * nf, "the block-level linkage")
+        dist = _block_distances(reps, fheight, r)
+        zb = np.empty((nf - 1, 4), dtype=np.float64)
+        linkage_wrap(nf, dist, zb, fastcluster.mthidx["complete"])
         del dist
-        bsize = np.concatenate((m, np.zeros(k - 1, dtype=np.int64)))
+        bsize = np.concatenate((fsize, np.zeros(nf - 1, dtype=np.int64)))
         kids = zb[:, :2].astype(np.int64)
-        for t in range(k - 1):  # a loop over blocks, not masks (k <= MAX_BLOCKS)
-            bsize[k + t] = bsize[kids[t, 0]] + bsize[kids[t, 1]]
+        for t in range(nf - 1):  # a loop over fragments, not masks (nf <= MAX_BLOCKS)
+            bsize[nf + t] = bsize[kids[t, 0]] + bsize[kids[t, 1]]
         for col in (0, 1):
             c = kids[:, col]
-            z[n - k :, col] = np.where(c < k, root_raw[np.minimum(c, k - 1)], n + (n - k) + c - k)
-        z[n - k :, 2] = zb[:, 2]
-        z[n - k :, 3] = bsize[k:]
+            z[n - nf :, col] = np.where(
+                c < nf, root_raw[np.minimum(c, nf - 1)], n + (n - nf) + c - nf
+            )
+        z[n - nf :, 2] = zb[:, 2]
+        z[n - nf :, 3] = bsize[nf:]
     # Sort merges by height as scipy does (stable: heights never decrease towards the root,
     # so every child still precedes its parent) and renumber the internal nodes.
     rank = np.empty(n - 1, dtype=np.int64)
@@ -622,6 +724,7 @@ def build_tree(
     representatives: int = DEFAULT_REPRESENTATIVES,
     workers: int | None = None,
     seed: int = 0,
+    fragments: int | None = None,
 ) -> Tree:
     """Complete-linkage tree of one class's masks (paper Sec. 4.2).
 
@@ -633,7 +736,9 @@ def build_tree(
     method : ``"exact"`` (complete linkage over all masks, the reference), ``"two_level"``
         (module docstring) or ``"auto"``: exact up to :data:`AUTO_EXACT_MAX` masks.
     block_size, representatives, seed : the two-level tree's target block size, farthest-first
-        representatives per block and k-means seed.
+        representatives per fragment and k-means seed.
+    fragments : how many fragments the two-level tree's top level links (module docstring);
+        ``None``: ``min(n // FRAGMENT_SIZE, MAX_FRAGMENTS)``; ``0``: whole blocks.
     workers : processes for the per-block linkage (two-level only); default ``os.cpu_count()``.
 
     Exact memory is ~8 n^2 / 2 bytes for the condensed matrix, clustered in place by
@@ -653,6 +758,8 @@ def build_tree(
         raise MaskpropError("score_weight must not be negative")
     if block_size < 2 or representatives < 1:
         raise MaskpropError("block_size must be >= 2 and representatives >= 1")
+    if fragments is not None and fragments < 0:
+        raise MaskpropError("fragments must be >= 0 (or None for the default)")
     s64: NDArray[np.float64] = np.asarray(scores, dtype=np.float64)
     features = np.asarray(features)
     n = s64.shape[0]
@@ -672,6 +779,7 @@ def build_tree(
             representatives,
             workers if workers is not None else len(os.sched_getaffinity(0)),
             seed,
+            fragments,
         )
     _check_memory(
         8 * (n * (n - 1) // 2) + 8 * n * (features.shape[1] + 1) + 64 * n,

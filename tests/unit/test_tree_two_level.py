@@ -53,29 +53,62 @@ def test_two_level_equals_exact_when_the_class_fits_one_block():
         )
 
 
+def test_one_mask_fragments_give_the_exact_tree():
+    # Every mask its own fragment: the block level is complete linkage over single masks with
+    # their exact distances, i.e. the exact tree, whatever the blocks were.
+    rng = np.random.default_rng(5)
+    f, s = rng.normal(size=(300, 4)), rng.uniform(size=300)
+    exact = build_tree(f, s, method="exact").to_linkage()
+    two = build_tree(f, s, method="two_level", block_size=40, fragments=300, workers=1)
+    assert clusters_of(two.to_linkage(), 300) == clusters_of(exact, 300)
+    np.testing.assert_allclose(two.to_linkage()[:, 2], exact[:, 2], rtol=1e-5)
+
+
+def test_fragments_default_to_blocks_below_their_floor():
+    # fragments=0 (or fewer than the blocks) links whole blocks, as before fragments existed.
+    rng = np.random.default_rng(6)
+    f, s = rng.normal(size=(400, 3)), rng.uniform(size=400)
+    a = build_tree(f, s, method="two_level", block_size=30, fragments=0, workers=1)
+    b = build_tree(f, s, method="two_level", block_size=30, fragments=1, workers=1)
+    np.testing.assert_array_equal(a.to_linkage(), b.to_linkage())
+    assert_full_binary_tree(a, 400)
+
+
 @given(
     n=st.integers(min_value=1, max_value=130),
     block_size=st.integers(min_value=2, max_value=24),
+    fragments=st.one_of(st.none(), st.integers(min_value=0, max_value=140)),
     seed=st.integers(min_value=0, max_value=10_000),
 )
-@settings(max_examples=60, deadline=None)
-def test_every_two_level_tree_is_a_full_binary_tree(n, block_size, seed):
-    # Sizes straddle block boundaries: n around 1x, 2x, 3x ... block_size.
+@settings(max_examples=80, deadline=None)
+def test_every_two_level_tree_is_a_full_binary_tree(n, block_size, fragments, seed):
+    # Sizes straddle block boundaries: n around 1x, 2x, 3x ... block_size; fragments from
+    # one a block to one a mask.
     rng = np.random.default_rng(seed)
     f = rng.normal(size=(n, 3))
     s = rng.uniform(size=n)
-    t = build_tree(f, s, method="two_level", block_size=block_size, representatives=3, workers=1)
+    t = build_tree(
+        f,
+        s,
+        method="two_level",
+        block_size=block_size,
+        representatives=3,
+        workers=1,
+        fragments=fragments,
+    )
     assert_full_binary_tree(t, n)
     np.testing.assert_allclose(t.cluster_scores()[t.root], s.mean())
 
 
-def test_parallel_blocks_give_the_same_tree():
+@pytest.mark.parametrize("fragments", [0, 300])
+def test_parallel_blocks_give_the_same_tree(fragments):
     rng = np.random.default_rng(2)
     f, s = rng.normal(size=(900, 6)), rng.uniform(size=900)
-    one = build_tree(f, s, method="two_level", block_size=40, workers=1).to_linkage()
-    two = build_tree(f, s, method="two_level", block_size=40, workers=2).to_linkage()
+    kw = {"method": "two_level", "block_size": 40, "fragments": fragments}
+    one = build_tree(f, s, workers=1, **kw).to_linkage()
+    two = build_tree(f, s, workers=2, **kw).to_linkage()
     np.testing.assert_array_equal(one, two)
-    assert_full_binary_tree(build_tree(f, s, method="two_level", block_size=40, workers=2), 900)
+    assert_full_binary_tree(build_tree(f, s, workers=2, **kw), 900)
 
 
 def test_auto_is_exact_below_the_documented_size():
@@ -140,6 +173,8 @@ def test_bad_inputs_are_one_clear_error(method):
         build_tree(f[:, 0], s, method=method)
     with pytest.raises(MaskpropError, match="unknown tree method"):
         build_tree(f, s, method="single")
+    with pytest.raises(MaskpropError, match="fragments"):
+        build_tree(f, s, method=method, fragments=-1)
 
 
 def test_a_class_too_large_for_memory_is_refused_before_allocating(monkeypatch):
@@ -170,3 +205,12 @@ def test_duplicate_features_are_valid_and_merge_first(method):
     dup[17] = dup[3] = rng.normal(size=3) * 100
     t = build_tree(dup, s, method=method, block_size=10)
     assert t.parent[3] == t.parent[17]
+
+
+def test_the_default_fragment_count():
+    # ~FRAGMENT_SIZE masks a fragment up to MAX_FRAGMENTS; never fewer than the blocks.
+    count = tree_mod._fragment_count
+    assert count(10_000, 10, None) == 10_000 // tree_mod.FRAGMENT_SIZE
+    assert count(1_000_000, 1000, None) == tree_mod.MAX_FRAGMENTS
+    assert count(10_000_000, tree_mod.MAX_BLOCKS, None) == tree_mod.MAX_BLOCKS
+    assert count(5000, 5, 0) == 5 and count(50, 3, 10_000) == 50
