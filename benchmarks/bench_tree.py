@@ -9,15 +9,18 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py compare 10000 20000     # ours (exact) vs scipy linkage
     python benchmarks/bench_tree.py scale 1000000           # exact-20k baseline, then two_level
     python benchmarks/bench_tree.py scale 10000000
-    python benchmarks/bench_tree.py quality                 # two_level vs exact, 20k classes
-    python benchmarks/bench_tree.py quality 0 1 2 --block-size 500   # another block size
+    python benchmarks/bench_tree.py quality                 # two_level vs exact, seeds 0-15
+    python benchmarks/bench_tree.py quality 0 1 2 --block-size 500 --fragments 0   # variants
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
 build timed in the same run (the issue's goals: 1M within 3x and < 1 GB, 10M within 36x and
 < 8 GB).  ``quality`` runs the paper's Algorithm 1 (heuristic search, priors K_pr = 0 and
 K_pa = 0.7, K_a = 0.85, K_iou = 0.75) with the oracle quality estimate Q~ = Q (paper Sec. 5.1)
 on the same class's exact and two-level trees, and prints the masks in accepted clusters after
-100, 300 and 1000 annotated clusters, and their ratio (goal >= 98 % at every budget).
+100, 300 and 1000 annotated clusters, and their ratio (goal >= 98 % at every budget), per
+class and summed over the easy, the hard and all classes, with the same figures for the
+two-level tree of whole blocks (no fragments) and for the exact tree of slightly jittered
+features (how far the metric moves by itself).
 """
 
 from __future__ import annotations
@@ -200,23 +203,45 @@ def accepted_after(tree, ious: np.ndarray) -> list[int]:  # type: ignore[no-unty
     return out
 
 
-def quality(seeds: list[int], block_size: int | None = None) -> None:
+def structure(z_ref: np.ndarray, z: np.ndarray, ks: tuple[int, ...]) -> list[float]:
+    """Adjusted Rand index of the flat clusterings cut from two trees at ``k`` clusters each: a
+    smooth measure of how alike two trees are (1 = the same partition), unlike the search."""
+    from scipy.cluster.hierarchy import fcluster
+    from sklearn.metrics import adjusted_rand_score
+
+    return [
+        adjusted_rand_score(
+            fcluster(z_ref, k, criterion="maxclust"), fcluster(z, k, criterion="maxclust")
+        )
+        for k in ks
+    ]
+
+
+def quality(seeds: list[int], block_size: int | None = None, fragments: int | None = None) -> None:
     from maskprop.simulate.generator import ade_like_class
     from maskprop.tree import DEFAULT_BLOCK_SIZE, build_tree
 
     block_size = block_size or DEFAULT_BLOCK_SIZE
-    print(f"two-level block size {block_size}", flush=True)
-
-    n = 20_000
     print(
-        f"{'seed':>4} {'pool':>5} {'class':>5} {'good %':>6} {'exact s':>8} {'2lvl s':>7} "
-        + " ".join(f"{'@' + str(b) + ' exact/2lvl':>20}" for b in BUDGETS)
-        + " ratios",
+        f"two-level block size {block_size}, fragments "
+        f"{'library default' if fragments is None else fragments}; seeds {seeds}",
         flush=True,
     )
-    worst = {b: 1.0 for b in BUDGETS}
-    totals = np.zeros((2, len(BUDGETS)), dtype=np.int64)
-    jitter_totals = np.zeros(len(BUDGETS), dtype=np.int64)
+    n = 20_000
+    ks = (10, 100, 1000)
+    # Arms against the exact tree: the two-level tree as configured; the two-level tree that
+    # links whole blocks (fragments=0, the tree before fragments); and the noise floor, the
+    # exact tree of the same features moved by 1e-3 of their spread (an equally valid input).
+    arms = ("two_level", "blocks only", "exact jittered")
+    rows: list[dict[str, object]] = []
+    aris: list[list[list[float]]] = []
+    print(
+        f"{'seed':>4} {'pool':>5} {'class':>5} {'good %':>6} {'2lvl s':>6} "
+        f"{'exact @100/@300/@1000':>22}  "
+        + "  ".join(f"{arm + ' %':>20}" for arm in arms)
+        + "  ARI vs exact @k10/100/1000: two_level | blocks only | jittered",
+        flush=True,
+    )
     for seed in seeds:
         # Easy and hard: of 8 classes, the ones with the most and the fewest correct masks.
         good = {}
@@ -226,55 +251,84 @@ def quality(seeds: list[int], block_size: int | None = None) -> None:
         picks = {"easy": max(good, key=good.__getitem__), "hard": min(good, key=good.__getitem__)}
         for label, c in picks.items():
             f, s, iou, _ = ade_like_class(c, n, seed)
-            t0 = time.perf_counter()
             exact = build_tree(f, s, method="exact")
-            t1 = time.perf_counter()
-            two = build_tree(f, s, method="two_level", block_size=block_size)
-            t2 = time.perf_counter()
-            # Noise floor: the exact tree of the same class with features moved by 1e-3 of
-            # their spread (an equally valid input) -- how much this metric moves by itself.
+            t0 = time.perf_counter()
+            two = build_tree(f, s, method="two_level", block_size=block_size, fragments=fragments)
+            secs = time.perf_counter() - t0
+            blocks = build_tree(f, s, method="two_level", block_size=block_size, fragments=0)
             jitter = np.random.default_rng(seed).normal(0.0, 1e-3, f.shape) * f.std(axis=0)
-            again = accepted_after(build_tree(f + jitter, s, method="exact"), iou)
-            a = accepted_after(exact, iou)
-            b = accepted_after(two, iou)
-            floor = [gg / aa if aa else float("nan") for aa, gg in zip(a, again, strict=True)]
-            jitter_totals += np.array(again)
-            totals += np.array([a, b])
-            ratios = [bb / aa if aa else float("nan") for aa, bb in zip(a, b, strict=True)]
-            for budget, r in zip(BUDGETS, ratios, strict=True):
-                worst[budget] = min(worst[budget], r)
+            again = build_tree(f + jitter, s, method="exact")
+            got = {
+                "exact": accepted_after(exact, iou),
+                "two_level": accepted_after(two, iou),
+                "blocks only": accepted_after(blocks, iou),
+                "exact jittered": accepted_after(again, iou),
+            }
+            z = exact.to_linkage()
+            ari = [structure(z, t.to_linkage(), ks) for t in (two, blocks, again)]
+            rows.append({"pool": label, **got})
+            aris.append(ari)
+            pct = {
+                arm: "/".join(
+                    f"{100 * b / a:.0f}" if a else "-"
+                    for a, b in zip(got["exact"], got[arm], strict=True)
+                )
+                for arm in arms
+            }
             print(
-                f"{seed:>4} {label:>5} {c:>5} {100 * good[c]:>6.1f} {t1 - t0:>8.1f} "
-                f"{t2 - t1:>7.1f} "
-                + " ".join(f"{aa:>10}/{bb:<9}" for aa, bb in zip(a, b, strict=True))
-                + " "
-                + " ".join(f"{100 * r:.1f}%" for r in ratios)
-                + " | exact(jittered)/exact "
-                + " ".join(f"{100 * r:.1f}%" for r in floor),
+                f"{seed:>4} {label:>5} {c:>5} {100 * good[c]:>6.1f} {secs:>6.1f} "
+                f"{'/'.join(map(str, got['exact'])):>22}  "
+                + "  ".join(f"{pct[arm]:>20}" for arm in arms)
+                + "  "
+                + " | ".join("/".join(f"{v:.2f}" for v in a) for a in ari),
                 flush=True,
             )
-    print("worst ratio per budget: " + ", ".join(f"@{b}: {100 * worst[b]:.1f}%" for b in BUDGETS))
+    mean_ari = np.array(aris).mean(axis=0)
     print(
-        "all classes, masks accepted (exact / two_level, ratio): "
+        "\nmean ARI against the exact tree @k10/100/1000: "
         + ", ".join(
-            f"@{b}: {totals[0, i]} / {totals[1, i]} ({100 * totals[1, i] / totals[0, i]:.1f}%)"
-            for i, b in enumerate(BUDGETS)
+            f"{arm} " + "/".join(f"{v:.2f}" for v in mean_ari[i]) for i, arm in enumerate(arms)
         )
     )
+    rng = np.random.default_rng(0)
     print(
-        "noise floor, exact on jittered features / exact: "
-        + ", ".join(
-            f"@{b}: {100 * jitter_totals[i] / totals[0, i]:.1f}%" for i, b in enumerate(BUDGETS)
-        )
+        "\nmasks accepted, summed over classes, % of the exact tree's at @100/@300/@1000 "
+        "[90 % bootstrap interval over classes]; share of classes at >= 98 %:"
     )
+    for pool in ("easy", "hard", "all"):
+        sel = [r for r in rows if pool == "all" or r["pool"] == pool]
+        base = np.array([r["exact"] for r in sel], dtype=np.float64)
+        for arm in arms:
+            got_arm = np.array([r[arm] for r in sel], dtype=np.float64)
+            ratio = got_arm.sum(0) / base.sum(0)
+            boot = []
+            for _ in range(2000):
+                i = rng.integers(0, len(sel), len(sel))
+                boot.append(got_arm[i].sum(0) / np.maximum(base[i].sum(0), 1.0))
+            lo, hi = np.percentile(np.array(boot), [5, 95], axis=0)
+            share = (got_arm >= 0.98 * base).mean(0)
+            print(
+                f"  {pool:>4} ({len(sel):>2} classes) {arm:>15}: "
+                + "  ".join(
+                    f"{100 * r:5.1f} [{100 * a:3.0f}-{100 * b:3.0f}]"
+                    for r, a, b in zip(ratio, lo, hi, strict=True)
+                )
+                + "   per class >= 98 %: "
+                + "/".join(f"{v:.2f}" for v in share),
+                flush=True,
+            )
 
 
 def main() -> None:
     args = sys.argv[1:]
-    block_size = None
+    block_size = fragments = None
     if "--block-size" in args:  # quality: the two-level tree's target block size
         at = args.index("--block-size")
         block_size = int(args[at + 1])
+        del args[at : at + 2]
+    if "--fragments" in args:  # quality: fragments the block level links
+        at = args.index("--fragments")
+        fragments = int(args[at + 1])
         del args[at : at + 2]
     mode = args[0] if args and not args[0].isdigit() else "compare"
     rest = [int(a) for a in args[1:]] if args and not args[0].isdigit() else [int(a) for a in args]
@@ -283,7 +337,7 @@ def main() -> None:
     elif mode == "scale":
         scale(rest or [1_000_000])
     elif mode == "quality":
-        quality(rest or [0, 1, 2], block_size)
+        quality(rest or list(range(16)), block_size, fragments)
     else:
         raise SystemExit(f"unknown mode {mode!r}: compare, scale or quality")
 
