@@ -48,20 +48,21 @@ with one a mask it is the exact tree.  When the class fits one block (``n <= 2 *
 block_size``) the result is the exact tree.  ``"auto"`` (default) is exact up to
 :data:`AUTO_EXACT_MAX` masks.
 
-Measured (2-core shared machine, 2026-12-03; ``benchmarks/bench_tree.py``, README there):
+Measured (2-core machine; ``benchmarks/bench_tree.py``, README there):
 
-* scale, d = 32, against exact linkage at 20k timed in the same run, on an otherwise idle
-  machine: 1M masks 16.4 s = 1.36x exact-20k (goal 3x: met), peak 513 MiB PSS (goal < 1 GB:
-  met); 10M masks 232-236 s = 19.2-22.2x (goal 36x: met), peak 4.0 GiB PSS (goal < 8 GB: met).
-  (On a machine shared with other jobs the 10M build took 438 s = 48.7x.)  Most of the time is
-  the per-block O(block^2) distances and NN-chain, i.e. ~O(n * block_size).
-* quality, Algorithm 1 with Q~ = Q on 20k-mask classes (seeds 0-2, the easiest and hardest of
-  8 classes each): summed over the 6 classes two-level accepts 122 % / 119 % / 108 % of the
-  exact tree's masks after 100 / 300 / 1000 annotated clusters, but per class the ratio ranges
-  from 25 % to 358 % (goal >= 98 % at every budget: met in aggregate, not per class).  This
-  metric is chaotic in the tree: the exact tree of the same features jittered by 1e-3 of their
-  spread scores 27 % to 187 % of the exact tree per class (120 / 118 / 112 % summed), the same
-  spread as the two-level tree's.  At 20k ``auto`` uses the exact tree anyway.
+* scale, d = 32, against exact linkage at 20k timed in the same run (2026-12-05, fragments):
+  1M masks 8.2 s = 0.52x exact-20k (goal 3x: met), peak 521 MiB PSS (goal < 1 GB: met); 10M
+  masks 125.8 s = 7.9x (goal 36x: met), peak 4.0 GiB PSS (goal < 8 GB: met).  Most of the time
+  is the per-block O(block^2) distances and NN-chain, i.e. ~O(n * block_size); the fragment
+  level adds ~0.7 s a tree (one thread) above 15k masks.
+* quality, Algorithm 1 with Q~ = Q on 20k-mask classes, seeds 0-15, the easiest and hardest of
+  8 classes each (``bench_tree.py quality``): summed over the 32 classes this tree accepts
+  106 / 104 / 101 % of the exact tree's masks after 100 / 300 / 1000 annotated clusters (goal
+  >= 98 %); the tree of whole blocks (``fragments=0``) 88 / 85 / 95 %.  On the 16 hard classes
+  alone 84 / 92 / 86 % (whole blocks 44 / 59 / 83 %).  Per class the metric is chaotic: the
+  exact tree of the same features jittered by 1e-3 of their spread scores 98 / 97 / 101 %
+  summed, and per class it is at >= 98 % in only 56-72 % of the classes.  At 20k ``auto``
+  uses the exact tree anyway.
 """
 
 from __future__ import annotations
