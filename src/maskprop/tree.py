@@ -661,27 +661,26 @@ def _build_two_level(
     kept = m - nfrag  # merges kept inside each block
     # Raw numbering: every block's kept merges in block order, then the fragment-level merges.
     ioff = np.concatenate(([0], np.cumsum(kept)))  # first raw merge of each block
+
+    def raw_id(local: NDArray[np.int64], block: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Raw ids of block-local node ids: a leaf is its mask, merge ``i`` of the block is
+        raw merge ``ioff[block] + i``."""
+        mb = m[block]
+        leaf = local < mb
+        return np.where(
+            leaf,
+            perm[bounds[:-1][block] + np.where(leaf, local, 0)],
+            n + ioff[:-1][block] + (local - mb),
+        )
+
     row_block = np.repeat(np.arange(k), kept)
-    m_row = m[row_block]
-    off_row = bounds[:-1][row_block]
-    ioff_row = ioff[:-1][row_block]
     z = np.empty((n - 1, 4), dtype=np.float64)
     for col in (0, 1):
-        c = zloc[:, col].astype(np.int64)
-        leaf = c < m_row
-        z[: n - nf, col] = np.where(
-            leaf, perm[off_row + np.where(leaf, c, 0)], n + ioff_row + (c - m_row)
-        )
+        z[: n - nf, col] = raw_id(zloc[:, col].astype(np.int64), row_block)
     z[: n - nf, 2:] = zloc[:, 2:]
-    del zloc, row_block, m_row, off_row, ioff_row
-    f_block = np.repeat(np.arange(k), nfrag)
-    f_m = m[f_block]
-    leaf = froot < f_m
-    root_raw = np.where(
-        leaf,
-        perm[bounds[:-1][f_block] + np.where(leaf, froot, 0)],
-        n + ioff[:-1][f_block] + (froot - f_m),
-    )
+    del zloc, row_block
+    root_raw = raw_id(froot, np.repeat(np.arange(k), nfrag))
+    leaf = root_raw < n
     fsize = np.ones(nf, dtype=np.int64)
     fsize[~leaf] = z[root_raw[~leaf] - n, 3].astype(np.int64)
     if nf > 1:
