@@ -11,6 +11,7 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py scale 10000000
     python benchmarks/bench_tree.py quality                 # two_level vs exact, seeds 0-15
     python benchmarks/bench_tree.py quality 0 1 2 --block-size 500 --fragments 0   # variants
+    python benchmarks/bench_tree.py hard                    # hard pools, search run to its end
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
 build timed in the same run (the issue's goals: 1M within 3x and < 1 GB, 10M within 36x and
@@ -203,6 +204,71 @@ def accepted_after(tree, ious: np.ndarray) -> list[int]:  # type: ignore[no-unty
     return out
 
 
+def whole_search(tree, ious: np.ndarray) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    """Algorithm 1 as in :func:`accepted_after`, run until nothing is left to ask: (clusters
+    annotated, masks accepted, size of the largest cluster rejected whole)."""
+    score = tree.cluster_scores()
+    quality = tree.subtree_sum((ious >= K_IOU).astype(np.float64)) / tree.size
+    heap = [(-score[tree.root], tree.root)]
+    annotated = accepted = biggest = 0
+    while heap:
+        _, j = heapq.heappop(heap)
+        leaf = tree.is_leaf(j)
+        if score[j] <= K_PR:
+            continue
+        if score[j] <= K_PA:
+            if not leaf:
+                for c in tree.children(j):
+                    heapq.heappush(heap, (-score[c], c))
+            continue
+        annotated += 1
+        if quality[j] >= K_A - 1e-12:
+            accepted += int(tree.size[j])
+        elif quality[j] > 1 - K_A and not leaf:
+            for c in tree.children(j):
+                heapq.heappush(heap, (-score[c], c))
+        else:
+            biggest = max(biggest, int(tree.size[j]))
+    return annotated, accepted, biggest
+
+
+def hard(seeds: list[int]) -> None:
+    """The hard pools' whole search: how many masks each tree accepts when the search runs
+    to its end, against the budgets of ``quality``."""
+    from maskprop.simulate.generator import ade_like_class
+    from maskprop.tree import build_tree
+
+    n = 20_000
+    arms = ("exact", "two_level", "exact jittered")
+    total = np.zeros((3, 3), dtype=np.int64)
+    print(
+        f"{'seed':>4} {'class':>5} "
+        + "  ".join(f"{a + ': annotated/accepted/largest rejected':>44}" for a in arms)
+    )
+    for seed in seeds:
+        good = [float((ade_like_class(c, n, seed)[2] >= K_IOU).mean()) for c in range(8)]
+        c = int(np.argmin(good))
+        f, s, iou, _ = ade_like_class(c, n, seed)
+        jitter = np.random.default_rng(seed).normal(0.0, 1e-3, f.shape) * f.std(axis=0)
+        trees = (
+            build_tree(f, s, method="exact"),
+            build_tree(f, s, method="two_level"),
+            build_tree(f + jitter, s, method="exact"),
+        )
+        got = np.array([whole_search(t, iou) for t in trees])
+        total += got
+        print(
+            f"{seed:>4} {c:>5} " + "  ".join(f"{'/'.join(map(str, g)):>44}" for g in got),
+            flush=True,
+        )
+    print(
+        f"hard pools, whole search, masks accepted: exact {total[0, 1]}, two_level {total[1, 1]} "
+        f"({100 * total[1, 1] / total[0, 1]:.1f} %), exact jittered {total[2, 1]} "
+        f"({100 * total[2, 1] / total[0, 1]:.1f} %); clusters annotated "
+        f"{total[0, 0]} / {total[1, 0]} / {total[2, 0]}"
+    )
+
+
 def structure(z_ref: np.ndarray, z: np.ndarray, ks: tuple[int, ...]) -> list[float]:
     """Adjusted Rand index of the flat clusterings cut from two trees at ``k`` clusters each: a
     smooth measure of how alike two trees are (1 = the same partition), unlike the search."""
@@ -338,8 +404,10 @@ def main() -> None:
         scale(rest or [1_000_000])
     elif mode == "quality":
         quality(rest or list(range(16)), block_size, fragments)
+    elif mode == "hard":
+        hard(rest or list(range(16)))
     else:
-        raise SystemExit(f"unknown mode {mode!r}: compare, scale or quality")
+        raise SystemExit(f"unknown mode {mode!r}: compare, scale, quality or hard")
 
 
 if __name__ == "__main__":
