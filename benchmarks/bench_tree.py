@@ -169,48 +169,14 @@ K_PR, K_PA, K_A, K_IOU = 0.0, 0.7, 0.85, 0.75
 BUDGETS = (100, 300, 1000)
 
 
-def accepted_after(tree, ious: np.ndarray) -> list[int]:  # type: ignore[no-untyped-def]
-    """Masks in accepted clusters after each budget of annotated clusters.
-
-    Heuristic search (highest cluster score S first); S <= K_pr: reject unasked; S <= K_pa:
-    split unasked (a leaf: reject); else annotate with Q~ = Q: accept at Q >= K_a, reject at
-    Q <= 1 - K_a, split otherwise.
-    """
+def annotations(tree, ious: np.ndarray):  # type: ignore[no-untyped-def]
+    """Algorithm 1's annotated clusters in order, as ``(node, outcome)``: heuristic search
+    (highest cluster score S first); S <= K_pr: reject unasked; S <= K_pa: split unasked (a
+    leaf: reject); else annotate with Q~ = Q: ``accept`` at Q >= K_a, ``split`` between,
+    ``reject`` at Q <= 1 - K_a (or a leaf)."""
     score = tree.cluster_scores()
     quality = tree.subtree_sum((ious >= K_IOU).astype(np.float64)) / tree.size
     heap = [(-score[tree.root], tree.root)]
-    annotated = accepted = 0
-    out = []
-    while heap and annotated < BUDGETS[-1]:
-        _, j = heapq.heappop(heap)
-        leaf = tree.is_leaf(j)
-        if score[j] <= K_PR:
-            continue
-        if score[j] <= K_PA:
-            if not leaf:
-                for c in tree.children(j):
-                    heapq.heappush(heap, (-score[c], c))
-            continue
-        annotated += 1
-        if quality[j] >= K_A - 1e-12:
-            accepted += int(tree.size[j])
-        elif quality[j] > 1 - K_A and not leaf:
-            for c in tree.children(j):
-                heapq.heappush(heap, (-score[c], c))
-        if annotated in BUDGETS:
-            out.append(accepted)
-    while len(out) < len(BUDGETS):  # the search ran dry before the budget
-        out.append(accepted)
-    return out
-
-
-def whole_search(tree, ious: np.ndarray) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    """Algorithm 1 as in :func:`accepted_after`, run until nothing is left to ask: (clusters
-    annotated, masks accepted, size of the largest cluster rejected whole)."""
-    score = tree.cluster_scores()
-    quality = tree.subtree_sum((ious >= K_IOU).astype(np.float64)) / tree.size
-    heap = [(-score[tree.root], tree.root)]
-    annotated = accepted = biggest = 0
     while heap:
         _, j = heapq.heappop(heap)
         leaf = tree.is_leaf(j)
@@ -221,13 +187,41 @@ def whole_search(tree, ious: np.ndarray) -> tuple[int, int, int]:  # type: ignor
                 for c in tree.children(j):
                     heapq.heappush(heap, (-score[c], c))
             continue
-        annotated += 1
         if quality[j] >= K_A - 1e-12:
-            accepted += int(tree.size[j])
+            yield j, "accept"
         elif quality[j] > 1 - K_A and not leaf:
             for c in tree.children(j):
                 heapq.heappush(heap, (-score[c], c))
+            yield j, "split"
         else:
+            yield j, "reject"
+
+
+def accepted_after(tree, ious: np.ndarray) -> list[int]:  # type: ignore[no-untyped-def]
+    """Masks in accepted clusters after each budget of annotated clusters (the search ran dry
+    before a budget: what it had accepted by then)."""
+    accepted, out = 0, []
+    for annotated, (j, outcome) in enumerate(annotations(tree, ious), start=1):
+        if outcome == "accept":
+            accepted += int(tree.size[j])
+        if annotated in BUDGETS:
+            out.append(accepted)
+            if annotated == BUDGETS[-1]:
+                break
+    while len(out) < len(BUDGETS):
+        out.append(accepted)
+    return out
+
+
+def whole_search(tree, ious: np.ndarray) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    """The search run until nothing is left to ask: (clusters annotated, masks accepted, size
+    of the largest cluster rejected whole)."""
+    annotated = accepted = biggest = 0
+    for j, outcome in annotations(tree, ious):
+        annotated += 1
+        if outcome == "accept":
+            accepted += int(tree.size[j])
+        elif outcome == "reject":
             biggest = max(biggest, int(tree.size[j]))
     return annotated, accepted, biggest
 
