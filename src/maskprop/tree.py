@@ -62,10 +62,10 @@ Measured (2-core machine; ``benchmarks/bench_tree.py``, README there):
   alone 84 / 92 / 86 % (whole blocks 44 / 59 / 83 %); run to its end (``bench_tree.py hard``)
   the search there accepts 98.7 % of the exact tree's masks (jittered exact 99.6 %): the gap
   at the budgets is mostly the order clusters are found in, and one class whose first
-  annotated cluster (10,393 masks, quality <= 1 - K_a) is rejected whole.  Per class the metric is chaotic: the
-  exact tree of the same features jittered by 1e-3 of their spread scores 98 / 97 / 101 %
-  summed, and per class it is at >= 98 % in only 56-72 % of the classes.  At 20k ``auto``
-  uses the exact tree anyway.
+  annotated cluster (10,393 masks, quality <= 1 - K_a) is rejected whole.  Per class the
+  metric is chaotic: the exact tree of the same features jittered by 1e-3 of their spread
+  scores 98 / 97 / 101 % summed, and per class it is at >= 98 % in only 56-72 % of the
+  classes.  At 20k ``auto`` uses the exact tree anyway.
 """
 
 from __future__ import annotations
