@@ -226,6 +226,20 @@ def whole_search(tree, ious: np.ndarray) -> tuple[int, int, int]:  # type: ignor
     return annotated, accepted, biggest
 
 
+def pools(seed: int, n: int) -> dict[str, int]:
+    """The easy and the hard pool of a seed: of 8 ADE-like classes, the ones with the most and
+    the fewest correct masks."""
+    from maskprop.simulate.generator import ade_like_class
+
+    good = [float((ade_like_class(c, n, seed)[2] >= K_IOU).mean()) for c in range(8)]
+    return {"easy": int(np.argmax(good)), "hard": int(np.argmin(good))}
+
+
+def jittered(f: np.ndarray, seed: int) -> np.ndarray:
+    """The features moved by 1e-3 of their spread: an equally valid input (the noise floor)."""
+    return f + np.random.default_rng(seed).normal(0.0, 1e-3, f.shape) * f.std(axis=0)
+
+
 def hard(seeds: list[int]) -> None:
     """The hard pools' whole search: how many masks each tree accepts when the search runs
     to its end, against the budgets of ``quality``."""
@@ -240,14 +254,12 @@ def hard(seeds: list[int]) -> None:
         + "  ".join(f"{a + ': annotated/accepted/largest rejected':>44}" for a in arms)
     )
     for seed in seeds:
-        good = [float((ade_like_class(c, n, seed)[2] >= K_IOU).mean()) for c in range(8)]
-        c = int(np.argmin(good))
+        c = pools(seed, n)["hard"]
         f, s, iou, _ = ade_like_class(c, n, seed)
-        jitter = np.random.default_rng(seed).normal(0.0, 1e-3, f.shape) * f.std(axis=0)
         trees = (
             build_tree(f, s, method="exact"),
             build_tree(f, s, method="two_level"),
-            build_tree(f + jitter, s, method="exact"),
+            build_tree(jittered(f, seed), s, method="exact"),
         )
         got = np.array([whole_search(t, iou) for t in trees])
         total += got
@@ -303,12 +315,7 @@ def quality(seeds: list[int], block_size: int | None = None, fragments: int | No
         flush=True,
     )
     for seed in seeds:
-        # Easy and hard: of 8 classes, the ones with the most and the fewest correct masks.
-        good = {}
-        for c in range(8):
-            _, _, iou, _ = ade_like_class(c, n, seed)
-            good[c] = float((iou >= K_IOU).mean())
-        picks = {"easy": max(good, key=good.__getitem__), "hard": min(good, key=good.__getitem__)}
+        picks = pools(seed, n)
         for label, c in picks.items():
             f, s, iou, _ = ade_like_class(c, n, seed)
             exact = build_tree(f, s, method="exact")
@@ -316,8 +323,7 @@ def quality(seeds: list[int], block_size: int | None = None, fragments: int | No
             two = build_tree(f, s, method="two_level", block_size=block_size, fragments=fragments)
             secs = time.perf_counter() - t0
             blocks = build_tree(f, s, method="two_level", block_size=block_size, fragments=0)
-            jitter = np.random.default_rng(seed).normal(0.0, 1e-3, f.shape) * f.std(axis=0)
-            again = build_tree(f + jitter, s, method="exact")
+            again = build_tree(jittered(f, seed), s, method="exact")
             got = {
                 "exact": accepted_after(exact, iou),
                 "two_level": accepted_after(two, iou),
@@ -336,7 +342,7 @@ def quality(seeds: list[int], block_size: int | None = None, fragments: int | No
                 for arm in arms
             }
             print(
-                f"{seed:>4} {label:>5} {c:>5} {100 * good[c]:>6.1f} {secs:>6.1f} "
+                f"{seed:>4} {label:>5} {c:>5} {100 * (iou >= K_IOU).mean():>6.1f} {secs:>6.1f} "
                 f"{'/'.join(map(str, got['exact'])):>22}  "
                 + "  ".join(f"{pct[arm]:>20}" for arm in arms)
                 + "  "
