@@ -42,6 +42,14 @@ Per-node and per-mask state lives in numpy arrays; recording an answer is O(1) (
 indexed by depth-first position, with a count per block of 1024 positions for finding a
 cluster's inherited answers).
 
+Most nodes of a large tree need no question: a split-without-asking cluster whose subtree
+holds no leaf scored above K_pa (so, its scores being means, no cluster to ask) is decided
+with everything below it in one numpy pass (:meth:`AnnotationSession._sweep_quiet`) when
+its parent is split, not node by node through the frontier.  Such nodes only ever push more
+of themselves, so the clusters that are asked about pop in the same order and every label,
+count and question is the same; only where their decisions sit in the outbox changes.  At a
+700k-mask class this removed ~90 % of the ~500k frontier visits of each run.
+
 Masks are named per class by their leaf index in that class's tree (0..n_c-1).
 """
 
@@ -53,6 +61,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import repeat
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -197,6 +206,26 @@ class _Open:
     new_answers: int = 0
 
 
+#: Quiet outcomes by the code :meth:`AnnotationSession._sweep_quiet` gives them.
+_QUIET_OUTCOMES = ("auto_reject", "skip", "auto_split")
+#: Subtrees of fewer leaves are visited node by node (numpy's per-call cost would exceed it).
+QUIET_SWEEP_MIN_LEAVES = 32
+
+
+def _quiet_subtrees(tree: Tree, priors: NDArray[np.int8]) -> NDArray[np.bool_]:
+    """bool[2n-1]: internal nodes of at least :data:`QUIET_SWEEP_MIN_LEAVES` leaves with no
+    leaf to ask about below them.  A cluster's score is the mean of its leaves' scores, so
+    such a subtree needs no question anywhere (up to rounding, which
+    :meth:`AnnotationSession._sweep_quiet` checks).  O(n), one byte a node."""
+    n = tree.n_leaves
+    ask_at = np.concatenate(([0], np.cumsum(priors[tree.order] == PRIOR_ASK, dtype=np.int64)))
+    start = tree.start
+    end = start + tree.size
+    quiet = (ask_at[end] == ask_at[start]) & (tree.size >= QUIET_SWEEP_MIN_LEAVES)
+    quiet[:n] = False
+    return quiet
+
+
 def tree_checksum(tree: Tree) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(tree.to_linkage()).tobytes())
@@ -242,6 +271,7 @@ class AnnotationSession:
         self._priors = {c: selection.decide_many(sc) for c, sc in self._scores.items()}
         self._left = {c: t.left for c, t in self._trees.items()}
         self._right = {c: t.right for c, t in self._trees.items()}
+        self._quiet = {c: _quiet_subtrees(t, self._priors[c]) for c, t in self._trees.items()}
         self._priorities = (
             {int(c): np.asarray(p, dtype=np.float64) for c, p in priorities.items()}
             if priorities is not None
@@ -533,7 +563,15 @@ class AnnotationSession:
             inherited = self._inherited(c, node) if reuse else {}
             size = int(tree.size[node])
             need = max(target_answers(size, self.params) - len(inherited), 0)
-            oc = _Open(sample=self._sample(c, node, need, inherited), answered=dict(inherited))
+            oc = _Open(sample=[], answered=dict(inherited))
+            if need and (
+                not inherited
+                or verdict(sum(inherited.values()), len(inherited), size, self.params)
+                is Verdict.MORE
+            ):
+                # Only a cluster the answers it inherits do not settle is sampled (the
+                # sample, seeded per cluster, is the same whenever it is drawn).
+                oc.sample = self._sample(c, node, need, inherited)
             key = (c, node)
             self._open[key] = oc
             if self._try_decide(key, oc) or not until_open:
@@ -559,7 +597,7 @@ class AnnotationSession:
         a terminal item only ever left them again.  Nor do its labels: no cluster holding
         its masks can be opened meanwhile.  Only its decision comes earlier in the outbox.
         """
-        priors, lefts = self._priors[c], self._left[c]
+        priors, lefts, quiet = self._priors[c], self._left[c], self._quiet[c]
         kids: list[tuple[int, int]] = []
         for j in (lefts.item(node), self._right[c].item(node)):
             prior = priors.item(j)
@@ -567,10 +605,66 @@ class AnnotationSession:
                 self._finish(c, j, "auto_reject", 0, 0, 0)
             elif prior == PRIOR_SPLIT and lefts.item(j) < 0:
                 self._finish(c, j, "skip", 0, 0, 0)
-            else:
+            elif not (quiet.item(j) and self._sweep_quiet(c, j)):
                 kids.append((c, j))
         if kids:
             self._frontier.push_children((c, node), kids)
+
+    def _sweep_quiet(self, c: int, top: int) -> bool:
+        """Decide split-without-asking cluster ``top`` and everything below it that a search
+        would visit, at once, if none of it needs a question; False (nothing changed) if
+        some cluster below would be asked about.
+
+        Most nodes of a large tree lie in such subtrees (S_j <= K_pa all the way down: 90 %
+        of the ~500k nodes a 700k-mask class decides without a question), and their order
+        in the frontier changes nothing else: they only ever push more of themselves, so the
+        clusters that are asked about pop in the same order.  The decisions, labels and
+        counts are those of visiting the subtree node by node; they come in breadth-first
+        order, ahead of where the frontier would have put them (as :meth:`_expand` does for
+        a single quiet child)."""
+        tree, priors = self._trees[c], self._priors[c]
+        left, right = tree.left, tree.right
+        level = np.array([top], np.int64)
+        levels: list[NDArray[np.int64]] = []
+        while level.shape[0]:
+            p = priors[level]
+            if (p == PRIOR_ASK).any():
+                return False  # a mean of scores rounded above K_pa: the slow path is exact
+            levels.append(level)
+            split = level[(p == PRIOR_SPLIT) & (left[level] >= 0)]
+            level = np.column_stack((left[split], right[split])).ravel().astype(np.int64)
+        nodes = np.concatenate(levels)
+        codes = (priors[nodes] == PRIOR_SPLIT).astype(np.int64) * (1 + (left[nodes] >= 0))
+        # 0 auto_reject, 1 skip (a leaf), 2 auto_split
+        terminal = nodes[codes < 2]
+        sizes = tree.size[terminal].astype(np.int64)
+        which = np.repeat(np.arange(terminal.shape[0]), sizes)
+        rank = np.arange(which.shape[0]) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        masks = tree.order[tree.start[terminal][which] + rank].astype(np.int64)
+        labels, source = self._labels[c], self._label_source[c]
+        if (labels[masks] >= 0).any():
+            raise RuntimeError(f"class {c}: cluster {top} overlaps an earlier decision")
+        labels[masks] = 0
+        source[masks] = _PROPAGATED
+        self._label_node[c][masks] = terminal[which]
+        if self.params.reuse_answers and self._n_answered[c]:
+            # A person's answer about a mask beats the label propagated to it.
+            lo = int(tree.start[top])
+            at = self._answer_at[c]
+            pos = np.flatnonzero(at[lo : lo + int(tree.size[top])] >= 0) + lo
+            answered = tree.order[pos]
+            labels[answered] = at[pos]
+            source[answered] = _VERIFIED
+        counts = np.bincount(codes, minlength=3).tolist()
+        outcomes = self.outcomes
+        for name, k in zip(_QUIET_OUTCOMES, counts, strict=True):
+            if k:
+                outcomes[name] = outcomes.get(name, 0) + k
+        named = map(_QUIET_OUTCOMES.__getitem__, codes.tolist())
+        zero = repeat(0)
+        rows = zip(repeat(c), nodes.tolist(), named, zero, zero, zero)
+        self._outbox.extend(map(_tuple_new, repeat(Decision), rows))
+        return True
 
     def _inherited(self, c: int, node: int) -> dict[int, bool]:
         """Answers people gave about masks of ``node``, in depth-first order."""
@@ -684,12 +778,23 @@ class AnnotationSession:
             v = Verdict.REJECT
         if oc.new_answers:
             self.clusters_annotated += 1
-        self._finish(c, node, v.value, yes, len(oc.answered), oc.new_answers)
+        # Every answer about a mask of ``node`` is in ``oc.answered`` (its ancestors' were
+        # inherited; no other open cluster holds its masks): _finish need not look them up.
+        self._finish(c, node, v.value, yes, len(oc.answered), oc.new_answers, oc.answered)
         return True
 
     def _finish(
-        self, c: int, node: int, outcome: str, yes: int, answered: int, new_answers: int
+        self,
+        c: int,
+        node: int,
+        outcome: str,
+        yes: int,
+        answered: int,
+        new_answers: int,
+        answers: Mapping[int, bool] | None = None,
     ) -> None:
+        """Record a decision and label its masks.  ``answers``: every answer about a mask of
+        ``node``, when the caller has them (else they are looked up for label reuse)."""
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         # tuple.__new__ builds the same Decision without the NamedTuple's Python-level
         # __new__: one frame less on the path most nodes of a large tree take.
@@ -720,9 +825,11 @@ class AnnotationSession:
         source[masks] = LabelSource.PROPAGATED
         if self.params.reuse_answers:
             # A person's answer about a mask beats the label propagated to it.
-            for m, label in self._inherited(c, node).items():
-                labels[m] = int(label)
-                source[m] = LabelSource.VERIFIED
+            given = self._inherited(c, node) if answers is None else answers
+            if given:
+                reused = np.fromiter(given, np.int64, len(given))
+                labels[reused] = np.fromiter(given.values(), np.int8, len(given))
+                source[reused] = _VERIFIED
 
     # ------------------------------------------------------------------ persistence
     def _checksum(self, class_id: int) -> str:

@@ -234,6 +234,86 @@ def test_deciding_terminal_children_with_their_split_changes_only_the_outbox_ord
         np.testing.assert_array_equal(now[2].labels(c), old[2].labels(c))
 
 
+def _run_to_end(session, ious, batch):
+    asked, decided = [], []
+    while not session.done:
+        qs = session.lease(batch)
+        asked += qs
+        session.submit(answer(qs, ious))
+        decided += session.pop_decisions()
+    return asked, decided
+
+
+@given(
+    params=st.sampled_from(PARAMS),
+    strategy=st.sampled_from(["heuristic", "bfs", "dfs", "dfs_heuristic"]),
+    seed=st.integers(0, 10_000),
+    thresholds=st.sampled_from([(0.0, 0.7), (0.2, 0.55), (0.3, 0.8), (0.5, 0.6)]),
+    batch=st.sampled_from([1, 7, 64]),
+)
+@settings(max_examples=40, deadline=None)
+def test_quiet_subtrees_decided_at_once_equal_visiting_them_node_by_node(
+    params, strategy, seed, thresholds, batch
+):
+    """Subtrees that need no question are decided in one numpy pass: the same questions in
+    the same order, the same decisions (only their outbox order differs), labels,
+    provenance and counts as visiting every node through the frontier."""
+    import maskprop.session as session_module
+
+    trees, ious = make_trees([400, 90, 1], seed=seed)
+
+    def run(min_leaves):
+        old = session_module.QUIET_SWEEP_MIN_LEAVES
+        session_module.QUIET_SWEEP_MIN_LEAVES = min_leaves
+        try:
+            s = AnnotationSession(
+                trees, params, Selection(*thresholds), strategy=strategy, seed=seed
+            )
+        finally:
+            session_module.QUIET_SWEEP_MIN_LEAVES = old
+        swept = sum(int(q.sum()) for q in s._quiet.values())
+        return (*_run_to_end(s, ious, batch), s, swept)
+
+    fast, slow = run(2), run(10**9)
+    assert slow[3] == 0 and fast[3] > 0  # quiet subtrees exist; the slow run visits them
+    assert fast[0] == slow[0]  # the same questions in the same order
+    assert sorted(fast[1]) == sorted(slow[1])
+    assert fast[2].outcomes == slow[2].outcomes and fast[2].questions == slow[2].questions
+    for c in trees:
+        np.testing.assert_array_equal(fast[2].labels(c), slow[2].labels(c))
+        for a, b in zip(fast[2].label_provenance(c), slow[2].label_provenance(c), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_quiet_subtree_holding_a_cluster_to_ask_is_visited_node_by_node(monkeypatch):
+    """The leaf test that marks a subtree quiet is exact up to rounding (a mean of scores
+    may round above K_pa); a subtree where some cluster is to be asked is not swept: that
+    cluster is asked about, as when every node is visited."""
+    import maskprop.session as session_module
+
+    trees, ious = make_trees([400], seed=5)
+    tree = trees[0]
+    sel = Selection(0.0, 0.7)
+    monkeypatch.setattr(session_module, "QUIET_SWEEP_MIN_LEAVES", 2)
+    quiet = np.flatnonzero(
+        session_module._quiet_subtrees(tree, sel.decide_many(tree.cluster_scores()))
+    )
+    top = int(quiet[np.argmax(tree.size[quiet])])
+    inner = int(tree.left[top]) if tree.left[tree.left[top]] >= 0 else int(tree.right[top])
+
+    def run(min_leaves):
+        monkeypatch.setattr(session_module, "QUIET_SWEEP_MIN_LEAVES", min_leaves)
+        s = AnnotationSession(trees, AnnotationParams(), sel, seed=1)
+        s._priors[0][inner] = 2  # PRIOR_ASK: its score "rounded" above K_pa
+        return (*_run_to_end(s, ious, 7), s)
+
+    (asked, decided, s), (asked_slow, decided_slow, s_slow) = run(2), run(10**9)
+    assert tree.left[inner] >= 0 and tree.size[top] >= 4
+    assert any(q.node == inner for q in asked)  # asked about, not swept
+    assert asked == asked_slow and sorted(decided) == sorted(decided_slow)
+    np.testing.assert_array_equal(s.labels(0), s_slow.labels(0))
+
+
 def leased_and_answered(session, ious, batch, cap=None):
     """Lease and answer ``batch`` at a time until done or ``cap`` questions were handed out
     (a budget); returns the questions handed out."""
