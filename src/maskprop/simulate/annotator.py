@@ -79,6 +79,14 @@ class SimulatedAnnotator:
         """Number of pool masks this annotator can be asked about."""
         return int(self._answers.shape[0])
 
+    @property
+    def answers(self) -> NDArray[np.bool_]:
+        """bool[n]: the answer about every mask (read-only), for a caller that asks many
+        small batches and does not need response times (the simulator's sessions)."""
+        v = self._answers.view()
+        v.flags.writeable = False
+        return v
+
     def answer(self, mask_ids: NDArray[np.int64]) -> NDArray[np.bool_]:
         """Ask one question per id, in order.
 

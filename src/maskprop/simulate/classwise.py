@@ -52,7 +52,7 @@ from maskprop.params import AnnotationParams
 from maskprop.progress import Progress, no_progress
 from maskprop.search import universal_cut
 from maskprop.selection import Likelihoods, Selection, fit_likelihoods
-from maskprop.session import AnnotationSession, Answer
+from maskprop.session import AnnotationSession, Answer, Decision
 from maskprop.simulate.annotator import SimulatedAnnotator
 from maskprop.simulate.baselines import _accept_threshold, _reject_threshold, _stratified_halves
 from maskprop.simulate.pool import MaskPool
@@ -73,6 +73,8 @@ BINS_PER_CLASS = 2**20
 MAX_LOG_ENTRIES = 8192
 #: Clusters of at least this many masks teach the selection and make Fig. 4's cluster points.
 MIN_FIT_CLUSTER = 10
+#: Decisions a session run collects before reading their labels in one pass.
+_LABEL_CHUNK = 65536
 #: Fig. 6b universal-threshold cuts traced.
 UNIVERSAL_POINTS = 24
 _POLYGON_CONCENTRATION = 30.0  # the same Beta as baselines.manual_polygons
@@ -596,41 +598,59 @@ def _run_session(
         seed=_class_seed(job.seed, c),
     )
     batch = params.samples_per_cluster if params.sequential == "off" else params.sequential_batch
+    truth = annotator.answers  # the same answers as annotator.answer, without response times
+    ious = cls.ious.astype(np.float64)
     ev_bin: list[int] = []
     ev_questions: list[int] = []
     ev_clusters: list[int] = []
-    ev_obtained: list[int] = []
-    ev_iou: list[float] = []
+    ev_end: list[int] = []  # decisions popped up to the end of each event
+    pending: list[Decision] = []  # popped decisions whose labels are not yet read
+    popped = 0
     got: list[NDArray[np.int64]] = []
+    got_event: list[NDArray[np.int64]] = []
+
+    def read_labels() -> None:
+        # Labels of a decided mask never change, so reading them a chunk of events later
+        # (one numpy pass, not one a lease) gives the same masks per event.
+        masks, labels_, _, which = session.decisions_labels(pending)
+        yes = labels_ == 1
+        got.append(masks[yes])
+        index = which[yes] + (popped - len(pending))
+        got_event.append(np.searchsorted(np.asarray(ev_end), index, side="right"))
+        pending.clear()
+
     questions_seen = clusters_seen = 0
     while not session.done:
         qs = session.lease(batch, max_new_clusters=1)
         if qs:
             ids = np.fromiter((q.mask for q in qs), np.int64, len(qs))
-            labels = annotator.answer(ids)
             session.submit(
-                Answer(q.class_id, q.node, q.mask, bool(v)) for q, v in zip(qs, labels, strict=True)
+                Answer(q.class_id, q.node, q.mask, v)
+                for q, v in zip(qs, truth[ids].tolist(), strict=True)
             )
         decisions = session.pop_decisions()
         if not decisions:
             if not qs and not session.done:
                 raise RuntimeError("session stalled: no questions to ask but not done")
             continue
-        masks, labels_, _, _ = session.decisions_labels(decisions)
-        yes = masks[labels_ == 1]
-        got.append(yes)
+        pending.extend(decisions)
+        popped += len(decisions)
+        ev_end.append(popped)
         ev_bin.append(int(bins[decisions[-1].node]))
         ev_questions.append(session.questions - questions_seen)
         ev_clusters.append(session.clusters_annotated - clusters_seen)
-        ev_obtained.append(int(yes.size))
-        ev_iou.append(float(cls.ious[yes].astype(np.float64).sum()))
         questions_seen, clusters_seen = session.questions, session.clusters_annotated
+        if len(pending) >= _LABEL_CHUNK:
+            read_labels()
+    if pending:
+        read_labels()
     obtained = np.concatenate(got) if got else np.zeros(0, np.int64)
+    event = np.concatenate(got_event) if got_event else np.zeros(0, np.int64)
     log = BinnedLog.of(
         np.asarray(ev_bin, np.int64),
         np.asarray(ev_questions, np.float64) * params.seconds_per_question,
-        np.asarray(ev_iou),
-        np.asarray(ev_obtained, np.int64),
+        np.bincount(event, weights=ious[obtained], minlength=len(ev_bin)).astype(np.float64),
+        np.bincount(event, minlength=len(ev_bin)).astype(np.int64),
         np.asarray(ev_clusters, np.int64),
     )
     return MethodOutcome(
