@@ -17,7 +17,10 @@ int32[n] (little-endian) | label_source int8[n] | answers int8[n]`` (-1 not aske
 all the rest of the snapshot).  Any other format (the magic names it) is refused with a
 :class:`MaskpropError`.
 Trees are not part of the snapshot (they are large and stored once by the clusterer); a checksum
-of each tree is, so a snapshot is never restored over different trees.
+of each tree is, so a snapshot is never restored over different trees.  The header's
+``version`` is 4; a version-3 snapshot (written before quiet subtrees were decided at once,
+see below) restores into a session that visits them node by node, as its writer did, so a
+replica replaying an older replica's log reaches the writer's state exactly.
 
 A snapshot grows with the class (7 bytes a mask: 70 MB at a 10M-mask class), so a service saves
 a *base* and then an append-only *log* of what changed, bytes proportional to the calls made,
@@ -257,6 +260,7 @@ class AnnotationSession:
         seed: int = 0,
         priorities: Mapping[int, NDArray[np.float64]] | None = None,
         _restoring: bool = False,
+        _quiet_sweep: bool = True,
     ) -> None:
         if not trees:
             raise MaskpropError("a session needs at least one class tree")
@@ -271,7 +275,16 @@ class AnnotationSession:
         self._priors = {c: selection.decide_many(sc) for c, sc in self._scores.items()}
         self._left = {c: t.left for c, t in self._trees.items()}
         self._right = {c: t.right for c, t in self._trees.items()}
-        self._quiet = {c: _quiet_subtrees(t, self._priors[c]) for c, t in self._trees.items()}
+        # Quiet subtrees decided at once (snapshot version 4); a session restored from a
+        # version-3 snapshot, written before that, goes on visiting them node by node so its
+        # replayed log and later decisions are those of the process that wrote them.
+        self._quiet_sweep = _quiet_sweep
+        self._quiet = {
+            c: _quiet_subtrees(t, self._priors[c])
+            if _quiet_sweep
+            else np.zeros(t.n_nodes, np.bool_)
+            for c, t in self._trees.items()
+        }
         self._priorities = (
             {int(c): np.asarray(p, dtype=np.float64) for c, p in priorities.items()}
             if priorities is not None
@@ -988,7 +1001,7 @@ class AnnotationSession:
                 self._answer_codes[c].tobytes(),
             )
         state = {
-            "version": 3,
+            "version": 4 if self._quiet_sweep else 3,
             "params": self._params_state,
             "selection": [
                 self.selection.prior_reject_threshold,
@@ -1072,8 +1085,9 @@ class AnnotationSession:
         arrays = memoryview(blob)[body + n :]
         if len(arrays) != 7 * sum(t.n_leaves for t in trees.values()):
             raise MaskpropError("session snapshot is corrupt (array length)")
-        if state.get("version") != 3:
-            raise MaskpropError(f"unsupported session snapshot version {state.get('version')}")
+        version = state.get("version")
+        if version not in (3, 4):
+            raise MaskpropError(f"unsupported session snapshot version {version}")
         if sorted(state["classes"], key=int) != [str(c) for c in sorted(trees)]:
             raise MaskpropError("session snapshot and trees cover different classes")
         k_pr, k_pa = state["selection"]
@@ -1085,6 +1099,7 @@ class AnnotationSession:
             seed=state["seed"],
             priorities=priorities,
             _restoring=True,
+            _quiet_sweep=version == 4,
         )
         for c, tree in session._trees.items():
             cs = state["classes"][str(c)]

@@ -314,6 +314,38 @@ def test_a_quiet_subtree_holding_a_cluster_to_ask_is_visited_node_by_node(monkey
     np.testing.assert_array_equal(s.labels(0), s_slow.labels(0))
 
 
+def _version(snapshot):
+    import json
+    import struct
+
+    (n,) = struct.unpack_from("<I", snapshot, 4)
+    return json.loads(snapshot[8 : 8 + n])["version"]
+
+
+def test_a_version_3_snapshot_goes_on_visiting_quiet_subtrees_node_by_node():
+    """Snapshots written before the quiet sweep (version 3) restore into a session that
+    visits quiet subtrees node by node, as the process that wrote them did: a replica
+    catching up on an older replica's log reaches the same state, byte for byte."""
+    trees, ious = make_trees([400, 90], seed=8)
+    sel, params = Selection(0.0, 0.7), AnnotationParams()
+    before = AnnotationSession(trees, params, sel, seed=2, _quiet_sweep=False)
+    base = before.rebase()
+    assert _version(base) == 3
+    drive(before, ious, 7, steps=3)
+    restored = AnnotationSession.restore(base, trees, log=[before.take_log()])
+    assert restored.snapshot() == before.snapshot() and not restored._quiet_sweep
+    assert _run_to_end(restored, ious, 7) == _run_to_end(before, ious, 7)
+    assert restored.snapshot() == before.snapshot()
+
+    now = AnnotationSession(trees, params, sel, seed=2)
+    assert _version(now.snapshot()) == 4
+    assert AnnotationSession.restore(now.snapshot(), trees)._quiet_sweep
+    # Either way every mask ends with the same label.
+    _run_to_end(now, ious, 7)
+    for c in trees:
+        np.testing.assert_array_equal(now.labels(c), before.labels(c))
+
+
 def leased_and_answered(session, ious, batch, cap=None):
     """Lease and answer ``batch`` at a time until done or ``cap`` questions were handed out
     (a budget); returns the questions handed out."""
