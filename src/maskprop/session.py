@@ -366,13 +366,9 @@ class AnnotationSession:
         n = len(decisions)
         nodes = np.fromiter(map(itemgetter(1), decisions), np.int64, n)
         splits = np.fromiter(map(SPLITS.__contains__, map(itemgetter(2), decisions)), bool, n)
-        terminal = ~splits
-        sizes = np.where(terminal, tree.size[nodes], 0).astype(np.int64)
-        which = np.repeat(np.arange(len(decisions)), sizes)
-        # Position of every mask in ``tree.order``: its cluster's start plus its rank in it.
-        rank = np.arange(which.shape[0]) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        masks = tree.order[tree.start[nodes][which] + rank].astype(np.int64)
-        return masks, self._labels[c][masks], self._label_source[c][masks], which
+        terminal = np.flatnonzero(~splits)
+        masks, which = tree.leaves_of(nodes[terminal])
+        return masks, self._labels[c][masks], self._label_source[c][masks], terminal[which]
 
     def progress(self) -> dict[int, dict[str, int]]:
         """Per class: accepted/rejected masks, undecided masks, open clusters."""
@@ -650,24 +646,15 @@ class AnnotationSession:
         codes = (priors[nodes] == PRIOR_SPLIT).astype(np.int64) * (1 + (left[nodes] >= 0))
         # 0 auto_reject, 1 skip (a leaf), 2 auto_split
         terminal = nodes[codes < 2]
-        sizes = tree.size[terminal].astype(np.int64)
-        which = np.repeat(np.arange(terminal.shape[0]), sizes)
-        rank = np.arange(which.shape[0]) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        masks = tree.order[tree.start[terminal][which] + rank].astype(np.int64)
+        masks, which = tree.leaves_of(terminal)
         labels, source = self._labels[c], self._label_source[c]
         if (labels[masks] >= 0).any():
             raise RuntimeError(f"class {c}: cluster {top} overlaps an earlier decision")
         labels[masks] = 0
         source[masks] = _PROPAGATED
         self._label_node[c][masks] = terminal[which]
-        if self.params.reuse_answers and self._n_answered[c]:
-            # A person's answer about a mask beats the label propagated to it.
-            lo = int(tree.start[top])
-            at = self._answer_at[c]
-            pos = np.flatnonzero(at[lo : lo + int(tree.size[top])] >= 0) + lo
-            answered = tree.order[pos]
-            labels[answered] = at[pos]
-            source[answered] = _VERIFIED
+        if self.params.reuse_answers:
+            self._reuse(c, self._inherited(c, top))
         counts = np.bincount(codes, minlength=3).tolist()
         outcomes = self.outcomes
         for name, k in zip(_QUIET_OUTCOMES, counts, strict=True):
@@ -837,12 +824,14 @@ class AnnotationSession:
         self._label_node[c][masks] = node
         source[masks] = LabelSource.PROPAGATED
         if self.params.reuse_answers:
-            # A person's answer about a mask beats the label propagated to it.
-            given = self._inherited(c, node) if answers is None else answers
-            if given:
-                reused = np.fromiter(given, np.int64, len(given))
-                labels[reused] = np.fromiter(given.values(), np.int8, len(given))
-                source[reused] = _VERIFIED
+            self._reuse(c, self._inherited(c, node) if answers is None else answers)
+
+    def _reuse(self, c: int, given: Mapping[int, bool]) -> None:
+        """A person's answer about a mask beats the label propagated to it."""
+        if given:
+            reused = np.fromiter(given, np.int64, len(given))
+            self._labels[c][reused] = np.fromiter(given.values(), np.int8, len(given))
+            self._label_source[c][reused] = _VERIFIED
 
     # ------------------------------------------------------------------ persistence
     def _checksum(self, class_id: int) -> str:

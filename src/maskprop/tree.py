@@ -138,6 +138,16 @@ class Tree:
         s = int(self.start[node])
         return self.order[s : s + int(self.size[node])]
 
+    def leaves_of(self, nodes: NDArray[np.integer]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """The masks under each of ``nodes``, concatenated in the nodes' order, and the index
+        in ``nodes`` each belongs to: :meth:`leaves` of many nodes in one numpy pass."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        sizes = self.size[nodes].astype(np.int64)
+        which = np.repeat(np.arange(nodes.shape[0]), sizes)
+        # Position of every mask in ``order``: its node's start plus its rank within it.
+        rank = np.arange(which.shape[0]) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return self.order[self.start[nodes][which] + rank].astype(np.int64), which
+
     def subtree_sum(
         self, values: NDArray[np.floating] | NDArray[np.integer]
     ) -> NDArray[np.float64]:

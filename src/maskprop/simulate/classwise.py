@@ -599,7 +599,6 @@ def _run_session(
     )
     batch = params.samples_per_cluster if params.sequential == "off" else params.sequential_batch
     truth = annotator.answers  # the same answers as annotator.answer, without response times
-    ious = cls.ious.astype(np.float64)
     ev_bin: list[int] = []
     ev_questions: list[int] = []
     ev_clusters: list[int] = []
@@ -607,7 +606,7 @@ def _run_session(
     pending: list[Decision] = []  # popped decisions whose labels are not yet read
     popped = 0
     got: list[NDArray[np.int64]] = []
-    got_event: list[NDArray[np.int64]] = []
+    got_decision: list[NDArray[np.int64]] = []  # index among all popped decisions
 
     def read_labels() -> None:
         # Labels of a decided mask never change, so reading them a chunk of events later
@@ -615,8 +614,7 @@ def _run_session(
         masks, labels_, _, which = session.decisions_labels(pending)
         yes = labels_ == 1
         got.append(masks[yes])
-        index = which[yes] + (popped - len(pending))
-        got_event.append(np.searchsorted(np.asarray(ev_end), index, side="right"))
+        got_decision.append(which[yes] + (popped - len(pending)))
         pending.clear()
 
     questions_seen = clusters_seen = 0
@@ -645,11 +643,13 @@ def _run_session(
     if pending:
         read_labels()
     obtained = np.concatenate(got) if got else np.zeros(0, np.int64)
-    event = np.concatenate(got_event) if got_event else np.zeros(0, np.int64)
+    decision = np.concatenate(got_decision) if got_decision else np.zeros(0, np.int64)
+    event = np.searchsorted(np.asarray(ev_end), decision, side="right")
+    iou = cls.ious[obtained].astype(np.float64)
     log = BinnedLog.of(
         np.asarray(ev_bin, np.int64),
         np.asarray(ev_questions, np.float64) * params.seconds_per_question,
-        np.bincount(event, weights=ious[obtained], minlength=len(ev_bin)).astype(np.float64),
+        np.bincount(event, weights=iou, minlength=len(ev_bin)).astype(np.float64),
         np.bincount(event, minlength=len(ev_bin)).astype(np.int64),
         np.asarray(ev_clusters, np.int64),
     )
