@@ -211,13 +211,7 @@ def test_deciding_terminal_children_with_their_split_changes_only_the_outbox_ord
     trees, ious = make_trees([300, 120, 1], seed=6)
 
     def run(session):
-        asked, decided = [], []
-        while not session.done:
-            qs = session.lease(7)
-            asked += qs
-            session.submit(answer(qs, ious))
-            decided += session.pop_decisions()
-        return asked, decided, session
+        return (*_run_to_end(session, ious, 7), session)
 
     now = run(AnnotationSession(trees, params, Selection(0.2, 0.55), strategy=strategy, seed=3))
 
