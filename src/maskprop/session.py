@@ -61,7 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import repeat
@@ -209,6 +209,9 @@ class _Open:
     new_answers: int = 0
 
 
+#: Cluster samples by (seed, class, node, masks drawn): see ``AnnotationSession(samples=...)``.
+SampleMemo = MutableMapping[tuple[int, int, int, int], NDArray[np.int32]]
+
 #: Quiet outcomes by the code :meth:`AnnotationSession._sweep_quiet` gives them.
 _QUIET_OUTCOMES = ("auto_reject", "skip", "auto_split")
 #: Subtrees of fewer leaves are visited node by node (numpy's per-call cost would exceed it).
@@ -248,6 +251,10 @@ class AnnotationSession:
     seed : seeds the sampling of masks to verify (with the class and node, per cluster).
     priorities : class id -> float64[2n-1] search priority per node; defaults to S_j.  The
         simulator passes true cluster quality here for the "oracle" upper bound of Fig. 6b.
+    samples : a memo of cluster samples that sessions over the same trees may share (the
+        simulator's ablation runs of one class: a third of their time went to drawing the same
+        samples again).  A sample is a function of (seed, class, node, size) alone, so a
+        session's questions and labels are the same with or without it.
     """
 
     def __init__(
@@ -259,6 +266,7 @@ class AnnotationSession:
         strategy: str = "heuristic",
         seed: int = 0,
         priorities: Mapping[int, NDArray[np.float64]] | None = None,
+        samples: SampleMemo | None = None,
         _restoring: bool = False,
         _quiet_sweep: bool = True,
     ) -> None:
@@ -268,6 +276,7 @@ class AnnotationSession:
         self.selection = selection
         self.strategy = strategy
         self.seed = seed
+        self._samples = samples
         self._trees = {int(c): trees[c] for c in sorted(trees)}
         self._scores = {c: t.cluster_scores() for c, t in self._trees.items()}
         # Per node in numpy arrays (int8 and the tree's own int32 children): Python lists of
@@ -694,13 +703,19 @@ class AnnotationSession:
     def _sample(self, c: int, node: int, need: int, exclude: Mapping[int, bool]) -> list[int]:
         if need == 0:
             return []
-        members = self._trees[c].leaves(node)
-        k = min(members.shape[0], need + len(exclude))
-        # One generator per cluster, seeded by (session seed, class, node): a cluster's sample
-        # does not depend on the order clusters were opened in, so concurrent crowds, lease
-        # sizes and restarts all reach the same labels as a one-at-a-time run.
-        rng = np.random.default_rng([self.seed, c, node])
-        picked = members[rng.choice(members.shape[0], size=k, replace=False)]
+        k = min(int(self._trees[c].size[node]), need + len(exclude))
+        memo = self._samples
+        key = (self.seed, c, node, k)
+        picked = None if memo is None else memo.get(key)
+        if picked is None:
+            members = self._trees[c].leaves(node)
+            # One generator per cluster, seeded by (session seed, class, node): a cluster's
+            # sample does not depend on the order clusters were opened in, so concurrent
+            # crowds, lease sizes and restarts all reach the same labels as a one-at-a-time run.
+            rng = np.random.default_rng([self.seed, c, node])
+            picked = members[rng.choice(members.shape[0], size=k, replace=False)]
+            if memo is not None:
+                memo[key] = picked  # int32, ~300 B an entry with its key
         return [m for m in picked.tolist() if m not in exclude][:need]
 
     # ------------------------------------------------------------------ answers

@@ -279,6 +279,46 @@ def test_quiet_subtrees_decided_at_once_equal_visiting_them_node_by_node(
             np.testing.assert_array_equal(a, b)
 
 
+class _CountingMemo(dict):
+    def __init__(self):
+        super().__init__()
+        self.hits = 0
+
+    def get(self, key, default=None):
+        if key in self:
+            self.hits += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("strategy", ["heuristic", "bfs"])
+def test_sessions_sharing_a_sample_memo_ask_and_label_as_sessions_without_one(strategy):
+    """The simulator's runs of one class share the samples they draw: every run (each rule,
+    reuse on and off) asks the same questions in the same order and labels the same masks
+    as it does on its own, and later runs take samples from the memo."""
+    trees, ious = make_trees([600, 90, 1], seed=3)
+    selection = Selection(0.2, 0.55)
+    memo = _CountingMemo()
+    for params in [*PARAMS, AnnotationParams(samples_per_cluster=5)]:  # N_s 15, then 5
+        alone = AnnotationSession(trees, params, selection, strategy=strategy, seed=5)
+        shared = AnnotationSession(
+            trees, params, selection, strategy=strategy, seed=5, samples=memo
+        )
+        a, b = _run_to_end(alone, ious, 7), _run_to_end(shared, ious, 7)
+        assert a == b and alone.outcomes == shared.outcomes
+        for c in trees:
+            np.testing.assert_array_equal(alone.labels(c), shared.labels(c))
+    assert memo.hits > 100 and len(memo) > 100  # later runs took samples the first ones drew
+
+
+def test_the_simulators_sample_memo_keeps_at_most_its_limit():
+    from maskprop.simulate.classwise import _SampleMemo
+
+    memo = _SampleMemo(limit=2)
+    for node in range(5):
+        memo[(0, 0, node, 3)] = np.arange(3, dtype=np.int32)
+    assert sorted(memo) == [(0, 0, 0, 3), (0, 0, 1, 3)]
+
+
 def test_a_quiet_subtree_holding_a_cluster_to_ask_is_visited_node_by_node(monkeypatch):
     """The leaf test that marks a subtree quiet is exact up to rounding (a mean of scores
     may round above K_pa); a subtree where some cluster is to be asked is not swept: that

@@ -52,7 +52,7 @@ from maskprop.params import AnnotationParams
 from maskprop.progress import Progress, no_progress
 from maskprop.search import universal_cut
 from maskprop.selection import Likelihoods, Selection, fit_likelihoods
-from maskprop.session import AnnotationSession, Answer, Decision
+from maskprop.session import AnnotationSession, Answer, Decision, SampleMemo
 from maskprop.simulate.annotator import SimulatedAnnotator
 from maskprop.simulate.baselines import _accept_threshold, _reject_threshold, _stratified_halves
 from maskprop.simulate.pool import MaskPool
@@ -75,6 +75,9 @@ MAX_LOG_ENTRIES = 8192
 MIN_FIT_CLUSTER = 10
 #: Decisions a session run collects before reading their labels in one pass.
 _LABEL_CHUNK = 65536
+#: A class's memo of cluster samples keeps at most one entry per this many masks (~300 B an
+#: entry: ~75 B a mask; a 1M-mask class of the 100M simulation used 0.14 entries a mask).
+MEMO_MASKS_PER_ENTRY = 4
 #: Fig. 6b universal-threshold cuts traced.
 UNIVERSAL_POINTS = 24
 _POLYGON_CONCENTRATION = 30.0  # the same Beta as baselines.manual_polygons
@@ -436,10 +439,10 @@ class AdeSource:
 def class_bytes(n: int, dim: int) -> int:
     """Estimated peak memory of simulating one class of ``n`` masks in a worker: the generated
     class (float32 features and float64 temporaries), its tree (2n-1 nodes of ~60 B), the
-    session's per-mask and per-node arrays, and the tree build's working set, which for the
-    exact path is the condensed distance matrix (4 n^2 bytes).  Above
+    session's per-mask and per-node arrays, the memo of cluster samples, and the tree build's
+    working set, which for the exact path is the condensed distance matrix (4 n^2 bytes).  Above
     :data:`maskprop.tree.AUTO_EXACT_MAX` masks ``build_tree`` takes its two-level path."""
-    linear = n * (dim * 4 * 3 + 64 * 8) + 200 * 2 * n + 300 * 2**20
+    linear = n * (dim * 4 * 3 + 64 * 8) + 200 * 2 * n + 80 * n + 300 * 2**20
     if n <= AUTO_EXACT_MAX:
         return linear + 4 * n * n
     return linear + n * dim * 8 * 2
@@ -462,6 +465,19 @@ def plan_workers(sizes: NDArray[np.int64], dim: int, workers: int, budget: int) 
             f"{budget / 2**30:.1f} GiB are available; use fewer masks or more memory"
         )
     return workers
+
+
+class _SampleMemo(dict[tuple[int, int, int, int], NDArray[np.int32]]):
+    """The cluster samples a class's session runs share, at most ``limit`` of them (past
+    that a sample is drawn again, the same one, rather than kept)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: tuple[int, int, int, int], value: NDArray[np.int32]) -> None:
+        if len(self) < self.limit:
+            super().__setitem__(key, value)
 
 
 # --------------------------------------------------------------------------- workers
@@ -580,8 +596,10 @@ def _run_session(
     strategy: str,
     bins: NDArray[np.int64],
     priorities: NDArray[np.float64] | None,
+    samples: SampleMemo | None = None,
 ) -> MethodOutcome:
-    """Algorithm 1 on one class with the simulated crowd; one log event per lease round."""
+    """Algorithm 1 on one class with the simulated crowd; one log event per lease round.
+    ``samples``: a memo shared by the runs of one class (see :class:`AnnotationSession`)."""
     c = job.class_id
     session = AnnotationSession(
         {c: tree},
@@ -590,6 +608,7 @@ def _run_session(
         strategy=strategy,
         seed=job.seed,
         priorities={c: priorities} if priorities is not None else None,
+        samples=samples,
     )
     annotator = SimulatedAnnotator(
         cls.ious,
@@ -836,10 +855,15 @@ def simulate_class(job: Job) -> ClassOutcome:
         )
     )
 
+    # The main run and the ablation variants draw mostly the same cluster samples.
+    samples = _SampleMemo(max(len(cls) // MEMO_MASKS_PER_ENTRY, 1024))
+
     def ours(p: AnnotationParams) -> MethodOutcome:
         if ours_bins is None:
             return _run_universal(tree, cls, job, job.rank)
-        return _run_session(tree, cls, job, p, selection, base_strategy, ours_bins, priorities)
+        return _run_session(
+            tree, cls, job, p, selection, base_strategy, ours_bins, priorities, samples
+        )
 
     annotator = SimulatedAnnotator(
         cls.ious,
