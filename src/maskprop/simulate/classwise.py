@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
+from operator import itemgetter
 from typing import Any, Protocol
 
 import numpy as np
@@ -75,6 +76,9 @@ MAX_LOG_ENTRIES = 8192
 MIN_FIT_CLUSTER = 10
 #: Decisions a session run collects before reading their labels in one pass.
 _LABEL_CHUNK = 65536
+#: Clusters a simulated session round opens (their questions are all answered in the round).
+_ROUND_CLUSTERS = 1024
+_INT32_MAX = 2**31 - 1
 #: A class's memo of cluster samples keeps at most one entry per this many masks (~300 B an
 #: entry: ~75 B a mask; a 1M-mask class of the 100M simulation used 0.14 entries a mask).
 MEMO_MASKS_PER_ENTRY = 4
@@ -598,7 +602,14 @@ def _run_session(
     priorities: NDArray[np.float64] | None,
     samples: SampleMemo | None = None,
 ) -> MethodOutcome:
-    """Algorithm 1 on one class with the simulated crowd; one log event per lease round.
+    """Algorithm 1 on one class with the simulated crowd; one log event per decision.
+
+    A decision depends on its cluster alone (the sample is a function of the cluster, the
+    answers of its masks, inherited ones come from its ancestors, decided first), so which
+    clusters are decided, and how, does not depend on the order clusters are opened in:
+    each round opens up to :data:`_ROUND_CLUSTERS` clusters and answers all their questions,
+    never part of a sequential batch.  Where a decision falls on the curves is its node's
+    bin in the strategy's pop order (``bins``), as if clusters were opened one at a time.
     ``samples``: a memo shared by the runs of one class (see :class:`AnnotationSession`)."""
     c = job.class_id
     session = AnnotationSession(
@@ -616,31 +627,30 @@ def _run_session(
         error_rate=job.annotator_error,
         seed=_class_seed(job.seed, c),
     )
-    batch = params.samples_per_cluster if params.sequential == "off" else params.sequential_batch
     truth = annotator.answers  # the same answers as annotator.answer, without response times
-    ev_bin: list[int] = []
-    ev_questions: list[int] = []
-    ev_clusters: list[int] = []
-    ev_end: list[int] = []  # decisions popped up to the end of each event
-    pending: list[Decision] = []  # popped decisions whose labels are not yet read
-    popped = 0
+    pending: list[Decision] = []  # popped decisions not yet reduced to log events
+    events: list[tuple[NDArray[Any], ...]] = []  # (node, new answers, obtained, IoU sum)
     got: list[NDArray[np.int64]] = []
-    got_decision: list[NDArray[np.int64]] = []  # index among all popped decisions
 
-    def read_labels() -> None:
-        # Labels of a decided mask never change, so reading them a chunk of events later
-        # (one numpy pass, not one a lease) gives the same masks per event.
+    def reduce_pending() -> None:
+        # Labels of a decided mask never change, so reading them a chunk of decisions later
+        # (one numpy pass) gives the same masks per decision.
+        n = len(pending)
         masks, labels_, _, which = session.decisions_labels(pending)
         yes = labels_ == 1
         got.append(masks[yes])
-        got_decision.append(which[yes] + (popped - len(pending)))
+        node = np.fromiter(map(itemgetter(1), pending), np.int64, n)
+        asked = np.fromiter(map(itemgetter(5), pending), np.int64, n)
+        obtained = np.bincount(which[yes], minlength=n)
+        iou = np.bincount(which[yes], weights=cls.ious[masks[yes]].astype(np.float64), minlength=n)
+        keep = (asked > 0) | (obtained > 0)  # an event with neither moves no curve
+        events.append((node[keep], asked[keep], obtained[keep], iou[keep]))
         pending.clear()
 
-    questions_seen = clusters_seen = 0
     while not session.done:
-        qs = session.lease(batch, max_new_clusters=1)
+        qs = session.lease(_INT32_MAX, max_new_clusters=_ROUND_CLUSTERS)
         if qs:
-            ids = np.fromiter((q.mask for q in qs), np.int64, len(qs))
+            ids = np.fromiter(map(itemgetter(2), qs), np.int64, len(qs))
             session.submit(
                 Answer(q.class_id, q.node, q.mask, v)
                 for q, v in zip(qs, truth[ids].tolist(), strict=True)
@@ -651,29 +661,21 @@ def _run_session(
                 raise RuntimeError("session stalled: no questions to ask but not done")
             continue
         pending.extend(decisions)
-        popped += len(decisions)
-        ev_end.append(popped)
-        ev_bin.append(int(bins[decisions[-1].node]))
-        ev_questions.append(session.questions - questions_seen)
-        ev_clusters.append(session.clusters_annotated - clusters_seen)
-        questions_seen, clusters_seen = session.questions, session.clusters_annotated
         if len(pending) >= _LABEL_CHUNK:
-            read_labels()
+            reduce_pending()
     if pending:
-        read_labels()
-    obtained = np.concatenate(got) if got else np.zeros(0, np.int64)
-    decision = np.concatenate(got_decision) if got_decision else np.zeros(0, np.int64)
-    event = np.searchsorted(np.asarray(ev_end), decision, side="right")
-    iou = cls.ious[obtained].astype(np.float64)
+        reduce_pending()
+    obtained_masks = np.concatenate(got) if got else np.zeros(0, np.int64)
+    node, asked, obtained, iou_sum = (np.concatenate(a) for a in zip(*events, strict=True))
     log = BinnedLog.of(
-        np.asarray(ev_bin, np.int64),
-        np.asarray(ev_questions, np.float64) * params.seconds_per_question,
-        np.bincount(event, weights=iou, minlength=len(ev_bin)).astype(np.float64),
-        np.bincount(event, minlength=len(ev_bin)).astype(np.int64),
-        np.asarray(ev_clusters, np.int64),
+        bins[node],
+        asked.astype(np.float64) * params.seconds_per_question,
+        iou_sum,
+        obtained,
+        (asked > 0).astype(np.int64),
     )
     return MethodOutcome(
-        IouStats.of(cls.ious[obtained], params.iou_threshold),
+        IouStats.of(cls.ious[obtained_masks], params.iou_threshold),
         session.questions,
         0,
         session.clusters_annotated,

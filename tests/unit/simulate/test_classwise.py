@@ -179,3 +179,30 @@ def test_ade_source_splits_every_class_into_pool_and_heldout() -> None:
     whole = ade_like_class(2, int(sizes[2] + held[2]), seed=5, dim=4)[1]
     both = np.sort(np.concatenate([pool.scores, heldout.scores]))
     np.testing.assert_array_equal(both, np.sort(whole))
+
+
+def test_a_simulated_session_labels_the_same_whatever_clusters_a_round_opens(monkeypatch) -> None:
+    """A decision is a function of its cluster (sample, answers, inherited answers), so opening
+    one cluster a round (Algorithm 1's strict order) and opening many at once decide the same
+    clusters the same way; and a decision's place on the curves is its node's bin, so the
+    curves agree too.  Every sequential rule and label reuse, on and off, is run."""
+    import maskprop.simulate.classwise as classwise
+
+    def run(round_clusters: int) -> dict:
+        monkeypatch.setattr(classwise, "_ROUND_CLUSTERS", round_clusters)
+        source = AdeSource(6000, 2000, 4, seed=2, feature_dim=8)
+        return simulate_classes(source, PARAMS, seed=2, ablation=True, workers=1).report
+
+    def close(a: object, b: object) -> bool:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a if k != "config")
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+        if isinstance(a, float) and isinstance(b, float):
+            return a == pytest.approx(b, rel=1e-12, abs=1e-12, nan_ok=True)
+        return a == b
+
+    one = run(1)
+    assert one["maskprop"]["questions"] > 0 and one["ablation"]
+    for k in (3, 1024):
+        assert close(run(k), one), k
