@@ -14,7 +14,8 @@ on its own, in a worker process, and returns only what the report needs:
   the order of the campaign's single queue.  Nodes below a cluster of lower priority share its
   bottleneck and are popped as one run, so the merged curve is exact at the end of every such
   run (the first run of the 100k-mask pool is 79 clusters) but not inside one.  BFS orders by
-  depth, DFS class after class in pre-order;
+  depth, DFS class after class in pre-order.  A session run logs one event per decision at its
+  node's bin, so how many clusters a simulated round opens moves no curve;
 * the Fig. 6b search curves, computed without visiting nodes one by one: with Q~ = Q the set of
   clusters a search pops does not depend on its order (a cluster is popped when every
   ancestor was split), only the order does, and both come from path reductions over the
