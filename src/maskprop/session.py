@@ -801,9 +801,7 @@ class AnnotationSession:
             v = Verdict.REJECT
         if oc.new_answers:
             self.clusters_annotated += 1
-        # Every answer about a mask of ``node`` is in ``oc.answered`` (its ancestors' were
-        # inherited; no other open cluster holds its masks): _finish need not look them up.
-        self._finish(c, node, v.value, yes, len(oc.answered), oc.new_answers, oc.answered)
+        self._finish(c, node, v.value, yes, len(oc.answered), oc.new_answers)
         return True
 
     def _finish(
@@ -814,10 +812,8 @@ class AnnotationSession:
         yes: int,
         answered: int,
         new_answers: int,
-        answers: Mapping[int, bool] | None = None,
     ) -> None:
-        """Record a decision and label its masks.  ``answers``: every answer about a mask of
-        ``node``, when the caller has them (else they are looked up for label reuse)."""
+        """Record a decision and label its masks."""
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         # tuple.__new__ builds the same Decision without the NamedTuple's Python-level
         # __new__: one frame less on the path most nodes of a large tree take.
@@ -847,22 +843,12 @@ class AnnotationSession:
         self._label_node[c][masks] = node
         source[masks] = LabelSource.PROPAGATED
         if self.params.reuse_answers:
-            if answers is None:
-                self._reuse_own(c, masks)
-            else:
-                self._reuse(c, answers)
-
-    def _reuse(self, c: int, given: Mapping[int, bool]) -> None:
-        """A person's answer about a mask beats the label propagated to it."""
-        if given:
-            reused = np.fromiter(given, np.int64, len(given))
-            self._labels[c][reused] = np.fromiter(given.values(), np.int8, len(given))
-            self._label_source[c][reused] = _VERIFIED
+            self._reuse_own(c, masks)
 
     def _reuse_own(self, c: int, masks: NDArray[np.integer[Any]]) -> None:
-        """:meth:`_reuse` of every answer about ``masks`` (a decided cluster's), read from the
-        per-mask answer codes: two numpy operations where none was answered (most quiet
-        clusters), not the ~10 us position scan of :meth:`_inherited`."""
+        """A person's answer about a mask of a decided cluster beats the label propagated to
+        it; read from the per-mask answer codes (two numpy operations where none of
+        ``masks`` was answered, most quiet clusters), not by :meth:`_inherited`'s scan."""
         own = self._answer_codes[c][masks]
         if own.shape[0] and own.max() >= 0:
             hit = own >= 0

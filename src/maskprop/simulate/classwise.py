@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Protocol
 
 import numpy as np
@@ -641,7 +641,7 @@ def _run_session(
         yes = labels_ == 1
         got.append(masks[yes])
         node = np.fromiter(map(itemgetter(1), pending), np.int64, n)
-        asked = np.fromiter(map(itemgetter(5), pending), np.int64, n)
+        asked = np.fromiter(map(attrgetter("new_answers"), pending), np.int64, n)
         obtained = np.bincount(which[yes], minlength=n)
         iou = np.bincount(which[yes], weights=cls.ious[masks[yes]].astype(np.float64), minlength=n)
         keep = (asked > 0) | (obtained > 0)  # an event with neither moves no curve
