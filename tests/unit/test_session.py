@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import maskprop.session as session_module
 from maskprop.errors import MaskpropError
 from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
@@ -91,16 +92,19 @@ def test_label_reuse_never_asks_a_mask_twice_and_own_answers_win():
     assert verified.sum() == len(asked)
 
 
-def test_reuse_saves_questions_at_the_same_decisions_on_small_trees():
-    trees, ious = make_trees([500], seed=5)
+def test_reuse_saves_questions_on_small_trees():
+    """Summed over 12 trees (one tree whose root is decided at once saves nothing, another
+    saves 85 %), reusing ancestors' answers asks about a third of the questions."""
     sel = Selection(0.0, 0.0)
-    plain = drive(
-        AnnotationSession(trees, AnnotationParams(reuse_answers=False), sel, seed=0), ious, 15
-    )
-    reuse = drive(
-        AnnotationSession(trees, AnnotationParams(reuse_answers=True), sel, seed=0), ious, 15
-    )
-    assert reuse.questions < 0.6 * plain.questions
+    plain = reuse = 0
+    for tree_seed in range(3, 9):
+        trees, ious = make_trees([500], seed=tree_seed)
+        for seed in (0, 1):
+            for flag in (False, True):
+                params = AnnotationParams(reuse_answers=flag)
+                q = drive(AnnotationSession(trees, params, sel, seed=seed), ious, 15).questions
+                plain, reuse = (plain, reuse + q) if flag else (plain + q, reuse)
+    assert reuse < 0.6 * plain
 
 
 @given(
@@ -356,28 +360,45 @@ def _version(snapshot):
     return json.loads(snapshot[8 : 8 + n])["version"]
 
 
-def test_a_version_3_snapshot_goes_on_visiting_quiet_subtrees_node_by_node():
-    """Snapshots written before the quiet sweep (version 3) restore into a session that
-    visits quiet subtrees node by node, as the process that wrote them did: a replica
-    catching up on an older replica's log reaches the same state, byte for byte."""
+@pytest.mark.parametrize("version", [3, 4])
+def test_an_older_snapshot_goes_on_as_its_writer_did(version):
+    """Snapshots written before the quiet sweep (version 3) or before ``sample_order``
+    (version 4) restore into a session that visits quiet subtrees node by node (3) and draws
+    samples with a seeded numpy generator (3, 4), as the process that wrote them did: a
+    replica catching up on an older replica's log reaches the same state, byte for byte."""
     trees, ious = make_trees([400, 90], seed=8)
     sel, params = Selection(0.0, 0.7), AnnotationParams()
-    before = AnnotationSession(trees, params, sel, seed=2, _quiet_sweep=False)
+    before = AnnotationSession(trees, params, sel, seed=2, _version=version)
     base = before.rebase()
-    assert _version(base) == 3
+    assert _version(base) == version
     drive(before, ious, 7, steps=3)
     restored = AnnotationSession.restore(base, trees, log=[before.take_log()])
-    assert restored.snapshot() == before.snapshot() and not restored._quiet_sweep
+    assert restored.snapshot() == before.snapshot() and restored._version == version
     assert _run_to_end(restored, ious, 7) == _run_to_end(before, ious, 7)
     assert restored.snapshot() == before.snapshot()
 
     now = AnnotationSession(trees, params, sel, seed=2)
-    assert _version(now.snapshot()) == 4
-    assert AnnotationSession.restore(now.snapshot(), trees)._quiet_sweep
-    # Either way every mask ends with the same label.
-    _run_to_end(now, ious, 7)
+    assert _version(now.snapshot()) == session_module.SNAPSHOT_VERSION == 5
+    assert AnnotationSession.restore(now.snapshot(), trees)._version == 5
+
+
+def test_version_4_and_5_sessions_differ_only_in_which_masks_they_sample():
+    """The sampler is the only difference between versions 4 and 5: with every answer "yes"
+    (so any sample gives the same verdict) they ask about the same clusters and label every
+    mask alike; the masks asked differ."""
+    trees, _ = make_trees([300, 120], seed=4)
+    sel, params = Selection(0.0, 0.7), AnnotationParams()
+    yes = {c: np.ones(t.n_leaves) for c, t in trees.items()}
+    runs = {}
+    for version in (4, 5):
+        s = AnnotationSession(trees, params, sel, seed=3, _version=version)
+        asked, _ = _run_to_end(s, yes, 7)
+        runs[version] = (asked, s)
+    (q4, s4), (q5, s5) = runs[4], runs[5]
+    assert [(q.class_id, q.node) for q in q4] == [(q.class_id, q.node) for q in q5]
+    assert [q.mask for q in q4] != [q.mask for q in q5]
     for c in trees:
-        np.testing.assert_array_equal(now.labels(c), before.labels(c))
+        np.testing.assert_array_equal(s4.labels(c), s5.labels(c))
 
 
 def leased_and_answered(session, ious, batch, cap=None):
