@@ -21,6 +21,11 @@ Run (heavy at 10M: ~3 GB, a few minutes; share the machine)::
     .venv/bin/python benchmarks/bench_session.py --sizes 10000 1000000 --answers 5000
 
 Timings are printed as ratios against the smallest class, run in the same process.
+
+``--samples`` times drawing the sample of every node of one random tree (N_s = 15, half the
+nodes leaves, most clusters a few masks, like the clusters a run asks) with
+:func:`maskprop.verification.sample_order` (snapshot version 5) against the seeded numpy
+generator per cluster that versions 3 and 4 used, the same draws in the same process.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from maskprop.params import AnnotationParams
 from maskprop.selection import Selection
 from maskprop.session import AnnotationSession, Answer
 from maskprop.tree import Tree
+from maskprop.verification import sample_order
 
 
 def random_tree(n: int, scores: NDArray[np.float64], rng: np.random.Generator) -> Tree:
@@ -167,13 +173,53 @@ def run(n: int, answers_wanted: int, batch: int, seed: int) -> dict[str, float]:
     }
 
 
+def bench_samples(n: int, seed: int, repeats: int = 3) -> None:
+    """Microseconds a cluster sample, both samplers over every node of an n-mask tree."""
+    rng = np.random.default_rng(seed)
+    tree = random_tree(n, np.zeros(n), rng)
+    sizes = tree.size.astype(np.int64).tolist()
+    k_of = [min(size, 15) for size in sizes]
+
+    def numpy_generator(node: int, size: int, k: int) -> object:
+        return np.random.default_rng([seed, 0, node]).choice(size, size=k, replace=False)
+
+    def keyed_shuffle(node: int, size: int, k: int) -> object:
+        return sample_order(seed, 0, node, size, k)
+
+    per_draw: dict[str, list[float]] = {}
+    for name, draw in (
+        ("numpy default_rng + choice (v3/v4)", numpy_generator),
+        ("sample_order (v5)", keyed_shuffle),
+    ):
+        times: list[float] = []
+        for _ in range(repeats):
+            for node, (size, k) in enumerate(zip(sizes, k_of, strict=True)):
+                t0 = time.perf_counter()
+                draw(node, size, k)
+                times.append((time.perf_counter() - t0) * 1e6)
+        per_draw[name] = times
+        print(
+            f"{name:36s} {len(times):,} draws: mean {np.mean(times):6.2f} us, "
+            f"p50 {pct(times, 50):6.2f}, p99 {pct(times, 99):6.2f}",
+            flush=True,
+        )
+    base, new = (float(np.mean(t)) for t in per_draw.values())
+    print(f"sample_order / numpy generator, mean us a draw (same run): x{new / base:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
     ap.add_argument("--answers", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=15, help="questions a lease (one save each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--samples", type=int, metavar="N", help="only time the two samplers on an N-mask tree"
+    )
     args = ap.parse_args()
+    if args.samples:
+        bench_samples(args.samples, args.seed)
+        return
     rows = []
     for n in args.sizes:
         r = run(n, args.answers, args.batch, args.seed)
