@@ -186,9 +186,11 @@ def test_mixed_crowd_bad_workers_blocked_and_labels_match_honest_only(tmp_path, 
 def test_workers_who_turn_bad_after_qualifying_are_suspended_and_discounted(tmp_path):
     """Sleepers pass the qualification honestly, then click at random or answer "yes" in
     0.2 s: hidden gold and answer times must catch them, and their votes must not change a
-    label.  (A larger pool than the other tests: at ~5 % hidden gold a random clicker needs
-    a dozen gold answers before its accuracy is known.)"""
-    pool = ade_like_pool(3000, 3, seed=4, dim=8)
+    label.  (A larger pool than the other tests, over 10 classes: at ~5 % hidden gold a
+    random clicker needs a dozen gold answers before its accuracy is known, and how many
+    questions a few classes need swings with the masks sampled: 3,000 masks in 3 classes
+    once gave the honest workers only 1-6 gold answers each; in 10 classes, 20-40.)"""
+    pool = ade_like_pool(3000, 10, seed=4, dim=8)
     honest_labels = honest_only_labels(tmp_path, pool)
     workers = [
         *[SimWorker(f"h{i}", "honest", seed=10 + i) for i in range(4)],
@@ -201,6 +203,8 @@ def test_workers_who_turn_bad_after_qualifying_are_suspended_and_discounted(tmp_
         blocked = run_crowd(client, mixed, workers)
     states = {w.worker_id: qc.state(f"acme:{w.worker_id}") for w in workers}  # per vendor
     assert all(st.qualification == "passed" for st in states.values()), states
+    # The premise: enough work that an honest worker meets well over min_gold hidden gold.
+    assert min(states[f"h{i}"].gold_answers for i in range(4)) >= 2 * qc.policy.min_gold
     suspended = {w for w, st in states.items() if st.suspended}
     assert suspended == {"r0", "r1", "b0", "b1"}, {w: st for w, st in states.items()}
     assert {states[w].suspension_reason for w in ("b0", "b1")} == {"too_fast"}

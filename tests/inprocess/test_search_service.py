@@ -514,7 +514,7 @@ def test_a_second_replica_catches_up_with_the_chunks_it_lacks(tmp_path, pool):
         step = 0
         while True:
             core = replicas[step % 2]
-            qs, done = core.lease("c1", 37)
+            qs, done = core.lease("c1", 17)  # small leases: many hand-overs
             if done:
                 break
             replicas[(step + 1) % 2].submit(answers_for(w, qs))  # answers go to the other
