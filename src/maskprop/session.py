@@ -21,7 +21,7 @@ of each tree is, so a snapshot is never restored over different trees.  The head
 ``version`` is 5.  An older snapshot restores into a session that goes on as its writer did,
 so a replica replaying an older replica's log reaches the writer's state exactly: version 4
 drew cluster samples with a numpy generator seeded per cluster (5 uses
-:func:`maskprop.verification.sample_order`, ~10x cheaper), and version 3 also visited quiet
+:func:`maskprop.verification.sample_order`, ~13x cheaper), and version 3 also visited quiet
 subtrees (see below) node by node.
 
 A snapshot grows with the class (7 bytes a mask: 70 MB at a 10M-mask class), so a service saves
@@ -38,7 +38,7 @@ not to n (issue #14)::
 
 The log records the calls that changed the state (a lease's arguments, the answers applied, the
 questions expired, a pop of the outbox, a decide-without-asking), not their effects: the
-session is deterministic (each cluster's sample is seeded by (seed, class, node)), so replaying
+session is deterministic (each cluster's sample is keyed by (seed, class, node)), so replaying
 them over the base rebuilds the same state exactly, RNG included, and costs what the calls cost
 live.  Chunk format: ``b"MPL1"``, 8 bytes naming the base (:func:`base_tag`), a sequence
 number, records (see ``_LOG_MAGIC``); a chunk over another base or out of order is refused.
@@ -263,9 +263,10 @@ class AnnotationSession:
     priorities : class id -> float64[2n-1] search priority per node; defaults to S_j.  The
         simulator passes true cluster quality here for the "oracle" upper bound of Fig. 6b.
     samples : a memo of cluster samples that sessions over the same trees may share (the
-        simulator's six runs of one class: ~30 % of their time went to drawing the same
-        samples again).  A sample is a function of (seed, class, node, size) alone, so a
-        session's questions and labels are the same with or without it.
+        simulator's six runs of one class ask mostly the same clusters; with version 4's
+        numpy generator ~30 % of their time went to drawing the same samples again).  A
+        sample is a function of (seed, class, node, size) alone, so a session's questions and
+        labels are the same with or without it.
     """
 
     def __init__(
