@@ -178,7 +178,7 @@ def bench_samples(n: int, seed: int, repeats: int = 3) -> None:
     rng = np.random.default_rng(seed)
     tree = random_tree(n, np.zeros(n), rng)
     sizes = tree.size.astype(np.int64).tolist()
-    k_of = [min(size, 15) for size in sizes]
+    k_of = [min(size, AnnotationParams().samples_per_cluster) for size in sizes]
 
     def numpy_generator(node: int, size: int, k: int) -> object:
         return np.random.default_rng([seed, 0, node]).choice(size, size=k, replace=False)

@@ -96,15 +96,15 @@ def test_reuse_saves_questions_on_small_trees():
     """Summed over 12 trees (one tree whose root is decided at once saves nothing, another
     saves 85 %), reusing ancestors' answers asks about a third of the questions."""
     sel = Selection(0.0, 0.0)
-    plain = reuse = 0
+    questions = {False: 0, True: 0}  # by reuse_answers
     for tree_seed in range(3, 9):
         trees, ious = make_trees([500], seed=tree_seed)
         for seed in (0, 1):
-            for flag in (False, True):
-                params = AnnotationParams(reuse_answers=flag)
-                q = drive(AnnotationSession(trees, params, sel, seed=seed), ious, 15).questions
-                plain, reuse = (plain, reuse + q) if flag else (plain + q, reuse)
-    assert reuse < 0.6 * plain
+            for reuse in questions:
+                params = AnnotationParams(reuse_answers=reuse)
+                session = drive(AnnotationSession(trees, params, sel, seed=seed), ious, 15)
+                questions[reuse] += session.questions
+    assert questions[True] < 0.6 * questions[False]
 
 
 @given(
