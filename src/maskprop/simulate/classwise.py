@@ -66,6 +66,7 @@ from maskprop.tree import (
     build_tree,
     single_threaded_worker,
 )
+from maskprop.verification import Verdict, verdict
 
 #: Bins of a priority or score key in [0, 1] (finer than float32 scores).
 KEY_BINS = 2**30
@@ -592,6 +593,21 @@ def _order_bins(
     return _class_bins(rank, pre / max(tree.n_nodes, 1))
 
 
+@dataclass
+class _Trace:
+    """What a session run without answer reuse asked, for :func:`_replay_sequential`: its
+    log events (one per decision that asked or obtained something) and every question in
+    the order it was leased (a cluster's questions together, in its sample's order) with the
+    answer it got."""
+
+    event_node: NDArray[np.int64]
+    event_asked: NDArray[np.int64]
+    event_obtained: NDArray[np.int64]
+    event_iou: NDArray[np.float64]
+    question_node: NDArray[np.int64]
+    question_yes: NDArray[np.bool_]
+
+
 def _run_session(
     tree: Tree,
     cls: MaskPool,
@@ -602,6 +618,7 @@ def _run_session(
     bins: NDArray[np.int64],
     priorities: NDArray[np.float64] | None,
     samples: SampleMemo | None = None,
+    trace: list[_Trace] | None = None,
 ) -> MethodOutcome:
     """Algorithm 1 on one class with the simulated crowd; one log event per decision.
 
@@ -611,7 +628,8 @@ def _run_session(
     each round opens up to :data:`_ROUND_CLUSTERS` clusters and answers all their questions,
     never part of a sequential batch.  Where a decision falls on the curves is its node's
     bin in the strategy's pop order (``bins``), as if clusters were opened one at a time.
-    ``samples``: a memo shared by the runs of one class (see :class:`AnnotationSession`)."""
+    ``samples``: a memo shared by the runs of one class (see :class:`AnnotationSession`).
+    ``trace``: where given, the run's :class:`_Trace` is appended to it."""
     c = job.class_id
     session = AnnotationSession(
         {c: tree},
@@ -632,6 +650,8 @@ def _run_session(
     pending: list[Decision] = []  # popped decisions not yet reduced to log events
     events: list[tuple[NDArray[Any], ...]] = []  # (node, new answers, obtained, IoU sum)
     got: list[NDArray[np.int64]] = []
+    asked_nodes: list[NDArray[np.int64]] = []
+    asked_yes: list[NDArray[np.bool_]] = []
 
     def reduce_pending() -> None:
         # Labels of a decided mask never change, so reading them a chunk of decisions later
@@ -652,6 +672,9 @@ def _run_session(
         qs = session.lease(_INT32_MAX, max_new_clusters=_ROUND_CLUSTERS)
         if qs:
             ids = np.fromiter(map(itemgetter(2), qs), np.int64, len(qs))
+            if trace is not None:
+                asked_nodes.append(np.fromiter(map(itemgetter(1), qs), np.int64, len(qs)))
+                asked_yes.append(truth[ids])
             session.submit(
                 Answer(q.class_id, q.node, q.mask, v)
                 for q, v in zip(qs, truth[ids].tolist(), strict=True)
@@ -668,6 +691,18 @@ def _run_session(
         reduce_pending()
     obtained_masks = np.concatenate(got) if got else np.zeros(0, np.int64)
     node, asked, obtained, iou_sum = (np.concatenate(a) for a in zip(*events, strict=True))
+    if trace is not None:
+        empty = np.zeros(0, np.int64)
+        trace.append(
+            _Trace(
+                node,
+                asked,
+                obtained,
+                iou_sum,
+                np.concatenate(asked_nodes) if asked_nodes else empty,
+                np.concatenate(asked_yes) if asked_yes else empty.astype(np.bool_),
+            )
+        )
     log = BinnedLog.of(
         bins[node],
         asked.astype(np.float64) * params.seconds_per_question,
@@ -682,6 +717,88 @@ def _run_session(
         session.clusters_annotated,
         log,
         dict(session.outcomes),  # every decision was popped: the session's own count
+    )
+
+
+_VERDICT_CODES = {v: i for i, v in enumerate(Verdict)}
+
+
+def _verdict_table(params: AnnotationParams) -> NDArray[np.int8]:
+    """``table[m, answered, yes]``: :func:`verdict`'s code (index in :class:`Verdict`) for a
+    cluster whose fixed rule needs ``m`` answers (the cluster size matters only through m)."""
+    ns = params.samples_per_cluster
+    table = np.full((ns + 1, ns + 1, ns + 1), _VERDICT_CODES[Verdict.MORE], np.int8)
+    for m in range(1, ns + 1):
+        for answered in range(1, m + 1):
+            for yes in range(answered + 1):
+                table[m, answered, yes] = _VERDICT_CODES[verdict(yes, answered, m, params)]
+    return table
+
+
+def _replay_sequential(
+    fixed: MethodOutcome,
+    trace: _Trace,
+    bins: NDArray[np.int64],
+    params: AnnotationParams,
+) -> MethodOutcome | None:
+    """The run of ``params`` (a sequential rule, no answer reuse) read off the fixed-N_s
+    run's ``trace``, or None when it would decide some cluster differently.
+
+    Without reuse a cluster's decision depends on its own sample and answers alone, and a
+    sequential rule asks a prefix of the sample the fixed rule asks, ``sequential_batch``
+    answers at a time, deciding after each batch (the last one falls back to the fixed
+    rule).  So where the rule's decision equals the fixed rule's on every cluster the fixed
+    run asked about (always for ``curtail``, which stops only once the outcome is settled;
+    ``beta`` may differ), the same clusters are opened, decided alike and label the same
+    masks, and the run differs only in how many questions each cluster took: the stopping
+    points of the rule on the answers the fixed run received.  ``tests/unit/
+    test_simulate_classwise.py`` checks the replay against the session, field by field."""
+    node = trace.question_node
+    if node.shape[0] == 0:
+        return fixed
+    # A cluster's questions are leased together and each cluster is opened once.
+    starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
+    m = np.diff(np.r_[starts, node.shape[0]])
+    if m.max() > params.samples_per_cluster:
+        return None  # not a fixed-N_s run's trace
+    yes_before = np.r_[0, np.cumsum(trace.question_yes, dtype=np.int64)]
+    batch = params.sequential_batch
+    table = _verdict_table(params)
+    more = _VERDICT_CODES[Verdict.MORE]
+    stop = np.zeros(m.shape[0], np.int64)  # answers when the rule decides (0: not yet)
+    code = np.full(m.shape[0], more, np.int8)
+    answered = np.zeros(m.shape[0], np.int64)
+    while (stop == 0).any():
+        open_ = np.flatnonzero(stop == 0)
+        answered[open_] = np.minimum(answered[open_] + batch, m[open_])
+        b = answered[open_]
+        yes = yes_before[starts[open_] + b] - yes_before[starts[open_]]
+        code[open_] = table[m[open_], b, yes]
+        decided = open_[code[open_] != more]
+        stop[decided] = answered[decided]
+    yes_all = yes_before[starts + m] - yes_before[starts]
+    if (code != table[m, m, yes_all]).any():
+        return None  # some decision differs: the clusters opened below it differ too
+    asked = trace.event_asked.copy()
+    is_asked = asked > 0
+    order = np.argsort(node[starts])
+    at = order[np.searchsorted(node[starts], trace.event_node[is_asked], sorter=order)]
+    if not np.array_equal(asked[is_asked], m[at]):
+        return None  # not a fixed-N_s run's trace
+    asked[is_asked] = stop[at]
+    return MethodOutcome(
+        fixed.stats,
+        int(asked.sum()),
+        fixed.polygons,
+        fixed.clusters,
+        BinnedLog.of(
+            bins[trace.event_node],
+            asked.astype(np.float64) * params.seconds_per_question,
+            trace.event_iou,
+            trace.event_obtained,
+            is_asked.astype(np.int64),
+        ),
+        dict(fixed.decisions),
     )
 
 
@@ -861,11 +978,11 @@ def simulate_class(job: Job) -> ClassOutcome:
     # The main run and the ablation variants draw mostly the same cluster samples.
     samples = _SampleMemo(max(len(cls) // MEMO_MASKS_PER_ENTRY, 1024))
 
-    def ours(p: AnnotationParams) -> MethodOutcome:
+    def ours(p: AnnotationParams, trace: list[_Trace] | None = None) -> MethodOutcome:
         if ours_bins is None:
             return _run_universal(tree, cls, job, job.rank)
         return _run_session(
-            tree, cls, job, p, selection, base_strategy, ours_bins, priorities, samples
+            tree, cls, job, p, selection, base_strategy, ours_bins, priorities, samples, trace
         )
 
     annotator = SimulatedAnnotator(
@@ -905,11 +1022,26 @@ def simulate_class(job: Job) -> ClassOutcome:
         universal = (np.asarray(ks, np.int64), np.asarray(gots, np.int64))
     ablation: dict[str, MethodOutcome] = {}
     if job.ablation:
+        # The fixed-N_s run without reuse, whose trace the sequential rules without reuse
+        # are read off (``_replay_sequential``: ~0.5 s where a 1M-mask class's session run
+        # takes ~5 s).
+        fixed: tuple[AnnotationParams, MethodOutcome, _Trace, NDArray[np.int64]] | None = None
         for name, change in ABLATION.items():
             variant = replace(params, **change)  # type: ignore[arg-type]
             # The variant the main run already is (deterministic) is not run twice.
-            same = variant == params and job.strategy != "universal"
-            ablation[name] = methods["maskprop"] if same else ours(variant)
+            if variant == params and job.strategy != "universal":
+                ablation[name] = methods["maskprop"]
+                continue
+            if fixed is not None and replace(variant, sequential="off") == fixed[0]:
+                replayed = _replay_sequential(*fixed[1:], variant)
+                if replayed is not None:
+                    ablation[name] = replayed
+                    continue
+            traces: list[_Trace] = []
+            plain = variant.sequential == "off" and not variant.reuse_answers
+            ablation[name] = ours(variant, traces if plain and fixed is None else None)
+            if traces and ours_bins is not None:
+                fixed = (variant, ablation[name], traces[0], ours_bins)
     return ClassOutcome(job.class_id, len(cls), methods, search, universal, ablation, _peak_rss())
 
 

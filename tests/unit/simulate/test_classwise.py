@@ -206,3 +206,50 @@ def test_a_simulated_session_labels_the_same_whatever_clusters_a_round_opens(mon
     assert one["maskprop"]["questions"] > 0 and one["ablation"]
     for k in (3, 1024):
         assert close(run(k), one), k
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "replays"),
+    [
+        ({}, 0.0, True),
+        ({"samples_per_cluster": 10, "sequential_batch": 4}, 0.1, True),
+        ({"reject_action": "split", "sequential_batch": 1}, 0.05, True),
+        # A posterior this loose decides some clusters unlike the fixed rule: beta runs its
+        # own session.
+        ({"sequential_confidence": 0.6}, 0.0, False),
+    ],
+)
+def test_sequential_rules_without_reuse_read_off_the_fixed_run_equal_their_sessions(
+    monkeypatch, change: dict, error: float, replays: bool
+) -> None:
+    """The curtailed and beta runs without reuse are read off the fixed-N_s run's answers
+    (``_replay_sequential``) where every decision agrees; the report is the one their own
+    session runs give, to the last bin of every curve."""
+    import maskprop.simulate.classwise as classwise
+
+    params = AnnotationParams(prior_accept_threshold=0.7, prior_reject_threshold=None, **change)
+    real_replay = classwise._replay_sequential
+    outcomes: list[str] = []
+
+    def spy(fixed, trace, bins, p):  # type: ignore[no-untyped-def]
+        out = real_replay(fixed, trace, bins, p)
+        outcomes.append(f"{p.sequential}:{'replayed' if out is not None else 'refused'}")
+        return out
+
+    def run() -> dict:
+        source = AdeSource(8000, 2000, 4, seed=6, feature_dim=8)
+        return simulate_classes(
+            source, params, seed=6, annotator_error=error, ablation=True, workers=1
+        ).report
+
+    monkeypatch.setattr(classwise, "_replay_sequential", spy)
+    replayed = run()
+    assert "curtail:replayed" in outcomes and "curtail:refused" not in outcomes
+    assert ("beta:refused" not in outcomes) == replays
+    assert any(o.startswith("beta:") for o in outcomes)
+    monkeypatch.setattr(classwise, "_replay_sequential", lambda *a: None)
+    sessions = run()
+    assert replayed == sessions
+    rows = replayed["ablation"]
+    assert rows["curtail"]["quantity"] == rows["paper_fixed_ns"]["quantity"]
+    assert rows["curtail"]["questions"] < rows["paper_fixed_ns"]["questions"]
