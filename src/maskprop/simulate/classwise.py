@@ -34,6 +34,7 @@ import resource
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from multiprocessing import get_context
 from operator import attrgetter, itemgetter
 from typing import Any, Protocol
@@ -723,15 +724,18 @@ def _run_session(
 _VERDICT_CODES = {v: i for i, v in enumerate(Verdict)}
 
 
+@lru_cache(maxsize=16)
 def _verdict_table(params: AnnotationParams) -> NDArray[np.int8]:
     """``table[m, answered, yes]``: :func:`verdict`'s code (index in :class:`Verdict`) for a
-    cluster whose fixed rule needs ``m`` answers (the cluster size matters only through m)."""
+    cluster whose fixed rule needs ``m`` answers (the cluster size matters only through m);
+    read-only, cached per rule (N_s^3 / 6 calls to build)."""
     ns = params.samples_per_cluster
     table = np.full((ns + 1, ns + 1, ns + 1), _VERDICT_CODES[Verdict.MORE], np.int8)
     for m in range(1, ns + 1):
         for answered in range(1, m + 1):
             for yes in range(answered + 1):
                 table[m, answered, yes] = _VERDICT_CODES[verdict(yes, answered, m, params)]
+    table.flags.writeable = False
     return table
 
 
