@@ -263,7 +263,7 @@ class AnnotationSession:
     priorities : class id -> float64[2n-1] search priority per node; defaults to S_j.  The
         simulator passes true cluster quality here for the "oracle" upper bound of Fig. 6b.
     samples : a memo of cluster samples that sessions over the same trees may share (the
-        simulator's six runs of one class ask mostly the same clusters; with version 4's
+        simulator's session runs of one class ask mostly the same clusters; with version 4's
         numpy generator ~30 % of their time went to drawing the same samples again).  A
         sample is a function of (seed, class, node, size) alone, so a session's questions and
         labels are the same with or without it.
