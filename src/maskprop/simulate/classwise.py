@@ -755,8 +755,8 @@ def _replay_sequential(
     run asked about (always for ``curtail``, which stops only once the outcome is settled;
     ``beta`` may differ), the same clusters are opened, decided alike and label the same
     masks, and the run differs only in how many questions each cluster took: the stopping
-    points of the rule on the answers the fixed run received.  ``tests/unit/
-    test_simulate_classwise.py`` checks the replay against the session, field by field."""
+    points of the rule on the answers the fixed run received.  ``tests/unit/simulate/
+    test_classwise.py`` checks the replayed report against the sessions', bin by bin."""
     node = trace.question_node
     if node.shape[0] == 0:
         return fixed
@@ -1027,7 +1027,7 @@ def simulate_class(job: Job) -> ClassOutcome:
     ablation: dict[str, MethodOutcome] = {}
     if job.ablation:
         # The fixed-N_s run without reuse, whose trace the sequential rules without reuse
-        # are read off (``_replay_sequential``: ~0.5 s where a 1M-mask class's session run
+        # are read off (``_replay_sequential``: a few ms where a 1M-mask class's session run
         # takes ~5 s).
         fixed: tuple[AnnotationParams, MethodOutcome, _Trace, NDArray[np.int64]] | None = None
         for name, change in ABLATION.items():
