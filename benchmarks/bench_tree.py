@@ -11,6 +11,8 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py scale 10000000
     python benchmarks/bench_tree.py quality                 # two_level vs exact, seeds 0-15
     python benchmarks/bench_tree.py quality 0 1 2 --block-size 500 --fragments 0   # variants
+    python benchmarks/bench_tree.py quality --draws 6       # + the spread over equally valid trees
+    python benchmarks/bench_tree.py quality --draws 6 --representatives 16   # a variant, 6 draws
     python benchmarks/bench_tree.py hard                    # hard pools, search run to its end
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
@@ -21,7 +23,10 @@ on the same class's exact and two-level trees, and prints the masks in accepted 
 100, 300 and 1000 annotated clusters, and their ratio (goal >= 98 % at every budget), per
 class and summed over the easy, the hard and all classes, with the same figures for the
 two-level tree of whole blocks (no fragments) and for the exact tree of slightly jittered
-features (how far the metric moves by itself).
+features (how far the metric moves by itself).  ``--draws K`` adds, summed per pool, the
+two-level tree with k-means seeds 0..K-1 and the exact tree of K jittered inputs: the exact
+tree is one draw of a figure that equally valid trees move by several percent, so a variant is
+judged by its mean over draws against the jittered exact tree's, not by one draw.
 """
 
 from __future__ import annotations
@@ -235,9 +240,11 @@ def pools(seed: int, n: int) -> dict[str, int]:
     return {"easy": int(np.argmax(good)), "hard": int(np.argmin(good))}
 
 
-def jittered(f: np.ndarray, seed: int) -> np.ndarray:
-    """The features moved by 1e-3 of their spread: an equally valid input (the noise floor)."""
-    return f + np.random.default_rng(seed).normal(0.0, 1e-3, f.shape) * f.std(axis=0)
+def jittered(f: np.ndarray, seed: int, draw: int = 0) -> np.ndarray:
+    """The features moved by 1e-3 of their spread: an equally valid input (the noise floor).
+    Draw 0 is the jitter the single-draw tables used; draw ``k`` another one."""
+    rng = np.random.default_rng(seed if draw == 0 else [seed, draw])
+    return f + rng.normal(0.0, 1e-3, f.shape) * f.std(axis=0)
 
 
 def hard(seeds: list[int]) -> None:
@@ -289,14 +296,25 @@ def structure(z_ref: np.ndarray, z: np.ndarray, ks: tuple[int, ...]) -> list[flo
     ]
 
 
-def quality(seeds: list[int], block_size: int | None = None, fragments: int | None = None) -> None:
+def quality(
+    seeds: list[int],
+    block_size: int | None = None,
+    fragments: int | None = None,
+    draws: int = 1,
+    representatives: int | None = None,
+) -> None:
+    """The tables above for draw 0; with ``draws`` > 1 also the two-level tree with k-means
+    seeds 1..draws-1 and the exact tree of jitter draws 1..draws-1, summed per draw: how far
+    equally valid trees of each kind move the figure (the exact tree itself is one draw)."""
     from maskprop.simulate.generator import ade_like_class
-    from maskprop.tree import DEFAULT_BLOCK_SIZE, build_tree
+    from maskprop.tree import DEFAULT_BLOCK_SIZE, DEFAULT_REPRESENTATIVES, build_tree
 
     block_size = block_size or DEFAULT_BLOCK_SIZE
+    reps = representatives or DEFAULT_REPRESENTATIVES
     print(
-        f"two-level block size {block_size}, fragments "
-        f"{'library default' if fragments is None else fragments}; seeds {seeds}",
+        f"two-level block size {block_size}, representatives {reps}, fragments "
+        f"{'library default' if fragments is None else fragments}; seeds {seeds}; "
+        f"draws {draws}",
         flush=True,
     )
     n = 20_000
@@ -306,6 +324,8 @@ def quality(seeds: list[int], block_size: int | None = None, fragments: int | No
     # exact tree of the same features moved by 1e-3 of their spread (an equally valid input).
     arms = ("two_level", "blocks only", "exact jittered")
     rows: list[dict[str, object]] = []
+    # Draws 1.. of the two-level tree (k-means seed) and of the jittered exact tree.
+    more: list[dict[str, object]] = []
     aris: list[list[list[float]]] = []
     print(
         f"{'seed':>4} {'pool':>5} {'class':>5} {'good %':>6} {'2lvl s':>6} "
@@ -320,7 +340,14 @@ def quality(seeds: list[int], block_size: int | None = None, fragments: int | No
             f, s, iou, _ = ade_like_class(c, n, seed)
             exact = build_tree(f, s, method="exact")
             t0 = time.perf_counter()
-            two = build_tree(f, s, method="two_level", block_size=block_size, fragments=fragments)
+            two = build_tree(
+                f,
+                s,
+                method="two_level",
+                block_size=block_size,
+                fragments=fragments,
+                representatives=reps,
+            )
             secs = time.perf_counter() - t0
             blocks = build_tree(f, s, method="two_level", block_size=block_size, fragments=0)
             again = build_tree(jittered(f, seed), s, method="exact")
@@ -333,6 +360,33 @@ def quality(seeds: list[int], block_size: int | None = None, fragments: int | No
             z = exact.to_linkage()
             ari = [structure(z, t.to_linkage(), ks) for t in (two, blocks, again)]
             rows.append({"pool": label, **got})
+            more.append(
+                {
+                    "pool": label,
+                    "exact": got["exact"],
+                    "two_level": [got["two_level"]]
+                    + [
+                        accepted_after(
+                            build_tree(
+                                f,
+                                s,
+                                method="two_level",
+                                block_size=block_size,
+                                fragments=fragments,
+                                representatives=reps,
+                                seed=k,
+                            ),
+                            iou,
+                        )
+                        for k in range(1, draws)
+                    ],
+                    "exact jittered": [got["exact jittered"]]
+                    + [
+                        accepted_after(build_tree(jittered(f, seed, k), s, method="exact"), iou)
+                        for k in range(1, draws)
+                    ],
+                }
+            )
             aris.append(ari)
             pct = {
                 arm: "/".join(
@@ -383,6 +437,29 @@ def quality(seeds: list[int], block_size: int | None = None, fragments: int | No
                 + "/".join(f"{v:.2f}" for v in share),
                 flush=True,
             )
+    if draws > 1:
+        print(
+            f"\nover {draws} draws (two_level: k-means seeds 0-{draws - 1}; exact jittered: "
+            f"jitter draws 0-{draws - 1}), masks accepted summed over classes, % of the exact "
+            "tree's at @100/@300/@1000, per draw; then mean [min-max] over draws:"
+        )
+        for pool in ("easy", "hard", "all"):
+            sel = [r for r in more if pool == "all" or r["pool"] == pool]
+            base = np.array([r["exact"] for r in sel], dtype=np.float64).sum(0)
+            for arm in ("two_level", "exact jittered"):
+                per = 100 * np.array([r[arm] for r in sel], dtype=np.float64).sum(0) / base
+                print(
+                    f"  {pool:>4} ({len(sel):>2} classes) {arm:>15}: "
+                    + "  ".join("/".join(f"{v:.1f}" for v in d) for d in per)
+                    + "   mean "
+                    + "/".join(f"{v:.1f}" for v in per.mean(0))
+                    + " ["
+                    + " ".join(
+                        f"{a:.0f}-{b:.0f}" for a, b in zip(per.min(0), per.max(0), strict=True)
+                    )
+                    + "]",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -391,6 +468,16 @@ def main() -> None:
     if "--block-size" in args:  # quality: the two-level tree's target block size
         at = args.index("--block-size")
         block_size = int(args[at + 1])
+        del args[at : at + 2]
+    representatives = None
+    if "--representatives" in args:  # quality: the two-level tree's representatives
+        at = args.index("--representatives")
+        representatives = int(args[at + 1])
+        del args[at : at + 2]
+    draws = 1
+    if "--draws" in args:  # quality: also k-means seeds / jitter draws 1..draws-1
+        at = args.index("--draws")
+        draws = int(args[at + 1])
         del args[at : at + 2]
     if "--fragments" in args:  # quality: fragments the block level links
         at = args.index("--fragments")
@@ -403,7 +490,7 @@ def main() -> None:
     elif mode == "scale":
         scale(rest or [1_000_000])
     elif mode == "quality":
-        quality(rest or list(range(16)), block_size, fragments)
+        quality(rest or list(range(16)), block_size, fragments, draws, representatives)
     elif mode == "hard":
         hard(rest or list(range(16)))
     else:
