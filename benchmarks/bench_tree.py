@@ -324,7 +324,8 @@ def quality(
     # exact tree of the same features moved by 1e-3 of their spread (an equally valid input).
     arms = ("two_level", "blocks only", "exact jittered")
     rows: list[dict[str, object]] = []
-    # Draws 1.. of the two-level tree (k-means seed) and of the jittered exact tree.
+    # Every draw (0: the tables' own) of the two-level tree (k-means seed) and of the
+    # jittered exact tree, for --draws.
     more: list[dict[str, object]] = []
     aris: list[list[list[float]]] = []
     print(
