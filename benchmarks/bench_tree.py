@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -319,6 +320,13 @@ def quality(
     )
     n = 20_000
     ks = (10, 100, 1000)
+    # The two-level tree as configured (k-means seed 0 unless a draw sets it).
+    two_level: dict[str, Any] = {
+        "method": "two_level",
+        "block_size": block_size,
+        "fragments": fragments,
+        "representatives": reps,
+    }
     # Arms against the exact tree: the two-level tree as configured; the two-level tree that
     # links whole blocks (fragments=0, the tree before fragments); and the noise floor, the
     # exact tree of the same features moved by 1e-3 of their spread (an equally valid input).
@@ -341,14 +349,7 @@ def quality(
             f, s, iou, _ = ade_like_class(c, n, seed)
             exact = build_tree(f, s, method="exact")
             t0 = time.perf_counter()
-            two = build_tree(
-                f,
-                s,
-                method="two_level",
-                block_size=block_size,
-                fragments=fragments,
-                representatives=reps,
-            )
+            two = build_tree(f, s, **two_level)
             secs = time.perf_counter() - t0
             blocks = build_tree(f, s, method="two_level", block_size=block_size, fragments=0)
             again = build_tree(jittered(f, seed), s, method="exact")
@@ -367,18 +368,7 @@ def quality(
                     "exact": got["exact"],
                     "two_level": [got["two_level"]]
                     + [
-                        accepted_after(
-                            build_tree(
-                                f,
-                                s,
-                                method="two_level",
-                                block_size=block_size,
-                                fragments=fragments,
-                                representatives=reps,
-                                seed=k,
-                            ),
-                            iou,
-                        )
+                        accepted_after(build_tree(f, s, seed=k, **two_level), iou)
                         for k in range(1, draws)
                     ],
                     "exact jittered": [got["exact jittered"]]
@@ -465,25 +455,22 @@ def quality(
 
 def main() -> None:
     args = sys.argv[1:]
-    block_size = fragments = None
-    if "--block-size" in args:  # quality: the two-level tree's target block size
-        at = args.index("--block-size")
-        block_size = int(args[at + 1])
+
+    def option(flag: str) -> int | None:
+        """The int after ``flag`` (removed from ``args``), or None when absent."""
+        if flag not in args:
+            return None
+        at = args.index(flag)
+        value = int(args[at + 1])
         del args[at : at + 2]
-    representatives = None
-    if "--representatives" in args:  # quality: the two-level tree's representatives
-        at = args.index("--representatives")
-        representatives = int(args[at + 1])
-        del args[at : at + 2]
-    draws = 1
-    if "--draws" in args:  # quality: also k-means seeds / jitter draws 1..draws-1
-        at = args.index("--draws")
-        draws = int(args[at + 1])
-        del args[at : at + 2]
-    if "--fragments" in args:  # quality: fragments the block level links
-        at = args.index("--fragments")
-        fragments = int(args[at + 1])
-        del args[at : at + 2]
+        return value
+
+    # quality: the two-level tree's target block size, representatives and fragments, and
+    # --draws: also k-means seeds / jitter draws 1..draws-1.
+    block_size = option("--block-size")
+    representatives = option("--representatives")
+    fragments = option("--fragments")
+    draws = option("--draws") or 1
     mode = args[0] if args and not args[0].isdigit() else "compare"
     rest = [int(a) for a in args[1:]] if args and not args[0].isdigit() else [int(a) for a in args]
     if mode == "compare":
