@@ -303,19 +303,22 @@ def quality(
     fragments: int | None = None,
     draws: int = 1,
     representatives: int | None = None,
+    jitter_draws: int | None = None,
 ) -> None:
     """The tables above for draw 0; with ``draws`` > 1 also the two-level tree with k-means
-    seeds 1..draws-1 and the exact tree of jitter draws 1..draws-1, summed per draw: how far
+    seeds 1..draws-1 and the exact tree of jitter draws 1..jitter_draws-1 (default: as many
+    as ``draws``; each is an exact build, the run's costliest part), summed per draw: how far
     equally valid trees of each kind move the figure (the exact tree itself is one draw)."""
     from maskprop.simulate.generator import ade_like_class
     from maskprop.tree import DEFAULT_BLOCK_SIZE, DEFAULT_REPRESENTATIVES, build_tree
 
+    jitter_draws = draws if jitter_draws is None else max(1, jitter_draws)
     block_size = block_size or DEFAULT_BLOCK_SIZE
     reps = representatives or DEFAULT_REPRESENTATIVES
     print(
         f"two-level block size {block_size}, representatives {reps}, fragments "
         f"{'library default' if fragments is None else fragments}; seeds {seeds}; "
-        f"draws {draws}",
+        f"draws {draws}, jitter draws {jitter_draws}",
         flush=True,
     )
     n = 20_000
@@ -374,7 +377,7 @@ def quality(
                     "exact jittered": [got["exact jittered"]]
                     + [
                         accepted_after(build_tree(jittered(f, seed, k), s, method="exact"), iou)
-                        for k in range(1, draws)
+                        for k in range(1, jitter_draws)
                     ],
                 }
             )
@@ -428,11 +431,11 @@ def quality(
                 + "/".join(f"{v:.2f}" for v in share),
                 flush=True,
             )
-    if draws > 1:
+    if max(draws, jitter_draws) > 1:
         print(
             f"\nover {draws} draws (two_level: k-means seeds 0-{draws - 1}; exact jittered: "
-            f"jitter draws 0-{draws - 1}), masks accepted summed over classes, % of the exact "
-            "tree's at @100/@300/@1000, per draw; then mean [min-max] over draws:"
+            f"jitter draws 0-{jitter_draws - 1}), masks accepted summed over classes, % of the "
+            "exact tree's at @100/@300/@1000, per draw; then mean [min-max] over draws:"
         )
         for pool in ("easy", "hard", "all"):
             sel = [r for r in more if pool == "all" or r["pool"] == pool]
@@ -466,11 +469,12 @@ def main() -> None:
         return value
 
     # quality: the two-level tree's target block size, representatives and fragments, and
-    # --draws: also k-means seeds / jitter draws 1..draws-1.
+    # --draws: also k-means seeds / jitter draws 1..draws-1 (--jitter-draws: fewer exact ones).
     block_size = option("--block-size")
     representatives = option("--representatives")
     fragments = option("--fragments")
     draws = option("--draws") or 1
+    jitter_draws = option("--jitter-draws")
     mode = args[0] if args and not args[0].isdigit() else "compare"
     rest = [int(a) for a in args[1:]] if args and not args[0].isdigit() else [int(a) for a in args]
     if mode == "compare":
@@ -478,7 +482,9 @@ def main() -> None:
     elif mode == "scale":
         scale(rest or [1_000_000])
     elif mode == "quality":
-        quality(rest or list(range(16)), block_size, fragments, draws, representatives)
+        quality(
+            rest or list(range(16)), block_size, fragments, draws, representatives, jitter_draws
+        )
     elif mode == "hard":
         hard(rest or list(range(16)))
     else:
