@@ -13,6 +13,7 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py quality 0 1 2 --block-size 500 --fragments 0   # variants
     python benchmarks/bench_tree.py quality --draws 6       # + the spread over equally valid trees
     python benchmarks/bench_tree.py quality --draws 6 --representatives 16   # a variant, 6 draws
+    python benchmarks/bench_tree.py quality $(seq 16 77) --draws 6 --jitter-draws 2   # seeds
     python benchmarks/bench_tree.py hard                    # hard pools, search run to its end
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
@@ -334,10 +335,9 @@ def quality(
     # links whole blocks (fragments=0, the tree before fragments); and the noise floor, the
     # exact tree of the same features moved by 1e-3 of their spread (an equally valid input).
     arms = ("two_level", "blocks only", "exact jittered")
-    rows: list[dict[str, object]] = []
-    # Every draw (0: the tables' own) of the two-level tree (k-means seed) and of the
-    # jittered exact tree, for --draws.
-    more: list[dict[str, object]] = []
+    # A row a class: each arm's accepted masks (draw 0), and under "draws" every draw (0: the
+    # tables' own) of the two-level tree (k-means seed) and of the jittered exact tree.
+    rows: list[dict[str, Any]] = []
     aris: list[list[list[float]]] = []
     print(
         f"{'seed':>4} {'pool':>5} {'class':>5} {'good %':>6} {'2lvl s':>6} "
@@ -354,7 +354,7 @@ def quality(
             t0 = time.perf_counter()
             two = build_tree(f, s, **two_level)
             secs = time.perf_counter() - t0
-            blocks = build_tree(f, s, method="two_level", block_size=block_size, fragments=0)
+            blocks = build_tree(f, s, **{**two_level, "fragments": 0})
             again = build_tree(jittered(f, seed), s, method="exact")
             got = {
                 "exact": accepted_after(exact, iou),
@@ -364,23 +364,19 @@ def quality(
             }
             z = exact.to_linkage()
             ari = [structure(z, t.to_linkage(), ks) for t in (two, blocks, again)]
-            rows.append({"pool": label, **got})
-            more.append(
-                {
-                    "pool": label,
-                    "exact": got["exact"],
-                    "two_level": [got["two_level"]]
-                    + [
-                        accepted_after(build_tree(f, s, seed=k, **two_level), iou)
-                        for k in range(1, draws)
-                    ],
-                    "exact jittered": [got["exact jittered"]]
-                    + [
-                        accepted_after(build_tree(jittered(f, seed, k), s, method="exact"), iou)
-                        for k in range(1, jitter_draws)
-                    ],
-                }
-            )
+            draw_rows = {
+                "two_level": [got["two_level"]]
+                + [
+                    accepted_after(build_tree(f, s, seed=k, **two_level), iou)
+                    for k in range(1, draws)
+                ],
+                "exact jittered": [got["exact jittered"]]
+                + [
+                    accepted_after(build_tree(jittered(f, seed, k), s, method="exact"), iou)
+                    for k in range(1, jitter_draws)
+                ],
+            }
+            rows.append({"pool": label, **got, "draws": draw_rows})
             aris.append(ari)
             pct = {
                 arm: "/".join(
@@ -438,10 +434,10 @@ def quality(
             "exact tree's at @100/@300/@1000, per draw; then mean [min-max] over draws:"
         )
         for pool in ("easy", "hard", "all"):
-            sel = [r for r in more if pool == "all" or r["pool"] == pool]
+            sel = [r for r in rows if pool == "all" or r["pool"] == pool]
             base = np.array([r["exact"] for r in sel], dtype=np.float64).sum(0)
             for arm in ("two_level", "exact jittered"):
-                per = 100 * np.array([r[arm] for r in sel], dtype=np.float64).sum(0) / base
+                per = 100 * np.array([r["draws"][arm] for r in sel], dtype=np.float64).sum(0) / base
                 print(
                     f"  {pool:>4} ({len(sel):>2} classes) {arm:>15}: "
                     + "  ".join("/".join(f"{v:.1f}" for v in d) for d in per)
