@@ -14,6 +14,8 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py quality --draws 6       # + the spread over equally valid trees
     python benchmarks/bench_tree.py quality --draws 6 --representatives 16   # a variant, 6 draws
     python benchmarks/bench_tree.py quality $(seq 16 77) --draws 6 --jitter-draws 2   # seeds
+    python benchmarks/bench_tree.py quality $(seq 0 77) --pools hard --draws 6 --jitter-draws 1 \
+        --out hard.json                                     # + how precisely the sum reads
     python benchmarks/bench_tree.py hard                    # hard pools, search run to its end
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
@@ -305,11 +307,15 @@ def quality(
     draws: int = 1,
     representatives: int | None = None,
     jitter_draws: int | None = None,
+    pool_names: tuple[str, ...] = ("easy", "hard"),
+    out: Path | None = None,
 ) -> None:
     """The tables above for draw 0; with ``draws`` > 1 also the two-level tree with k-means
     seeds 1..draws-1 and the exact tree of jitter draws 1..jitter_draws-1 (default: as many
     as ``draws``; each is an exact build, the run's costliest part), summed per draw: how far
-    equally valid trees of each kind move the figure (the exact tree itself is one draw)."""
+    equally valid trees of each kind move the figure (the exact tree itself is one draw).
+    ``pool_names`` restricts the run to some pools; ``out`` keeps every class's row as JSON
+    (the per-class figures behind the sums, for pooling runs and for later analysis)."""
     from maskprop.simulate.generator import ade_like_class
     from maskprop.tree import DEFAULT_BLOCK_SIZE, DEFAULT_REPRESENTATIVES, build_tree
 
@@ -349,6 +355,8 @@ def quality(
     for seed in seeds:
         picks = pools(seed, n)
         for label, c in picks.items():
+            if label not in pool_names:
+                continue
             f, s, iou, _ = ade_like_class(c, n, seed)
             exact = build_tree(f, s, method="exact")
             t0 = time.perf_counter()
@@ -376,7 +384,9 @@ def quality(
                     for k in range(1, jitter_draws)
                 ],
             }
-            rows.append({"pool": label, **got, "draws": draw_rows})
+            rows.append({"seed": seed, "pool": label, "class": c, **got, "draws": draw_rows})
+            if out is not None:
+                out.write_text(json.dumps(rows))
             aris.append(ari)
             pct = {
                 arm: "/".join(
@@ -401,11 +411,12 @@ def quality(
         )
     )
     rng = np.random.default_rng(0)
+    summed = (*pool_names, "all") if len(pool_names) > 1 else pool_names
     print(
         "\nmasks accepted, summed over classes, % of the exact tree's at @100/@300/@1000 "
         "[90 % bootstrap interval over classes]; share of classes at >= 98 %:"
     )
-    for pool in ("easy", "hard", "all"):
+    for pool in summed:
         sel = [r for r in rows if pool == "all" or r["pool"] == pool]
         base = np.array([r["exact"] for r in sel], dtype=np.float64)
         for arm in arms:
@@ -433,7 +444,7 @@ def quality(
             f"jitter draws 0-{jitter_draws - 1}), masks accepted summed over classes, % of the "
             "exact tree's at @100/@300/@1000, per draw; then mean [min-max] over draws:"
         )
-        for pool in ("easy", "hard", "all"):
+        for pool in summed:
             sel = [r for r in rows if pool == "all" or r["pool"] == pool]
             base = np.array([r["exact"] for r in sel], dtype=np.float64).sum(0)
             for arm in ("two_level", "exact jittered"):
@@ -450,6 +461,51 @@ def quality(
                     + "]",
                     flush=True,
                 )
+    noise(rows, summed, draws)
+
+
+def noise(rows: list[dict[str, Any]], pool_names: tuple[str, ...], draws: int) -> None:
+    """How precisely the summed figure can be read, from the per-class rows.
+
+    The exact tree is one draw among equally valid trees: the exact tree of the jittered
+    input is another, so per class ``(exact - jittered)^2 / 2`` estimates the variance of one
+    draw, and classes are independent, so the summed figure's standard deviation, in points
+    of the exact tree's sum, is ``100 sqrt(sum_i (e_i - j_i)^2 / 2) / sum_i e_i``.  It shrinks
+    as one over the square root of the classes: reading the figure to +-1 point (one SD)
+    takes ``classes * sd^2`` classes.  Beside it, the spread of the two-level tree over its
+    k-means draws (per-class sample variances, summed) and the SD of the ratio two-level mean
+    over draws / exact, taking the two as independent."""
+    print(
+        "\nnoise of the summed figure, points of the exact tree's sum at @100/@300/@1000 (one "
+        "SD): the reference (exact vs its jittered twin), one two-level draw, the ratio of the "
+        "mean over draws; classes needed for the reference's SD to reach 1 point:"
+    )
+    for pool in pool_names:
+        sel = [r for r in rows if pool == "all" or r["pool"] == pool]
+        if not sel:
+            continue
+        e = np.array([r["exact"] for r in sel], dtype=np.float64)
+        j = np.array([r["exact jittered"] for r in sel], dtype=np.float64)
+        total = np.maximum(e.sum(0), 1.0)
+        sd_ref = 100 * np.sqrt(((e - j) ** 2 / 2).sum(0)) / total
+        if draws > 1:
+            t = np.array([r["draws"]["two_level"] for r in sel], dtype=np.float64)
+            sd_two = 100 * np.sqrt(t.var(axis=1, ddof=1).sum(0)) / total
+        else:
+            sd_two = np.full(len(BUDGETS), np.nan)
+        sd_ratio = np.sqrt(sd_ref**2 + sd_two**2 / draws)
+        need = len(sel) * sd_ref**2
+        print(
+            f"  {pool:>4} ({len(sel):>3} classes): reference "
+            + "/".join(f"{v:.1f}" for v in sd_ref)
+            + "   two-level draw "
+            + "/".join(f"{v:.1f}" for v in sd_two)
+            + "   ratio "
+            + "/".join(f"{v:.1f}" for v in sd_ratio)
+            + "   classes for 1 point "
+            + "/".join(f"{v:,.0f}" for v in need),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -471,6 +527,19 @@ def main() -> None:
     fragments = option("--fragments")
     draws = option("--draws") or 1
     jitter_draws = option("--jitter-draws")
+    # --pools hard (or easy): run those pools only; --out FILE: every class's row as JSON.
+    pool_names: tuple[str, ...] = ("easy", "hard")
+    out: Path | None = None
+    if "--pools" in args:
+        at = args.index("--pools")
+        pool_names = tuple(args[at + 1].split(","))
+        del args[at : at + 2]
+        if not set(pool_names) <= {"easy", "hard"} or not pool_names:
+            raise SystemExit(f"--pools takes easy, hard or easy,hard, got {pool_names}")
+    if "--out" in args:
+        at = args.index("--out")
+        out = Path(args[at + 1])
+        del args[at : at + 2]
     mode = args[0] if args and not args[0].isdigit() else "compare"
     rest = [int(a) for a in args[1:]] if args and not args[0].isdigit() else [int(a) for a in args]
     if mode == "compare":
@@ -479,7 +548,14 @@ def main() -> None:
         scale(rest or [1_000_000])
     elif mode == "quality":
         quality(
-            rest or list(range(16)), block_size, fragments, draws, representatives, jitter_draws
+            rest or list(range(16)),
+            block_size,
+            fragments,
+            draws,
+            representatives,
+            jitter_draws,
+            pool_names,
+            out,
         )
     elif mode == "hard":
         hard(rest or list(range(16)))
