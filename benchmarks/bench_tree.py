@@ -16,6 +16,7 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py quality $(seq 16 77) --draws 6 --jitter-draws 2   # seeds
     python benchmarks/bench_tree.py quality $(seq 0 77) --pools hard --draws 6 --jitter-draws 1 \
         --out hard.json                                     # + how precisely the sum reads
+    python benchmarks/bench_tree.py report benchmarks/results/tree_quality_hard_0-77.json
     python benchmarks/bench_tree.py hard                    # hard pools, search run to its end
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
@@ -176,6 +177,10 @@ def scale(sizes: list[int]) -> None:
 
 K_PR, K_PA, K_A, K_IOU = 0.0, 0.7, 0.85, 0.75
 BUDGETS = (100, 300, 1000)
+#: The arms ``quality`` compares with the exact tree, in its tables' order: the two-level tree
+#: as configured, the one that links whole blocks (fragments=0), and the exact tree of
+#: jittered features (the noise floor).
+ARMS = ("two_level", "blocks only", "exact jittered")
 
 
 def annotations(tree, ious: np.ndarray):  # type: ignore[no-untyped-def]
@@ -340,7 +345,7 @@ def quality(
     # Arms against the exact tree: the two-level tree as configured; the two-level tree that
     # links whole blocks (fragments=0, the tree before fragments); and the noise floor, the
     # exact tree of the same features moved by 1e-3 of their spread (an equally valid input).
-    arms = ("two_level", "blocks only", "exact jittered")
+    arms = ARMS
     # A row a class: each arm's accepted masks (draw 0), and under "draws" every draw (0: the
     # tables' own) of the two-level tree (k-means seed) and of the jittered exact tree.
     rows: list[dict[str, Any]] = []
@@ -410,6 +415,28 @@ def quality(
             f"{arm} " + "/".join(f"{v:.2f}" for v in mean_ari[i]) for i, arm in enumerate(arms)
         )
     )
+    summarise(rows, pool_names)
+
+
+def _bootstrap(
+    got: np.ndarray, base: np.ndarray, rng: np.random.Generator, times: int = 2000
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 90 % bootstrap interval over classes (rows) of ``sum(got) / sum(base)``, a budget
+    a column."""
+    boot = []
+    for _ in range(times):
+        i = rng.integers(0, len(got), len(got))
+        boot.append(got[i].sum(0) / np.maximum(base[i].sum(0), 1.0))
+    lo, hi = np.percentile(np.array(boot), [5, 95], axis=0)
+    return lo, hi
+
+
+def summarise(rows: list[dict[str, Any]], pool_names: tuple[str, ...]) -> None:
+    """The summed tables of ``quality`` from its per-class rows (a run's, or ``--out``'s JSON
+    read back by ``bench_tree.py report``): bootstrap intervals, the draws, the noise."""
+    arms = ARMS
+    draws = len(rows[0]["draws"]["two_level"])
+    jitter_draws = len(rows[0]["draws"]["exact jittered"])
     rng = np.random.default_rng(0)
     summed = (*pool_names, "all") if len(pool_names) > 1 else pool_names
     print(
@@ -422,11 +449,7 @@ def quality(
         for arm in arms:
             got_arm = np.array([r[arm] for r in sel], dtype=np.float64)
             ratio = got_arm.sum(0) / base.sum(0)
-            boot = []
-            for _ in range(2000):
-                i = rng.integers(0, len(sel), len(sel))
-                boot.append(got_arm[i].sum(0) / np.maximum(base[i].sum(0), 1.0))
-            lo, hi = np.percentile(np.array(boot), [5, 95], axis=0)
+            lo, hi = _bootstrap(got_arm, base, rng)
             share = (got_arm >= 0.98 * base).mean(0)
             print(
                 f"  {pool:>4} ({len(sel):>2} classes) {arm:>15}: "
@@ -446,9 +469,12 @@ def quality(
         )
         for pool in summed:
             sel = [r for r in rows if pool == "all" or r["pool"] == pool]
-            base = np.array([r["exact"] for r in sel], dtype=np.float64).sum(0)
+            exact = np.array([r["exact"] for r in sel], dtype=np.float64)
+            base = exact.sum(0)
             for arm in ("two_level", "exact jittered"):
-                per = 100 * np.array([r["draws"][arm] for r in sel], dtype=np.float64).sum(0) / base
+                got_draws = np.array([r["draws"][arm] for r in sel], dtype=np.float64)
+                per = 100 * got_draws.sum(0) / base
+                lo, hi = _bootstrap(got_draws.mean(1), exact, rng)
                 print(
                     f"  {pool:>4} ({len(sel):>2} classes) {arm:>15}: "
                     + "  ".join("/".join(f"{v:.1f}" for v in d) for d in per)
@@ -458,7 +484,8 @@ def quality(
                     + " ".join(
                         f"{a:.0f}-{b:.0f}" for a, b in zip(per.min(0), per.max(0), strict=True)
                     )
-                    + "]",
+                    + "], the mean's 90 % bootstrap interval over classes "
+                    + " ".join(f"{100 * a:.0f}-{100 * b:.0f}" for a, b in zip(lo, hi, strict=True)),
                     flush=True,
                 )
     noise(rows, summed, draws)
@@ -541,7 +568,8 @@ def main() -> None:
         out = Path(args[at + 1])
         del args[at : at + 2]
     mode = args[0] if args and not args[0].isdigit() else "compare"
-    rest = [int(a) for a in args[1:]] if args and not args[0].isdigit() else [int(a) for a in args]
+    numbers = args[1:] if mode != "report" and args and not args[0].isdigit() else []
+    rest = [int(a) for a in numbers] if args and not args[0].isdigit() else [int(a) for a in args]
     if mode == "compare":
         compare(rest or [10_000, 20_000])
     elif mode == "scale":
@@ -557,10 +585,18 @@ def main() -> None:
             pool_names,
             out,
         )
+    elif mode == "report":
+        if len(args) != 2:
+            raise SystemExit("report takes one file: the JSON that quality --out wrote")
+        try:
+            rows = json.loads(Path(args[1]).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot read {args[1]}: {exc}") from None
+        summarise(rows, tuple(dict.fromkeys(r["pool"] for r in rows)))
     elif mode == "hard":
         hard(rest or list(range(16)))
     else:
-        raise SystemExit(f"unknown mode {mode!r}: compare, scale, quality or hard")
+        raise SystemExit(f"unknown mode {mode!r}: compare, scale, quality, report or hard")
 
 
 if __name__ == "__main__":
