@@ -16,7 +16,7 @@ generated inside the child (float32, in chunks) and count towards its memory.
     python benchmarks/bench_tree.py quality $(seq 16 77) --draws 6 --jitter-draws 2   # seeds
     python benchmarks/bench_tree.py quality $(seq 0 77) --pools hard --draws 6 --jitter-draws 1 \
         --out hard.json                                     # + how precisely the sum reads
-    python benchmarks/bench_tree.py report benchmarks/results/tree_quality_hard_0-77.json
+    python benchmarks/bench_tree.py report benchmarks/results/tree_quality_hard_0-77.json  # + more
     python benchmarks/bench_tree.py hard                    # hard pools, search run to its end
 
 ``scale`` prints, for each size, seconds, peak MiB and the ratio of its time to the exact 20k
@@ -586,12 +586,25 @@ def main() -> None:
             out,
         )
     elif mode == "report":
-        if len(args) != 2:
-            raise SystemExit("report takes one file: the JSON that quality --out wrote")
+        # Several files pool their classes: shards of seeds run on as many cores or nodes.
+        if len(args) < 2:
+            raise SystemExit("report takes the JSON files that quality --out wrote")
+        rows = []
+        for name in args[1:]:
+            try:
+                rows += json.loads(Path(name).read_text())
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"cannot read {name}: {exc}") from None
+        if not rows:
+            raise SystemExit("the files hold no classes")
         try:
-            rows = json.loads(Path(args[1]).read_text())
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"cannot read {args[1]}: {exc}") from None
+            kinds = {
+                (len(r["draws"]["two_level"]), len(r["draws"]["exact jittered"])) for r in rows
+            }
+        except (KeyError, TypeError) as exc:
+            raise SystemExit(f"not rows of quality --out (missing {exc})") from None
+        if len(kinds) != 1:
+            raise SystemExit(f"the files mix runs of different --draws / --jitter-draws: {kinds}")
         summarise(rows, tuple(dict.fromkeys(r["pool"] for r in rows)))
     elif mode == "hard":
         hard(rest or list(range(16)))
