@@ -567,9 +567,11 @@ def main() -> None:
         at = args.index("--out")
         out = Path(args[at + 1])
         del args[at : at + 2]
-    mode = args[0] if args and not args[0].isdigit() else "compare"
-    numbers = args[1:] if mode != "report" and args and not args[0].isdigit() else []
-    rest = [int(a) for a in numbers] if args and not args[0].isdigit() else [int(a) for a in args]
+    mode, operands = (args[0], args[1:]) if args and not args[0].isdigit() else ("compare", args)
+    try:
+        rest = [] if mode == "report" else [int(a) for a in operands]
+    except ValueError as exc:
+        raise SystemExit(f"{mode} takes whole numbers (sizes or seeds): {exc}") from None
     if mode == "compare":
         compare(rest or [10_000, 20_000])
     elif mode == "scale":
@@ -587,10 +589,10 @@ def main() -> None:
         )
     elif mode == "report":
         # Several files pool their classes: shards of seeds run on as many cores or nodes.
-        if len(args) < 2:
+        if not operands:
             raise SystemExit("report takes the JSON files that quality --out wrote")
         rows = []
-        for name in args[1:]:
+        for name in operands:
             try:
                 rows += json.loads(Path(name).read_text())
             except (OSError, ValueError) as exc:
