@@ -75,12 +75,12 @@ Measured (2-core machine; ``benchmarks/bench_tree.py``, README there):
   100.2 %: within 1.2 points of equally valid exact trees at every budget.  Choosing fragments
   by their distance to other blocks, or the upper bound of the inter-fragment distance, moved
   nothing beyond the spread of the draws (benchmarks/README.md).  How precisely the hard
-  half reads (``bench_tree.py report benchmarks/results/tree_quality_hard_0-77.json``): the
-  reference alone moves its 78-class sum by one SD of 8.0 / 4.4 / 2.0 points (exact vs
-  jittered exact, a class), the 90 % bootstrap intervals over classes are 73-102 / 87-105 /
-  96-104 % for this tree and 70-105 / 88-108 / 97-107 % for the jittered exact tree, and
-  reading the figure to one point takes ~5,000 hard classes (~22 hours of exact builds on
-  2 cores): 78 classes cannot tell whether 98 % is met there.
+  half reads (``bench_tree.py report benchmarks/results/tree_quality_hard_*.json``, seeds
+  0-155, 156 hard classes): this tree 92.3 / 94.9 / 99.1 % (90 % bootstrap interval over
+  classes 81-106 / 88-104 / 96-102 %), the exact tree of jittered features 90.1 / 95.0 / 99.0
+  % (78-104 / 87-103 / 96-102 %); the reference alone moves the sum by one SD of 5.8 / 3.5 /
+  1.4 points, so reading the figure to one point takes ~5,000 hard classes (~22 hours of exact
+  builds on 2 cores): 156 classes cannot tell whether 98 % is met there.
   At 20k ``auto`` uses the exact tree anyway.
 """
 
