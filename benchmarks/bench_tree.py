@@ -345,7 +345,6 @@ def quality(
     # Arms against the exact tree: the two-level tree as configured; the two-level tree that
     # links whole blocks (fragments=0, the tree before fragments); and the noise floor, the
     # exact tree of the same features moved by 1e-3 of their spread (an equally valid input).
-    arms = ARMS
     # A row a class: each arm's accepted masks (draw 0), and under "draws" every draw (0: the
     # tables' own) of the two-level tree (k-means seed) and of the jittered exact tree.
     rows: list[dict[str, Any]] = []
@@ -353,7 +352,7 @@ def quality(
     print(
         f"{'seed':>4} {'pool':>5} {'class':>5} {'good %':>6} {'2lvl s':>6} "
         f"{'exact @100/@300/@1000':>22}  "
-        + "  ".join(f"{arm + ' %':>20}" for arm in arms)
+        + "  ".join(f"{arm + ' %':>20}" for arm in ARMS)
         + "  ARI vs exact @k10/100/1000: two_level | blocks only | jittered",
         flush=True,
     )
@@ -398,12 +397,12 @@ def quality(
                     f"{100 * b / a:.0f}" if a else "-"
                     for a, b in zip(got["exact"], got[arm], strict=True)
                 )
-                for arm in arms
+                for arm in ARMS
             }
             print(
                 f"{seed:>4} {label:>5} {c:>5} {100 * (iou >= K_IOU).mean():>6.1f} {secs:>6.1f} "
                 f"{'/'.join(map(str, got['exact'])):>22}  "
-                + "  ".join(f"{pct[arm]:>20}" for arm in arms)
+                + "  ".join(f"{pct[arm]:>20}" for arm in ARMS)
                 + "  "
                 + " | ".join("/".join(f"{v:.2f}" for v in a) for a in ari),
                 flush=True,
@@ -412,10 +411,15 @@ def quality(
     print(
         "\nmean ARI against the exact tree @k10/100/1000: "
         + ", ".join(
-            f"{arm} " + "/".join(f"{v:.2f}" for v in mean_ari[i]) for i, arm in enumerate(arms)
+            f"{arm} " + "/".join(f"{v:.2f}" for v in mean_ari[i]) for i, arm in enumerate(ARMS)
         )
     )
     summarise(rows, pool_names)
+
+
+def in_pool(rows: list[dict[str, Any]], pool: str) -> list[dict[str, Any]]:
+    """The rows of one pool ("all": every row)."""
+    return [r for r in rows if pool == "all" or r["pool"] == pool]
 
 
 def _bootstrap(
@@ -434,7 +438,6 @@ def _bootstrap(
 def summarise(rows: list[dict[str, Any]], pool_names: tuple[str, ...]) -> None:
     """The summed tables of ``quality`` from its per-class rows (a run's, or ``--out``'s JSON
     read back by ``bench_tree.py report``): bootstrap intervals, the draws, the noise."""
-    arms = ARMS
     draws = len(rows[0]["draws"]["two_level"])
     jitter_draws = len(rows[0]["draws"]["exact jittered"])
     rng = np.random.default_rng(0)
@@ -444,9 +447,9 @@ def summarise(rows: list[dict[str, Any]], pool_names: tuple[str, ...]) -> None:
         "[90 % bootstrap interval over classes]; share of classes at >= 98 %:"
     )
     for pool in summed:
-        sel = [r for r in rows if pool == "all" or r["pool"] == pool]
+        sel = in_pool(rows, pool)
         base = np.array([r["exact"] for r in sel], dtype=np.float64)
-        for arm in arms:
+        for arm in ARMS:
             got_arm = np.array([r[arm] for r in sel], dtype=np.float64)
             ratio = got_arm.sum(0) / base.sum(0)
             lo, hi = _bootstrap(got_arm, base, rng)
@@ -468,7 +471,7 @@ def summarise(rows: list[dict[str, Any]], pool_names: tuple[str, ...]) -> None:
             "exact tree's at @100/@300/@1000, per draw; then mean [min-max] over draws:"
         )
         for pool in summed:
-            sel = [r for r in rows if pool == "all" or r["pool"] == pool]
+            sel = in_pool(rows, pool)
             exact = np.array([r["exact"] for r in sel], dtype=np.float64)
             base = exact.sum(0)
             for arm in ("two_level", "exact jittered"):
@@ -508,7 +511,7 @@ def noise(rows: list[dict[str, Any]], pool_names: tuple[str, ...], draws: int) -
         "mean over draws; classes needed for the reference's SD to reach 1 point:"
     )
     for pool in pool_names:
-        sel = [r for r in rows if pool == "all" or r["pool"] == pool]
+        sel = in_pool(rows, pool)
         if not sel:
             continue
         e = np.array([r["exact"] for r in sel], dtype=np.float64)
