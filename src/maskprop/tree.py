@@ -75,17 +75,18 @@ Measured (2-core machine; ``benchmarks/bench_tree.py``, README there):
   100.2 %: within 1.2 points of equally valid exact trees at every budget.  Choosing fragments
   by their distance to other blocks, or the upper bound of the inter-fragment distance, moved
   nothing beyond the spread of the draws (benchmarks/README.md).  How precisely the hard
-  half reads (``bench_tree.py report benchmarks/results/tree_quality_hard_*.json``, seeds
-  0-155, 156 hard classes): this tree 92.3 / 94.9 / 99.1 % (90 % bootstrap interval over
-  classes 81-106 / 88-104 / 96-102 %), the exact tree of jittered features 90.1 / 95.0 / 99.0
-  % (78-104 / 87-103 / 96-102 %); the reference alone moves the sum by one SD of 5.8 / 3.5 /
-  1.4 points, so reading the figure to one point takes ~5,000 hard classes (~22 hours of exact
-  builds on 2 cores): 156 classes cannot tell whether 98 % is met there.  Over 442 hard
-  classes (seeds 0-441, 286 more run as two shards on the two cores) this tree reads **100.2 /
-  100.6 / 99.9 %** (mean of six k-means draws; 90 % bootstrap 93-108 / 96-106 / 98-102 %; the
-  default k-means seed alone 97.5 / 98.0 / 99.1 %), the exact tree of jittered features 98.1 /
-  102.2 / 101.8 %: the goal reads as met at every budget, at a precision of one SD of 4.5 /
-  2.9 / 1.0 points (the figure stayed at 91-93 % at 100 clusters until ~300 classes).
+  half reads (``bench_tree.py report`` of ``tree_quality_hard_0-77.json`` and ``..._78-155.json`` in
+  benchmarks/results/, 156 hard classes): this tree 92.3 / 94.9 / 99.1 % (90 % bootstrap interval
+  over classes 81-106 / 88-104 / 96-102 %), the exact tree of jittered features 90.1 / 95.0 / 99.0 %
+  (78-104 / 87-103 / 96-102 %); the reference alone moves the sum by one SD of 5.8 / 3.5 / 1.4
+  points, so reading the figure to one point takes ~5,000 hard classes (~22 hours of exact builds on
+  2 cores): 156 classes cannot tell whether 98 % is met there.  Over 442 hard classes (``report
+  benchmarks/results/tree_quality_hard_*.json``: seeds 0-441, the 286 of ``..._156-441.json`` run as
+  two shards on the two cores) this tree reads **100.2 / 100.6 / 99.9 %** (mean of six k-means
+  draws; 90 % bootstrap 93-108 / 96-106 / 98-102 %; the default k-means seed alone 97.5 / 98.0 /
+  99.1 %), the exact tree of jittered features 98.1 / 102.2 / 101.8 %: the goal reads as met at
+  every budget, at a precision of one SD of 4.5 / 2.9 / 1.0 points (the figure stayed at 91-93 % at
+  100 clusters until ~300 classes).
   At 20k ``auto`` uses the exact tree anyway.
 """
 
